@@ -1,0 +1,67 @@
+//! `testkit-chaos`: a projection that misbehaves on request, for Refract's own tests.
+//!
+//! It reads every event of the `chaos` stream and records each one it applies
+//! in the `applied` table (key `<partition>/<offset>`). Event types trigger failures:
+//! - `Reject`: returns `rejected`;
+//! - `Panic`: panics, which traps the instance;
+//! - `Spin`: loops forever (the batch deadline must interrupt it);
+//! - `Hog`: grows memory without bound (the memory cap must stop it);
+//! - `Flaky`: returns `transient` the first time this instance sees each one.
+
+use std::cell::RefCell;
+use std::collections::HashSet;
+
+use refract_sdk::{Event, Failure, Manifest, Projection, Table};
+
+pub const APPLIED: Table<serde_json::Value> = Table::new("applied");
+
+thread_local! {
+    static FLAKED: RefCell<HashSet<u64>> = RefCell::new(HashSet::new());
+}
+
+pub struct Chaos;
+
+impl Projection for Chaos {
+    fn manifest() -> Manifest {
+        Manifest::new("testkit-chaos", env!("CARGO_PKG_VERSION"))
+            .subscribe("chaos", &[])
+            .table(&APPLIED)
+    }
+
+    fn apply(event: &Event) -> Result<(), Failure> {
+        match event.event_type.as_str() {
+            "Reject" => {
+                return Err(Failure::rejected(format!(
+                    "asked to reject offset {}",
+                    event.offset
+                )));
+            }
+            "Panic" => panic!("asked to panic at offset {}", event.offset),
+            "Spin" => {
+                let mut n: u64 = 0;
+                loop {
+                    n = std::hint::black_box(n.wrapping_add(1));
+                }
+            }
+            "Hog" => {
+                let mut hoard: Vec<Vec<u8>> = Vec::new();
+                loop {
+                    hoard.push(vec![1; 1 << 20]);
+                    std::hint::black_box(&hoard);
+                }
+            }
+            "Flaky" if FLAKED.with(|f| f.borrow_mut().insert(event.offset)) => {
+                return Err(Failure::transient(format!(
+                    "flaky at offset {}",
+                    event.offset
+                )));
+            }
+            _ => {}
+        }
+        let data: serde_json::Value = event.json()?;
+        APPLIED.put(&format!("{}/{:020}", event.partition, event.offset), &data)
+    }
+}
+
+#[cfg(target_arch = "wasm32")]
+refract_sdk::export_projection!(Chaos);

@@ -1,0 +1,147 @@
+//! Projection status and read-model queries.
+
+use std::sync::Arc;
+
+use axum::Json;
+use axum::extract::rejection::{PathRejection, QueryRejection};
+use axum::extract::{Path, Query, State};
+use serde::Deserialize;
+use serde_json::{Value, json};
+
+use super::{ApiError, page_limit};
+use crate::runtime::{Projection, Runtime};
+
+fn find(rt: &Runtime, name: &str) -> Result<Arc<Projection>, ApiError> {
+    rt.projection(name).ok_or_else(|| {
+        ApiError::not_found("projection_not_found", format!("no projection {name:?}"))
+    })
+}
+
+fn check_table(p: &Projection, table: &str) -> Result<(), ApiError> {
+    if p.manifest.tables.iter().any(|t| t == table) {
+        Ok(())
+    } else {
+        Err(ApiError::not_found(
+            "table_not_found",
+            format!(
+                "projection {:?} has no table {table:?}; it has {:?}",
+                p.manifest.name, p.manifest.tables
+            ),
+        ))
+    }
+}
+
+/// A stored value as JSON (values are validated as JSON when written).
+fn json_value(bytes: &[u8]) -> Value {
+    serde_json::from_slice(bytes)
+        .unwrap_or_else(|_| Value::String(String::from_utf8_lossy(bytes).into_owned()))
+}
+
+pub(super) async fn list(State(rt): State<Arc<Runtime>>) -> Result<Json<Value>, ApiError> {
+    let statuses = rt
+        .projections()
+        .iter()
+        .map(|p| rt.status(p))
+        .collect::<Result<Vec<_>, _>>()?;
+    Ok(Json(
+        json!({ "projections": statuses, "pluginErrors": rt.plugin_errors() }),
+    ))
+}
+
+pub(super) async fn status(
+    State(rt): State<Arc<Runtime>>,
+    path: Result<Path<String>, PathRejection>,
+) -> Result<Json<Value>, ApiError> {
+    let Path(name) = path?;
+    let p = find(&rt, &name)?;
+    Ok(Json(
+        serde_json::to_value(rt.status(&p)?).expect("status serializes"),
+    ))
+}
+
+pub(super) async fn get_item(
+    State(rt): State<Arc<Runtime>>,
+    path: Result<Path<(String, String, String)>, PathRejection>,
+) -> Result<Json<Value>, ApiError> {
+    let Path((name, table, key)) = path?;
+    let p = find(&rt, &name)?;
+    check_table(&p, &table)?;
+    match p.read_model.get(&table, &key)? {
+        Some(bytes) => Ok(Json(json_value(&bytes))),
+        None => Err(ApiError::not_found(
+            "key_not_found",
+            format!("no key {key:?} in table {table:?}"),
+        )),
+    }
+}
+
+#[derive(Deserialize)]
+pub(super) struct ScanParams {
+    #[serde(default)]
+    prefix: String,
+    after: Option<String>,
+    limit: Option<usize>,
+}
+
+pub(super) async fn scan(
+    State(rt): State<Arc<Runtime>>,
+    path: Result<Path<(String, String)>, PathRejection>,
+    params: Result<Query<ScanParams>, QueryRejection>,
+) -> Result<Json<Value>, ApiError> {
+    let Path((name, table)) = path?;
+    let Query(q) = params?;
+    let limit = page_limit(q.limit)?;
+    let p = find(&rt, &name)?;
+    check_table(&p, &table)?;
+    // One more than asked tells whether there is a next page.
+    let mut entries = p
+        .read_model
+        .scan(&table, &q.prefix, q.after.as_deref(), limit + 1)?;
+    let more = entries.len() > limit;
+    entries.truncate(limit);
+    let next = if more {
+        entries.last().map(|(k, _)| k.clone())
+    } else {
+        None
+    };
+    let items: Vec<Value> = entries
+        .into_iter()
+        .map(|(key, v)| json!({"key": key, "value": json_value(&v)}))
+        .collect();
+    Ok(Json(json!({ "items": items, "next": next })))
+}
+
+#[derive(Deserialize)]
+pub(super) struct DeadLetterParams {
+    #[serde(default)]
+    after: u64,
+    limit: Option<usize>,
+}
+
+pub(super) async fn dead_letters(
+    State(rt): State<Arc<Runtime>>,
+    path: Result<Path<String>, PathRejection>,
+    params: Result<Query<DeadLetterParams>, QueryRejection>,
+) -> Result<Json<Value>, ApiError> {
+    let Path(name) = path?;
+    let Query(q) = params?;
+    let limit = page_limit(q.limit)?;
+    let p = find(&rt, &name)?;
+    let mut letters = p.read_model.dead_letters(q.after, limit + 1)?;
+    let more = letters.len() > limit;
+    letters.truncate(limit);
+    let next = if more {
+        letters.last().map(|(id, _)| *id)
+    } else {
+        None
+    };
+    let items: Vec<Value> = letters
+        .into_iter()
+        .map(|(id, letter)| {
+            let mut v = serde_json::to_value(letter).expect("dead letters serialize");
+            v["id"] = json!(id);
+            v
+        })
+        .collect();
+    Ok(Json(json!({ "deadLetters": items, "next": next })))
+}

@@ -1,0 +1,136 @@
+//! Appending to and reading from the embedded log.
+
+use std::sync::Arc;
+
+use axum::Json;
+use axum::body::Bytes;
+use axum::extract::{Path, Query, State};
+use axum::http::HeaderMap;
+use serde::Deserialize;
+use serde_json::{Value, json};
+
+use super::{ApiError, page_limit};
+use crate::runtime::Runtime;
+use crate::source::NewEvent;
+use crate::source::log::Error as LogError;
+
+pub(super) async fn list(State(rt): State<Arc<Runtime>>) -> Json<Value> {
+    Json(json!({ "streams": rt.log.streams() }))
+}
+
+/// Parse a body holding one event, a JSON array of events, or NDJSON.
+fn parse_events(body: &[u8]) -> Result<Vec<NewEvent>, ApiError> {
+    let first = body.iter().find(|b| !b.is_ascii_whitespace());
+    if first == Some(&b'[') {
+        return serde_json::from_slice(body)
+            .map_err(|e| ApiError::bad_request(format!("invalid event array: {e}")));
+    }
+    // One object, or several separated by newlines: a stream of JSON values.
+    let mut events = Vec::new();
+    for (i, event) in serde_json::Deserializer::from_slice(body)
+        .into_iter::<NewEvent>()
+        .enumerate()
+    {
+        events.push(event.map_err(|e| ApiError::bad_request(format!("invalid event {i}: {e}")))?);
+    }
+    Ok(events)
+}
+
+pub(super) async fn append(
+    State(rt): State<Arc<Runtime>>,
+    Path(stream): Path<String>,
+    headers: HeaderMap,
+    body: Bytes,
+) -> Result<Json<Value>, ApiError> {
+    let content_type = headers
+        .get("content-type")
+        .and_then(|v| v.to_str().ok())
+        .unwrap_or("application/json");
+    if !(content_type.starts_with("application/json")
+        || content_type.starts_with("application/x-ndjson")
+        || content_type.starts_with("application/ndjson"))
+    {
+        return Err(ApiError::bad_request(format!(
+            "content-type {content_type:?} is not accepted: send application/json or application/x-ndjson"
+        )));
+    }
+    let events = parse_events(&body)?;
+    let log = rt.log.clone();
+    let name = stream.clone();
+    let positions = tokio::task::spawn_blocking(move || log.append(&name, &events))
+        .await
+        .map_err(|e| ApiError::internal("appending", e))?
+        .map_err(|e| match e {
+            LogError::Invalid(m) => ApiError::bad_request(m),
+            other => ApiError::unavailable("appending to the log", other),
+        })?;
+    Ok(Json(json!({ "stream": stream, "positions": positions })))
+}
+
+#[derive(Deserialize)]
+pub(super) struct ReadParams {
+    #[serde(default)]
+    partition: u32,
+    #[serde(default)]
+    from: u64,
+    limit: Option<usize>,
+}
+
+pub(super) async fn read(
+    State(rt): State<Arc<Runtime>>,
+    Path(stream): Path<String>,
+    params: Result<Query<ReadParams>, axum::extract::rejection::QueryRejection>,
+) -> Result<Json<Value>, ApiError> {
+    let Query(p) = params?;
+    let limit = page_limit(p.limit)?;
+    let events = rt
+        .log
+        .read(&stream, p.partition, p.from, limit)
+        .map_err(|e| match e {
+            LogError::UnknownStream(_) => ApiError::not_found("stream_not_found", e.to_string()),
+            LogError::UnknownPartition { .. } => {
+                ApiError::not_found("partition_not_found", e.to_string())
+            }
+            other => ApiError::internal("reading the log", other),
+        })?;
+    let next = events.last().map_or(p.from, |e| e.offset + 1);
+    let events: Vec<Value> = events
+        .into_iter()
+        .map(|e| {
+            let data = serde_json::from_slice::<Value>(&e.data)
+                .unwrap_or_else(|_| Value::String(String::from_utf8_lossy(&e.data).into_owned()));
+            let headers: serde_json::Map<String, Value> = e
+                .headers
+                .into_iter()
+                .map(|(k, v)| (k, Value::String(v)))
+                .collect();
+            json!({"partition": e.partition, "offset": e.offset, "key": e.key, "type": e.event_type,
+                   "time": e.time, "headers": headers, "data": data})
+        })
+        .collect();
+    Ok(Json(
+        json!({ "stream": stream, "partition": p.partition, "events": events, "next": next }),
+    ))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::parse_events;
+
+    #[test]
+    fn one_event_an_array_and_ndjson_all_parse() {
+        let one = br#"{"type":"A","data":{}}"#;
+        let array = br#"[{"type":"A","data":1},{"type":"B","key":"k","data":null}]"#;
+        let ndjson = b"{\"type\":\"A\",\"data\":1}\n{\"type\":\"B\",\"data\":2}\n";
+        assert_eq!(parse_events(one).unwrap().len(), 1);
+        assert_eq!(parse_events(array).unwrap().len(), 2);
+        assert_eq!(parse_events(ndjson).unwrap().len(), 2);
+        let bad = b"{\"type\":\"A\",\"data\":1}\n{\"type\":\"B\"}\n";
+        let err = parse_events(bad).unwrap_err();
+        assert!(
+            format!("{err:?}").contains("invalid event 1: missing field `data`"),
+            "{err:?}"
+        );
+        assert!(parse_events(br#"{"type":"A","data":1,"extra":2}"#).is_err());
+    }
+}

@@ -1,0 +1,92 @@
+//! A small blocking client of the HTTP API, used by `refract produce`,
+//! `refract demo` and the end-to-end tests.
+
+use std::time::Duration;
+
+use serde_json::Value;
+
+/// A client of one Refract server.
+#[derive(Clone)]
+pub struct Client {
+    base: String,
+    agent: ureq::Agent,
+}
+
+/// A reply: status code and JSON body.
+#[derive(Debug, Clone)]
+pub struct Reply {
+    pub status: u16,
+    pub body: Value,
+}
+
+impl Client {
+    /// A client of the server at `base`, e.g. `http://127.0.0.1:8080`.
+    pub fn new(base: &str) -> Self {
+        let agent = ureq::Agent::config_builder()
+            .http_status_as_error(false)
+            .timeout_global(Some(Duration::from_secs(120)))
+            .build()
+            .into();
+        Client {
+            base: base.trim_end_matches('/').to_owned(),
+            agent,
+        }
+    }
+
+    fn reply(
+        response: Result<ureq::http::Response<ureq::Body>, ureq::Error>,
+    ) -> Result<Reply, ureq::Error> {
+        let mut response = response?;
+        let status = response.status().as_u16();
+        let text = response
+            .body_mut()
+            .with_config()
+            .limit(256 << 20)
+            .read_to_string()?;
+        let body = serde_json::from_str(&text).unwrap_or(Value::String(text));
+        Ok(Reply { status, body })
+    }
+
+    /// `GET path` (path starts with `/`).
+    pub fn get(&self, path: &str) -> Result<Reply, ureq::Error> {
+        Self::reply(self.agent.get(format!("{}{path}", self.base)).call())
+    }
+
+    /// `POST path` with `body` of `content_type`.
+    pub fn post(&self, path: &str, content_type: &str, body: &[u8]) -> Result<Reply, ureq::Error> {
+        Self::reply(
+            self.agent
+                .post(format!("{}{path}", self.base))
+                .header("content-type", content_type)
+                .send(body),
+        )
+    }
+
+    /// Append NDJSON `lines` to `stream`.
+    pub fn append_ndjson(&self, stream: &str, lines: &[u8]) -> Result<Reply, ureq::Error> {
+        self.post(
+            &format!("/v1/streams/{stream}/events"),
+            "application/x-ndjson",
+            lines,
+        )
+    }
+
+    /// Wait until every projection has no lag and no pending retries, or `timeout` passes.
+    pub fn wait_caught_up(&self, timeout: Duration) -> Result<bool, ureq::Error> {
+        let until = std::time::Instant::now() + timeout;
+        loop {
+            let reply = self.get("/v1/projections")?;
+            let projections = reply.body["projections"]
+                .as_array()
+                .cloned()
+                .unwrap_or_default();
+            if projections.iter().all(|p| p["lag"] == 0) {
+                return Ok(true);
+            }
+            if std::time::Instant::now() > until {
+                return Ok(false);
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+}

@@ -1,0 +1,231 @@
+//! `refract.yaml`: every setting has a default, so `refract run` needs no file.
+//!
+//! ```yaml
+//! data-dir: ./refract-data        # the log, read models and compile cache
+//! plugins-dir: ./plugins          # *.wasm projections loaded at start
+//! listen: 127.0.0.1:8080
+//! streams:
+//!   default-partitions: 4
+//!   partitions: { accounts: 1 }   # per-stream partition counts
+//!   max-event-bytes: 1048576
+//! batch:
+//!   max-events: 10000
+//!   max-duration-ms: 250
+//!   call-events: 500
+//!   initial-backoff-ms: 100
+//!   max-backoff-ms: 30000
+//! limits:
+//!   memory-mb: 256                # per plugin instance
+//!   deadline-ms: 10000            # per call into a plugin
+//!   max-key-bytes: 1024
+//!   max-value-bytes: 1048576
+//! ```
+
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use serde::Deserialize;
+
+use crate::plugin::wasm::PluginLimits;
+use crate::projector::BatchOptions;
+use crate::source::log::LogOptions;
+use crate::store::KvLimits;
+
+/// The runtime's configuration.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(rename_all = "kebab-case", deny_unknown_fields, default)]
+pub struct Config {
+    pub data_dir: PathBuf,
+    pub plugins_dir: PathBuf,
+    pub listen: String,
+    pub streams: StreamsConfig,
+    pub batch: BatchConfig,
+    pub limits: LimitsConfig,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(rename_all = "kebab-case", deny_unknown_fields, default)]
+pub struct StreamsConfig {
+    pub default_partitions: u32,
+    pub partitions: HashMap<String, u32>,
+    pub max_event_bytes: usize,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(rename_all = "kebab-case", deny_unknown_fields, default)]
+pub struct BatchConfig {
+    pub max_events: usize,
+    pub max_duration_ms: u64,
+    pub call_events: usize,
+    pub initial_backoff_ms: u64,
+    pub max_backoff_ms: u64,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(rename_all = "kebab-case", deny_unknown_fields, default)]
+pub struct LimitsConfig {
+    pub memory_mb: usize,
+    pub deadline_ms: u64,
+    pub max_key_bytes: usize,
+    pub max_value_bytes: usize,
+}
+
+impl Default for Config {
+    fn default() -> Self {
+        Config {
+            data_dir: PathBuf::from("refract-data"),
+            plugins_dir: PathBuf::from("plugins"),
+            listen: "127.0.0.1:8080".into(),
+            streams: StreamsConfig::default(),
+            batch: BatchConfig::default(),
+            limits: LimitsConfig::default(),
+        }
+    }
+}
+
+impl Default for StreamsConfig {
+    fn default() -> Self {
+        let log = LogOptions::default();
+        StreamsConfig {
+            default_partitions: log.default_partitions,
+            partitions: HashMap::new(),
+            max_event_bytes: log.max_event_bytes,
+        }
+    }
+}
+
+impl Default for BatchConfig {
+    fn default() -> Self {
+        let b = BatchOptions::default();
+        BatchConfig {
+            max_events: b.max_events,
+            max_duration_ms: b.max_duration.as_millis() as u64,
+            call_events: b.call_events,
+            initial_backoff_ms: b.initial_backoff.as_millis() as u64,
+            max_backoff_ms: b.max_backoff.as_millis() as u64,
+        }
+    }
+}
+
+impl Default for LimitsConfig {
+    fn default() -> Self {
+        let p = PluginLimits::default();
+        let kv = KvLimits::default();
+        LimitsConfig {
+            memory_mb: p.max_memory >> 20,
+            deadline_ms: p.deadline.as_millis() as u64,
+            max_key_bytes: kv.max_key_bytes,
+            max_value_bytes: kv.max_value_bytes,
+        }
+    }
+}
+
+/// Why a configuration was refused.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("cannot read {path}: {source}")]
+    Read {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("{path}: {source}")]
+    Parse {
+        path: PathBuf,
+        source: serde_yaml::Error,
+    },
+    #[error("{0}")]
+    Invalid(String),
+}
+
+impl Config {
+    /// Read `path`; relative directories in it are taken relative to the file.
+    pub fn load(path: &Path) -> Result<Self, ConfigError> {
+        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+            path: path.to_owned(),
+            source,
+        })?;
+        let mut config: Config = if text.trim().is_empty() {
+            Config::default()
+        } else {
+            serde_yaml::from_str(&text).map_err(|source| ConfigError::Parse {
+                path: path.to_owned(),
+                source,
+            })?
+        };
+        let base = path.parent().unwrap_or(Path::new("."));
+        config.data_dir = base.join(&config.data_dir);
+        config.plugins_dir = base.join(&config.plugins_dir);
+        config.validate()?;
+        Ok(config)
+    }
+
+    /// Check values that parse but make no sense.
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        let bad = |m: &str| Err(ConfigError::Invalid(m.to_owned()));
+        if self.streams.default_partitions == 0 || self.streams.partitions.values().any(|&p| p == 0)
+        {
+            return bad("streams: a stream needs at least one partition");
+        }
+        for name in self.streams.partitions.keys() {
+            crate::names::validate("stream", name).map_err(ConfigError::Invalid)?;
+        }
+        if self.batch.max_events == 0 || self.batch.call_events == 0 {
+            return bad("batch: max-events and call-events must be at least 1");
+        }
+        if self.limits.memory_mb == 0 || self.limits.deadline_ms == 0 {
+            return bad("limits: memory-mb and deadline-ms must be at least 1");
+        }
+        Ok(())
+    }
+
+    pub fn log_options(&self) -> LogOptions {
+        LogOptions {
+            default_partitions: self.streams.default_partitions,
+            partitions: self.streams.partitions.clone(),
+            max_event_bytes: self.streams.max_event_bytes,
+        }
+    }
+
+    pub fn batch_options(&self) -> BatchOptions {
+        BatchOptions {
+            max_events: self.batch.max_events,
+            max_duration: Duration::from_millis(self.batch.max_duration_ms),
+            call_events: self.batch.call_events,
+            initial_backoff: Duration::from_millis(self.batch.initial_backoff_ms),
+            max_backoff: Duration::from_millis(self.batch.max_backoff_ms),
+            kv: KvLimits {
+                max_key_bytes: self.limits.max_key_bytes,
+                max_value_bytes: self.limits.max_value_bytes,
+                ..KvLimits::default()
+            },
+        }
+    }
+
+    pub fn plugin_limits(&self) -> PluginLimits {
+        PluginLimits {
+            max_memory: self.limits.memory_mb << 20,
+            deadline: Duration::from_millis(self.limits.deadline_ms),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn an_empty_file_means_defaults_and_typos_are_errors() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("refract.yaml");
+        std::fs::write(&path, "").unwrap();
+        let c = Config::load(&path).unwrap();
+        assert_eq!(c.batch.max_events, 10_000);
+        assert_eq!(c.data_dir, dir.path().join("refract-data"));
+        std::fs::write(&path, "batch:\n  max-event: 5\n").unwrap();
+        let err = Config::load(&path).unwrap_err().to_string();
+        assert!(err.contains("unknown field `max-event`"), "{err}");
+        std::fs::write(&path, "streams:\n  partitions: { accounts: 0 }\n").unwrap();
+        assert!(matches!(Config::load(&path), Err(ConfigError::Invalid(_))));
+    }
+}

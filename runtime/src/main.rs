@@ -1,0 +1,268 @@
+//! The `refract` command: run the runtime, append events, run the demo.
+
+use std::io::{BufRead, BufReader, Read};
+use std::path::PathBuf;
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, bail};
+use clap::{Parser, Subcommand};
+use refract::client::Client;
+use refract::config::Config;
+use refract::runtime::Runtime;
+use tracing_subscriber::EnvFilter;
+
+/// Refract: WebAssembly projections over event streams, served as queryable read models.
+#[derive(Parser)]
+#[command(version, about)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Run the runtime: load plugins, project events, serve the HTTP API.
+    Run(RunArgs),
+    /// Append NDJSON events (one JSON event per line) to a stream of a running runtime.
+    Produce {
+        /// The stream to append to.
+        stream: String,
+        /// The NDJSON file; `-` or nothing reads standard input.
+        file: Option<PathBuf>,
+        /// The runtime's address.
+        #[arg(long, env = "REFRACT_URL", default_value = "http://127.0.0.1:8080")]
+        url: String,
+        /// Events per request.
+        #[arg(long, default_value_t = 5000)]
+        batch: usize,
+    },
+    /// Run the demo: start the runtime with the example plugins, append sample
+    /// orders and account movements, and print queries to try.
+    Demo {
+        #[command(flatten)]
+        run: RunArgs,
+        /// How many order events to append (account events: half as many).
+        #[arg(long, default_value_t = 5000)]
+        events: usize,
+    },
+}
+
+#[derive(clap::Args)]
+struct RunArgs {
+    /// The configuration file (default: ./refract.yaml if it exists, else built-in defaults).
+    #[arg(long, short, env = "REFRACT_CONFIG")]
+    config: Option<PathBuf>,
+    /// Override `data-dir`.
+    #[arg(long)]
+    data_dir: Option<PathBuf>,
+    /// Override `plugins-dir`.
+    #[arg(long)]
+    plugins_dir: Option<PathBuf>,
+    /// Override `listen` (host:port).
+    #[arg(long)]
+    listen: Option<String>,
+}
+
+impl RunArgs {
+    fn config(&self) -> anyhow::Result<Config> {
+        let path = self.config.clone().or_else(|| {
+            let default = PathBuf::from("refract.yaml");
+            default.exists().then_some(default)
+        });
+        let mut config = match &path {
+            Some(p) => {
+                tracing::info!(config = %p.display(), "reading configuration");
+                Config::load(p)?
+            }
+            None => Config::default(),
+        };
+        if let Some(d) = &self.data_dir {
+            config.data_dir = d.clone();
+        }
+        if let Some(d) = &self.plugins_dir {
+            config.plugins_dir = d.clone();
+        }
+        if let Some(l) = &self.listen {
+            config.listen = l.clone();
+        }
+        config.validate()?;
+        Ok(config)
+    }
+}
+
+fn main() -> anyhow::Result<()> {
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            EnvFilter::try_from_default_env()
+                .unwrap_or_else(|_| EnvFilter::new("info,wasmtime=warn")),
+        )
+        .with_writer(std::io::stderr)
+        .init();
+    match Cli::parse().command {
+        Command::Run(args) => run(args.config()?, None),
+        Command::Produce {
+            stream,
+            file,
+            url,
+            batch,
+        } => produce(&stream, file, &url, batch.max(1)),
+        Command::Demo { run: args, events } => {
+            let mut config = args.config()?;
+            if args.data_dir.is_none() && args.config.is_none() {
+                config.data_dir = PathBuf::from("refract-demo-data");
+            }
+            config
+                .streams
+                .partitions
+                .entry("accounts".into())
+                .or_insert(1);
+            run(config, Some(events))
+        }
+    }
+}
+
+/// Start the runtime and serve until Ctrl-C or SIGTERM; with `demo`, also feed it sample events.
+fn run(config: Config, demo: Option<usize>) -> anyhow::Result<()> {
+    let runtime = Runtime::start(&config)?;
+    let tokio = tokio::runtime::Runtime::new()?;
+    let listener = tokio
+        .block_on(tokio::net::TcpListener::bind(&config.listen))
+        .with_context(|| format!("listening on {}", config.listen))?;
+    let address = listener.local_addr()?;
+    tracing::info!(%address, data_dir = %config.data_dir.display(), plugins_dir = %config.plugins_dir.display(), projections = runtime.projections().len(), "refract is serving");
+    if let Some(events) = demo {
+        let url = format!("http://{address}");
+        std::thread::spawn(move || {
+            if let Err(e) = feed_demo(&url, events) {
+                tracing::error!(error = %e, "the demo could not append its events");
+            }
+        });
+    }
+    let served = tokio.block_on(refract::api::serve(
+        runtime.clone(),
+        listener,
+        shutdown_signal(),
+    ));
+    runtime.shutdown();
+    served.context("serving HTTP")
+}
+
+async fn shutdown_signal() {
+    let ctrl_c = tokio::signal::ctrl_c();
+    #[cfg(unix)]
+    {
+        let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
+            .expect("SIGTERM handler");
+        tokio::select! { _ = ctrl_c => {}, _ = term.recv() => {} }
+    }
+    #[cfg(not(unix))]
+    let _ = ctrl_c.await;
+    tracing::info!("shutting down");
+}
+
+fn ndjson(events: &[serde_json::Value]) -> Vec<u8> {
+    let mut out = Vec::new();
+    for e in events {
+        serde_json::to_writer(&mut out, e).expect("events serialize");
+        out.push(b'\n');
+    }
+    out
+}
+
+fn feed_demo(url: &str, n: usize) -> anyhow::Result<()> {
+    let client = Client::new(url);
+    let orders = refract::fixtures::orders(n, 1, 0.01);
+    let accounts = refract::fixtures::accounts(n / 2, 1, 0.02);
+    let started = Instant::now();
+    for (stream, events) in [("orders", &orders), ("accounts", &accounts)] {
+        for chunk in events.chunks(2000) {
+            let reply = client.append_ndjson(stream, &ndjson(chunk))?;
+            if reply.status != 200 {
+                bail!("appending to {stream}: {} {}", reply.status, reply.body);
+            }
+        }
+    }
+    let caught_up = client.wait_caught_up(Duration::from_secs(120))?;
+    let customer = orders[0]["data"]["customerId"].as_str().unwrap_or("c-1");
+    let order = orders[0]["key"].as_str().unwrap_or("o-1");
+    println!(
+        "\nRefract demo: appended {} orders events and {} accounts events; projections {} in {:.1}s.\n\
+         Try:\n\
+         \x20 curl -s {url}/v1/projections | jq\n\
+         \x20 curl -s {url}/v1/projections/order-summary/tables/orders/items/{order} | jq\n\
+         \x20 curl -s '{url}/v1/projections/order-summary/tables/customer-orders/items?prefix={customer}/' | jq\n\
+         \x20 curl -s {url}/v1/projections/account-balance/tables/balances/items/a-1 | jq\n\
+         \x20 curl -s '{url}/v1/projections/account-balance/tables/history/items?prefix=a-1/&limit=5' | jq\n\
+         \x20 curl -s {url}/v1/projections/order-summary/dead-letters | jq\n\
+         \x20 echo '{{\"type\":\"OrderPlaced\",\"key\":\"o-new\",\"data\":{{\"orderId\":\"o-new\",\"customerId\":\"c-1\",\"total\":42.5}}}}' \\\n\
+         \x20   | curl -s -H 'content-type: application/x-ndjson' --data-binary @- {url}/v1/streams/orders/events\n\
+         Press Ctrl-C to stop.\n",
+        orders.len(),
+        accounts.len(),
+        if caught_up {
+            "caught up"
+        } else {
+            "are still catching up"
+        },
+        started.elapsed().as_secs_f64(),
+    );
+    Ok(())
+}
+
+/// Send NDJSON from `file` (or stdin) to `stream` in requests of `batch` lines.
+fn produce(stream: &str, file: Option<PathBuf>, url: &str, batch: usize) -> anyhow::Result<()> {
+    let input: Box<dyn Read> = match &file {
+        Some(p) if p.as_os_str() != "-" => {
+            Box::new(std::fs::File::open(p).with_context(|| format!("opening {}", p.display()))?)
+        }
+        _ => Box::new(std::io::stdin()),
+    };
+    let client = Client::new(url);
+    let (mut sent, mut first_line, mut line_no) = (0usize, 1usize, 0usize);
+    let mut body = Vec::new();
+    let mut count = 0;
+    let send = |body: &mut Vec<u8>,
+                count: &mut usize,
+                first_line: usize|
+     -> anyhow::Result<usize> {
+        if *count == 0 {
+            return Ok(0);
+        }
+        let reply = client
+            .append_ndjson(stream, body)
+            .with_context(|| format!("sending to {url}"))?;
+        if reply.status != 200 {
+            let message = reply.body["error"]["message"]
+                .as_str()
+                .unwrap_or("")
+                .to_owned();
+            bail!(
+                "the runtime refused the events of lines {first_line}.. ({}): {message}; nothing from line {first_line} on was appended",
+                reply.status
+            );
+        }
+        let n = std::mem::take(count);
+        body.clear();
+        Ok(n)
+    };
+    for line in BufReader::new(input).lines() {
+        let line = line.context("reading input")?;
+        line_no += 1;
+        if line.trim().is_empty() {
+            continue;
+        }
+        if let Err(e) = serde_json::from_str::<serde::de::IgnoredAny>(&line) {
+            bail!("line {line_no} is not JSON: {e}; events before line {first_line} were appended");
+        }
+        body.extend_from_slice(line.as_bytes());
+        body.push(b'\n');
+        count += 1;
+        if count == batch {
+            sent += send(&mut body, &mut count, first_line)?;
+            first_line = line_no + 1;
+        }
+    }
+    sent += send(&mut body, &mut count, first_line)?;
+    eprintln!("appended {sent} events to stream {stream}");
+    Ok(())
+}

@@ -1,0 +1,176 @@
+//! What a plugin instance can reach: its batch's key/value tables, the log,
+//! and a WASI environment with nothing in it.
+//!
+//! WASI is linked only because components built by the usual toolchains
+//! import it to start. The context has no preopened directories, no
+//! environment, no arguments, no network, a clock frozen at the Unix epoch
+//! and a fixed random seed: a projection's output depends on its events alone,
+//! so replaying them rebuilds the same read model.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use wasmtime::component::ResourceTable;
+use wasmtime::{StoreLimits, StoreLimitsBuilder};
+use wasmtime_wasi::{
+    HostMonotonicClock, HostWallClock, WasiCtx, WasiCtxBuilder, WasiCtxView, WasiView,
+};
+
+use super::bindings::refract::plugin::kv::{self, Entry, KvError};
+use super::bindings::refract::plugin::{log, types};
+use crate::store::Batch;
+
+/// The longest log message kept from a plugin; longer ones are cut.
+const MAX_LOG_MESSAGE: usize = 4096;
+
+/// The state of one plugin instance's store.
+pub struct HostState {
+    plugin: Arc<str>,
+    wasi: WasiCtx,
+    table: ResourceTable,
+    pub(super) limits: StoreLimits,
+    /// The batch being handled; `None` outside `handle`.
+    pub(super) batch: Option<Batch>,
+    /// Set when a host function failed for a host reason during this call.
+    pub(super) host_error: Option<String>,
+    /// The last error-level message the plugin logged during this call
+    /// (SDKs log panic messages there before trapping).
+    pub(super) last_error_log: Option<String>,
+}
+
+struct FrozenClock;
+
+impl HostWallClock for FrozenClock {
+    fn resolution(&self) -> Duration {
+        Duration::from_secs(1)
+    }
+    fn now(&self) -> Duration {
+        Duration::ZERO
+    }
+}
+
+impl HostMonotonicClock for FrozenClock {
+    fn resolution(&self) -> u64 {
+        1_000_000_000
+    }
+    fn now(&self) -> u64 {
+        0
+    }
+}
+
+impl HostState {
+    /// A fresh state for an instance of `plugin`, whose memory may grow to `max_memory` bytes.
+    pub fn new(plugin: Arc<str>, max_memory: usize) -> Self {
+        let wasi = WasiCtxBuilder::new()
+            .wall_clock(FrozenClock)
+            .monotonic_clock(FrozenClock)
+            .insecure_random_seed(0x5eed)
+            .build();
+        let limits = StoreLimitsBuilder::new()
+            .memory_size(max_memory)
+            .instances(64)
+            .tables(64)
+            .memories(16)
+            .trap_on_grow_failure(true)
+            .build();
+        HostState {
+            plugin,
+            wasi,
+            table: ResourceTable::new(),
+            limits,
+            batch: None,
+            host_error: None,
+            last_error_log: None,
+        }
+    }
+
+    fn batch(&mut self) -> wasmtime::Result<&mut Batch> {
+        self.batch
+            .as_mut()
+            .ok_or_else(|| wasmtime::format_err!("kv is only available while handling events"))
+    }
+
+    fn host_failure(&mut self, e: crate::store::Error) -> wasmtime::Error {
+        let message = e.to_string();
+        self.host_error = Some(message.clone());
+        wasmtime::Error::msg(message)
+    }
+}
+
+impl WasiView for HostState {
+    fn ctx(&mut self) -> WasiCtxView<'_> {
+        WasiCtxView {
+            ctx: &mut self.wasi,
+            table: &mut self.table,
+        }
+    }
+}
+
+impl types::Host for HostState {}
+
+impl kv::Host for HostState {
+    fn get(
+        &mut self,
+        table: String,
+        key: String,
+    ) -> wasmtime::Result<Result<Option<Vec<u8>>, KvError>> {
+        match self.batch()?.get(&table, &key) {
+            Ok(result) => Ok(result),
+            Err(e) => Err(self.host_failure(e)),
+        }
+    }
+
+    fn put(
+        &mut self,
+        table: String,
+        key: String,
+        value: Vec<u8>,
+    ) -> wasmtime::Result<Result<(), KvError>> {
+        Ok(self.batch()?.put(&table, &key, &value))
+    }
+
+    fn delete(&mut self, table: String, key: String) -> wasmtime::Result<Result<(), KvError>> {
+        Ok(self.batch()?.delete(&table, &key))
+    }
+
+    fn scan(
+        &mut self,
+        table: String,
+        prefix: String,
+        start_after: Option<String>,
+        limit: u32,
+    ) -> wasmtime::Result<Result<Vec<Entry>, KvError>> {
+        match self
+            .batch()?
+            .scan(&table, &prefix, start_after.as_deref(), limit)
+        {
+            Ok(result) => Ok(result),
+            Err(e) => Err(self.host_failure(e)),
+        }
+    }
+}
+
+impl log::Host for HostState {
+    fn log(&mut self, level: log::Level, mut message: String) -> wasmtime::Result<()> {
+        if message.len() > MAX_LOG_MESSAGE {
+            let mut cut = MAX_LOG_MESSAGE;
+            while !message.is_char_boundary(cut) {
+                cut -= 1;
+            }
+            message.truncate(cut);
+            message.push('…');
+        }
+        let plugin = &*self.plugin;
+        match level {
+            log::Level::Trace => tracing::trace!(target: "refract::plugin", plugin, "{message}"),
+            log::Level::Debug => tracing::debug!(target: "refract::plugin", plugin, "{message}"),
+            log::Level::Info => tracing::info!(target: "refract::plugin", plugin, "{message}"),
+            log::Level::Warn => tracing::warn!(target: "refract::plugin", plugin, "{message}"),
+            log::Level::Error => {
+                tracing::error!(target: "refract::plugin", plugin, "{message}");
+                self.last_error_log = Some(message);
+            }
+        }
+        Ok(())
+    }
+}

@@ -1,0 +1,64 @@
+//! Plugins: compiling, caching, instantiating and calling WebAssembly components.
+//!
+//! A [`Handler`] is what the projector drives: a WebAssembly component
+//! ([`wasm::WasmProjection`]) or, for baselines and tests, a projection written
+//! with the Rust SDK and compiled into the host ([`native::NativeProjection`]).
+
+pub mod bindings;
+pub mod cache;
+pub mod engine;
+pub mod host;
+pub mod native;
+pub mod wasm;
+
+pub use bindings::{Event, Manifest};
+
+use crate::store::Batch;
+
+/// Why a batch was not handled.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum HandleError {
+    /// The plugin said an event can never be handled.
+    Rejected(String),
+    /// The plugin asked for a retry.
+    Transient(String),
+    /// The plugin trapped: panicked, ran past its deadline or its memory cap.
+    Trap(String),
+    /// The host failed (storage error, instantiation failure): not the plugin's fault.
+    Host(String),
+}
+
+impl std::fmt::Display for HandleError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            HandleError::Rejected(m) => write!(f, "rejected: {m}"),
+            HandleError::Transient(m) => write!(f, "transient: {m}"),
+            HandleError::Trap(m) => write!(f, "trap: {m}"),
+            HandleError::Host(m) => write!(f, "host error: {m}"),
+        }
+    }
+}
+
+/// A loaded projection the projector can feed batches to.
+pub trait Handler: Send {
+    /// What the plugin declared when it was loaded.
+    fn manifest(&self) -> &Manifest;
+
+    /// Handle `events` against `batch`, handing the batch back for commit or rollback.
+    fn handle(&mut self, batch: Batch, events: &[Event]) -> (Batch, Result<(), HandleError>);
+}
+
+/// Check a manifest before trusting it: valid names, at least one subscription.
+pub fn validate_manifest(m: &Manifest) -> Result<(), String> {
+    crate::names::validate("projection", &m.name)?;
+    if m.subscriptions.is_empty() {
+        return Err(format!("projection {:?} subscribes to no stream", m.name));
+    }
+    for s in &m.subscriptions {
+        crate::names::validate("stream", &s.stream)?;
+    }
+    for t in &m.tables {
+        crate::names::validate("table", t)?;
+    }
+    Ok(())
+}

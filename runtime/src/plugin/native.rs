@@ -1,0 +1,154 @@
+//! A projection written with the Rust SDK and compiled into the host.
+//!
+//! It runs through the same projector, batches and storage as a WebAssembly
+//! plugin, with the SDK's key/value calls served by the batch directly. This
+//! is the baseline the benchmarks compare WebAssembly plugins against, and a
+//! fast way to test the projector without compiling components.
+
+use refract_sdk::native::{self, Backend};
+use refract_sdk::wit::refract::plugin::kv::{Entry as SdkEntry, KvError as SdkKvError};
+use refract_sdk::wit::refract::plugin::types as sdk;
+
+use super::bindings::refract::plugin::kv::KvError;
+use super::bindings::{Event, Manifest, Subscription};
+use super::{HandleError, Handler};
+use crate::store::Batch;
+
+type HandleFn = fn(Vec<sdk::Event>) -> Result<(), sdk::Failure>;
+
+/// A native projection: its manifest and the SDK-generated `handle` function.
+pub struct NativeProjection {
+    manifest: Manifest,
+    handle: HandleFn,
+}
+
+impl NativeProjection {
+    /// A native projection from an SDK manifest and `Projection::handle`.
+    pub fn new(manifest: refract_sdk::Manifest, handle: HandleFn) -> Self {
+        let m = manifest.into_wit();
+        let manifest = Manifest {
+            name: m.name,
+            version: m.version,
+            schema_version: m.schema_version,
+            subscriptions: m
+                .subscriptions
+                .into_iter()
+                .map(|s| Subscription {
+                    stream: s.stream,
+                    event_types: s.event_types,
+                })
+                .collect(),
+            tables: m.tables,
+        };
+        NativeProjection { manifest, handle }
+    }
+}
+
+/// Serves the SDK's key/value calls from a batch, storing the first host error.
+struct BatchBackend {
+    batch: Batch,
+    host_error: Option<String>,
+}
+
+fn to_sdk(e: KvError) -> SdkKvError {
+    match e {
+        KvError::UnknownTable(m) => SdkKvError::UnknownTable(m),
+        KvError::InvalidValue(m) => SdkKvError::InvalidValue(m),
+        KvError::TooLarge(m) => SdkKvError::TooLarge(m),
+    }
+}
+
+impl BatchBackend {
+    fn host<T>(&mut self, r: crate::store::Result<Result<T, KvError>>) -> Result<T, SdkKvError> {
+        match r {
+            Ok(r) => r.map_err(to_sdk),
+            Err(e) => {
+                // The WebAssembly host traps here; natively the error is remembered
+                // and the batch fails as a host error whatever the projection returns.
+                let message = e.to_string();
+                self.host_error.get_or_insert(message.clone());
+                Err(SdkKvError::TooLarge(message))
+            }
+        }
+    }
+}
+
+impl Backend for BatchBackend {
+    fn get(&mut self, table: &str, key: &str) -> Result<Option<Vec<u8>>, SdkKvError> {
+        let r = self.batch.get(table, key);
+        self.host(r)
+    }
+
+    fn put(&mut self, table: &str, key: &str, value: &[u8]) -> Result<(), SdkKvError> {
+        self.batch.put(table, key, value).map_err(to_sdk)
+    }
+
+    fn delete(&mut self, table: &str, key: &str) -> Result<(), SdkKvError> {
+        self.batch.delete(table, key).map_err(to_sdk)
+    }
+
+    fn scan(
+        &mut self,
+        table: &str,
+        prefix: &str,
+        start_after: Option<&str>,
+        limit: u32,
+    ) -> Result<Vec<SdkEntry>, SdkKvError> {
+        let r = self.batch.scan(table, prefix, start_after, limit);
+        self.host(r).map(|entries| {
+            entries
+                .into_iter()
+                .map(|e| SdkEntry {
+                    key: e.key,
+                    value: e.value,
+                })
+                .collect()
+        })
+    }
+}
+
+impl Handler for NativeProjection {
+    fn manifest(&self) -> &Manifest {
+        &self.manifest
+    }
+
+    fn handle(&mut self, batch: Batch, events: &[Event]) -> (Batch, Result<(), HandleError>) {
+        let events = events
+            .iter()
+            .map(|e| sdk::Event {
+                stream: e.stream.clone(),
+                partition: e.partition,
+                offset: e.offset,
+                key: e.key.clone(),
+                event_type: e.event_type.clone(),
+                time: e.time,
+                headers: e.headers.clone(),
+                content_type: e.content_type.clone(),
+                data: e.data.clone(),
+            })
+            .collect();
+        let handle = self.handle;
+        let backend = BatchBackend {
+            batch,
+            host_error: None,
+        };
+        let (backend, result) = native::with_backend(backend, || {
+            std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| handle(events)))
+        });
+        let outcome = match (backend.host_error, result) {
+            (Some(h), _) => Err(HandleError::Host(h)),
+            (None, Ok(Ok(()))) => Ok(()),
+            (None, Ok(Err(sdk::Failure::Rejected(m)))) => Err(HandleError::Rejected(m)),
+            (None, Ok(Err(sdk::Failure::Transient(m)))) => Err(HandleError::Transient(m)),
+            (None, Err(panic)) => {
+                let message = panic
+                    .downcast_ref::<String>()
+                    .cloned()
+                    .or_else(|| panic.downcast_ref::<&str>().map(|s| (*s).to_owned()))
+                    .unwrap_or_else(|| "panic".to_owned());
+                Err(HandleError::Trap(format!("plugin panicked: {message}")))
+            }
+        };
+        (backend.batch, outcome)
+    }
+}

@@ -1,0 +1,190 @@
+//! A projection running as a WebAssembly component.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use wasmtime::component::{Component, HasSelf, Linker};
+use wasmtime::{Engine, Store, Trap};
+
+use super::bindings::{Event, Failure, Manifest, Projection, ProjectionPre};
+use super::engine::deadline_ticks;
+use super::host::HostState;
+use super::{HandleError, Handler};
+use crate::store::Batch;
+
+/// Resource limits of one plugin instance.
+#[derive(Debug, Clone, Copy)]
+pub struct PluginLimits {
+    /// The most linear memory an instance may have, in bytes.
+    pub max_memory: usize,
+    /// The longest one `handle` call may run before it is interrupted.
+    pub deadline: Duration,
+}
+
+impl Default for PluginLimits {
+    fn default() -> Self {
+        PluginLimits {
+            max_memory: 256 << 20,
+            deadline: Duration::from_secs(10),
+        }
+    }
+}
+
+/// Why a plugin could not be loaded.
+#[derive(Debug, thiserror::Error)]
+pub enum LoadError {
+    #[error("does not compile as a component: {0}")]
+    Compile(String),
+    #[error("does not fit the refract:plugin/projection world: {0}")]
+    Link(String),
+    #[error("could not be instantiated: {0}")]
+    Instantiate(String),
+    #[error("manifest() failed: {0}")]
+    Manifest(String),
+    #[error("invalid manifest: {0}")]
+    InvalidManifest(String),
+}
+
+/// A compiled projection component, instantiated on demand and again after a trap.
+pub struct WasmProjection {
+    engine: Engine,
+    pre: ProjectionPre<HostState>,
+    name: Arc<str>,
+    limits: PluginLimits,
+    manifest: Manifest,
+    instance: Option<(Store<HostState>, Projection)>,
+}
+
+/// A linker with the host interfaces and an empty WASI.
+pub fn linker(engine: &Engine) -> wasmtime::Result<Linker<HostState>> {
+    let mut linker = Linker::new(engine);
+    wasmtime_wasi::p2::add_to_linker_sync(&mut linker)?;
+    Projection::add_to_linker::<_, HasSelf<_>>(&mut linker, |s| s)?;
+    Ok(linker)
+}
+
+/// A short account of why a call into a plugin failed.
+fn describe_trap(
+    e: &wasmtime::Error,
+    limits: &PluginLimits,
+    last_error_log: Option<String>,
+) -> String {
+    let what = match e.downcast_ref::<Trap>() {
+        Some(Trap::Interrupt) => format!(
+            "ran past its deadline of {} ms",
+            limits.deadline.as_millis()
+        ),
+        Some(Trap::StackOverflow) => "overflowed its stack".to_owned(),
+        Some(trap) => trap.to_string(),
+        None => e.root_cause().to_string(),
+    };
+    match last_error_log {
+        Some(log) => format!("{what} ({log})"),
+        None => what,
+    }
+}
+
+impl WasmProjection {
+    /// Link `component`, instantiate it once and ask for its manifest.
+    pub fn load(
+        engine: &Engine,
+        linker: &Linker<HostState>,
+        component: &Component,
+        label: &str,
+        limits: PluginLimits,
+    ) -> Result<Self, LoadError> {
+        let pre = linker
+            .instantiate_pre(component)
+            .map_err(|e| LoadError::Link(format!("{e:#}")))?;
+        let pre = ProjectionPre::new(pre).map_err(|e| LoadError::Link(format!("{e:#}")))?;
+        let mut this = WasmProjection {
+            engine: engine.clone(),
+            pre,
+            name: Arc::from(label),
+            limits,
+            manifest: Manifest {
+                name: label.to_owned(),
+                version: String::new(),
+                schema_version: 0,
+                subscriptions: Vec::new(),
+                tables: Vec::new(),
+            },
+            instance: None,
+        };
+        let (mut store, instance) = this.instantiate().map_err(LoadError::Instantiate)?;
+        store.set_epoch_deadline(deadline_ticks(limits.deadline));
+        let manifest = instance.call_manifest(&mut store).map_err(|e| {
+            LoadError::Manifest(describe_trap(
+                &e,
+                &limits,
+                store.data_mut().last_error_log.take(),
+            ))
+        })?;
+        super::validate_manifest(&manifest).map_err(LoadError::InvalidManifest)?;
+        this.name = Arc::from(manifest.name.as_str());
+        this.manifest = manifest;
+        this.instance = Some((store, instance));
+        Ok(this)
+    }
+
+    fn instantiate(&self) -> Result<(Store<HostState>, Projection), String> {
+        let mut store = Store::new(
+            &self.engine,
+            HostState::new(self.name.clone(), self.limits.max_memory),
+        );
+        store.limiter(|s| &mut s.limits);
+        store.epoch_deadline_trap();
+        store.set_epoch_deadline(deadline_ticks(self.limits.deadline));
+        let instance = self
+            .pre
+            .instantiate(&mut store)
+            .map_err(|e| format!("{e:#}"))?;
+        Ok((store, instance))
+    }
+}
+
+impl Handler for WasmProjection {
+    fn manifest(&self) -> &Manifest {
+        &self.manifest
+    }
+
+    fn handle(&mut self, batch: Batch, events: &[Event]) -> (Batch, Result<(), HandleError>) {
+        if self.instance.is_none() {
+            match self.instantiate() {
+                Ok(instance) => self.instance = Some(instance),
+                Err(e) => {
+                    return (
+                        batch,
+                        Err(HandleError::Host(format!("instantiating the plugin: {e}"))),
+                    );
+                }
+            }
+        }
+        let (store, instance) = self.instance.as_mut().expect("instantiated above");
+        store.data_mut().batch = Some(batch);
+        store.data_mut().last_error_log = None;
+        store.set_epoch_deadline(deadline_ticks(self.limits.deadline));
+        let result = instance.call_handle(&mut *store, events);
+        let state = store.data_mut();
+        let batch = state
+            .batch
+            .take()
+            .expect("the batch stays in the store during the call");
+        let host_error = state.host_error.take();
+        let last_error_log = state.last_error_log.take();
+        let outcome = match result {
+            Ok(Ok(())) => Ok(()),
+            Ok(Err(Failure::Rejected(m))) => Err(HandleError::Rejected(m)),
+            Ok(Err(Failure::Transient(m))) => Err(HandleError::Transient(m)),
+            Err(e) => {
+                // A trapped instance may be in any state: never call it again.
+                self.instance = None;
+                Err(match host_error {
+                    Some(h) => HandleError::Host(h),
+                    None => HandleError::Trap(describe_trap(&e, &self.limits, last_error_log)),
+                })
+            }
+        };
+        (batch, outcome)
+    }
+}

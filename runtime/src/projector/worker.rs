@@ -1,0 +1,467 @@
+//! The batch loop of one projection.
+//!
+//! 1. Read events after the checkpoint of each subscribed partition, up to
+//!    `max-events`.
+//! 2. Hand the subscribed ones to the plugin in calls of `call-events`,
+//!    inside one [`Batch`]; stop early once `max-duration` has passed, so a
+//!    batch grows under load but stays short.
+//! 3. Commit the writes and the new checkpoints in one transaction.
+//!
+//! When a call fails, the batch is dropped (nothing was written) and:
+//! - `transient` or host errors: the same events are retried with
+//!   exponential back-off and jitter;
+//! - `rejected` or a trap: the events are bisected, each half in its own
+//!   batch, until the failing event stands alone; it becomes a dead letter
+//!   and everything else is applied.
+
+use std::collections::{BTreeMap, HashSet};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use serde::Serialize;
+
+use crate::plugin::{Event, HandleError, Handler};
+use crate::source::log::EventLog;
+use crate::store::read_model::Commit;
+use crate::store::{Checkpoint, DeadLetter, KvLimits, ReadModel};
+
+/// How batches are sized and failures retried.
+#[derive(Debug, Clone)]
+pub struct BatchOptions {
+    /// The most events one batch (one transaction) reads.
+    pub max_events: usize,
+    /// A batch stops taking more calls once it has run this long.
+    pub max_duration: Duration,
+    /// The most events passed to the plugin in one call.
+    pub call_events: usize,
+    /// First retry delay after a transient failure; doubles up to `max_backoff`.
+    pub initial_backoff: Duration,
+    pub max_backoff: Duration,
+    pub kv: KvLimits,
+}
+
+impl Default for BatchOptions {
+    fn default() -> Self {
+        BatchOptions {
+            max_events: 10_000,
+            max_duration: Duration::from_millis(250),
+            call_events: 500,
+            initial_backoff: Duration::from_millis(100),
+            max_backoff: Duration::from_secs(30),
+            kv: KvLimits::default(),
+        }
+    }
+}
+
+/// What a worker is doing.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum WorkerState {
+    Running,
+    /// Waiting to retry after a transient or host failure.
+    Retrying,
+    Stopped,
+}
+
+/// A worker's live status, shared with the HTTP API.
+#[derive(Debug, Clone, Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct WorkerStatus {
+    pub state: WorkerState,
+    pub last_error: Option<String>,
+    /// When `last_error` happened (ms since the Unix epoch).
+    pub last_error_at: Option<i64>,
+    /// Consecutive retries of the current batch.
+    pub retries: u32,
+}
+
+impl Default for WorkerStatus {
+    fn default() -> Self {
+        WorkerStatus {
+            state: WorkerState::Running,
+            last_error: None,
+            last_error_at: None,
+            retries: 0,
+        }
+    }
+}
+
+fn now_ms() -> i64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis() as i64)
+}
+
+/// Events read for one batch, and where reading stopped in each partition.
+struct Pending {
+    /// The events to hand to the plugin (subscribed types), in read order.
+    events: Vec<Event>,
+    /// Per (stream, partition): the offset after the last event read.
+    read_to: BTreeMap<(String, u32), u64>,
+}
+
+impl Pending {
+    /// Checkpoints once `events[..done]` are handled: per partition, the first
+    /// event not yet handled, or where reading stopped.
+    fn checkpoints_after(&self, done: usize) -> Vec<Checkpoint> {
+        let mut next = self.read_to.clone();
+        for e in self.events[done..].iter().rev() {
+            next.insert((e.stream.clone(), e.partition), e.offset);
+        }
+        next.into_iter()
+            .map(|((stream, partition), next_offset)| Checkpoint {
+                stream,
+                partition,
+                next_offset,
+            })
+            .collect()
+    }
+}
+
+/// The worker of one projection.
+pub struct Projector {
+    handler: Box<dyn Handler>,
+    read_model: Arc<ReadModel>,
+    log: Arc<EventLog>,
+    options: BatchOptions,
+    status: Arc<Mutex<WorkerStatus>>,
+    stop: Arc<AtomicBool>,
+    tables: Arc<std::collections::BTreeSet<String>>,
+    /// Subscribed streams and event types (empty: all types).
+    subscriptions: Vec<(String, HashSet<String>)>,
+    checkpoints: BTreeMap<(String, u32), u64>,
+}
+
+enum Retry {
+    Done,
+    Stopped,
+}
+
+impl Projector {
+    /// A worker for `handler`, resuming from the checkpoints in `read_model`.
+    pub fn new(
+        handler: Box<dyn Handler>,
+        read_model: Arc<ReadModel>,
+        log: Arc<EventLog>,
+        options: BatchOptions,
+        status: Arc<Mutex<WorkerStatus>>,
+        stop: Arc<AtomicBool>,
+    ) -> crate::store::Result<Self> {
+        let manifest = handler.manifest();
+        let tables = Arc::new(manifest.tables.iter().cloned().collect());
+        let subscriptions = manifest
+            .subscriptions
+            .iter()
+            .map(|s| (s.stream.clone(), s.event_types.iter().cloned().collect()))
+            .collect();
+        let checkpoints = read_model
+            .checkpoints()?
+            .into_iter()
+            .map(|c| ((c.stream, c.partition), c.next_offset))
+            .collect();
+        Ok(Projector {
+            handler,
+            read_model,
+            log,
+            options,
+            status,
+            stop,
+            tables,
+            subscriptions,
+            checkpoints,
+        })
+    }
+
+    fn name(&self) -> &str {
+        &self.handler.manifest().name
+    }
+
+    /// Run until `stop` is set: handle what there is, then wait for appends.
+    pub fn run(mut self) {
+        tracing::info!(projection = self.name(), "projector started");
+        while !self.stop.load(Ordering::Relaxed) {
+            let seen = self.log.signal().current();
+            match self.step() {
+                Ok(0) => {
+                    self.log.signal().wait(seen, Duration::from_millis(200));
+                }
+                Ok(_) => {}
+                Err(e) => {
+                    tracing::error!(projection = self.name(), error = %e, "reading the log failed");
+                    self.set_error(&format!("reading the log: {e}"));
+                    std::thread::sleep(self.options.initial_backoff);
+                }
+            }
+        }
+        self.status.lock().expect("status lock").state = WorkerState::Stopped;
+        tracing::info!(projection = self.name(), "projector stopped");
+    }
+
+    fn set_error(&self, message: &str) {
+        let mut status = self.status.lock().expect("status lock");
+        status.last_error = Some(message.to_owned());
+        status.last_error_at = Some(now_ms());
+    }
+
+    /// Read and handle one batch; returns the number of events read.
+    pub fn step(&mut self) -> Result<usize, crate::source::log::Error> {
+        let pending = self.read()?;
+        let read: u64 = pending
+            .read_to
+            .iter()
+            .map(|(k, to)| to - self.checkpoints.get(k).copied().unwrap_or(0))
+            .sum();
+        if read == 0 {
+            return Ok(0);
+        }
+        let span = tracing::debug_span!(
+            "batch",
+            projection = self.name(),
+            events = pending.events.len()
+        );
+        let _enter = span.enter();
+        self.process(&pending);
+        Ok(read as usize)
+    }
+
+    fn read(&self) -> Result<Pending, crate::source::log::Error> {
+        let mut pending = Pending {
+            events: Vec::new(),
+            read_to: BTreeMap::new(),
+        };
+        let mut partitions = Vec::new();
+        for (stream, types) in &self.subscriptions {
+            let Some(heads) = self.log.heads(stream) else {
+                continue;
+            };
+            for (p, head) in heads.into_iter().enumerate() {
+                let from = self
+                    .checkpoints
+                    .get(&(stream.clone(), p as u32))
+                    .copied()
+                    .unwrap_or(0);
+                if from < head {
+                    partitions.push((stream, types, p as u32, from, head));
+                }
+            }
+        }
+        // Share the batch between partitions with something to read.
+        let quota = (self.options.max_events / partitions.len().max(1)).max(1);
+        for (stream, types, partition, from, head) in partitions {
+            let limit = quota.min((head - from) as usize);
+            let events = self.log.read(stream, partition, from, limit)?;
+            let to = events.last().map_or(from, |e| e.offset + 1);
+            pending.read_to.insert((stream.clone(), partition), to);
+            pending.events.extend(
+                events
+                    .into_iter()
+                    .filter(|e| types.is_empty() || types.contains(&e.event_type)),
+            );
+        }
+        Ok(pending)
+    }
+
+    fn process(&mut self, pending: &Pending) {
+        let started = Instant::now();
+        let batch = match self.read_model.begin(self.tables.clone(), self.options.kv) {
+            Ok(b) => b,
+            Err(e) => {
+                return self.recover(
+                    pending,
+                    0,
+                    pending.events.len(),
+                    HandleError::Host(e.to_string()),
+                );
+            }
+        };
+        let mut batch = batch;
+        let mut done = 0;
+        while done < pending.events.len() {
+            let end = (done + self.options.call_events).min(pending.events.len());
+            let (b, result) = self.handler.handle(batch, &pending.events[done..end]);
+            batch = b;
+            if let Err(e) = result {
+                drop(batch);
+                return self.recover(pending, 0, pending.events.len(), e);
+            }
+            done = end;
+            if started.elapsed() >= self.options.max_duration {
+                break;
+            }
+        }
+        let commit = Commit {
+            checkpoints: pending.checkpoints_after(done),
+            applied: done as u64,
+            dead_letters: vec![],
+        };
+        if let Err(e) = self.read_model.commit(batch, &commit) {
+            return self.recover(
+                pending,
+                0,
+                pending.events.len(),
+                HandleError::Host(e.to_string()),
+            );
+        }
+        self.committed(&commit);
+    }
+
+    fn committed(&mut self, commit: &Commit) {
+        for c in &commit.checkpoints {
+            self.checkpoints
+                .insert((c.stream.clone(), c.partition), c.next_offset);
+        }
+        let mut status = self.status.lock().expect("status lock");
+        status.state = WorkerState::Running;
+        status.retries = 0;
+    }
+
+    /// Handle `events[lo..hi]` in one batch and commit it.
+    fn run_range(&mut self, pending: &Pending, lo: usize, hi: usize) -> Result<(), HandleError> {
+        let batch = self
+            .read_model
+            .begin(self.tables.clone(), self.options.kv)
+            .map_err(|e| HandleError::Host(e.to_string()))?;
+        let mut batch = batch;
+        for start in (lo..hi).step_by(self.options.call_events) {
+            let end = (start + self.options.call_events).min(hi);
+            let (b, result) = self.handler.handle(batch, &pending.events[start..end]);
+            batch = b;
+            result?;
+        }
+        let commit = Commit {
+            checkpoints: pending.checkpoints_after(hi),
+            applied: (hi - lo) as u64,
+            dead_letters: vec![],
+        };
+        self.read_model
+            .commit(batch, &commit)
+            .map_err(|e| HandleError::Host(e.to_string()))?;
+        self.committed(&commit);
+        Ok(())
+    }
+
+    /// `events[lo..hi]` failed with `error`: retry, or bisect down to the poison event.
+    fn recover(&mut self, pending: &Pending, lo: usize, hi: usize, error: HandleError) {
+        let _ = self.recover_range(pending, lo, hi, error);
+    }
+
+    fn recover_range(
+        &mut self,
+        pending: &Pending,
+        lo: usize,
+        hi: usize,
+        error: HandleError,
+    ) -> Retry {
+        let mut error = error;
+        let mut backoff = self.options.initial_backoff;
+        loop {
+            match error {
+                HandleError::Transient(_) | HandleError::Host(_) => {
+                    let message = error.to_string();
+                    tracing::warn!(projection = self.name(), error = %message, retry_in_ms = backoff.as_millis() as u64, "batch failed; retrying");
+                    {
+                        let mut status = self.status.lock().expect("status lock");
+                        status.state = WorkerState::Retrying;
+                        status.retries += 1;
+                        status.last_error = Some(message);
+                        status.last_error_at = Some(now_ms());
+                    }
+                    if !self.sleep(jitter(backoff)) {
+                        return Retry::Stopped;
+                    }
+                    backoff = (backoff * 2).min(self.options.max_backoff);
+                    match self.run_range(pending, lo, hi) {
+                        Ok(()) => return Retry::Done,
+                        Err(e) => error = e,
+                    }
+                }
+                HandleError::Rejected(_) | HandleError::Trap(_) if hi - lo == 1 => {
+                    return self.dead_letter(pending, lo, &error);
+                }
+                HandleError::Rejected(_) | HandleError::Trap(_) => {
+                    let mid = lo + (hi - lo) / 2;
+                    for (a, b) in [(lo, mid), (mid, hi)] {
+                        if let Err(e) = self.run_range(pending, a, b)
+                            && let Retry::Stopped = self.recover_range(pending, a, b, e)
+                        {
+                            return Retry::Stopped;
+                        }
+                    }
+                    return Retry::Done;
+                }
+            }
+        }
+    }
+
+    fn dead_letter(&mut self, pending: &Pending, at: usize, error: &HandleError) -> Retry {
+        let e = &pending.events[at];
+        tracing::warn!(projection = self.name(), stream = %e.stream, partition = e.partition, offset = e.offset, error = %error, "dead-lettering an event");
+        let data = serde_json::from_slice(&e.data).unwrap_or_else(|_| {
+            serde_json::Value::String(String::from_utf8_lossy(&e.data).into_owned())
+        });
+        let letter = DeadLetter {
+            stream: e.stream.clone(),
+            partition: e.partition,
+            offset: e.offset,
+            key: e.key.clone(),
+            event_type: e.event_type.clone(),
+            time: e.time,
+            data,
+            plugin_version: self.handler.manifest().version.clone(),
+            error: error.to_string(),
+            failed_at: now_ms(),
+        };
+        self.set_error(&format!(
+            "dead-lettered {}/{}@{}: {error}",
+            e.stream, e.partition, e.offset
+        ));
+        let commit = Commit {
+            checkpoints: pending.checkpoints_after(at + 1),
+            applied: 0,
+            dead_letters: vec![letter],
+        };
+        let mut backoff = self.options.initial_backoff;
+        loop {
+            // An empty batch: the dead letter and the checkpoint commit alone.
+            let result = self
+                .read_model
+                .begin(self.tables.clone(), self.options.kv)
+                .and_then(|batch| self.read_model.commit(batch, &commit));
+            match result {
+                Ok(()) => {
+                    self.committed(&commit);
+                    return Retry::Done;
+                }
+                Err(err) => {
+                    self.set_error(&format!("storing a dead letter: {err}"));
+                    if !self.sleep(jitter(backoff)) {
+                        return Retry::Stopped;
+                    }
+                    backoff = (backoff * 2).min(self.options.max_backoff);
+                }
+            }
+        }
+    }
+
+    /// Sleep for `duration` unless asked to stop; false when stopping.
+    fn sleep(&self, duration: Duration) -> bool {
+        let until = Instant::now() + duration;
+        while Instant::now() < until {
+            if self.stop.load(Ordering::Relaxed) {
+                return false;
+            }
+            std::thread::sleep((until - Instant::now()).min(Duration::from_millis(50)));
+        }
+        !self.stop.load(Ordering::Relaxed)
+    }
+}
+
+/// `d` scaled by a factor in [0.75, 1.25), so retries of many workers spread out.
+fn jitter(d: Duration) -> Duration {
+    let nanos = SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |t| t.subsec_nanos());
+    let factor = 0.75 + f64::from(nanos % 1000) / 2000.0;
+    d.mul_f64(factor)
+}

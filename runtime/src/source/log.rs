@@ -1,0 +1,440 @@
+//! The embedded event log: named streams of partitions of events, in one redb file.
+//!
+//! Each partition is a table `events/<stream>/<partition>` mapping offsets
+//! (dense, from 0) to encoded records; a `streams` table records each stream's
+//! partition count. Appends are durable when [`EventLog::append`] returns.
+//! Events are kept forever: replaying them is how read models are rebuilt.
+
+use std::collections::HashMap;
+use std::path::Path;
+use std::sync::{Condvar, Mutex};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use redb::{Database, ReadableDatabase, ReadableTable, TableDefinition};
+
+use super::record::{self, CorruptRecord, RecordRef};
+use super::{Event, NewEvent, Position, partition};
+use crate::names;
+
+const STREAMS: TableDefinition<&str, u32> = TableDefinition::new("streams");
+
+fn partition_table(stream: &str, partition: u32) -> String {
+    format!("events/{stream}/{partition}")
+}
+
+/// Errors of the embedded log.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    /// An event or stream name was refused; nothing was appended.
+    #[error("{0}")]
+    Invalid(String),
+    /// The stream has never been written to.
+    #[error("stream {0:?} does not exist")]
+    UnknownStream(String),
+    /// The partition is outside the stream's partition count.
+    #[error("stream {stream:?} has {partitions} partitions; there is no partition {partition}")]
+    UnknownPartition {
+        stream: String,
+        partition: u32,
+        partitions: u32,
+    },
+    /// A stored record could not be decoded.
+    #[error(transparent)]
+    Corrupt(#[from] CorruptRecord),
+    /// The storage failed (disk full, I/O error); nothing was appended.
+    #[error("event log storage: {0}")]
+    Storage(#[from] redb::Error),
+}
+
+impl From<redb::DatabaseError> for Error {
+    fn from(e: redb::DatabaseError) -> Self {
+        Error::Storage(e.into())
+    }
+}
+impl From<redb::TransactionError> for Error {
+    fn from(e: redb::TransactionError) -> Self {
+        Error::Storage(e.into())
+    }
+}
+impl From<redb::TableError> for Error {
+    fn from(e: redb::TableError) -> Self {
+        Error::Storage(e.into())
+    }
+}
+impl From<redb::StorageError> for Error {
+    fn from(e: redb::StorageError) -> Self {
+        Error::Storage(e.into())
+    }
+}
+impl From<redb::CommitError> for Error {
+    fn from(e: redb::CommitError) -> Self {
+        Error::Storage(e.into())
+    }
+}
+
+pub type Result<T, E = Error> = std::result::Result<T, E>;
+
+/// Limits on what one appended event may hold.
+#[derive(Debug, Clone)]
+pub struct LogOptions {
+    /// Partitions of a stream created by its first append, unless `partitions` names it.
+    pub default_partitions: u32,
+    /// Partition counts for named streams.
+    pub partitions: HashMap<String, u32>,
+    /// The largest `data` accepted, in bytes.
+    pub max_event_bytes: usize,
+}
+
+impl Default for LogOptions {
+    fn default() -> Self {
+        LogOptions {
+            default_partitions: 4,
+            partitions: HashMap::new(),
+            max_event_bytes: 1 << 20,
+        }
+    }
+}
+
+/// A stream's shape and how far it has been written.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct StreamInfo {
+    pub name: String,
+    pub partitions: u32,
+    /// The next offset of each partition (= its number of events).
+    pub heads: Vec<u64>,
+}
+
+/// Wakes readers when something was appended. `wait` returns at the latest
+/// after its timeout, so readers can also notice shutdown.
+#[derive(Default)]
+pub struct Signal {
+    appends: Mutex<u64>,
+    changed: Condvar,
+}
+
+impl Signal {
+    /// The number of appends so far.
+    pub fn current(&self) -> u64 {
+        *self.appends.lock().expect("signal lock")
+    }
+
+    fn notify(&self) {
+        *self.appends.lock().expect("signal lock") += 1;
+        self.changed.notify_all();
+    }
+
+    /// Wait until more than `seen` appends happened, or `timeout` passed.
+    pub fn wait(&self, seen: u64, timeout: Duration) -> u64 {
+        let guard = self.appends.lock().expect("signal lock");
+        let (guard, _) = self
+            .changed
+            .wait_timeout_while(guard, timeout, |n| *n <= seen)
+            .expect("signal lock");
+        *guard
+    }
+}
+
+struct Heads {
+    /// Next offset per partition, per stream.
+    streams: HashMap<String, Vec<u64>>,
+    /// Round-robin counter for events without a key.
+    unkeyed: u32,
+}
+
+/// The embedded, durable event log.
+pub struct EventLog {
+    db: Database,
+    options: LogOptions,
+    heads: Mutex<Heads>,
+    signal: Signal,
+}
+
+impl EventLog {
+    /// Open (or create) the log in the file `path`.
+    pub fn open(path: &Path, options: LogOptions) -> Result<Self> {
+        let db = Database::create(path)?;
+        let mut streams = HashMap::new();
+        let tx = db.begin_write()?;
+        {
+            let table = tx.open_table(STREAMS)?;
+            for entry in table.iter()? {
+                let (name, partitions) = entry?;
+                let name = name.value().to_owned();
+                let mut heads = Vec::new();
+                for p in 0..partitions.value() {
+                    let table_name = partition_table(&name, p);
+                    let def = TableDefinition::<u64, &[u8]>::new(&table_name);
+                    let head = match tx.open_table(def) {
+                        Ok(t) => t.last()?.map_or(0, |(k, _)| k.value() + 1),
+                        Err(e) => return Err(e.into()),
+                    };
+                    heads.push(head);
+                }
+                if let Some(&wanted) = options.partitions.get(&name)
+                    && wanted != partitions.value()
+                {
+                    tracing::warn!(
+                        stream = %name,
+                        stored = partitions.value(),
+                        configured = wanted,
+                        "a stream keeps the partition count it was created with; ignoring the configured count"
+                    );
+                }
+                streams.insert(name, heads);
+            }
+        }
+        tx.commit()?;
+        Ok(EventLog {
+            db,
+            options,
+            heads: Mutex::new(Heads {
+                streams,
+                unkeyed: 0,
+            }),
+            signal: Signal::default(),
+        })
+    }
+
+    /// Wakes readers after each append.
+    pub fn signal(&self) -> &Signal {
+        &self.signal
+    }
+
+    fn validate(&self, stream: &str, events: &[NewEvent]) -> Result<()> {
+        names::validate("stream", stream).map_err(Error::Invalid)?;
+        if events.is_empty() {
+            return Err(Error::Invalid("no events to append".into()));
+        }
+        for (i, e) in events.iter().enumerate() {
+            let fail = |why: String| Err(Error::Invalid(format!("event {i}: {why}")));
+            if e.event_type.is_empty() || e.event_type.len() > 256 {
+                return fail("`type` must be 1 to 256 bytes".into());
+            }
+            if e.key
+                .as_ref()
+                .is_some_and(|k| k.is_empty() || k.len() > 4096)
+            {
+                return fail("`key` must be 1 to 4096 bytes when given".into());
+            }
+            if e.headers.len() > 64
+                || e.headers
+                    .iter()
+                    .any(|(k, v)| k.len() > 1024 || v.len() > 65536)
+            {
+                return fail("at most 64 headers, names up to 1 KiB, values up to 64 KiB".into());
+            }
+            if e.data.get().len() > self.options.max_event_bytes {
+                return fail(format!(
+                    "`data` is larger than {} bytes",
+                    self.options.max_event_bytes
+                ));
+            }
+        }
+        Ok(())
+    }
+
+    /// Append `events` to `stream` in one durable transaction: either all are
+    /// stored, or (on error) none. Creates the stream on first use.
+    pub fn append(&self, stream: &str, events: &[NewEvent]) -> Result<Vec<Position>> {
+        self.validate(stream, events)?;
+        let now = SystemTime::now()
+            .duration_since(UNIX_EPOCH)
+            .map_or(0, |d| d.as_millis() as i64);
+        let mut heads = self.heads.lock().expect("log heads lock");
+        let Heads { streams, unkeyed } = &mut *heads;
+        let created = !streams.contains_key(stream);
+        let partitions = match streams.get(stream) {
+            Some(h) => h.len() as u32,
+            None => *self
+                .options
+                .partitions
+                .get(stream)
+                .unwrap_or(&self.options.default_partitions),
+        };
+        let mut next = streams
+            .get(stream)
+            .cloned()
+            .unwrap_or_else(|| vec![0; partitions as usize]);
+        let mut positions = Vec::with_capacity(events.len());
+        let mut by_partition: Vec<Vec<(u64, Vec<u8>)>> = vec![Vec::new(); partitions as usize];
+        for e in events {
+            let p = match &e.key {
+                Some(k) => partition::for_key(k, partitions),
+                None => {
+                    *unkeyed = unkeyed.wrapping_add(1);
+                    *unkeyed % partitions
+                }
+            };
+            let offset = next[p as usize];
+            next[p as usize] += 1;
+            let headers: Vec<(String, String)> = e
+                .headers
+                .iter()
+                .map(|(k, v)| (k.clone(), v.clone()))
+                .collect();
+            let mut bytes = Vec::with_capacity(64 + e.data.get().len());
+            record::encode(
+                &RecordRef {
+                    event_type: &e.event_type,
+                    key: e.key.as_deref(),
+                    time: e.time.unwrap_or(now),
+                    headers: &headers,
+                    content_type: "application/json",
+                    data: e.data.get().as_bytes(),
+                },
+                &mut bytes,
+            );
+            by_partition[p as usize].push((offset, bytes));
+            positions.push(Position {
+                partition: p,
+                offset,
+            });
+        }
+        let tx = self.db.begin_write()?;
+        if created {
+            tx.open_table(STREAMS)?.insert(stream, partitions)?;
+        }
+        for (p, records) in by_partition.iter().enumerate() {
+            if records.is_empty() && !created {
+                continue;
+            }
+            let table_name = partition_table(stream, p as u32);
+            let def = TableDefinition::<u64, &[u8]>::new(&table_name);
+            let mut table = tx.open_table(def)?;
+            for (offset, bytes) in records {
+                table.insert(offset, bytes.as_slice())?;
+            }
+        }
+        tx.commit()?;
+        streams.insert(stream.to_owned(), next);
+        drop(heads);
+        self.signal.notify();
+        Ok(positions)
+    }
+
+    /// Up to `limit` events of `stream`/`partition` from offset `from` on.
+    pub fn read(
+        &self,
+        stream: &str,
+        partition: u32,
+        from: u64,
+        limit: usize,
+    ) -> Result<Vec<Event>> {
+        let partitions = self
+            .partitions(stream)
+            .ok_or_else(|| Error::UnknownStream(stream.to_owned()))?;
+        if partition >= partitions {
+            return Err(Error::UnknownPartition {
+                stream: stream.to_owned(),
+                partition,
+                partitions,
+            });
+        }
+        let tx = self.db.begin_read()?;
+        let table_name = partition_table(stream, partition);
+        let def = TableDefinition::<u64, &[u8]>::new(&table_name);
+        let table = tx.open_table(def)?;
+        let mut events = Vec::with_capacity(limit.min(4096));
+        for entry in table.range(from..)?.take(limit) {
+            let (offset, bytes) = entry?;
+            events.push(record::decode(
+                stream,
+                partition,
+                offset.value(),
+                bytes.value(),
+            )?);
+        }
+        Ok(events)
+    }
+
+    /// The partition count of `stream`, if it exists.
+    pub fn partitions(&self, stream: &str) -> Option<u32> {
+        self.heads
+            .lock()
+            .expect("log heads lock")
+            .streams
+            .get(stream)
+            .map(|h| h.len() as u32)
+    }
+
+    /// The next offset of each partition of `stream`, if it exists.
+    pub fn heads(&self, stream: &str) -> Option<Vec<u64>> {
+        self.heads
+            .lock()
+            .expect("log heads lock")
+            .streams
+            .get(stream)
+            .cloned()
+    }
+
+    /// Every stream, by name.
+    pub fn streams(&self) -> Vec<StreamInfo> {
+        let heads = self.heads.lock().expect("log heads lock");
+        let mut out: Vec<StreamInfo> = heads
+            .streams
+            .iter()
+            .map(|(name, h)| StreamInfo {
+                name: name.clone(),
+                partitions: h.len() as u32,
+                heads: h.clone(),
+            })
+            .collect();
+        out.sort_by(|a, b| a.name.cmp(&b.name));
+        out
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn event(ty: &str, key: Option<&str>, data: &str) -> NewEvent {
+        serde_json::from_value(serde_json::json!({
+            "type": ty, "key": key, "data": serde_json::from_str::<serde_json::Value>(data).unwrap()
+        }))
+        .unwrap()
+    }
+
+    #[test]
+    fn appends_are_partitioned_by_key_and_survive_reopening() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("log.redb");
+        let positions = {
+            let log = EventLog::open(&path, LogOptions::default()).unwrap();
+            let events: Vec<_> = (0..20)
+                .map(|i| event("T", Some(&format!("k{}", i % 5)), &format!("{i}")))
+                .collect();
+            log.append("s", &events).unwrap()
+        };
+        let log = EventLog::open(&path, LogOptions::default()).unwrap();
+        assert_eq!(log.partitions("s"), Some(4));
+        let heads = log.heads("s").unwrap();
+        assert_eq!(heads.iter().sum::<u64>(), 20);
+        for (i, pos) in positions.iter().enumerate() {
+            assert_eq!(pos.partition, partition::for_key(&format!("k{}", i % 5), 4));
+            let got = log.read("s", pos.partition, pos.offset, 1).unwrap();
+            assert_eq!(got[0].data, format!("{i}").into_bytes());
+        }
+        // Offsets continue after a reopen.
+        let more = log.append("s", &[event("T", Some("k0"), "99")]).unwrap();
+        assert_eq!(more[0].offset, heads[more[0].partition as usize]);
+    }
+
+    #[test]
+    fn invalid_batches_append_nothing() {
+        let dir = tempfile::tempdir().unwrap();
+        let log = EventLog::open(&dir.path().join("log.redb"), LogOptions::default()).unwrap();
+        let bad = vec![event("T", None, "1"), event("", None, "2")];
+        let err = log.append("s", &bad).unwrap_err();
+        assert!(err.to_string().contains("event 1: `type`"), "{err}");
+        assert!(log.heads("s").is_none());
+        assert!(matches!(
+            log.append("../etc", &[event("T", None, "1")]),
+            Err(Error::Invalid(_))
+        ));
+        assert!(matches!(
+            log.read("nope", 0, 0, 10),
+            Err(Error::UnknownStream(_))
+        ));
+    }
+}

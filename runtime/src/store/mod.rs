@@ -1,0 +1,37 @@
+//! Read models: each projection's tables, checkpoints and dead letters in its own redb file.
+
+pub mod batch;
+pub mod read_model;
+
+pub use batch::{Batch, KvLimits};
+pub use read_model::{Checkpoint, DeadLetter, ReadModel};
+
+/// Errors of a read model's storage.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    /// The storage failed (disk full, I/O error). A batch that hit this did not commit.
+    #[error("read model storage: {0}")]
+    Storage(#[from] redb::Error),
+    /// A stored value could not be decoded.
+    #[error("read model is corrupt: {0}")]
+    Corrupt(String),
+}
+
+macro_rules! storage_from {
+    ($($t:ty),*) => {$(
+        impl From<$t> for Error {
+            fn from(e: $t) -> Self {
+                Error::Storage(e.into())
+            }
+        }
+    )*};
+}
+storage_from!(
+    redb::DatabaseError,
+    redb::TransactionError,
+    redb::TableError,
+    redb::StorageError,
+    redb::CommitError
+);
+
+pub type Result<T, E = Error> = std::result::Result<T, E>;

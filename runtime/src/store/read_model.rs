@@ -1,0 +1,313 @@
+//! A projection's read model: one redb file holding the plugin's tables
+//! (`t/<name>`), the checkpoint per source partition, dead letters and counters.
+//!
+//! [`ReadModel::commit`] writes a batch's key/value changes, its checkpoints,
+//! its dead letters and the counters in **one** durable transaction: after a
+//! crash either all of a batch's effects are there or none, and the
+//! checkpoint says exactly which events those were.
+
+use std::collections::BTreeSet;
+use std::ops::Bound;
+use std::path::Path;
+use std::sync::Arc;
+
+use redb::{Database, Durability, ReadableDatabase, ReadableTable, TableDefinition};
+use serde::{Deserialize, Serialize};
+
+use super::batch::{Batch, KvLimits};
+use super::{Error, Result};
+
+const CHECKPOINTS: TableDefinition<(&str, u32), u64> = TableDefinition::new("checkpoints");
+const DEAD_LETTERS: TableDefinition<u64, &[u8]> = TableDefinition::new("dead-letters");
+const COUNTERS: TableDefinition<&str, u64> = TableDefinition::new("counters");
+
+pub(super) fn table_definition(name: &str) -> TableDefinition<'_, &'static str, &'static [u8]> {
+    TableDefinition::new(name)
+}
+
+/// How far a projection has read one source partition.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct Checkpoint {
+    pub stream: String,
+    pub partition: u32,
+    /// The offset of the next event to handle.
+    pub next_offset: u64,
+}
+
+/// An event the projection could not apply, kept with why.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct DeadLetter {
+    pub stream: String,
+    pub partition: u32,
+    pub offset: u64,
+    pub key: Option<String>,
+    #[serde(rename = "type")]
+    pub event_type: String,
+    pub time: i64,
+    /// The event's data: its JSON value, or a string when it is not JSON.
+    pub data: serde_json::Value,
+    pub plugin_version: String,
+    pub error: String,
+    /// When it was dead-lettered (ms since the Unix epoch).
+    pub failed_at: i64,
+}
+
+/// Totals kept with the read model.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct Counters {
+    pub events_applied: u64,
+    pub dead_letters: u64,
+    pub batches: u64,
+}
+
+/// What one batch commits.
+#[derive(Debug, Default)]
+pub struct Commit {
+    /// New checkpoints of the partitions the batch read.
+    pub checkpoints: Vec<Checkpoint>,
+    /// Events the batch applied (handed to the plugin or skipped as unsubscribed).
+    pub applied: u64,
+    pub dead_letters: Vec<DeadLetter>,
+}
+
+/// One projection's read model file.
+pub struct ReadModel {
+    db: Database,
+}
+
+impl ReadModel {
+    /// Open (or create) the read model in the file `path`.
+    pub fn open(path: &Path) -> Result<Self> {
+        let db = Database::create(path)?;
+        let tx = db.begin_write()?;
+        tx.open_table(CHECKPOINTS)?;
+        tx.open_table(DEAD_LETTERS)?;
+        tx.open_table(COUNTERS)?;
+        tx.commit()?;
+        Ok(ReadModel { db })
+    }
+
+    /// Every checkpoint stored so far.
+    pub fn checkpoints(&self) -> Result<Vec<Checkpoint>> {
+        let tx = self.db.begin_read()?;
+        let table = tx.open_table(CHECKPOINTS)?;
+        table
+            .iter()?
+            .map(|entry| {
+                let (k, v) = entry?;
+                let (stream, partition) = k.value();
+                Ok(Checkpoint {
+                    stream: stream.to_owned(),
+                    partition,
+                    next_offset: v.value(),
+                })
+            })
+            .collect()
+    }
+
+    /// Start a batch over the last committed state.
+    pub fn begin(&self, tables: Arc<BTreeSet<String>>, limits: KvLimits) -> Result<Batch> {
+        Ok(Batch::new(self.db.begin_read()?, tables, limits))
+    }
+
+    /// Commit `batch`'s writes with `commit`'s checkpoints, dead letters and
+    /// counters, durably, in one transaction.
+    pub fn commit(&self, batch: Batch, commit: &Commit) -> Result<()> {
+        let mut tx = self.db.begin_write()?;
+        tx.set_durability(Durability::Immediate)
+            .map_err(|e| Error::Storage(redb::Error::from(e)))?;
+        for (name, writes) in &batch.writes {
+            let mut table = tx.open_table(table_definition(&format!("t/{name}")))?;
+            for (key, value) in writes {
+                match value {
+                    Some(v) => table.insert(key.as_str(), v.as_slice())?,
+                    None => table.remove(key.as_str())?,
+                };
+            }
+        }
+        {
+            let mut checkpoints = tx.open_table(CHECKPOINTS)?;
+            for c in &commit.checkpoints {
+                checkpoints.insert((c.stream.as_str(), c.partition), c.next_offset)?;
+            }
+            let mut dead = tx.open_table(DEAD_LETTERS)?;
+            let mut next_id = dead.last()?.map_or(1, |(k, _)| k.value() + 1);
+            for letter in &commit.dead_letters {
+                let bytes = serde_json::to_vec(letter).expect("dead letters serialize");
+                dead.insert(next_id, bytes.as_slice())?;
+                next_id += 1;
+            }
+            let mut counters = tx.open_table(COUNTERS)?;
+            for (name, add) in [
+                ("events-applied", commit.applied),
+                ("dead-letters", commit.dead_letters.len() as u64),
+                ("batches", 1),
+            ] {
+                let current = counters.get(name)?.map_or(0, |v| v.value());
+                counters.insert(name, current + add)?;
+            }
+        }
+        tx.commit()?;
+        Ok(())
+    }
+
+    /// The committed value under `key` in `table`.
+    pub fn get(&self, table: &str, key: &str) -> Result<Option<Vec<u8>>> {
+        let tx = self.db.begin_read()?;
+        let t = match tx.open_table(table_definition(&format!("t/{table}"))) {
+            Ok(t) => t,
+            Err(redb::TableError::TableDoesNotExist(_)) => return Ok(None),
+            Err(e) => return Err(e.into()),
+        };
+        Ok(t.get(key)?.map(|v| v.value().to_vec()))
+    }
+
+    /// Up to `limit` committed entries of `table` whose key starts with
+    /// `prefix`, after `after`, in key order.
+    pub fn scan(
+        &self,
+        table: &str,
+        prefix: &str,
+        after: Option<&str>,
+        limit: usize,
+    ) -> Result<Vec<(String, Vec<u8>)>> {
+        let tx = self.db.begin_read()?;
+        let t = match tx.open_table(table_definition(&format!("t/{table}"))) {
+            Ok(t) => t,
+            Err(redb::TableError::TableDoesNotExist(_)) => return Ok(Vec::new()),
+            Err(e) => return Err(e.into()),
+        };
+        let start = match after {
+            Some(a) if a >= prefix => Bound::Excluded(a),
+            _ => Bound::Included(prefix),
+        };
+        let mut out = Vec::new();
+        for entry in t.range::<&str>((start, Bound::Unbounded))? {
+            let (k, v) = entry?;
+            if !k.value().starts_with(prefix) || out.len() == limit {
+                break;
+            }
+            out.push((k.value().to_owned(), v.value().to_vec()));
+        }
+        Ok(out)
+    }
+
+    /// Up to `limit` dead letters with ids greater than `after`, oldest first.
+    pub fn dead_letters(&self, after: u64, limit: usize) -> Result<Vec<(u64, DeadLetter)>> {
+        let tx = self.db.begin_read()?;
+        let table = tx.open_table(DEAD_LETTERS)?;
+        let mut out = Vec::new();
+        for entry in table.range((after + 1)..)?.take(limit) {
+            let (id, bytes) = entry?;
+            let letter = serde_json::from_slice(bytes.value())
+                .map_err(|e| Error::Corrupt(format!("dead letter {}: {e}", id.value())))?;
+            out.push((id.value(), letter));
+        }
+        Ok(out)
+    }
+
+    /// The read model's totals.
+    pub fn counters(&self) -> Result<Counters> {
+        let tx = self.db.begin_read()?;
+        let table = tx.open_table(COUNTERS)?;
+        let get = |name: &str| -> Result<u64> { Ok(table.get(name)?.map_or(0, |v| v.value())) };
+        Ok(Counters {
+            events_applied: get("events-applied")?,
+            dead_letters: get("dead-letters")?,
+            batches: get("batches")?,
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn tables() -> Arc<BTreeSet<String>> {
+        Arc::new(["t".to_owned()].into_iter().collect())
+    }
+
+    fn keys(entries: &[crate::plugin::bindings::refract::plugin::kv::Entry]) -> Vec<&str> {
+        entries.iter().map(|e| e.key.as_str()).collect()
+    }
+
+    #[test]
+    fn a_batch_reads_its_own_writes_and_commits_them_with_its_checkpoint() {
+        let dir = tempfile::tempdir().unwrap();
+        let rm = ReadModel::open(&dir.path().join("rm.redb")).unwrap();
+        let mut batch = rm.begin(tables(), KvLimits::default()).unwrap();
+        for k in ["a/1", "a/2", "b/1"] {
+            batch.put("t", k, b"1").unwrap();
+        }
+        assert_eq!(batch.get("t", "a/2").unwrap().unwrap(), Some(b"1".to_vec()));
+        assert!(
+            rm.get("t", "a/2").unwrap().is_none(),
+            "not visible before commit"
+        );
+        let checkpoint = Checkpoint {
+            stream: "s".into(),
+            partition: 0,
+            next_offset: 3,
+        };
+        rm.commit(
+            batch,
+            &Commit {
+                checkpoints: vec![checkpoint.clone()],
+                applied: 3,
+                dead_letters: vec![],
+            },
+        )
+        .unwrap();
+        assert_eq!(rm.checkpoints().unwrap(), vec![checkpoint]);
+        assert_eq!(rm.counters().unwrap().events_applied, 3);
+
+        // A second batch deletes one key, adds another, and scans the merge.
+        let mut batch = rm.begin(tables(), KvLimits::default()).unwrap();
+        batch.delete("t", "a/1").unwrap();
+        batch.put("t", "a/15", b"2").unwrap();
+        let scanned = batch.scan("t", "a/", None, 10).unwrap().unwrap();
+        assert_eq!(keys(&scanned), ["a/15", "a/2"]);
+        let scanned = batch.scan("t", "a/", Some("a/15"), 10).unwrap().unwrap();
+        assert_eq!(keys(&scanned), ["a/2"]);
+        let scanned = batch.scan("t", "", None, 2).unwrap().unwrap();
+        assert_eq!(keys(&scanned), ["a/15", "a/2"]);
+        drop(batch); // rolled back: nothing changes
+        let all: Vec<String> = rm
+            .scan("t", "", None, 10)
+            .unwrap()
+            .into_iter()
+            .map(|(k, _)| k)
+            .collect();
+        assert_eq!(all, ["a/1", "a/2", "b/1"]);
+    }
+
+    #[test]
+    fn undeclared_tables_oversized_and_non_json_values_are_refused() {
+        use crate::plugin::bindings::refract::plugin::kv::KvError;
+        let dir = tempfile::tempdir().unwrap();
+        let rm = ReadModel::open(&dir.path().join("rm.redb")).unwrap();
+        let limits = KvLimits {
+            max_value_bytes: 8,
+            ..KvLimits::default()
+        };
+        let mut batch = rm.begin(tables(), limits).unwrap();
+        assert!(matches!(
+            batch.put("other", "k", b"1"),
+            Err(KvError::UnknownTable(_))
+        ));
+        assert!(matches!(
+            batch.put("t", "k", b"[1,2,3,4,5]"),
+            Err(KvError::TooLarge(_))
+        ));
+        assert!(matches!(
+            batch.put("t", "k", b"{oops"),
+            Err(KvError::InvalidValue(_))
+        ));
+        assert!(matches!(
+            batch.get("other", "k").unwrap(),
+            Err(KvError::UnknownTable(_))
+        ));
+    }
+}

@@ -1,0 +1,341 @@
+//! Write [Refract](https://github.com/refract-rs/refract) projections in Rust.
+//!
+//! A projection is a WebAssembly component that turns batches of events into
+//! key/value writes. This crate hides the generated WIT bindings behind a small
+//! API: implement [`Projection`], declare a [`Manifest`], read event data with
+//! [`Event::json`], and keep state in typed [`Table`]s.
+//!
+//! ```
+//! use refract_sdk::{Event, Failure, Manifest, Projection, Table};
+//! use serde::{Deserialize, Serialize};
+//!
+//! #[derive(Serialize, Deserialize)]
+//! struct Counter { count: u64 }
+//!
+//! const COUNTS: Table<Counter> = Table::new("counts");
+//!
+//! struct CountByType;
+//!
+//! impl Projection for CountByType {
+//!     fn manifest() -> Manifest {
+//!         Manifest::new("count-by-type", "1.0.0").subscribe("orders", &[]).table(&COUNTS)
+//!     }
+//!
+//!     fn apply(event: &Event) -> Result<(), Failure> {
+//!         let mut counter = COUNTS.get(&event.event_type)?.unwrap_or(Counter { count: 0 });
+//!         counter.count += 1;
+//!         COUNTS.put(&event.event_type, &counter)
+//!     }
+//! }
+//!
+//! // In a plugin crate built for `wasm32-wasip2`:
+//! // refract_sdk::export_projection!(CountByType);
+//!
+//! // Natively, the same code runs against an in-memory store (useful in unit tests):
+//! let event = refract_sdk::testing::event("orders", "OrderPlaced", None, b"{}");
+//! let (store, result) = refract_sdk::native::with_backend(
+//!     refract_sdk::native::MemoryBackend::default(),
+//!     || CountByType::handle(vec![event]),
+//! );
+//! result.unwrap();
+//! assert_eq!(store.get("counts", "OrderPlaced"), Some(br#"{"count":1}"#.as_slice()));
+//! ```
+
+use std::fmt;
+use std::marker::PhantomData;
+
+use serde::Serialize;
+use serde::de::DeserializeOwned;
+
+#[doc(hidden)]
+pub mod wit {
+    wit_bindgen::generate!({
+        path: "../../wit",
+        world: "refract:plugin/projection",
+        pub_export_macro: true,
+        export_macro_name: "__export_projection_world",
+        default_bindings_module: "refract_sdk::wit",
+        generate_all,
+    });
+}
+
+pub mod native;
+pub mod testing;
+
+pub use wit::refract::plugin::types::{Event, Failure};
+
+/// The log level of a message sent with [`log`].
+pub use wit::refract::plugin::log::Level;
+
+/// What a projection declares about itself: name, versions, the streams and
+/// event types it reads, and the tables it writes.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Manifest {
+    name: String,
+    version: String,
+    schema_version: u32,
+    subscriptions: Vec<(String, Vec<String>)>,
+    tables: Vec<String>,
+}
+
+impl Manifest {
+    /// A manifest for the projection `name` at plugin version `version`, with
+    /// schema version 1, no subscriptions and no tables.
+    pub fn new(name: &str, version: &str) -> Self {
+        Manifest {
+            name: name.to_owned(),
+            version: version.to_owned(),
+            schema_version: 1,
+            subscriptions: Vec::new(),
+            tables: Vec::new(),
+        }
+    }
+
+    /// Set the read model's schema version. Bump it whenever the shape of what
+    /// the projection writes changes: the runtime then rebuilds the read model.
+    pub fn schema_version(mut self, version: u32) -> Self {
+        self.schema_version = version;
+        self
+    }
+
+    /// Read `stream`, delivering only `event_types` (every type when empty).
+    pub fn subscribe(mut self, stream: &str, event_types: &[&str]) -> Self {
+        let types = event_types.iter().map(|t| (*t).to_owned()).collect();
+        self.subscriptions.push((stream.to_owned(), types));
+        self
+    }
+
+    /// Declare a table the projection writes.
+    pub fn table<V>(mut self, table: &Table<V>) -> Self {
+        self.tables.push(table.name.to_owned());
+        self
+    }
+
+    #[doc(hidden)]
+    pub fn into_wit(self) -> wit::refract::plugin::types::Manifest {
+        use wit::refract::plugin::types as t;
+        t::Manifest {
+            name: self.name,
+            version: self.version,
+            schema_version: self.schema_version,
+            subscriptions: self
+                .subscriptions
+                .into_iter()
+                .map(|(stream, event_types)| t::Subscription {
+                    stream,
+                    event_types,
+                })
+                .collect(),
+            tables: self.tables,
+        }
+    }
+}
+
+/// A projection: implement [`Projection::apply`] for one event, or override
+/// [`Projection::handle`] to work on whole batches.
+pub trait Projection {
+    /// Describe the projection. Called once when the plugin is loaded.
+    fn manifest() -> Manifest;
+
+    /// Apply one event. Return [`Failure::Rejected`] for an event that can
+    /// never be applied (it becomes a dead letter) and [`Failure::Transient`]
+    /// for a condition worth retrying.
+    fn apply(event: &Event) -> Result<(), Failure>;
+
+    /// Apply a batch. The default applies each event in order; the runtime
+    /// commits the batch's writes atomically, or none of them.
+    fn handle(events: Vec<Event>) -> Result<(), Failure> {
+        events.iter().try_for_each(Self::apply)
+    }
+}
+
+impl Event {
+    /// Decode the event's data as JSON into `T`; a decoding error rejects the event.
+    pub fn json<T: DeserializeOwned>(&self) -> Result<T, Failure> {
+        serde_json::from_slice(&self.data).map_err(|e| {
+            Failure::Rejected(format!(
+                "{} at {}/{}@{}: data does not decode: {e}",
+                self.event_type, self.stream, self.partition, self.offset
+            ))
+        })
+    }
+
+    /// The value of the first header named `name`.
+    pub fn header(&self, name: &str) -> Option<&str> {
+        self.headers
+            .iter()
+            .find(|(k, _)| k == name)
+            .map(|(_, v)| v.as_str())
+    }
+}
+
+impl Failure {
+    /// An event that can never be applied: it becomes a dead letter.
+    pub fn rejected(reason: impl fmt::Display) -> Self {
+        Failure::Rejected(reason.to_string())
+    }
+
+    /// A condition that may pass: the runtime retries the batch with back-off.
+    pub fn transient(reason: impl fmt::Display) -> Self {
+        Failure::Transient(reason.to_string())
+    }
+}
+
+/// A key/value table of the projection holding JSON values of type `V`.
+///
+/// Reads see the current batch's own writes; writes become visible to queries
+/// when the batch commits.
+pub struct Table<V> {
+    name: &'static str,
+    _value: PhantomData<fn() -> V>,
+}
+
+impl<V> Table<V> {
+    /// The table called `name`; declare it in the manifest with [`Manifest::table`].
+    pub const fn new(name: &'static str) -> Self {
+        Table {
+            name,
+            _value: PhantomData,
+        }
+    }
+
+    /// The table's name.
+    pub const fn name(&self) -> &'static str {
+        self.name
+    }
+
+    /// Remove `key`; removing an absent key is not an error.
+    pub fn delete(&self, key: &str) -> Result<(), Failure> {
+        kv::delete(self.name, key)
+    }
+}
+
+impl<V: Serialize + DeserializeOwned> Table<V> {
+    /// The value under `key`, if any.
+    pub fn get(&self, key: &str) -> Result<Option<V>, Failure> {
+        match kv::get(self.name, key)? {
+            None => Ok(None),
+            Some(bytes) => serde_json::from_slice(&bytes).map(Some).map_err(|e| {
+                Failure::rejected(format!(
+                    "table {}: value of {key:?} does not decode: {e}",
+                    self.name
+                ))
+            }),
+        }
+    }
+
+    /// Store `value` under `key`.
+    pub fn put(&self, key: &str, value: &V) -> Result<(), Failure> {
+        let bytes = serde_json::to_vec(value).map_err(|e| {
+            Failure::rejected(format!("table {}: cannot encode {key:?}: {e}", self.name))
+        })?;
+        kv::put(self.name, key, &bytes)
+    }
+
+    /// Up to `limit` entries whose key starts with `prefix`, in key order,
+    /// beginning after `start_after` when given.
+    pub fn scan(
+        &self,
+        prefix: &str,
+        start_after: Option<&str>,
+        limit: u32,
+    ) -> Result<Vec<(String, V)>, Failure> {
+        kv::scan(self.name, prefix, start_after, limit)?
+            .into_iter()
+            .map(|(key, bytes)| {
+                let value = serde_json::from_slice(&bytes).map_err(|e| {
+                    Failure::rejected(format!(
+                        "table {}: value of {key:?} does not decode: {e}",
+                        self.name
+                    ))
+                })?;
+                Ok((key, value))
+            })
+            .collect()
+    }
+}
+
+/// Send a message to the runtime's log, under the plugin's name.
+pub fn log(level: Level, message: &str) {
+    #[cfg(target_arch = "wasm32")]
+    wit::refract::plugin::log::log(level, message);
+    #[cfg(not(target_arch = "wasm32"))]
+    native::log(level, message);
+}
+
+/// Raw key/value access: byte values, as the WIT `kv` interface has them.
+/// Prefer [`Table`], which encodes values as JSON.
+pub mod kv {
+    use crate::Failure;
+    #[cfg(not(target_arch = "wasm32"))]
+    use crate::native as host;
+    #[cfg(target_arch = "wasm32")]
+    use crate::wit::refract::plugin::kv as host;
+    pub use crate::wit::refract::plugin::kv::KvError;
+
+    fn failure(table: &str, error: KvError) -> Failure {
+        Failure::Rejected(format!("table {table}: {error}"))
+    }
+
+    /// The value under `key` in `table`.
+    pub fn get(table: &str, key: &str) -> Result<Option<Vec<u8>>, Failure> {
+        host::get(table, key).map_err(|e| failure(table, e))
+    }
+
+    /// Store a JSON document under `key` in `table`.
+    pub fn put(table: &str, key: &str, value: &[u8]) -> Result<(), Failure> {
+        host::put(table, key, value).map_err(|e| failure(table, e))
+    }
+
+    /// Remove `key` from `table`.
+    pub fn delete(table: &str, key: &str) -> Result<(), Failure> {
+        host::delete(table, key).map_err(|e| failure(table, e))
+    }
+
+    /// Entries of `table` whose key starts with `prefix`, after `start_after`, at most `limit`.
+    pub fn scan(
+        table: &str,
+        prefix: &str,
+        start_after: Option<&str>,
+        limit: u32,
+    ) -> Result<Vec<(String, Vec<u8>)>, Failure> {
+        host::scan(table, prefix, start_after, limit)
+            .map(|entries| entries.into_iter().map(|e| (e.key, e.value)).collect())
+            .map_err(|e| failure(table, e))
+    }
+}
+
+/// Route panics to the host's log before the instance traps, so the runtime
+/// can say why a batch failed (the dead letter carries the panic message).
+#[doc(hidden)]
+pub fn __install_panic_hook() {
+    static ONCE: std::sync::Once = std::sync::Once::new();
+    ONCE.call_once(|| {
+        std::panic::set_hook(Box::new(|info| {
+            log(Level::Error, &format!("plugin panicked: {info}"))
+        }));
+    });
+}
+
+/// Export `$ty` (which implements [`Projection`]) as the plugin's `projection` world.
+#[macro_export]
+macro_rules! export_projection {
+    ($ty:ty) => {
+        const _: () = {
+            struct __RefractExport;
+            impl $crate::wit::Guest for __RefractExport {
+                fn manifest() -> $crate::wit::refract::plugin::types::Manifest {
+                    $crate::__install_panic_hook();
+                    <$ty as $crate::Projection>::manifest().into_wit()
+                }
+                fn handle(
+                    events: ::std::vec::Vec<$crate::Event>,
+                ) -> ::std::result::Result<(), $crate::Failure> {
+                    $crate::__install_panic_hook();
+                    <$ty as $crate::Projection>::handle(events)
+        }
+            }
+            $crate::wit::__export_projection_world!(__RefractExport with_types_in $crate::wit);
+        };
+    };
+}
