@@ -27,22 +27,13 @@ impl Client {
             .timeout_global(Some(Duration::from_secs(120)))
             .build()
             .into();
-        Client {
-            base: base.trim_end_matches('/').to_owned(),
-            agent,
-        }
+        Client { base: base.trim_end_matches('/').to_owned(), agent }
     }
 
-    fn reply(
-        response: Result<ureq::http::Response<ureq::Body>, ureq::Error>,
-    ) -> Result<Reply, ureq::Error> {
+    fn reply(response: Result<ureq::http::Response<ureq::Body>, ureq::Error>) -> Result<Reply, ureq::Error> {
         let mut response = response?;
         let status = response.status().as_u16();
-        let text = response
-            .body_mut()
-            .with_config()
-            .limit(256 << 20)
-            .read_to_string()?;
+        let text = response.body_mut().with_config().limit(256 << 20).read_to_string()?;
         let body = serde_json::from_str(&text).unwrap_or(Value::String(text));
         Ok(Reply { status, body })
     }
@@ -54,21 +45,12 @@ impl Client {
 
     /// `POST path` with `body` of `content_type`.
     pub fn post(&self, path: &str, content_type: &str, body: &[u8]) -> Result<Reply, ureq::Error> {
-        Self::reply(
-            self.agent
-                .post(format!("{}{path}", self.base))
-                .header("content-type", content_type)
-                .send(body),
-        )
+        Self::reply(self.agent.post(format!("{}{path}", self.base)).header("content-type", content_type).send(body))
     }
 
     /// Append NDJSON `lines` to `stream`.
     pub fn append_ndjson(&self, stream: &str, lines: &[u8]) -> Result<Reply, ureq::Error> {
-        self.post(
-            &format!("/v1/streams/{stream}/events"),
-            "application/x-ndjson",
-            lines,
-        )
+        self.post(&format!("/v1/streams/{stream}/events"), "application/x-ndjson", lines)
     }
 
     /// Wait until every projection has no lag and no pending retries, or `timeout` passes.
@@ -76,10 +58,7 @@ impl Client {
         let until = std::time::Instant::now() + timeout;
         loop {
             let reply = self.get("/v1/projections")?;
-            let projections = reply.body["projections"]
-                .as_array()
-                .cloned()
-                .unwrap_or_default();
+            let projections = reply.body["projections"].as_array().cloned().unwrap_or_default();
             if projections.iter().all(|p| p["lag"] == 0) {
                 return Ok(true);
             }

@@ -39,8 +39,8 @@ impl Rng {
 }
 
 const WORDS: [&str; 15] = [
-    "red", "blue", "wooden", "steel", "chair", "table", "lamp", "book", "express", "gift", "large",
-    "small", "organic", "coffee", "tea",
+    "red", "blue", "wooden", "steel", "chair", "table", "lamp", "book", "express", "gift", "large", "small", "organic",
+    "coffee", "tea",
 ];
 
 /// `n` order events on the `orders` stream. A `poison` fraction of them are
@@ -69,10 +69,7 @@ pub fn orders(n: usize, seed: u64, poison: f64) -> Vec<Value> {
                 .collect();
             let cents: i64 = items
                 .iter()
-                .map(|i| {
-                    i["qty"].as_i64().unwrap_or(0)
-                        * (i["price"].as_f64().unwrap_or(0.0) * 100.0).round() as i64
-                })
+                .map(|i| i["qty"].as_i64().unwrap_or(0) * (i["price"].as_f64().unwrap_or(0.0) * 100.0).round() as i64)
                 .sum();
             let words: Vec<&str> = (0..4).map(|_| WORDS[rng.range(0, 14) as usize]).collect();
             out.push(json!({"type": "OrderPlaced", "key": id, "time": time,
@@ -107,9 +104,8 @@ pub fn accounts(n: usize, seed: u64, poison: f64) -> Vec<Value> {
     while out.len() < n {
         time += rng.range(1, 50) as i64;
         let r = rng.unit();
-        let pick = |rng: &mut Rng, accounts: &[String]| {
-            accounts[rng.range(0, accounts.len() as u64 - 1) as usize].clone()
-        };
+        let pick =
+            |rng: &mut Rng, accounts: &[String]| accounts[rng.range(0, accounts.len() as u64 - 1) as usize].clone();
         let event = if accounts.is_empty() || r < 0.1 {
             let id = format!("a-{}", accounts.len() + 1);
             accounts.push(id.clone());

@@ -92,30 +92,18 @@ impl RunArgs {
 
 fn main() -> anyhow::Result<()> {
     tracing_subscriber::fmt()
-        .with_env_filter(
-            EnvFilter::try_from_default_env()
-                .unwrap_or_else(|_| EnvFilter::new("info,wasmtime=warn")),
-        )
+        .with_env_filter(EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info,wasmtime=warn")))
         .with_writer(std::io::stderr)
         .init();
     match Cli::parse().command {
         Command::Run(args) => run(args.config()?, None),
-        Command::Produce {
-            stream,
-            file,
-            url,
-            batch,
-        } => produce(&stream, file, &url, batch.max(1)),
+        Command::Produce { stream, file, url, batch } => produce(&stream, file, &url, batch.max(1)),
         Command::Demo { run: args, events } => {
             let mut config = args.config()?;
             if args.data_dir.is_none() && args.config.is_none() {
                 config.data_dir = PathBuf::from("refract-demo-data");
             }
-            config
-                .streams
-                .partitions
-                .entry("accounts".into())
-                .or_insert(1);
+            config.streams.partitions.entry("accounts".into()).or_insert(1);
             run(config, Some(events))
         }
     }
@@ -138,11 +126,7 @@ fn run(config: Config, demo: Option<usize>) -> anyhow::Result<()> {
             }
         });
     }
-    let served = tokio.block_on(refract::api::serve(
-        runtime.clone(),
-        listener,
-        shutdown_signal(),
-    ));
+    let served = tokio.block_on(refract::api::serve(runtime.clone(), listener, shutdown_signal()));
     runtime.shutdown();
     served.context("serving HTTP")
 }
@@ -151,8 +135,8 @@ async fn shutdown_signal() {
     let ctrl_c = tokio::signal::ctrl_c();
     #[cfg(unix)]
     {
-        let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
-            .expect("SIGTERM handler");
+        let mut term =
+            tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()).expect("SIGTERM handler");
         tokio::select! { _ = ctrl_c => {}, _ = term.recv() => {} }
     }
     #[cfg(not(unix))]
@@ -199,11 +183,7 @@ fn feed_demo(url: &str, n: usize) -> anyhow::Result<()> {
          Press Ctrl-C to stop.\n",
         orders.len(),
         accounts.len(),
-        if caught_up {
-            "caught up"
-        } else {
-            "are still catching up"
-        },
+        if caught_up { "caught up" } else { "are still catching up" },
         started.elapsed().as_secs_f64(),
     );
     Ok(())
@@ -221,21 +201,13 @@ fn produce(stream: &str, file: Option<PathBuf>, url: &str, batch: usize) -> anyh
     let (mut sent, mut first_line, mut line_no) = (0usize, 1usize, 0usize);
     let mut body = Vec::new();
     let mut count = 0;
-    let send = |body: &mut Vec<u8>,
-                count: &mut usize,
-                first_line: usize|
-     -> anyhow::Result<usize> {
+    let send = |body: &mut Vec<u8>, count: &mut usize, first_line: usize| -> anyhow::Result<usize> {
         if *count == 0 {
             return Ok(0);
         }
-        let reply = client
-            .append_ndjson(stream, body)
-            .with_context(|| format!("sending to {url}"))?;
+        let reply = client.append_ndjson(stream, body).with_context(|| format!("sending to {url}"))?;
         if reply.status != 200 {
-            let message = reply.body["error"]["message"]
-                .as_str()
-                .unwrap_or("")
-                .to_owned();
+            let message = reply.body["error"]["message"].as_str().unwrap_or("").to_owned();
             bail!(
                 "the runtime refused the events of lines {first_line}.. ({}): {message}; nothing from line {first_line} on was appended",
                 reply.status

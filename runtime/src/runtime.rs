@@ -94,46 +94,25 @@ impl Runtime {
     /// Open the data directory and start every plugin in the plugins directory.
     pub fn start(config: &Config) -> anyhow::Result<Arc<Runtime>> {
         let mut runtime = Runtime::open(config)?;
-        let engine =
-            engine::new_engine().map_err(|e| anyhow::anyhow!("creating the wasm engine: {e}"))?;
+        let engine = engine::new_engine().map_err(|e| anyhow::anyhow!("creating the wasm engine: {e}"))?;
         let cache = CompileCache::new(&config.data_dir.join("cache").join("compiled"), &engine)
             .context("creating the compile cache")?;
-        let linker =
-            wasm::linker(&engine).map_err(|e| anyhow::anyhow!("linking host interfaces: {e}"))?;
+        let linker = wasm::linker(&engine).map_err(|e| anyhow::anyhow!("linking host interfaces: {e}"))?;
         let mut handlers: Vec<(Box<dyn Handler>, String)> = Vec::new();
         for file in plugin_files(&config.plugins_dir)? {
             let label = file.display().to_string();
             let loaded = std::fs::read(&file)
                 .map_err(|e| format!("cannot read: {e}"))
-                .and_then(|bytes| {
-                    cache
-                        .load(&bytes)
-                        .map_err(|e| format!("does not compile as a component: {e:#}"))
-                })
+                .and_then(|bytes| cache.load(&bytes).map_err(|e| format!("does not compile as a component: {e:#}")))
                 .and_then(|(component, _)| {
-                    WasmProjection::load(
-                        &engine,
-                        &linker,
-                        &component,
-                        &label,
-                        config.plugin_limits(),
-                    )
-                    .map_err(|e| e.to_string())
+                    WasmProjection::load(&engine, &linker, &component, &label, config.plugin_limits())
+                        .map_err(|e| e.to_string())
                 });
             match loaded {
-                Ok(p)
-                    if handlers
-                        .iter()
-                        .any(|(h, _)| h.manifest().name == p.manifest().name) =>
-                {
-                    let error = format!(
-                        "another plugin already provides projection {:?}",
-                        p.manifest().name
-                    );
+                Ok(p) if handlers.iter().any(|(h, _)| h.manifest().name == p.manifest().name) => {
+                    let error = format!("another plugin already provides projection {:?}", p.manifest().name);
                     tracing::error!(plugin = %label, %error, "plugin not loaded");
-                    runtime
-                        .plugin_errors
-                        .push(PluginError { file: label, error });
+                    runtime.plugin_errors.push(PluginError { file: label, error });
                 }
                 Ok(p) => {
                     tracing::info!(plugin = %label, projection = %p.manifest().name, version = %p.manifest().version, "plugin loaded");
@@ -141,9 +120,7 @@ impl Runtime {
                 }
                 Err(error) => {
                     tracing::error!(plugin = %label, %error, "plugin not loaded");
-                    runtime
-                        .plugin_errors
-                        .push(PluginError { file: label, error });
+                    runtime.plugin_errors.push(PluginError { file: label, error });
                 }
             }
         }
@@ -157,9 +134,8 @@ impl Runtime {
     /// Open the data directory with no projections yet (see [`Runtime::add`]).
     pub fn open(config: &Config) -> anyhow::Result<Runtime> {
         config.validate()?;
-        std::fs::create_dir_all(&config.data_dir).with_context(|| {
-            format!("creating the data directory {}", config.data_dir.display())
-        })?;
+        std::fs::create_dir_all(&config.data_dir)
+            .with_context(|| format!("creating the data directory {}", config.data_dir.display()))?;
         let log_path = config.data_dir.join("log.redb");
         let log = EventLog::open(&log_path, config.log_options())
             .with_context(|| format!("opening the event log {}", log_path.display()))?;
@@ -175,20 +151,14 @@ impl Runtime {
     }
 
     /// Start a worker for `handler`, resuming from its read model's checkpoints.
-    pub fn add(
-        &self,
-        handler: Box<dyn Handler>,
-        source: String,
-    ) -> anyhow::Result<Arc<Projection>> {
+    pub fn add(&self, handler: Box<dyn Handler>, source: String) -> anyhow::Result<Arc<Projection>> {
         let manifest = handler.manifest().clone();
         crate::plugin::validate_manifest(&manifest).map_err(anyhow::Error::msg)?;
         let dir = self.data_dir.join("projections").join(&manifest.name);
         std::fs::create_dir_all(&dir).with_context(|| format!("creating {}", dir.display()))?;
         let path = dir.join("read-model.redb");
-        let read_model = Arc::new(
-            ReadModel::open(&path)
-                .with_context(|| format!("opening the read model {}", path.display()))?,
-        );
+        let read_model =
+            Arc::new(ReadModel::open(&path).with_context(|| format!("opening the read model {}", path.display()))?);
         let status = Arc::new(Mutex::new(WorkerStatus::default()));
         let projector = Projector::new(
             handler,
@@ -198,18 +168,9 @@ impl Runtime {
             status.clone(),
             self.stop.clone(),
         )?;
-        let projection = Arc::new(Projection {
-            manifest: manifest.clone(),
-            source,
-            read_model,
-            status,
-        });
+        let projection = Arc::new(Projection { manifest: manifest.clone(), source, read_model, status });
         let mut projections = self.projections.write().expect("projections lock");
-        anyhow::ensure!(
-            !projections.contains_key(&manifest.name),
-            "projection {:?} is already running",
-            manifest.name
-        );
+        anyhow::ensure!(!projections.contains_key(&manifest.name), "projection {:?} is already running", manifest.name);
         projections.insert(manifest.name.clone(), projection.clone());
         let worker = std::thread::Builder::new()
             .name(format!("projector-{}", manifest.name))
@@ -221,21 +182,12 @@ impl Runtime {
 
     /// The projection called `name`.
     pub fn projection(&self, name: &str) -> Option<Arc<Projection>> {
-        self.projections
-            .read()
-            .expect("projections lock")
-            .get(name)
-            .cloned()
+        self.projections.read().expect("projections lock").get(name).cloned()
     }
 
     /// Every projection, by name.
     pub fn projections(&self) -> Vec<Arc<Projection>> {
-        self.projections
-            .read()
-            .expect("projections lock")
-            .values()
-            .cloned()
-            .collect()
+        self.projections.read().expect("projections lock").values().cloned().collect()
     }
 
     /// Plugin files that failed to load.
@@ -254,17 +206,8 @@ impl Runtime {
             .collect();
         let mut partitions = Vec::new();
         for s in &m.subscriptions {
-            for (p, head) in self
-                .log
-                .heads(&s.stream)
-                .unwrap_or_default()
-                .into_iter()
-                .enumerate()
-            {
-                let checkpoint = checkpoints
-                    .get(&(s.stream.clone(), p as u32))
-                    .copied()
-                    .unwrap_or(0);
+            for (p, head) in self.log.heads(&s.stream).unwrap_or_default().into_iter().enumerate() {
+                let checkpoint = checkpoints.get(&(s.stream.clone(), p as u32)).copied().unwrap_or(0);
                 partitions.push(PartitionStatus {
                     stream: s.stream.clone(),
                     partition: p as u32,
@@ -283,10 +226,7 @@ impl Runtime {
                 subscriptions: m
                     .subscriptions
                     .iter()
-                    .map(|s| SubscriptionInfo {
-                        stream: s.stream.clone(),
-                        event_types: s.event_types.clone(),
-                    })
+                    .map(|s| SubscriptionInfo { stream: s.stream.clone(), event_types: s.event_types.clone() })
                     .collect(),
             },
             tables: m.tables.clone(),
@@ -316,8 +256,7 @@ fn plugin_files(dir: &Path) -> anyhow::Result<Vec<PathBuf>> {
             return Ok(Vec::new());
         }
         Err(e) => {
-            return Err(e)
-                .with_context(|| format!("reading the plugins directory {}", dir.display()));
+            return Err(e).with_context(|| format!("reading the plugins directory {}", dir.display()));
         }
     };
     let mut files = Vec::new();

@@ -1,1 +1,9 @@
+//! End-to-end tests: each module is a user story, run against the real
+//! `refract` binary over HTTP, with the example plugins built for WebAssembly.
 
+#[path = "../support/mod.rs"]
+mod support;
+
+mod crash_safety;
+mod poison_events;
+mod query_read_models;

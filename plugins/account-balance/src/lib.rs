@@ -60,27 +60,17 @@ fn cents(amount: f64) -> i64 {
 }
 
 fn account(id: &str) -> Result<Balance, Failure> {
-    BALANCES
-        .get(id)?
-        .ok_or_else(|| Failure::rejected(format!("unknown account {id}")))
+    BALANCES.get(id)?.ok_or_else(|| Failure::rejected(format!("unknown account {id}")))
 }
 
-fn record(
-    event: &Event,
-    account: &Balance,
-    amount: f64,
-    counterparty: Option<&str>,
-) -> Result<(), Failure> {
+fn record(event: &Event, account: &Balance, amount: f64, counterparty: Option<&str>) -> Result<(), Failure> {
     let entry = HistoryEntry {
         event_type: event.event_type.clone(),
         amount,
         balance_after: account.balance,
         counterparty: counterparty.map(str::to_owned),
     };
-    HISTORY.put(
-        &format!("{}/{:020}", account.account_id, event.offset),
-        &entry,
-    )?;
+    HISTORY.put(&format!("{}/{:020}", account.account_id, event.offset), &entry)?;
     BALANCES.put(&account.account_id, account)
 }
 
@@ -89,15 +79,7 @@ pub struct AccountBalance;
 impl Projection for AccountBalance {
     fn manifest() -> Manifest {
         Manifest::new("account-balance", env!("CARGO_PKG_VERSION"))
-            .subscribe(
-                "accounts",
-                &[
-                    "AccountCreated",
-                    "MoneyDeposited",
-                    "MoneyWithdrawn",
-                    "MoneyTransferred",
-                ],
-            )
+            .subscribe("accounts", &["AccountCreated", "MoneyDeposited", "MoneyWithdrawn", "MoneyTransferred"])
             .table(&BALANCES)
             .table(&HISTORY)
     }
@@ -106,25 +88,15 @@ impl Projection for AccountBalance {
         if event.event_type == "AccountCreated" {
             let created: AccountCreated = event.json()?;
             if BALANCES.get(&created.account_id)?.is_some() {
-                return Err(Failure::rejected(format!(
-                    "account {} already exists",
-                    created.account_id
-                )));
+                return Err(Failure::rejected(format!("account {} already exists", created.account_id)));
             }
-            let account = Balance {
-                account_id: created.account_id,
-                owner: created.owner,
-                balance: 0.0,
-            };
+            let account = Balance { account_id: created.account_id, owner: created.owner, balance: 0.0 };
             return BALANCES.put(&account.account_id, &account);
         }
         let movement: Movement = event.json()?;
         let amount = cents(movement.amount);
         if amount <= 0 {
-            return Err(Failure::rejected(format!(
-                "amount must be positive, got {}",
-                movement.amount
-            )));
+            return Err(Failure::rejected(format!("amount must be positive, got {}", movement.amount)));
         }
         let mut source = account(&movement.account_id)?;
         let balance = cents(source.balance);
@@ -133,20 +105,16 @@ impl Projection for AccountBalance {
                 source.balance = (balance + amount) as f64 / 100.0;
                 record(event, &source, movement.amount, None)
             }
-            "MoneyWithdrawn" | "MoneyTransferred" if amount > balance => {
-                Err(Failure::rejected(format!(
-                    "{} of {} exceeds the balance {} of account {}",
-                    event.event_type, movement.amount, source.balance, source.account_id
-                )))
-            }
+            "MoneyWithdrawn" | "MoneyTransferred" if amount > balance => Err(Failure::rejected(format!(
+                "{} of {} exceeds the balance {} of account {}",
+                event.event_type, movement.amount, source.balance, source.account_id
+            ))),
             "MoneyWithdrawn" => {
                 source.balance = (balance - amount) as f64 / 100.0;
                 record(event, &source, movement.amount, None)
             }
             "MoneyTransferred" => {
-                let to = movement
-                    .to_account_id
-                    .ok_or_else(|| Failure::rejected("transfer without toAccountId"))?;
+                let to = movement.to_account_id.ok_or_else(|| Failure::rejected("transfer without toAccountId"))?;
                 if to == source.account_id {
                     return record(event, &source, movement.amount, Some(&to));
                 }
@@ -170,10 +138,7 @@ mod tests {
     use refract_sdk::native::{MemoryBackend, with_backend};
     use refract_sdk::testing::event;
 
-    fn apply_all(
-        store: MemoryBackend,
-        events: &[(&str, &str)],
-    ) -> (MemoryBackend, Vec<Result<(), Failure>>) {
+    fn apply_all(store: MemoryBackend, events: &[(&str, &str)]) -> (MemoryBackend, Vec<Result<(), Failure>>) {
         let mut results = Vec::new();
         let mut store = store;
         for (offset, (ty, data)) in events.iter().enumerate() {
@@ -187,9 +152,7 @@ mod tests {
     }
 
     fn balance(store: &MemoryBackend, id: &str) -> f64 {
-        serde_json::from_slice::<Balance>(store.get("balances", id).unwrap())
-            .unwrap()
-            .balance
+        serde_json::from_slice::<Balance>(store.get("balances", id).unwrap()).unwrap().balance
     }
 
     #[test]
@@ -203,11 +166,7 @@ mod tests {
                 ("MoneyWithdrawn", r#"{"accountId":"a","amount":0.05}"#),
             ],
         );
-        assert!(
-            results[2]
-                .as_ref()
-                .is_err_and(|f| f.to_string().contains("exceeds the balance"))
-        );
+        assert!(results[2].as_ref().is_err_and(|f| f.to_string().contains("exceeds the balance")));
         assert_eq!(balance(&store, "a"), 10.0);
         assert_eq!(store.table("history").count(), 2);
     }
@@ -220,27 +179,14 @@ mod tests {
                 ("AccountCreated", r#"{"accountId":"a","owner":"Ann"}"#),
                 ("AccountCreated", r#"{"accountId":"b","owner":"Bob"}"#),
                 ("MoneyDeposited", r#"{"accountId":"a","amount":100}"#),
-                (
-                    "MoneyTransferred",
-                    r#"{"accountId":"a","toAccountId":"b","amount":30.1}"#,
-                ),
-                (
-                    "MoneyTransferred",
-                    r#"{"accountId":"a","toAccountId":"nobody","amount":1}"#,
-                ),
+                ("MoneyTransferred", r#"{"accountId":"a","toAccountId":"b","amount":30.1}"#),
+                ("MoneyTransferred", r#"{"accountId":"a","toAccountId":"nobody","amount":1}"#),
             ],
         );
         assert!(results[..4].iter().all(Result::is_ok));
-        assert!(
-            results[4]
-                .as_ref()
-                .is_err_and(|f| f.to_string().contains("unknown account nobody"))
-        );
+        assert!(results[4].as_ref().is_err_and(|f| f.to_string().contains("unknown account nobody")));
         assert_eq!((balance(&store, "a"), balance(&store, "b")), (69.9, 30.1));
         let entry = store.get("history", "b/00000000000000000003").unwrap();
-        assert_eq!(
-            entry,
-            br#"{"type":"MoneyTransferred","amount":30.1,"balanceAfter":30.1,"counterparty":"a"}"#
-        );
+        assert_eq!(entry, br#"{"type":"MoneyTransferred","amount":30.1,"balanceAfter":30.1,"counterparty":"a"}"#);
     }
 }

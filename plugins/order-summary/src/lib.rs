@@ -55,6 +55,7 @@ struct OrderRef {
 #[derive(Deserialize)]
 #[serde(rename_all = "camelCase")]
 struct PaymentReceived {
+    order_id: String,
     amount: f64,
 }
 
@@ -67,15 +68,7 @@ pub struct OrderSummary;
 impl Projection for OrderSummary {
     fn manifest() -> Manifest {
         Manifest::new("order-summary", env!("CARGO_PKG_VERSION"))
-            .subscribe(
-                "orders",
-                &[
-                    "OrderPlaced",
-                    "PaymentReceived",
-                    "OrderShipped",
-                    "OrderCancelled",
-                ],
-            )
+            .subscribe("orders", &["OrderPlaced", "PaymentReceived", "OrderShipped", "OrderCancelled"])
             .table(&ORDERS)
             .table(&CUSTOMER_ORDERS)
     }
@@ -85,10 +78,7 @@ impl Projection for OrderSummary {
             "OrderPlaced" => {
                 let placed: OrderPlaced = event.json()?;
                 if ORDERS.get(&placed.order_id)?.is_some() {
-                    return Err(Failure::rejected(format!(
-                        "order {} was already placed",
-                        placed.order_id
-                    )));
+                    return Err(Failure::rejected(format!("order {} was already placed", placed.order_id)));
                 }
                 Order {
                     order_id: placed.order_id,
@@ -100,36 +90,37 @@ impl Projection for OrderSummary {
                 }
             }
             other => {
-                let id = event.json::<OrderRef>()?.order_id;
-                let mut order = ORDERS
-                    .get(&id)?
-                    .ok_or_else(|| Failure::rejected(format!("{other} for unknown order {id}")))?;
+                // Decode fully before looking at the order: a malformed event is
+                // rejected whatever state its order is in.
+                let (id, payment) = match other {
+                    "PaymentReceived" => {
+                        let p: PaymentReceived = event.json()?;
+                        (p.order_id, Some(p.amount))
+                    }
+                    "OrderShipped" | "OrderCancelled" => (event.json::<OrderRef>()?.order_id, None),
+                    _ => return Err(Failure::rejected(format!("unexpected event type {other}"))),
+                };
+                let mut order =
+                    ORDERS.get(&id)?.ok_or_else(|| Failure::rejected(format!("{other} for unknown order {id}")))?;
                 if order.status != "cancelled" {
-                    match other {
-                        "PaymentReceived" => {
-                            let payment: PaymentReceived = event.json()?;
-                            let paid = cents(order.paid) + cents(payment.amount);
+                    match payment {
+                        Some(amount) => {
+                            let paid = cents(order.paid) + cents(amount);
                             order.paid = paid as f64 / 100.0;
                             if order.status == "placed" && paid >= cents(order.total) {
                                 order.status = "paid".into();
                             }
                         }
-                        "OrderShipped" => order.status = "shipped".into(),
-                        "OrderCancelled" => order.status = "cancelled".into(),
-                        _ => {
-                            return Err(Failure::rejected(format!("unexpected event type {other}")));
-                        }
+                        None if other == "OrderShipped" => order.status = "shipped".into(),
+                        None => order.status = "cancelled".into(),
                     }
                 }
                 order.updated_at = event.time;
                 order
             }
         };
-        let entry = CustomerOrder {
-            order_id: order.order_id.clone(),
-            status: order.status.clone(),
-            total: order.total,
-        };
+        let entry =
+            CustomerOrder { order_id: order.order_id.clone(), status: order.status.clone(), total: order.total };
         CUSTOMER_ORDERS.put(&format!("{}/{}", order.customer_id, order.order_id), &entry)?;
         ORDERS.put(&order.order_id, &order)
     }
@@ -164,18 +155,9 @@ mod tests {
     #[test]
     fn payments_covering_the_total_mark_the_order_paid() {
         let (store, result) = run(&[
-            (
-                "OrderPlaced",
-                r#"{"orderId":"o-1","customerId":"c-1","total":10.3}"#,
-            ),
-            (
-                "PaymentReceived",
-                r#"{"orderId":"o-1","paymentId":"p","amount":10.1}"#,
-            ),
-            (
-                "PaymentReceived",
-                r#"{"orderId":"o-1","paymentId":"q","amount":0.2}"#,
-            ),
+            ("OrderPlaced", r#"{"orderId":"o-1","customerId":"c-1","total":10.3}"#),
+            ("PaymentReceived", r#"{"orderId":"o-1","paymentId":"p","amount":10.1}"#),
+            ("PaymentReceived", r#"{"orderId":"o-1","paymentId":"q","amount":0.2}"#),
         ]);
         result.unwrap();
         let o = order(&store, "o-1");
@@ -187,31 +169,19 @@ mod tests {
     #[test]
     fn cancelled_is_final() {
         let (store, result) = run(&[
-            (
-                "OrderPlaced",
-                r#"{"orderId":"o-1","customerId":"c-1","total":5}"#,
-            ),
+            ("OrderPlaced", r#"{"orderId":"o-1","customerId":"c-1","total":5}"#),
             ("OrderCancelled", r#"{"orderId":"o-1","reason":"r"}"#),
             ("OrderShipped", r#"{"orderId":"o-1","tracking":"t"}"#),
-            (
-                "PaymentReceived",
-                r#"{"orderId":"o-1","paymentId":"p","amount":9}"#,
-            ),
+            ("PaymentReceived", r#"{"orderId":"o-1","paymentId":"p","amount":9}"#),
         ]);
         result.unwrap();
         let o = order(&store, "o-1");
-        assert_eq!(
-            (o.status.as_str(), o.paid, o.updated_at),
-            ("cancelled", 0.0, 3)
-        );
+        assert_eq!((o.status.as_str(), o.paid, o.updated_at), ("cancelled", 0.0, 3));
     }
 
     #[test]
     fn unknown_orders_and_malformed_data_are_rejected() {
-        let (_, result) = run(&[(
-            "PaymentReceived",
-            r#"{"orderId":"ghost","paymentId":"p","amount":1}"#,
-        )]);
+        let (_, result) = run(&[("PaymentReceived", r#"{"orderId":"ghost","paymentId":"p","amount":1}"#)]);
         assert!(matches!(result, Err(Failure::Rejected(m)) if m.contains("unknown order ghost")));
         let (_, result) = run(&[("OrderPlaced", r#"{"orderId":17}"#)]);
         assert!(matches!(result, Err(Failure::Rejected(m)) if m.contains("does not decode")));

@@ -23,18 +23,13 @@ pub struct Chaos;
 
 impl Projection for Chaos {
     fn manifest() -> Manifest {
-        Manifest::new("testkit-chaos", env!("CARGO_PKG_VERSION"))
-            .subscribe("chaos", &[])
-            .table(&APPLIED)
+        Manifest::new("testkit-chaos", env!("CARGO_PKG_VERSION")).subscribe("chaos", &[]).table(&APPLIED)
     }
 
     fn apply(event: &Event) -> Result<(), Failure> {
         match event.event_type.as_str() {
             "Reject" => {
-                return Err(Failure::rejected(format!(
-                    "asked to reject offset {}",
-                    event.offset
-                )));
+                return Err(Failure::rejected(format!("asked to reject offset {}", event.offset)));
             }
             "Panic" => panic!("asked to panic at offset {}", event.offset),
             "Spin" => {
@@ -51,10 +46,7 @@ impl Projection for Chaos {
                 }
             }
             "Flaky" if FLAKED.with(|f| f.borrow_mut().insert(event.offset)) => {
-                return Err(Failure::transient(format!(
-                    "flaky at offset {}",
-                    event.offset
-                )));
+                return Err(Failure::transient(format!("flaky at offset {}", event.offset)));
             }
             _ => {}
         }

@@ -16,20 +16,12 @@ pub struct ApiError {
 impl ApiError {
     /// The request was malformed or named invalid things (400).
     pub fn bad_request(message: impl Into<String>) -> Self {
-        ApiError {
-            status: StatusCode::BAD_REQUEST,
-            code: "bad_request",
-            message: message.into(),
-        }
+        ApiError { status: StatusCode::BAD_REQUEST, code: "bad_request", message: message.into() }
     }
 
     /// What the request names does not exist (404).
     pub fn not_found(code: &'static str, message: impl Into<String>) -> Self {
-        ApiError {
-            status: StatusCode::NOT_FOUND,
-            code,
-            message: message.into(),
-        }
+        ApiError { status: StatusCode::NOT_FOUND, code, message: message.into() }
     }
 
     /// The server failed: logged in full, reported briefly (500 or 503).

@@ -38,43 +38,23 @@ fn page_limit(limit: Option<usize>) -> Result<usize, ApiError> {
     match limit {
         None => Ok(DEFAULT_LIMIT),
         Some(n) if (1..=MAX_LIMIT).contains(&n) => Ok(n),
-        Some(n) => Err(ApiError::bad_request(format!(
-            "limit must be between 1 and {MAX_LIMIT}, got {n}"
-        ))),
+        Some(n) => Err(ApiError::bad_request(format!("limit must be between 1 and {MAX_LIMIT}, got {n}"))),
     }
 }
 
 /// Every route of the API over `runtime`.
 pub fn router(runtime: Arc<Runtime>) -> Router {
     Router::new()
-        .route(
-            "/healthz",
-            get(|| async { axum::Json(serde_json::json!({"status": "ok"})) }),
-        )
+        .route("/healthz", get(|| async { axum::Json(serde_json::json!({"status": "ok"})) }))
         .route("/v1/streams", get(streams::list))
-        .route(
-            "/v1/streams/{stream}/events",
-            get(streams::read).post(streams::append),
-        )
+        .route("/v1/streams/{stream}/events", get(streams::read).post(streams::append))
         .route("/v1/projections", get(projections::list))
         .route("/v1/projections/{projection}", get(projections::status))
-        .route(
-            "/v1/projections/{projection}/tables/{table}/items",
-            get(projections::scan),
-        )
-        .route(
-            "/v1/projections/{projection}/tables/{table}/items/{*key}",
-            get(projections::get_item),
-        )
-        .route(
-            "/v1/projections/{projection}/dead-letters",
-            get(projections::dead_letters),
-        )
+        .route("/v1/projections/{projection}/tables/{table}/items", get(projections::scan))
+        .route("/v1/projections/{projection}/tables/{table}/items/{*key}", get(projections::get_item))
+        .route("/v1/projections/{projection}/dead-letters", get(projections::dead_letters))
         .fallback(|| async {
-            ApiError::not_found(
-                "no_route",
-                "no such route; see GET /v1/projections and /v1/streams",
-            )
+            ApiError::not_found("no_route", "no such route; see GET /v1/projections and /v1/streams")
         })
         .layer(DefaultBodyLimit::max(MAX_BODY_BYTES))
         .with_state(runtime)
@@ -86,7 +66,5 @@ pub async fn serve(
     listener: tokio::net::TcpListener,
     shutdown: impl std::future::Future<Output = ()> + Send + 'static,
 ) -> std::io::Result<()> {
-    axum::serve(listener, router(runtime))
-        .with_graceful_shutdown(shutdown)
-        .await
+    axum::serve(listener, router(runtime)).with_graceful_shutdown(shutdown).await
 }

@@ -12,9 +12,7 @@ use super::{ApiError, page_limit};
 use crate::runtime::{Projection, Runtime};
 
 fn find(rt: &Runtime, name: &str) -> Result<Arc<Projection>, ApiError> {
-    rt.projection(name).ok_or_else(|| {
-        ApiError::not_found("projection_not_found", format!("no projection {name:?}"))
-    })
+    rt.projection(name).ok_or_else(|| ApiError::not_found("projection_not_found", format!("no projection {name:?}")))
 }
 
 fn check_table(p: &Projection, table: &str) -> Result<(), ApiError> {
@@ -23,29 +21,19 @@ fn check_table(p: &Projection, table: &str) -> Result<(), ApiError> {
     } else {
         Err(ApiError::not_found(
             "table_not_found",
-            format!(
-                "projection {:?} has no table {table:?}; it has {:?}",
-                p.manifest.name, p.manifest.tables
-            ),
+            format!("projection {:?} has no table {table:?}; it has {:?}", p.manifest.name, p.manifest.tables),
         ))
     }
 }
 
 /// A stored value as JSON (values are validated as JSON when written).
 fn json_value(bytes: &[u8]) -> Value {
-    serde_json::from_slice(bytes)
-        .unwrap_or_else(|_| Value::String(String::from_utf8_lossy(bytes).into_owned()))
+    serde_json::from_slice(bytes).unwrap_or_else(|_| Value::String(String::from_utf8_lossy(bytes).into_owned()))
 }
 
 pub(super) async fn list(State(rt): State<Arc<Runtime>>) -> Result<Json<Value>, ApiError> {
-    let statuses = rt
-        .projections()
-        .iter()
-        .map(|p| rt.status(p))
-        .collect::<Result<Vec<_>, _>>()?;
-    Ok(Json(
-        json!({ "projections": statuses, "pluginErrors": rt.plugin_errors() }),
-    ))
+    let statuses = rt.projections().iter().map(|p| rt.status(p)).collect::<Result<Vec<_>, _>>()?;
+    Ok(Json(json!({ "projections": statuses, "pluginErrors": rt.plugin_errors() })))
 }
 
 pub(super) async fn status(
@@ -54,9 +42,7 @@ pub(super) async fn status(
 ) -> Result<Json<Value>, ApiError> {
     let Path(name) = path?;
     let p = find(&rt, &name)?;
-    Ok(Json(
-        serde_json::to_value(rt.status(&p)?).expect("status serializes"),
-    ))
+    Ok(Json(serde_json::to_value(rt.status(&p)?).expect("status serializes")))
 }
 
 pub(super) async fn get_item(
@@ -68,10 +54,7 @@ pub(super) async fn get_item(
     check_table(&p, &table)?;
     match p.read_model.get(&table, &key)? {
         Some(bytes) => Ok(Json(json_value(&bytes))),
-        None => Err(ApiError::not_found(
-            "key_not_found",
-            format!("no key {key:?} in table {table:?}"),
-        )),
+        None => Err(ApiError::not_found("key_not_found", format!("no key {key:?} in table {table:?}"))),
     }
 }
 
@@ -94,20 +77,11 @@ pub(super) async fn scan(
     let p = find(&rt, &name)?;
     check_table(&p, &table)?;
     // One more than asked tells whether there is a next page.
-    let mut entries = p
-        .read_model
-        .scan(&table, &q.prefix, q.after.as_deref(), limit + 1)?;
+    let mut entries = p.read_model.scan(&table, &q.prefix, q.after.as_deref(), limit + 1)?;
     let more = entries.len() > limit;
     entries.truncate(limit);
-    let next = if more {
-        entries.last().map(|(k, _)| k.clone())
-    } else {
-        None
-    };
-    let items: Vec<Value> = entries
-        .into_iter()
-        .map(|(key, v)| json!({"key": key, "value": json_value(&v)}))
-        .collect();
+    let next = if more { entries.last().map(|(k, _)| k.clone()) } else { None };
+    let items: Vec<Value> = entries.into_iter().map(|(key, v)| json!({"key": key, "value": json_value(&v)})).collect();
     Ok(Json(json!({ "items": items, "next": next })))
 }
 
@@ -130,11 +104,7 @@ pub(super) async fn dead_letters(
     let mut letters = p.read_model.dead_letters(q.after, limit + 1)?;
     let more = letters.len() > limit;
     letters.truncate(limit);
-    let next = if more {
-        letters.last().map(|(id, _)| *id)
-    } else {
-        None
-    };
+    let next = if more { letters.last().map(|(id, _)| *id) } else { None };
     let items: Vec<Value> = letters
         .into_iter()
         .map(|(id, letter)| {

@@ -22,15 +22,11 @@ pub(super) async fn list(State(rt): State<Arc<Runtime>>) -> Json<Value> {
 fn parse_events(body: &[u8]) -> Result<Vec<NewEvent>, ApiError> {
     let first = body.iter().find(|b| !b.is_ascii_whitespace());
     if first == Some(&b'[') {
-        return serde_json::from_slice(body)
-            .map_err(|e| ApiError::bad_request(format!("invalid event array: {e}")));
+        return serde_json::from_slice(body).map_err(|e| ApiError::bad_request(format!("invalid event array: {e}")));
     }
     // One object, or several separated by newlines: a stream of JSON values.
     let mut events = Vec::new();
-    for (i, event) in serde_json::Deserializer::from_slice(body)
-        .into_iter::<NewEvent>()
-        .enumerate()
-    {
+    for (i, event) in serde_json::Deserializer::from_slice(body).into_iter::<NewEvent>().enumerate() {
         events.push(event.map_err(|e| ApiError::bad_request(format!("invalid event {i}: {e}")))?);
     }
     Ok(events)
@@ -42,10 +38,7 @@ pub(super) async fn append(
     headers: HeaderMap,
     body: Bytes,
 ) -> Result<Json<Value>, ApiError> {
-    let content_type = headers
-        .get("content-type")
-        .and_then(|v| v.to_str().ok())
-        .unwrap_or("application/json");
+    let content_type = headers.get("content-type").and_then(|v| v.to_str().ok()).unwrap_or("application/json");
     if !(content_type.starts_with("application/json")
         || content_type.starts_with("application/x-ndjson")
         || content_type.starts_with("application/ndjson"))
@@ -83,34 +76,24 @@ pub(super) async fn read(
 ) -> Result<Json<Value>, ApiError> {
     let Query(p) = params?;
     let limit = page_limit(p.limit)?;
-    let events = rt
-        .log
-        .read(&stream, p.partition, p.from, limit)
-        .map_err(|e| match e {
-            LogError::UnknownStream(_) => ApiError::not_found("stream_not_found", e.to_string()),
-            LogError::UnknownPartition { .. } => {
-                ApiError::not_found("partition_not_found", e.to_string())
-            }
-            other => ApiError::internal("reading the log", other),
-        })?;
+    let events = rt.log.read(&stream, p.partition, p.from, limit).map_err(|e| match e {
+        LogError::UnknownStream(_) => ApiError::not_found("stream_not_found", e.to_string()),
+        LogError::UnknownPartition { .. } => ApiError::not_found("partition_not_found", e.to_string()),
+        other => ApiError::internal("reading the log", other),
+    })?;
     let next = events.last().map_or(p.from, |e| e.offset + 1);
     let events: Vec<Value> = events
         .into_iter()
         .map(|e| {
             let data = serde_json::from_slice::<Value>(&e.data)
                 .unwrap_or_else(|_| Value::String(String::from_utf8_lossy(&e.data).into_owned()));
-            let headers: serde_json::Map<String, Value> = e
-                .headers
-                .into_iter()
-                .map(|(k, v)| (k, Value::String(v)))
-                .collect();
+            let headers: serde_json::Map<String, Value> =
+                e.headers.into_iter().map(|(k, v)| (k, Value::String(v))).collect();
             json!({"partition": e.partition, "offset": e.offset, "key": e.key, "type": e.event_type,
                    "time": e.time, "headers": headers, "data": data})
         })
         .collect();
-    Ok(Json(
-        json!({ "stream": stream, "partition": p.partition, "events": events, "next": next }),
-    ))
+    Ok(Json(json!({ "stream": stream, "partition": p.partition, "events": events, "next": next })))
 }
 
 #[cfg(test)]
@@ -127,10 +110,7 @@ mod tests {
         assert_eq!(parse_events(ndjson).unwrap().len(), 2);
         let bad = b"{\"type\":\"A\",\"data\":1}\n{\"type\":\"B\"}\n";
         let err = parse_events(bad).unwrap_err();
-        assert!(
-            format!("{err:?}").contains("invalid event 1: missing field `data`"),
-            "{err:?}"
-        );
+        assert!(format!("{err:?}").contains("invalid event 1: missing field `data`"), "{err:?}");
         assert!(parse_events(br#"{"type":"A","data":1,"extra":2}"#).is_err());
     }
 }

@@ -42,17 +42,12 @@ impl CompileCache {
         let mut hasher = DefaultHasher::new();
         engine.precompile_compatibility_hash().hash(&mut hasher);
         let engine_key = format!("{:016x}", hasher.finish());
-        Ok(CompileCache {
-            dir: dir.to_owned(),
-            engine: engine.clone(),
-            engine_key,
-        })
+        Ok(CompileCache { dir: dir.to_owned(), engine: engine.clone(), engine_key })
     }
 
     fn path_for(&self, wasm: &[u8]) -> PathBuf {
         let digest = Sha256::digest(wasm);
-        self.dir
-            .join(format!("{}-{}.cwasm", hex(&digest), self.engine_key))
+        self.dir.join(format!("{}-{}.cwasm", hex(&digest), self.engine_key))
     }
 
     /// The compiled form of `wasm`: from the cache, or compiled and cached.
@@ -63,11 +58,7 @@ impl CompileCache {
         }
         let started = Instant::now();
         let component = Component::new(&self.engine, wasm)?;
-        tracing::info!(
-            bytes = wasm.len(),
-            elapsed_ms = started.elapsed().as_millis() as u64,
-            "compiled component"
-        );
+        tracing::info!(bytes = wasm.len(), elapsed_ms = started.elapsed().as_millis() as u64, "compiled component");
         if let Err(e) = self.write_entry(&path, &component) {
             tracing::warn!(path = %path.display(), error = %e, "could not write the compile cache");
         }

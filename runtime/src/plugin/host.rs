@@ -12,9 +12,7 @@ use std::time::Duration;
 
 use wasmtime::component::ResourceTable;
 use wasmtime::{StoreLimits, StoreLimitsBuilder};
-use wasmtime_wasi::{
-    HostMonotonicClock, HostWallClock, WasiCtx, WasiCtxBuilder, WasiCtxView, WasiView,
-};
+use wasmtime_wasi::{HostMonotonicClock, HostWallClock, WasiCtx, WasiCtxBuilder, WasiCtxView, WasiView};
 
 use super::bindings::refract::plugin::kv::{self, Entry, KvError};
 use super::bindings::refract::plugin::{log, types};
@@ -85,9 +83,7 @@ impl HostState {
     }
 
     fn batch(&mut self) -> wasmtime::Result<&mut Batch> {
-        self.batch
-            .as_mut()
-            .ok_or_else(|| wasmtime::format_err!("kv is only available while handling events"))
+        self.batch.as_mut().ok_or_else(|| wasmtime::format_err!("kv is only available while handling events"))
     }
 
     fn host_failure(&mut self, e: crate::store::Error) -> wasmtime::Error {
@@ -99,33 +95,21 @@ impl HostState {
 
 impl WasiView for HostState {
     fn ctx(&mut self) -> WasiCtxView<'_> {
-        WasiCtxView {
-            ctx: &mut self.wasi,
-            table: &mut self.table,
-        }
+        WasiCtxView { ctx: &mut self.wasi, table: &mut self.table }
     }
 }
 
 impl types::Host for HostState {}
 
 impl kv::Host for HostState {
-    fn get(
-        &mut self,
-        table: String,
-        key: String,
-    ) -> wasmtime::Result<Result<Option<Vec<u8>>, KvError>> {
+    fn get(&mut self, table: String, key: String) -> wasmtime::Result<Result<Option<Vec<u8>>, KvError>> {
         match self.batch()?.get(&table, &key) {
             Ok(result) => Ok(result),
             Err(e) => Err(self.host_failure(e)),
         }
     }
 
-    fn put(
-        &mut self,
-        table: String,
-        key: String,
-        value: Vec<u8>,
-    ) -> wasmtime::Result<Result<(), KvError>> {
+    fn put(&mut self, table: String, key: String, value: Vec<u8>) -> wasmtime::Result<Result<(), KvError>> {
         Ok(self.batch()?.put(&table, &key, &value))
     }
 
@@ -140,10 +124,7 @@ impl kv::Host for HostState {
         start_after: Option<String>,
         limit: u32,
     ) -> wasmtime::Result<Result<Vec<Entry>, KvError>> {
-        match self
-            .batch()?
-            .scan(&table, &prefix, start_after.as_deref(), limit)
-        {
+        match self.batch()?.scan(&table, &prefix, start_after.as_deref(), limit) {
             Ok(result) => Ok(result),
             Err(e) => Err(self.host_failure(e)),
         }

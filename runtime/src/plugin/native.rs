@@ -33,10 +33,7 @@ impl NativeProjection {
             subscriptions: m
                 .subscriptions
                 .into_iter()
-                .map(|s| Subscription {
-                    stream: s.stream,
-                    event_types: s.event_types,
-                })
+                .map(|s| Subscription { stream: s.stream, event_types: s.event_types })
                 .collect(),
             tables: m.tables,
         };
@@ -95,15 +92,7 @@ impl Backend for BatchBackend {
         limit: u32,
     ) -> Result<Vec<SdkEntry>, SdkKvError> {
         let r = self.batch.scan(table, prefix, start_after, limit);
-        self.host(r).map(|entries| {
-            entries
-                .into_iter()
-                .map(|e| SdkEntry {
-                    key: e.key,
-                    value: e.value,
-                })
-                .collect()
-        })
+        self.host(r).map(|entries| entries.into_iter().map(|e| SdkEntry { key: e.key, value: e.value }).collect())
     }
 }
 
@@ -128,13 +117,9 @@ impl Handler for NativeProjection {
             })
             .collect();
         let handle = self.handle;
-        let backend = BatchBackend {
-            batch,
-            host_error: None,
-        };
-        let (backend, result) = native::with_backend(backend, || {
-            std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| handle(events)))
-        });
+        let backend = BatchBackend { batch, host_error: None };
+        let (backend, result) =
+            native::with_backend(backend, || std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| handle(events))));
         let outcome = match (backend.host_error, result) {
             (Some(h), _) => Err(HandleError::Host(h)),
             (None, Ok(Ok(()))) => Ok(()),

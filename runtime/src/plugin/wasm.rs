@@ -23,10 +23,7 @@ pub struct PluginLimits {
 
 impl Default for PluginLimits {
     fn default() -> Self {
-        PluginLimits {
-            max_memory: 256 << 20,
-            deadline: Duration::from_secs(10),
-        }
+        PluginLimits { max_memory: 256 << 20, deadline: Duration::from_secs(10) }
     }
 }
 
@@ -64,16 +61,9 @@ pub fn linker(engine: &Engine) -> wasmtime::Result<Linker<HostState>> {
 }
 
 /// A short account of why a call into a plugin failed.
-fn describe_trap(
-    e: &wasmtime::Error,
-    limits: &PluginLimits,
-    last_error_log: Option<String>,
-) -> String {
+fn describe_trap(e: &wasmtime::Error, limits: &PluginLimits, last_error_log: Option<String>) -> String {
     let what = match e.downcast_ref::<Trap>() {
-        Some(Trap::Interrupt) => format!(
-            "ran past its deadline of {} ms",
-            limits.deadline.as_millis()
-        ),
+        Some(Trap::Interrupt) => format!("ran past its deadline of {} ms", limits.deadline.as_millis()),
         Some(Trap::StackOverflow) => "overflowed its stack".to_owned(),
         Some(trap) => trap.to_string(),
         None => e.root_cause().to_string(),
@@ -93,9 +83,7 @@ impl WasmProjection {
         label: &str,
         limits: PluginLimits,
     ) -> Result<Self, LoadError> {
-        let pre = linker
-            .instantiate_pre(component)
-            .map_err(|e| LoadError::Link(format!("{e:#}")))?;
+        let pre = linker.instantiate_pre(component).map_err(|e| LoadError::Link(format!("{e:#}")))?;
         let pre = ProjectionPre::new(pre).map_err(|e| LoadError::Link(format!("{e:#}")))?;
         let mut this = WasmProjection {
             engine: engine.clone(),
@@ -113,13 +101,9 @@ impl WasmProjection {
         };
         let (mut store, instance) = this.instantiate().map_err(LoadError::Instantiate)?;
         store.set_epoch_deadline(deadline_ticks(limits.deadline));
-        let manifest = instance.call_manifest(&mut store).map_err(|e| {
-            LoadError::Manifest(describe_trap(
-                &e,
-                &limits,
-                store.data_mut().last_error_log.take(),
-            ))
-        })?;
+        let manifest = instance
+            .call_manifest(&mut store)
+            .map_err(|e| LoadError::Manifest(describe_trap(&e, &limits, store.data_mut().last_error_log.take())))?;
         super::validate_manifest(&manifest).map_err(LoadError::InvalidManifest)?;
         this.name = Arc::from(manifest.name.as_str());
         this.manifest = manifest;
@@ -128,17 +112,11 @@ impl WasmProjection {
     }
 
     fn instantiate(&self) -> Result<(Store<HostState>, Projection), String> {
-        let mut store = Store::new(
-            &self.engine,
-            HostState::new(self.name.clone(), self.limits.max_memory),
-        );
+        let mut store = Store::new(&self.engine, HostState::new(self.name.clone(), self.limits.max_memory));
         store.limiter(|s| &mut s.limits);
         store.epoch_deadline_trap();
         store.set_epoch_deadline(deadline_ticks(self.limits.deadline));
-        let instance = self
-            .pre
-            .instantiate(&mut store)
-            .map_err(|e| format!("{e:#}"))?;
+        let instance = self.pre.instantiate(&mut store).map_err(|e| format!("{e:#}"))?;
         Ok((store, instance))
     }
 }
@@ -153,10 +131,7 @@ impl Handler for WasmProjection {
             match self.instantiate() {
                 Ok(instance) => self.instance = Some(instance),
                 Err(e) => {
-                    return (
-                        batch,
-                        Err(HandleError::Host(format!("instantiating the plugin: {e}"))),
-                    );
+                    return (batch, Err(HandleError::Host(format!("instantiating the plugin: {e}"))));
                 }
             }
         }
@@ -166,10 +141,7 @@ impl Handler for WasmProjection {
         store.set_epoch_deadline(deadline_ticks(self.limits.deadline));
         let result = instance.call_handle(&mut *store, events);
         let state = store.data_mut();
-        let batch = state
-            .batch
-            .take()
-            .expect("the batch stays in the store during the call");
+        let batch = state.batch.take().expect("the batch stays in the store during the call");
         let host_error = state.host_error.take();
         let last_error_log = state.last_error_log.take();
         let outcome = match result {

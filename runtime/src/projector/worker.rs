@@ -78,19 +78,12 @@ pub struct WorkerStatus {
 
 impl Default for WorkerStatus {
     fn default() -> Self {
-        WorkerStatus {
-            state: WorkerState::Running,
-            last_error: None,
-            last_error_at: None,
-            retries: 0,
-        }
+        WorkerStatus { state: WorkerState::Running, last_error: None, last_error_at: None, retries: 0 }
     }
 }
 
 fn now_ms() -> i64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map_or(0, |d| d.as_millis() as i64)
+    SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| d.as_millis() as i64)
 }
 
 /// Events read for one batch, and where reading stopped in each partition.
@@ -110,11 +103,7 @@ impl Pending {
             next.insert((e.stream.clone(), e.partition), e.offset);
         }
         next.into_iter()
-            .map(|((stream, partition), next_offset)| Checkpoint {
-                stream,
-                partition,
-                next_offset,
-            })
+            .map(|((stream, partition), next_offset)| Checkpoint { stream, partition, next_offset })
             .collect()
     }
 }
@@ -155,22 +144,9 @@ impl Projector {
             .iter()
             .map(|s| (s.stream.clone(), s.event_types.iter().cloned().collect()))
             .collect();
-        let checkpoints = read_model
-            .checkpoints()?
-            .into_iter()
-            .map(|c| ((c.stream, c.partition), c.next_offset))
-            .collect();
-        Ok(Projector {
-            handler,
-            read_model,
-            log,
-            options,
-            status,
-            stop,
-            tables,
-            subscriptions,
-            checkpoints,
-        })
+        let checkpoints =
+            read_model.checkpoints()?.into_iter().map(|c| ((c.stream, c.partition), c.next_offset)).collect();
+        Ok(Projector { handler, read_model, log, options, status, stop, tables, subscriptions, checkpoints })
     }
 
     fn name(&self) -> &str {
@@ -207,40 +183,25 @@ impl Projector {
     /// Read and handle one batch; returns the number of events read.
     pub fn step(&mut self) -> Result<usize, crate::source::log::Error> {
         let pending = self.read()?;
-        let read: u64 = pending
-            .read_to
-            .iter()
-            .map(|(k, to)| to - self.checkpoints.get(k).copied().unwrap_or(0))
-            .sum();
+        let read: u64 = pending.read_to.iter().map(|(k, to)| to - self.checkpoints.get(k).copied().unwrap_or(0)).sum();
         if read == 0 {
             return Ok(0);
         }
-        let span = tracing::debug_span!(
-            "batch",
-            projection = self.name(),
-            events = pending.events.len()
-        );
+        let span = tracing::debug_span!("batch", projection = self.name(), events = pending.events.len());
         let _enter = span.enter();
         self.process(&pending);
         Ok(read as usize)
     }
 
     fn read(&self) -> Result<Pending, crate::source::log::Error> {
-        let mut pending = Pending {
-            events: Vec::new(),
-            read_to: BTreeMap::new(),
-        };
+        let mut pending = Pending { events: Vec::new(), read_to: BTreeMap::new() };
         let mut partitions = Vec::new();
         for (stream, types) in &self.subscriptions {
             let Some(heads) = self.log.heads(stream) else {
                 continue;
             };
             for (p, head) in heads.into_iter().enumerate() {
-                let from = self
-                    .checkpoints
-                    .get(&(stream.clone(), p as u32))
-                    .copied()
-                    .unwrap_or(0);
+                let from = self.checkpoints.get(&(stream.clone(), p as u32)).copied().unwrap_or(0);
                 if from < head {
                     partitions.push((stream, types, p as u32, from, head));
                 }
@@ -253,11 +214,7 @@ impl Projector {
             let events = self.log.read(stream, partition, from, limit)?;
             let to = events.last().map_or(from, |e| e.offset + 1);
             pending.read_to.insert((stream.clone(), partition), to);
-            pending.events.extend(
-                events
-                    .into_iter()
-                    .filter(|e| types.is_empty() || types.contains(&e.event_type)),
-            );
+            pending.events.extend(events.into_iter().filter(|e| types.is_empty() || types.contains(&e.event_type)));
         }
         Ok(pending)
     }
@@ -267,12 +224,7 @@ impl Projector {
         let batch = match self.read_model.begin(self.tables.clone(), self.options.kv) {
             Ok(b) => b,
             Err(e) => {
-                return self.recover(
-                    pending,
-                    0,
-                    pending.events.len(),
-                    HandleError::Host(e.to_string()),
-                );
+                return self.recover(pending, 0, pending.events.len(), HandleError::Host(e.to_string()));
             }
         };
         let mut batch = batch;
@@ -290,26 +242,17 @@ impl Projector {
                 break;
             }
         }
-        let commit = Commit {
-            checkpoints: pending.checkpoints_after(done),
-            applied: done as u64,
-            dead_letters: vec![],
-        };
+        let commit =
+            Commit { checkpoints: pending.checkpoints_after(done), applied: done as u64, dead_letters: vec![] };
         if let Err(e) = self.read_model.commit(batch, &commit) {
-            return self.recover(
-                pending,
-                0,
-                pending.events.len(),
-                HandleError::Host(e.to_string()),
-            );
+            return self.recover(pending, 0, pending.events.len(), HandleError::Host(e.to_string()));
         }
         self.committed(&commit);
     }
 
     fn committed(&mut self, commit: &Commit) {
         for c in &commit.checkpoints {
-            self.checkpoints
-                .insert((c.stream.clone(), c.partition), c.next_offset);
+            self.checkpoints.insert((c.stream.clone(), c.partition), c.next_offset);
         }
         let mut status = self.status.lock().expect("status lock");
         status.state = WorkerState::Running;
@@ -329,14 +272,9 @@ impl Projector {
             batch = b;
             result?;
         }
-        let commit = Commit {
-            checkpoints: pending.checkpoints_after(hi),
-            applied: (hi - lo) as u64,
-            dead_letters: vec![],
-        };
-        self.read_model
-            .commit(batch, &commit)
-            .map_err(|e| HandleError::Host(e.to_string()))?;
+        let commit =
+            Commit { checkpoints: pending.checkpoints_after(hi), applied: (hi - lo) as u64, dead_letters: vec![] };
+        self.read_model.commit(batch, &commit).map_err(|e| HandleError::Host(e.to_string()))?;
         self.committed(&commit);
         Ok(())
     }
@@ -346,13 +284,7 @@ impl Projector {
         let _ = self.recover_range(pending, lo, hi, error);
     }
 
-    fn recover_range(
-        &mut self,
-        pending: &Pending,
-        lo: usize,
-        hi: usize,
-        error: HandleError,
-    ) -> Retry {
+    fn recover_range(&mut self, pending: &Pending, lo: usize, hi: usize, error: HandleError) -> Retry {
         let mut error = error;
         let mut backoff = self.options.initial_backoff;
         loop {
@@ -397,9 +329,8 @@ impl Projector {
     fn dead_letter(&mut self, pending: &Pending, at: usize, error: &HandleError) -> Retry {
         let e = &pending.events[at];
         tracing::warn!(projection = self.name(), stream = %e.stream, partition = e.partition, offset = e.offset, error = %error, "dead-lettering an event");
-        let data = serde_json::from_slice(&e.data).unwrap_or_else(|_| {
-            serde_json::Value::String(String::from_utf8_lossy(&e.data).into_owned())
-        });
+        let data = serde_json::from_slice(&e.data)
+            .unwrap_or_else(|_| serde_json::Value::String(String::from_utf8_lossy(&e.data).into_owned()));
         let letter = DeadLetter {
             stream: e.stream.clone(),
             partition: e.partition,
@@ -412,15 +343,8 @@ impl Projector {
             error: error.to_string(),
             failed_at: now_ms(),
         };
-        self.set_error(&format!(
-            "dead-lettered {}/{}@{}: {error}",
-            e.stream, e.partition, e.offset
-        ));
-        let commit = Commit {
-            checkpoints: pending.checkpoints_after(at + 1),
-            applied: 0,
-            dead_letters: vec![letter],
-        };
+        self.set_error(&format!("dead-lettered {}/{}@{}: {error}", e.stream, e.partition, e.offset));
+        let commit = Commit { checkpoints: pending.checkpoints_after(at + 1), applied: 0, dead_letters: vec![letter] };
         let mut backoff = self.options.initial_backoff;
         loop {
             // An empty batch: the dead letter and the checkpoint commit alone.
@@ -459,9 +383,7 @@ impl Projector {
 
 /// `d` scaled by a factor in [0.75, 1.25), so retries of many workers spread out.
 fn jitter(d: Duration) -> Duration {
-    let nanos = SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map_or(0, |t| t.subsec_nanos());
+    let nanos = SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |t| t.subsec_nanos());
     let factor = 0.75 + f64::from(nanos % 1000) / 2000.0;
     d.mul_f64(factor)
 }

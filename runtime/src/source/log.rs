@@ -33,11 +33,7 @@ pub enum Error {
     UnknownStream(String),
     /// The partition is outside the stream's partition count.
     #[error("stream {stream:?} has {partitions} partitions; there is no partition {partition}")]
-    UnknownPartition {
-        stream: String,
-        partition: u32,
-        partitions: u32,
-    },
+    UnknownPartition { stream: String, partition: u32, partitions: u32 },
     /// A stored record could not be decoded.
     #[error(transparent)]
     Corrupt(#[from] CorruptRecord),
@@ -87,11 +83,7 @@ pub struct LogOptions {
 
 impl Default for LogOptions {
     fn default() -> Self {
-        LogOptions {
-            default_partitions: 4,
-            partitions: HashMap::new(),
-            max_event_bytes: 1 << 20,
-        }
+        LogOptions { default_partitions: 4, partitions: HashMap::new(), max_event_bytes: 1 << 20 }
     }
 }
 
@@ -126,10 +118,7 @@ impl Signal {
     /// Wait until more than `seen` appends happened, or `timeout` passed.
     pub fn wait(&self, seen: u64, timeout: Duration) -> u64 {
         let guard = self.appends.lock().expect("signal lock");
-        let (guard, _) = self
-            .changed
-            .wait_timeout_while(guard, timeout, |n| *n <= seen)
-            .expect("signal lock");
+        let (guard, _) = self.changed.wait_timeout_while(guard, timeout, |n| *n <= seen).expect("signal lock");
         *guard
     }
 }
@@ -184,15 +173,7 @@ impl EventLog {
             }
         }
         tx.commit()?;
-        Ok(EventLog {
-            db,
-            options,
-            heads: Mutex::new(Heads {
-                streams,
-                unkeyed: 0,
-            }),
-            signal: Signal::default(),
-        })
+        Ok(EventLog { db, options, heads: Mutex::new(Heads { streams, unkeyed: 0 }), signal: Signal::default() })
     }
 
     /// Wakes readers after each append.
@@ -210,24 +191,14 @@ impl EventLog {
             if e.event_type.is_empty() || e.event_type.len() > 256 {
                 return fail("`type` must be 1 to 256 bytes".into());
             }
-            if e.key
-                .as_ref()
-                .is_some_and(|k| k.is_empty() || k.len() > 4096)
-            {
+            if e.key.as_ref().is_some_and(|k| k.is_empty() || k.len() > 4096) {
                 return fail("`key` must be 1 to 4096 bytes when given".into());
             }
-            if e.headers.len() > 64
-                || e.headers
-                    .iter()
-                    .any(|(k, v)| k.len() > 1024 || v.len() > 65536)
-            {
+            if e.headers.len() > 64 || e.headers.iter().any(|(k, v)| k.len() > 1024 || v.len() > 65536) {
                 return fail("at most 64 headers, names up to 1 KiB, values up to 64 KiB".into());
             }
             if e.data.get().len() > self.options.max_event_bytes {
-                return fail(format!(
-                    "`data` is larger than {} bytes",
-                    self.options.max_event_bytes
-                ));
+                return fail(format!("`data` is larger than {} bytes", self.options.max_event_bytes));
             }
         }
         Ok(())
@@ -237,24 +208,15 @@ impl EventLog {
     /// stored, or (on error) none. Creates the stream on first use.
     pub fn append(&self, stream: &str, events: &[NewEvent]) -> Result<Vec<Position>> {
         self.validate(stream, events)?;
-        let now = SystemTime::now()
-            .duration_since(UNIX_EPOCH)
-            .map_or(0, |d| d.as_millis() as i64);
+        let now = SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| d.as_millis() as i64);
         let mut heads = self.heads.lock().expect("log heads lock");
         let Heads { streams, unkeyed } = &mut *heads;
         let created = !streams.contains_key(stream);
         let partitions = match streams.get(stream) {
             Some(h) => h.len() as u32,
-            None => *self
-                .options
-                .partitions
-                .get(stream)
-                .unwrap_or(&self.options.default_partitions),
+            None => *self.options.partitions.get(stream).unwrap_or(&self.options.default_partitions),
         };
-        let mut next = streams
-            .get(stream)
-            .cloned()
-            .unwrap_or_else(|| vec![0; partitions as usize]);
+        let mut next = streams.get(stream).cloned().unwrap_or_else(|| vec![0; partitions as usize]);
         let mut positions = Vec::with_capacity(events.len());
         let mut by_partition: Vec<Vec<(u64, Vec<u8>)>> = vec![Vec::new(); partitions as usize];
         for e in events {
@@ -267,11 +229,7 @@ impl EventLog {
             };
             let offset = next[p as usize];
             next[p as usize] += 1;
-            let headers: Vec<(String, String)> = e
-                .headers
-                .iter()
-                .map(|(k, v)| (k.clone(), v.clone()))
-                .collect();
+            let headers: Vec<(String, String)> = e.headers.iter().map(|(k, v)| (k.clone(), v.clone())).collect();
             let mut bytes = Vec::with_capacity(64 + e.data.get().len());
             record::encode(
                 &RecordRef {
@@ -285,10 +243,7 @@ impl EventLog {
                 &mut bytes,
             );
             by_partition[p as usize].push((offset, bytes));
-            positions.push(Position {
-                partition: p,
-                offset,
-            });
+            positions.push(Position { partition: p, offset });
         }
         let tx = self.db.begin_write()?;
         if created {
@@ -313,22 +268,10 @@ impl EventLog {
     }
 
     /// Up to `limit` events of `stream`/`partition` from offset `from` on.
-    pub fn read(
-        &self,
-        stream: &str,
-        partition: u32,
-        from: u64,
-        limit: usize,
-    ) -> Result<Vec<Event>> {
-        let partitions = self
-            .partitions(stream)
-            .ok_or_else(|| Error::UnknownStream(stream.to_owned()))?;
+    pub fn read(&self, stream: &str, partition: u32, from: u64, limit: usize) -> Result<Vec<Event>> {
+        let partitions = self.partitions(stream).ok_or_else(|| Error::UnknownStream(stream.to_owned()))?;
         if partition >= partitions {
-            return Err(Error::UnknownPartition {
-                stream: stream.to_owned(),
-                partition,
-                partitions,
-            });
+            return Err(Error::UnknownPartition { stream: stream.to_owned(), partition, partitions });
         }
         let tx = self.db.begin_read()?;
         let table_name = partition_table(stream, partition);
@@ -337,34 +280,19 @@ impl EventLog {
         let mut events = Vec::with_capacity(limit.min(4096));
         for entry in table.range(from..)?.take(limit) {
             let (offset, bytes) = entry?;
-            events.push(record::decode(
-                stream,
-                partition,
-                offset.value(),
-                bytes.value(),
-            )?);
+            events.push(record::decode(stream, partition, offset.value(), bytes.value())?);
         }
         Ok(events)
     }
 
     /// The partition count of `stream`, if it exists.
     pub fn partitions(&self, stream: &str) -> Option<u32> {
-        self.heads
-            .lock()
-            .expect("log heads lock")
-            .streams
-            .get(stream)
-            .map(|h| h.len() as u32)
+        self.heads.lock().expect("log heads lock").streams.get(stream).map(|h| h.len() as u32)
     }
 
     /// The next offset of each partition of `stream`, if it exists.
     pub fn heads(&self, stream: &str) -> Option<Vec<u64>> {
-        self.heads
-            .lock()
-            .expect("log heads lock")
-            .streams
-            .get(stream)
-            .cloned()
+        self.heads.lock().expect("log heads lock").streams.get(stream).cloned()
     }
 
     /// Every stream, by name.
@@ -373,11 +301,7 @@ impl EventLog {
         let mut out: Vec<StreamInfo> = heads
             .streams
             .iter()
-            .map(|(name, h)| StreamInfo {
-                name: name.clone(),
-                partitions: h.len() as u32,
-                heads: h.clone(),
-            })
+            .map(|(name, h)| StreamInfo { name: name.clone(), partitions: h.len() as u32, heads: h.clone() })
             .collect();
         out.sort_by(|a, b| a.name.cmp(&b.name));
         out
@@ -401,9 +325,7 @@ mod tests {
         let path = dir.path().join("log.redb");
         let positions = {
             let log = EventLog::open(&path, LogOptions::default()).unwrap();
-            let events: Vec<_> = (0..20)
-                .map(|i| event("T", Some(&format!("k{}", i % 5)), &format!("{i}")))
-                .collect();
+            let events: Vec<_> = (0..20).map(|i| event("T", Some(&format!("k{}", i % 5)), &format!("{i}"))).collect();
             log.append("s", &events).unwrap()
         };
         let log = EventLog::open(&path, LogOptions::default()).unwrap();
@@ -428,13 +350,7 @@ mod tests {
         let err = log.append("s", &bad).unwrap_err();
         assert!(err.to_string().contains("event 1: `type`"), "{err}");
         assert!(log.heads("s").is_none());
-        assert!(matches!(
-            log.append("../etc", &[event("T", None, "1")]),
-            Err(Error::Invalid(_))
-        ));
-        assert!(matches!(
-            log.read("nope", 0, 0, 10),
-            Err(Error::UnknownStream(_))
-        ));
+        assert!(matches!(log.append("../etc", &[event("T", None, "1")]), Err(Error::Invalid(_))));
+        assert!(matches!(log.read("nope", 0, 0, 10), Err(Error::UnknownStream(_))));
     }
 }

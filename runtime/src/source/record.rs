@@ -79,12 +79,7 @@ impl<'a> Reader<'a> {
 }
 
 /// Decode the record stored at `stream`/`partition`/`offset`.
-pub fn decode(
-    stream: &str,
-    partition: u32,
-    offset: u64,
-    bytes: &[u8],
-) -> Result<Event, CorruptRecord> {
+pub fn decode(stream: &str, partition: u32, offset: u64, bytes: &[u8]) -> Result<Event, CorruptRecord> {
     let mut r = Reader(bytes);
     if r.u8()? != VERSION {
         return Err(CorruptRecord("unknown record version"));
@@ -141,24 +136,12 @@ mod tests {
         encode(&record, &mut bytes);
         let event = decode("orders", 3, 9, &bytes).unwrap();
         assert_eq!(
-            (
-                event.event_type.as_str(),
-                event.key.as_deref(),
-                event.time,
-                event.partition,
-                event.offset
-            ),
+            (event.event_type.as_str(), event.key.as_deref(), event.time, event.partition, event.offset),
             ("OrderPlaced", Some("o-1"), -5, 3, 9)
         );
-        assert_eq!(
-            (event.headers, event.data),
-            (headers, br#"{"a":1}"#.to_vec())
-        );
+        assert_eq!((event.headers, event.data), (headers, br#"{"a":1}"#.to_vec()));
         for cut in 0..bytes.len() - 7 {
-            assert!(
-                decode("orders", 0, 0, &bytes[..cut]).is_err(),
-                "truncated at {cut}"
-            );
+            assert!(decode("orders", 0, 0, &bytes[..cut]).is_err(), "truncated at {cut}");
         }
     }
 }

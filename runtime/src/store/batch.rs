@@ -26,11 +26,7 @@ pub struct KvLimits {
 
 impl Default for KvLimits {
     fn default() -> Self {
-        KvLimits {
-            max_key_bytes: 1024,
-            max_value_bytes: 1 << 20,
-            max_scan: 10_000,
-        }
+        KvLimits { max_key_bytes: 1024, max_value_bytes: 1 << 20, max_scan: 10_000 }
     }
 }
 
@@ -49,18 +45,8 @@ pub struct Batch {
 }
 
 impl Batch {
-    pub(super) fn new(
-        snapshot: ReadTransaction,
-        tables: Arc<BTreeSet<String>>,
-        limits: KvLimits,
-    ) -> Self {
-        Batch {
-            snapshot,
-            tables,
-            limits,
-            opened: HashMap::new(),
-            writes: BTreeMap::new(),
-        }
+    pub(super) fn new(snapshot: ReadTransaction, tables: Arc<BTreeSet<String>>, limits: KvLimits) -> Self {
+        Batch { snapshot, tables, limits, opened: HashMap::new(), writes: BTreeMap::new() }
     }
 
     /// Number of pending writes (after coalescing).
@@ -72,9 +58,7 @@ impl Batch {
         if self.tables.contains(table) {
             Ok(())
         } else {
-            Err(KvError::UnknownTable(format!(
-                "table {table:?} is not declared in the manifest"
-            )))
+            Err(KvError::UnknownTable(format!("table {table:?} is not declared in the manifest")))
         }
     }
 
@@ -91,10 +75,7 @@ impl Batch {
 
     fn stored(&mut self, table: &str) -> Result<Option<&Stored>> {
         if !self.opened.contains_key(table) {
-            let opened = match self
-                .snapshot
-                .open_table(table_definition(&format!("t/{table}")))
-            {
+            let opened = match self.snapshot.open_table(table_definition(&format!("t/{table}"))) {
                 Ok(t) => Some(t),
                 Err(redb::TableError::TableDoesNotExist(_)) => None,
                 Err(e) => return Err(e.into()),
@@ -130,14 +111,9 @@ impl Batch {
             )));
         }
         if let Err(e) = serde_json::from_slice::<serde::de::IgnoredAny>(value) {
-            return Err(KvError::InvalidValue(format!(
-                "value of {key:?} is not JSON: {e}"
-            )));
+            return Err(KvError::InvalidValue(format!("value of {key:?} is not JSON: {e}")));
         }
-        self.writes
-            .entry(table.to_owned())
-            .or_default()
-            .insert(key.to_owned(), Some(value.to_vec()));
+        self.writes.entry(table.to_owned()).or_default().insert(key.to_owned(), Some(value.to_vec()));
         Ok(())
     }
 
@@ -145,10 +121,7 @@ impl Batch {
     pub fn delete(&mut self, table: &str, key: &str) -> Result<(), KvError> {
         self.check_table(table)?;
         self.check_key(key)?;
-        self.writes
-            .entry(table.to_owned())
-            .or_default()
-            .insert(key.to_owned(), None);
+        self.writes.entry(table.to_owned()).or_default().insert(key.to_owned(), None);
         Ok(())
     }
 
@@ -173,11 +146,7 @@ impl Batch {
         self.stored(table)?; // opens the table in the snapshot if it exists
         let stored = self.opened[table].as_ref();
         let empty = BTreeMap::new();
-        let pending = self
-            .writes
-            .get(table)
-            .unwrap_or(&empty)
-            .range::<String, _>((start.clone(), Bound::Unbounded));
+        let pending = self.writes.get(table).unwrap_or(&empty).range::<String, _>((start.clone(), Bound::Unbounded));
         let mut pending = pending.peekable();
         let bounds = match &start {
             Bound::Excluded(s) => (Bound::Excluded(s.as_str()), Bound::Unbounded),

@@ -26,12 +26,6 @@ macro_rules! storage_from {
         }
     )*};
 }
-storage_from!(
-    redb::DatabaseError,
-    redb::TransactionError,
-    redb::TableError,
-    redb::StorageError,
-    redb::CommitError
-);
+storage_from!(redb::DatabaseError, redb::TransactionError, redb::TableError, redb::StorageError, redb::CommitError);
 
 pub type Result<T, E = Error> = std::result::Result<T, E>;

@@ -98,11 +98,7 @@ impl ReadModel {
             .map(|entry| {
                 let (k, v) = entry?;
                 let (stream, partition) = k.value();
-                Ok(Checkpoint {
-                    stream: stream.to_owned(),
-                    partition,
-                    next_offset: v.value(),
-                })
+                Ok(Checkpoint { stream: stream.to_owned(), partition, next_offset: v.value() })
             })
             .collect()
     }
@@ -116,8 +112,7 @@ impl ReadModel {
     /// counters, durably, in one transaction.
     pub fn commit(&self, batch: Batch, commit: &Commit) -> Result<()> {
         let mut tx = self.db.begin_write()?;
-        tx.set_durability(Durability::Immediate)
-            .map_err(|e| Error::Storage(redb::Error::from(e)))?;
+        tx.set_durability(Durability::Immediate).map_err(|e| Error::Storage(redb::Error::from(e)))?;
         for (name, writes) in &batch.writes {
             let mut table = tx.open_table(table_definition(&format!("t/{name}")))?;
             for (key, value) in writes {
@@ -140,11 +135,9 @@ impl ReadModel {
                 next_id += 1;
             }
             let mut counters = tx.open_table(COUNTERS)?;
-            for (name, add) in [
-                ("events-applied", commit.applied),
-                ("dead-letters", commit.dead_letters.len() as u64),
-                ("batches", 1),
-            ] {
+            for (name, add) in
+                [("events-applied", commit.applied), ("dead-letters", commit.dead_letters.len() as u64), ("batches", 1)]
+            {
                 let current = counters.get(name)?.map_or(0, |v| v.value());
                 counters.insert(name, current + add)?;
             }
@@ -166,13 +159,7 @@ impl ReadModel {
 
     /// Up to `limit` committed entries of `table` whose key starts with
     /// `prefix`, after `after`, in key order.
-    pub fn scan(
-        &self,
-        table: &str,
-        prefix: &str,
-        after: Option<&str>,
-        limit: usize,
-    ) -> Result<Vec<(String, Vec<u8>)>> {
+    pub fn scan(&self, table: &str, prefix: &str, after: Option<&str>, limit: usize) -> Result<Vec<(String, Vec<u8>)>> {
         let tx = self.db.begin_read()?;
         let t = match tx.open_table(table_definition(&format!("t/{table}"))) {
             Ok(t) => t,
@@ -242,24 +229,9 @@ mod tests {
             batch.put("t", k, b"1").unwrap();
         }
         assert_eq!(batch.get("t", "a/2").unwrap().unwrap(), Some(b"1".to_vec()));
-        assert!(
-            rm.get("t", "a/2").unwrap().is_none(),
-            "not visible before commit"
-        );
-        let checkpoint = Checkpoint {
-            stream: "s".into(),
-            partition: 0,
-            next_offset: 3,
-        };
-        rm.commit(
-            batch,
-            &Commit {
-                checkpoints: vec![checkpoint.clone()],
-                applied: 3,
-                dead_letters: vec![],
-            },
-        )
-        .unwrap();
+        assert!(rm.get("t", "a/2").unwrap().is_none(), "not visible before commit");
+        let checkpoint = Checkpoint { stream: "s".into(), partition: 0, next_offset: 3 };
+        rm.commit(batch, &Commit { checkpoints: vec![checkpoint.clone()], applied: 3, dead_letters: vec![] }).unwrap();
         assert_eq!(rm.checkpoints().unwrap(), vec![checkpoint]);
         assert_eq!(rm.counters().unwrap().events_applied, 3);
 
@@ -274,12 +246,7 @@ mod tests {
         let scanned = batch.scan("t", "", None, 2).unwrap().unwrap();
         assert_eq!(keys(&scanned), ["a/15", "a/2"]);
         drop(batch); // rolled back: nothing changes
-        let all: Vec<String> = rm
-            .scan("t", "", None, 10)
-            .unwrap()
-            .into_iter()
-            .map(|(k, _)| k)
-            .collect();
+        let all: Vec<String> = rm.scan("t", "", None, 10).unwrap().into_iter().map(|(k, _)| k).collect();
         assert_eq!(all, ["a/1", "a/2", "b/1"]);
     }
 
@@ -288,26 +255,11 @@ mod tests {
         use crate::plugin::bindings::refract::plugin::kv::KvError;
         let dir = tempfile::tempdir().unwrap();
         let rm = ReadModel::open(&dir.path().join("rm.redb")).unwrap();
-        let limits = KvLimits {
-            max_value_bytes: 8,
-            ..KvLimits::default()
-        };
+        let limits = KvLimits { max_value_bytes: 8, ..KvLimits::default() };
         let mut batch = rm.begin(tables(), limits).unwrap();
-        assert!(matches!(
-            batch.put("other", "k", b"1"),
-            Err(KvError::UnknownTable(_))
-        ));
-        assert!(matches!(
-            batch.put("t", "k", b"[1,2,3,4,5]"),
-            Err(KvError::TooLarge(_))
-        ));
-        assert!(matches!(
-            batch.put("t", "k", b"{oops"),
-            Err(KvError::InvalidValue(_))
-        ));
-        assert!(matches!(
-            batch.get("other", "k").unwrap(),
-            Err(KvError::UnknownTable(_))
-        ));
+        assert!(matches!(batch.put("other", "k", b"1"), Err(KvError::UnknownTable(_))));
+        assert!(matches!(batch.put("t", "k", b"[1,2,3,4,5]"), Err(KvError::TooLarge(_))));
+        assert!(matches!(batch.put("t", "k", b"{oops"), Err(KvError::InvalidValue(_))));
+        assert!(matches!(batch.get("other", "k").unwrap(), Err(KvError::UnknownTable(_))));
     }
 }

@@ -121,10 +121,7 @@ impl Manifest {
             subscriptions: self
                 .subscriptions
                 .into_iter()
-                .map(|(stream, event_types)| t::Subscription {
-                    stream,
-                    event_types,
-                })
+                .map(|(stream, event_types)| t::Subscription { stream, event_types })
                 .collect(),
             tables: self.tables,
         }
@@ -162,10 +159,7 @@ impl Event {
 
     /// The value of the first header named `name`.
     pub fn header(&self, name: &str) -> Option<&str> {
-        self.headers
-            .iter()
-            .find(|(k, _)| k == name)
-            .map(|(_, v)| v.as_str())
+        self.headers.iter().find(|(k, _)| k == name).map(|(_, v)| v.as_str())
     }
 }
 
@@ -193,10 +187,7 @@ pub struct Table<V> {
 impl<V> Table<V> {
     /// The table called `name`; declare it in the manifest with [`Manifest::table`].
     pub const fn new(name: &'static str) -> Self {
-        Table {
-            name,
-            _value: PhantomData,
-        }
+        Table { name, _value: PhantomData }
     }
 
     /// The table's name.
@@ -215,39 +206,27 @@ impl<V: Serialize + DeserializeOwned> Table<V> {
     pub fn get(&self, key: &str) -> Result<Option<V>, Failure> {
         match kv::get(self.name, key)? {
             None => Ok(None),
-            Some(bytes) => serde_json::from_slice(&bytes).map(Some).map_err(|e| {
-                Failure::rejected(format!(
-                    "table {}: value of {key:?} does not decode: {e}",
-                    self.name
-                ))
-            }),
+            Some(bytes) => serde_json::from_slice(&bytes)
+                .map(Some)
+                .map_err(|e| Failure::rejected(format!("table {}: value of {key:?} does not decode: {e}", self.name))),
         }
     }
 
     /// Store `value` under `key`.
     pub fn put(&self, key: &str, value: &V) -> Result<(), Failure> {
-        let bytes = serde_json::to_vec(value).map_err(|e| {
-            Failure::rejected(format!("table {}: cannot encode {key:?}: {e}", self.name))
-        })?;
+        let bytes = serde_json::to_vec(value)
+            .map_err(|e| Failure::rejected(format!("table {}: cannot encode {key:?}: {e}", self.name)))?;
         kv::put(self.name, key, &bytes)
     }
 
     /// Up to `limit` entries whose key starts with `prefix`, in key order,
     /// beginning after `start_after` when given.
-    pub fn scan(
-        &self,
-        prefix: &str,
-        start_after: Option<&str>,
-        limit: u32,
-    ) -> Result<Vec<(String, V)>, Failure> {
+    pub fn scan(&self, prefix: &str, start_after: Option<&str>, limit: u32) -> Result<Vec<(String, V)>, Failure> {
         kv::scan(self.name, prefix, start_after, limit)?
             .into_iter()
             .map(|(key, bytes)| {
                 let value = serde_json::from_slice(&bytes).map_err(|e| {
-                    Failure::rejected(format!(
-                        "table {}: value of {key:?} does not decode: {e}",
-                        self.name
-                    ))
+                    Failure::rejected(format!("table {}: value of {key:?} does not decode: {e}", self.name))
                 })?;
                 Ok((key, value))
             })
@@ -311,9 +290,7 @@ pub mod kv {
 pub fn __install_panic_hook() {
     static ONCE: std::sync::Once = std::sync::Once::new();
     ONCE.call_once(|| {
-        std::panic::set_hook(Box::new(|info| {
-            log(Level::Error, &format!("plugin panicked: {info}"))
-        }));
+        std::panic::set_hook(Box::new(|info| log(Level::Error, &format!("plugin panicked: {info}"))));
     });
 }
 
@@ -328,14 +305,12 @@ macro_rules! export_projection {
                     $crate::__install_panic_hook();
                     <$ty as $crate::Projection>::manifest().into_wit()
                 }
-                fn handle(
-                    events: ::std::vec::Vec<$crate::Event>,
-                ) -> ::std::result::Result<(), $crate::Failure> {
+                fn handle(events: ::std::vec::Vec<$crate::Event>) -> ::std::result::Result<(), $crate::Failure> {
                     $crate::__install_panic_hook();
                     <$ty as $crate::Projection>::handle(events)
-        }
+                }
             }
-            $crate::wit::__export_projection_world!(__RefractExport with_types_in $crate::wit);
+    $crate::wit::__export_projection_world!(__RefractExport with_types_in $crate::wit);
         };
     };
 }

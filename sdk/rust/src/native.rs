@@ -22,13 +22,8 @@ pub trait Backend: Any {
     /// Remove `key` from `table`.
     fn delete(&mut self, table: &str, key: &str) -> Result<(), KvError>;
     /// Entries with keys starting with `prefix`, after `start_after`, at most `limit`.
-    fn scan(
-        &mut self,
-        table: &str,
-        prefix: &str,
-        start_after: Option<&str>,
-        limit: u32,
-    ) -> Result<Vec<Entry>, KvError>;
+    fn scan(&mut self, table: &str, prefix: &str, start_after: Option<&str>, limit: u32)
+    -> Result<Vec<Entry>, KvError>;
     /// A message from the projection.
     fn log(&mut self, level: Level, message: &str) {
         let _ = (level, message);
@@ -47,10 +42,7 @@ thread_local! {
 pub fn with_backend<B: Backend, R>(backend: B, f: impl FnOnce() -> R) -> (B, R) {
     BACKEND.with(|slot| {
         let mut slot = slot.borrow_mut();
-        assert!(
-            slot.is_none(),
-            "refract_sdk::native::with_backend does not nest"
-        );
+        assert!(slot.is_none(), "refract_sdk::native::with_backend does not nest");
         *slot = Some(Box::new(backend));
     });
     // Take the backend back even if `f` panics, so the thread stays usable.
@@ -62,26 +54,19 @@ pub fn with_backend<B: Backend, R>(backend: B, f: impl FnOnce() -> R) -> (B, R) 
     }
     let reset = Reset;
     let result = f();
-    let backend = BACKEND
-        .with(|slot| slot.borrow_mut().take())
-        .expect("backend installed above");
+    let backend = BACKEND.with(|slot| slot.borrow_mut().take()).expect("backend installed above");
     drop(reset);
     let backend: Box<dyn Any> = backend;
-    (
-        *backend
-            .downcast::<B>()
-            .expect("the backend installed above"),
-        result,
-    )
+    (*backend.downcast::<B>().expect("the backend installed above"), result)
 }
 
 #[cfg(not(target_arch = "wasm32"))]
 fn with<R>(f: impl FnOnce(&mut dyn Backend) -> R) -> R {
     BACKEND.with(|slot| {
         let mut slot = slot.borrow_mut();
-        let backend = slot.as_deref_mut().expect(
-            "no refract_sdk::native backend: call the projection inside native::with_backend",
-        );
+        let backend = slot
+            .as_deref_mut()
+            .expect("no refract_sdk::native backend: call the projection inside native::with_backend");
         f(backend)
     })
 }
@@ -102,12 +87,7 @@ pub(crate) fn delete(table: &str, key: &str) -> Result<(), KvError> {
 }
 
 #[cfg(not(target_arch = "wasm32"))]
-pub(crate) fn scan(
-    table: &str,
-    prefix: &str,
-    start_after: Option<&str>,
-    limit: u32,
-) -> Result<Vec<Entry>, KvError> {
+pub(crate) fn scan(table: &str, prefix: &str, start_after: Option<&str>, limit: u32) -> Result<Vec<Entry>, KvError> {
     with(|b| b.scan(table, prefix, start_after, limit))
 }
 
@@ -132,11 +112,7 @@ impl MemoryBackend {
 
     /// Every entry of `table`, in key order.
     pub fn table(&self, table: &str) -> impl Iterator<Item = (&str, &[u8])> {
-        self.tables
-            .get(table)
-            .into_iter()
-            .flatten()
-            .map(|(k, v)| (k.as_str(), v.as_slice()))
+        self.tables.get(table).into_iter().flatten().map(|(k, v)| (k.as_str(), v.as_slice()))
     }
 }
 
@@ -146,10 +122,7 @@ impl Backend for MemoryBackend {
     }
 
     fn put(&mut self, table: &str, key: &str, value: &[u8]) -> Result<(), KvError> {
-        self.tables
-            .entry(table.to_owned())
-            .or_default()
-            .insert(key.to_owned(), value.to_vec());
+        self.tables.entry(table.to_owned()).or_default().insert(key.to_owned(), value.to_vec());
         Ok(())
     }
 
@@ -177,10 +150,7 @@ impl Backend for MemoryBackend {
         Ok(t.range((start, std::ops::Bound::Unbounded))
             .take_while(|(k, _)| k.starts_with(prefix))
             .take(limit as usize)
-            .map(|(k, v)| Entry {
-                key: k.clone(),
-                value: v.clone(),
-            })
+            .map(|(k, v)| Entry { key: k.clone(), value: v.clone() })
             .collect())
     }
 

@@ -1,0 +1,88 @@
+//! Malformed events and events a plugin rejects, traps on, or cannot finish
+//! each become exactly one dead letter; every other event is applied.
+
+use std::collections::BTreeSet;
+
+use serde_json::{Value, json};
+
+use crate::support::{Server, ndjson, plugins, reference};
+
+#[test]
+fn malformed_and_rejected_order_events_are_dead_lettered_once_each() {
+    let dir = tempfile::tempdir().unwrap();
+    let p = plugins();
+    let server = Server::start(dir.path(), &[&p.order_summary], "");
+    let mut events = refract::fixtures::orders(3000, 5, 0.02);
+    // Mix in malformed events: wrong shapes, wrong types, missing fields.
+    let malformed = [
+        json!({"type": "OrderPlaced", "key": "o-1", "time": 1, "data": "not an object"}),
+        json!({"type": "OrderPlaced", "key": "o-x", "time": 1, "data": {"orderId": "o-x", "total": "12"}}),
+        json!({"type": "PaymentReceived", "key": "o-1", "time": 1, "data": {"orderId": "o-1"}}),
+        json!({"type": "OrderShipped", "key": "o-2", "time": 1, "data": [1, 2, 3]}),
+        json!({"type": "OrderCancelled", "key": "o-3", "time": 1, "data": null}),
+    ];
+    for (i, m) in malformed.iter().enumerate() {
+        events.insert(400 * (i + 1), m.clone());
+    }
+    // Events the plugin does not subscribe to are skipped, not dead-lettered.
+    events.insert(10, json!({"type": "OrderAudited", "key": "o-1", "time": 1, "data": {}}));
+    let reply = server.client().append_ndjson("orders", &ndjson(&events)).unwrap();
+    assert_eq!(reply.status, 200, "{}", reply.body);
+    // Bodies that are not events never reach the log.
+    let bad = server.client().append_ndjson("orders", b"{\"type\":\"OrderPlaced\"}\n").unwrap();
+    assert_eq!((bad.status, bad.body["error"]["code"].as_str()), (400, Some("bad_request")));
+    assert!(bad.body["error"]["message"].as_str().unwrap().contains("missing field `data`"));
+    server.wait_caught_up();
+
+    let subscribed: Vec<Value> = events.iter().filter(|e| e["type"] != "OrderAudited").cloned().collect();
+    let expected = reference::orders(&subscribed);
+    let letters = server.get("/v1/projections/order-summary/dead-letters?limit=1000");
+    let letters = letters["deadLetters"].as_array().unwrap();
+    assert_eq!(letters.len(), expected.rejected);
+    let positions: BTreeSet<(u64, u64)> =
+        letters.iter().map(|l| (l["partition"].as_u64().unwrap(), l["offset"].as_u64().unwrap())).collect();
+    assert_eq!(positions.len(), letters.len(), "an event was dead-lettered twice");
+    let not_an_object = letters.iter().find(|l| l["data"] == "not an object").expect("the malformed event");
+    assert!(not_an_object["error"].as_str().unwrap().contains("does not decode"), "{not_an_object}");
+    assert_eq!(not_an_object["pluginVersion"], "0.1.0");
+    let got = server.table("order-summary", "orders");
+    assert!(got == expected.orders.into_iter().collect::<Vec<_>>(), "orders differ from the reference fold");
+    let status = server.get("/v1/projections/order-summary");
+    assert_eq!(status["eventsApplied"], subscribed.len() - expected.rejected);
+    assert!(status["lastError"].as_str().unwrap().contains("dead-lettered"));
+}
+
+#[test]
+fn traps_deadlines_memory_caps_and_transient_failures_are_contained() {
+    let dir = tempfile::tempdir().unwrap();
+    let p = plugins();
+    let config = "limits:\n  deadline-ms: 300\n  memory-mb: 32\nbatch:\n  initial-backoff-ms: 20\n";
+    let server = Server::start(dir.path(), &[&p.chaos], config);
+    let mut events: Vec<Value> = (0..200).map(|i| json!({"type": "Ok", "key": "k", "data": {"n": i}})).collect();
+    for (at, ty) in [(20, "Reject"), (50, "Panic"), (90, "Spin"), (130, "Hog"), (160, "Flaky"), (170, "Flaky")] {
+        events[at]["type"] = json!(ty);
+    }
+    let reply = server.client().append_ndjson("chaos", &ndjson(&events)).unwrap();
+    assert_eq!(reply.status, 200);
+    server.wait_caught_up();
+
+    let letters = server.get("/v1/projections/testkit-chaos/dead-letters");
+    let letters = letters["deadLetters"].as_array().unwrap();
+    let by_type: Vec<(&str, &str)> =
+        letters.iter().map(|l| (l["type"].as_str().unwrap(), l["error"].as_str().unwrap())).collect();
+    assert_eq!(by_type.len(), 4, "{by_type:?}");
+    assert!(by_type.iter().any(|(t, e)| *t == "Reject" && e.starts_with("rejected: asked to reject")));
+    assert!(by_type.iter().any(|(t, e)| *t == "Panic" && e.contains("asked to panic at offset 50")), "{by_type:?}");
+    assert!(by_type.iter().any(|(t, e)| *t == "Spin" && e.contains("deadline of 300 ms")), "{by_type:?}");
+    assert!(by_type.iter().any(|(t, e)| *t == "Hog" && e.starts_with("trap:")), "{by_type:?}");
+    // Everything else, including the flaky events after their retry, was applied once.
+    let applied = server.table("testkit-chaos", "applied");
+    let offsets: Vec<u64> = applied.iter().map(|(k, _)| k.split('/').nth(1).unwrap().parse().unwrap()).collect();
+    let want: Vec<u64> = (0..200).filter(|i| ![20, 50, 90, 130].contains(i)).collect();
+    assert_eq!(offsets, want);
+    let status = server.get("/v1/projections/testkit-chaos");
+    assert_eq!(status["eventsApplied"], 196);
+    assert_eq!(status["state"], "running");
+    // The HTTP API kept answering throughout (the server is still healthy).
+    assert_eq!(server.get("/healthz")["status"], "ok");
+}

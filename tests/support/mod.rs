@@ -1,0 +1,205 @@
+//! Shared by the end-to-end tests and the benchmarks: building the example
+//! plugins, running the real `refract` binary, and reference folds of the
+//! example events computed independently of the plugins.
+#![allow(dead_code)] // each test binary uses a different part
+
+pub mod reference;
+
+use std::net::TcpListener;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::OnceLock;
+use std::time::{Duration, Instant};
+
+use refract::client::Client;
+use serde_json::Value;
+
+/// The example and test plugins, built for `wasm32-wasip2`.
+pub struct Plugins {
+    pub order_summary: PathBuf,
+    pub account_balance: PathBuf,
+    pub chaos: PathBuf,
+}
+
+fn workspace_root() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).parent().expect("runtime/ is in the workspace").to_owned()
+}
+
+/// Build the plugins (incrementally: a no-op when nothing changed, so a test
+/// never runs a stale component) into their own target directory, which
+/// keeps this nested cargo off the lock of the build that runs the tests.
+pub fn plugins() -> &'static Plugins {
+    static PLUGINS: OnceLock<Plugins> = OnceLock::new();
+    PLUGINS.get_or_init(|| {
+        let exe = std::env::current_exe().expect("test executable path");
+        let target = std::env::var_os("CARGO_TARGET_DIR")
+            .map(PathBuf::from)
+            .unwrap_or_else(|| exe.ancestors().nth(3).expect("target/<profile>/deps/<exe>").to_owned());
+        let target = target.join("wasm-plugins");
+        let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
+        let status = Command::new(cargo)
+            .current_dir(workspace_root())
+            .args(["build", "--target", "wasm32-wasip2", "--profile", "plugin", "--quiet"])
+            .args(["-p", "order-summary", "-p", "account-balance", "-p", "testkit-chaos"])
+            .arg("--target-dir")
+            .arg(&target)
+            .env_remove("CARGO_ENCODED_RUSTFLAGS")
+            .env_remove("RUSTFLAGS")
+            .env_remove("RUSTC_WORKSPACE_WRAPPER")
+            .env_remove("CARGO_TARGET_DIR")
+            .status()
+            .expect("running cargo to build the plugins");
+        assert!(
+            status.success(),
+            "building the plugins failed; is the target installed? `rustup target add wasm32-wasip2`"
+        );
+        let dir = target.join("wasm32-wasip2").join("plugin");
+        Plugins {
+            order_summary: dir.join("order_summary.wasm"),
+            account_balance: dir.join("account_balance.wasm"),
+            chaos: dir.join("testkit_chaos.wasm"),
+        }
+    })
+}
+
+/// A free TCP port on 127.0.0.1.
+pub fn free_port() -> u16 {
+    TcpListener::bind("127.0.0.1:0").expect("bind :0").local_addr().expect("local addr").port()
+}
+
+/// A `refract run` process with its own data and plugins directories.
+pub struct Server {
+    child: Option<Child>,
+    pub dir: PathBuf,
+    pub port: u16,
+    pub url: String,
+}
+
+impl Server {
+    /// Write `dir/refract.yaml` (data and plugins under `dir`, plus `extra`
+    /// YAML), copy `plugins` into `dir/plugins`, start the binary and wait until it answers.
+    pub fn start(dir: &Path, plugins: &[&Path], extra: &str) -> Server {
+        let plugins_dir = dir.join("plugins");
+        std::fs::create_dir_all(&plugins_dir).unwrap();
+        for p in plugins {
+            std::fs::copy(p, plugins_dir.join(p.file_name().unwrap())).unwrap();
+        }
+        let port = free_port();
+        let config = format!("data-dir: data\nplugins-dir: plugins\nlisten: 127.0.0.1:{port}\n{extra}");
+        std::fs::write(dir.join("refract.yaml"), config).unwrap();
+        let mut server = Server { child: None, dir: dir.to_owned(), port, url: format!("http://127.0.0.1:{port}") };
+        server.restart();
+        server
+    }
+
+    /// Start the process again (after [`Server::kill`]) on the same directory and port.
+    pub fn restart(&mut self) {
+        assert!(self.child.is_none(), "already running");
+        let log = std::fs::OpenOptions::new().create(true).append(true).open(self.dir.join("refract.log")).unwrap();
+        let child = Command::new(env!("CARGO_BIN_EXE_refract"))
+            .arg("run")
+            .arg("--config")
+            .arg(self.dir.join("refract.yaml"))
+            .env("RUST_LOG", "info,wasmtime=warn")
+            .stdout(Stdio::null())
+            .stderr(log)
+            .spawn()
+            .expect("starting refract");
+        self.child = Some(child);
+        let client = self.client();
+        let until = Instant::now() + Duration::from_secs(120);
+        loop {
+            if client.get("/healthz").is_ok_and(|r| r.status == 200) {
+                return;
+            }
+            if let Some(status) = self.child.as_mut().unwrap().try_wait().unwrap() {
+                panic!("refract exited with {status}; log:\n{}", self.log());
+            }
+            assert!(Instant::now() < until, "refract did not start; log:\n{}", self.log());
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+
+    /// SIGKILL the process: no shutdown, no flushing.
+    pub fn kill(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            child.kill().expect("SIGKILL");
+            child.wait().expect("reaping the process");
+        }
+    }
+
+    /// Stop the process gracefully (SIGTERM) and wait for it.
+    pub fn stop(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let _ = Command::new("kill").arg("-TERM").arg(child.id().to_string()).status();
+            child.wait().expect("reaping the process");
+        }
+    }
+
+    pub fn client(&self) -> Client {
+        Client::new(&self.url)
+    }
+
+    pub fn log(&self) -> String {
+        std::fs::read_to_string(self.dir.join("refract.log")).unwrap_or_default()
+    }
+
+    /// Wait until no projection lags behind the log.
+    pub fn wait_caught_up(&self) {
+        let caught_up = self.client().wait_caught_up(Duration::from_secs(180)).expect("querying status");
+        assert!(caught_up, "projections did not catch up; status: {}", self.get("/v1/projections"));
+    }
+
+    /// `GET path`, asserting a 200, returning the body.
+    pub fn get(&self, path: &str) -> Value {
+        let reply = self.client().get(path).expect("GET");
+        assert_eq!(reply.status, 200, "GET {path}: {}", reply.body);
+        reply.body
+    }
+
+    /// Every entry of a projection's table, paging with `after`.
+    pub fn table(&self, projection: &str, table: &str) -> Vec<(String, Value)> {
+        let mut out = Vec::new();
+        let mut after: Option<String> = None;
+        loop {
+            let mut path = format!("/v1/projections/{projection}/tables/{table}/items?limit=1000");
+            if let Some(a) = &after {
+                path.push_str(&format!("&after={}", encode(a)));
+            }
+            let page = self.get(&path);
+            for item in page["items"].as_array().unwrap() {
+                out.push((item["key"].as_str().unwrap().to_owned(), item["value"].clone()));
+            }
+            match page["next"].as_str() {
+                Some(next) => after = Some(next.to_owned()),
+                None => return out,
+            }
+        }
+    }
+}
+
+impl Drop for Server {
+    fn drop(&mut self) {
+        self.kill();
+    }
+}
+
+/// Percent-encode a query value.
+pub fn encode(s: &str) -> String {
+    s.bytes()
+        .map(|b| match b {
+            b'A'..=b'Z' | b'a'..=b'z' | b'0'..=b'9' | b'-' | b'_' | b'.' | b'~' => (b as char).to_string(),
+            _ => format!("%{b:02X}"),
+        })
+        .collect()
+}
+
+/// Events as NDJSON.
+pub fn ndjson(events: &[Value]) -> Vec<u8> {
+    let mut out = Vec::new();
+    for e in events {
+        serde_json::to_writer(&mut out, e).unwrap();
+        out.push(b'\n');
+    }
+    out
+}
