@@ -387,3 +387,173 @@ fn jitter(d: Duration) -> Duration {
     let factor = 0.75 + f64::from(nanos % 1000) / 2000.0;
     d.mul_f64(factor)
 }
+
+#[cfg(test)]
+mod tests {
+    use std::cell::Cell;
+
+    use refract_sdk::{Event as SdkEvent, Failure, Manifest, Projection, Table};
+    use serde_json::json;
+
+    use super::*;
+    use crate::plugin::native::NativeProjection;
+    use crate::source::NewEvent;
+    use crate::source::log::LogOptions;
+
+    const SEEN: Table<u64> = Table::new("seen");
+    const TOTAL: Table<u64> = Table::new("total");
+
+    thread_local! {
+        static FLAKES_LEFT: Cell<u32> = const { Cell::new(0) };
+    }
+
+    /// Counts events (read-modify-write: applying one twice would show) and
+    /// fails on request: `Bad` is rejected, `Boom` panics, `Flaky` is transient
+    /// while `FLAKES_LEFT` > 0.
+    struct Counter;
+
+    impl Projection for Counter {
+        fn manifest() -> Manifest {
+            Manifest::new("counter", "1.2.3").subscribe("s", &["Ok", "Bad", "Boom", "Flaky"]).table(&SEEN).table(&TOTAL)
+        }
+
+        fn apply(e: &SdkEvent) -> Result<(), Failure> {
+            match e.event_type.as_str() {
+                "Bad" => return Err(Failure::rejected(format!("bad event at {}", e.offset))),
+                "Boom" => panic!("boom at {}", e.offset),
+                "Flaky" if FLAKES_LEFT.get() > 0 => {
+                    FLAKES_LEFT.set(FLAKES_LEFT.get() - 1);
+                    return Err(Failure::transient("try again"));
+                }
+                _ => {}
+            }
+            SEEN.put(&format!("{}/{:04}", e.partition, e.offset), &e.offset)?;
+            let total = TOTAL.get("all")?.unwrap_or(0);
+            TOTAL.put("all", &(total + 1))
+        }
+    }
+
+    struct Fixture {
+        _dir: tempfile::TempDir,
+        log: Arc<EventLog>,
+        read_model: Arc<ReadModel>,
+        status: Arc<Mutex<WorkerStatus>>,
+    }
+
+    impl Fixture {
+        fn new() -> Self {
+            let dir = tempfile::tempdir().unwrap();
+            let options = LogOptions { default_partitions: 2, ..LogOptions::default() };
+            let log = Arc::new(EventLog::open(&dir.path().join("log.redb"), options).unwrap());
+            let read_model = Arc::new(ReadModel::open(&dir.path().join("rm.redb")).unwrap());
+            Fixture { _dir: dir, log, read_model, status: Arc::default() }
+        }
+
+        fn append(&self, types: &[&str]) {
+            let events: Vec<NewEvent> = types
+                .iter()
+                .enumerate()
+                .map(|(i, t)| {
+                    serde_json::from_value(json!({"type": t, "key": format!("k{}", i % 7), "data": {}})).unwrap()
+                })
+                .collect();
+            self.log.append("s", &events).unwrap();
+        }
+
+        fn projector(&self, options: BatchOptions) -> Projector {
+            let handler = Box::new(NativeProjection::new(Counter::manifest(), Counter::handle));
+            let stop = Arc::new(AtomicBool::new(false));
+            Projector::new(handler, self.read_model.clone(), self.log.clone(), options, self.status.clone(), stop)
+                .unwrap()
+        }
+
+        fn drain(&self, projector: &mut Projector) {
+            while projector.step().unwrap() > 0 {}
+        }
+
+        fn total(&self) -> u64 {
+            self.read_model.get("total", "all").unwrap().map_or(0, |v| serde_json::from_slice(&v).unwrap())
+        }
+    }
+
+    fn fast() -> BatchOptions {
+        BatchOptions { call_events: 8, initial_backoff: Duration::from_millis(1), ..BatchOptions::default() }
+    }
+
+    #[test]
+    fn bisection_dead_letters_only_the_poison_events() {
+        let f = Fixture::new();
+        let mut types = vec!["Ok"; 100];
+        for at in [3, 40, 41, 77] {
+            types[at] = "Bad";
+        }
+        types[60] = "Boom";
+        f.append(&types);
+        let mut p = f.projector(fast());
+        f.drain(&mut p);
+
+        assert_eq!(f.total(), 95, "every good event applied exactly once");
+        let letters = f.read_model.dead_letters(0, 100).unwrap();
+        assert_eq!(letters.len(), 5);
+        assert!(letters.iter().all(|(_, l)| l.plugin_version == "1.2.3"));
+        let boom = letters.iter().find(|(_, l)| l.event_type == "Boom").unwrap();
+        assert!(boom.1.error.contains("trap: plugin panicked: boom at"), "{}", boom.1.error);
+        let counters = f.read_model.counters().unwrap();
+        assert_eq!((counters.events_applied, counters.dead_letters), (95, 5));
+        let heads = f.log.heads("s").unwrap();
+        let checkpoints: Vec<u64> = f.read_model.checkpoints().unwrap().iter().map(|c| c.next_offset).collect();
+        assert_eq!(checkpoints, heads);
+    }
+
+    #[test]
+    fn a_new_worker_resumes_from_the_checkpoint_without_reapplying() {
+        let f = Fixture::new();
+        f.append(&["Ok"; 50]);
+        let mut p = f.projector(fast());
+        f.drain(&mut p);
+        drop(p);
+        f.append(&["Ok"; 30]);
+        let mut p = f.projector(fast());
+        f.drain(&mut p);
+        assert_eq!(f.total(), 80);
+        assert_eq!(f.read_model.counters().unwrap().events_applied, 80);
+    }
+
+    #[test]
+    fn transient_failures_are_retried_with_back_off_not_dead_lettered() {
+        let f = Fixture::new();
+        f.append(&["Ok", "Flaky", "Ok"]);
+        FLAKES_LEFT.set(3);
+        let mut p = f.projector(fast());
+        f.drain(&mut p);
+        assert_eq!(f.total(), 3);
+        assert!(f.read_model.dead_letters(0, 10).unwrap().is_empty());
+        let status = f.status.lock().unwrap();
+        assert_eq!(status.state, WorkerState::Running);
+        assert!(status.last_error.as_deref().unwrap().contains("transient: try again"));
+    }
+
+    #[test]
+    fn unsubscribed_event_types_advance_the_checkpoint_without_reaching_the_plugin() {
+        let f = Fixture::new();
+        f.append(&["Ok", "Other", "Other", "Ok"]);
+        let mut p = f.projector(fast());
+        f.drain(&mut p);
+        assert_eq!(f.total(), 2);
+        let next: u64 = f.read_model.checkpoints().unwrap().iter().map(|c| c.next_offset).sum();
+        assert_eq!(next, 4);
+    }
+
+    #[test]
+    fn a_time_bounded_batch_commits_what_it_handled_and_the_rest_follows() {
+        let f = Fixture::new();
+        f.append(&["Ok"; 200]);
+        // A zero duration ends every batch after its first call.
+        let options = BatchOptions { max_duration: Duration::ZERO, ..fast() };
+        let mut p = f.projector(options);
+        assert!(p.step().unwrap() > 0);
+        assert_eq!(f.read_model.counters().unwrap().events_applied, 8);
+        f.drain(&mut p);
+        assert_eq!(f.total(), 200);
+    }
+}
