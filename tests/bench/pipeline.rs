@@ -1,1 +1,201 @@
-fn main() {}
+//! `cargo bench -p refract --bench pipeline`: the order-summary projection
+//! end to end, against its baselines, in one run over the same events.
+//!
+//! - **log scan**: reading and decoding every event from the embedded log;
+//! - **redb insert**: inserting the rows the projection writes, in
+//!   transactions of the projector's batch size, durable commits;
+//! - **native**: the order-summary crate compiled into the host, through the
+//!   same projector, batches and storage;
+//! - **wasm**: the order-summary component, through the same pipeline.
+//!
+//! Set `REFRACT_BENCH_EVENTS` to change the number of events (default 1,000,000).
+
+#[path = "../support/mod.rs"]
+mod support;
+
+use std::collections::HashMap;
+use std::sync::atomic::AtomicBool;
+use std::sync::{Arc, Mutex};
+use std::time::Instant;
+
+use order_summary::OrderSummary;
+use redb::{Database, Durability, TableDefinition};
+use refract::plugin::Handler;
+use refract::plugin::cache::CompileCache;
+use refract::plugin::native::NativeProjection;
+use refract::plugin::wasm::{self, PluginLimits, WasmProjection};
+use refract::projector::{BatchOptions, Projector};
+use refract::source::NewEvent;
+use refract::source::log::{EventLog, LogOptions};
+use refract::store::ReadModel;
+use refract_sdk::Projection;
+use refract_sdk::native::{Backend, MemoryBackend, with_backend};
+use refract_sdk::wit::refract::plugin::kv::{Entry, KvError};
+
+/// Records every put a projection makes, in order.
+#[derive(Default)]
+struct Recorder {
+    memory: MemoryBackend,
+    puts: Vec<(String, String, Vec<u8>)>,
+}
+
+impl Backend for Recorder {
+    fn get(&mut self, table: &str, key: &str) -> Result<Option<Vec<u8>>, KvError> {
+        Backend::get(&mut self.memory, table, key)
+    }
+    fn put(&mut self, table: &str, key: &str, value: &[u8]) -> Result<(), KvError> {
+        self.puts.push((table.to_owned(), key.to_owned(), value.to_vec()));
+        self.memory.put(table, key, value)
+    }
+    fn delete(&mut self, table: &str, key: &str) -> Result<(), KvError> {
+        self.memory.delete(table, key)
+    }
+    fn scan(&mut self, table: &str, prefix: &str, after: Option<&str>, limit: u32) -> Result<Vec<Entry>, KvError> {
+        self.memory.scan(table, prefix, after, limit)
+    }
+}
+
+struct Measure {
+    name: &'static str,
+    events: usize,
+    seconds: f64,
+}
+
+impl Measure {
+    fn rate(&self) -> f64 {
+        self.events as f64 / self.seconds
+    }
+}
+
+fn run_pipeline(name: &'static str, handler: Box<dyn Handler>, log: &Arc<EventLog>, dir: &std::path::Path) -> Measure {
+    let read_model = Arc::new(ReadModel::open(&dir.join(format!("{name}.redb"))).unwrap());
+    let status = Arc::new(Mutex::new(Default::default()));
+    let stop = Arc::new(AtomicBool::new(false));
+    let mut projector =
+        Projector::new(handler, read_model.clone(), log.clone(), BatchOptions::default(), status, stop).unwrap();
+    let started = Instant::now();
+    let mut events = 0;
+    loop {
+        let n = projector.step().unwrap();
+        if n == 0 {
+            break;
+        }
+        events += n;
+    }
+    let seconds = started.elapsed().as_secs_f64();
+    let counters = read_model.counters().unwrap();
+    assert_eq!(counters.events_applied as usize, events, "{name}: every event applied");
+    assert_eq!(counters.dead_letters, 0, "{name}: no dead letters");
+    Measure { name, events, seconds }
+}
+
+fn main() {
+    let n: usize = std::env::var("REFRACT_BENCH_EVENTS").ok().and_then(|v| v.parse().ok()).unwrap_or(1_000_000);
+    let dir = tempfile::tempdir().unwrap();
+    let wasm_path = &support::plugins().order_summary;
+
+    eprintln!("generating {n} order events …");
+    let events = refract::fixtures::orders(n, 42, 0.0);
+    let log = Arc::new(
+        EventLog::open(&dir.path().join("log.redb"), LogOptions { default_partitions: 4, ..Default::default() })
+            .unwrap(),
+    );
+    let started = Instant::now();
+    for chunk in events.chunks(10_000) {
+        let chunk: Vec<NewEvent> = chunk.iter().map(|e| serde_json::from_value(e.clone()).unwrap()).collect();
+        log.append("orders", &chunk).unwrap();
+    }
+    let append = Measure { name: "log append (10k per request)", events: n, seconds: started.elapsed().as_secs_f64() };
+
+    // Baseline 1: scan and decode the whole log.
+    let started = Instant::now();
+    let mut scanned = 0;
+    for p in 0..4 {
+        let mut from = 0;
+        loop {
+            let batch = log.read("orders", p, from, 10_000).unwrap();
+            let Some(last) = batch.last() else { break };
+            from = last.offset + 1;
+            scanned += batch.len();
+        }
+    }
+    assert_eq!(scanned, n);
+    let scan = Measure { name: "raw log scan", events: n, seconds: started.elapsed().as_secs_f64() };
+
+    // Baseline 2: the rows the projection writes, inserted raw into redb in
+    // transactions covering as many events as a projector batch.
+    let mut per_event = Vec::with_capacity(n);
+    let mut recorder = Recorder::default();
+    for p in 0..4 {
+        for e in log.read("orders", p, 0, usize::MAX).unwrap() {
+            let event = refract_sdk::testing::event("orders", &e.event_type, e.key.as_deref(), &e.data);
+            let (mut r, result) = with_backend(std::mem::take(&mut recorder), || OrderSummary::apply(&event));
+            result.unwrap();
+            per_event.push(std::mem::take(&mut r.puts));
+            recorder = r;
+        }
+    }
+    let raw = Database::create(dir.path().join("raw.redb")).unwrap();
+    let batch_events = BatchOptions::default().max_events;
+    let started = Instant::now();
+    for batch in per_event.chunks(batch_events) {
+        let mut tx = raw.begin_write().unwrap();
+        tx.set_durability(Durability::Immediate).unwrap();
+        {
+            let mut tables = HashMap::new();
+            for rows in batch {
+                for (table, key, value) in rows {
+                    let t = tables.entry(table.as_str()).or_insert_with(|| {
+                        tx.open_table(TableDefinition::<&str, &[u8]>::new(&format!("t/{table}"))).unwrap()
+                    });
+                    t.insert(key.as_str(), value.as_slice()).unwrap();
+                }
+            }
+        }
+        tx.commit().unwrap();
+    }
+    let insert = Measure { name: "raw redb insert (same rows)", events: n, seconds: started.elapsed().as_secs_f64() };
+
+    // The projection, natively and as WebAssembly, through the same projector.
+    let native = run_pipeline(
+        "native",
+        Box::new(NativeProjection::new(OrderSummary::manifest(), OrderSummary::handle)),
+        &log,
+        dir.path(),
+    );
+    let engine = refract::plugin::engine::new_engine().unwrap();
+    let cache = CompileCache::new(&dir.path().join("cache"), &engine).unwrap();
+    let (component, _) = cache.load(&std::fs::read(wasm_path).unwrap()).unwrap();
+    let linker = wasm::linker(&engine).unwrap();
+    let plugin = WasmProjection::load(&engine, &linker, &component, "order-summary", PluginLimits::default()).unwrap();
+    let wasm = run_pipeline("wasm", Box::new(plugin), &log, dir.path());
+
+    // Compile cache: a cold compile against a load from the cache.
+    let wasm_bytes = std::fs::read(wasm_path).unwrap();
+    let cold_cache = CompileCache::new(&dir.path().join("cold"), &engine).unwrap();
+    let started = Instant::now();
+    cold_cache.load(&wasm_bytes).unwrap();
+    let cold = started.elapsed().as_secs_f64();
+    let started = Instant::now();
+    cold_cache.load(&wasm_bytes).unwrap();
+    let warm = started.elapsed().as_secs_f64();
+
+    println!("\norder-summary over {n} events ({} KiB component)\n", wasm_bytes.len() / 1024);
+    println!("| measure | events/s | seconds |");
+    println!("|---|---:|---:|");
+    for m in [&append, &scan, &insert, &native, &wasm] {
+        println!("| {} | {:.0} | {:.2} |", m.name, m.rate(), m.seconds);
+    }
+    let bound = scan.rate().min(insert.rate());
+    println!("\n| ratio | value | target |");
+    println!("|---|---:|---:|");
+    println!("| wasm / native | {:.2} | ≥ 0.80 |", wasm.rate() / native.rate());
+    println!("| wasm end-to-end / min(scan, insert) | {:.2} | ≥ 0.80 |", wasm.rate() / bound);
+    println!("| native end-to-end / min(scan, insert) | {:.2} | |", native.rate() / bound);
+    println!(
+        "| cached load / cold compile | {:.1} ms vs {:.1} ms = {:.0}× faster | ≥ 100× |",
+        warm * 1e3,
+        cold * 1e3,
+        cold / warm
+    );
+}

@@ -5,5 +5,7 @@
 mod support;
 
 mod crash_safety;
+mod demo;
+mod plugin_loading;
 mod poison_events;
 mod query_read_models;

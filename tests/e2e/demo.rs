@@ -1,0 +1,60 @@
+//! `refract demo`: starts the runtime with the example plugins, appends
+//! sample events and prints queries that work.
+
+use std::io::{BufRead, BufReader};
+use std::process::{Command, Stdio};
+
+use refract::client::Client;
+
+use crate::support::{free_port, plugins};
+
+#[test]
+fn the_demo_appends_sample_events_and_prints_queries_that_answer() {
+    let dir = tempfile::tempdir().unwrap();
+    let plugins_dir = dir.path().join("plugins");
+    std::fs::create_dir_all(&plugins_dir).unwrap();
+    let p = plugins();
+    for f in [&p.order_summary, &p.account_balance] {
+        std::fs::copy(f, plugins_dir.join(f.file_name().unwrap())).unwrap();
+    }
+    let port = free_port();
+    let mut child = Command::new(env!("CARGO_BIN_EXE_refract"))
+        .current_dir(dir.path())
+        .args(["demo", "--events", "2000", "--listen", &format!("127.0.0.1:{port}")])
+        .arg("--plugins-dir")
+        .arg(&plugins_dir)
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let mut printed = Vec::new();
+    for line in BufReader::new(child.stdout.take().unwrap()).lines() {
+        let line = line.unwrap();
+        let done = line.contains("Press Ctrl-C");
+        printed.push(line);
+        if done {
+            break;
+        }
+    }
+    let text = printed.join("\n");
+    assert!(text.contains("projections caught up"), "{text}");
+    // Every printed GET query answers 200 with JSON.
+    let client = Client::new(&format!("http://127.0.0.1:{port}"));
+    let mut queried = 0;
+    for line in &printed {
+        if let Some(url) = line.trim().strip_prefix("curl -s ").and_then(|rest| rest.split(" | ").next()) {
+            let url = url.trim_matches('\'');
+            let path = url.split_once(&format!(":{port}")).map(|(_, path)| path).unwrap();
+            let reply = client.get(path).unwrap();
+            assert_eq!(reply.status, 200, "{path}: {}", reply.body);
+            queried += 1;
+        }
+    }
+    assert!(queried >= 5, "{text}");
+    let orders = client.get("/v1/projections/order-summary").unwrap();
+    assert_eq!(orders.body["lag"], 0);
+    assert!(orders.body["eventsApplied"].as_u64().unwrap() > 1500);
+    assert!(dir.path().join("refract-demo-data/log.redb").exists());
+    child.kill().unwrap();
+    child.wait().unwrap();
+}
