@@ -108,13 +108,12 @@ pub fn balances(events: &[Value]) -> (BTreeMap<String, Value>, usize) {
         let d = &e["data"];
         let a = d["accountId"].as_str().unwrap().to_owned();
         match e["type"].as_str().unwrap() {
-            "AccountCreated" => {
-                if bal.contains_key(&a) {
-                    rejected += 1;
-                } else {
-                    bal.insert(a, (d["owner"].as_str().unwrap().to_owned(), 0));
+            "AccountCreated" => match bal.entry(a) {
+                std::collections::btree_map::Entry::Occupied(_) => rejected += 1,
+                std::collections::btree_map::Entry::Vacant(v) => {
+                    v.insert((d["owner"].as_str().unwrap().to_owned(), 0));
                 }
-            }
+            },
             ty => {
                 let amount = cents(&d["amount"]);
                 let Some(&(_, balance)) = bal.get(&a) else {

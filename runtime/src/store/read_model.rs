@@ -128,11 +128,10 @@ impl ReadModel {
                 checkpoints.insert((c.stream.as_str(), c.partition), c.next_offset)?;
             }
             let mut dead = tx.open_table(DEAD_LETTERS)?;
-            let mut next_id = dead.last()?.map_or(1, |(k, _)| k.value() + 1);
-            for letter in &commit.dead_letters {
+            let first_id = dead.last()?.map_or(1, |(k, _)| k.value() + 1);
+            for (id, letter) in (first_id..).zip(&commit.dead_letters) {
                 let bytes = serde_json::to_vec(letter).expect("dead letters serialize");
-                dead.insert(next_id, bytes.as_slice())?;
-                next_id += 1;
+                dead.insert(id, bytes.as_slice())?;
             }
             let mut counters = tx.open_table(COUNTERS)?;
             for (name, add) in
