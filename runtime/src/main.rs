@@ -11,6 +11,11 @@ use refract::config::Config;
 use refract::runtime::Runtime;
 use tracing_subscriber::EnvFilter;
 
+// Batches allocate and free many small strings, across the reader and worker
+// threads; mimalloc handles that far better than the system allocator.
+#[global_allocator]
+static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 /// Refract: WebAssembly projections over event streams, served as queryable read models.
 #[derive(Parser)]
 #[command(version, about)]

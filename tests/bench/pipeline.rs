@@ -14,7 +14,7 @@
 mod support;
 
 use std::collections::HashMap;
-use std::sync::atomic::AtomicBool;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Instant;
 
@@ -31,6 +31,10 @@ use refract::store::ReadModel;
 use refract_sdk::Projection;
 use refract_sdk::native::{Backend, MemoryBackend, with_backend};
 use refract_sdk::wit::refract::plugin::kv::{Entry, KvError};
+
+// The allocator of the `refract` binary.
+#[global_allocator]
+static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
 /// Records every put a projection makes, in order.
 #[derive(Default)]
@@ -67,26 +71,29 @@ impl Measure {
     }
 }
 
+/// Run `handler` through the projector (with its read-ahead thread) until it
+/// has consumed the whole log.
 fn run_pipeline(name: &'static str, handler: Box<dyn Handler>, log: &Arc<EventLog>, dir: &std::path::Path) -> Measure {
     let read_model = Arc::new(ReadModel::open(&dir.join(format!("{name}.redb"))).unwrap());
     let status = Arc::new(Mutex::new(Default::default()));
     let stop = Arc::new(AtomicBool::new(false));
-    let mut projector =
-        Projector::new(handler, read_model.clone(), log.clone(), BatchOptions::default(), status, stop).unwrap();
+    let projector =
+        Projector::new(handler, read_model.clone(), log.clone(), BatchOptions::default(), status, stop.clone())
+            .unwrap();
+    let total: u64 = log.heads("orders").unwrap().iter().sum();
     let started = Instant::now();
-    let mut events = 0;
-    loop {
-        let n = projector.step().unwrap();
-        if n == 0 {
-            break;
-        }
-        events += n;
+    let worker = std::thread::spawn(move || projector.run());
+    let consumed = || read_model.checkpoints().unwrap().iter().map(|c| c.next_offset).sum::<u64>();
+    while consumed() < total {
+        std::thread::sleep(std::time::Duration::from_millis(1));
     }
     let seconds = started.elapsed().as_secs_f64();
+    stop.store(true, Ordering::Relaxed);
+    worker.join().unwrap();
     let counters = read_model.counters().unwrap();
-    assert_eq!(counters.events_applied as usize, events, "{name}: every event applied");
+    assert_eq!(counters.events_applied, total, "{name}: every event applied");
     assert_eq!(counters.dead_letters, 0, "{name}: no dead letters");
-    Measure { name, events, seconds }
+    Measure { name, events: total as usize, seconds }
 }
 
 fn main() {

@@ -16,7 +16,7 @@
 
 use std::collections::{BTreeMap, HashSet};
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, mpsc};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use serde::Serialize;
@@ -24,7 +24,7 @@ use serde::Serialize;
 use crate::plugin::{Event, HandleError, Handler};
 use crate::source::log::EventLog;
 use crate::store::read_model::Commit;
-use crate::store::{Checkpoint, DeadLetter, KvLimits, ReadModel};
+use crate::store::{Batch, Checkpoint, DeadLetter, KvLimits, ReadModel, Writes};
 
 /// How batches are sized and failures retried.
 #[derive(Debug, Clone)]
@@ -95,6 +95,11 @@ struct Pending {
 }
 
 impl Pending {
+    /// True when reading moved no partition past `cursor`.
+    fn is_empty(&self, cursor: &BTreeMap<(String, u32), u64>) -> bool {
+        self.read_to.iter().all(|(k, to)| cursor.get(k).copied().unwrap_or(0) == *to)
+    }
+
     /// Checkpoints once `events[..done]` are handled: per partition, the first
     /// event not yet handled, or where reading stopped.
     fn checkpoints_after(&self, done: usize) -> Vec<Checkpoint> {
@@ -108,6 +113,38 @@ impl Pending {
     }
 }
 
+type ReadResult = Result<Pending, crate::source::log::Error>;
+
+/// Read up to `max_events` events after `cursor` from the subscribed partitions,
+/// sharing the batch between partitions that have something to read.
+fn read_batch(
+    log: &EventLog,
+    subscriptions: &[(String, HashSet<String>)],
+    cursor: &BTreeMap<(String, u32), u64>,
+    max_events: usize,
+) -> ReadResult {
+    let mut pending = Pending { events: Vec::new(), read_to: BTreeMap::new() };
+    let mut partitions = Vec::new();
+    for (stream, types) in subscriptions {
+        let Some(heads) = log.heads(stream) else { continue };
+        for (p, head) in heads.into_iter().enumerate() {
+            let from = cursor.get(&(stream.clone(), p as u32)).copied().unwrap_or(0);
+            if from < head {
+                partitions.push((stream, types, p as u32, from, head));
+            }
+        }
+    }
+    let quota = (max_events / partitions.len().max(1)).max(1);
+    for (stream, types, partition, from, head) in partitions {
+        let limit = quota.min((head - from) as usize);
+        let events = log.read(stream, partition, from, limit)?;
+        let to = events.last().map_or(from, |e| e.offset + 1);
+        pending.read_to.insert((stream.clone(), partition), to);
+        pending.events.extend(events.into_iter().filter(|e| types.is_empty() || types.contains(&e.event_type)));
+    }
+    Ok(pending)
+}
+
 /// The worker of one projection.
 pub struct Projector {
     handler: Box<dyn Handler>,
@@ -119,7 +156,19 @@ pub struct Projector {
     tables: Arc<std::collections::BTreeSet<String>>,
     /// Subscribed streams and event types (empty: all types).
     subscriptions: Vec<(String, HashSet<String>)>,
+    /// Durable checkpoints: what the read model holds.
     checkpoints: BTreeMap<(String, u32), u64>,
+    /// The commit running on its own thread while the next batch is handled.
+    in_flight: Option<InFlight>,
+    /// Set when in-memory progress was dropped: reading must restart from `checkpoints`.
+    resync: bool,
+}
+
+struct InFlight {
+    commit: Commit,
+    /// Also the lower layer of the batch handled meanwhile.
+    writes: Arc<Writes>,
+    done: std::thread::JoinHandle<crate::store::Result<()>>,
 }
 
 enum Retry {
@@ -146,32 +195,97 @@ impl Projector {
             .collect();
         let checkpoints =
             read_model.checkpoints()?.into_iter().map(|c| ((c.stream, c.partition), c.next_offset)).collect();
-        Ok(Projector { handler, read_model, log, options, status, stop, tables, subscriptions, checkpoints })
+        Ok(Projector {
+            handler,
+            read_model,
+            log,
+            options,
+            status,
+            stop,
+            tables,
+            subscriptions,
+            checkpoints,
+            in_flight: None,
+            resync: false,
+        })
     }
 
     fn name(&self) -> &str {
         &self.handler.manifest().name
     }
 
-    /// Run until `stop` is set: handle what there is, then wait for appends.
+    /// Run until `stop` is set, as a pipeline of three threads: a reader
+    /// reads and decodes the next batch from the log, this thread hands the
+    /// current one to the plugin, and the previous one commits meanwhile.
     pub fn run(mut self) {
         tracing::info!(projection = self.name(), "projector started");
+        let (mut batches, mut reader) = self.spawn_reader();
         while !self.stop.load(Ordering::Relaxed) {
-            let seen = self.log.signal().current();
-            match self.step() {
-                Ok(0) => {
-                    self.log.signal().wait(seen, Duration::from_millis(200));
+            if self.resync {
+                drop(batches);
+                let _ = reader.join();
+                (batches, reader) = self.spawn_reader();
+                self.resync = false;
+            }
+            let wait = if self.in_flight.is_some() { Duration::from_millis(2) } else { Duration::from_millis(200) };
+            match batches.recv_timeout(wait) {
+                Ok(Ok(pending)) => {
+                    let span = tracing::debug_span!("batch", projection = self.name(), events = pending.events.len());
+                    let _enter = span.enter();
+                    self.process(&pending);
                 }
-                Ok(_) => {}
-                Err(e) => {
+                Ok(Err(e)) => {
                     tracing::error!(projection = self.name(), error = %e, "reading the log failed");
                     self.set_error(&format!("reading the log: {e}"));
-                    std::thread::sleep(self.options.initial_backoff);
                 }
+                // Nothing new: make sure the last commit is settled.
+                Err(mpsc::RecvTimeoutError::Timeout) => self.settle_or_resync(),
+                Err(mpsc::RecvTimeoutError::Disconnected) => break,
             }
         }
+        self.settle_or_resync();
+        drop(batches);
+        let _ = reader.join();
         self.status.lock().expect("status lock").state = WorkerState::Stopped;
         tracing::info!(projection = self.name(), "projector stopped");
+    }
+
+    /// Start the thread that reads batches ahead, from the durable checkpoints on.
+    fn spawn_reader(&self) -> (mpsc::Receiver<ReadResult>, std::thread::JoinHandle<()>) {
+        // One batch in the channel and one being read: enough to keep the worker busy.
+        let (tx, rx) = mpsc::sync_channel::<ReadResult>(1);
+        let log = self.log.clone();
+        let subscriptions = self.subscriptions.clone();
+        let mut cursor = self.checkpoints.clone();
+        let max_events = self.options.max_events;
+        let backoff = self.options.initial_backoff;
+        let stop = self.stop.clone();
+        std::thread::Builder::new()
+            .name(format!("reader-{}", self.name()))
+            .spawn(move || {
+                while !stop.load(Ordering::Relaxed) {
+                    let seen = log.signal().current();
+                    match read_batch(&log, &subscriptions, &cursor, max_events) {
+                        Ok(pending) if pending.is_empty(&cursor) => {
+                            log.signal().wait(seen, Duration::from_millis(200));
+                        }
+                        Ok(pending) => {
+                            cursor.extend(pending.read_to.iter().map(|(k, v)| (k.clone(), *v)));
+                            if tx.send(Ok(pending)).is_err() {
+                                return;
+                            }
+                        }
+                        Err(e) => {
+                            if tx.send(Err(e)).is_err() {
+                                return;
+                            }
+                            std::thread::sleep(backoff);
+                        }
+                    }
+                }
+            })
+            .map(|reader| (rx, reader))
+            .expect("spawn a reader thread")
     }
 
     fn set_error(&self, message: &str) {
@@ -180,74 +294,127 @@ impl Projector {
         status.last_error_at = Some(now_ms());
     }
 
-    /// Read and handle one batch; returns the number of events read.
+    /// Read and handle one batch on this thread (no read-ahead) and wait for
+    /// its commits; returns how many events it consumed (how far the durable
+    /// checkpoints moved), 0 when there was nothing to do.
     pub fn step(&mut self) -> Result<usize, crate::source::log::Error> {
-        let pending = self.read()?;
-        let read: u64 = pending.read_to.iter().map(|(k, to)| to - self.checkpoints.get(k).copied().unwrap_or(0)).sum();
-        if read == 0 {
+        let pending = read_batch(&self.log, &self.subscriptions, &self.checkpoints, self.options.max_events)?;
+        if pending.is_empty(&self.checkpoints) {
             return Ok(0);
         }
-        let span = tracing::debug_span!("batch", projection = self.name(), events = pending.events.len());
-        let _enter = span.enter();
+        let before: u64 = self.checkpoints.values().sum();
         self.process(&pending);
-        Ok(read as usize)
+        self.settle_or_resync();
+        self.resync = false;
+        Ok((self.checkpoints.values().sum::<u64>() - before) as usize)
     }
 
-    fn read(&self) -> Result<Pending, crate::source::log::Error> {
-        let mut pending = Pending { events: Vec::new(), read_to: BTreeMap::new() };
-        let mut partitions = Vec::new();
-        for (stream, types) in &self.subscriptions {
-            let Some(heads) = self.log.heads(stream) else {
-                continue;
+    fn begin(&self) -> crate::store::Result<Batch> {
+        let below = self.in_flight.as_ref().map(|f| f.writes.clone());
+        self.read_model.begin(self.tables.clone(), self.options.kv, below)
+    }
+
+    /// Wait for the commit in flight, if any; on success its checkpoints become durable.
+    fn settle(&mut self) -> Result<(), HandleError> {
+        let Some(in_flight) = self.in_flight.take() else { return Ok(()) };
+        match in_flight.done.join() {
+            Ok(Ok(())) => {
+                self.committed(&in_flight.commit);
+                Ok(())
+            }
+            Ok(Err(e)) => Err(HandleError::Host(format!("committing: {e}"))),
+            Err(_) => Err(HandleError::Host("the commit thread panicked".into())),
+        }
+    }
+
+    fn settle_or_resync(&mut self) {
+        if let Err(e) = self.settle() {
+            self.start_over(e);
+        }
+    }
+
+    /// A commit failed: drop all progress not yet durable, wait, and read
+    /// again from the durable checkpoints.
+    fn start_over(&mut self, error: HandleError) {
+        let message = error.to_string();
+        tracing::warn!(projection = self.name(), error = %message, "a commit failed; resuming from the last durable checkpoint");
+        {
+            let mut status = self.status.lock().expect("status lock");
+            status.state = WorkerState::Retrying;
+            status.retries += 1;
+            status.last_error = Some(message);
+            status.last_error_at = Some(now_ms());
+        }
+        let mut backoff = self.options.initial_backoff;
+        loop {
+            if !self.sleep(jitter(backoff)) {
+                return;
+            }
+            match self.read_model.checkpoints() {
+                Ok(checkpoints) => {
+                    self.checkpoints =
+                        checkpoints.into_iter().map(|c| ((c.stream, c.partition), c.next_offset)).collect();
+                    self.resync = true;
+                    return;
+                }
+                Err(e) => self.set_error(&format!("reading checkpoints: {e}")),
+            }
+            backoff = (backoff * 2).min(self.options.max_backoff);
+        }
+    }
+
+    /// Commit `batch` on its own thread, after the previous commit succeeded.
+    fn submit(&mut self, batch: Batch, commit: Commit) -> Result<(), HandleError> {
+        let writes = Arc::new(batch.into_writes());
+        self.settle()?;
+        let (read_model, w, c) = (self.read_model.clone(), writes.clone(), commit.clone());
+        let done = std::thread::Builder::new()
+            .name("refract-commit".into())
+            .spawn(move || read_model.commit(&w, &c))
+            .map_err(|e| HandleError::Host(format!("spawning a commit thread: {e}")))?;
+        self.in_flight = Some(InFlight { commit, writes, done });
+        Ok(())
+    }
+
+    /// Handle every event of `pending`. A transaction ends once it has run
+    /// for `max-duration`, so transactions stay short under load; its commit
+    /// runs while the next transaction is handled.
+    fn process(&mut self, pending: &Pending) {
+        let n = pending.events.len();
+        let mut done = 0;
+        loop {
+            let started = Instant::now();
+            let mut batch = match self.begin() {
+                Ok(b) => b,
+                Err(e) => return self.recover(pending, done, n, HandleError::Host(e.to_string())),
             };
-            for (p, head) in heads.into_iter().enumerate() {
-                let from = self.checkpoints.get(&(stream.clone(), p as u32)).copied().unwrap_or(0);
-                if from < head {
-                    partitions.push((stream, types, p as u32, from, head));
+            let mut end = done;
+            while end < n {
+                let call_end = (end + self.options.call_events).min(n);
+                let (b, result) = self.handler.handle(batch, &pending.events[end..call_end]);
+                batch = b;
+                if let Err(e) = result {
+                    drop(batch); // rolled back: nothing of it was written
+                    return self.recover(pending, done, n, e);
+                }
+                end = call_end;
+                if started.elapsed() >= self.options.max_duration {
+                    break;
                 }
             }
-        }
-        // Share the batch between partitions with something to read.
-        let quota = (self.options.max_events / partitions.len().max(1)).max(1);
-        for (stream, types, partition, from, head) in partitions {
-            let limit = quota.min((head - from) as usize);
-            let events = self.log.read(stream, partition, from, limit)?;
-            let to = events.last().map_or(from, |e| e.offset + 1);
-            pending.read_to.insert((stream.clone(), partition), to);
-            pending.events.extend(events.into_iter().filter(|e| types.is_empty() || types.contains(&e.event_type)));
-        }
-        Ok(pending)
-    }
-
-    fn process(&mut self, pending: &Pending) {
-        let started = Instant::now();
-        let batch = match self.read_model.begin(self.tables.clone(), self.options.kv) {
-            Ok(b) => b,
-            Err(e) => {
-                return self.recover(pending, 0, pending.events.len(), HandleError::Host(e.to_string()));
-            }
-        };
-        let mut batch = batch;
-        let mut done = 0;
-        while done < pending.events.len() {
-            let end = (done + self.options.call_events).min(pending.events.len());
-            let (b, result) = self.handler.handle(batch, &pending.events[done..end]);
-            batch = b;
-            if let Err(e) = result {
-                drop(batch);
-                return self.recover(pending, 0, pending.events.len(), e);
+            let commit = Commit {
+                checkpoints: pending.checkpoints_after(end),
+                applied: (end - done) as u64,
+                dead_letters: vec![],
+            };
+            if let Err(e) = self.submit(batch, commit) {
+                return self.start_over(e);
             }
             done = end;
-            if started.elapsed() >= self.options.max_duration {
-                break;
+            if done >= n {
+                return;
             }
         }
-        let commit =
-            Commit { checkpoints: pending.checkpoints_after(done), applied: done as u64, dead_letters: vec![] };
-        if let Err(e) = self.read_model.commit(batch, &commit) {
-            return self.recover(pending, 0, pending.events.len(), HandleError::Host(e.to_string()));
-        }
-        self.committed(&commit);
     }
 
     fn committed(&mut self, commit: &Commit) {
@@ -259,13 +426,9 @@ impl Projector {
         status.retries = 0;
     }
 
-    /// Handle `events[lo..hi]` in one batch and commit it.
+    /// Handle `events[lo..hi]` in one batch and commit it before returning.
     fn run_range(&mut self, pending: &Pending, lo: usize, hi: usize) -> Result<(), HandleError> {
-        let batch = self
-            .read_model
-            .begin(self.tables.clone(), self.options.kv)
-            .map_err(|e| HandleError::Host(e.to_string()))?;
-        let mut batch = batch;
+        let mut batch = self.begin().map_err(|e| HandleError::Host(e.to_string()))?;
         for start in (lo..hi).step_by(self.options.call_events) {
             let end = (start + self.options.call_events).min(hi);
             let (b, result) = self.handler.handle(batch, &pending.events[start..end]);
@@ -274,13 +437,17 @@ impl Projector {
         }
         let commit =
             Commit { checkpoints: pending.checkpoints_after(hi), applied: (hi - lo) as u64, dead_letters: vec![] };
-        self.read_model.commit(batch, &commit).map_err(|e| HandleError::Host(e.to_string()))?;
+        self.read_model.commit(&batch.into_writes(), &commit).map_err(|e| HandleError::Host(e.to_string()))?;
         self.committed(&commit);
         Ok(())
     }
 
-    /// `events[lo..hi]` failed with `error`: retry, or bisect down to the poison event.
+    /// `events[lo..hi]` failed with `error`: settle the commit in flight, then
+    /// retry, or bisect down to the poison event.
     fn recover(&mut self, pending: &Pending, lo: usize, hi: usize, error: HandleError) {
+        if let Err(e) = self.settle() {
+            return self.start_over(e);
+        }
         let _ = self.recover_range(pending, lo, hi, error);
     }
 
@@ -348,10 +515,7 @@ impl Projector {
         let mut backoff = self.options.initial_backoff;
         loop {
             // An empty batch: the dead letter and the checkpoint commit alone.
-            let result = self
-                .read_model
-                .begin(self.tables.clone(), self.options.kv)
-                .and_then(|batch| self.read_model.commit(batch, &commit));
+            let result = self.read_model.commit(&Writes::new(), &commit);
             match result {
                 Ok(()) => {
                     self.committed(&commit);
@@ -548,12 +712,12 @@ mod tests {
     fn a_time_bounded_batch_commits_what_it_handled_and_the_rest_follows() {
         let f = Fixture::new();
         f.append(&["Ok"; 200]);
-        // A zero duration ends every batch after its first call.
+        // A zero duration ends every transaction after its first call.
         let options = BatchOptions { max_duration: Duration::ZERO, ..fast() };
         let mut p = f.projector(options);
-        assert!(p.step().unwrap() > 0);
-        assert_eq!(f.read_model.counters().unwrap().events_applied, 8);
-        f.drain(&mut p);
+        assert_eq!(p.step().unwrap(), 200);
+        let counters = f.read_model.counters().unwrap();
+        assert_eq!((counters.events_applied, counters.batches), (200, 200_u64.div_ceil(8)));
         assert_eq!(f.total(), 200);
     }
 }

@@ -1,7 +1,9 @@
 //! The key/value view a projection works on during one batch.
 //!
-//! Reads go to the batch's own writes first, then to a snapshot of the last
-//! committed state; writes collect in memory, coalesced per key, and reach
+//! Three layers, newest first: the batch's own writes; the writes of the
+//! previous batch while its commit is still in flight (the projector commits
+//! one batch while the next one runs); and a redb snapshot of the last
+//! committed state. Writes collect in memory, coalesced per key, and reach
 //! redb only when the batch commits together with its checkpoint
 //! ([`super::ReadModel::commit`]). A failed batch is dropped: nothing to undo.
 
@@ -30,7 +32,13 @@ impl Default for KvLimits {
     }
 }
 
+/// One layer of a scan: (key, value or deletion) in key order.
+type Layer<'a> = Box<dyn Iterator<Item = std::result::Result<(String, Option<Vec<u8>>), redb::StorageError>> + 'a>;
+
 type Stored = ReadOnlyTable<&'static str, &'static [u8]>;
+
+/// A batch's writes per table and key: `Some(value)` to put, `None` to delete.
+pub type Writes = BTreeMap<String, BTreeMap<String, Option<Vec<u8>>>>;
 
 /// One batch's key/value state: a committed snapshot plus pending writes.
 pub struct Batch {
@@ -40,13 +48,25 @@ pub struct Batch {
     limits: KvLimits,
     /// Tables opened in the snapshot so far (`None`: not created yet).
     opened: HashMap<String, Option<Stored>>,
-    /// Pending writes per table: `Some(value)` to put, `None` to delete.
-    pub(super) writes: BTreeMap<String, BTreeMap<String, Option<Vec<u8>>>>,
+    /// The previous batch's writes while its commit is in flight.
+    below: Option<Arc<Writes>>,
+    /// This batch's writes.
+    writes: Writes,
 }
 
 impl Batch {
-    pub(super) fn new(snapshot: ReadTransaction, tables: Arc<BTreeSet<String>>, limits: KvLimits) -> Self {
-        Batch { snapshot, tables, limits, opened: HashMap::new(), writes: BTreeMap::new() }
+    pub(super) fn new(
+        snapshot: ReadTransaction,
+        below: Option<Arc<Writes>>,
+        tables: Arc<BTreeSet<String>>,
+        limits: KvLimits,
+    ) -> Self {
+        Batch { snapshot, tables, limits, opened: HashMap::new(), below, writes: BTreeMap::new() }
+    }
+
+    /// The batch's writes, to commit.
+    pub fn into_writes(self) -> Writes {
+        self.writes
     }
 
     /// Number of pending writes (after coalescing).
@@ -90,13 +110,22 @@ impl Batch {
         if let Err(e) = self.check_table(table) {
             return Ok(Err(e));
         }
-        if let Some(pending) = self.writes.get(table).and_then(|t| t.get(key)) {
+        let layers = [Some(&self.writes), self.below.as_deref()];
+        if let Some(pending) = layers.into_iter().flatten().find_map(|w| w.get(table).and_then(|t| t.get(key))) {
             return Ok(Ok(pending.clone()));
         }
         let Some(stored) = self.stored(table)? else {
             return Ok(Ok(None));
         };
         Ok(Ok(stored.get(key)?.map(|v| v.value().to_vec())))
+    }
+
+    fn table_writes(&mut self, table: &str) -> &mut BTreeMap<String, Option<Vec<u8>>> {
+        // Look up before inserting: most writes go to a table already written.
+        if !self.writes.contains_key(table) {
+            self.writes.insert(table.to_owned(), BTreeMap::new());
+        }
+        self.writes.get_mut(table).expect("inserted above")
     }
 
     /// Store `value` (which must be a JSON document) under `key`.
@@ -113,7 +142,7 @@ impl Batch {
         if let Err(e) = serde_json::from_slice::<serde::de::IgnoredAny>(value) {
             return Err(KvError::InvalidValue(format!("value of {key:?} is not JSON: {e}")));
         }
-        self.writes.entry(table.to_owned()).or_default().insert(key.to_owned(), Some(value.to_vec()));
+        self.table_writes(table).insert(key.to_owned(), Some(value.to_vec()));
         Ok(())
     }
 
@@ -121,13 +150,13 @@ impl Batch {
     pub fn delete(&mut self, table: &str, key: &str) -> Result<(), KvError> {
         self.check_table(table)?;
         self.check_key(key)?;
-        self.writes.entry(table.to_owned()).or_default().insert(key.to_owned(), None);
+        self.table_writes(table).insert(key.to_owned(), None);
         Ok(())
     }
 
     /// Entries whose key starts with `prefix`, after `start_after`, at most
-    /// `limit` (capped by [`KvLimits::max_scan`]): committed entries merged
-    /// with this batch's writes.
+    /// `limit` (capped by [`KvLimits::max_scan`]): the layers merged in key
+    /// order, the newest layer winning for a key.
     pub fn scan(
         &mut self,
         table: &str,
@@ -140,56 +169,49 @@ impl Batch {
         }
         let limit = limit.min(self.limits.max_scan) as usize;
         let start = match start_after {
-            Some(after) if after >= prefix => Bound::Excluded(after.to_owned()),
-            _ => Bound::Included(prefix.to_owned()),
+            Some(after) if after >= prefix => Bound::Excluded(after),
+            _ => Bound::Included(prefix),
         };
         self.stored(table)?; // opens the table in the snapshot if it exists
-        let stored = self.opened[table].as_ref();
-        let empty = BTreeMap::new();
-        let pending = self.writes.get(table).unwrap_or(&empty).range::<String, _>((start.clone(), Bound::Unbounded));
-        let mut pending = pending.peekable();
-        let bounds = match &start {
-            Bound::Excluded(s) => (Bound::Excluded(s.as_str()), Bound::Unbounded),
-            Bound::Included(s) => (Bound::Included(s.as_str()), Bound::Unbounded),
-            Bound::Unbounded => (Bound::Unbounded, Bound::Unbounded),
+        fn in_memory<'a>(writes: Option<&'a Writes>, table: &str, start: Bound<&str>) -> Layer<'a> {
+            let range = writes.and_then(|w| w.get(table)).map(|t| t.range::<str, _>((start, Bound::Unbounded)));
+            Box::new(range.into_iter().flatten().map(|(k, v)| Ok((k.clone(), v.clone()))))
+        }
+        let stored: Layer<'_> = match self.opened[table].as_ref() {
+            None => Box::new(std::iter::empty()),
+            Some(t) => Box::new(t.range::<&str>((start, Bound::Unbounded))?.map(|entry| {
+                let (k, v) = entry?;
+                Ok((k.value().to_owned(), Some(v.value().to_vec())))
+            })),
         };
-        let mut committed = match stored {
-            Some(t) => Some(t.range::<&str>(bounds)?),
-            None => None,
-        };
-        let mut next_committed = || -> Result<Option<(String, Vec<u8>)>> {
-            match committed.as_mut().and_then(Iterator::next) {
-                None => Ok(None),
-                Some(entry) => {
-                    let (k, v) = entry?;
-                    Ok(Some((k.value().to_owned(), v.value().to_vec())))
-                }
-            }
-        };
-        let mut head = next_committed()?;
+        // Newest first: the first layer holding a key decides its value.
+        let mut layers: Vec<std::iter::Peekable<Layer<'_>>> = vec![
+            in_memory(Some(&self.writes), table, start).peekable(),
+            in_memory(self.below.as_deref(), table, start).peekable(),
+            stored.peekable(),
+        ];
         let mut out = Vec::new();
         while out.len() < limit {
-            let take_pending = match (pending.peek(), &head) {
-                (None, None) => break,
-                (Some(_), None) => true,
-                (None, Some(_)) => false,
-                (Some((pk, _)), Some((ck, _))) => pk.as_str() <= ck.as_str(),
-            };
-            let (key, value) = if take_pending {
-                let (k, v) = pending.next().expect("peeked");
-                if head.as_ref().is_some_and(|(ck, _)| ck == k) {
-                    head = next_committed()?; // overwritten or deleted in this batch
+            let mut smallest: Option<String> = None;
+            for layer in &mut layers {
+                match layer.peek() {
+                    Some(Ok((k, _))) if smallest.as_ref().is_none_or(|s| k < s) => smallest = Some(k.clone()),
+                    Some(Err(_)) => return Err(layer.next().expect("peeked").expect_err("peeked an error").into()),
+                    _ => {}
                 }
-                (k.clone(), v.clone())
-            } else {
-                let entry = head.take().expect("checked");
-                head = next_committed()?;
-                (entry.0, Some(entry.1))
-            };
+            }
+            let Some(key) = smallest else { break };
             if !key.starts_with(prefix) {
                 break;
             }
-            if let Some(value) = value {
+            let mut value = None;
+            for layer in &mut layers {
+                if matches!(layer.peek(), Some(Ok((k, _))) if *k == key) {
+                    let (_, v) = layer.next().expect("peeked").expect("peeked a value");
+                    value.get_or_insert(v);
+                }
+            }
+            if let Some(Some(value)) = value {
                 out.push(Entry { key, value });
             }
         }

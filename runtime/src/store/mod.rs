@@ -3,7 +3,7 @@
 pub mod batch;
 pub mod read_model;
 
-pub use batch::{Batch, KvLimits};
+pub use batch::{Batch, KvLimits, Writes};
 pub use read_model::{Checkpoint, DeadLetter, ReadModel};
 
 /// Errors of a read model's storage.

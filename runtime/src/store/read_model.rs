@@ -14,7 +14,7 @@ use std::sync::Arc;
 use redb::{Database, Durability, ReadableDatabase, ReadableTable, TableDefinition};
 use serde::{Deserialize, Serialize};
 
-use super::batch::{Batch, KvLimits};
+use super::batch::{Batch, KvLimits, Writes};
 use super::{Error, Result};
 
 const CHECKPOINTS: TableDefinition<(&str, u32), u64> = TableDefinition::new("checkpoints");
@@ -63,7 +63,7 @@ pub struct Counters {
 }
 
 /// What one batch commits.
-#[derive(Debug, Default)]
+#[derive(Debug, Clone, Default)]
 pub struct Commit {
     /// New checkpoints of the partitions the batch read.
     pub checkpoints: Vec<Checkpoint>,
@@ -103,17 +103,18 @@ impl ReadModel {
             .collect()
     }
 
-    /// Start a batch over the last committed state.
-    pub fn begin(&self, tables: Arc<BTreeSet<String>>, limits: KvLimits) -> Result<Batch> {
-        Ok(Batch::new(self.db.begin_read()?, tables, limits))
+    /// Start a batch over the last committed state and, while its commit is
+    /// in flight, the previous batch's writes (`below`).
+    pub fn begin(&self, tables: Arc<BTreeSet<String>>, limits: KvLimits, below: Option<Arc<Writes>>) -> Result<Batch> {
+        Ok(Batch::new(self.db.begin_read()?, below, tables, limits))
     }
 
-    /// Commit `batch`'s writes with `commit`'s checkpoints, dead letters and
+    /// Commit a batch's writes with `commit`'s checkpoints, dead letters and
     /// counters, durably, in one transaction.
-    pub fn commit(&self, batch: Batch, commit: &Commit) -> Result<()> {
+    pub fn commit(&self, writes: &Writes, commit: &Commit) -> Result<()> {
         let mut tx = self.db.begin_write()?;
         tx.set_durability(Durability::Immediate).map_err(|e| Error::Storage(redb::Error::from(e)))?;
-        for (name, writes) in &batch.writes {
+        for (name, writes) in writes {
             let mut table = tx.open_table(table_definition(&format!("t/{name}")))?;
             for (key, value) in writes {
                 match value {
@@ -223,19 +224,23 @@ mod tests {
     fn a_batch_reads_its_own_writes_and_commits_them_with_its_checkpoint() {
         let dir = tempfile::tempdir().unwrap();
         let rm = ReadModel::open(&dir.path().join("rm.redb")).unwrap();
-        let mut batch = rm.begin(tables(), KvLimits::default()).unwrap();
+        let mut batch = rm.begin(tables(), KvLimits::default(), None).unwrap();
         for k in ["a/1", "a/2", "b/1"] {
             batch.put("t", k, b"1").unwrap();
         }
         assert_eq!(batch.get("t", "a/2").unwrap().unwrap(), Some(b"1".to_vec()));
         assert!(rm.get("t", "a/2").unwrap().is_none(), "not visible before commit");
         let checkpoint = Checkpoint { stream: "s".into(), partition: 0, next_offset: 3 };
-        rm.commit(batch, &Commit { checkpoints: vec![checkpoint.clone()], applied: 3, dead_letters: vec![] }).unwrap();
+        rm.commit(
+            &batch.into_writes(),
+            &Commit { checkpoints: vec![checkpoint.clone()], applied: 3, dead_letters: vec![] },
+        )
+        .unwrap();
         assert_eq!(rm.checkpoints().unwrap(), vec![checkpoint]);
         assert_eq!(rm.counters().unwrap().events_applied, 3);
 
         // A second batch deletes one key, adds another, and scans the merge.
-        let mut batch = rm.begin(tables(), KvLimits::default()).unwrap();
+        let mut batch = rm.begin(tables(), KvLimits::default(), None).unwrap();
         batch.delete("t", "a/1").unwrap();
         batch.put("t", "a/15", b"2").unwrap();
         let scanned = batch.scan("t", "a/", None, 10).unwrap().unwrap();
@@ -250,12 +255,42 @@ mod tests {
     }
 
     #[test]
+    fn a_batch_sees_the_writes_of_the_commit_in_flight_below_its_own() {
+        let dir = tempfile::tempdir().unwrap();
+        let rm = ReadModel::open(&dir.path().join("rm.redb")).unwrap();
+        let mut first = rm.begin(tables(), KvLimits::default(), None).unwrap();
+        for k in ["a", "b", "c"] {
+            first.put("t", k, b"0").unwrap();
+        }
+        rm.commit(&first.into_writes(), &Commit::default()).unwrap();
+        // The second batch's writes, not committed yet, lie below the third batch.
+        let mut second = rm.begin(tables(), KvLimits::default(), None).unwrap();
+        second.put("t", "b", b"2").unwrap();
+        second.delete("t", "c").unwrap();
+        second.put("t", "d", b"2").unwrap();
+        let below = Arc::new(second.into_writes());
+        let mut third = rm.begin(tables(), KvLimits::default(), Some(below.clone())).unwrap();
+        third.put("t", "d", b"3").unwrap();
+        third.delete("t", "a").unwrap();
+        assert_eq!(third.get("t", "b").unwrap().unwrap(), Some(b"2".to_vec()));
+        assert_eq!(third.get("t", "c").unwrap().unwrap(), None);
+        let all = third.scan("t", "", None, 10).unwrap().unwrap();
+        let seen: Vec<(&str, &[u8])> = all.iter().map(|e| (e.key.as_str(), e.value.as_slice())).collect();
+        assert_eq!(seen, [("b", b"2".as_slice()), ("d", b"3".as_slice())]);
+        // Committing the second batch, then the third, gives the same state.
+        rm.commit(&below, &Commit::default()).unwrap();
+        rm.commit(&third.into_writes(), &Commit::default()).unwrap();
+        let stored: Vec<(String, Vec<u8>)> = rm.scan("t", "", None, 10).unwrap();
+        assert_eq!(stored, [("b".to_owned(), b"2".to_vec()), ("d".to_owned(), b"3".to_vec())]);
+    }
+
+    #[test]
     fn undeclared_tables_oversized_and_non_json_values_are_refused() {
         use crate::plugin::bindings::refract::plugin::kv::KvError;
         let dir = tempfile::tempdir().unwrap();
         let rm = ReadModel::open(&dir.path().join("rm.redb")).unwrap();
         let limits = KvLimits { max_value_bytes: 8, ..KvLimits::default() };
-        let mut batch = rm.begin(tables(), limits).unwrap();
+        let mut batch = rm.begin(tables(), limits, None).unwrap();
         assert!(matches!(batch.put("other", "k", b"1"), Err(KvError::UnknownTable(_))));
         assert!(matches!(batch.put("t", "k", b"[1,2,3,4,5]"), Err(KvError::TooLarge(_))));
         assert!(matches!(batch.put("t", "k", b"{oops"), Err(KvError::InvalidValue(_))));
