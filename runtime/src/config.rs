@@ -19,6 +19,8 @@
 //!   deadline-ms: 10000            # per call into a plugin
 //!   max-key-bytes: 1024
 //!   max-value-bytes: 1048576
+//! search:
+//!   commit-interval-ms: 500       # indexer commits to tantivy this often
 //! ```
 
 use std::collections::HashMap;
@@ -42,6 +44,21 @@ pub struct Config {
     pub streams: StreamsConfig,
     pub batch: BatchConfig,
     pub limits: LimitsConfig,
+    pub search: SearchConfig,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(rename_all = "kebab-case", deny_unknown_fields, default)]
+pub struct SearchConfig {
+    /// How often the indexer commits the outbox to tantivy: documents are
+    /// searchable at most this long after their batch committed.
+    pub commit_interval_ms: u64,
+}
+
+impl Default for SearchConfig {
+    fn default() -> Self {
+        SearchConfig { commit_interval_ms: 500 }
+    }
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -80,6 +97,7 @@ impl Default for Config {
             streams: StreamsConfig::default(),
             batch: BatchConfig::default(),
             limits: LimitsConfig::default(),
+            search: SearchConfig::default(),
         }
     }
 }
@@ -160,6 +178,9 @@ impl Config {
         }
         if self.batch.max_events == 0 || self.batch.call_events == 0 {
             return bad("batch: max-events and call-events must be at least 1");
+        }
+        if self.search.commit_interval_ms == 0 {
+            return bad("search: commit-interval-ms must be at least 1");
         }
         if self.limits.memory_mb == 0 || self.limits.deadline_ms == 0 {
             return bad("limits: memory-mb and deadline-ms must be at least 1");

@@ -5,6 +5,7 @@ use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, RwLock};
 use std::thread::JoinHandle;
+use std::time::Duration;
 
 use anyhow::Context;
 use serde::Serialize;
@@ -17,6 +18,7 @@ use crate::projector::{BatchOptions, Projector, WorkerStatus};
 use crate::source::log::EventLog;
 use crate::store::ReadModel;
 use crate::store::read_model::Counters;
+use crate::store::search::{Indexer, Indexes};
 
 /// A loaded projection, as the API sees it.
 pub struct Projection {
@@ -24,6 +26,8 @@ pub struct Projection {
     /// Where the plugin came from: its file, or `native`.
     pub source: String,
     pub read_model: Arc<ReadModel>,
+    /// The projection's search indexes (empty for plain projections).
+    pub indexes: Arc<Indexes>,
     pub status: Arc<Mutex<WorkerStatus>>,
 }
 
@@ -59,8 +63,24 @@ pub struct ProjectionStatus {
     pub partitions: Vec<PartitionStatus>,
     /// Events in the log not yet handled, over all partitions.
     pub lag: u64,
+    /// Each search index: how far the indexer has applied the outbox.
+    pub indexes: Vec<IndexStatus>,
     #[serde(flatten)]
     pub counters: Counters,
+}
+
+/// One search index's progress behind the tables.
+#[derive(Debug, Clone, Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct IndexStatus {
+    pub name: String,
+    /// The last outbox sequence committed to the index.
+    pub applied_sequence: u64,
+    /// The last outbox sequence the tables committed.
+    pub outbox_sequence: u64,
+    /// Document changes committed to the tables but not yet searchable.
+    pub lag: u64,
+    pub documents: u64,
 }
 
 #[derive(Debug, Clone, Serialize)]
@@ -84,6 +104,7 @@ pub struct Runtime {
     pub log: Arc<EventLog>,
     data_dir: PathBuf,
     batch: BatchOptions,
+    index_commit_interval: Duration,
     projections: RwLock<BTreeMap<String, Arc<Projection>>>,
     plugin_errors: Vec<PluginError>,
     stop: Arc<AtomicBool>,
@@ -143,6 +164,7 @@ impl Runtime {
             log: Arc::new(log),
             data_dir: config.data_dir.clone(),
             batch: config.batch_options(),
+            index_commit_interval: Duration::from_millis(config.search.commit_interval_ms),
             projections: RwLock::new(BTreeMap::new()),
             plugin_errors: Vec::new(),
             stop: Arc::new(AtomicBool::new(false)),
@@ -159,6 +181,11 @@ impl Runtime {
         let path = dir.join("read-model.redb");
         let read_model =
             Arc::new(ReadModel::open(&path).with_context(|| format!("opening the read model {}", path.display()))?);
+        let declared = crate::plugin::declared(&*handler).map_err(anyhow::Error::msg)?;
+        let indexes = Arc::new(
+            Indexes::open(&dir.join("indexes"), &declared.indexes)
+                .with_context(|| format!("opening the search indexes of {}", manifest.name))?,
+        );
         let status = Arc::new(Mutex::new(WorkerStatus::default()));
         let projector = Projector::new(
             handler,
@@ -168,7 +195,13 @@ impl Runtime {
             status.clone(),
             self.stop.clone(),
         )?;
-        let projection = Arc::new(Projection { manifest: manifest.clone(), source, read_model, status });
+        let projection = Arc::new(Projection {
+            manifest: manifest.clone(),
+            source,
+            read_model: read_model.clone(),
+            indexes: indexes.clone(),
+            status,
+        });
         let mut projections = self.projections.write().expect("projections lock");
         anyhow::ensure!(!projections.contains_key(&manifest.name), "projection {:?} is already running", manifest.name);
         projections.insert(manifest.name.clone(), projection.clone());
@@ -176,7 +209,16 @@ impl Runtime {
             .name(format!("projector-{}", manifest.name))
             .spawn(move || projector.run())
             .context("spawning a projector thread")?;
-        self.workers.lock().expect("workers lock").push(worker);
+        let mut workers = self.workers.lock().expect("workers lock");
+        workers.push(worker);
+        if !indexes.open.is_empty() {
+            let indexer = Indexer::new(read_model, indexes, self.index_commit_interval, self.stop.clone());
+            let thread = std::thread::Builder::new()
+                .name(format!("indexer-{}", manifest.name))
+                .spawn(move || indexer.run())
+                .context("spawning an indexer thread")?;
+            workers.push(thread);
+        }
         Ok(projection)
     }
 
@@ -217,8 +259,23 @@ impl Runtime {
                 });
             }
         }
+        let outbox_sequence = projection.read_model.outbox_sequence()?;
+        let applied = projection.indexes.applied.load(std::sync::atomic::Ordering::Relaxed);
+        let indexes = projection
+            .indexes
+            .open
+            .iter()
+            .map(|(name, open)| IndexStatus {
+                name: name.clone(),
+                applied_sequence: applied,
+                outbox_sequence,
+                lag: outbox_sequence.saturating_sub(applied),
+                documents: open.reader.searcher().num_docs(),
+            })
+            .collect();
         Ok(ProjectionStatus {
             name: m.name.clone(),
+            indexes,
             plugin: PluginInfo {
                 source: projection.source.clone(),
                 version: m.version.clone(),

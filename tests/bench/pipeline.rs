@@ -31,6 +31,7 @@ use refract::store::ReadModel;
 use refract_sdk::Projection;
 use refract_sdk::native::{Backend, MemoryBackend, with_backend};
 use refract_sdk::wit::refract::plugin::kv::{Entry, KvError};
+use refract_sdk::wit::refract::plugin::search::SearchError;
 
 // The allocator of the `refract` binary.
 #[global_allocator]
@@ -56,6 +57,12 @@ impl Backend for Recorder {
     }
     fn scan(&mut self, table: &str, prefix: &str, after: Option<&str>, limit: u32) -> Result<Vec<Entry>, KvError> {
         self.memory.scan(table, prefix, after, limit)
+    }
+    fn search_upsert(&mut self, index: &str, id: &str, document: &[u8]) -> Result<(), SearchError> {
+        self.memory.search_upsert(index, id, document)
+    }
+    fn search_delete(&mut self, index: &str, id: &str) -> Result<(), SearchError> {
+        self.memory.search_delete(index, id)
     }
 }
 

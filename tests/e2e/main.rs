@@ -9,3 +9,4 @@ mod demo;
 mod plugin_loading;
 mod poison_events;
 mod query_read_models;
+mod search_indexes;

@@ -17,6 +17,7 @@ use serde_json::Value;
 /// The example and test plugins, built for `wasm32-wasip2`.
 pub struct Plugins {
     pub order_summary: PathBuf,
+    pub order_search: PathBuf,
     pub account_balance: PathBuf,
     pub chaos: PathBuf,
 }
@@ -40,7 +41,7 @@ pub fn plugins() -> &'static Plugins {
         let status = Command::new(cargo)
             .current_dir(workspace_root())
             .args(["build", "--target", "wasm32-wasip2", "--profile", "plugin", "--quiet"])
-            .args(["-p", "order-summary", "-p", "account-balance", "-p", "testkit-chaos"])
+            .args(["-p", "order-summary", "-p", "order-search", "-p", "account-balance", "-p", "testkit-chaos"])
             .arg("--target-dir")
             .arg(&target)
             .env_remove("CARGO_ENCODED_RUSTFLAGS")
@@ -56,6 +57,7 @@ pub fn plugins() -> &'static Plugins {
         let dir = target.join("wasm32-wasip2").join("plugin");
         Plugins {
             order_summary: dir.join("order_summary.wasm"),
+            order_search: dir.join("order_search.wasm"),
             account_balance: dir.join("account_balance.wasm"),
             chaos: dir.join("testkit_chaos.wasm"),
         }

@@ -6,14 +6,18 @@
 //! - `Panic`: panics, which traps the instance;
 //! - `Spin`: loops forever (the batch deadline must interrupt it);
 //! - `Hog`: grows memory without bound (the memory cap must stop it);
-//! - `Flaky`: returns `transient` the first time this instance sees each one.
+//! - `Flaky`: returns `transient` the first time this instance sees each one;
+//! - `Index`: indexes the event data as document `<offset>` of index `docs`
+//!   (mapping: `n` i64, `tag` keyword), so data that does not fit the mapping
+//!   is refused by the host.
 
 use std::cell::RefCell;
 use std::collections::HashSet;
 
-use refract_sdk::{Event, Failure, Manifest, Projection, Table};
+use refract_sdk::{Event, Failure, Index, IndexMapping, Manifest, Projection, Table};
 
 pub const APPLIED: Table<serde_json::Value> = Table::new("applied");
+pub const DOCS: Index<serde_json::Value> = Index::new("docs");
 
 thread_local! {
     static FLAKED: RefCell<HashSet<u64>> = RefCell::new(HashSet::new());
@@ -24,6 +28,10 @@ pub struct Chaos;
 impl Projection for Chaos {
     fn manifest() -> Manifest {
         Manifest::new("testkit-chaos", env!("CARGO_PKG_VERSION")).subscribe("chaos", &[]).table(&APPLIED)
+    }
+
+    fn indexes() -> Vec<IndexMapping> {
+        vec![IndexMapping::new(DOCS.name()).i64("n").keyword("tag")]
     }
 
     fn apply(event: &Event) -> Result<(), Failure> {
@@ -51,6 +59,9 @@ impl Projection for Chaos {
             _ => {}
         }
         let data: serde_json::Value = event.json()?;
+        if event.event_type == "Index" {
+            DOCS.upsert(&event.offset.to_string(), &data)?;
+        }
         APPLIED.put(&format!("{}/{:020}", event.partition, event.offset), &data)
     }
 }

@@ -12,9 +12,11 @@
 //! | `GET /v1/projections/{p}/tables/{t}/items/{key}` | one value |
 //! | `GET /v1/projections/{p}/tables/{t}/items?prefix=&after=&limit=` | a page of entries |
 //! | `GET /v1/projections/{p}/dead-letters?after=&limit=` | a page of dead letters |
+//! | `GET /v1/projections/{p}/indexes/{i}/search?q=&filter=&sort=&limit=&offset=&facets=` | full-text search |
 
 mod error;
 mod projections;
+mod search;
 mod streams;
 
 use std::sync::Arc;
@@ -53,6 +55,7 @@ pub fn router(runtime: Arc<Runtime>) -> Router {
         .route("/v1/projections/{projection}/tables/{table}/items", get(projections::scan))
         .route("/v1/projections/{projection}/tables/{table}/items/{*key}", get(projections::get_item))
         .route("/v1/projections/{projection}/dead-letters", get(projections::dead_letters))
+        .route("/v1/projections/{projection}/indexes/{index}/search", get(search::search))
         .fallback(|| async {
             ApiError::not_found("no_route", "no such route; see GET /v1/projections and /v1/streams")
         })

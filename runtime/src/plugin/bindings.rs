@@ -9,4 +9,4 @@ wasmtime::component::bindgen!({
     imports: { default: trappable },
 });
 
-pub use self::refract::plugin::types::Subscription;
+pub use self::refract::plugin::types::{IndexMapping, Subscription};

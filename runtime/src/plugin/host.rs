@@ -15,6 +15,7 @@ use wasmtime::{StoreLimits, StoreLimitsBuilder};
 use wasmtime_wasi::{HostMonotonicClock, HostWallClock, WasiCtx, WasiCtxBuilder, WasiCtxView, WasiView};
 
 use super::bindings::refract::plugin::kv::{self, Entry, KvError};
+use super::bindings::refract::plugin::search::{self, SearchError};
 use super::bindings::refract::plugin::{log, types};
 use crate::store::Batch;
 
@@ -128,6 +129,16 @@ impl kv::Host for HostState {
             Ok(result) => Ok(result),
             Err(e) => Err(self.host_failure(e)),
         }
+    }
+}
+
+impl search::Host for HostState {
+    fn upsert(&mut self, index: String, id: String, document: Vec<u8>) -> wasmtime::Result<Result<(), SearchError>> {
+        Ok(self.batch()?.search_upsert(&index, &id, &document))
+    }
+
+    fn delete(&mut self, index: String, id: String) -> wasmtime::Result<Result<(), SearchError>> {
+        Ok(self.batch()?.search_delete(&index, &id))
     }
 }
 

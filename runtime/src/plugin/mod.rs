@@ -11,7 +11,7 @@ pub mod host;
 pub mod native;
 pub mod wasm;
 
-pub use bindings::{Event, Manifest};
+pub use bindings::{Event, IndexMapping, Manifest};
 
 use crate::store::Batch;
 
@@ -44,8 +44,25 @@ pub trait Handler: Send {
     /// What the plugin declared when it was loaded.
     fn manifest(&self) -> &Manifest;
 
+    /// The search indexes the plugin declared (none for plain projections).
+    fn indexes(&self) -> &[IndexMapping] {
+        &[]
+    }
+
     /// Handle `events` against `batch`, handing the batch back for commit or rollback.
     fn handle(&mut self, batch: Batch, events: &[Event]) -> (Batch, Result<(), HandleError>);
+}
+
+/// The tables and compiled index mappings `handler` declared.
+pub fn declared(handler: &dyn Handler) -> Result<crate::store::Declared, String> {
+    let mut indexes = std::collections::BTreeMap::new();
+    for mapping in handler.indexes() {
+        let schema = crate::store::search::IndexSchema::new(mapping)?;
+        if indexes.insert(mapping.name.clone(), schema).is_some() {
+            return Err(format!("index {:?} is declared twice", mapping.name));
+        }
+    }
+    Ok(crate::store::Declared { tables: handler.manifest().tables.iter().cloned().collect(), indexes })
 }
 
 /// Check a manifest before trusting it: valid names, at least one subscription.

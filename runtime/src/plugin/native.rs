@@ -7,10 +7,13 @@
 
 use refract_sdk::native::{self, Backend};
 use refract_sdk::wit::refract::plugin::kv::{Entry as SdkEntry, KvError as SdkKvError};
+use refract_sdk::wit::refract::plugin::search::SearchError as SdkSearchError;
 use refract_sdk::wit::refract::plugin::types as sdk;
 
 use super::bindings::refract::plugin::kv::KvError;
-use super::bindings::{Event, Manifest, Subscription};
+use super::bindings::refract::plugin::search::SearchError;
+use super::bindings::refract::plugin::types::{FieldMapping, FieldType};
+use super::bindings::{Event, IndexMapping, Manifest, Subscription};
 use super::{HandleError, Handler};
 use crate::store::Batch;
 
@@ -19,12 +22,46 @@ type HandleFn = fn(Vec<sdk::Event>) -> Result<(), sdk::Failure>;
 /// A native projection: its manifest and the SDK-generated `handle` function.
 pub struct NativeProjection {
     manifest: Manifest,
+    indexes: Vec<IndexMapping>,
     handle: HandleFn,
 }
 
 impl NativeProjection {
     /// A native projection from an SDK manifest and `Projection::handle`.
     pub fn new(manifest: refract_sdk::Manifest, handle: HandleFn) -> Self {
+        Self::with_indexes(manifest, Vec::new(), handle)
+    }
+
+    /// The same, for a projection with search indexes (`Projection::indexes`).
+    pub fn with_indexes(
+        manifest: refract_sdk::Manifest,
+        indexes: Vec<refract_sdk::IndexMapping>,
+        handle: HandleFn,
+    ) -> Self {
+        let indexes = indexes
+            .into_iter()
+            .map(|i| {
+                let i = i.into_wit();
+                let fields = i
+                    .fields
+                    .into_iter()
+                    .map(|f| FieldMapping {
+                        name: f.name,
+                        type_: match f.type_ {
+                            sdk::FieldType::Keyword => FieldType::Keyword,
+                            sdk::FieldType::Text => FieldType::Text,
+                            sdk::FieldType::I64 => FieldType::I64,
+                            sdk::FieldType::F64 => FieldType::F64,
+                            sdk::FieldType::Date => FieldType::Date,
+                            sdk::FieldType::Bool => FieldType::Bool,
+                        },
+                        stored: f.stored,
+                        fast: f.fast,
+                    })
+                    .collect();
+                IndexMapping { name: i.name, fields }
+            })
+            .collect();
         let m = manifest.into_wit();
         let manifest = Manifest {
             name: m.name,
@@ -37,7 +74,7 @@ impl NativeProjection {
                 .collect(),
             tables: m.tables,
         };
-        NativeProjection { manifest, handle }
+        NativeProjection { manifest, indexes, handle }
     }
 }
 
@@ -70,7 +107,23 @@ impl BatchBackend {
     }
 }
 
+fn to_sdk_search(e: SearchError) -> SdkSearchError {
+    match e {
+        SearchError::UnknownIndex(m) => SdkSearchError::UnknownIndex(m),
+        SearchError::InvalidDocument(m) => SdkSearchError::InvalidDocument(m),
+        SearchError::TooLarge(m) => SdkSearchError::TooLarge(m),
+    }
+}
+
 impl Backend for BatchBackend {
+    fn search_upsert(&mut self, index: &str, id: &str, document: &[u8]) -> Result<(), SdkSearchError> {
+        self.batch.search_upsert(index, id, document).map_err(to_sdk_search)
+    }
+
+    fn search_delete(&mut self, index: &str, id: &str) -> Result<(), SdkSearchError> {
+        self.batch.search_delete(index, id).map_err(to_sdk_search)
+    }
+
     fn get(&mut self, table: &str, key: &str) -> Result<Option<Vec<u8>>, SdkKvError> {
         let r = self.batch.get(table, key);
         self.host(r)
@@ -99,6 +152,10 @@ impl Backend for BatchBackend {
 impl Handler for NativeProjection {
     fn manifest(&self) -> &Manifest {
         &self.manifest
+    }
+
+    fn indexes(&self) -> &[IndexMapping] {
+        &self.indexes
     }
 
     fn handle(&mut self, batch: Batch, events: &[Event]) -> (Batch, Result<(), HandleError>) {

@@ -6,7 +6,7 @@ use std::time::Duration;
 use wasmtime::component::{Component, HasSelf, Linker};
 use wasmtime::{Engine, Store, Trap};
 
-use super::bindings::{Event, Failure, Manifest, Projection, ProjectionPre};
+use super::bindings::{Event, Failure, IndexMapping, Manifest, Projection, ProjectionPre};
 use super::engine::deadline_ticks;
 use super::host::HostState;
 use super::{HandleError, Handler};
@@ -49,6 +49,7 @@ pub struct WasmProjection {
     name: Arc<str>,
     limits: PluginLimits,
     manifest: Manifest,
+    indexes: Vec<IndexMapping>,
     instance: Option<(Store<HostState>, Projection)>,
 }
 
@@ -97,25 +98,40 @@ impl WasmProjection {
                 subscriptions: Vec::new(),
                 tables: Vec::new(),
             },
+            indexes: Vec::new(),
             instance: None,
         };
-        let (mut store, instance) = this.instantiate().map_err(LoadError::Instantiate)?;
-        store.set_epoch_deadline(deadline_ticks(limits.deadline));
+        let mut store = this.new_store();
+        let raw =
+            this.pre.instance_pre().instantiate(&mut store).map_err(|e| LoadError::Instantiate(format!("{e:#}")))?;
+        let instance = Projection::new(&mut store, &raw).map_err(|e| LoadError::Link(format!("{e:#}")))?;
         let manifest = instance
             .call_manifest(&mut store)
             .map_err(|e| LoadError::Manifest(describe_trap(&e, &limits, store.data_mut().last_error_log.take())))?;
         super::validate_manifest(&manifest).map_err(LoadError::InvalidManifest)?;
+        // The `search-projection` world adds an `indexes` export; plain projections lack it.
+        if let Ok(indexes) = raw.get_typed_func::<(), (Vec<IndexMapping>,)>(&mut store, "indexes") {
+            let (mappings,) = indexes
+                .call(&mut store, ())
+                .map_err(|e| LoadError::Manifest(describe_trap(&e, &limits, store.data_mut().last_error_log.take())))?;
+            this.indexes = mappings;
+        }
         this.name = Arc::from(manifest.name.as_str());
         this.manifest = manifest;
         this.instance = Some((store, instance));
         Ok(this)
     }
 
-    fn instantiate(&self) -> Result<(Store<HostState>, Projection), String> {
+    fn new_store(&self) -> Store<HostState> {
         let mut store = Store::new(&self.engine, HostState::new(self.name.clone(), self.limits.max_memory));
         store.limiter(|s| &mut s.limits);
         store.epoch_deadline_trap();
         store.set_epoch_deadline(deadline_ticks(self.limits.deadline));
+        store
+    }
+
+    fn instantiate(&self) -> Result<(Store<HostState>, Projection), String> {
+        let mut store = self.new_store();
         let instance = self.pre.instantiate(&mut store).map_err(|e| format!("{e:#}"))?;
         Ok((store, instance))
     }
@@ -124,6 +140,10 @@ impl WasmProjection {
 impl Handler for WasmProjection {
     fn manifest(&self) -> &Manifest {
         &self.manifest
+    }
+
+    fn indexes(&self) -> &[IndexMapping] {
+        &self.indexes
     }
 
     fn handle(&mut self, batch: Batch, events: &[Event]) -> (Batch, Result<(), HandleError>) {

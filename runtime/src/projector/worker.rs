@@ -24,7 +24,7 @@ use serde::Serialize;
 use crate::plugin::{Event, HandleError, Handler};
 use crate::source::log::EventLog;
 use crate::store::read_model::Commit;
-use crate::store::{Batch, Checkpoint, DeadLetter, KvLimits, ReadModel, Writes};
+use crate::store::{Batch, BatchWrites, Checkpoint, DeadLetter, Declared, KvLimits, ReadModel};
 
 /// How batches are sized and failures retried.
 #[derive(Debug, Clone)]
@@ -153,7 +153,8 @@ pub struct Projector {
     options: BatchOptions,
     status: Arc<Mutex<WorkerStatus>>,
     stop: Arc<AtomicBool>,
-    tables: Arc<std::collections::BTreeSet<String>>,
+    /// The tables and indexes the plugin declared.
+    declared: Arc<Declared>,
     /// Subscribed streams and event types (empty: all types).
     subscriptions: Vec<(String, HashSet<String>)>,
     /// Durable checkpoints: what the read model holds.
@@ -167,7 +168,7 @@ pub struct Projector {
 struct InFlight {
     commit: Commit,
     /// Also the lower layer of the batch handled meanwhile.
-    writes: Arc<Writes>,
+    writes: Arc<BatchWrites>,
     done: std::thread::JoinHandle<crate::store::Result<()>>,
 }
 
@@ -187,7 +188,7 @@ impl Projector {
         stop: Arc<AtomicBool>,
     ) -> crate::store::Result<Self> {
         let manifest = handler.manifest();
-        let tables = Arc::new(manifest.tables.iter().cloned().collect());
+        let declared = Arc::new(crate::plugin::declared(&*handler).map_err(crate::store::Error::InvalidMapping)?);
         let subscriptions = manifest
             .subscriptions
             .iter()
@@ -202,7 +203,7 @@ impl Projector {
             options,
             status,
             stop,
-            tables,
+            declared,
             subscriptions,
             checkpoints,
             in_flight: None,
@@ -311,7 +312,7 @@ impl Projector {
 
     fn begin(&self) -> crate::store::Result<Batch> {
         let below = self.in_flight.as_ref().map(|f| f.writes.clone());
-        self.read_model.begin(self.tables.clone(), self.options.kv, below)
+        self.read_model.begin(self.declared.clone(), self.options.kv, below)
     }
 
     /// Wait for the commit in flight, if any; on success its checkpoints become durable.
@@ -515,7 +516,7 @@ impl Projector {
         let mut backoff = self.options.initial_backoff;
         loop {
             // An empty batch: the dead letter and the checkpoint commit alone.
-            let result = self.read_model.commit(&Writes::new(), &commit);
+            let result = self.read_model.commit(&BatchWrites::default(), &commit);
             match result {
                 Ok(()) => {
                     self.committed(&commit);

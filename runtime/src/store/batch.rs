@@ -15,7 +15,9 @@ use redb::{ReadOnlyTable, ReadTransaction};
 
 use super::Result;
 use super::read_model::table_definition;
+use super::search::IndexSchema;
 use crate::plugin::bindings::refract::plugin::kv::{Entry, KvError};
+use crate::plugin::bindings::refract::plugin::search::SearchError;
 
 /// Bounds on what a plugin may store.
 #[derive(Debug, Clone, Copy)]
@@ -37,36 +39,90 @@ type Layer<'a> = Box<dyn Iterator<Item = std::result::Result<(String, Option<Vec
 
 type Stored = ReadOnlyTable<&'static str, &'static [u8]>;
 
-/// A batch's writes per table and key: `Some(value)` to put, `None` to delete.
+/// Writes per table (or index) and key: `Some(value)` to put, `None` to delete.
 pub type Writes = BTreeMap<String, BTreeMap<String, Option<Vec<u8>>>>;
+
+/// Everything a batch wrote: key/value tables and search documents.
+#[derive(Debug, Default)]
+pub struct BatchWrites {
+    pub kv: Writes,
+    /// Documents per index and id (`None`: deleted).
+    pub docs: Writes,
+}
+
+/// What a projection declared: the only tables and indexes that exist for it.
+#[derive(Default)]
+pub struct Declared {
+    pub tables: BTreeSet<String>,
+    pub indexes: BTreeMap<String, IndexSchema>,
+}
 
 /// One batch's key/value state: a committed snapshot plus pending writes.
 pub struct Batch {
     snapshot: ReadTransaction,
-    /// The tables the projection declared; no others exist for it.
-    tables: Arc<BTreeSet<String>>,
+    /// The tables and indexes the projection declared; no others exist for it.
+    declared: Arc<Declared>,
     limits: KvLimits,
     /// Tables opened in the snapshot so far (`None`: not created yet).
     opened: HashMap<String, Option<Stored>>,
     /// The previous batch's writes while its commit is in flight.
-    below: Option<Arc<Writes>>,
-    /// This batch's writes.
+    below: Option<Arc<BatchWrites>>,
+    /// This batch's key/value writes.
     writes: Writes,
+    /// This batch's search documents.
+    docs: Writes,
 }
 
 impl Batch {
     pub(super) fn new(
         snapshot: ReadTransaction,
-        below: Option<Arc<Writes>>,
-        tables: Arc<BTreeSet<String>>,
+        below: Option<Arc<BatchWrites>>,
+        declared: Arc<Declared>,
         limits: KvLimits,
     ) -> Self {
-        Batch { snapshot, tables, limits, opened: HashMap::new(), below, writes: BTreeMap::new() }
+        Batch {
+            snapshot,
+            declared,
+            limits,
+            opened: HashMap::new(),
+            below,
+            writes: BTreeMap::new(),
+            docs: BTreeMap::new(),
+        }
     }
 
     /// The batch's writes, to commit.
-    pub fn into_writes(self) -> Writes {
-        self.writes
+    pub fn into_writes(self) -> BatchWrites {
+        BatchWrites { kv: self.writes, docs: self.docs }
+    }
+
+    /// Index `document` under `id` in `index`, after checking it against the mapping.
+    pub fn search_upsert(&mut self, index: &str, id: &str, document: &[u8]) -> Result<(), SearchError> {
+        let Some(schema) = self.declared.indexes.get(index) else {
+            return Err(SearchError::UnknownIndex(format!("index {index:?} is not declared by the plugin")));
+        };
+        if id.is_empty() || id.len() > self.limits.max_key_bytes {
+            return Err(SearchError::TooLarge(format!("an id must be 1 to {} bytes", self.limits.max_key_bytes)));
+        }
+        if document.len() > self.limits.max_value_bytes {
+            return Err(SearchError::TooLarge(format!(
+                "document of {} bytes exceeds {} bytes",
+                document.len(),
+                self.limits.max_value_bytes
+            )));
+        }
+        schema.validate(document).map_err(|e| SearchError::InvalidDocument(format!("document {id:?}: {e}")))?;
+        entry(&mut self.docs, index).insert(id.to_owned(), Some(document.to_vec()));
+        Ok(())
+    }
+
+    /// Remove the document `id` from `index`.
+    pub fn search_delete(&mut self, index: &str, id: &str) -> Result<(), SearchError> {
+        if !self.declared.indexes.contains_key(index) {
+            return Err(SearchError::UnknownIndex(format!("index {index:?} is not declared by the plugin")));
+        }
+        entry(&mut self.docs, index).insert(id.to_owned(), None);
+        Ok(())
     }
 
     /// Number of pending writes (after coalescing).
@@ -75,7 +131,7 @@ impl Batch {
     }
 
     fn check_table(&self, table: &str) -> Result<(), KvError> {
-        if self.tables.contains(table) {
+        if self.declared.tables.contains(table) {
             Ok(())
         } else {
             Err(KvError::UnknownTable(format!("table {table:?} is not declared in the manifest")))
@@ -110,7 +166,7 @@ impl Batch {
         if let Err(e) = self.check_table(table) {
             return Ok(Err(e));
         }
-        let layers = [Some(&self.writes), self.below.as_deref()];
+        let layers = [Some(&self.writes), self.below.as_deref().map(|b| &b.kv)];
         if let Some(pending) = layers.into_iter().flatten().find_map(|w| w.get(table).and_then(|t| t.get(key))) {
             return Ok(Ok(pending.clone()));
         }
@@ -121,11 +177,7 @@ impl Batch {
     }
 
     fn table_writes(&mut self, table: &str) -> &mut BTreeMap<String, Option<Vec<u8>>> {
-        // Look up before inserting: most writes go to a table already written.
-        if !self.writes.contains_key(table) {
-            self.writes.insert(table.to_owned(), BTreeMap::new());
-        }
-        self.writes.get_mut(table).expect("inserted above")
+        entry(&mut self.writes, table)
     }
 
     /// Store `value` (which must be a JSON document) under `key`.
@@ -187,7 +239,7 @@ impl Batch {
         // Newest first: the first layer holding a key decides its value.
         let mut layers: Vec<std::iter::Peekable<Layer<'_>>> = vec![
             in_memory(Some(&self.writes), table, start).peekable(),
-            in_memory(self.below.as_deref(), table, start).peekable(),
+            in_memory(self.below.as_deref().map(|b| &b.kv), table, start).peekable(),
             stored.peekable(),
         ];
         let mut out = Vec::new();
@@ -217,4 +269,13 @@ impl Batch {
         }
         Ok(Ok(out))
     }
+}
+
+/// The writes of `name`, created on first use (looked up first: most writes go
+/// to a table already written, and this avoids allocating its name again).
+fn entry<'a>(writes: &'a mut Writes, name: &str) -> &'a mut BTreeMap<String, Option<Vec<u8>>> {
+    if !writes.contains_key(name) {
+        writes.insert(name.to_owned(), BTreeMap::new());
+    }
+    writes.get_mut(name).expect("inserted above")
 }

@@ -2,8 +2,9 @@
 
 pub mod batch;
 pub mod read_model;
+pub mod search;
 
-pub use batch::{Batch, KvLimits, Writes};
+pub use batch::{Batch, BatchWrites, Declared, KvLimits, Writes};
 pub use read_model::{Checkpoint, DeadLetter, ReadModel};
 
 /// Errors of a read model's storage.
@@ -15,6 +16,9 @@ pub enum Error {
     /// A stored value could not be decoded.
     #[error("read model is corrupt: {0}")]
     Corrupt(String),
+    /// A search index mapping the plugin declared is invalid.
+    #[error("invalid index mapping: {0}")]
+    InvalidMapping(String),
 }
 
 macro_rules! storage_from {

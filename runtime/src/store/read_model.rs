@@ -6,7 +6,6 @@
 //! crash either all of a batch's effects are there or none, and the
 //! checkpoint says exactly which events those were.
 
-use std::collections::BTreeSet;
 use std::ops::Bound;
 use std::path::Path;
 use std::sync::Arc;
@@ -14,12 +13,24 @@ use std::sync::Arc;
 use redb::{Database, Durability, ReadableDatabase, ReadableTable, TableDefinition};
 use serde::{Deserialize, Serialize};
 
-use super::batch::{Batch, KvLimits, Writes};
+use super::batch::{Batch, BatchWrites, Declared, KvLimits};
 use super::{Error, Result};
 
 const CHECKPOINTS: TableDefinition<(&str, u32), u64> = TableDefinition::new("checkpoints");
 const DEAD_LETTERS: TableDefinition<u64, &[u8]> = TableDefinition::new("dead-letters");
 const COUNTERS: TableDefinition<&str, u64> = TableDefinition::new("counters");
+/// Search outbox: sequence → `<index>\0<id>` of a document changed by a batch.
+const OUTBOX: TableDefinition<u64, &[u8]> = TableDefinition::new("outbox");
+
+/// A change to a search document, waiting to be applied to the index.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct OutboxEntry {
+    pub sequence: u64,
+    pub index: String,
+    pub id: String,
+    /// The document as the tables hold it now (`None`: deleted).
+    pub document: Option<Vec<u8>>,
+}
 
 pub(super) fn table_definition(name: &str) -> TableDefinition<'_, &'static str, &'static [u8]> {
     TableDefinition::new(name)
@@ -85,6 +96,7 @@ impl ReadModel {
         tx.open_table(CHECKPOINTS)?;
         tx.open_table(DEAD_LETTERS)?;
         tx.open_table(COUNTERS)?;
+        tx.open_table(OUTBOX)?;
         tx.commit()?;
         Ok(ReadModel { db })
     }
@@ -105,16 +117,16 @@ impl ReadModel {
 
     /// Start a batch over the last committed state and, while its commit is
     /// in flight, the previous batch's writes (`below`).
-    pub fn begin(&self, tables: Arc<BTreeSet<String>>, limits: KvLimits, below: Option<Arc<Writes>>) -> Result<Batch> {
-        Ok(Batch::new(self.db.begin_read()?, below, tables, limits))
+    pub fn begin(&self, declared: Arc<Declared>, limits: KvLimits, below: Option<Arc<BatchWrites>>) -> Result<Batch> {
+        Ok(Batch::new(self.db.begin_read()?, below, declared, limits))
     }
 
     /// Commit a batch's writes with `commit`'s checkpoints, dead letters and
     /// counters, durably, in one transaction.
-    pub fn commit(&self, writes: &Writes, commit: &Commit) -> Result<()> {
+    pub fn commit(&self, writes: &BatchWrites, commit: &Commit) -> Result<()> {
         let mut tx = self.db.begin_write()?;
         tx.set_durability(Durability::Immediate).map_err(|e| Error::Storage(redb::Error::from(e)))?;
-        for (name, writes) in writes {
+        for (name, writes) in &writes.kv {
             let mut table = tx.open_table(table_definition(&format!("t/{name}")))?;
             for (key, value) in writes {
                 match value {
@@ -122,6 +134,23 @@ impl ReadModel {
                     None => table.remove(key.as_str())?,
                 };
             }
+        }
+        if !writes.docs.is_empty() {
+            let mut counters = tx.open_table(COUNTERS)?;
+            let mut sequence = counters.get("outbox-sequence")?.map_or(0, |v| v.value());
+            let mut outbox = tx.open_table(OUTBOX)?;
+            for (index, docs) in &writes.docs {
+                let mut table = tx.open_table(table_definition(&format!("i/{index}")))?;
+                for (id, doc) in docs {
+                    match doc {
+                        Some(d) => table.insert(id.as_str(), d.as_slice())?,
+                        None => table.remove(id.as_str())?,
+                    };
+                    sequence += 1;
+                    outbox.insert(sequence, format!("{index}\0{id}").as_bytes())?;
+                }
+            }
+            counters.insert("outbox-sequence", sequence)?;
         }
         {
             let mut checkpoints = tx.open_table(CHECKPOINTS)?;
@@ -195,6 +224,52 @@ impl ReadModel {
         Ok(out)
     }
 
+    /// Up to `limit` outbox entries after `after`, with their current documents.
+    pub fn outbox_after(&self, after: u64, limit: usize) -> Result<Vec<OutboxEntry>> {
+        let tx = self.db.begin_read()?;
+        let outbox = tx.open_table(OUTBOX)?;
+        let mut docs: std::collections::HashMap<String, Option<redb::ReadOnlyTable<&str, &[u8]>>> = Default::default();
+        let mut out = Vec::new();
+        for entry in outbox.range((after + 1)..)?.take(limit) {
+            let (sequence, target) = entry?;
+            let target = String::from_utf8_lossy(target.value()).into_owned();
+            let (index, id) =
+                target.split_once('\0').ok_or_else(|| Error::Corrupt(format!("outbox entry {target:?}")))?;
+            if !docs.contains_key(index) {
+                let table = match tx.open_table(table_definition(&format!("i/{index}"))) {
+                    Ok(t) => Some(t),
+                    Err(redb::TableError::TableDoesNotExist(_)) => None,
+                    Err(e) => return Err(e.into()),
+                };
+                docs.insert(index.to_owned(), table);
+            }
+            let document = match &docs[index] {
+                Some(t) => t.get(id)?.map(|v| v.value().to_vec()),
+                None => None,
+            };
+            out.push(OutboxEntry { sequence: sequence.value(), index: index.to_owned(), id: id.to_owned(), document });
+        }
+        Ok(out)
+    }
+
+    /// Remove outbox entries up to `upto` (applied and committed to the indexes).
+    pub fn trim_outbox(&self, upto: u64) -> Result<()> {
+        let tx = self.db.begin_write()?;
+        {
+            let mut outbox = tx.open_table(OUTBOX)?;
+            outbox.retain_in(..=upto, |_, _| false)?;
+        }
+        tx.commit()?;
+        Ok(())
+    }
+
+    /// The sequence of the last outbox entry ever written.
+    pub fn outbox_sequence(&self) -> Result<u64> {
+        let tx = self.db.begin_read()?;
+        let counters = tx.open_table(COUNTERS)?;
+        Ok(counters.get("outbox-sequence")?.map_or(0, |v| v.value()))
+    }
+
     /// The read model's totals.
     pub fn counters(&self) -> Result<Counters> {
         let tx = self.db.begin_read()?;
@@ -212,8 +287,8 @@ impl ReadModel {
 mod tests {
     use super::*;
 
-    fn tables() -> Arc<BTreeSet<String>> {
-        Arc::new(["t".to_owned()].into_iter().collect())
+    fn tables() -> Arc<Declared> {
+        Arc::new(Declared { tables: ["t".to_owned()].into_iter().collect(), ..Declared::default() })
     }
 
     fn keys(entries: &[crate::plugin::bindings::refract::plugin::kv::Entry]) -> Vec<&str> {

@@ -12,6 +12,7 @@ use std::collections::BTreeMap;
 
 use crate::Level;
 use crate::wit::refract::plugin::kv::{Entry, KvError};
+use crate::wit::refract::plugin::search::SearchError;
 
 /// Storage behind the SDK's key/value calls when running natively.
 pub trait Backend: Any {
@@ -24,6 +25,10 @@ pub trait Backend: Any {
     /// Entries with keys starting with `prefix`, after `start_after`, at most `limit`.
     fn scan(&mut self, table: &str, prefix: &str, start_after: Option<&str>, limit: u32)
     -> Result<Vec<Entry>, KvError>;
+    /// Index `document` under `id` in `index`.
+    fn search_upsert(&mut self, index: &str, id: &str, document: &[u8]) -> Result<(), SearchError>;
+    /// Remove `id` from `index`.
+    fn search_delete(&mut self, index: &str, id: &str) -> Result<(), SearchError>;
     /// A message from the projection.
     fn log(&mut self, level: Level, message: &str) {
         let _ = (level, message);
@@ -92,14 +97,28 @@ pub(crate) fn scan(table: &str, prefix: &str, start_after: Option<&str>, limit: 
 }
 
 #[cfg(not(target_arch = "wasm32"))]
+pub(crate) mod search {
+    use super::{SearchError, with};
+
+    pub(crate) fn upsert(index: &str, id: &str, document: &[u8]) -> Result<(), SearchError> {
+        with(|b| b.search_upsert(index, id, document))
+    }
+
+    pub(crate) fn delete(index: &str, id: &str) -> Result<(), SearchError> {
+        with(|b| b.search_delete(index, id))
+    }
+}
+
+#[cfg(not(target_arch = "wasm32"))]
 pub(crate) fn log(level: Level, message: &str) {
     with(|b| b.log(level, message))
 }
 
-/// An in-memory [`Backend`] for unit tests of projections: every table exists.
+/// An in-memory [`Backend`] for unit tests of projections: every table and index exists.
 #[derive(Debug, Default, Clone)]
 pub struct MemoryBackend {
     tables: BTreeMap<String, BTreeMap<String, Vec<u8>>>,
+    indexes: BTreeMap<String, BTreeMap<String, Vec<u8>>>,
     /// Messages logged by the projection, in order.
     pub logs: Vec<(Level, String)>,
 }
@@ -108,6 +127,11 @@ impl MemoryBackend {
     /// The raw value under `key` in `table`.
     pub fn get(&self, table: &str, key: &str) -> Option<&[u8]> {
         self.tables.get(table)?.get(key).map(Vec::as_slice)
+    }
+
+    /// The document `id` of `index`.
+    pub fn document(&self, index: &str, id: &str) -> Option<&[u8]> {
+        self.indexes.get(index)?.get(id).map(Vec::as_slice)
     }
 
     /// Every entry of `table`, in key order.
@@ -152,6 +176,18 @@ impl Backend for MemoryBackend {
             .take(limit as usize)
             .map(|(k, v)| Entry { key: k.clone(), value: v.clone() })
             .collect())
+    }
+
+    fn search_upsert(&mut self, index: &str, id: &str, document: &[u8]) -> Result<(), SearchError> {
+        self.indexes.entry(index.to_owned()).or_default().insert(id.to_owned(), document.to_vec());
+        Ok(())
+    }
+
+    fn search_delete(&mut self, index: &str, id: &str) -> Result<(), SearchError> {
+        if let Some(i) = self.indexes.get_mut(index) {
+            i.remove(id);
+        }
+        Ok(())
     }
 
     fn log(&mut self, level: Level, message: &str) {

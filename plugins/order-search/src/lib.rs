@@ -1,0 +1,184 @@
+//! `order-search`: orders as a full-text search index.
+//!
+//! The seed material's Elasticsearch `order_projection` mapping, in Refract:
+//! index `orders` with `orderId`, `customer` and `status` as keywords,
+//! `total` and `paid` as f64, `updatedAt` as a date, and `description` and
+//! `items` as full text. The order's state lives in the `orders` table; every
+//! event that changes an order re-indexes its document.
+
+use refract_sdk::{Event, Failure, Index, IndexMapping, Manifest, Projection, Table};
+use serde::{Deserialize, Serialize};
+
+/// An order's state, as the `orders` table holds it.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct OrderState {
+    pub order_id: String,
+    pub customer_id: String,
+    pub status: String,
+    pub total: f64,
+    pub paid: f64,
+    pub updated_at: i64,
+    pub description: String,
+    /// The SKUs ordered, space-separated.
+    pub items: String,
+}
+
+/// The search document of an order.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct OrderDocument {
+    pub order_id: String,
+    pub customer: String,
+    pub status: String,
+    pub total: f64,
+    pub paid: f64,
+    /// Milliseconds since the epoch.
+    pub updated_at: i64,
+    pub description: String,
+    pub items: String,
+}
+
+pub const ORDERS: Table<OrderState> = Table::new("orders");
+pub const ORDER_INDEX: Index<OrderDocument> = Index::new("orders");
+
+#[derive(Deserialize)]
+struct Item {
+    sku: String,
+}
+
+#[derive(Deserialize)]
+#[serde(rename_all = "camelCase")]
+struct OrderPlaced {
+    order_id: String,
+    customer_id: String,
+    total: f64,
+    #[serde(default)]
+    items: Vec<Item>,
+    #[serde(default)]
+    description: String,
+}
+
+#[derive(Deserialize)]
+#[serde(rename_all = "camelCase")]
+struct OrderRef {
+    order_id: String,
+}
+
+#[derive(Deserialize)]
+#[serde(rename_all = "camelCase")]
+struct PaymentReceived {
+    order_id: String,
+    amount: f64,
+}
+
+fn cents(amount: f64) -> i64 {
+    (amount * 100.0).round() as i64
+}
+
+pub struct OrderSearch;
+
+impl Projection for OrderSearch {
+    fn manifest() -> Manifest {
+        Manifest::new("order-search", env!("CARGO_PKG_VERSION"))
+            .subscribe("orders", &["OrderPlaced", "PaymentReceived", "OrderShipped", "OrderCancelled"])
+            .table(&ORDERS)
+    }
+
+    fn indexes() -> Vec<IndexMapping> {
+        vec![
+            IndexMapping::new(ORDER_INDEX.name())
+                .keyword("orderId")
+                .keyword("customer")
+                .keyword("status")
+                .f64("total")
+                .f64("paid")
+                .date("updatedAt")
+                .text("description")
+                .text("items"),
+        ]
+    }
+
+    fn apply(event: &Event) -> Result<(), Failure> {
+        let order = match event.event_type.as_str() {
+            "OrderPlaced" => {
+                let placed: OrderPlaced = event.json()?;
+                if ORDERS.get(&placed.order_id)?.is_some() {
+                    return Err(Failure::rejected(format!("order {} was already placed", placed.order_id)));
+                }
+                OrderState {
+                    order_id: placed.order_id,
+                    customer_id: placed.customer_id,
+                    status: "placed".into(),
+                    total: placed.total,
+                    paid: 0.0,
+                    updated_at: event.time,
+                    description: placed.description,
+                    items: placed.items.into_iter().map(|i| i.sku).collect::<Vec<_>>().join(" "),
+                }
+            }
+            other => {
+                let (id, payment) = match other {
+                    "PaymentReceived" => {
+                        let p: PaymentReceived = event.json()?;
+                        (p.order_id, Some(p.amount))
+                    }
+                    "OrderShipped" | "OrderCancelled" => (event.json::<OrderRef>()?.order_id, None),
+                    _ => return Err(Failure::rejected(format!("unexpected event type {other}"))),
+                };
+                let mut order =
+                    ORDERS.get(&id)?.ok_or_else(|| Failure::rejected(format!("{other} for unknown order {id}")))?;
+                if order.status != "cancelled" {
+                    match payment {
+                        Some(amount) => {
+                            let paid = cents(order.paid) + cents(amount);
+                            order.paid = paid as f64 / 100.0;
+                            if order.status == "placed" && paid >= cents(order.total) {
+                                order.status = "paid".into();
+                            }
+                        }
+                        None if other == "OrderShipped" => order.status = "shipped".into(),
+                        None => order.status = "cancelled".into(),
+                    }
+                }
+                order.updated_at = event.time;
+                order
+            }
+        };
+        let document = OrderDocument {
+            order_id: order.order_id.clone(),
+            customer: order.customer_id.clone(),
+            status: order.status.clone(),
+            total: order.total,
+            paid: order.paid,
+            updated_at: order.updated_at,
+            description: order.description.clone(),
+            items: order.items.clone(),
+        };
+        ORDER_INDEX.upsert(&order.order_id, &document)?;
+        ORDERS.put(&order.order_id, &order)
+    }
+}
+
+#[cfg(target_arch = "wasm32")]
+refract_sdk::export_projection!(OrderSearch);
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use refract_sdk::native::{MemoryBackend, with_backend};
+    use refract_sdk::testing::event;
+
+    #[test]
+    fn every_change_reindexes_the_order() {
+        let placed = r#"{"orderId":"o-1","customerId":"c-1","total":5,"items":[{"sku":"sku-1"},{"sku":"sku-2"}],"description":"red chair"}"#;
+        let events = vec![
+            event("orders", "OrderPlaced", Some("o-1"), placed.as_bytes()),
+            event("orders", "OrderShipped", Some("o-1"), br#"{"orderId":"o-1","tracking":"t"}"#),
+        ];
+        let (store, result) = with_backend(MemoryBackend::default(), || OrderSearch::handle(events));
+        result.unwrap();
+        let doc: OrderDocument = serde_json::from_slice(store.document("orders", "o-1").unwrap()).unwrap();
+        assert_eq!((doc.status.as_str(), doc.items.as_str(), doc.customer.as_str()), ("shipped", "sku-1 sku-2", "c-1"));
+    }
+}

@@ -1,0 +1,46 @@
+//! Full-text search over a projection's indexes.
+
+use std::sync::Arc;
+
+use axum::Json;
+use axum::extract::rejection::{PathRejection, QueryRejection};
+use axum::extract::{Path, Query, State};
+use serde_json::{Value, json};
+
+use super::{ApiError, page_limit};
+use crate::runtime::Runtime;
+use crate::store::search::{QueryError, SearchRequest};
+
+/// The deepest page a search may ask for (`offset` + `limit`).
+const MAX_WINDOW: usize = 10_000;
+
+pub(super) async fn search(
+    State(rt): State<Arc<Runtime>>,
+    path: Result<Path<(String, String)>, PathRejection>,
+    params: Result<Query<SearchRequest>, QueryRejection>,
+) -> Result<Json<Value>, ApiError> {
+    let Path((name, index)) = path?;
+    let Query(request) = params?;
+    let limit = page_limit(request.limit)?;
+    if request.offset + limit > MAX_WINDOW {
+        return Err(ApiError::bad_request(format!("offset + limit must be at most {MAX_WINDOW}")));
+    }
+    let projection = rt
+        .projection(&name)
+        .ok_or_else(|| ApiError::not_found("projection_not_found", format!("no projection {name:?}")))?;
+    if !projection.indexes.open.contains_key(&index) {
+        let known: Vec<&String> = projection.indexes.open.keys().collect();
+        return Err(ApiError::not_found(
+            "index_not_found",
+            format!("projection {name:?} has no index {index:?}; it has {known:?}"),
+        ));
+    }
+    let response = tokio::task::spawn_blocking(move || projection.indexes.open[&index].search(&request, limit))
+        .await
+        .map_err(|e| ApiError::internal("searching", e))?
+        .map_err(|e| match e {
+            QueryError::Invalid(m) => ApiError::bad_request(m),
+            other => ApiError::internal("searching", other),
+        })?;
+    Ok(Json(json!(response)))
+}

@@ -1,0 +1,499 @@
+//! Search indexes: mappings turned into tantivy schemas, documents checked
+//! against them, and the indexer that applies the outbox to tantivy.
+//!
+//! Exactly-once indexing, by construction:
+//! 1. `search.upsert/delete` go into the batch; at commit, the document (in
+//!    table `i/<index>`) and an outbox entry (sequence → index, id) are
+//!    written in the batch's redb transaction ([`super::ReadModel::commit`]).
+//! 2. The [`Indexer`] reads outbox entries after the last sequence it
+//!    applied, replays them on tantivy (delete by id, then add the current
+//!    document if there is one), and commits tantivy with that sequence as
+//!    the commit payload, on an interval — never per batch.
+//! 3. Then it trims the outbox up to that sequence.
+//!
+//! After a crash the indexer resumes from the payload of the last tantivy
+//! commit. Replaying an entry twice is harmless: the document is deleted by
+//! id and added again from the table, which holds the latest version.
+
+use std::collections::{BTreeMap, HashMap};
+use std::path::Path;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use serde_json::{Map, Value};
+use tantivy::schema::{
+    DateOptions, FAST, Field, INDEXED, NumericOptions, STORED, STRING, Schema, TEXT, TextFieldIndexing, TextOptions,
+};
+use tantivy::{DateTime, Index, IndexReader, IndexWriter, ReloadPolicy, TantivyDocument, Term};
+
+pub use crate::plugin::bindings::refract::plugin::types::{FieldMapping, FieldType, IndexMapping};
+
+/// The hidden field holding a document's id (for delete-by-id).
+pub const ID_FIELD: &str = "_id";
+/// The hidden stored field holding the document's stored fields as JSON.
+pub const SOURCE_FIELD: &str = "_source";
+
+/// An index mapping compiled to a tantivy schema.
+#[derive(Clone)]
+pub struct IndexSchema {
+    pub mapping: IndexMapping,
+    pub schema: Schema,
+    pub id: Field,
+    pub source: Field,
+    fields: HashMap<String, (FieldMapping, Field)>,
+}
+
+fn parse_date(v: &Value) -> Option<DateTime> {
+    match v {
+        Value::Number(n) => n.as_i64().map(DateTime::from_timestamp_millis),
+        Value::String(s) => {
+            time::OffsetDateTime::parse(s, &time::format_description::well_known::Rfc3339).ok().map(DateTime::from_utc)
+        }
+        _ => None,
+    }
+}
+
+fn type_name(t: FieldType) -> &'static str {
+    match t {
+        FieldType::Keyword => "keyword",
+        FieldType::Text => "text",
+        FieldType::I64 => "i64",
+        FieldType::F64 => "f64",
+        FieldType::Date => "date",
+        FieldType::Bool => "bool",
+    }
+}
+
+fn fits(t: FieldType, v: &Value) -> bool {
+    match t {
+        FieldType::Keyword | FieldType::Text => v.is_string(),
+        FieldType::I64 => v.is_i64() || v.as_u64().is_some_and(|u| i64::try_from(u).is_ok()),
+        FieldType::F64 => v.is_number(),
+        FieldType::Date => parse_date(v).is_some(),
+        FieldType::Bool => v.is_boolean(),
+    }
+}
+
+impl IndexSchema {
+    /// Compile `mapping`; refuses invalid or duplicate field names.
+    pub fn new(mapping: &IndexMapping) -> Result<Self, String> {
+        crate::names::validate("index", &mapping.name)?;
+        if mapping.fields.is_empty() {
+            return Err(format!("index {:?} has no fields", mapping.name));
+        }
+        let mut builder = Schema::builder();
+        let id = builder.add_text_field(ID_FIELD, STRING | STORED);
+        let source = builder.add_bytes_field(SOURCE_FIELD, STORED);
+        let mut fields = HashMap::new();
+        for f in &mapping.fields {
+            if f.name.is_empty() || f.name.starts_with('_') || f.name.contains(['.', ':', ' ']) {
+                return Err(format!(
+                    "index {:?}: invalid field name {:?} (no leading _, no . : or spaces)",
+                    mapping.name, f.name
+                ));
+            }
+            let field = match f.type_ {
+                FieldType::Keyword => {
+                    let options = if f.fast { STRING | FAST } else { STRING };
+                    builder.add_text_field(&f.name, options)
+                }
+                FieldType::Text => {
+                    let indexing = TextFieldIndexing::default()
+                        .set_tokenizer("default")
+                        .set_index_option(tantivy::schema::IndexRecordOption::WithFreqsAndPositions);
+                    let mut options = TextOptions::default().set_indexing_options(indexing);
+                    if f.fast {
+                        options = options.set_fast("raw");
+                    }
+                    builder.add_text_field(&f.name, options)
+                }
+                FieldType::I64 | FieldType::F64 | FieldType::Bool => {
+                    let mut options: NumericOptions = INDEXED.into();
+                    if f.fast {
+                        options = options.set_fast();
+                    }
+                    match f.type_ {
+                        FieldType::I64 => builder.add_i64_field(&f.name, options),
+                        FieldType::F64 => builder.add_f64_field(&f.name, options),
+                        _ => builder.add_bool_field(&f.name, options),
+                    }
+                }
+                FieldType::Date => {
+                    let mut options = DateOptions::from(INDEXED);
+                    if f.fast {
+                        options = options.set_fast();
+                    }
+                    builder.add_date_field(&f.name, options)
+                }
+            };
+            if fields.insert(f.name.clone(), (f.clone(), field)).is_some() {
+                return Err(format!("index {:?}: field {:?} is mapped twice", mapping.name, f.name));
+            }
+        }
+        let _ = TEXT; // the `text` mapping uses the default tokenizer with positions (phrases)
+        Ok(IndexSchema { mapping: mapping.clone(), schema: builder.build(), id, source, fields })
+    }
+
+    /// The mapping of `field`, if it is mapped.
+    pub fn field(&self, name: &str) -> Option<(&FieldMapping, Field)> {
+        self.fields.get(name).map(|(m, f)| (m, *f))
+    }
+
+    /// The text fields: where `q` searches by default.
+    pub fn text_fields(&self) -> Vec<Field> {
+        let mut fields: Vec<(&String, Field)> = self
+            .fields
+            .iter()
+            .filter(|(_, (m, _))| m.type_ == FieldType::Text)
+            .map(|(name, (_, f))| (name, *f))
+            .collect();
+        fields.sort();
+        fields.into_iter().map(|(_, f)| f).collect()
+    }
+
+    /// Check that `doc` is a JSON object whose fields are mapped and typed as
+    /// mapped (a value, an array of values, or null); returns it parsed.
+    pub fn validate(&self, doc: &[u8]) -> Result<Map<String, Value>, String> {
+        let value: Value = serde_json::from_slice(doc).map_err(|e| format!("not JSON: {e}"))?;
+        let Value::Object(object) = value else {
+            return Err("a document must be a JSON object".into());
+        };
+        for (name, v) in &object {
+            let Some((mapping, _)) = self.fields.get(name) else {
+                return Err(format!("field {name:?} is not in the mapping of index {:?}", self.mapping.name));
+            };
+            let values: &[Value] = match v {
+                Value::Null => &[],
+                Value::Array(items) => items,
+                other => std::slice::from_ref(other),
+            };
+            if let Some(bad) = values.iter().find(|v| !fits(mapping.type_, v)) {
+                return Err(format!("field {name:?} is mapped as {}, got {bad}", type_name(mapping.type_)));
+            }
+        }
+        Ok(object)
+    }
+
+    /// The tantivy document for a validated document `id`.
+    pub fn to_tantivy(&self, id: &str, object: &Map<String, Value>) -> TantivyDocument {
+        let mut doc = TantivyDocument::default();
+        doc.add_text(self.id, id);
+        let mut stored = Map::new();
+        for (name, v) in object {
+            let Some((mapping, field)) = self.fields.get(name) else { continue };
+            if mapping.stored {
+                stored.insert(name.clone(), v.clone());
+            }
+            let values: &[Value] = match v {
+                Value::Null => &[],
+                Value::Array(items) => items,
+                other => std::slice::from_ref(other),
+            };
+            for v in values {
+                match mapping.type_ {
+                    FieldType::Keyword | FieldType::Text => doc.add_text(*field, v.as_str().unwrap_or_default()),
+                    FieldType::I64 => doc.add_i64(*field, v.as_i64().unwrap_or_default()),
+                    FieldType::F64 => doc.add_f64(*field, v.as_f64().unwrap_or_default()),
+                    FieldType::Bool => doc.add_bool(*field, v.as_bool().unwrap_or_default()),
+                    FieldType::Date => {
+                        if let Some(d) = parse_date(v) {
+                            doc.add_date(*field, d)
+                        }
+                    }
+                }
+            }
+        }
+        doc.add_bytes(self.source, &serde_json::to_vec(&Value::Object(stored)).expect("JSON serializes"));
+        doc
+    }
+}
+
+/// A search over one index.
+#[derive(Debug, Clone, Default, serde::Deserialize)]
+pub struct SearchRequest {
+    /// Query in tantivy syntax over the text fields (all documents when empty).
+    #[serde(default)]
+    pub q: String,
+    /// A filter in the same syntax naming fields (`status:paid AND total:[10 TO 100]`); it does not affect scores.
+    #[serde(default)]
+    pub filter: String,
+    /// `_score` (default) or `<fast field>:asc|desc`.
+    #[serde(default)]
+    pub sort: String,
+    pub limit: Option<usize>,
+    #[serde(default)]
+    pub offset: usize,
+    /// Comma-separated keyword fields to count matching documents by.
+    #[serde(default)]
+    pub facets: String,
+}
+
+/// A page of hits, the total, and facet counts.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct SearchResponse {
+    pub total: usize,
+    pub hits: Vec<Value>,
+    pub facets: Map<String, Value>,
+}
+
+/// Why a search failed.
+#[derive(Debug, thiserror::Error)]
+pub enum QueryError {
+    /// The request is wrong (bad syntax, unknown or unsuitable field): a 400.
+    #[error("{0}")]
+    Invalid(String),
+    #[error(transparent)]
+    Search(#[from] tantivy::TantivyError),
+}
+
+/// One open tantivy index.
+pub struct OpenIndex {
+    pub schema: IndexSchema,
+    pub index: Index,
+    pub reader: IndexReader,
+    writer: Mutex<IndexWriter>,
+}
+
+/// Errors of the search side.
+#[derive(Debug, thiserror::Error)]
+pub enum SearchError {
+    #[error("tantivy: {0}")]
+    Tantivy(#[from] tantivy::TantivyError),
+    #[error("{0}")]
+    Store(#[from] super::Error),
+    #[error("opening index directory: {0}")]
+    Dir(#[from] tantivy::directory::error::OpenDirectoryError),
+    #[error("{0}")]
+    Io(#[from] std::io::Error),
+}
+
+impl OpenIndex {
+    /// Open (or create) the index of `schema` in `dir`.
+    pub fn open(dir: &Path, schema: IndexSchema) -> Result<Self, SearchError> {
+        std::fs::create_dir_all(dir)?;
+        let directory = tantivy::directory::MmapDirectory::open(dir)?;
+        let index = Index::open_or_create(directory, schema.schema.clone())?;
+        let writer = index.writer(64 << 20)?;
+        let reader = index.reader_builder().reload_policy(ReloadPolicy::Manual).try_into()?;
+        Ok(OpenIndex { schema, index, reader, writer: Mutex::new(writer) })
+    }
+
+    /// The outbox sequence of the last tantivy commit.
+    pub fn committed_sequence(&self) -> Result<u64, SearchError> {
+        let metas = self.index.load_metas()?;
+        Ok(metas.payload.and_then(|p| p.parse().ok()).unwrap_or(0))
+    }
+}
+
+/// The search indexes of one projection and how far they are applied.
+pub struct Indexes {
+    pub open: BTreeMap<String, OpenIndex>,
+    /// The outbox sequence all indexes have committed.
+    pub applied: AtomicU64,
+}
+
+impl Indexes {
+    /// Open every index in `schemas` under `dir/<index>`.
+    pub fn open(dir: &Path, schemas: &BTreeMap<String, IndexSchema>) -> Result<Self, SearchError> {
+        let mut open = BTreeMap::new();
+        for (name, schema) in schemas {
+            open.insert(name.clone(), OpenIndex::open(&dir.join(name), schema.clone())?);
+        }
+        let applied = open.values().map(OpenIndex::committed_sequence).collect::<Result<Vec<_>, _>>()?;
+        let applied = applied.into_iter().min().unwrap_or(0);
+        Ok(Indexes { open, applied: AtomicU64::new(applied) })
+    }
+}
+
+/// Applies a projection's outbox to its tantivy indexes.
+pub struct Indexer {
+    read_model: Arc<super::ReadModel>,
+    indexes: Arc<Indexes>,
+    interval: Duration,
+    stop: Arc<AtomicBool>,
+}
+
+/// The most outbox entries applied in one tantivy commit.
+const MAX_APPLY: usize = 200_000;
+
+impl Indexer {
+    pub fn new(
+        read_model: Arc<super::ReadModel>,
+        indexes: Arc<Indexes>,
+        interval: Duration,
+        stop: Arc<AtomicBool>,
+    ) -> Self {
+        Indexer { read_model, indexes, interval, stop }
+    }
+
+    /// Apply and commit until `stop`, once per interval.
+    pub fn run(self) {
+        let mut next = Instant::now();
+        while !self.stop.load(Ordering::Relaxed) {
+            next += self.interval;
+            match self.apply_once() {
+                Ok(_) => {}
+                Err(e) => tracing::error!(error = %e, "indexing failed; retrying"),
+            }
+            let now = Instant::now();
+            if next > now {
+                std::thread::sleep((next - now).min(Duration::from_millis(50)));
+                while Instant::now() < next && !self.stop.load(Ordering::Relaxed) {
+                    std::thread::sleep((next - Instant::now()).min(Duration::from_millis(50)));
+                }
+            } else {
+                next = now;
+            }
+        }
+        // A last pass, so a clean shutdown leaves nothing behind.
+        if let Err(e) = self.apply_once() {
+            tracing::error!(error = %e, "indexing failed at shutdown");
+        }
+    }
+
+    /// Apply the outbox entries after the committed sequence, commit every
+    /// index with the new sequence as payload, trim the outbox. Returns the
+    /// number of entries applied.
+    pub fn apply_once(&self) -> Result<usize, SearchError> {
+        let applied = self.indexes.applied.load(Ordering::Relaxed);
+        let entries = self.read_model.outbox_after(applied, MAX_APPLY)?;
+        let Some(last) = entries.last().map(|e| e.sequence) else { return Ok(0) };
+        let mut writers: BTreeMap<&str, std::sync::MutexGuard<'_, IndexWriter>> = BTreeMap::new();
+        for (name, open) in &self.indexes.open {
+            writers.insert(name, open.writer.lock().expect("index writer lock"));
+        }
+        for entry in &entries {
+            let (Some(open), Some(writer)) =
+                (self.indexes.open.get(&entry.index), writers.get_mut(entry.index.as_str()))
+            else {
+                continue; // an index no longer declared
+            };
+            writer.delete_term(Term::from_field_text(open.schema.id, &entry.id));
+            if let Some(doc) = &entry.document {
+                match open.schema.validate(doc) {
+                    Ok(object) => {
+                        writer.add_document(open.schema.to_tantivy(&entry.id, &object))?;
+                    }
+                    // Validated when written; only a changed mapping gets here.
+                    Err(e) => tracing::warn!(index = %entry.index, id = %entry.id, error = %e, "skipping a document"),
+                }
+            }
+        }
+        let payload = last.to_string();
+        for (name, writer) in writers.iter_mut() {
+            let mut prepared = writer.prepare_commit()?;
+            prepared.set_payload(&payload);
+            prepared.commit()?;
+            self.indexes.open[*name].reader.reload()?;
+        }
+        drop(writers);
+        self.indexes.applied.store(last, Ordering::Relaxed);
+        self.read_model.trim_outbox(last)?;
+        Ok(entries.len())
+    }
+}
+
+impl OpenIndex {
+    /// Run `request` against the last committed state of the index.
+    pub fn search(&self, request: &SearchRequest, limit: usize) -> Result<SearchResponse, QueryError> {
+        use tantivy::collector::{Count, TopDocs};
+        use tantivy::query::{AllQuery, BooleanQuery, ConstScoreQuery, Occur, Query, QueryParser};
+        use tantivy::schema::Value as _;
+
+        let invalid = |e: &dyn std::fmt::Display| QueryError::Invalid(e.to_string());
+        let searcher = self.reader.searcher();
+        let parser = QueryParser::for_index(&self.index, self.schema.text_fields());
+        let main: Box<dyn Query> = if request.q.trim().is_empty() {
+            Box::new(AllQuery)
+        } else {
+            parser.parse_query(&request.q).map_err(|e| QueryError::Invalid(format!("q: {e}")))?
+        };
+        let query: Box<dyn Query> = if request.filter.trim().is_empty() {
+            main
+        } else {
+            let filter =
+                parser.parse_query(&request.filter).map_err(|e| QueryError::Invalid(format!("filter: {e}")))?;
+            Box::new(BooleanQuery::new(vec![
+                (Occur::Must, main),
+                (Occur::Must, Box::new(ConstScoreQuery::new(filter, 0.0))),
+            ]))
+        };
+
+        let top = TopDocs::with_limit(limit).and_offset(request.offset);
+        let (total, hits): (usize, Vec<(Value, tantivy::DocAddress)>) = match request.sort.trim() {
+            "" | "_score" => {
+                let (total, docs) = searcher.search(&query, &(Count, top.order_by_score()))?;
+                (total, docs.into_iter().map(|(s, a)| (serde_json::json!({"score": s}), a)).collect())
+            }
+            sort => {
+                let (name, order) = match sort.rsplit_once(':') {
+                    Some((name, "asc")) => (name, tantivy::Order::Asc),
+                    Some((name, "desc")) => (name, tantivy::Order::Desc),
+                    _ => return Err(invalid(&format!("sort {sort:?}: use _score or <field>:asc|desc"))),
+                };
+                let Some((mapping, _)) = self.schema.field(name).filter(|(m, _)| m.fast) else {
+                    return Err(invalid(&format!("sort: {name:?} is not a fast field of this index")));
+                };
+                let wrap = |v: Value| serde_json::json!({ "sort": v });
+                match mapping.type_ {
+                    FieldType::I64 => {
+                        let (t, d) = searcher.search(&query, &(Count, top.order_by_fast_field::<i64>(name, order)))?;
+                        (t, d.into_iter().map(|(v, a)| (wrap(serde_json::json!(v)), a)).collect())
+                    }
+                    FieldType::F64 => {
+                        let (t, d) = searcher.search(&query, &(Count, top.order_by_fast_field::<f64>(name, order)))?;
+                        (t, d.into_iter().map(|(v, a)| (wrap(serde_json::json!(v)), a)).collect())
+                    }
+                    FieldType::Date => {
+                        let collector = top.order_by_fast_field::<DateTime>(name, order);
+                        let (t, d) = searcher.search(&query, &(Count, collector))?;
+                        let ms = |v: Option<DateTime>| serde_json::json!(v.map(DateTime::into_timestamp_millis));
+                        (t, d.into_iter().map(|(v, a)| (wrap(ms(v)), a)).collect())
+                    }
+                    FieldType::Keyword => {
+                        let (t, d) = searcher.search(&query, &(Count, top.order_by_string_fast_field(name, order)))?;
+                        (t, d.into_iter().map(|(v, a)| (wrap(serde_json::json!(v)), a)).collect())
+                    }
+                    _ => {
+                        return Err(invalid(&format!("sort: {name:?} is not sortable (use i64, f64, date or keyword)")));
+                    }
+                }
+            }
+        };
+        let mut out = Vec::with_capacity(hits.len());
+        for (mut hit, address) in hits {
+            let doc: TantivyDocument = searcher.doc(address)?;
+            let id = doc.get_first(self.schema.id).and_then(|v| v.as_str().map(str::to_owned));
+            let source = doc.get_first(self.schema.source).and_then(|v| v.as_bytes().map(<[u8]>::to_vec));
+            hit["id"] = serde_json::json!(id);
+            hit["document"] = source.and_then(|b| serde_json::from_slice(&b).ok()).unwrap_or(Value::Null);
+            out.push(hit);
+        }
+
+        let mut facets = Map::new();
+        for name in request.facets.split(',').map(str::trim).filter(|n| !n.is_empty()) {
+            match self.schema.field(name) {
+                Some((m, _)) if m.type_ == FieldType::Keyword && m.fast => {}
+                _ => return Err(invalid(&format!("facets: {name:?} is not a fast keyword field of this index"))),
+            }
+            let aggs: tantivy::aggregation::agg_req::Aggregations =
+                serde_json::from_value(serde_json::json!({ "facet": { "terms": { "field": name, "size": 1000 } } }))
+                    .map_err(|e| invalid(&e))?;
+            let collector = tantivy::aggregation::AggregationCollector::from_aggs(
+                aggs,
+                tantivy::aggregation::AggContextParams::new(Default::default(), self.index.tokenizers().clone()),
+            );
+            let result = searcher.search(&query, &collector)?;
+            let result = serde_json::to_value(result).map_err(|e| invalid(&e))?;
+            let buckets: Vec<Value> = result["facet"]["buckets"]
+                .as_array()
+                .into_iter()
+                .flatten()
+                .map(|b| serde_json::json!({"value": b["key"], "count": b["doc_count"]}))
+                .collect();
+            facets.insert(name.to_owned(), Value::Array(buckets));
+        }
+        Ok(SearchResponse { total, hits: out, facets })
+    }
+}
