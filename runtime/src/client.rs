@@ -53,13 +53,15 @@ impl Client {
         self.post(&format!("/v1/streams/{stream}/events"), "application/x-ndjson", lines)
     }
 
-    /// Wait until every projection has no lag and no pending retries, or `timeout` passes.
+    /// Wait until every projection has handled every event and every search
+    /// index has applied every document, or `timeout` passes.
     pub fn wait_caught_up(&self, timeout: Duration) -> Result<bool, ureq::Error> {
         let until = std::time::Instant::now() + timeout;
         loop {
             let reply = self.get("/v1/projections")?;
             let projections = reply.body["projections"].as_array().cloned().unwrap_or_default();
-            if projections.iter().all(|p| p["lag"] == 0) {
+            let indexes_current = |p: &Value| p["indexes"].as_array().is_none_or(|i| i.iter().all(|i| i["lag"] == 0));
+            if projections.iter().all(|p| p["lag"] == 0 && indexes_current(p)) {
                 return Ok(true);
             }
             if std::time::Instant::now() > until {

@@ -183,6 +183,8 @@ fn feed_demo(url: &str, n: usize) -> anyhow::Result<()> {
          \x20 curl -s {url}/v1/projections/account-balance/tables/balances/items/a-1 | jq\n\
          \x20 curl -s '{url}/v1/projections/account-balance/tables/history/items?prefix=a-1/&limit=5' | jq\n\
          \x20 curl -s {url}/v1/projections/order-summary/dead-letters | jq\n\
+         \x20 curl -s '{url}/v1/projections/order-search/indexes/orders/search?q=lamp+AND+coffee&sort=total:desc&limit=3' | jq\n\
+         \x20 curl -s '{url}/v1/projections/order-search/indexes/orders/search?filter=total:%5B100+TO+*%5D&facets=status&limit=1' | jq\n\
          \x20 echo '{{\"type\":\"OrderPlaced\",\"key\":\"o-new\",\"data\":{{\"orderId\":\"o-new\",\"customerId\":\"c-1\",\"total\":42.5}}}}' \\\n\
          \x20   | curl -s -H 'content-type: application/x-ndjson' --data-binary @- {url}/v1/streams/orders/events\n\
          Press Ctrl-C to stop.\n",

@@ -14,7 +14,7 @@ fn the_demo_appends_sample_events_and_prints_queries_that_answer() {
     let plugins_dir = dir.path().join("plugins");
     std::fs::create_dir_all(&plugins_dir).unwrap();
     let p = plugins();
-    for f in [&p.order_summary, &p.account_balance] {
+    for f in [&p.order_summary, &p.order_search, &p.account_balance] {
         std::fs::copy(f, plugins_dir.join(f.file_name().unwrap())).unwrap();
     }
     let port = free_port();
@@ -50,7 +50,9 @@ fn the_demo_appends_sample_events_and_prints_queries_that_answer() {
             queried += 1;
         }
     }
-    assert!(queried >= 5, "{text}");
+    assert!(queried >= 7, "{text}");
+    let faceted = client.get("/v1/projections/order-search/indexes/orders/search?facets=status&limit=1").unwrap();
+    assert!(faceted.body["facets"]["status"].as_array().is_some_and(|b| !b.is_empty()), "{}", faceted.body);
     let orders = client.get("/v1/projections/order-summary").unwrap();
     assert_eq!(orders.body["lag"], 0);
     assert!(orders.body["eventsApplied"].as_u64().unwrap() > 1500);
