@@ -456,7 +456,9 @@ impl OpenIndex {
                         (t, d.into_iter().map(|(v, a)| (wrap(serde_json::json!(v)), a)).collect())
                     }
                     _ => {
-                        return Err(invalid(&format!("sort: {name:?} is not sortable (use i64, f64, date or keyword)")));
+                        return Err(invalid(&format!(
+                            "sort: {name:?} is not sortable (use i64, f64, date or keyword)"
+                        )));
                     }
                 }
             }

@@ -1,0 +1,287 @@
+//! `cargo bench -p refract --bench search`: search read models, against raw
+//! tantivy, in one run over the same documents.
+//!
+//! - **indexing**: the `order-search` component end to end (log → projector →
+//!   redb tables, documents and outbox → indexer → tantivy commit) against raw
+//!   tantivy indexing the same document versions (delete by id + add) with a
+//!   single commit;
+//! - **queries**: the same queries through `GET …/search` over HTTP against
+//!   calling tantivy's searcher directly (parse, top 10, count, fetch docs).
+//!
+//! Set `REFRACT_BENCH_EVENTS` to change the number of events (default 1,000,000).
+
+#[path = "../support/mod.rs"]
+mod support;
+
+use std::sync::Arc;
+use std::sync::atomic::Ordering;
+use std::time::{Duration, Instant};
+
+use order_search::OrderSearch;
+use refract::config::Config;
+use refract::plugin::cache::CompileCache;
+use refract::plugin::wasm::{self, PluginLimits, WasmProjection};
+use refract::runtime::Runtime;
+use refract::source::NewEvent;
+use refract::store::search::IndexSchema;
+use refract_sdk::Projection;
+use refract_sdk::native::{MemoryBackend, with_backend};
+use tantivy::collector::{Count, TopDocs};
+use tantivy::query::QueryParser;
+use tantivy::{TantivyDocument, Term};
+
+#[global_allocator]
+static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
+const QUERIES: [&str; 5] = [
+    "q=lamp&limit=10",
+    "q=%22red+chair%22&limit=10",
+    "q=coffee+AND+tea&limit=10",
+    "q=lamp&filter=status:paid&limit=10",
+    "q=book&filter=total:%5B100+TO+*%5D&limit=10",
+];
+const PLAIN: [(&str, &str); 5] = [
+    ("lamp", ""),
+    ("\"red chair\"", ""),
+    ("coffee AND tea", ""),
+    ("lamp", "status:paid"),
+    ("book", "total:[100 TO *]"),
+];
+
+/// A minimal HTTP/1.1 keep-alive client (like a load generator's), so the
+/// measurement is of the server, not of a client library.
+struct Connection {
+    stream: std::io::BufReader<std::net::TcpStream>,
+}
+
+impl Connection {
+    fn new(address: &str) -> Self {
+        let stream = std::net::TcpStream::connect(address).unwrap();
+        stream.set_nodelay(true).unwrap();
+        Connection { stream: std::io::BufReader::new(stream) }
+    }
+
+    /// `GET path`: the status and the JSON body.
+    fn get(&mut self, path: &str) -> (u16, serde_json::Value) {
+        use std::io::{BufRead, Read, Write};
+        let request = format!("GET {path} HTTP/1.1\r\nhost: bench\r\n\r\n");
+        self.stream.get_mut().write_all(request.as_bytes()).unwrap();
+        let mut line = String::new();
+        self.stream.read_line(&mut line).unwrap();
+        let status = line.split(' ').nth(1).unwrap().parse().unwrap();
+        let mut length = 0;
+        loop {
+            line.clear();
+            self.stream.read_line(&mut line).unwrap();
+            if line == "\r\n" {
+                break;
+            }
+            if let Some((name, value)) = line.split_once(':')
+                && name.eq_ignore_ascii_case("content-length")
+            {
+                length = value.trim().parse().unwrap();
+            }
+        }
+        let mut body = vec![0; length];
+        self.stream.read_exact(&mut body).unwrap();
+        (status, serde_json::from_slice(&body).unwrap())
+    }
+}
+
+fn main() {
+    let n: usize = std::env::var("REFRACT_BENCH_EVENTS").ok().and_then(|v| v.parse().ok()).unwrap_or(1_000_000);
+    let dir = tempfile::tempdir().unwrap();
+    eprintln!("generating {n} order events …");
+    let events = refract::fixtures::orders(n, 42, 0.0);
+
+    // The document versions the projection upserts, recorded natively.
+    let mut documents: Vec<(String, Vec<u8>)> = Vec::with_capacity(n);
+    let mut store = MemoryBackend::default();
+    for e in &events {
+        let data = serde_json::to_vec(&e["data"]).unwrap();
+        let event = refract_sdk::testing::event("orders", e["type"].as_str().unwrap(), None, &data);
+        let id = e["data"]["orderId"].as_str().unwrap().to_owned();
+        let (s, result) = with_backend(store, || OrderSearch::apply(&event));
+        result.unwrap();
+        documents.push((id.clone(), s.document("orders", &id).unwrap().to_vec()));
+        store = s;
+    }
+    drop(store);
+
+    // Baseline: raw tantivy, same schema, same documents, one commit.
+    let mapping = refract::plugin::native::NativeProjection::with_indexes(
+        OrderSearch::manifest(),
+        OrderSearch::indexes(),
+        OrderSearch::handle,
+    );
+    let mapping = refract::plugin::Handler::indexes(&mapping)[0].clone();
+    let schema = IndexSchema::new(&mapping).unwrap();
+    let raw_dir = dir.path().join("raw");
+    std::fs::create_dir_all(&raw_dir).unwrap();
+    let raw_index = tantivy::Index::create_in_dir(&raw_dir, schema.schema.clone()).unwrap();
+    let started = Instant::now();
+    let mut writer: tantivy::IndexWriter<TantivyDocument> = raw_index.writer(64 << 20).unwrap();
+    for (id, doc) in &documents {
+        let object = schema.validate(doc).unwrap();
+        writer.delete_term(Term::from_field_text(schema.id, id));
+        writer.add_document(schema.to_tantivy(id, &object)).unwrap();
+    }
+    writer.commit().unwrap();
+    let raw_seconds = started.elapsed().as_secs_f64();
+    drop(writer);
+
+    // The component end to end, through the runtime's own threads.
+    let config = Config { data_dir: dir.path().join("data"), ..Config::default() };
+    let runtime = Arc::new(Runtime::open(&config).unwrap());
+    for chunk in events.chunks(10_000) {
+        let chunk: Vec<NewEvent> = chunk.iter().map(|e| serde_json::from_value(e.clone()).unwrap()).collect();
+        runtime.log.append("orders", &chunk).unwrap();
+    }
+    let engine = refract::plugin::engine::new_engine().unwrap();
+    let cache = CompileCache::new(&dir.path().join("cache"), &engine).unwrap();
+    let (component, _) = cache.load(&std::fs::read(&support::plugins().order_search).unwrap()).unwrap();
+    let linker = wasm::linker(&engine).unwrap();
+    let plugin = WasmProjection::load(&engine, &linker, &component, "order-search", PluginLimits::default()).unwrap();
+    let started = Instant::now();
+    let projection = runtime.add(Box::new(plugin), "bench".into()).unwrap();
+    let total: u64 = runtime.log.heads("orders").unwrap().iter().sum();
+    loop {
+        let consumed: u64 = projection.read_model.checkpoints().unwrap().iter().map(|c| c.next_offset).sum();
+        let written = projection.read_model.outbox_sequence().unwrap();
+        if consumed == total && projection.indexes.applied.load(Ordering::Relaxed) == written {
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    let wasm_seconds = started.elapsed().as_secs_f64();
+    let open = &projection.indexes.open["orders"];
+    let indexed = open.reader.searcher().num_docs();
+
+    // Queries: HTTP against the searcher directly.
+    let rounds = 400;
+    let searcher = open.reader.searcher();
+    let parser = QueryParser::for_index(&open.index, schema.text_fields());
+    let started = Instant::now();
+    let mut direct_hits = 0;
+    for _ in 0..rounds {
+        for (q, filter) in PLAIN {
+            let text = if filter.is_empty() { q.to_owned() } else { format!("({q}) AND {filter}") };
+            let query = parser.parse_query(&text).unwrap();
+            let (count, top) = searcher.search(&query, &(Count, TopDocs::with_limit(10).order_by_score())).unwrap();
+            for (_, address) in top {
+                let _doc: TantivyDocument = searcher.doc(address).unwrap();
+                direct_hits += 1;
+            }
+            assert!(count > 0);
+        }
+    }
+    let direct = started.elapsed().as_secs_f64();
+
+    // The same queries through refract's query code, in process (no HTTP).
+    let requests: Vec<refract::store::search::SearchRequest> = PLAIN
+        .iter()
+        .map(|(q, filter)| refract::store::search::SearchRequest {
+            q: (*q).to_owned(),
+            filter: (*filter).to_owned(),
+            ..Default::default()
+        })
+        .collect();
+    let started = Instant::now();
+    for _ in 0..rounds {
+        for request in &requests {
+            let response = open.search(request, 10).unwrap();
+            assert!(response.total > 0);
+        }
+    }
+    let in_process = started.elapsed().as_secs_f64();
+
+    let tokio = tokio::runtime::Runtime::new().unwrap();
+    let listener = tokio.block_on(tokio::net::TcpListener::bind("127.0.0.1:0")).unwrap();
+    let url = format!("http://{}", listener.local_addr().unwrap());
+    let serving = runtime.clone();
+    tokio.spawn(async move { refract::api::serve(serving, listener, std::future::pending()).await });
+    let address = url.trim_start_matches("http://").to_owned();
+    let mut client = Connection::new(&address);
+    let started = Instant::now();
+    let mut http_hits = 0;
+    for _ in 0..rounds {
+        for q in QUERIES {
+            let (status, body) = client.get(&format!("/v1/projections/order-search/indexes/orders/search?{q}"));
+            assert_eq!(status, 200, "{body}");
+            http_hits += body["hits"].as_array().unwrap().len();
+        }
+    }
+    let http = started.elapsed().as_secs_f64();
+    assert_eq!(http_hits, direct_hits, "both paths return the same hits");
+
+    // Throughput under concurrency: as many direct searchers as cores, and
+    // four HTTP clients (they share the two cores with the server).
+    let threads = std::thread::available_parallelism().map_or(2, |n| n.get());
+    let started = Instant::now();
+    std::thread::scope(|scope| {
+        for _ in 0..threads {
+            scope.spawn(|| {
+                for _ in 0..rounds {
+                    for request in &requests {
+                        open.search(request, 10).unwrap();
+                    }
+                }
+            });
+        }
+    });
+    let direct_parallel = (threads * rounds * QUERIES.len()) as f64 / started.elapsed().as_secs_f64();
+    let clients = 4;
+    let started = Instant::now();
+    std::thread::scope(|scope| {
+        for _ in 0..clients {
+            let client = refract::client::Client::new(&url);
+            scope.spawn(move || {
+                for _ in 0..rounds {
+                    for q in QUERIES {
+                        let reply =
+                            client.get(&format!("/v1/projections/order-search/indexes/orders/search?{q}")).unwrap();
+                        assert_eq!(reply.status, 200);
+                    }
+                }
+            });
+        }
+    });
+    let http_parallel = (clients * rounds * QUERIES.len()) as f64 / started.elapsed().as_secs_f64();
+    runtime.shutdown();
+
+    let queries = (rounds * QUERIES.len()) as f64;
+    println!("\norder-search over {n} events: {} document versions, {indexed} documents\n", documents.len());
+    println!("| measure | rate | seconds |");
+    println!("|---|---:|---:|");
+    println!(
+        "| raw tantivy: delete + add, one commit | {:.0} docs/s | {raw_seconds:.2} |",
+        documents.len() as f64 / raw_seconds
+    );
+    println!(
+        "| wasm order-search end to end (searchable) | {:.0} docs/s | {wasm_seconds:.2} |",
+        documents.len() as f64 / wasm_seconds
+    );
+    println!(
+        "| tantivy searcher, direct | {:.0} queries/s ({:.0} µs each) | {direct:.2} |",
+        queries / direct,
+        direct / queries * 1e6
+    );
+    println!(
+        "| refract query code, in process | {:.0} queries/s ({:.0} µs each) | {in_process:.2} |",
+        queries / in_process,
+        in_process / queries * 1e6
+    );
+    println!(
+        "| GET …/search over HTTP | {:.0} queries/s ({:.0} µs each) | {http:.2} |",
+        queries / http,
+        http / queries * 1e6
+    );
+    println!("\n| ratio | value | target |");
+    println!("|---|---:|---:|");
+    println!("| wasm indexing / raw tantivy | {:.2} | ≥ 0.70 |", raw_seconds / wasm_seconds);
+    println!("| HTTP search / direct searcher, one at a time | {:.2} | ≥ 0.80 |", direct / http);
+    println!(
+        "| HTTP search / refract query code, concurrent ({clients} clients vs {threads} threads) | {:.2} ({http_parallel:.0} vs {direct_parallel:.0} queries/s) | ≥ 0.80 |",
+        http_parallel / direct_parallel
+    );
+}
