@@ -8,7 +8,8 @@
 //! - **queries**: the same queries through `GET …/search` over HTTP against
 //!   calling tantivy's searcher directly (parse, top 10, count, fetch docs).
 //!
-//! Set `REFRACT_BENCH_EVENTS` to change the number of events (default 1,000,000).
+//! Set `REFRACT_BENCH_EVENTS` to change the number of events (default 1,000,000)
+//! and `REFRACT_BENCH_COMMIT_MS` to change the indexer's commit interval (500).
 
 #[path = "../support/mod.rs"]
 mod support;
@@ -131,7 +132,10 @@ fn main() {
     drop(writer);
 
     // The component end to end, through the runtime's own threads.
-    let config = Config { data_dir: dir.path().join("data"), ..Config::default() };
+    let mut config = Config { data_dir: dir.path().join("data"), ..Config::default() };
+    if let Some(ms) = std::env::var("REFRACT_BENCH_COMMIT_MS").ok().and_then(|v| v.parse().ok()) {
+        config.search.commit_interval_ms = ms;
+    }
     let runtime = Arc::new(Runtime::open(&config).unwrap());
     for chunk in events.chunks(10_000) {
         let chunk: Vec<NewEvent> = chunk.iter().map(|e| serde_json::from_value(e.clone()).unwrap()).collect();
