@@ -19,7 +19,8 @@ use super::{Error, Result};
 const CHECKPOINTS: TableDefinition<(&str, u32), u64> = TableDefinition::new("checkpoints");
 const DEAD_LETTERS: TableDefinition<u64, &[u8]> = TableDefinition::new("dead-letters");
 const COUNTERS: TableDefinition<&str, u64> = TableDefinition::new("counters");
-/// Search outbox: sequence → `<index>\0<id>` of a document changed by a batch.
+/// Search outbox: sequence → a document change of a batch, encoded as
+/// `<index>\0<id>\0` then `1<document>` (upsert) or `0` (delete).
 const OUTBOX: TableDefinition<u64, &[u8]> = TableDefinition::new("outbox");
 
 /// A change to a search document, waiting to be applied to the index.
@@ -28,7 +29,7 @@ pub struct OutboxEntry {
     pub sequence: u64,
     pub index: String,
     pub id: String,
-    /// The document as the tables hold it now (`None`: deleted).
+    /// The document as the batch left it (`None`: deleted).
     pub document: Option<Vec<u8>>,
 }
 
@@ -139,15 +140,23 @@ impl ReadModel {
             let mut counters = tx.open_table(COUNTERS)?;
             let mut sequence = counters.get("outbox-sequence")?.map_or(0, |v| v.value());
             let mut outbox = tx.open_table(OUTBOX)?;
+            let mut entry = Vec::new();
             for (index, docs) in &writes.docs {
-                let mut table = tx.open_table(table_definition(&format!("i/{index}")))?;
                 for (id, doc) in docs {
+                    entry.clear();
+                    entry.extend_from_slice(index.as_bytes());
+                    entry.push(0);
+                    entry.extend_from_slice(id.as_bytes());
+                    entry.push(0);
                     match doc {
-                        Some(d) => table.insert(id.as_str(), d.as_slice())?,
-                        None => table.remove(id.as_str())?,
-                    };
+                        Some(d) => {
+                            entry.push(1);
+                            entry.extend_from_slice(d);
+                        }
+                        None => entry.push(0),
+                    }
                     sequence += 1;
-                    outbox.insert(sequence, format!("{index}\0{id}").as_bytes())?;
+                    outbox.insert(sequence, entry.as_slice())?;
                 }
             }
             counters.insert("outbox-sequence", sequence)?;
@@ -224,30 +233,26 @@ impl ReadModel {
         Ok(out)
     }
 
-    /// Up to `limit` outbox entries after `after`, with their current documents.
+    /// Up to `limit` outbox entries after `after`, in sequence order.
     pub fn outbox_after(&self, after: u64, limit: usize) -> Result<Vec<OutboxEntry>> {
         let tx = self.db.begin_read()?;
         let outbox = tx.open_table(OUTBOX)?;
-        let mut docs: std::collections::HashMap<String, Option<redb::ReadOnlyTable<&str, &[u8]>>> = Default::default();
         let mut out = Vec::new();
         for entry in outbox.range((after + 1)..)?.take(limit) {
-            let (sequence, target) = entry?;
-            let target = String::from_utf8_lossy(target.value()).into_owned();
-            let (index, id) =
-                target.split_once('\0').ok_or_else(|| Error::Corrupt(format!("outbox entry {target:?}")))?;
-            if !docs.contains_key(index) {
-                let table = match tx.open_table(table_definition(&format!("i/{index}"))) {
-                    Ok(t) => Some(t),
-                    Err(redb::TableError::TableDoesNotExist(_)) => None,
-                    Err(e) => return Err(e.into()),
-                };
-                docs.insert(index.to_owned(), table);
-            }
-            let document = match &docs[index] {
-                Some(t) => t.get(id)?.map(|v| v.value().to_vec()),
-                None => None,
+            let (sequence, bytes) = entry?;
+            let corrupt = || Error::Corrupt(format!("outbox entry {}", sequence.value()));
+            let bytes = bytes.value();
+            let mut parts = bytes.splitn(3, |b| *b == 0);
+            let (Some(index), Some(id), Some(change)) = (parts.next(), parts.next(), parts.next()) else {
+                return Err(corrupt());
             };
-            out.push(OutboxEntry { sequence: sequence.value(), index: index.to_owned(), id: id.to_owned(), document });
+            let document = match change.split_first() {
+                Some((1, doc)) => Some(doc.to_vec()),
+                Some((0, [])) => None,
+                _ => return Err(corrupt()),
+            };
+            let text = |b: &[u8]| String::from_utf8(b.to_vec()).map_err(|_| corrupt());
+            out.push(OutboxEntry { sequence: sequence.value(), index: text(index)?, id: text(id)?, document });
         }
         Ok(out)
     }
@@ -357,6 +362,27 @@ mod tests {
         rm.commit(&third.into_writes(), &Commit::default()).unwrap();
         let stored: Vec<(String, Vec<u8>)> = rm.scan("t", "", None, 10).unwrap();
         assert_eq!(stored, [("b".to_owned(), b"2".to_vec()), ("d".to_owned(), b"3".to_vec())]);
+    }
+
+    #[test]
+    fn document_changes_reach_the_outbox_in_order_and_trimming_removes_them() {
+        let dir = tempfile::tempdir().unwrap();
+        let rm = ReadModel::open(&dir.path().join("rm.redb")).unwrap();
+        let mut writes = BatchWrites::default();
+        let docs = writes.docs.entry("idx".to_owned()).or_default();
+        docs.insert("a".to_owned(), Some(br#"{"n":1}"#.to_vec()));
+        docs.insert("b".to_owned(), None);
+        rm.commit(&writes, &Commit::default()).unwrap();
+        rm.commit(&writes, &Commit::default()).unwrap();
+        assert_eq!(rm.outbox_sequence().unwrap(), 4);
+        let entries = rm.outbox_after(1, 10).unwrap();
+        let seen: Vec<(u64, &str, Option<&[u8]>)> =
+            entries.iter().map(|e| (e.sequence, e.id.as_str(), e.document.as_deref())).collect();
+        assert_eq!(seen, [(2, "b", None), (3, "a", Some(br#"{"n":1}"#.as_slice())), (4, "b", None)]);
+        assert!(entries.iter().all(|e| e.index == "idx"));
+        rm.trim_outbox(3).unwrap();
+        assert_eq!(rm.outbox_after(0, 10).unwrap().len(), 1);
+        assert_eq!(rm.outbox_sequence().unwrap(), 4, "the sequence survives trimming");
     }
 
     #[test]

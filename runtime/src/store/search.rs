@@ -2,9 +2,10 @@
 //! against them, and the indexer that applies the outbox to tantivy.
 //!
 //! Exactly-once indexing, by construction:
-//! 1. `search.upsert/delete` go into the batch; at commit, the document (in
-//!    table `i/<index>`) and an outbox entry (sequence → index, id) are
-//!    written in the batch's redb transaction ([`super::ReadModel::commit`]).
+//! 1. `search.upsert/delete` go into the batch (coalesced per id); at
+//!    commit, one outbox entry per changed document (sequence → index, id and
+//!    the document, or its deletion) is written in the batch's redb
+//!    transaction ([`super::ReadModel::commit`]).
 //! 2. The [`Indexer`] reads outbox entries after the last sequence it
 //!    applied, replays them on tantivy (delete by id, then add the current
 //!    document if there is one), and commits tantivy with that sequence as
@@ -12,8 +13,9 @@
 //! 3. Then it trims the outbox up to that sequence.
 //!
 //! After a crash the indexer resumes from the payload of the last tantivy
-//! commit. Replaying an entry twice is harmless: the document is deleted by
-//! id and added again from the table, which holds the latest version.
+//! commit. Replaying entries again is harmless: each is a delete by id
+//! followed by an add of that version, applied in sequence order, so the
+//! last version wins however often the tail is replayed.
 
 use std::collections::{BTreeMap, HashMap};
 use std::path::Path;
@@ -274,7 +276,8 @@ impl OpenIndex {
         std::fs::create_dir_all(dir)?;
         let directory = tantivy::directory::MmapDirectory::open(dir)?;
         let index = Index::open_or_create(directory, schema.schema.clone())?;
-        let writer = index.writer(64 << 20)?;
+        // One indexing thread: the projector needs the other cores.
+        let writer = index.writer_with_num_threads(1, 64 << 20)?;
         let reader = index.reader_builder().reload_policy(ReloadPolicy::Manual).try_into()?;
         Ok(OpenIndex { schema, index, reader, writer: Mutex::new(writer) })
     }
