@@ -6,6 +6,7 @@
 //! `items` as full text. The order's state lives in the `orders` table; every
 //! event that changes an order re-indexes its document.
 
+use order_events::{OrderEvent, OrderStatus};
 use refract_sdk::{Event, Failure, Index, IndexMapping, Manifest, Projection, Table};
 use serde::{Deserialize, Serialize};
 
@@ -42,46 +43,12 @@ pub struct OrderDocument {
 pub const ORDERS: Table<OrderState> = Table::new("orders");
 pub const ORDER_INDEX: Index<OrderDocument> = Index::new("orders");
 
-#[derive(Deserialize)]
-struct Item {
-    sku: String,
-}
-
-#[derive(Deserialize)]
-#[serde(rename_all = "camelCase")]
-struct OrderPlaced {
-    order_id: String,
-    customer_id: String,
-    total: f64,
-    #[serde(default)]
-    items: Vec<Item>,
-    #[serde(default)]
-    description: String,
-}
-
-#[derive(Deserialize)]
-#[serde(rename_all = "camelCase")]
-struct OrderRef {
-    order_id: String,
-}
-
-#[derive(Deserialize)]
-#[serde(rename_all = "camelCase")]
-struct PaymentReceived {
-    order_id: String,
-    amount: f64,
-}
-
-fn cents(amount: f64) -> i64 {
-    (amount * 100.0).round() as i64
-}
-
 pub struct OrderSearch;
 
 impl Projection for OrderSearch {
     fn manifest() -> Manifest {
         Manifest::new("order-search", env!("CARGO_PKG_VERSION"))
-            .subscribe("orders", &["OrderPlaced", "PaymentReceived", "OrderShipped", "OrderCancelled"])
+            .subscribe("orders", &order_events::EVENT_TYPES)
             .table(&ORDERS)
     }
 
@@ -100,11 +67,11 @@ impl Projection for OrderSearch {
     }
 
     fn apply(event: &Event) -> Result<(), Failure> {
-        let order = match event.event_type.as_str() {
-            "OrderPlaced" => {
-                let placed: OrderPlaced = event.json()?;
+        let change = OrderEvent::decode(event)?;
+        let order = match change {
+            OrderEvent::Placed(placed) => {
                 if ORDERS.get(&placed.order_id)?.is_some() {
-                    return Err(Failure::rejected(format!("order {} was already placed", placed.order_id)));
+                    return Err(order_events::already_placed(&placed.order_id));
                 }
                 OrderState {
                     order_id: placed.order_id,
@@ -117,30 +84,12 @@ impl Projection for OrderSearch {
                     items: placed.items.into_iter().map(|i| i.sku).collect::<Vec<_>>().join(" "),
                 }
             }
-            other => {
-                let (id, payment) = match other {
-                    "PaymentReceived" => {
-                        let p: PaymentReceived = event.json()?;
-                        (p.order_id, Some(p.amount))
-                    }
-                    "OrderShipped" | "OrderCancelled" => (event.json::<OrderRef>()?.order_id, None),
-                    _ => return Err(Failure::rejected(format!("unexpected event type {other}"))),
-                };
-                let mut order =
-                    ORDERS.get(&id)?.ok_or_else(|| Failure::rejected(format!("{other} for unknown order {id}")))?;
-                if order.status != "cancelled" {
-                    match payment {
-                        Some(amount) => {
-                            let paid = cents(order.paid) + cents(amount);
-                            order.paid = paid as f64 / 100.0;
-                            if order.status == "placed" && paid >= cents(order.total) {
-                                order.status = "paid".into();
-                            }
-                        }
-                        None if other == "OrderShipped" => order.status = "shipped".into(),
-                        None => order.status = "cancelled".into(),
-                    }
-                }
+            change => {
+                let mut order = ORDERS
+                    .get(change.order_id())?
+                    .ok_or_else(|| order_events::unknown_order(&change, &event.event_type))?;
+                let status = OrderStatus { status: &mut order.status, paid: &mut order.paid, total: order.total };
+                order_events::advance(status, &change);
                 order.updated_at = event.time;
                 order
             }

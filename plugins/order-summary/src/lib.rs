@@ -6,8 +6,9 @@
 //! - `customer-orders`: `<customerId>/<orderId>` → [`CustomerOrder`], so a
 //!   prefix scan on `<customerId>/` lists a customer's orders.
 //!
-//! Money is added up in whole cents so that totals never drift.
+//! The status rules are the shared ones of `order-events`.
 
+use order_events::{OrderEvent, OrderStatus};
 use refract_sdk::{Event, Failure, Manifest, Projection, Table};
 use serde::{Deserialize, Serialize};
 
@@ -38,83 +39,38 @@ pub struct CustomerOrder {
 pub const ORDERS: Table<Order> = Table::new("orders");
 pub const CUSTOMER_ORDERS: Table<CustomerOrder> = Table::new("customer-orders");
 
-#[derive(Deserialize)]
-#[serde(rename_all = "camelCase")]
-struct OrderPlaced {
-    order_id: String,
-    customer_id: String,
-    total: f64,
-}
-
-#[derive(Deserialize)]
-#[serde(rename_all = "camelCase")]
-struct OrderRef {
-    order_id: String,
-}
-
-#[derive(Deserialize)]
-#[serde(rename_all = "camelCase")]
-struct PaymentReceived {
-    order_id: String,
-    amount: f64,
-}
-
-fn cents(amount: f64) -> i64 {
-    (amount * 100.0).round() as i64
-}
-
 pub struct OrderSummary;
 
 impl Projection for OrderSummary {
     fn manifest() -> Manifest {
         Manifest::new("order-summary", env!("CARGO_PKG_VERSION"))
-            .subscribe("orders", &["OrderPlaced", "PaymentReceived", "OrderShipped", "OrderCancelled"])
+            .subscribe("orders", &order_events::EVENT_TYPES)
             .table(&ORDERS)
             .table(&CUSTOMER_ORDERS)
     }
 
     fn apply(event: &Event) -> Result<(), Failure> {
-        let order = match event.event_type.as_str() {
-            "OrderPlaced" => {
-                let placed: OrderPlaced = event.json()?;
+        let change = OrderEvent::decode(event)?;
+        let order = match &change {
+            OrderEvent::Placed(placed) => {
                 if ORDERS.get(&placed.order_id)?.is_some() {
-                    return Err(Failure::rejected(format!("order {} was already placed", placed.order_id)));
+                    return Err(order_events::already_placed(&placed.order_id));
                 }
                 Order {
-                    order_id: placed.order_id,
-                    customer_id: placed.customer_id,
+                    order_id: placed.order_id.clone(),
+                    customer_id: placed.customer_id.clone(),
                     status: "placed".into(),
                     total: placed.total,
                     paid: 0.0,
                     updated_at: event.time,
                 }
             }
-            other => {
-                // Decode fully before looking at the order: a malformed event is
-                // rejected whatever state its order is in.
-                let (id, payment) = match other {
-                    "PaymentReceived" => {
-                        let p: PaymentReceived = event.json()?;
-                        (p.order_id, Some(p.amount))
-                    }
-                    "OrderShipped" | "OrderCancelled" => (event.json::<OrderRef>()?.order_id, None),
-                    _ => return Err(Failure::rejected(format!("unexpected event type {other}"))),
-                };
-                let mut order =
-                    ORDERS.get(&id)?.ok_or_else(|| Failure::rejected(format!("{other} for unknown order {id}")))?;
-                if order.status != "cancelled" {
-                    match payment {
-                        Some(amount) => {
-                            let paid = cents(order.paid) + cents(amount);
-                            order.paid = paid as f64 / 100.0;
-                            if order.status == "placed" && paid >= cents(order.total) {
-                                order.status = "paid".into();
-                            }
-                        }
-                        None if other == "OrderShipped" => order.status = "shipped".into(),
-                        None => order.status = "cancelled".into(),
-                    }
-                }
+            _ => {
+                let mut order = ORDERS
+                    .get(change.order_id())?
+                    .ok_or_else(|| order_events::unknown_order(&change, &event.event_type))?;
+                let status = OrderStatus { status: &mut order.status, paid: &mut order.paid, total: order.total };
+                order_events::advance(status, &change);
                 order.updated_at = event.time;
                 order
             }
