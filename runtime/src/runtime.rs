@@ -106,7 +106,7 @@ pub struct Runtime {
     batch: BatchOptions,
     index_commit_interval: Duration,
     projections: RwLock<BTreeMap<String, Arc<Projection>>>,
-    plugin_errors: Vec<PluginError>,
+    plugin_errors: Mutex<Vec<PluginError>>,
     stop: Arc<AtomicBool>,
     workers: Mutex<Vec<JoinHandle<()>>>,
 }
@@ -133,7 +133,11 @@ impl Runtime {
                 Ok(p) if handlers.iter().any(|(h, _)| h.manifest().name == p.manifest().name) => {
                     let error = format!("another plugin already provides projection {:?}", p.manifest().name);
                     tracing::error!(plugin = %label, %error, "plugin not loaded");
-                    runtime.plugin_errors.push(PluginError { file: label, error });
+                    runtime
+                        .plugin_errors
+                        .get_mut()
+                        .expect("plugin errors lock")
+                        .push(PluginError { file: label, error });
                 }
                 Ok(p) => {
                     tracing::info!(plugin = %label, projection = %p.manifest().name, version = %p.manifest().version, "plugin loaded");
@@ -141,13 +145,24 @@ impl Runtime {
                 }
                 Err(error) => {
                     tracing::error!(plugin = %label, %error, "plugin not loaded");
-                    runtime.plugin_errors.push(PluginError { file: label, error });
+                    runtime
+                        .plugin_errors
+                        .get_mut()
+                        .expect("plugin errors lock")
+                        .push(PluginError { file: label, error });
                 }
             }
         }
         let runtime = Arc::new(runtime);
         for (handler, source) in handlers {
-            runtime.add(handler, source)?;
+            // A plugin whose read model cannot be opened (an invalid index
+            // mapping, a mapping changed under an existing index) is reported
+            // like a plugin that does not load; the others run.
+            if let Err(e) = runtime.add(handler, source.clone()) {
+                let error = format!("{e:#}");
+                tracing::error!(plugin = %source, %error, "projection not started");
+                runtime.plugin_errors.lock().expect("plugin errors lock").push(PluginError { file: source, error });
+            }
         }
         Ok(runtime)
     }
@@ -166,7 +181,7 @@ impl Runtime {
             batch: config.batch_options(),
             index_commit_interval: Duration::from_millis(config.search.commit_interval_ms),
             projections: RwLock::new(BTreeMap::new()),
-            plugin_errors: Vec::new(),
+            plugin_errors: Mutex::new(Vec::new()),
             stop: Arc::new(AtomicBool::new(false)),
             workers: Mutex::new(Vec::new()),
         })
@@ -233,8 +248,8 @@ impl Runtime {
     }
 
     /// Plugin files that failed to load.
-    pub fn plugin_errors(&self) -> &[PluginError] {
-        &self.plugin_errors
+    pub fn plugin_errors(&self) -> Vec<PluginError> {
+        self.plugin_errors.lock().expect("plugin errors lock").clone()
     }
 
     /// The status of `projection`: checkpoints against the log's heads, counters, errors.

@@ -25,7 +25,7 @@ use std::time::{Duration, Instant};
 
 use serde_json::{Map, Value};
 use tantivy::schema::{
-    DateOptions, FAST, Field, INDEXED, NumericOptions, STORED, STRING, Schema, TEXT, TextFieldIndexing, TextOptions,
+    DateOptions, FAST, Field, INDEXED, NumericOptions, STORED, STRING, Schema, TextFieldIndexing, TextOptions,
 };
 use tantivy::{DateTime, Index, IndexReader, IndexWriter, ReloadPolicy, TantivyDocument, Term};
 
@@ -95,12 +95,17 @@ impl IndexSchema {
                     mapping.name, f.name
                 ));
             }
+            // Checked first: tantivy's schema builder panics on a duplicate.
+            if fields.contains_key(&f.name) {
+                return Err(format!("index {:?}: field {:?} is mapped twice", mapping.name, f.name));
+            }
             let field = match f.type_ {
                 FieldType::Keyword => {
                     let options = if f.fast { STRING | FAST } else { STRING };
                     builder.add_text_field(&f.name, options)
                 }
                 FieldType::Text => {
+                    // The default tokenizer, with positions so that phrases work.
                     let indexing = TextFieldIndexing::default()
                         .set_tokenizer("default")
                         .set_index_option(tantivy::schema::IndexRecordOption::WithFreqsAndPositions);
@@ -129,11 +134,8 @@ impl IndexSchema {
                     builder.add_date_field(&f.name, options)
                 }
             };
-            if fields.insert(f.name.clone(), (f.clone(), field)).is_some() {
-                return Err(format!("index {:?}: field {:?} is mapped twice", mapping.name, f.name));
-            }
+            fields.insert(f.name.clone(), (f.clone(), field));
         }
-        let _ = TEXT; // the `text` mapping uses the default tokenizer with positions (phrases)
         Ok(IndexSchema { mapping: mapping.clone(), schema: builder.build(), id, source, fields })
     }
 
@@ -500,5 +502,73 @@ impl OpenIndex {
             facets.insert(name.to_owned(), Value::Array(buckets));
         }
         Ok(SearchResponse { total, hits: out, facets })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn field(name: &str, type_: FieldType) -> FieldMapping {
+        FieldMapping { name: name.into(), type_, stored: true, fast: true }
+    }
+
+    fn orders() -> IndexSchema {
+        let mapping = IndexMapping {
+            name: "orders".into(),
+            fields: vec![
+                field("status", FieldType::Keyword),
+                field("total", FieldType::F64),
+                field("count", FieldType::I64),
+                field("at", FieldType::Date),
+                field("gift", FieldType::Bool),
+                FieldMapping { name: "description".into(), type_: FieldType::Text, stored: false, fast: false },
+            ],
+        };
+        IndexSchema::new(&mapping).unwrap()
+    }
+
+    #[test]
+    fn documents_are_checked_against_the_mapping() {
+        let schema = orders();
+        let ok =
+            br#"{"status":"paid","total":1.5,"count":2,"at":"2023-11-14T22:13:20Z","gift":false,"description":null}"#;
+        assert!(schema.validate(ok).is_ok());
+        assert!(schema.validate(br#"{"at":1700000000000,"status":["a","b"]}"#).is_ok());
+        for (doc, needle) in [
+            (&br#"{"status":1}"#[..], "mapped as keyword"),
+            (br#"{"count":1.5}"#, "mapped as i64"),
+            (br#"{"at":"yesterday"}"#, "mapped as date"),
+            (br#"{"gift":"yes"}"#, "mapped as bool"),
+            (br#"{"colour":"red"}"#, "not in the mapping"),
+            (br#"[1,2]"#, "must be a JSON object"),
+            (br#"{oops"#, "not JSON"),
+        ] {
+            let err = schema.validate(doc).unwrap_err();
+            assert!(err.contains(needle), "{}: {err}", String::from_utf8_lossy(doc));
+        }
+    }
+
+    #[test]
+    fn invalid_mappings_are_refused() {
+        let bad = |fields: Vec<FieldMapping>| IndexSchema::new(&IndexMapping { name: "i".into(), fields }).err();
+        assert!(bad(vec![]).unwrap().contains("no fields"));
+        assert!(bad(vec![field("_id", FieldType::Keyword)]).unwrap().contains("invalid field name"));
+        assert!(bad(vec![field("a.b", FieldType::Keyword)]).unwrap().contains("invalid field name"));
+        let twice = bad(vec![field("a", FieldType::Keyword), field("a", FieldType::Text)]).unwrap();
+        assert!(twice.contains("mapped twice"));
+        assert!(
+            IndexSchema::new(&IndexMapping { name: "../x".into(), fields: vec![field("a", FieldType::Bool)] }).is_err()
+        );
+    }
+
+    #[test]
+    fn only_stored_fields_come_back_in_the_source() {
+        let schema = orders();
+        let object = schema.validate(br#"{"status":"paid","description":"red chair"}"#).unwrap();
+        let doc = schema.to_tantivy("o-1", &object);
+        use tantivy::schema::Value as _;
+        let source = doc.get_first(schema.source).and_then(|v| v.as_bytes().map(<[u8]>::to_vec)).unwrap();
+        assert_eq!(source, br#"{"status":"paid"}"#);
     }
 }
