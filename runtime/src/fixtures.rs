@@ -71,7 +71,14 @@ pub fn orders(n: usize, seed: u64, poison: f64) -> Vec<Value> {
                 .iter()
                 .map(|i| i["qty"].as_i64().unwrap_or(0) * (i["price"].as_f64().unwrap_or(0.0) * 100.0).round() as i64)
                 .sum();
-            let words: Vec<&str> = (0..4).map(|_| WORDS[rng.range(0, 14) as usize]).collect();
+            // Four distinct words, like the seed generator's `random.sample`.
+            let mut words: Vec<&str> = Vec::with_capacity(4);
+            while words.len() < 4 {
+                let word = WORDS[rng.range(0, WORDS.len() as u64 - 1) as usize];
+                if !words.contains(&word) {
+                    words.push(word);
+                }
+            }
             out.push(json!({"type": "OrderPlaced", "key": id, "time": time,
                 "data": {"orderId": id, "customerId": customer, "total": cents as f64 / 100.0,
                          "items": items, "description": words.join(" ")}}));
