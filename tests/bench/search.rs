@@ -125,7 +125,7 @@ fn main() {
     for (id, doc) in &documents {
         let object = schema.validate(doc).unwrap();
         writer.delete_term(Term::from_field_text(schema.id, id));
-        writer.add_document(schema.to_tantivy(id, &object)).unwrap();
+        writer.add_document(schema.to_tantivy(id, &object, doc)).unwrap();
     }
     writer.commit().unwrap();
     let raw_seconds = started.elapsed().as_secs_f64();

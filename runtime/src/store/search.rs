@@ -179,14 +179,17 @@ impl IndexSchema {
         Ok(object)
     }
 
-    /// The tantivy document for a validated document `id`.
-    pub fn to_tantivy(&self, id: &str, object: &Map<String, Value>) -> TantivyDocument {
+    /// The tantivy document for document `id`: `object` as [`IndexSchema::validate`]
+    /// parsed it from `original`.
+    pub fn to_tantivy(&self, id: &str, object: &Map<String, Value>, original: &[u8]) -> TantivyDocument {
         let mut doc = TantivyDocument::default();
         doc.add_text(self.id, id);
+        // When every field is stored (the usual case) the source is the document as given.
+        let all_stored = object.keys().all(|k| self.fields.get(k).is_some_and(|(m, _)| m.stored));
         let mut stored = Map::new();
         for (name, v) in object {
             let Some((mapping, field)) = self.fields.get(name) else { continue };
-            if mapping.stored {
+            if mapping.stored && !all_stored {
                 stored.insert(name.clone(), v.clone());
             }
             let values: &[Value] = match v {
@@ -208,7 +211,11 @@ impl IndexSchema {
                 }
             }
         }
-        doc.add_bytes(self.source, &serde_json::to_vec(&Value::Object(stored)).expect("JSON serializes"));
+        if all_stored {
+            doc.add_bytes(self.source, original);
+        } else {
+            doc.add_bytes(self.source, &serde_json::to_vec(&Value::Object(stored)).expect("JSON serializes"));
+        }
         doc
     }
 }
@@ -378,7 +385,7 @@ impl Indexer {
             if let Some(doc) = &entry.document {
                 match open.schema.validate(doc) {
                     Ok(object) => {
-                        writer.add_document(open.schema.to_tantivy(&entry.id, &object))?;
+                        writer.add_document(open.schema.to_tantivy(&entry.id, &object, doc))?;
                     }
                     // Validated when written; only a changed mapping gets here.
                     Err(e) => tracing::warn!(index = %entry.index, id = %entry.id, error = %e, "skipping a document"),
@@ -565,8 +572,9 @@ mod tests {
     #[test]
     fn only_stored_fields_come_back_in_the_source() {
         let schema = orders();
-        let object = schema.validate(br#"{"status":"paid","description":"red chair"}"#).unwrap();
-        let doc = schema.to_tantivy("o-1", &object);
+        let original = br#"{"status":"paid","description":"red chair"}"#;
+        let object = schema.validate(original).unwrap();
+        let doc = schema.to_tantivy("o-1", &object, original);
         use tantivy::schema::Value as _;
         let source = doc.get_first(schema.source).and_then(|v| v.as_bytes().map(<[u8]>::to_vec)).unwrap();
         assert_eq!(source, br#"{"status":"paid"}"#);
