@@ -11,7 +11,8 @@ use serde_json::{Value, json};
 use super::{ApiError, page_limit};
 use crate::runtime::{Projection, Runtime};
 
-fn find(rt: &Runtime, name: &str) -> Result<Arc<Projection>, ApiError> {
+/// The projection called `name`, or a 404.
+pub(super) fn find(rt: &Runtime, name: &str) -> Result<Arc<Projection>, ApiError> {
     rt.projection(name).ok_or_else(|| ApiError::not_found("projection_not_found", format!("no projection {name:?}")))
 }
 

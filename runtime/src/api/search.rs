@@ -25,9 +25,7 @@ pub(super) async fn search(
     if request.offset + limit > MAX_WINDOW {
         return Err(ApiError::bad_request(format!("offset + limit must be at most {MAX_WINDOW}")));
     }
-    let projection = rt
-        .projection(&name)
-        .ok_or_else(|| ApiError::not_found("projection_not_found", format!("no projection {name:?}")))?;
+    let projection = super::projections::find(&rt, &name)?;
     if !projection.indexes.open.contains_key(&index) {
         let known: Vec<&String> = projection.indexes.open.keys().collect();
         return Err(ApiError::not_found(
