@@ -124,7 +124,9 @@ impl Runtime {
             let label = file.display().to_string();
             let loaded = std::fs::read(&file)
                 .map_err(|e| format!("cannot read: {e}"))
-                .and_then(|bytes| cache.load(&bytes).map_err(|e| format!("does not compile as a component: {e:#}")))
+                .and_then(|bytes| {
+                    cache.load(&bytes).map_err(|e| wasm::LoadError::Compile(format!("{e:#}")).to_string())
+                })
                 .and_then(|(component, _)| {
                     WasmProjection::load(&engine, &linker, &component, &label, config.plugin_limits())
                         .map_err(|e| e.to_string())

@@ -14,7 +14,7 @@ use std::sync::Arc;
 use redb::{ReadOnlyTable, ReadTransaction};
 
 use super::Result;
-use super::read_model::table_definition;
+use super::read_model::open_plugin_table;
 use super::search::IndexSchema;
 use crate::plugin::bindings::refract::plugin::kv::{Entry, KvError};
 use crate::plugin::bindings::refract::plugin::search::SearchError;
@@ -125,11 +125,6 @@ impl Batch {
         Ok(())
     }
 
-    /// Number of pending writes (after coalescing).
-    pub fn pending_writes(&self) -> usize {
-        self.writes.values().map(BTreeMap::len).sum()
-    }
-
     fn check_table(&self, table: &str) -> Result<(), KvError> {
         if self.declared.tables.contains(table) {
             Ok(())
@@ -151,11 +146,7 @@ impl Batch {
 
     fn stored(&mut self, table: &str) -> Result<Option<&Stored>> {
         if !self.opened.contains_key(table) {
-            let opened = match self.snapshot.open_table(table_definition(&format!("t/{table}"))) {
-                Ok(t) => Some(t),
-                Err(redb::TableError::TableDoesNotExist(_)) => None,
-                Err(e) => return Err(e.into()),
-            };
+            let opened = open_plugin_table(&self.snapshot, table)?;
             self.opened.insert(table.to_owned(), opened);
         }
         Ok(self.opened[table].as_ref())

@@ -33,8 +33,25 @@ pub struct OutboxEntry {
     pub document: Option<Vec<u8>>,
 }
 
-pub(super) fn table_definition(name: &str) -> TableDefinition<'_, &'static str, &'static [u8]> {
+fn table_definition(name: &str) -> TableDefinition<'_, &'static str, &'static [u8]> {
     TableDefinition::new(name)
+}
+
+/// The redb table behind the plugin table `table`.
+fn plugin_table(table: &str) -> String {
+    format!("t/{table}")
+}
+
+/// The plugin table `table` as of `tx`, or `None` before its first write.
+pub(super) fn open_plugin_table(
+    tx: &redb::ReadTransaction,
+    table: &str,
+) -> Result<Option<redb::ReadOnlyTable<&'static str, &'static [u8]>>> {
+    match tx.open_table(table_definition(&plugin_table(table))) {
+        Ok(t) => Ok(Some(t)),
+        Err(redb::TableError::TableDoesNotExist(_)) => Ok(None),
+        Err(e) => Err(e.into()),
+    }
 }
 
 /// How far a projection has read one source partition.
@@ -128,7 +145,7 @@ impl ReadModel {
         let mut tx = self.db.begin_write()?;
         tx.set_durability(Durability::Immediate).map_err(|e| Error::Storage(redb::Error::from(e)))?;
         for (name, writes) in &writes.kv {
-            let mut table = tx.open_table(table_definition(&format!("t/{name}")))?;
+            let mut table = tx.open_table(table_definition(&plugin_table(name)))?;
             for (key, value) in writes {
                 match value {
                     Some(v) => table.insert(key.as_str(), v.as_slice())?,
@@ -187,11 +204,7 @@ impl ReadModel {
     /// The committed value under `key` in `table`.
     pub fn get(&self, table: &str, key: &str) -> Result<Option<Vec<u8>>> {
         let tx = self.db.begin_read()?;
-        let t = match tx.open_table(table_definition(&format!("t/{table}"))) {
-            Ok(t) => t,
-            Err(redb::TableError::TableDoesNotExist(_)) => return Ok(None),
-            Err(e) => return Err(e.into()),
-        };
+        let Some(t) = open_plugin_table(&tx, table)? else { return Ok(None) };
         Ok(t.get(key)?.map(|v| v.value().to_vec()))
     }
 
@@ -199,11 +212,7 @@ impl ReadModel {
     /// `prefix`, after `after`, in key order.
     pub fn scan(&self, table: &str, prefix: &str, after: Option<&str>, limit: usize) -> Result<Vec<(String, Vec<u8>)>> {
         let tx = self.db.begin_read()?;
-        let t = match tx.open_table(table_definition(&format!("t/{table}"))) {
-            Ok(t) => t,
-            Err(redb::TableError::TableDoesNotExist(_)) => return Ok(Vec::new()),
-            Err(e) => return Err(e.into()),
-        };
+        let Some(t) = open_plugin_table(&tx, table)? else { return Ok(Vec::new()) };
         let start = match after {
             Some(a) if a >= prefix => Bound::Excluded(a),
             _ => Bound::Included(prefix),
