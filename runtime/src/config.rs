@@ -21,6 +21,17 @@
 //!   max-value-bytes: 1048576
 //! search:
 //!   commit-interval-ms: 500       # indexer commits to tantivy this often
+//! kafka:                          # streams read from Kafka topics (optional)
+//!   brokers: 127.0.0.1:9092
+//!   mode: replica                 # replica: every instance reads all partitions; group: split them
+//!   group-id: refract             # group mode: projection p joins group <group-id>.<p>
+//!   properties: {}                # librdkafka properties, passed through (security.protocol, sasl.*, ssl.*)
+//!   streams:
+//!     orders-cdc:                 # the stream name projections subscribe to
+//!       topic: dbserver1.inventory.orders
+//!       format: debezium          # json (default) | cloudevents | debezium
+//!       type-field: type          # json: the field holding the event type
+//!       type-header: null         # json: or a header holding it
 //! ```
 
 use std::collections::HashMap;
@@ -31,6 +42,7 @@ use serde::Deserialize;
 
 use crate::plugin::wasm::PluginLimits;
 use crate::projector::BatchOptions;
+use crate::source::kafka::KafkaConfig;
 use crate::source::log::LogOptions;
 use crate::store::KvLimits;
 
@@ -45,6 +57,7 @@ pub struct Config {
     pub batch: BatchConfig,
     pub limits: LimitsConfig,
     pub search: SearchConfig,
+    pub kafka: KafkaConfig,
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -98,6 +111,7 @@ impl Default for Config {
             batch: BatchConfig::default(),
             limits: LimitsConfig::default(),
             search: SearchConfig::default(),
+            kafka: KafkaConfig::default(),
         }
     }
 }
@@ -184,6 +198,22 @@ impl Config {
         }
         if self.limits.memory_mb == 0 || self.limits.deadline_ms == 0 {
             return bad("limits: memory-mb and deadline-ms must be at least 1");
+        }
+        for (stream, topic) in &self.kafka.streams {
+            crate::names::validate("stream", stream).map_err(ConfigError::Invalid)?;
+            if topic.topic.is_empty() {
+                return Err(ConfigError::Invalid(format!("kafka.streams.{stream}: topic must not be empty")));
+            }
+            if self.streams.partitions.contains_key(stream) {
+                return Err(ConfigError::Invalid(format!(
+                    "stream {stream:?} is both a Kafka topic (kafka.streams) and an embedded log stream (streams.partitions)"
+                )));
+            }
+        }
+        if !self.kafka.streams.is_empty() {
+            // Fail at start, not at the first read, when a property is unknown to librdkafka.
+            let probe: Result<rdkafka::producer::BaseProducer, _> = self.kafka.client_config().create();
+            probe.map_err(|e| ConfigError::Invalid(format!("kafka: {e}")))?;
         }
         Ok(())
     }

@@ -15,6 +15,8 @@ use crate::plugin::cache::CompileCache;
 use crate::plugin::wasm::{self, WasmProjection};
 use crate::plugin::{Handler, Manifest, engine};
 use crate::projector::{BatchOptions, Projector, WorkerStatus};
+use crate::source::Sources;
+use crate::source::kafka::{KafkaConfig, Watermarks};
 use crate::source::log::EventLog;
 use crate::store::ReadModel;
 use crate::store::read_model::Counters;
@@ -29,6 +31,8 @@ pub struct Projection {
     /// The projection's search indexes (empty for plain projections).
     pub indexes: Arc<Indexes>,
     pub status: Arc<Mutex<WorkerStatus>>,
+    /// High watermarks of the Kafka partitions it reads.
+    pub watermarks: Watermarks,
 }
 
 /// A plugin file that could not be loaded, and why.
@@ -46,7 +50,7 @@ pub struct PartitionStatus {
     pub partition: u32,
     /// The next offset the projection will handle.
     pub checkpoint: u64,
-    /// The next offset the log will assign.
+    /// The next offset the log will assign (for Kafka: the high watermark).
     pub head: u64,
     pub lag: u64,
 }
@@ -102,6 +106,7 @@ pub struct SubscriptionInfo {
 /// The runtime: owns the log and one worker thread per projection.
 pub struct Runtime {
     pub log: Arc<EventLog>,
+    pub kafka: Arc<KafkaConfig>,
     data_dir: PathBuf,
     batch: BatchOptions,
     index_commit_interval: Duration,
@@ -179,6 +184,7 @@ impl Runtime {
             .with_context(|| format!("opening the event log {}", log_path.display()))?;
         Ok(Runtime {
             log: Arc::new(log),
+            kafka: Arc::new(config.kafka.clone()),
             data_dir: config.data_dir.clone(),
             batch: config.batch_options(),
             index_commit_interval: Duration::from_millis(config.search.commit_interval_ms),
@@ -204,10 +210,11 @@ impl Runtime {
                 .with_context(|| format!("opening the search indexes of {}", manifest.name))?,
         );
         let status = Arc::new(Mutex::new(WorkerStatus::default()));
+        let sources = Sources { log: self.log.clone(), kafka: self.kafka.clone() };
         let projector = Projector::new(
             handler,
             read_model.clone(),
-            self.log.clone(),
+            sources,
             self.batch.clone(),
             status.clone(),
             self.stop.clone(),
@@ -218,6 +225,7 @@ impl Runtime {
             read_model: read_model.clone(),
             indexes: indexes.clone(),
             status,
+            watermarks: projector.watermarks(),
         });
         let mut projections = self.projections.write().expect("projections lock");
         anyhow::ensure!(!projections.contains_key(&manifest.name), "projection {:?} is already running", manifest.name);
@@ -265,11 +273,24 @@ impl Runtime {
             .collect();
         let mut partitions = Vec::new();
         for s in &m.subscriptions {
-            for (p, head) in self.log.heads(&s.stream).unwrap_or_default().into_iter().enumerate() {
-                let checkpoint = checkpoints.get(&(s.stream.clone(), p as u32)).copied().unwrap_or(0);
+            // Kafka streams: the partitions this instance reads; log streams: all.
+            let heads: Vec<(u32, u64)> = if self.kafka.topic(&s.stream).is_some() {
+                let watermarks = projection.watermarks.lock().expect("watermarks lock");
+                watermarks.iter().filter(|((stream, _), _)| *stream == s.stream).map(|((_, p), h)| (*p, *h)).collect()
+            } else {
+                self.log
+                    .heads(&s.stream)
+                    .unwrap_or_default()
+                    .into_iter()
+                    .enumerate()
+                    .map(|(p, h)| (p as u32, h))
+                    .collect()
+            };
+            for (partition, head) in heads {
+                let checkpoint = checkpoints.get(&(s.stream.clone(), partition)).copied().unwrap_or(0);
                 partitions.push(PartitionStatus {
                     stream: s.stream.clone(),
-                    partition: p as u32,
+                    partition,
                     checkpoint,
                     head,
                     lag: head.saturating_sub(checkpoint),

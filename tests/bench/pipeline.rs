@@ -84,9 +84,15 @@ fn run_pipeline(name: &'static str, handler: Box<dyn Handler>, log: &Arc<EventLo
     let read_model = Arc::new(ReadModel::open(&dir.join(format!("{name}.redb"))).unwrap());
     let status = Arc::new(Mutex::new(Default::default()));
     let stop = Arc::new(AtomicBool::new(false));
-    let projector =
-        Projector::new(handler, read_model.clone(), log.clone(), BatchOptions::default(), status, stop.clone())
-            .unwrap();
+    let projector = Projector::new(
+        handler,
+        read_model.clone(),
+        refract::source::Sources::log(log.clone()),
+        BatchOptions::default(),
+        status,
+        stop.clone(),
+    )
+    .unwrap();
     let total: u64 = log.heads("orders").unwrap().iter().sum();
     let started = Instant::now();
     let worker = std::thread::spawn(move || projector.run());

@@ -6,6 +6,8 @@ mod support;
 
 mod crash_safety;
 mod demo;
+mod kafka_formats;
+mod kafka_source;
 mod plugin_loading;
 mod poison_events;
 mod query_read_models;

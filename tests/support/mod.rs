@@ -3,6 +3,7 @@
 //! example events computed independently of the plugins.
 #![allow(dead_code)] // each test binary uses a different part
 
+pub mod kafka;
 pub mod reference;
 
 use std::net::TcpListener;
@@ -20,6 +21,7 @@ pub struct Plugins {
     pub order_search: PathBuf,
     pub account_balance: PathBuf,
     pub chaos: PathBuf,
+    pub orders_cdc: PathBuf,
 }
 
 fn workspace_root() -> PathBuf {
@@ -42,6 +44,7 @@ pub fn plugins() -> &'static Plugins {
             .current_dir(workspace_root())
             .args(["build", "--target", "wasm32-wasip2", "--profile", "plugin", "--quiet"])
             .args(["-p", "order-summary", "-p", "order-search", "-p", "account-balance", "-p", "testkit-chaos"])
+            .args(["-p", "orders-cdc"])
             .arg("--target-dir")
             .arg(&target)
             .env_remove("CARGO_ENCODED_RUSTFLAGS")
@@ -60,6 +63,7 @@ pub fn plugins() -> &'static Plugins {
             order_search: dir.join("order_search.wasm"),
             account_balance: dir.join("account_balance.wasm"),
             chaos: dir.join("testkit_chaos.wasm"),
+            orders_cdc: dir.join("orders_cdc.wasm"),
         }
     })
 }
@@ -150,6 +154,23 @@ impl Server {
     pub fn wait_caught_up(&self) {
         let caught_up = self.client().wait_caught_up(Duration::from_secs(180)).expect("querying status");
         assert!(caught_up, "projections did not catch up; status: {}", self.get("/v1/projections"));
+    }
+
+    /// Wait until the checkpoints of `projection` add up to `records` (every
+    /// record of its streams read, for sources whose offsets are dense).
+    pub fn wait_checkpoints(&self, projection: &str, records: u64) -> Value {
+        let until = Instant::now() + Duration::from_secs(180);
+        loop {
+            let status = self.get(&format!("/v1/projections/{projection}"));
+            let read: u64 =
+                status["partitions"].as_array().unwrap().iter().map(|p| p["checkpoint"].as_u64().unwrap()).sum();
+            if read == records {
+                return status;
+            }
+            assert!(read < records, "{projection} read {read} records of {records}: {status}");
+            assert!(Instant::now() < until, "{projection} read only {read} records of {records}: {status}");
+            std::thread::sleep(Duration::from_millis(50));
+        }
     }
 
     /// `GET path`, asserting a 200, returning the body.

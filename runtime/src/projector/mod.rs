@@ -3,4 +3,4 @@
 
 mod worker;
 
-pub use worker::{BatchOptions, Projector, WorkerState, WorkerStatus};
+pub use worker::{BatchOptions, Projector, WorkerState, WorkerStatus, now_ms};

@@ -14,17 +14,18 @@
 //!   batch, until the failing event stands alone; it becomes a dead letter
 //!   and everything else is applied.
 
-use std::collections::{BTreeMap, HashSet};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, mpsc};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use serde::Serialize;
 
-use crate::plugin::{Event, HandleError, Handler};
-use crate::source::log::EventLog;
+use crate::plugin::{HandleError, Handler};
+use crate::source::Sources;
+use crate::source::kafka::{KafkaReader, Watermarks};
+use crate::source::reader::{Cursor, Delivery, LogReader, Pending, Reader, Subscriptions};
 use crate::store::read_model::Commit;
-use crate::store::{Batch, BatchWrites, Checkpoint, DeadLetter, Declared, KvLimits, ReadModel};
+use crate::store::{Batch, BatchWrites, DeadLetter, Declared, KvLimits, ReadModel};
 
 /// How batches are sized and failures retried.
 #[derive(Debug, Clone)]
@@ -82,83 +83,26 @@ impl Default for WorkerStatus {
     }
 }
 
-fn now_ms() -> i64 {
+/// Now, in ms since the Unix epoch.
+pub fn now_ms() -> i64 {
     SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| d.as_millis() as i64)
-}
-
-/// Events read for one batch, and where reading stopped in each partition.
-struct Pending {
-    /// The events to hand to the plugin (subscribed types), in read order.
-    events: Vec<Event>,
-    /// Per (stream, partition): the offset after the last event read.
-    read_to: BTreeMap<(String, u32), u64>,
-}
-
-impl Pending {
-    /// True when reading moved no partition past `cursor`.
-    fn is_empty(&self, cursor: &BTreeMap<(String, u32), u64>) -> bool {
-        self.read_to.iter().all(|(k, to)| cursor.get(k).copied().unwrap_or(0) == *to)
-    }
-
-    /// Checkpoints once `events[..done]` are handled: per partition, the first
-    /// event not yet handled, or where reading stopped.
-    fn checkpoints_after(&self, done: usize) -> Vec<Checkpoint> {
-        let mut next = self.read_to.clone();
-        for e in self.events[done..].iter().rev() {
-            next.insert((e.stream.clone(), e.partition), e.offset);
-        }
-        next.into_iter()
-            .map(|((stream, partition), next_offset)| Checkpoint { stream, partition, next_offset })
-            .collect()
-    }
-}
-
-type ReadResult = Result<Pending, crate::source::log::Error>;
-
-/// Read up to `max_events` events after `cursor` from the subscribed partitions,
-/// sharing the batch between partitions that have something to read.
-fn read_batch(
-    log: &EventLog,
-    subscriptions: &[(String, HashSet<String>)],
-    cursor: &BTreeMap<(String, u32), u64>,
-    max_events: usize,
-) -> ReadResult {
-    let mut pending = Pending { events: Vec::new(), read_to: BTreeMap::new() };
-    let mut partitions = Vec::new();
-    for (stream, types) in subscriptions {
-        let Some(heads) = log.heads(stream) else { continue };
-        for (p, head) in heads.into_iter().enumerate() {
-            let from = cursor.get(&(stream.clone(), p as u32)).copied().unwrap_or(0);
-            if from < head {
-                partitions.push((stream, types, p as u32, from, head));
-            }
-        }
-    }
-    let quota = (max_events / partitions.len().max(1)).max(1);
-    for (stream, types, partition, from, head) in partitions {
-        let limit = quota.min((head - from) as usize);
-        let events = log.read(stream, partition, from, limit)?;
-        let to = events.last().map_or(from, |e| e.offset + 1);
-        pending.read_to.insert((stream.clone(), partition), to);
-        pending.events.extend(events.into_iter().filter(|e| types.is_empty() || types.contains(&e.event_type)));
-    }
-    Ok(pending)
 }
 
 /// The worker of one projection.
 pub struct Projector {
     handler: Box<dyn Handler>,
     read_model: Arc<ReadModel>,
-    log: Arc<EventLog>,
+    sources: Sources,
+    /// High watermarks of the Kafka partitions read, for the status.
+    watermarks: Watermarks,
     options: BatchOptions,
     status: Arc<Mutex<WorkerStatus>>,
     stop: Arc<AtomicBool>,
     /// The tables and indexes the plugin declared.
     declared: Arc<Declared>,
-    /// Subscribed streams and event types (empty: all types).
-    subscriptions: Vec<(String, HashSet<String>)>,
+    subscriptions: Subscriptions,
     /// Durable checkpoints: what the read model holds.
-    checkpoints: BTreeMap<(String, u32), u64>,
+    checkpoints: Cursor,
     /// The commit running on its own thread while the next batch is handled.
     in_flight: Option<InFlight>,
     /// Set when in-memory progress was dropped: reading must restart from `checkpoints`.
@@ -182,7 +126,7 @@ impl Projector {
     pub fn new(
         handler: Box<dyn Handler>,
         read_model: Arc<ReadModel>,
-        log: Arc<EventLog>,
+        sources: Sources,
         options: BatchOptions,
         status: Arc<Mutex<WorkerStatus>>,
         stop: Arc<AtomicBool>,
@@ -199,7 +143,8 @@ impl Projector {
         Ok(Projector {
             handler,
             read_model,
-            log,
+            sources,
+            watermarks: Watermarks::default(),
             options,
             status,
             stop,
@@ -230,14 +175,18 @@ impl Projector {
             }
             let wait = if self.in_flight.is_some() { Duration::from_millis(2) } else { Duration::from_millis(200) };
             match batches.recv_timeout(wait) {
-                Ok(Ok(pending)) => {
+                Ok(Delivery::Batch(pending)) => {
                     let span = tracing::debug_span!("batch", projection = self.name(), events = pending.events.len());
                     let _enter = span.enter();
                     self.process(&pending);
                 }
-                Ok(Err(e)) => {
-                    tracing::error!(projection = self.name(), error = %e, "reading the log failed");
-                    self.set_error(&format!("reading the log: {e}"));
+                Ok(Delivery::Failed(e)) => {
+                    tracing::error!(projection = self.name(), error = %e, "reading events failed");
+                    self.set_error(&e);
+                }
+                Ok(Delivery::Revoke { ack }) => {
+                    self.settle_or_resync();
+                    let _ = ack.send(());
                 }
                 // Nothing new: make sure the last commit is settled.
                 Err(mpsc::RecvTimeoutError::Timeout) => self.settle_or_resync(),
@@ -251,37 +200,82 @@ impl Projector {
         tracing::info!(projection = self.name(), "projector stopped");
     }
 
+    /// The shared high watermarks of the Kafka partitions this projection reads.
+    pub fn watermarks(&self) -> Watermarks {
+        self.watermarks.clone()
+    }
+
     /// Start the thread that reads batches ahead, from the durable checkpoints on.
-    fn spawn_reader(&self) -> (mpsc::Receiver<ReadResult>, std::thread::JoinHandle<()>) {
+    fn spawn_reader(&self) -> (mpsc::Receiver<Delivery>, std::thread::JoinHandle<()>) {
         // One batch in the channel and one being read: enough to keep the worker busy.
-        let (tx, rx) = mpsc::sync_channel::<ReadResult>(1);
-        let log = self.log.clone();
-        let subscriptions = self.subscriptions.clone();
+        let (tx, rx) = mpsc::sync_channel::<Delivery>(1);
+        let (sources, subscriptions, read_model) =
+            (self.sources.clone(), self.subscriptions.clone(), self.read_model.clone());
+        let (name, watermarks) = (self.name().to_owned(), self.watermarks.clone());
         let mut cursor = self.checkpoints.clone();
         let max_events = self.options.max_events;
         let backoff = self.options.initial_backoff;
         let stop = self.stop.clone();
         std::thread::Builder::new()
-            .name(format!("reader-{}", self.name()))
+            .name(format!("reader-{name}"))
             .spawn(move || {
-                while !stop.load(Ordering::Relaxed) {
-                    let seen = log.signal().current();
-                    match read_batch(&log, &subscriptions, &cursor, max_events) {
-                        Ok(pending) if pending.is_empty(&cursor) => {
-                            log.signal().wait(seen, Duration::from_millis(200));
-                        }
-                        Ok(pending) => {
-                            cursor.extend(pending.read_to.iter().map(|(k, v)| (k.clone(), *v)));
-                            if tx.send(Ok(pending)).is_err() {
-                                return;
-                            }
+                let mut readers: Vec<Box<dyn Reader>> = Vec::new();
+                let (log_streams, kafka_streams) = sources.split(&subscriptions);
+                if !log_streams.is_empty() {
+                    readers.push(Box::new(LogReader::new(sources.log.clone(), log_streams)));
+                }
+                while !kafka_streams.is_empty() {
+                    let opened = KafkaReader::open(
+                        &sources.kafka,
+                        &name,
+                        &kafka_streams,
+                        read_model.clone(),
+                        watermarks.clone(),
+                        tx.clone(),
+                    );
+                    match opened {
+                        Ok(kafka) => {
+                            readers.extend(kafka.map(|k| Box::new(k) as Box<dyn Reader>));
+                            break;
                         }
                         Err(e) => {
-                            if tx.send(Err(e)).is_err() {
+                            if stop.load(Ordering::Relaxed) || tx.send(Delivery::Failed(e)).is_err() {
                                 return;
                             }
                             std::thread::sleep(backoff);
                         }
+                    }
+                }
+                // Waiting for news is shared between the readers.
+                let idle_wait = Duration::from_millis(200) / readers.len().max(1) as u32;
+                let mut idle = false;
+                while !stop.load(Ordering::Relaxed) {
+                    let wait = if idle { idle_wait } else { Duration::ZERO };
+                    let mut pending = Pending::default();
+                    let mut failed = None;
+                    for r in &mut readers {
+                        let room = max_events.saturating_sub(pending.events.len()).max(1);
+                        if let Err(e) = r.read(&cursor, room, wait, &mut pending) {
+                            failed = Some(e);
+                        }
+                    }
+                    if let Some(e) = failed.filter(|_| pending.is_empty(&cursor)) {
+                        if tx.send(Delivery::Failed(e)).is_err() {
+                            return;
+                        }
+                        std::thread::sleep(backoff);
+                        continue;
+                    }
+                    idle = pending.is_empty(&cursor);
+                    if idle {
+                        if readers.is_empty() {
+                            std::thread::sleep(idle_wait);
+                        }
+                        continue;
+                    }
+                    cursor.extend(pending.read_to.iter().map(|(k, v)| (k.clone(), *v)));
+                    if tx.send(Delivery::Batch(pending)).is_err() {
+                        return;
                     }
                 }
             })
@@ -298,8 +292,15 @@ impl Projector {
     /// Read and handle one batch on this thread (no read-ahead) and wait for
     /// its commits; returns how many events it consumed (how far the durable
     /// checkpoints moved), 0 when there was nothing to do.
-    pub fn step(&mut self) -> Result<usize, crate::source::log::Error> {
-        let pending = read_batch(&self.log, &self.subscriptions, &self.checkpoints, self.options.max_events)?;
+    pub fn step(&mut self) -> Result<usize, String> {
+        let (log_streams, _) = self.sources.split(&self.subscriptions);
+        let mut pending = Pending::default();
+        LogReader::new(self.sources.log.clone(), log_streams).read(
+            &self.checkpoints,
+            self.options.max_events,
+            Duration::ZERO,
+            &mut pending,
+        )?;
         if pending.is_empty(&self.checkpoints) {
             return Ok(0);
         }
@@ -403,11 +404,7 @@ impl Projector {
                     break;
                 }
             }
-            let commit = Commit {
-                checkpoints: pending.checkpoints_after(end),
-                applied: (end - done) as u64,
-                dead_letters: vec![],
-            };
+            let commit = self.commit_of(pending, done, end, vec![]);
             if let Err(e) = self.submit(batch, commit) {
                 return self.start_over(e);
             }
@@ -416,6 +413,18 @@ impl Projector {
                 return;
             }
         }
+    }
+
+    /// What committing `events[from..to]` of `pending` writes besides the
+    /// batch: checkpoints, counters, `dead_letters` and the undecodable
+    /// records the checkpoints pass.
+    fn commit_of(&self, pending: &Pending, from: usize, to: usize, mut dead_letters: Vec<DeadLetter>) -> Commit {
+        let applied = (to - from - dead_letters.len()) as u64;
+        for mut letter in pending.undecodable_between(from, to) {
+            letter.plugin_version = self.handler.manifest().version.clone();
+            dead_letters.push(letter);
+        }
+        Commit { checkpoints: pending.checkpoints_after(to), applied, dead_letters }
     }
 
     fn committed(&mut self, commit: &Commit) {
@@ -436,8 +445,7 @@ impl Projector {
             batch = b;
             result?;
         }
-        let commit =
-            Commit { checkpoints: pending.checkpoints_after(hi), applied: (hi - lo) as u64, dead_letters: vec![] };
+        let commit = self.commit_of(pending, lo, hi, vec![]);
         self.read_model.commit(&batch.into_writes(), &commit).map_err(|e| HandleError::Host(e.to_string()))?;
         self.committed(&commit);
         Ok(())
@@ -501,6 +509,7 @@ impl Projector {
             .unwrap_or_else(|_| serde_json::Value::String(String::from_utf8_lossy(&e.data).into_owned()));
         let letter = DeadLetter {
             stream: e.stream.clone(),
+            topic: self.sources.kafka.topic(&e.stream).map(|t| t.topic.clone()),
             partition: e.partition,
             offset: e.offset,
             key: e.key.clone(),
@@ -512,7 +521,7 @@ impl Projector {
             failed_at: now_ms(),
         };
         self.set_error(&format!("dead-lettered {}/{}@{}: {error}", e.stream, e.partition, e.offset));
-        let commit = Commit { checkpoints: pending.checkpoints_after(at + 1), applied: 0, dead_letters: vec![letter] };
+        let commit = self.commit_of(pending, at, at + 1, vec![letter]);
         let mut backoff = self.options.initial_backoff;
         loop {
             // An empty batch: the dead letter and the checkpoint commit alone.
@@ -563,6 +572,7 @@ mod tests {
     use super::*;
     use crate::plugin::native::NativeProjection;
     use crate::source::NewEvent;
+    use crate::source::log::EventLog;
     use crate::source::log::LogOptions;
 
     const SEEN: Table<u64> = Table::new("seen");
@@ -628,8 +638,15 @@ mod tests {
         fn projector(&self, options: BatchOptions) -> Projector {
             let handler = Box::new(NativeProjection::new(Counter::manifest(), Counter::handle));
             let stop = Arc::new(AtomicBool::new(false));
-            Projector::new(handler, self.read_model.clone(), self.log.clone(), options, self.status.clone(), stop)
-                .unwrap()
+            Projector::new(
+                handler,
+                self.read_model.clone(),
+                crate::source::Sources::log(self.log.clone()),
+                options,
+                self.status.clone(),
+                stop,
+            )
+            .unwrap()
         }
 
         fn drain(&self, projector: &mut Projector) {

@@ -1,10 +1,14 @@
-//! Where events come from: the embedded log (and, later, Kafka topics).
+//! Where events come from: the embedded log and Kafka topics.
 
+pub mod decode;
+pub mod kafka;
 pub mod log;
 pub mod partition;
+pub mod reader;
 pub mod record;
 
 use std::collections::BTreeMap;
+use std::sync::Arc;
 
 use serde::{Deserialize, Serialize};
 use serde_json::value::RawValue;
@@ -37,4 +41,23 @@ pub struct NewEvent {
 pub struct Position {
     pub partition: u32,
     pub offset: u64,
+}
+
+/// Where streams live: in the embedded log unless `kafka.streams` maps them to a topic.
+#[derive(Clone)]
+pub struct Sources {
+    pub log: Arc<log::EventLog>,
+    pub kafka: Arc<kafka::KafkaConfig>,
+}
+
+impl Sources {
+    /// Only the embedded log.
+    pub fn log(log: Arc<log::EventLog>) -> Self {
+        Sources { log, kafka: Arc::default() }
+    }
+
+    /// `subscriptions` split into (embedded log streams, Kafka streams).
+    pub fn split(&self, subscriptions: &reader::Subscriptions) -> (reader::Subscriptions, reader::Subscriptions) {
+        subscriptions.iter().cloned().partition(|(stream, _)| self.kafka.topic(stream).is_none())
+    }
 }

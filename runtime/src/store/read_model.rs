@@ -68,6 +68,9 @@ pub struct Checkpoint {
 #[serde(rename_all = "camelCase")]
 pub struct DeadLetter {
     pub stream: String,
+    /// The Kafka topic the record came from, for Kafka streams.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub topic: Option<String>,
     pub partition: u32,
     pub offset: u64,
     pub key: Option<String>,

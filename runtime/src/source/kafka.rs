@@ -1,0 +1,465 @@
+//! Kafka topics as streams, read with librdkafka (rdkafka).
+//!
+//! Each stream a projection subscribes to may be mapped to a Kafka topic in
+//! `refract.yaml`. Offsets are never auto-committed: the checkpoint in the
+//! projection's redb transaction is the truth, and the consumer starts from
+//! it.
+//!
+//! - `replica` mode (the default): each instance assigns itself every
+//!   partition of the topic, from its own checkpoints, and holds a full read
+//!   model. Effects are exactly-once per instance, crashes included.
+//! - `group` mode: the instances of a consumer group (one group per
+//!   projection) split the partitions. Each instance commits its durable
+//!   checkpoints to the group, and before a partition leaves it (rebalance,
+//!   shutdown) it makes everything it handled durable and commits it, so the
+//!   next owner starts exactly where it stopped. An instance killed outright
+//!   may have applied events after its last group commit; the next owner
+//!   applies them again to *its* read model (at-least-once across instances).
+
+use std::collections::{BTreeMap, BTreeSet, HashSet};
+use std::sync::{Arc, Mutex, mpsc};
+use std::time::{Duration, Instant};
+
+use rdkafka::config::{ClientConfig, RDKafkaLogLevel};
+use rdkafka::consumer::{BaseConsumer, CommitMode, Consumer, ConsumerContext, Rebalance};
+use rdkafka::error::KafkaError;
+use rdkafka::message::{Headers, Message};
+use rdkafka::{ClientContext, Offset, TopicPartitionList};
+use serde::{Deserialize, Serialize};
+
+use super::Event;
+use super::decode::{Decoder, Format, Record};
+use super::reader::{Cursor, Delivery, Pending, Reader};
+use crate::store::{DeadLetter, ReadModel};
+
+/// The `kafka:` section of `refract.yaml`.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(rename_all = "kebab-case", deny_unknown_fields, default)]
+pub struct KafkaConfig {
+    /// `bootstrap.servers`: `host:port[,host:port…]`.
+    pub brokers: String,
+    pub mode: Mode,
+    /// Group mode: projection `p` consumes in the group `<group-id>.<p>`.
+    pub group_id: String,
+    /// librdkafka client properties, passed through as given (security:
+    /// `security.protocol`, `sasl.*`, `ssl.*`; tuning: `fetch.*`, …).
+    pub properties: BTreeMap<String, String>,
+    /// Stream name (as projections subscribe to it) → topic.
+    pub streams: BTreeMap<String, TopicConfig>,
+}
+
+impl Default for KafkaConfig {
+    fn default() -> Self {
+        KafkaConfig {
+            brokers: "127.0.0.1:9092".into(),
+            mode: Mode::Replica,
+            group_id: "refract".into(),
+            properties: BTreeMap::new(),
+            streams: BTreeMap::new(),
+        }
+    }
+}
+
+/// How the instances of a deployment share a topic's partitions.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize, Serialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum Mode {
+    /// Every instance reads every partition and holds a full read model.
+    #[default]
+    Replica,
+    /// The instances of a consumer group split the partitions.
+    Group,
+}
+
+/// One stream backed by a Kafka topic.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(rename_all = "kebab-case", deny_unknown_fields)]
+pub struct TopicConfig {
+    pub topic: String,
+    #[serde(default)]
+    pub format: Format,
+    /// `json`: the field holding the event type (default `type`).
+    #[serde(default)]
+    pub type_field: Option<String>,
+    /// `json`: a header holding the event type, instead of a field.
+    #[serde(default)]
+    pub type_header: Option<String>,
+}
+
+impl TopicConfig {
+    pub fn decoder(&self) -> Decoder {
+        let mut d = Decoder::new(self.format);
+        if let Some(f) = &self.type_field {
+            d.type_field = f.clone();
+        }
+        d.type_header = self.type_header.clone();
+        d
+    }
+}
+
+impl KafkaConfig {
+    /// The topic behind `stream`, if it is a Kafka stream.
+    pub fn topic(&self, stream: &str) -> Option<&TopicConfig> {
+        self.streams.get(stream)
+    }
+
+    /// A client configuration with the user's properties over ours.
+    pub fn client_config(&self) -> ClientConfig {
+        let mut c = ClientConfig::new();
+        c.set("bootstrap.servers", &self.brokers);
+        c.set_log_level(RDKafkaLogLevel::Warning);
+        for (k, v) in &self.properties {
+            c.set(k, v);
+        }
+        c
+    }
+}
+
+/// High watermarks of the partitions a projection reads from Kafka, shared
+/// with the status endpoint: lag = high watermark − checkpoint.
+pub type Watermarks = Arc<Mutex<BTreeMap<(String, u32), u64>>>;
+
+/// A topic a reader consumes.
+struct Route {
+    stream: String,
+    decoder: Decoder,
+    types: HashSet<String>,
+}
+
+/// Shared between the reader and librdkafka's callbacks (which run inside `poll`).
+struct Context {
+    projection: String,
+    routes: BTreeMap<String, String>, // topic → stream
+    read_model: Arc<ReadModel>,
+    deliveries: mpsc::SyncSender<Delivery>,
+    watermarks: Watermarks,
+    /// Partitions revoked during the last `poll`: what was read from them
+    /// but not handed over yet is dropped.
+    revoked: Mutex<Vec<(String, u32)>>,
+    /// The (topic, partition)s this instance reads now.
+    assigned: Mutex<BTreeSet<(String, i32)>>,
+}
+
+impl ClientContext for Context {
+    fn log(&self, level: RDKafkaLogLevel, facility: &str, message: &str) {
+        match level {
+            RDKafkaLogLevel::Emerg | RDKafkaLogLevel::Alert | RDKafkaLogLevel::Critical | RDKafkaLogLevel::Error => {
+                tracing::error!(projection = %self.projection, facility, "librdkafka: {message}")
+            }
+            RDKafkaLogLevel::Warning => {
+                tracing::warn!(projection = %self.projection, facility, "librdkafka: {message}")
+            }
+            _ => tracing::debug!(projection = %self.projection, facility, "librdkafka: {message}"),
+        }
+    }
+
+    fn error(&self, error: KafkaError, reason: &str) {
+        tracing::warn!(projection = %self.projection, %error, "kafka: {reason}");
+    }
+
+    /// librdkafka's statistics carry each fetched partition's high
+    /// watermark (from the fetch responses): no extra request to the broker.
+    fn stats_raw(&self, statistics: &[u8]) {
+        let Ok(stats) = serde_json::from_slice::<serde_json::Value>(statistics) else { return };
+        let assigned = self.assigned.lock().expect("assigned lock");
+        let mut heads = BTreeMap::new();
+        for (topic, stream) in &self.routes {
+            let Some(partitions) = stats["topics"][topic]["partitions"].as_object() else { continue };
+            for (id, p) in partitions {
+                // -1 is librdkafka's internal partition.
+                let (Ok(id), Some(high)) = (id.parse::<u32>(), p["hi_offset"].as_i64()) else { continue };
+                if assigned.contains(&(topic.clone(), id as i32)) && high >= 0 {
+                    heads.insert((stream.clone(), id), high as u64);
+                }
+            }
+        }
+        *self.watermarks.lock().expect("watermarks lock") = heads;
+    }
+}
+
+impl ConsumerContext for Context {
+    fn post_rebalance(&self, _: &BaseConsumer<Self>, rebalance: &Rebalance<'_>) {
+        if let Rebalance::Assign(tpl) = rebalance {
+            tracing::info!(projection = %self.projection, partitions = tpl.count(), "partitions assigned by the group");
+            self.set_assigned(tpl);
+        }
+    }
+
+    fn pre_rebalance(&self, consumer: &BaseConsumer<Self>, rebalance: &Rebalance<'_>) {
+        let Rebalance::Revoke(tpl) = rebalance else { return };
+        let partitions: Vec<(String, u32)> = tpl
+            .elements()
+            .iter()
+            .filter_map(|e| self.routes.get(e.topic()).map(|s| (s.clone(), e.partition() as u32)))
+            .collect();
+        tracing::info!(projection = %self.projection, ?partitions, "partitions revoked; handing over");
+        self.revoked.lock().expect("revoked lock").extend(partitions.iter().cloned());
+        // Let the worker make what it handled durable. If it is gone it
+        // settled before letting go of the channel, so the checkpoints are final.
+        let (ack, acked) = mpsc::channel();
+        if self.deliveries.send(Delivery::Revoke { ack }).is_ok() {
+            let _ = acked.recv();
+        }
+        if let Err(e) = self.commit(consumer, &partitions, CommitMode::Sync) {
+            tracing::warn!(projection = %self.projection, error = %e, "committing checkpoints to the group failed");
+        }
+        let mut watermarks = self.watermarks.lock().expect("watermarks lock");
+        for p in &partitions {
+            watermarks.remove(p);
+        }
+        let mut assigned = self.assigned.lock().expect("assigned lock");
+        for e in tpl.elements() {
+            assigned.remove(&(e.topic().to_owned(), e.partition()));
+        }
+    }
+}
+
+impl Context {
+    fn set_assigned(&self, tpl: &TopicPartitionList) {
+        *self.assigned.lock().expect("assigned lock") =
+            tpl.elements().iter().map(|e| (e.topic().to_owned(), e.partition())).collect();
+    }
+
+    /// Commit the durable checkpoints of `partitions` to the consumer group.
+    fn commit(
+        &self,
+        consumer: &BaseConsumer<Self>,
+        partitions: &[(String, u32)],
+        mode: CommitMode,
+    ) -> Result<(), String> {
+        let checkpoints = self.read_model.checkpoints().map_err(|e| e.to_string())?;
+        let mut tpl = TopicPartitionList::new();
+        for c in checkpoints {
+            let Some(topic) = self.routes.iter().find(|(_, s)| **s == c.stream).map(|(t, _)| t) else { continue };
+            if partitions.iter().any(|(s, p)| *s == c.stream && *p == c.partition) {
+                tpl.add_partition_offset(topic, c.partition as i32, Offset::Offset(c.next_offset as i64))
+                    .map_err(|e| e.to_string())?;
+            }
+        }
+        if tpl.count() == 0 {
+            return Ok(());
+        }
+        consumer.commit(&tpl, mode).map_err(|e| e.to_string())
+    }
+}
+
+/// Reads a projection's Kafka streams.
+pub struct KafkaReader {
+    consumer: BaseConsumer<Context>,
+    mode: Mode,
+    routes: BTreeMap<String, Route>, // by topic
+    /// Replica mode: the partitions assigned, by topic.
+    assigned: BTreeMap<String, u32>,
+    next_refresh: Instant,
+}
+
+const REFRESH: Duration = Duration::from_secs(1);
+
+impl KafkaReader {
+    /// A consumer for the Kafka streams among `subscriptions`; `None` when there are none.
+    pub fn open(
+        config: &KafkaConfig,
+        projection: &str,
+        subscriptions: &[(String, HashSet<String>)],
+        read_model: Arc<ReadModel>,
+        watermarks: Watermarks,
+        deliveries: mpsc::SyncSender<Delivery>,
+    ) -> Result<Option<KafkaReader>, String> {
+        let routes: BTreeMap<String, Route> = subscriptions
+            .iter()
+            .filter_map(|(stream, types)| {
+                config.topic(stream).map(|t| {
+                    (t.topic.clone(), Route { stream: stream.clone(), decoder: t.decoder(), types: types.clone() })
+                })
+            })
+            .collect();
+        if routes.is_empty() {
+            return Ok(None);
+        }
+        let mut client = config.client_config();
+        client
+            .set("enable.auto.commit", "false")
+            .set("enable.auto.offset.store", "false")
+            .set("auto.offset.reset", "earliest")
+            .set("enable.partition.eof", "false")
+            .set("statistics.interval.ms", "1000");
+        // Replica mode never joins the group (it assigns partitions itself and
+        // commits nothing), but librdkafka wants a group id for `assign`.
+        client.set("group.id", format!("{}.{projection}", config.group_id));
+        let context = Context {
+            projection: projection.to_owned(),
+            routes: routes.iter().map(|(t, r)| (t.clone(), r.stream.clone())).collect(),
+            read_model,
+            deliveries,
+            watermarks,
+            revoked: Mutex::new(Vec::new()),
+            assigned: Mutex::new(BTreeSet::new()),
+        };
+        let consumer: BaseConsumer<Context> =
+            client.create_with_context(context).map_err(|e| format!("creating a Kafka consumer: {e}"))?;
+        if config.mode == Mode::Group {
+            let topics: Vec<&str> = routes.keys().map(String::as_str).collect();
+            consumer.subscribe(&topics).map_err(|e| format!("subscribing to {topics:?}: {e}"))?;
+        }
+        Ok(Some(KafkaReader {
+            consumer,
+            mode: config.mode,
+            routes,
+            assigned: BTreeMap::new(),
+            next_refresh: Instant::now(),
+        }))
+    }
+
+    /// Once a second: assign new partitions (replica mode), commit durable
+    /// checkpoints to the group (group mode).
+    fn refresh(&mut self, cursor: &Cursor) -> Result<(), String> {
+        if Instant::now() < self.next_refresh {
+            return Ok(());
+        }
+        self.next_refresh = Instant::now() + REFRESH;
+        let context = self.consumer.context().clone();
+        match self.mode {
+            Mode::Replica => {
+                let mut counts = BTreeMap::new();
+                for topic in self.routes.keys() {
+                    let metadata = self
+                        .consumer
+                        .fetch_metadata(Some(topic), Duration::from_secs(5))
+                        .map_err(|e| format!("reading the metadata of topic {topic:?}: {e}"))?;
+                    let partitions = metadata.topics().first().map_or(0, |t| t.partitions().len() as u32);
+                    if partitions == 0 {
+                        tracing::warn!(projection = %context.projection, topic, "topic has no partitions yet (does it exist?)");
+                    }
+                    counts.insert(topic.clone(), partitions);
+                }
+                if counts != self.assigned {
+                    self.assign(&counts, cursor)?;
+                }
+            }
+            Mode::Group => {
+                let assignment = self.consumer.assignment().map_err(|e| format!("reading the assignment: {e}"))?;
+                let partitions: Vec<(String, u32)> = assignment
+                    .elements()
+                    .iter()
+                    .filter_map(|e| context.routes.get(e.topic()).map(|s| (s.clone(), e.partition() as u32)))
+                    .collect();
+                if let Err(e) = context.commit(&self.consumer, &partitions, CommitMode::Async) {
+                    tracing::debug!(projection = %context.projection, error = %e, "committing checkpoints to the group");
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// Replica mode: read every partition, each from the cursor.
+    fn assign(&mut self, counts: &BTreeMap<String, u32>, cursor: &Cursor) -> Result<(), String> {
+        let mut tpl = TopicPartitionList::new();
+        for (topic, n) in counts {
+            let stream = &self.routes[topic].stream;
+            for p in 0..*n {
+                let offset = match cursor.get(&(stream.clone(), p)) {
+                    Some(o) => Offset::Offset(*o as i64),
+                    None => Offset::Beginning,
+                };
+                tpl.add_partition_offset(topic, p as i32, offset).map_err(|e| e.to_string())?;
+            }
+        }
+        self.consumer.assign(&tpl).map_err(|e| format!("assigning partitions: {e}"))?;
+        self.consumer.context().set_assigned(&tpl);
+        tracing::info!(assignment = ?counts, "reading every partition (replica mode)");
+        self.assigned = counts.clone();
+        Ok(())
+    }
+
+    fn take(&self, message: &rdkafka::message::BorrowedMessage<'_>, cursor: &Cursor, into: &mut Pending) {
+        let Some(route) = self.routes.get(message.topic()) else { return };
+        let (partition, offset) = (message.partition() as u32, message.offset() as u64);
+        let at = (route.stream.clone(), partition);
+        // Already handled (the group's offset was behind this instance's checkpoint).
+        if offset < into.read_to.get(&at).or(cursor.get(&at)).copied().unwrap_or(0) {
+            return;
+        }
+        into.read_to.insert(at, offset + 1);
+        let headers: Vec<(&str, &[u8])> = message
+            .headers()
+            .map(|hs| hs.iter().map(|h| (h.key, h.value.unwrap_or_default())).collect())
+            .unwrap_or_default();
+        let record = Record {
+            key: message.key(),
+            value: message.payload(),
+            headers,
+            timestamp: message.timestamp().to_millis(),
+        };
+        match route.decoder.decode(&record) {
+            Ok(Some(d)) => {
+                if route.types.is_empty() || route.types.contains(&d.event_type) {
+                    into.events.push(Event {
+                        stream: route.stream.clone(),
+                        partition,
+                        offset,
+                        key: d.key,
+                        event_type: d.event_type,
+                        time: d.time,
+                        headers: d.headers,
+                        content_type: d.content_type,
+                        data: d.data,
+                    });
+                }
+            }
+            Ok(None) => {}
+            Err(error) => {
+                let topic = message.topic();
+                tracing::warn!(stream = %route.stream, topic, partition, offset, %error, "undecodable record");
+                let value = record.value.unwrap_or_default();
+                into.undecodable.push(DeadLetter {
+                    stream: route.stream.clone(),
+                    topic: Some(topic.to_owned()),
+                    partition,
+                    offset,
+                    key: record.key.map(|k| String::from_utf8_lossy(k).into_owned()),
+                    event_type: String::new(),
+                    time: record.timestamp.unwrap_or(0),
+                    data: serde_json::from_slice(value)
+                        .unwrap_or_else(|_| serde_json::Value::String(String::from_utf8_lossy(value).into_owned())),
+                    plugin_version: String::new(),
+                    error: format!(
+                        "undecodable record (topic {topic}, partition {partition}, offset {offset}): {error}"
+                    ),
+                    failed_at: crate::projector::now_ms(),
+                });
+            }
+        }
+    }
+}
+
+impl Reader for KafkaReader {
+    fn read(&mut self, cursor: &Cursor, max: usize, wait: Duration, into: &mut Pending) -> Result<(), String> {
+        self.refresh(cursor)?;
+        let start = into.events.len() + into.undecodable.len();
+        let mut timeout = wait;
+        let mut failure = None;
+        while into.events.len() + into.undecodable.len() - start < max {
+            match self.consumer.poll(timeout) {
+                None => break,
+                Some(Ok(message)) => self.take(&message, cursor, into),
+                Some(Err(e)) => {
+                    failure = Some(format!("consuming from Kafka: {e}"));
+                    break;
+                }
+            }
+            timeout = Duration::ZERO;
+        }
+        let revoked = std::mem::take(&mut *self.consumer.context().revoked.lock().expect("revoked lock"));
+        if !revoked.is_empty() {
+            into.drop_partitions(&revoked);
+        }
+        match failure {
+            Some(e) if into.events.len() + into.undecodable.len() == start => Err(e),
+            Some(e) => {
+                tracing::warn!(error = %e, "kafka");
+                Ok(())
+            }
+            None => Ok(()),
+        }
+    }
+}

@@ -1,0 +1,181 @@
+//! Projections reading Kafka topics on a real Kafka-protocol broker (tansu),
+//! written to by a real Kafka client (librdkafka).
+
+use std::collections::BTreeSet;
+use std::time::Duration;
+
+use serde_json::{Value, json};
+
+use crate::support::kafka::{Broker, Out};
+use crate::support::{Server, plugins, reference};
+
+/// A fixture order event as a plain JSON record: the data as the value, the
+/// type in a header, the order id as key, the event time as timestamp.
+fn plain(e: &Value) -> Out {
+    Out {
+        key: e["key"].as_str().map(str::to_owned),
+        value: Some(e["data"].to_string().into_bytes()),
+        headers: vec![("event-type".into(), e["type"].as_str().unwrap().into())],
+        timestamp: e["time"].as_i64(),
+        ..Out::default()
+    }
+}
+
+fn kafka_config(broker: &Broker, streams: &str) -> String {
+    format!("kafka:\n  brokers: {}\n  streams:\n{streams}", broker.address())
+}
+
+const ORDERS_AS_PLAIN_JSON: &str = "    orders: { topic: shop.orders, format: json, type-header: event-type }\n";
+
+fn assert_orders_equal_reference(server: &Server, events: &[Value]) {
+    let expected = reference::orders(events);
+    let got: Vec<(String, Value)> = server.table("order-summary", "orders");
+    assert_eq!(got.len(), expected.orders.len(), "orders lost or invented");
+    assert!(got == expected.orders.into_iter().collect::<Vec<_>>(), "orders differ from the reference fold");
+    let got = server.table("order-summary", "customer-orders");
+    assert!(got == expected.customer_orders.into_iter().collect::<Vec<_>>(), "customer-orders differ");
+    let status = server.get("/v1/projections/order-summary");
+    // Counters commit with the batches: an event applied twice would show here.
+    assert_eq!(status["deadLetters"], expected.rejected, "{status}");
+    assert_eq!(status["eventsApplied"], events.len() - expected.rejected, "{status}");
+}
+
+#[test]
+fn records_produced_to_kafka_fold_into_the_reference_read_model() {
+    let broker = Broker::start();
+    broker.create_topic("shop.orders", 4);
+    let events = refract::fixtures::orders(5000, 41, 0.01);
+    let records: Vec<Out> = events.iter().map(plain).collect();
+    broker.producer().send_all("shop.orders", &records);
+
+    let dir = tempfile::tempdir().unwrap();
+    let server = Server::start(dir.path(), &[&plugins().order_summary], &kafka_config(&broker, ORDERS_AS_PLAIN_JSON));
+    let status = server.wait_checkpoints("order-summary", events.len() as u64);
+    assert_orders_equal_reference(&server, &events);
+
+    // Lag per partition: the high watermark against the checkpoint.
+    let until = std::time::Instant::now() + Duration::from_secs(10);
+    let mut status = status;
+    while status["partitions"].as_array().unwrap().len() < 4 {
+        assert!(std::time::Instant::now() < until, "watermarks never appeared: {status}");
+        std::thread::sleep(Duration::from_millis(100));
+        status = server.get("/v1/projections/order-summary");
+    }
+    for p in status["partitions"].as_array().unwrap() {
+        assert_eq!(p["head"], p["checkpoint"], "{status}");
+        assert_eq!(p["lag"], 0);
+    }
+    assert_eq!(status["lag"], 0);
+    // A rejected event's dead letter names its topic.
+    let letters = server.get("/v1/projections/order-summary/dead-letters?limit=1");
+    assert_eq!(letters["deadLetters"][0]["topic"], "shop.orders");
+}
+
+#[test]
+fn sigkills_and_a_broker_restart_lose_and_double_nothing() {
+    let mut broker = Broker::start();
+    broker.create_topic("shop.orders", 4);
+    let events = refract::fixtures::orders(20_000, 42, 0.01);
+    let dir = tempfile::tempdir().unwrap();
+    // Small batches: many commits, so kills land between and inside them.
+    let config = format!(
+        "batch:\n  max-events: 400\n  call-events: 100\n  max-duration-ms: 20\n{}",
+        kafka_config(&broker, ORDERS_AS_PLAIN_JSON)
+    );
+    let mut server = Server::start(dir.path(), &[&plugins().order_summary], &config);
+    let mut rng = refract::fixtures::Rng::new(7);
+    let producer = broker.producer();
+    let chunks: Vec<&[Value]> = events.chunks(2500).collect();
+    let mut kills_mid_batch = 0;
+    for (i, chunk) in chunks.iter().enumerate() {
+        producer.send_all("shop.orders", &chunk.iter().map(plain).collect::<Vec<_>>());
+        if i == 3 {
+            // The broker goes away while the projection reads, and comes back with its data.
+            broker.kill();
+            std::thread::sleep(Duration::from_millis(500));
+            broker.restart();
+            continue;
+        }
+        if i % 2 == 0 {
+            std::thread::sleep(Duration::from_millis(rng.range(20, 400)));
+            let lag = server.get("/v1/projections/order-summary")["lag"].as_u64().unwrap_or(0);
+            server.kill();
+            kills_mid_batch += usize::from(lag > 0);
+            server.restart();
+        }
+    }
+    assert!(kills_mid_batch >= 1, "no kill landed while the projection was behind");
+    server.wait_checkpoints("order-summary", events.len() as u64);
+    assert_orders_equal_reference(&server, &events);
+}
+
+/// Every event `testkit-chaos` applied, as `<partition>/<offset>`.
+fn applied(server: &Server) -> BTreeSet<String> {
+    server.table("testkit-chaos", "applied").into_iter().map(|(k, _)| k).collect()
+}
+
+#[test]
+fn a_consumer_group_splits_partitions_and_hands_them_over_exactly_once() {
+    let broker = Broker::start();
+    broker.create_topic("chaos.events", 4);
+    let record = |i: usize| Out {
+        key: Some(format!("k{i}")),
+        value: Some(json!({"type": "Ok", "n": i}).to_string().into_bytes()),
+        ..Out::default()
+    };
+    let streams = "    chaos: { topic: chaos.events }\n";
+    let config = format!("{}  mode: group\n  group-id: refract-test\n", kafka_config(&broker, streams));
+    let (dir_a, dir_b) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
+    let p = plugins();
+    let mut a = Server::start(dir_a.path(), &[&p.chaos], &config);
+    let b = Server::start(dir_b.path(), &[&p.chaos], &config);
+    // The group settles: each instance reads some of the four partitions.
+    let until = std::time::Instant::now() + Duration::from_secs(60);
+    loop {
+        let owned = |s: &Server| s.get("/v1/projections/testkit-chaos")["partitions"].as_array().unwrap().len();
+        let (by_a, by_b) = (owned(&a), owned(&b));
+        if by_a > 0 && by_b > 0 && by_a + by_b == 4 {
+            break;
+        }
+        assert!(
+            std::time::Instant::now() < until,
+            "the group did not split the partitions: A {by_a}, B {by_b}\nA:\n{}\nB:\n{}",
+            a.log(),
+            b.log()
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    let producer = broker.producer();
+    producer.send_all("chaos.events", &(0..4000).map(record).collect::<Vec<_>>());
+
+    // Both instances share the first 4,000 events between them.
+    let until = std::time::Instant::now() + Duration::from_secs(120);
+    loop {
+        let (in_a, in_b) = (applied(&a), applied(&b));
+        if in_a.len() + in_b.len() >= 4000 {
+            assert!(!in_a.is_empty() && !in_b.is_empty(), "one instance got every partition");
+            break;
+        }
+        assert!(std::time::Instant::now() < until, "only {} + {} events applied", in_a.len(), in_b.len());
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    // A leaves midway; B takes its partitions over from its checkpoints.
+    a.stop();
+    // What A applied, read from its read model file once it has exited.
+    let path = dir_a.path().join("data/projections/testkit-chaos/read-model.redb");
+    let read_model = refract::store::ReadModel::open(&path).unwrap();
+    let in_a: BTreeSet<String> =
+        read_model.scan("applied", "", None, usize::MAX).unwrap().into_iter().map(|(k, _)| k).collect();
+    producer.send_all("chaos.events", &(4000..8000).map(record).collect::<Vec<_>>());
+    let until = std::time::Instant::now() + Duration::from_secs(120);
+    let in_b = loop {
+        let in_b = applied(&b);
+        if in_b.len() + in_a.len() >= 8000 || std::time::Instant::now() > until {
+            break in_b;
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    };
+    let both: Vec<&String> = in_a.intersection(&in_b).collect();
+    assert!(both.is_empty(), "{} events applied by both instances, e.g. {:?}", both.len(), &both[..both.len().min(5)]);
+    assert_eq!(in_a.len() + in_b.len(), 8000, "events lost: {} by A, {} by B", in_a.len(), in_b.len());
+}
