@@ -1,10 +1,11 @@
 //! Refract: the read side of CQRS as a runtime.
 //!
 //! Events flow through the modules in this order (see `ARCHITECTURE.md`):
-//! [`source`] (the embedded log) → [`projector`] (batches, checkpoints,
-//! dead letters) → [`plugin`] (WebAssembly components behind the
-//! `refract:plugin` WIT world) → [`store`] (redb read models) → [`api`]
-//! (the HTTP query API). [`runtime`] wires them together; [`config`] reads
+//! [`source`] (the embedded log, Kafka topics) → [`projector`] (batches,
+//! checkpoints, dead letters) → [`plugin`] (WebAssembly components behind the
+//! `refract:plugin` WIT world) → [`store`] (redb read models, tantivy
+//! indexes) → [`api`] (the HTTP query API); events a projection emits go
+//! out through [`sink`]. [`runtime`] wires them together; [`config`] reads
 //! `refract.yaml`.
 
 pub mod api;
@@ -15,5 +16,7 @@ pub mod names;
 pub mod plugin;
 pub mod projector;
 pub mod runtime;
+pub mod signal;
+pub mod sink;
 pub mod source;
 pub mod store;

@@ -69,8 +69,21 @@ pub struct ProjectionStatus {
     pub lag: u64,
     /// Each search index: how far the indexer has applied the outbox.
     pub indexes: Vec<IndexStatus>,
+    /// Events the projection emitted, and how many are published.
+    pub emitted: EmitStatus,
     #[serde(flatten)]
     pub counters: Counters,
+}
+
+/// The emitted-events outbox: committed with the batches, then published.
+#[derive(Debug, Clone, Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct EmitStatus {
+    /// Events emitted (and committed) so far.
+    pub events: u64,
+    /// Of those, published to their streams.
+    pub published: u64,
+    pub lag: u64,
 }
 
 /// One search index's progress behind the tables.
@@ -236,6 +249,18 @@ impl Runtime {
             .context("spawning a projector thread")?;
         let mut workers = self.workers.lock().expect("workers lock");
         workers.push(worker);
+        let relay = crate::sink::Relay::new(
+            &manifest.name,
+            read_model.clone(),
+            self.log.clone(),
+            self.kafka.clone(),
+            self.stop.clone(),
+        );
+        let thread = std::thread::Builder::new()
+            .name(format!("relay-{}", manifest.name))
+            .spawn(move || relay.run())
+            .context("spawning a relay thread")?;
+        workers.push(thread);
         if !indexes.open.is_empty() {
             let indexer = Indexer::new(read_model, indexes, self.index_commit_interval, self.stop.clone());
             let thread = std::thread::Builder::new()
@@ -311,9 +336,11 @@ impl Runtime {
                 documents: open.reader.searcher().num_docs(),
             })
             .collect();
+        let (emitted, published) = projection.read_model.emit_progress()?;
         Ok(ProjectionStatus {
             name: m.name.clone(),
             indexes,
+            emitted: EmitStatus { events: emitted, published, lag: emitted.saturating_sub(published) },
             plugin: PluginInfo {
                 source: projection.source.clone(),
                 version: m.version.clone(),

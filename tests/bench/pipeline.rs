@@ -30,6 +30,7 @@ use refract::source::log::{EventLog, LogOptions};
 use refract::store::ReadModel;
 use refract_sdk::Projection;
 use refract_sdk::native::{Backend, MemoryBackend, with_backend};
+use refract_sdk::wit::refract::plugin::emit::{EmitError, Outgoing};
 use refract_sdk::wit::refract::plugin::kv::{Entry, KvError};
 use refract_sdk::wit::refract::plugin::search::SearchError;
 
@@ -63,6 +64,9 @@ impl Backend for Recorder {
     }
     fn search_delete(&mut self, index: &str, id: &str) -> Result<(), SearchError> {
         self.memory.search_delete(index, id)
+    }
+    fn emit(&mut self, stream: &str, event: Outgoing) -> Result<(), EmitError> {
+        self.memory.emit(stream, event)
     }
 }
 

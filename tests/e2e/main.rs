@@ -6,6 +6,7 @@ mod support;
 
 mod crash_safety;
 mod demo;
+mod emitted_events;
 mod kafka_formats;
 mod kafka_source;
 mod plugin_loading;

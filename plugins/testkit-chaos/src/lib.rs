@@ -9,12 +9,15 @@
 //! - `Flaky`: returns `transient` the first time this instance sees each one;
 //! - `Index`: indexes the event data as document `<offset>` of index `docs`
 //!   (mapping: `n` i64, `tag` keyword), so data that does not fit the mapping
-//!   is refused by the host.
+//!   is refused by the host;
+//! - `Emit`: emits `{"source": "<partition>/<offset>", "n": data.n}` as an
+//!   `Echo` event, keyed by the source event's key, to the stream named by
+//!   `data.to`.
 
 use std::cell::RefCell;
 use std::collections::HashSet;
 
-use refract_sdk::{Event, Failure, Index, IndexMapping, Manifest, Projection, Table};
+use refract_sdk::{Event, Failure, Index, IndexMapping, Manifest, NewEvent, Projection, Table};
 
 pub const APPLIED: Table<serde_json::Value> = Table::new("applied");
 pub const DOCS: Index<serde_json::Value> = Index::new("docs");
@@ -61,6 +64,16 @@ impl Projection for Chaos {
         let data: serde_json::Value = event.json()?;
         if event.event_type == "Index" {
             DOCS.upsert(&event.offset.to_string(), &data)?;
+        }
+        if event.event_type == "Emit" {
+            let to = data["to"].as_str().ok_or_else(|| Failure::rejected("Emit needs data.to"))?;
+            let source = format!("{}/{}", event.partition, event.offset);
+            let mut echo =
+                NewEvent::json("Echo", &serde_json::json!({"source": source, "n": data["n"]}))?.time(event.time);
+            if let Some(key) = &event.key {
+                echo = echo.key(key);
+            }
+            refract_sdk::emit(to, echo)?;
         }
         APPLIED.put(&format!("{}/{:020}", event.partition, event.offset), &data)
     }

@@ -24,6 +24,11 @@ impl ApiError {
         ApiError { status: StatusCode::NOT_FOUND, code, message: message.into() }
     }
 
+    /// The request conflicts with how the server is set up (409).
+    pub fn conflict(code: &'static str, message: impl Into<String>) -> Self {
+        ApiError { status: StatusCode::CONFLICT, code, message: message.into() }
+    }
+
     /// The server failed: logged in full, reported briefly (500 or 503).
     pub fn internal(context: &str, error: impl std::fmt::Display) -> Self {
         tracing::error!(%error, "{context}");

@@ -47,6 +47,12 @@ pub(super) async fn append(
             "content-type {content_type:?} is not accepted: send application/json or application/x-ndjson"
         )));
     }
+    if let Some(topic) = rt.kafka.topic(&stream) {
+        return Err(ApiError::conflict(
+            "stream_on_kafka",
+            format!("stream {stream:?} is the Kafka topic {:?}: produce to Kafka instead", topic.topic),
+        ));
+    }
     let events = parse_events(&body)?;
     let log = rt.log.clone();
     let name = stream.clone();

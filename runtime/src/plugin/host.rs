@@ -1,5 +1,5 @@
-//! What a plugin instance can reach: its batch's key/value tables, the log,
-//! and a WASI environment with nothing in it.
+//! What a plugin instance can reach: its batch's key/value tables, search
+//! documents and emitted events, the log, and a WASI environment with nothing in it.
 //!
 //! WASI is linked only because components built by the usual toolchains
 //! import it to start. The context has no preopened directories, no
@@ -14,6 +14,7 @@ use wasmtime::component::ResourceTable;
 use wasmtime::{StoreLimits, StoreLimitsBuilder};
 use wasmtime_wasi::{HostMonotonicClock, HostWallClock, WasiCtx, WasiCtxBuilder, WasiCtxView, WasiView};
 
+use super::bindings::refract::plugin::emit::{self, EmitError, Outgoing};
 use super::bindings::refract::plugin::kv::{self, Entry, KvError};
 use super::bindings::refract::plugin::search::{self, SearchError};
 use super::bindings::refract::plugin::{log, types};
@@ -139,6 +140,12 @@ impl search::Host for HostState {
 
     fn delete(&mut self, index: String, id: String) -> wasmtime::Result<Result<(), SearchError>> {
         Ok(self.batch()?.search_delete(&index, &id))
+    }
+}
+
+impl emit::Host for HostState {
+    fn emit(&mut self, stream: String, event: Outgoing) -> wasmtime::Result<Result<(), EmitError>> {
+        Ok(self.batch()?.emit(&stream, event))
     }
 }
 

@@ -6,10 +6,12 @@
 //! fast way to test the projector without compiling components.
 
 use refract_sdk::native::{self, Backend};
+use refract_sdk::wit::refract::plugin::emit::{EmitError as SdkEmitError, Outgoing as SdkOutgoing};
 use refract_sdk::wit::refract::plugin::kv::{Entry as SdkEntry, KvError as SdkKvError};
 use refract_sdk::wit::refract::plugin::search::SearchError as SdkSearchError;
 use refract_sdk::wit::refract::plugin::types as sdk;
 
+use super::bindings::refract::plugin::emit::{EmitError, Outgoing};
 use super::bindings::refract::plugin::kv::KvError;
 use super::bindings::refract::plugin::search::SearchError;
 use super::bindings::refract::plugin::types::{FieldMapping, FieldType};
@@ -122,6 +124,15 @@ impl Backend for BatchBackend {
 
     fn search_delete(&mut self, index: &str, id: &str) -> Result<(), SdkSearchError> {
         self.batch.search_delete(index, id).map_err(to_sdk_search)
+    }
+
+    fn emit(&mut self, stream: &str, e: SdkOutgoing) -> Result<(), SdkEmitError> {
+        let event = Outgoing { event_type: e.event_type, key: e.key, time: e.time, headers: e.headers, data: e.data };
+        self.batch.emit(stream, event).map_err(|e| match e {
+            EmitError::InvalidStream(m) => SdkEmitError::InvalidStream(m),
+            EmitError::InvalidEvent(m) => SdkEmitError::InvalidEvent(m),
+            EmitError::TooLarge(m) => SdkEmitError::TooLarge(m),
+        })
     }
 
     fn get(&mut self, table: &str, key: &str) -> Result<Option<Vec<u8>>, SdkKvError> {

@@ -107,6 +107,8 @@ pub struct Projector {
     in_flight: Option<InFlight>,
     /// Set when in-memory progress was dropped: reading must restart from `checkpoints`.
     resync: bool,
+    /// Replaying history (a rebuild): what the plugin emits is dropped.
+    replaying: bool,
 }
 
 struct InFlight {
@@ -153,6 +155,7 @@ impl Projector {
             checkpoints,
             in_flight: None,
             resync: false,
+            replaying: false,
         })
     }
 
@@ -311,9 +314,18 @@ impl Projector {
         Ok((self.checkpoints.values().sum::<u64>() - before) as usize)
     }
 
+    /// Mark this worker as replaying history, or not: while it replays,
+    /// events the plugin emits are dropped, since they were published when
+    /// the history was new.
+    pub fn set_replaying(&mut self, replaying: bool) {
+        self.replaying = replaying;
+    }
+
     fn begin(&self) -> crate::store::Result<Batch> {
         let below = self.in_flight.as_ref().map(|f| f.writes.clone());
-        self.read_model.begin(self.declared.clone(), self.options.kv, below)
+        let mut batch = self.read_model.begin(self.declared.clone(), self.options.kv, below)?;
+        batch.set_replaying(self.replaying);
+        Ok(batch)
     }
 
     /// Wait for the commit in flight, if any; on success its checkpoints become durable.
@@ -589,7 +601,10 @@ mod tests {
 
     impl Projection for Counter {
         fn manifest() -> Manifest {
-            Manifest::new("counter", "1.2.3").subscribe("s", &["Ok", "Bad", "Boom", "Flaky"]).table(&SEEN).table(&TOTAL)
+            Manifest::new("counter", "1.2.3")
+                .subscribe("s", &["Ok", "Bad", "Boom", "Flaky", "Emit"])
+                .table(&SEEN)
+                .table(&TOTAL)
         }
 
         fn apply(e: &SdkEvent) -> Result<(), Failure> {
@@ -600,6 +615,10 @@ mod tests {
                     FLAKES_LEFT.set(FLAKES_LEFT.get() - 1);
                     return Err(Failure::transient("try again"));
                 }
+                "Emit" => refract_sdk::emit(
+                    "echoes",
+                    refract_sdk::NewEvent::json("Echo", &format!("{}/{}", e.partition, e.offset))?.time(e.time),
+                )?,
                 _ => {}
             }
             SEEN.put(&format!("{}/{:04}", e.partition, e.offset), &e.offset)?;
@@ -737,5 +756,29 @@ mod tests {
         let counters = f.read_model.counters().unwrap();
         assert_eq!((counters.events_applied, counters.batches), (200, 200_u64.div_ceil(8)));
         assert_eq!(f.total(), 200);
+    }
+
+    #[test]
+    fn emitted_events_commit_with_their_batch_and_are_dropped_while_replaying() {
+        let f = Fixture::new();
+        let mut types = vec!["Emit"; 20];
+        types[5] = "Bad"; // its batch is bisected: the emits of the good halves stay, once
+        f.append(&types);
+        let mut p = f.projector(fast());
+        f.drain(&mut p);
+        let emitted = f.read_model.emitted_after(0, 100).unwrap();
+        assert_eq!(emitted.len(), 19);
+        let mut offsets: Vec<String> =
+            emitted.iter().map(|(_, e)| serde_json::from_str(e.data.get()).unwrap()).collect();
+        offsets.sort();
+        offsets.dedup();
+        assert_eq!(offsets.len(), 19, "no event emitted twice");
+        assert!(emitted.iter().all(|(_, e)| e.stream == "echoes" && e.event_type == "Echo"));
+
+        f.append(&["Emit"; 10]);
+        p.set_replaying(true);
+        f.drain(&mut p);
+        assert_eq!(f.read_model.emitted_after(0, 100).unwrap().len(), 19, "replayed events emit nothing");
+        assert_eq!(f.total(), 29);
     }
 }

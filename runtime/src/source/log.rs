@@ -7,16 +7,20 @@
 
 use std::collections::HashMap;
 use std::path::Path;
-use std::sync::{Condvar, Mutex};
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::sync::Mutex;
+use std::time::{SystemTime, UNIX_EPOCH};
 
 use redb::{Database, ReadableDatabase, ReadableTable, TableDefinition};
 
 use super::record::{self, CorruptRecord, RecordRef};
 use super::{Event, NewEvent, Position, partition};
 use crate::names;
+pub use crate::signal::Signal;
 
 const STREAMS: TableDefinition<&str, u32> = TableDefinition::new("streams");
+/// (producer, stream) → the last sequence number that producer appended to
+/// the stream: lets a relay append exactly once across crashes.
+const PRODUCERS: TableDefinition<(&str, &str), u64> = TableDefinition::new("producers");
 
 fn partition_table(stream: &str, partition: u32) -> String {
     format!("events/{stream}/{partition}")
@@ -94,33 +98,6 @@ pub struct StreamInfo {
     pub partitions: u32,
     /// The next offset of each partition (= its number of events).
     pub heads: Vec<u64>,
-}
-
-/// Wakes readers when something was appended. `wait` returns at the latest
-/// after its timeout, so readers can also notice shutdown.
-#[derive(Default)]
-pub struct Signal {
-    appends: Mutex<u64>,
-    changed: Condvar,
-}
-
-impl Signal {
-    /// The number of appends so far.
-    pub fn current(&self) -> u64 {
-        *self.appends.lock().expect("signal lock")
-    }
-
-    fn notify(&self) {
-        *self.appends.lock().expect("signal lock") += 1;
-        self.changed.notify_all();
-    }
-
-    /// Wait until more than `seen` appends happened, or `timeout` passed.
-    pub fn wait(&self, seen: u64, timeout: Duration) -> u64 {
-        let guard = self.appends.lock().expect("signal lock");
-        let (guard, _) = self.changed.wait_timeout_while(guard, timeout, |n| *n <= seen).expect("signal lock");
-        *guard
-    }
 }
 
 struct Heads {
@@ -207,6 +184,27 @@ impl EventLog {
     /// Append `events` to `stream` in one durable transaction: either all are
     /// stored, or (on error) none. Creates the stream on first use.
     pub fn append(&self, stream: &str, events: &[NewEvent]) -> Result<Vec<Position>> {
+        self.append_inner(stream, events, None)
+    }
+
+    /// Like [`EventLog::append`], recording in the same transaction that
+    /// `producer` has appended everything up to its `sequence` number.
+    pub fn append_as(&self, producer: &str, sequence: u64, stream: &str, events: &[NewEvent]) -> Result<Vec<Position>> {
+        self.append_inner(stream, events, Some((producer, sequence)))
+    }
+
+    /// The last sequence number `producer` appended to `stream` (0: none).
+    pub fn producer_sequence(&self, producer: &str, stream: &str) -> Result<u64> {
+        let tx = self.db.begin_read()?;
+        let table = match tx.open_table(PRODUCERS) {
+            Ok(t) => t,
+            Err(redb::TableError::TableDoesNotExist(_)) => return Ok(0),
+            Err(e) => return Err(e.into()),
+        };
+        Ok(table.get((producer, stream))?.map_or(0, |v| v.value()))
+    }
+
+    fn append_inner(&self, stream: &str, events: &[NewEvent], producer: Option<(&str, u64)>) -> Result<Vec<Position>> {
         self.validate(stream, events)?;
         let now = SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| d.as_millis() as i64);
         let mut heads = self.heads.lock().expect("log heads lock");
@@ -248,6 +246,9 @@ impl EventLog {
         let tx = self.db.begin_write()?;
         if created {
             tx.open_table(STREAMS)?.insert(stream, partitions)?;
+        }
+        if let Some((name, sequence)) = producer {
+            tx.open_table(PRODUCERS)?.insert((name, stream), sequence)?;
         }
         for (p, records) in by_partition.iter().enumerate() {
             if records.is_empty() && !created {

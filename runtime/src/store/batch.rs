@@ -12,10 +12,13 @@ use std::ops::Bound;
 use std::sync::Arc;
 
 use redb::{ReadOnlyTable, ReadTransaction};
+use serde::{Deserialize, Serialize};
+use serde_json::value::RawValue;
 
 use super::Result;
 use super::read_model::open_plugin_table;
 use super::search::IndexSchema;
+use crate::plugin::bindings::refract::plugin::emit::{EmitError, Outgoing};
 use crate::plugin::bindings::refract::plugin::kv::{Entry, KvError};
 use crate::plugin::bindings::refract::plugin::search::SearchError;
 
@@ -26,12 +29,27 @@ pub struct KvLimits {
     pub max_value_bytes: usize,
     /// The most entries one `scan` returns, whatever the plugin asks for.
     pub max_scan: u32,
+    /// The most events one batch may emit.
+    pub max_emits: usize,
 }
 
 impl Default for KvLimits {
     fn default() -> Self {
-        KvLimits { max_key_bytes: 1024, max_value_bytes: 1 << 20, max_scan: 10_000 }
+        KvLimits { max_key_bytes: 1024, max_value_bytes: 1 << 20, max_scan: 10_000, max_emits: 100_000 }
     }
+}
+
+/// An event a projection emitted: stored with its batch, published after it commits.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct Emitted {
+    pub stream: String,
+    #[serde(rename = "type")]
+    pub event_type: String,
+    pub key: Option<String>,
+    pub time: i64,
+    pub headers: Vec<(String, String)>,
+    /// The payload, a JSON document.
+    pub data: Box<RawValue>,
 }
 
 /// One layer of a scan: (key, value or deletion) in key order.
@@ -48,6 +66,8 @@ pub struct BatchWrites {
     pub kv: Writes,
     /// Documents per index and id (`None`: deleted).
     pub docs: Writes,
+    /// Events to publish, in the order they were emitted.
+    pub emitted: Vec<Emitted>,
 }
 
 /// What a projection declared: the only tables and indexes that exist for it.
@@ -71,6 +91,11 @@ pub struct Batch {
     writes: Writes,
     /// This batch's search documents.
     docs: Writes,
+    /// This batch's emitted events.
+    emitted: Vec<Emitted>,
+    /// Replaying history: emitted events are dropped (they were published
+    /// when the history was new).
+    replaying: bool,
 }
 
 impl Batch {
@@ -88,12 +113,55 @@ impl Batch {
             below,
             writes: BTreeMap::new(),
             docs: BTreeMap::new(),
+            emitted: Vec::new(),
+            replaying: false,
         }
     }
 
     /// The batch's writes, to commit.
     pub fn into_writes(self) -> BatchWrites {
-        BatchWrites { kv: self.writes, docs: self.docs }
+        BatchWrites { kv: self.writes, docs: self.docs, emitted: self.emitted }
+    }
+
+    /// Drop what this batch emits: it replays history.
+    pub fn set_replaying(&mut self, replaying: bool) {
+        self.replaying = replaying;
+    }
+
+    /// Publish `event` to `stream` once the batch commits.
+    pub fn emit(&mut self, stream: &str, event: Outgoing) -> Result<(), EmitError> {
+        crate::names::validate("stream", stream).map_err(EmitError::InvalidStream)?;
+        if event.event_type.is_empty() || event.event_type.len() > 256 {
+            return Err(EmitError::InvalidEvent("the event type must be 1 to 256 bytes".into()));
+        }
+        if event.key.as_ref().is_some_and(|k| k.is_empty() || k.len() > self.limits.max_key_bytes) {
+            return Err(EmitError::InvalidEvent(format!("a key must be 1 to {} bytes", self.limits.max_key_bytes)));
+        }
+        if event.data.len() > self.limits.max_value_bytes {
+            return Err(EmitError::TooLarge(format!(
+                "event data of {} bytes exceeds {} bytes",
+                event.data.len(),
+                self.limits.max_value_bytes
+            )));
+        }
+        if self.emitted.len() >= self.limits.max_emits {
+            return Err(EmitError::TooLarge(format!("a batch may emit at most {} events", self.limits.max_emits)));
+        }
+        let data = String::from_utf8(event.data)
+            .ok()
+            .and_then(|text| RawValue::from_string(text).ok())
+            .ok_or_else(|| EmitError::InvalidEvent("event data must be a JSON document".into()))?;
+        if !self.replaying {
+            self.emitted.push(Emitted {
+                stream: stream.to_owned(),
+                event_type: event.event_type,
+                key: event.key,
+                time: event.time,
+                headers: event.headers,
+                data,
+            });
+        }
+        Ok(())
     }
 
     /// Index `document` under `id` in `index`, after checking it against the mapping.

@@ -4,7 +4,7 @@ pub mod batch;
 pub mod read_model;
 pub mod search;
 
-pub use batch::{Batch, BatchWrites, Declared, KvLimits, Writes};
+pub use batch::{Batch, BatchWrites, Declared, Emitted, KvLimits, Writes};
 pub use read_model::{Checkpoint, DeadLetter, ReadModel};
 
 /// Errors of a read model's storage.

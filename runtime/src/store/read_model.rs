@@ -1,9 +1,10 @@
 //! A projection's read model: one redb file holding the plugin's tables
-//! (`t/<name>`), the checkpoint per source partition, dead letters and counters.
+//! (`t/<name>`), the checkpoint per source partition, dead letters, counters,
+//! and two outboxes: search document changes and emitted events.
 //!
-//! [`ReadModel::commit`] writes a batch's key/value changes, its checkpoints,
-//! its dead letters and the counters in **one** durable transaction: after a
-//! crash either all of a batch's effects are there or none, and the
+//! [`ReadModel::commit`] writes a batch's key/value changes, outbox entries,
+//! checkpoints, dead letters and counters in **one** durable transaction:
+//! after a crash either all of a batch's effects are there or none, and the
 //! checkpoint says exactly which events those were.
 
 use std::ops::Bound;
@@ -13,8 +14,9 @@ use std::sync::Arc;
 use redb::{Database, Durability, ReadableDatabase, ReadableTable, TableDefinition};
 use serde::{Deserialize, Serialize};
 
-use super::batch::{Batch, BatchWrites, Declared, KvLimits};
+use super::batch::{Batch, BatchWrites, Declared, Emitted, KvLimits};
 use super::{Error, Result};
+use crate::signal::Signal;
 
 const CHECKPOINTS: TableDefinition<(&str, u32), u64> = TableDefinition::new("checkpoints");
 const DEAD_LETTERS: TableDefinition<u64, &[u8]> = TableDefinition::new("dead-letters");
@@ -22,6 +24,9 @@ const COUNTERS: TableDefinition<&str, u64> = TableDefinition::new("counters");
 /// Search outbox: sequence → a document change of a batch, encoded as
 /// `<index>\0<id>\0` then `1<document>` (upsert) or `0` (delete).
 const OUTBOX: TableDefinition<u64, &[u8]> = TableDefinition::new("outbox");
+
+/// Emitted events waiting to be published: sequence → [`Emitted`] as JSON.
+const EMITTED: TableDefinition<u64, &[u8]> = TableDefinition::new("emitted");
 
 /// A change to a search document, waiting to be applied to the index.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -107,6 +112,8 @@ pub struct Commit {
 /// One projection's read model file.
 pub struct ReadModel {
     db: Database,
+    /// Bumped after each commit that emitted events, to wake the relay.
+    emitted: Signal,
 }
 
 impl ReadModel {
@@ -118,8 +125,9 @@ impl ReadModel {
         tx.open_table(DEAD_LETTERS)?;
         tx.open_table(COUNTERS)?;
         tx.open_table(OUTBOX)?;
+        tx.open_table(EMITTED)?;
         tx.commit()?;
-        Ok(ReadModel { db })
+        Ok(ReadModel { db, emitted: Signal::default() })
     }
 
     /// Every checkpoint stored so far.
@@ -181,6 +189,17 @@ impl ReadModel {
             }
             counters.insert("outbox-sequence", sequence)?;
         }
+        if !writes.emitted.is_empty() {
+            let mut counters = tx.open_table(COUNTERS)?;
+            let mut sequence = counters.get("emit-sequence")?.map_or(0, |v| v.value());
+            let mut emitted = tx.open_table(EMITTED)?;
+            for event in &writes.emitted {
+                sequence += 1;
+                let bytes = serde_json::to_vec(event).expect("emitted events serialize");
+                emitted.insert(sequence, bytes.as_slice())?;
+            }
+            counters.insert("emit-sequence", sequence)?;
+        }
         {
             let mut checkpoints = tx.open_table(CHECKPOINTS)?;
             for c in &commit.checkpoints {
@@ -201,7 +220,51 @@ impl ReadModel {
             }
         }
         tx.commit()?;
+        if !writes.emitted.is_empty() {
+            self.emitted.notify();
+        }
         Ok(())
+    }
+
+    /// Wakes the relay when a commit emitted events.
+    pub fn emitted_signal(&self) -> &Signal {
+        &self.emitted
+    }
+
+    /// Up to `limit` emitted events not yet trimmed, after sequence `after`.
+    pub fn emitted_after(&self, after: u64, limit: usize) -> Result<Vec<(u64, Emitted)>> {
+        let tx = self.db.begin_read()?;
+        let table = tx.open_table(EMITTED)?;
+        let mut out = Vec::new();
+        for entry in table.range((after + 1)..)?.take(limit) {
+            let (sequence, bytes) = entry?;
+            let event = serde_json::from_slice(bytes.value())
+                .map_err(|e| Error::Corrupt(format!("emitted event {}: {e}", sequence.value())))?;
+            out.push((sequence.value(), event));
+        }
+        Ok(out)
+    }
+
+    /// Forget emitted events up to `upto` (published).
+    pub fn trim_emitted(&self, upto: u64) -> Result<()> {
+        let tx = self.db.begin_write()?;
+        {
+            let mut table = tx.open_table(EMITTED)?;
+            table.retain_in(..=upto, |_, _| false)?;
+            let mut counters = tx.open_table(COUNTERS)?;
+            let published = counters.get("emit-published")?.map_or(0, |v| v.value());
+            counters.insert("emit-published", published.max(upto))?;
+        }
+        tx.commit()?;
+        Ok(())
+    }
+
+    /// (sequence of the last event emitted, sequence of the last one published).
+    pub fn emit_progress(&self) -> Result<(u64, u64)> {
+        let tx = self.db.begin_read()?;
+        let counters = tx.open_table(COUNTERS)?;
+        let get = |name: &str| -> Result<u64> { Ok(counters.get(name)?.map_or(0, |v| v.value())) };
+        Ok((get("emit-sequence")?, get("emit-published")?))
     }
 
     /// The committed value under `key` in `table`.

@@ -276,6 +276,61 @@ pub mod search {
     }
 }
 
+/// An event for a projection to publish with [`emit`].
+#[derive(Debug, Clone)]
+pub struct NewEvent(wit::refract::plugin::emit::Outgoing);
+
+impl NewEvent {
+    /// An event of type `event_type` whose data is `data` as JSON.
+    pub fn json<T: Serialize>(event_type: &str, data: &T) -> Result<Self, Failure> {
+        let data = serde_json::to_vec(data)
+            .map_err(|e| Failure::rejected(format!("cannot encode a {event_type} event: {e}")))?;
+        Ok(NewEvent(wit::refract::plugin::emit::Outgoing {
+            event_type: event_type.to_owned(),
+            key: None,
+            time: 0,
+            headers: Vec::new(),
+            data,
+        }))
+    }
+
+    /// The partitioning key: events with the same key keep their order.
+    pub fn key(mut self, key: &str) -> Self {
+        self.0.key = Some(key.to_owned());
+        self
+    }
+
+    /// Event time in ms since the Unix epoch; plugins have no clock, so this
+    /// is usually the time of the event being handled.
+    pub fn time(mut self, time: i64) -> Self {
+        self.0.time = time;
+        self
+    }
+
+    /// Add a header.
+    pub fn header(mut self, name: &str, value: &str) -> Self {
+        self.0.headers.push((name.to_owned(), value.to_owned()));
+        self
+    }
+}
+
+/// Publish `event` to `stream` once the current batch commits (the embedded
+/// log or a Kafka topic, as the runtime routes the stream). Events emitted
+/// while a projection replays history are dropped by the runtime.
+pub fn emit(stream: &str, event: NewEvent) -> Result<(), Failure> {
+    #[cfg(not(target_arch = "wasm32"))]
+    use crate::native::emit as host;
+    #[cfg(target_arch = "wasm32")]
+    use crate::wit::refract::plugin::emit::emit as host;
+    use wit::refract::plugin::emit::EmitError;
+    host(stream, &event.0).map_err(|e| {
+        let message = match e {
+            EmitError::InvalidStream(m) | EmitError::InvalidEvent(m) | EmitError::TooLarge(m) => m,
+        };
+        Failure::Rejected(format!("emitting to {stream}: {message}"))
+    })
+}
+
 impl Event {
     /// Decode the event's data as JSON into `T`; a decoding error rejects the event.
     pub fn json<T: DeserializeOwned>(&self) -> Result<T, Failure> {

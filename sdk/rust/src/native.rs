@@ -11,6 +11,7 @@ use std::cell::RefCell;
 use std::collections::BTreeMap;
 
 use crate::Level;
+use crate::wit::refract::plugin::emit::{EmitError, Outgoing};
 use crate::wit::refract::plugin::kv::{Entry, KvError};
 use crate::wit::refract::plugin::search::SearchError;
 
@@ -29,6 +30,8 @@ pub trait Backend: Any {
     fn search_upsert(&mut self, index: &str, id: &str, document: &[u8]) -> Result<(), SearchError>;
     /// Remove `id` from `index`.
     fn search_delete(&mut self, index: &str, id: &str) -> Result<(), SearchError>;
+    /// Publish `event` to `stream` when the batch commits.
+    fn emit(&mut self, stream: &str, event: Outgoing) -> Result<(), EmitError>;
     /// A message from the projection.
     fn log(&mut self, level: Level, message: &str) {
         let _ = (level, message);
@@ -110,6 +113,11 @@ pub(crate) mod search {
 }
 
 #[cfg(not(target_arch = "wasm32"))]
+pub(crate) fn emit(stream: &str, event: &Outgoing) -> Result<(), EmitError> {
+    with(|b| b.emit(stream, event.clone()))
+}
+
+#[cfg(not(target_arch = "wasm32"))]
 pub(crate) fn log(level: Level, message: &str) {
     with(|b| b.log(level, message))
 }
@@ -121,6 +129,8 @@ pub struct MemoryBackend {
     indexes: BTreeMap<String, BTreeMap<String, Vec<u8>>>,
     /// Messages logged by the projection, in order.
     pub logs: Vec<(Level, String)>,
+    /// Events the projection emitted, with their streams, in order.
+    pub emitted: Vec<(String, Outgoing)>,
 }
 
 impl MemoryBackend {
@@ -187,6 +197,11 @@ impl Backend for MemoryBackend {
         if let Some(i) = self.indexes.get_mut(index) {
             i.remove(id);
         }
+        Ok(())
+    }
+
+    fn emit(&mut self, stream: &str, event: Outgoing) -> Result<(), EmitError> {
+        self.emitted.push((stream.to_owned(), event));
         Ok(())
     }
 
