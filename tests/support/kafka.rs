@@ -106,9 +106,16 @@ impl Broker {
 
     /// A producer (librdkafka, like any Kafka client) for this broker.
     pub fn producer(&self) -> TestProducer {
+        TestProducer::new(&self.address())
+    }
+}
+
+impl TestProducer {
+    /// A producer for the cluster at `bootstrap` (`host:port,…`).
+    pub fn new(bootstrap: &str) -> TestProducer {
         let failures = Arc::new(AtomicUsize::new(0));
         let producer = ClientConfig::new()
-            .set("bootstrap.servers", self.address())
+            .set("bootstrap.servers", bootstrap)
             .set("linger.ms", "5")
             // Kafka's Java client partitioning, like the embedded log's.
             .set("partitioner", "murmur2_random")

@@ -7,7 +7,7 @@
 use std::collections::BTreeMap;
 
 use base64::Engine as _;
-use serde::Deserialize;
+use serde::{Deserialize, Deserializer as _};
 use serde_json::Value;
 
 /// The encoding of a topic's records.
@@ -102,13 +102,18 @@ fn parse_json(bytes: &[u8]) -> Result<Value, String> {
 
 fn json(record: &Record<'_>, type_field: &str, type_header: Option<&str>) -> Result<Decoded, String> {
     let value = record.value.ok_or("the record has no value (a tombstone)")?;
-    let parsed = parse_json(value)?;
+    // Validate and find the type in one pass, without building the document.
+    let mut document = serde_json::Deserializer::from_slice(value);
+    let found = (&mut document)
+        .deserialize_any(FindField { name: type_field })
+        .and_then(|found| document.end().map(|()| found))
+        .map_err(|e| format!("the value is not JSON: {e}"))?;
     let event_type = match type_header {
         Some(h) => utf8(header(record, h).ok_or_else(|| format!("no {h:?} header"))?, "type header")?.to_owned(),
-        None => match parsed.get(type_field) {
-            Some(Value::String(t)) if !t.is_empty() => t.clone(),
-            Some(_) => return Err(format!("field {type_field:?} is not a non-empty string")),
-            None => return Err(format!("no {type_field:?} field to take the event type from")),
+        None => match found {
+            Found::Text(t) if !t.is_empty() => t,
+            Found::Text(_) | Found::Other => return Err(format!("field {type_field:?} is not a non-empty string")),
+            Found::Missing => return Err(format!("no {type_field:?} field to take the event type from")),
         },
     };
     Ok(Decoded {
@@ -119,6 +124,65 @@ fn json(record: &Record<'_>, type_field: &str, type_header: Option<&str>) -> Res
         content_type: JSON.into(),
         data: value.to_vec(),
     })
+}
+
+/// What a top-level field of a JSON document holds.
+enum Found {
+    Missing,
+    Text(String),
+    Other,
+}
+
+/// Finds one top-level field of a JSON object, skipping everything else.
+struct FindField<'a> {
+    name: &'a str,
+}
+
+impl<'de> serde::de::Visitor<'de> for FindField<'_> {
+    type Value = Found;
+
+    fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+        f.write_str("a JSON value")
+    }
+
+    fn visit_map<A: serde::de::MapAccess<'de>>(self, mut map: A) -> Result<Found, A::Error> {
+        let mut found = Found::Missing;
+        while let Some(key) = map.next_key::<std::borrow::Cow<'de, str>>()? {
+            if key == self.name {
+                found = match map.next_value::<Value>()? {
+                    Value::String(s) => Found::Text(s),
+                    _ => Found::Other,
+                };
+            } else {
+                map.next_value::<serde::de::IgnoredAny>()?;
+            }
+        }
+        Ok(found)
+    }
+
+    fn visit_seq<A: serde::de::SeqAccess<'de>>(self, mut seq: A) -> Result<Found, A::Error> {
+        while seq.next_element::<serde::de::IgnoredAny>()?.is_some() {}
+        Ok(Found::Missing)
+    }
+
+    fn visit_str<E>(self, _: &str) -> Result<Found, E> {
+        Ok(Found::Missing)
+    }
+    fn visit_bool<E>(self, _: bool) -> Result<Found, E> {
+        Ok(Found::Missing)
+    }
+    fn visit_i64<E>(self, _: i64) -> Result<Found, E> {
+        Ok(Found::Missing)
+    }
+    fn visit_u64<E>(self, _: u64) -> Result<Found, E> {
+        Ok(Found::Missing)
+    }
+    fn visit_f64<E>(self, _: f64) -> Result<Found, E> {
+        Ok(Found::Missing)
+    }
+    fn visit_unit<E>(self) -> Result<Found, E> {
+        Ok(Found::Missing)
+    }
 }
 
 /// RFC 3339 → ms since the Unix epoch.
@@ -340,6 +404,13 @@ mod tests {
             Decoder::new(Format::Json).decode(&record(None, Some(b"not json"), &[])).unwrap_err().contains("not JSON")
         );
         assert!(Decoder::new(Format::Json).decode(&record(None, None, &[])).unwrap_err().contains("tombstone"));
+        let trailing = Decoder::new(Format::Json).decode(&record(None, Some(br#"{"type":"X"} junk"#), &[]));
+        assert!(trailing.unwrap_err().contains("not JSON"));
+        let numeric = Decoder::new(Format::Json).decode(&record(None, Some(br#"{"a":[1,{"type":2}],"type":7}"#), &[]));
+        assert!(numeric.unwrap_err().contains("not a non-empty string"));
+        let nested =
+            Decoder::new(Format::Json).decode(&record(None, Some(br#"{"a":{"type":"No"},"type":"Yes"}"#), &[]));
+        assert_eq!(nested.unwrap().unwrap().event_type, "Yes");
     }
 
     #[test]

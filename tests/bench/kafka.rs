@@ -1,0 +1,198 @@
+//! `cargo bench -p refract --bench kafka`: consuming a Kafka topic, raw
+//! against the order-summary projection end to end, in one run over the
+//! same topic, on two brokers: tansu (a real Kafka-protocol server, SQLite
+//! storage, the one the tests use) and librdkafka's in-process mock
+//! cluster, which serves fetches far faster and so shows Refract's own
+//! ceiling rather than the broker's.
+//!
+//! - **raw consume**: a librdkafka consumer (the one Refract uses) reading
+//!   every record of the topic from the beginning, touching each payload;
+//! - **no-op projection**: a native projection that does nothing, through
+//!   the projector: Refract's reading, decoding and checkpoint commits alone;
+//! - **wasm order-summary**: the component through the projector reading
+//!   the same topic (replica mode), decoding each record (plain JSON, type in
+//!   a header), with durable commits of tables and checkpoints, until every
+//!   record is consumed.
+//!
+//! Set `REFRACT_BENCH_EVENTS` to change the number of records (default
+//! 100,000 on the mock cluster: beyond librdkafka's default producer queue
+//! of 100,000 messages its mock broker stalls here) and `REFRACT_BENCH_TANSU_EVENTS` for tansu
+//! (default 10,000: its fetches are slow).
+
+#[path = "../support/mod.rs"]
+mod support;
+
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use rdkafka::config::ClientConfig;
+use rdkafka::consumer::{BaseConsumer, Consumer};
+use rdkafka::message::Message;
+use rdkafka::mocking::MockCluster;
+use rdkafka::{Offset, TopicPartitionList};
+use refract::plugin::Handler;
+use refract::plugin::cache::CompileCache;
+use refract::plugin::native::NativeProjection;
+use refract::plugin::wasm::{self, PluginLimits, WasmProjection};
+use refract::projector::{BatchOptions, Projector};
+use refract::source::Sources;
+use refract::source::kafka::KafkaConfig;
+use refract::source::log::{EventLog, LogOptions};
+use refract::store::ReadModel;
+use refract_sdk::{Manifest, Projection};
+use support::kafka::{Broker, Out, TestProducer};
+
+#[global_allocator]
+static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
+const TOPIC: &str = "bench.orders";
+
+/// librdkafka's `fetch.wait.max.ms` for both consumers (`REFRACT_BENCH_FETCH_WAIT_MS`, default its own 500).
+fn fetch_wait() -> String {
+    std::env::var("REFRACT_BENCH_FETCH_WAIT_MS").unwrap_or_else(|_| "500".into())
+}
+const PARTITIONS: i32 = 4;
+
+fn raw_consume(bootstrap: &str, n: usize) -> f64 {
+    // Timed like the projection: from creating the consumer (which, like
+    // Refract's reader, learns the partitions before assigning them).
+    let started = Instant::now();
+    let consumer: BaseConsumer = ClientConfig::new()
+        .set("bootstrap.servers", bootstrap)
+        .set("group.id", "bench-raw")
+        .set("fetch.wait.max.ms", fetch_wait())
+        .set("enable.auto.commit", "false")
+        .create()
+        .unwrap();
+    let metadata = consumer.fetch_metadata(Some(TOPIC), Duration::from_secs(5)).unwrap();
+    let mut tpl = TopicPartitionList::new();
+    for p in metadata.topics()[0].partitions() {
+        tpl.add_partition_offset(TOPIC, p.id(), Offset::Beginning).unwrap();
+    }
+    consumer.assign(&tpl).unwrap();
+    let (mut seen, mut bytes) = (0, 0usize);
+    // Poll as Refract's reader does: wait only when nothing is buffered.
+    let mut wait = Duration::from_millis(100);
+    while seen < n {
+        match consumer.poll(wait) {
+            Some(m) => {
+                bytes += m.unwrap().payload().map_or(0, <[u8]>::len);
+                seen += 1;
+                wait = Duration::ZERO;
+            }
+            None => wait = Duration::from_millis(100),
+        }
+    }
+    std::hint::black_box(bytes);
+    started.elapsed().as_secs_f64()
+}
+
+/// Subscribes to `orders` and does nothing: what reading, decoding and
+/// checkpointing cost without a projection's own work.
+struct Noop;
+
+impl Projection for Noop {
+    fn manifest() -> Manifest {
+        Manifest::new("noop", "1.0.0").subscribe("orders", &[])
+    }
+    fn apply(_: &refract_sdk::Event) -> Result<(), refract_sdk::Failure> {
+        Ok(())
+    }
+}
+
+fn order_summary(dir: &std::path::Path) -> Box<dyn Handler> {
+    let engine = refract::plugin::engine::new_engine().unwrap();
+    let cache = CompileCache::new(&dir.join("cache"), &engine).unwrap();
+    let (component, _) = cache.load(&std::fs::read(&support::plugins().order_summary).unwrap()).unwrap();
+    let linker = wasm::linker(&engine).unwrap();
+    Box::new(WasmProjection::load(&engine, &linker, &component, "order-summary", PluginLimits::default()).unwrap())
+}
+
+fn projection(bootstrap: &str, n: usize, dir: &std::path::Path, handler: Box<dyn Handler>) -> f64 {
+    std::fs::create_dir_all(dir).unwrap();
+    let kafka: KafkaConfig = serde_yaml::from_str(&format!(
+        "brokers: {}\nproperties: {{ fetch.wait.max.ms: \"{}\" }}\nstreams:\n  orders: {{ topic: {TOPIC}, type-header: event-type }}\n",
+        bootstrap,
+        fetch_wait()
+    ))
+    .unwrap();
+    let log = Arc::new(EventLog::open(&dir.join("log.redb"), LogOptions::default()).unwrap());
+    let read_model = Arc::new(ReadModel::open(&dir.join("rm.redb")).unwrap());
+    let stop = Arc::new(AtomicBool::new(false));
+    let sources = Sources { log, kafka: Arc::new(kafka) };
+    let status = Arc::new(Mutex::new(Default::default()));
+    let projector =
+        Projector::new(handler, read_model.clone(), sources, BatchOptions::default(), status, stop.clone()).unwrap();
+    let started = Instant::now();
+    let worker = std::thread::spawn(move || projector.run());
+    let consumed = || read_model.checkpoints().unwrap().iter().map(|c| c.next_offset).sum::<u64>();
+    while consumed() < n as u64 {
+        std::thread::sleep(Duration::from_millis(1));
+    }
+    let seconds = started.elapsed().as_secs_f64();
+    stop.store(true, Ordering::Relaxed);
+    worker.join().unwrap();
+    let counters = read_model.counters().unwrap();
+    assert_eq!((counters.events_applied, counters.dead_letters), (n as u64, 0), "every record applied once");
+    let _ = stop;
+    seconds
+}
+
+fn records(n: usize) -> Vec<Out> {
+    refract::fixtures::orders(n, 42, 0.0)
+        .iter()
+        .map(|e| Out {
+            key: e["key"].as_str().map(str::to_owned),
+            value: Some(e["data"].to_string().into_bytes()),
+            headers: vec![("event-type".into(), e["type"].as_str().unwrap().into())],
+            timestamp: e["time"].as_i64(),
+            ..Out::default()
+        })
+        .collect()
+}
+
+/// Produce `n` records, then consume them raw and through the projection,
+/// alternating twice so that neither always meets a warmer broker.
+fn compare(label: &str, bootstrap: &str, n: usize, dir: &std::path::Path) {
+    eprintln!("{label}: producing {n} order events to {TOPIC} …");
+    let started = Instant::now();
+    TestProducer::new(bootstrap).send_all(TOPIC, &records(n));
+    let produce = started.elapsed().as_secs_f64();
+    let (mut raw, mut noop, mut wasm) = (Vec::new(), Vec::new(), Vec::new());
+    for round in 0..2 {
+        raw.push(raw_consume(bootstrap, n));
+        let noop_projection = Box::new(NativeProjection::new(Noop::manifest(), Noop::handle));
+        noop.push(projection(bootstrap, n, &dir.join(format!("{label}-noop-{round}")), noop_projection));
+        let run = dir.join(format!("{label}-wasm-{round}"));
+        wasm.push(projection(bootstrap, n, &run, order_summary(&run)));
+    }
+    let best = |v: &[f64]| v.iter().copied().fold(f64::INFINITY, f64::min);
+    let (raw, noop, wasm) = (best(&raw), best(&noop), best(&wasm));
+    let rate = |s: f64| n as f64 / s;
+    println!("\n{label}: {n} order events on a {PARTITIONS}-partition topic (best of two runs each)\n");
+    println!("| measure | records/s | seconds |");
+    println!("|---|---:|---:|");
+    println!("| produce (librdkafka, acks) | {:.0} | {produce:.2} |", rate(produce));
+    println!("| raw consume (librdkafka) | {:.0} | {raw:.2} |", rate(raw));
+    println!("| no-op projection end to end (read, decode, checkpoint) | {:.0} | {noop:.2} |", rate(noop));
+    println!("| wasm order-summary end to end | {:.0} | {wasm:.2} |", rate(wasm));
+    println!("\n| ratio | value | target |");
+    println!("|---|---:|---:|");
+    println!("| wasm order-summary end to end / raw consume | **{:.2}** | ≥ 0.80 |", raw / wasm);
+    println!("| no-op projection end to end / raw consume | {:.2} | |", raw / noop);
+}
+
+fn main() {
+    let count = |var: &str, default: usize| std::env::var(var).ok().and_then(|v| v.parse().ok()).unwrap_or(default);
+    let dir = tempfile::tempdir().unwrap();
+    support::plugins();
+
+    let mock = MockCluster::new(1).unwrap();
+    mock.create_topic(TOPIC, PARTITIONS, 1).unwrap();
+    compare("librdkafka mock cluster", &mock.bootstrap_servers(), count("REFRACT_BENCH_EVENTS", 100_000), dir.path());
+
+    let broker = Broker::start();
+    broker.create_topic(TOPIC, PARTITIONS as u32);
+    compare("tansu", &broker.address(), count("REFRACT_BENCH_TANSU_EVENTS", 10_000), dir.path());
+}
