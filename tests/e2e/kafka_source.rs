@@ -6,7 +6,7 @@ use std::time::Duration;
 
 use serde_json::{Value, json};
 
-use crate::support::kafka::{Broker, Out};
+use crate::support::kafka::{Broker, Out, TestProducer};
 use crate::support::{Server, plugins, reference};
 
 /// A fixture order event as a plain JSON record: the data as the value, the
@@ -88,21 +88,31 @@ fn sigkills_and_a_broker_restart_lose_and_double_nothing() {
     let chunks: Vec<&[Value]> = events.chunks(2500).collect();
     let mut kills_mid_batch = 0;
     for (i, chunk) in chunks.iter().enumerate() {
-        producer.send_all("shop.orders", &chunk.iter().map(plain).collect::<Vec<_>>());
+        let records: Vec<Out> = chunk.iter().map(plain).collect();
         if i == 3 {
+            producer.send_all("shop.orders", &records);
             // The broker goes away while the projection reads, and comes back with its data.
             broker.kill();
             std::thread::sleep(Duration::from_millis(500));
             broker.restart();
             continue;
         }
-        if i % 2 == 0 {
-            std::thread::sleep(Duration::from_millis(rng.range(20, 400)));
-            let lag = server.get("/v1/projections/order-summary")["lag"].as_u64().unwrap_or(0);
-            server.kill();
-            kills_mid_batch += usize::from(lag > 0);
-            server.restart();
+        if i % 2 == 1 {
+            producer.send_all("shop.orders", &records);
+            continue;
         }
+        // Kill the process while this chunk is being produced and consumed.
+        let address = broker.address();
+        let sending = std::thread::spawn(move || TestProducer::new(&address).send_all("shop.orders", &records));
+        std::thread::sleep(Duration::from_millis(rng.range(20, 300)));
+        // Every record is applied or dead-lettered: fewer means work in hand.
+        let status = server.get("/v1/projections/order-summary");
+        let handled = status["eventsApplied"].as_u64().unwrap() + status["deadLetters"].as_u64().unwrap();
+        server.kill();
+        eprintln!("kill during chunk {i}: {handled} records handled of {} produced", (i + 1) * 2500);
+        kills_mid_batch += usize::from(handled < ((i + 1) * 2500) as u64);
+        sending.join().unwrap();
+        server.restart();
     }
     assert!(kills_mid_batch >= 1, "no kill landed while the projection was behind");
     server.wait_checkpoints("order-summary", events.len() as u64);
