@@ -66,6 +66,20 @@ fn records_produced_to_kafka_fold_into_the_reference_read_model() {
         assert_eq!(p["lag"], 0);
     }
     assert_eq!(status["lag"], 0);
+    // Read-your-writes with Kafka positions: topic (or stream), partition, offset.
+    let p0 = &status["partitions"][0];
+    let last = p0["checkpoint"].as_u64().unwrap() - 1;
+    let partition = p0["partition"].as_u64().unwrap();
+    for name in ["shop.orders", "orders"] {
+        let path =
+            format!("/v1/projections/order-summary/tables/orders/items?limit=1&wait_for={name}:{partition}:{last}");
+        assert_eq!(server.client().get(&path).unwrap().status, 200);
+    }
+    let ahead = format!(
+        "/v1/projections/order-summary/tables/orders/items?wait_for=shop.orders:{partition}:{}&timeout_ms=50",
+        last + 1
+    );
+    assert_eq!(server.client().get(&ahead).unwrap().status, 504, "a position not produced yet is not reached");
     // A rejected event's dead letter names its topic.
     let letters = server.get("/v1/projections/order-summary/dead-letters?limit=1");
     assert_eq!(letters["deadLetters"][0]["topic"], "shop.orders");

@@ -12,4 +12,5 @@ mod kafka_source;
 mod plugin_loading;
 mod poison_events;
 mod query_read_models;
+mod read_your_writes;
 mod search_indexes;

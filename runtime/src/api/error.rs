@@ -29,6 +29,11 @@ impl ApiError {
         ApiError { status: StatusCode::CONFLICT, code, message: message.into() }
     }
 
+    /// A query's `wait_for` positions were not reached in time (504).
+    pub fn timeout(message: impl Into<String>) -> Self {
+        ApiError { status: StatusCode::GATEWAY_TIMEOUT, code: "wait_timeout", message: message.into() }
+    }
+
     /// The server failed: logged in full, reported briefly (500 or 503).
     pub fn internal(context: &str, error: impl std::fmt::Display) -> Self {
         tracing::error!(%error, "{context}");

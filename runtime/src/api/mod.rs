@@ -13,7 +13,11 @@
 //! | `GET /v1/projections/{p}/tables/{t}/items?prefix=&after=&limit=` | a page of entries |
 //! | `GET /v1/projections/{p}/dead-letters?after=&limit=` | a page of dead letters |
 //! | `GET /v1/projections/{p}/indexes/{i}/search?q=&filter=&sort=&limit=&offset=&facets=` | full-text search |
+//!
+//! Read-model queries (items, pages, search) also take `wait_for` and
+//! `timeout_ms`: see [`consistency`].
 
+pub mod consistency;
 mod error;
 mod projections;
 mod search;

@@ -8,6 +8,7 @@ use axum::extract::{Path, Query, State};
 use serde::Deserialize;
 use serde_json::{Value, json};
 
+use super::consistency::{self, Consistency};
 use super::{ApiError, page_limit};
 use crate::runtime::{Projection, Runtime};
 
@@ -49,10 +50,13 @@ pub(super) async fn status(
 pub(super) async fn get_item(
     State(rt): State<Arc<Runtime>>,
     path: Result<Path<(String, String, String)>, PathRejection>,
+    wait: Result<Query<Consistency>, QueryRejection>,
 ) -> Result<Json<Value>, ApiError> {
     let Path((name, table, key)) = path?;
+    let Query(wait) = wait?;
     let p = find(&rt, &name)?;
     check_table(&p, &table)?;
+    consistency::wait(&p, &rt.kafka, &wait, false).await?;
     match p.read_model.get(&table, &key)? {
         Some(bytes) => Ok(Json(json_value(&bytes))),
         None => Err(ApiError::not_found("key_not_found", format!("no key {key:?} in table {table:?}"))),
@@ -71,12 +75,15 @@ pub(super) async fn scan(
     State(rt): State<Arc<Runtime>>,
     path: Result<Path<(String, String)>, PathRejection>,
     params: Result<Query<ScanParams>, QueryRejection>,
+    wait: Result<Query<Consistency>, QueryRejection>,
 ) -> Result<Json<Value>, ApiError> {
     let Path((name, table)) = path?;
     let Query(q) = params?;
+    let Query(wait) = wait?;
     let limit = page_limit(q.limit)?;
     let p = find(&rt, &name)?;
     check_table(&p, &table)?;
+    consistency::wait(&p, &rt.kafka, &wait, false).await?;
     // One more than asked tells whether there is a next page.
     let mut entries = p.read_model.scan(&table, &q.prefix, q.after.as_deref(), limit + 1)?;
     let more = entries.len() > limit;

@@ -7,6 +7,7 @@ use axum::extract::rejection::{PathRejection, QueryRejection};
 use axum::extract::{Path, Query, State};
 use serde_json::{Value, json};
 
+use super::consistency::{self, Consistency};
 use super::{ApiError, page_limit};
 use crate::runtime::Runtime;
 use crate::store::search::{QueryError, SearchRequest};
@@ -18,9 +19,11 @@ pub(super) async fn search(
     State(rt): State<Arc<Runtime>>,
     path: Result<Path<(String, String)>, PathRejection>,
     params: Result<Query<SearchRequest>, QueryRejection>,
+    wait: Result<Query<Consistency>, QueryRejection>,
 ) -> Result<Json<Value>, ApiError> {
     let Path((name, index)) = path?;
     let Query(request) = params?;
+    let Query(wait) = wait?;
     let limit = page_limit(request.limit)?;
     if request.offset + limit > MAX_WINDOW {
         return Err(ApiError::bad_request(format!("offset + limit must be at most {MAX_WINDOW}")));
@@ -33,6 +36,7 @@ pub(super) async fn search(
             format!("projection {name:?} has no index {index:?}; it has {known:?}"),
         ));
     }
+    consistency::wait(&projection, &rt.kafka, &wait, true).await?;
     let response = tokio::task::spawn_blocking(move || projection.indexes.open[&index].search(&request, limit))
         .await
         .map_err(|e| ApiError::internal("searching", e))?

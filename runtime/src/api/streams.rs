@@ -63,7 +63,8 @@ pub(super) async fn append(
             LogError::Invalid(m) => ApiError::bad_request(m),
             other => ApiError::unavailable("appending to the log", other),
         })?;
-    Ok(Json(json!({ "stream": stream, "positions": positions })))
+    let wait_for = super::consistency::token(&stream, &positions);
+    Ok(Json(json!({ "stream": stream, "positions": positions, "waitFor": wait_for })))
 }
 
 #[derive(Deserialize)]
