@@ -14,7 +14,7 @@ use crate::config::Config;
 use crate::plugin::cache::CompileCache;
 use crate::plugin::wasm::{self, WasmProjection};
 use crate::plugin::{Handler, Manifest, engine};
-use crate::projector::{BatchOptions, Projector, WorkerStatus};
+use crate::projector::{BatchOptions, Projector, Reload, WorkerStatus};
 use crate::source::Sources;
 use crate::source::kafka::{KafkaConfig, Watermarks};
 use crate::source::log::EventLog;
@@ -24,7 +24,8 @@ use crate::store::search::{Indexer, Indexes};
 
 /// A loaded projection, as the API sees it.
 pub struct Projection {
-    pub manifest: Manifest,
+    /// The running version's manifest (a reload may change it).
+    manifest: Arc<RwLock<Manifest>>,
     /// Where the plugin came from: its file, or `native`.
     pub source: String,
     pub read_model: Arc<ReadModel>,
@@ -33,6 +34,17 @@ pub struct Projection {
     pub status: Arc<Mutex<WorkerStatus>>,
     /// High watermarks of the Kafka partitions it reads.
     pub watermarks: Watermarks,
+    /// Where the plugins-directory watcher puts a new version.
+    pub reload: Reload,
+    /// Why the last new version of the plugin file was not swapped in.
+    pub reload_error: Mutex<Option<String>>,
+}
+
+impl Projection {
+    /// The running version's manifest.
+    pub fn manifest(&self) -> Manifest {
+        self.manifest.read().expect("manifest lock").clone()
+    }
 }
 
 /// A plugin file that could not be loaded, and why.
@@ -64,6 +76,8 @@ pub struct ProjectionStatus {
     pub tables: Vec<String>,
     #[serde(flatten)]
     pub worker: WorkerStatus,
+    /// Why the plugin file's newest version is not running, if it is not.
+    pub reload_error: Option<String>,
     pub partitions: Vec<PartitionStatus>,
     /// Events in the log not yet handled, over all partitions.
     pub lag: u64,
@@ -130,61 +144,50 @@ pub struct Runtime {
 }
 
 impl Runtime {
-    /// Open the data directory and start every plugin in the plugins directory.
+    /// Open the data directory, start every plugin in the plugins directory,
+    /// and watch the directory for new versions and new plugins.
     pub fn start(config: &Config) -> anyhow::Result<Arc<Runtime>> {
-        let mut runtime = Runtime::open(config)?;
-        let engine = engine::new_engine().map_err(|e| anyhow::anyhow!("creating the wasm engine: {e}"))?;
-        let cache = CompileCache::new(&config.data_dir.join("cache").join("compiled"), &engine)
-            .context("creating the compile cache")?;
-        let linker = wasm::linker(&engine).map_err(|e| anyhow::anyhow!("linking host interfaces: {e}"))?;
+        let runtime = Arc::new(Runtime::open(config)?);
+        let loader = Loader::new(config)?;
+        let mut watcher = Watcher { loader, dir: config.plugins_dir.clone(), seen: BTreeMap::new() };
         let mut handlers: Vec<(Box<dyn Handler>, String)> = Vec::new();
         for file in plugin_files(&config.plugins_dir)? {
             let label = file.display().to_string();
-            let loaded = std::fs::read(&file)
-                .map_err(|e| format!("cannot read: {e}"))
-                .and_then(|bytes| {
-                    cache.load(&bytes).map_err(|e| wasm::LoadError::Compile(format!("{e:#}")).to_string())
-                })
-                .and_then(|(component, _)| {
-                    WasmProjection::load(&engine, &linker, &component, &label, config.plugin_limits())
-                        .map_err(|e| e.to_string())
-                });
-            match loaded {
+            watcher.seen.insert(file.clone(), Watcher::stamp(&file));
+            match watcher.loader.load(&file) {
                 Ok(p) if handlers.iter().any(|(h, _)| h.manifest().name == p.manifest().name) => {
                     let error = format!("another plugin already provides projection {:?}", p.manifest().name);
-                    tracing::error!(plugin = %label, %error, "plugin not loaded");
-                    runtime
-                        .plugin_errors
-                        .get_mut()
-                        .expect("plugin errors lock")
-                        .push(PluginError { file: label, error });
+                    runtime.plugin_error(label, error);
                 }
                 Ok(p) => {
                     tracing::info!(plugin = %label, projection = %p.manifest().name, version = %p.manifest().version, "plugin loaded");
                     handlers.push((Box::new(p), label));
                 }
-                Err(error) => {
-                    tracing::error!(plugin = %label, %error, "plugin not loaded");
-                    runtime
-                        .plugin_errors
-                        .get_mut()
-                        .expect("plugin errors lock")
-                        .push(PluginError { file: label, error });
-                }
+                Err(error) => runtime.plugin_error(label, error),
             }
         }
-        let runtime = Arc::new(runtime);
         for (handler, source) in handlers {
             // A plugin whose read model cannot be opened (an invalid index
             // mapping, a mapping changed under an existing index) is reported
             // like a plugin that does not load; the others run.
             if let Err(e) = runtime.add(handler, source.clone()) {
-                let error = format!("{e:#}");
-                tracing::error!(plugin = %source, %error, "projection not started");
-                runtime.plugin_errors.lock().expect("plugin errors lock").push(PluginError { file: source, error });
+                runtime.plugin_error(source, format!("{e:#}"));
             }
         }
+        let watching = runtime.clone();
+        let thread = std::thread::Builder::new()
+            .name("plugin-watcher".into())
+            .spawn(move || watcher.run(&watching))
+            .context("spawning the plugin watcher")?;
+        runtime.workers.lock().expect("workers lock").push(thread);
         Ok(runtime)
+    }
+
+    fn plugin_error(&self, file: String, error: String) {
+        tracing::error!(plugin = %file, %error, "plugin not loaded");
+        let mut errors = self.plugin_errors.lock().expect("plugin errors lock");
+        errors.retain(|e| e.file != file);
+        errors.push(PluginError { file, error });
     }
 
     /// Open the data directory with no projections yet (see [`Runtime::add`]).
@@ -233,7 +236,9 @@ impl Runtime {
             self.stop.clone(),
         )?;
         let projection = Arc::new(Projection {
-            manifest: manifest.clone(),
+            manifest: projector.manifest(),
+            reload: projector.reload_slot(),
+            reload_error: Mutex::new(None),
             source,
             read_model: read_model.clone(),
             indexes: indexes.clone(),
@@ -289,7 +294,7 @@ impl Runtime {
 
     /// The status of `projection`: checkpoints against the log's heads, counters, errors.
     pub fn status(&self, projection: &Projection) -> crate::store::Result<ProjectionStatus> {
-        let m = &projection.manifest;
+        let m = &projection.manifest();
         let checkpoints: BTreeMap<(String, u32), u64> = projection
             .read_model
             .checkpoints()?
@@ -353,6 +358,7 @@ impl Runtime {
             },
             tables: m.tables.clone(),
             worker: projection.status.lock().expect("status lock").clone(),
+            reload_error: projection.reload_error.lock().expect("reload error lock").clone(),
             lag: partitions.iter().map(|p| p.lag).sum(),
             partitions,
             counters: projection.read_model.counters()?,
@@ -365,6 +371,132 @@ impl Runtime {
         let workers = std::mem::take(&mut *self.workers.lock().expect("workers lock"));
         for w in workers {
             let _ = w.join();
+        }
+    }
+}
+
+/// Compiles and instantiates plugin files (through the compile cache).
+struct Loader {
+    engine: wasmtime::Engine,
+    cache: CompileCache,
+    linker: wasmtime::component::Linker<crate::plugin::host::HostState>,
+    limits: wasm::PluginLimits,
+}
+
+impl Loader {
+    fn new(config: &Config) -> anyhow::Result<Self> {
+        let engine = engine::new_engine().map_err(|e| anyhow::anyhow!("creating the wasm engine: {e}"))?;
+        let cache = CompileCache::new(&config.data_dir.join("cache").join("compiled"), &engine)
+            .context("creating the compile cache")?;
+        let linker = wasm::linker(&engine).map_err(|e| anyhow::anyhow!("linking host interfaces: {e}"))?;
+        Ok(Loader { engine, cache, linker, limits: config.plugin_limits() })
+    }
+
+    /// Compile, instantiate and describe the plugin in `file`.
+    fn load(&self, file: &Path) -> Result<WasmProjection, String> {
+        let label = file.display().to_string();
+        let bytes = std::fs::read(file).map_err(|e| format!("cannot read: {e}"))?;
+        let (component, _) =
+            self.cache.load(&bytes).map_err(|e| wasm::LoadError::Compile(format!("{e:#}")).to_string())?;
+        WasmProjection::load(&self.engine, &self.linker, &component, &label, self.limits).map_err(|e| e.to_string())
+    }
+}
+
+/// A file's length and modification time: what the watcher compares.
+type Stamp = Option<(u64, std::time::SystemTime)>;
+
+/// Watches the plugins directory: a changed file is loaded off the hot path
+/// and, if it loads and describes itself, handed to its projection's worker
+/// to swap in between batches; a new file starts a new projection.
+struct Watcher {
+    loader: Loader,
+    dir: PathBuf,
+    seen: BTreeMap<PathBuf, Stamp>,
+}
+
+/// How often the plugins directory is looked at.
+const WATCH_INTERVAL: Duration = Duration::from_secs(1);
+
+impl Watcher {
+    fn stamp(file: &Path) -> Stamp {
+        std::fs::metadata(file).ok().and_then(|m| Some((m.len(), m.modified().ok()?)))
+    }
+
+    fn run(mut self, runtime: &Arc<Runtime>) {
+        while !runtime.stop.load(Ordering::Relaxed) {
+            std::thread::sleep(WATCH_INTERVAL);
+            if !self.dir.is_dir() {
+                continue;
+            }
+            let files = match plugin_files(&self.dir) {
+                Ok(files) => files,
+                Err(e) => {
+                    tracing::warn!(error = %format!("{e:#}"), "reading the plugins directory");
+                    continue;
+                }
+            };
+            for file in files {
+                let stamp = Self::stamp(&file);
+                if self.seen.get(&file) == Some(&stamp) {
+                    continue;
+                }
+                self.seen.insert(file.clone(), stamp);
+                self.changed(runtime, &file);
+            }
+        }
+    }
+
+    fn changed(&self, runtime: &Arc<Runtime>, file: &Path) {
+        let label = file.display().to_string();
+        let owner = runtime.projections().into_iter().find(|p| p.source == label);
+        let loaded = self.loader.load(file);
+        let Some(projection) = owner else {
+            // A new plugin file: a new projection, without a restart.
+            match loaded {
+                Ok(p) => {
+                    let name = p.manifest().name.clone();
+                    match runtime.add(Box::new(p), label.clone()) {
+                        Ok(_) => {
+                            tracing::info!(plugin = %label, projection = %name, "new plugin loaded");
+                            runtime.plugin_errors.lock().expect("plugin errors lock").retain(|e| e.file != label);
+                        }
+                        Err(e) => runtime.plugin_error(label, format!("{e:#}")),
+                    }
+                }
+                Err(error) => runtime.plugin_error(label, error),
+            }
+            return;
+        };
+        let current = projection.manifest();
+        let verdict = loaded.and_then(|next| {
+            let m = next.manifest();
+            if m.name != current.name {
+                return Err(format!("the file now provides projection {:?}, not {:?}", m.name, current.name));
+            }
+            if m.schema_version != current.schema_version {
+                return Err(format!(
+                    "schema-version changed from {} to {}: the read model must be rebuilt, which this version of \
+                     Refract cannot do while running; restart with a fresh data directory for it",
+                    current.schema_version, m.schema_version
+                ));
+            }
+            let old: Vec<_> = projection.indexes.open.keys().collect();
+            let new: Vec<_> = next.indexes().iter().map(|i| &i.name).collect();
+            if old != new {
+                return Err(format!("search indexes changed from {old:?} to {new:?} without a new schema-version"));
+            }
+            Ok(next)
+        });
+        match verdict {
+            Ok(next) => {
+                tracing::info!(plugin = %label, version = %next.manifest().version, "new plugin version loaded; swapping it in");
+                *projection.reload.lock().expect("reload lock") = Some(Box::new(next));
+                *projection.reload_error.lock().expect("reload error lock") = None;
+            }
+            Err(error) => {
+                tracing::error!(plugin = %label, %error, "new plugin version not swapped in; the running one stays");
+                *projection.reload_error.lock().expect("reload error lock") = Some(error);
+            }
         }
     }
 }

@@ -7,6 +7,7 @@ mod support;
 mod crash_safety;
 mod demo;
 mod emitted_events;
+mod hot_reload;
 mod kafka_formats;
 mod kafka_source;
 mod plugin_loading;

@@ -100,11 +100,11 @@ pub async fn wait(p: &Projection, kafka: &KafkaConfig, c: &Consistency, search: 
         }
     };
     if let Some(stream) =
-        wanted.keys().map(|(s, _)| s).find(|s| !p.manifest.subscriptions.iter().any(|x| &x.stream == *s))
+        wanted.keys().map(|(s, _)| s).find(|s| !p.manifest().subscriptions.iter().any(|x| &x.stream == *s))
     {
         return Err(ApiError::bad_request(format!(
             "wait_for names stream {stream:?}, which projection {:?} does not read",
-            p.manifest.name
+            p.manifest().name
         )));
     }
     let until = Instant::now() + timeout;
@@ -122,7 +122,7 @@ pub async fn wait(p: &Projection, kafka: &KafkaConfig, c: &Consistency, search: 
                     documents = Some(p.read_model.outbox_sequence()?);
                     continue;
                 }
-                format!("projection {:?} has not handled {}", p.manifest.name, behind.join(", "))
+                format!("projection {:?} has not handled {}", p.manifest().name, behind.join(", "))
             }
             Some(sequence) => {
                 let applied = p.indexes.applied.load(std::sync::atomic::Ordering::Relaxed);
@@ -131,7 +131,7 @@ pub async fn wait(p: &Projection, kafka: &KafkaConfig, c: &Consistency, search: 
                 }
                 format!(
                     "the indexes of {:?} have applied document changes up to {applied} of {sequence}",
-                    p.manifest.name
+                    p.manifest().name
                 )
             }
         };

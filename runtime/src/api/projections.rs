@@ -18,12 +18,13 @@ pub(super) fn find(rt: &Runtime, name: &str) -> Result<Arc<Projection>, ApiError
 }
 
 fn check_table(p: &Projection, table: &str) -> Result<(), ApiError> {
-    if p.manifest.tables.iter().any(|t| t == table) {
+    let m = p.manifest();
+    if m.tables.iter().any(|t| t == table) {
         Ok(())
     } else {
         Err(ApiError::not_found(
             "table_not_found",
-            format!("projection {:?} has no table {table:?}; it has {:?}", p.manifest.name, p.manifest.tables),
+            format!("projection {:?} has no table {table:?}; it has {:?}", m.name, m.tables),
         ))
     }
 }

@@ -15,12 +15,12 @@
 //!   and everything else is applied.
 
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, Mutex, mpsc};
+use std::sync::{Arc, Mutex, RwLock, mpsc};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use serde::Serialize;
 
-use crate::plugin::{HandleError, Handler};
+use crate::plugin::{HandleError, Handler, Manifest};
 use crate::source::Sources;
 use crate::source::kafka::{KafkaReader, Watermarks};
 use crate::source::reader::{Cursor, Delivery, LogReader, Pending, Reader, Subscriptions};
@@ -65,6 +65,10 @@ pub enum WorkerState {
     Stopped,
 }
 
+/// A new version of a projection's plugin, waiting to take over at the next
+/// batch boundary.
+pub type Reload = Arc<Mutex<Option<Box<dyn Handler>>>>;
+
 /// A worker's live status, shared with the HTTP API.
 #[derive(Debug, Clone, Serialize)]
 #[serde(rename_all = "camelCase")]
@@ -75,11 +79,13 @@ pub struct WorkerStatus {
     pub last_error_at: Option<i64>,
     /// Consecutive retries of the current batch.
     pub retries: u32,
+    /// New plugin versions swapped in since the worker started.
+    pub reloads: u32,
 }
 
 impl Default for WorkerStatus {
     fn default() -> Self {
-        WorkerStatus { state: WorkerState::Running, last_error: None, last_error_at: None, retries: 0 }
+        WorkerStatus { state: WorkerState::Running, last_error: None, last_error_at: None, retries: 0, reloads: 0 }
     }
 }
 
@@ -109,6 +115,10 @@ pub struct Projector {
     resync: bool,
     /// Replaying history (a rebuild): what the plugin emits is dropped.
     replaying: bool,
+    /// Where a new plugin version waits to be swapped in.
+    reload: Reload,
+    /// The running version's manifest, shared with the API.
+    manifest: Arc<RwLock<Manifest>>,
 }
 
 struct InFlight {
@@ -133,7 +143,7 @@ impl Projector {
         status: Arc<Mutex<WorkerStatus>>,
         stop: Arc<AtomicBool>,
     ) -> crate::store::Result<Self> {
-        let manifest = handler.manifest();
+        let manifest = handler.manifest().clone();
         let declared = Arc::new(crate::plugin::declared(&*handler).map_err(crate::store::Error::InvalidMapping)?);
         let subscriptions = manifest
             .subscriptions
@@ -156,6 +166,8 @@ impl Projector {
             in_flight: None,
             resync: false,
             replaying: false,
+            reload: Reload::default(),
+            manifest: Arc::new(RwLock::new(manifest.clone())),
         })
     }
 
@@ -170,6 +182,10 @@ impl Projector {
         tracing::info!(projection = self.name(), "projector started");
         let (mut batches, mut reader) = self.spawn_reader();
         while !self.stop.load(Ordering::Relaxed) {
+            let next = self.reload.lock().expect("reload lock").take();
+            if let Some(next) = next {
+                self.swap(next);
+            }
             if self.resync {
                 drop(batches);
                 let _ = reader.join();
@@ -201,6 +217,39 @@ impl Projector {
         let _ = reader.join();
         self.status.lock().expect("status lock").state = WorkerState::Stopped;
         tracing::info!(projection = self.name(), "projector stopped");
+    }
+
+    /// Where to put a new version of the plugin for this worker to swap in.
+    pub fn reload_slot(&self) -> Reload {
+        self.reload.clone()
+    }
+
+    /// The running version's manifest, updated when a new version is swapped in.
+    pub fn manifest(&self) -> Arc<RwLock<Manifest>> {
+        self.manifest.clone()
+    }
+
+    /// Swap in a new version of the plugin between batches: what the old one
+    /// handled is made durable first, and the new one goes on from there.
+    fn swap(&mut self, next: Box<dyn Handler>) {
+        self.settle_or_resync();
+        let declared = match crate::plugin::declared(&*next) {
+            Ok(d) => Arc::new(d),
+            Err(e) => return self.set_error(&format!("the new plugin version was not swapped in: {e}")),
+        };
+        let m = next.manifest().clone();
+        let subscriptions: Subscriptions =
+            m.subscriptions.iter().map(|s| (s.stream.clone(), s.event_types.iter().cloned().collect())).collect();
+        if subscriptions != self.subscriptions {
+            // Read again from the durable checkpoints with the new subscriptions.
+            self.subscriptions = subscriptions;
+            self.resync = true;
+        }
+        tracing::info!(projection = %m.name, from = %self.handler.manifest().version, to = %m.version, "plugin version swapped in");
+        self.declared = declared;
+        self.handler = next;
+        *self.manifest.write().expect("manifest lock") = m;
+        self.status.lock().expect("status lock").reloads += 1;
     }
 
     /// The shared high watermarks of the Kafka partitions this projection reads.

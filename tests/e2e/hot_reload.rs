@@ -1,0 +1,107 @@
+//! New plugin versions dropped into the plugins directory are loaded off the
+//! hot path and swapped in between batches: no event lost or applied twice,
+//! a broken version leaves the running one in place, a new file starts a
+//! new projection — all without a restart.
+
+use std::path::Path;
+use std::time::{Duration, Instant};
+
+use serde_json::Value;
+
+use crate::support::{Server, ndjson, plugins, reference};
+
+/// `wasm` with a custom section appended: the same code, a different file
+/// (a different hash), as a rebuilt plugin would be.
+fn variant(wasm: &[u8], n: u8) -> Vec<u8> {
+    let name = b"refract-test";
+    let payload = [n; 16];
+    let mut out = wasm.to_vec();
+    out.push(0); // custom section
+    out.push((1 + name.len() + payload.len()) as u8);
+    out.push(name.len() as u8);
+    out.extend_from_slice(name);
+    out.extend_from_slice(&payload);
+    out
+}
+
+/// Replace `file` atomically, as a deployment would (write, then rename).
+fn install(file: &Path, bytes: &[u8]) {
+    let tmp = file.with_extension("tmp");
+    std::fs::write(&tmp, bytes).unwrap();
+    std::fs::rename(&tmp, file).unwrap();
+}
+
+fn wait_for(server: &Server, what: &str, check: impl Fn(&Value) -> bool) -> Value {
+    let until = Instant::now() + Duration::from_secs(60);
+    loop {
+        let status = server.get("/v1/projections/order-summary");
+        if check(&status) {
+            return status;
+        }
+        assert!(Instant::now() < until, "{what}: {status}");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+#[test]
+fn new_versions_swap_in_between_batches_without_losing_or_repeating_events() {
+    const EVENTS: usize = 12_000;
+    let dir = tempfile::tempdir().unwrap();
+    let p = plugins();
+    let config = "batch:\n  max-events: 400\n  call-events: 100\n  max-duration-ms: 20\n";
+    let server = Server::start(dir.path(), &[&p.order_summary], config);
+    let file = dir.path().join("plugins").join(p.order_summary.file_name().unwrap());
+    let original = std::fs::read(&p.order_summary).unwrap();
+    let events = refract::fixtures::orders(EVENTS, 31, 0.01);
+
+    let url = server.url.clone();
+    let chunks: Vec<Vec<u8>> = events.chunks(400).map(ndjson).collect();
+    let appender = std::thread::spawn(move || {
+        let client = refract::client::Client::new(&url);
+        for chunk in chunks {
+            assert_eq!(client.append_ndjson("orders", &chunk).unwrap().status, 200);
+            std::thread::sleep(Duration::from_millis(40));
+        }
+    });
+    for n in 1..=3u32 {
+        install(&file, &variant(&original, n as u8));
+        wait_for(&server, "the new version was not swapped in", |s| s["reloads"].as_u64() == Some(u64::from(n)));
+    }
+    // A broken version: reported, and the running one carries on.
+    install(&file, b"\0asm not really");
+    let status = wait_for(&server, "the broken version was not reported", |s| s["reloadError"].is_string());
+    assert!(status["reloadError"].as_str().unwrap().contains("compil"), "{status}");
+    assert_eq!(status["state"], "running");
+    install(&file, &variant(&original, 9));
+    wait_for(&server, "a good version did not clear the error", |s| s["reloads"] == 4 && s["reloadError"].is_null());
+    appender.join().unwrap();
+    server.wait_caught_up();
+
+    let expected = reference::orders(&events);
+    let got: Vec<(String, Value)> = server.table("order-summary", "orders");
+    assert!(got == expected.orders.into_iter().collect::<Vec<_>>(), "orders differ from the reference fold");
+    let status = server.get("/v1/projections/order-summary");
+    assert_eq!(status["eventsApplied"], EVENTS - expected.rejected, "no event applied twice: {status}");
+    assert_eq!(status["deadLetters"], expected.rejected);
+    assert!(server.log().contains("plugin version swapped in"));
+}
+
+#[test]
+fn a_new_plugin_file_starts_a_new_projection_without_a_restart() {
+    let dir = tempfile::tempdir().unwrap();
+    let p = plugins();
+    let server = Server::start(dir.path(), &[&p.order_summary], "streams:\n  partitions: { accounts: 1 }\n");
+    let accounts = refract::fixtures::accounts(2000, 8, 0.02);
+    assert_eq!(server.client().append_ndjson("accounts", &ndjson(&accounts)).unwrap().status, 200);
+    let target = dir.path().join("plugins").join(p.account_balance.file_name().unwrap());
+    install(&target, &std::fs::read(&p.account_balance).unwrap());
+    let until = Instant::now() + Duration::from_secs(60);
+    while server.client().get("/v1/projections/account-balance").unwrap().status != 200 {
+        assert!(Instant::now() < until, "account-balance never started");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    server.wait_caught_up();
+    let (balances, rejected) = reference::balances(&accounts);
+    assert!(server.table("account-balance", "balances") == balances.into_iter().collect::<Vec<_>>());
+    assert_eq!(server.get("/v1/projections/account-balance")["deadLetters"], rejected);
+}
