@@ -10,6 +10,8 @@ use serde_json::Value;
 pub struct Client {
     base: String,
     agent: ureq::Agent,
+    /// Sent as `Authorization: Bearer …` when set.
+    token: Option<String>,
 }
 
 /// A reply: status code and JSON body.
@@ -27,7 +29,20 @@ impl Client {
             .timeout_global(Some(Duration::from_secs(120)))
             .build()
             .into();
-        Client { base: base.trim_end_matches('/').to_owned(), agent }
+        Client { base: base.trim_end_matches('/').to_owned(), agent, token: None }
+    }
+
+    /// The same client, sending `token` as a bearer token.
+    pub fn with_token(mut self, token: Option<&str>) -> Self {
+        self.token = token.map(str::to_owned);
+        self
+    }
+
+    fn auth<B>(&self, request: ureq::RequestBuilder<B>) -> ureq::RequestBuilder<B> {
+        match &self.token {
+            Some(t) => request.header("authorization", format!("Bearer {t}")),
+            None => request,
+        }
     }
 
     fn reply(response: Result<ureq::http::Response<ureq::Body>, ureq::Error>) -> Result<Reply, ureq::Error> {
@@ -40,12 +55,21 @@ impl Client {
 
     /// `GET path` (path starts with `/`).
     pub fn get(&self, path: &str) -> Result<Reply, ureq::Error> {
-        Self::reply(self.agent.get(format!("{}{path}", self.base)).call())
+        Self::reply(self.auth(self.agent.get(format!("{}{path}", self.base))).call())
     }
 
     /// `POST path` with `body` of `content_type`.
     pub fn post(&self, path: &str, content_type: &str, body: &[u8]) -> Result<Reply, ureq::Error> {
-        Self::reply(self.agent.post(format!("{}{path}", self.base)).header("content-type", content_type).send(body))
+        Self::reply(
+            self.auth(self.agent.post(format!("{}{path}", self.base))).header("content-type", content_type).send(body),
+        )
+    }
+
+    /// `PUT path` with `body` of `content_type`.
+    pub fn put(&self, path: &str, content_type: &str, body: &[u8]) -> Result<Reply, ureq::Error> {
+        Self::reply(
+            self.auth(self.agent.put(format!("{}{path}", self.base))).header("content-type", content_type).send(body),
+        )
     }
 
     /// Append NDJSON `lines` to `stream`.

@@ -21,6 +21,9 @@
 //!   max-value-bytes: 1048576
 //! search:
 //!   commit-interval-ms: 500       # indexer commits to tantivy this often
+//! auth:                           # bearer tokens (or REFRACT_ADMIN_TOKEN / REFRACT_QUERY_TOKEN)
+//!   admin-token: null             # mutating routes; plugin uploads are off without it
+//!   query-token: null             # queries, when set
 //! kafka:                          # streams read from Kafka topics (optional)
 //!   brokers: 127.0.0.1:9092
 //!   mode: replica                 # replica: every instance reads all partitions; group: split them
@@ -58,6 +61,30 @@ pub struct Config {
     pub limits: LimitsConfig,
     pub search: SearchConfig,
     pub kafka: KafkaConfig,
+    pub auth: AuthConfig,
+}
+
+/// Bearer tokens for the HTTP API. `REFRACT_ADMIN_TOKEN` and
+/// `REFRACT_QUERY_TOKEN` in the environment take precedence.
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(rename_all = "kebab-case", deny_unknown_fields, default)]
+pub struct AuthConfig {
+    /// Required by every mutating route when set (appends, plugin uploads);
+    /// without it, plugin uploads are disabled and appends are open.
+    pub admin_token: Option<String>,
+    /// Required by every query when set (the admin token works too).
+    pub query_token: Option<String>,
+}
+
+impl AuthConfig {
+    /// The tokens in effect: the environment's, else the file's.
+    pub fn resolved(&self) -> AuthConfig {
+        let env = |name: &str| std::env::var(name).ok().filter(|t| !t.is_empty());
+        AuthConfig {
+            admin_token: env("REFRACT_ADMIN_TOKEN").or_else(|| self.admin_token.clone()),
+            query_token: env("REFRACT_QUERY_TOKEN").or_else(|| self.query_token.clone()),
+        }
+    }
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -112,6 +139,7 @@ impl Default for Config {
             limits: LimitsConfig::default(),
             search: SearchConfig::default(),
             kafka: KafkaConfig::default(),
+            auth: AuthConfig::default(),
         }
     }
 }
@@ -208,6 +236,12 @@ impl Config {
                 return Err(ConfigError::Invalid(format!(
                     "stream {stream:?} is both a Kafka topic (kafka.streams) and an embedded log stream (streams.partitions)"
                 )));
+            }
+        }
+        let auth = self.auth.resolved();
+        for token in [&auth.admin_token, &auth.query_token].into_iter().flatten() {
+            if token.len() < 16 {
+                return bad("auth: tokens must be at least 16 characters");
             }
         }
         if !self.kafka.streams.is_empty() {

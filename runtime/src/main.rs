@@ -40,6 +40,9 @@ enum Command {
         /// Events per request.
         #[arg(long, default_value_t = 5000)]
         batch: usize,
+        /// The admin token, when the runtime requires one.
+        #[arg(long, env = "REFRACT_ADMIN_TOKEN", hide_env_values = true)]
+        token: Option<String>,
     },
     /// Run the demo: start the runtime with the example plugins, append sample
     /// orders and account movements, and print queries to try.
@@ -102,7 +105,9 @@ fn main() -> anyhow::Result<()> {
         .init();
     match Cli::parse().command {
         Command::Run(args) => run(args.config()?, None),
-        Command::Produce { stream, file, url, batch } => produce(&stream, file, &url, batch.max(1)),
+        Command::Produce { stream, file, url, batch, token } => {
+            produce(&stream, file, &url, batch.max(1), token.as_deref())
+        }
         Command::Demo { run: args, events } => {
             let mut config = args.config()?;
             if args.data_dir.is_none() && args.config.is_none() {
@@ -159,7 +164,8 @@ fn ndjson(events: &[serde_json::Value]) -> Vec<u8> {
 }
 
 fn feed_demo(url: &str, n: usize) -> anyhow::Result<()> {
-    let client = Client::new(url);
+    let token = std::env::var("REFRACT_ADMIN_TOKEN").ok();
+    let client = Client::new(url).with_token(token.as_deref());
     let orders = refract::fixtures::orders(n, 1, 0.01);
     let accounts = refract::fixtures::accounts(n / 2, 1, 0.02);
     let started = Instant::now();
@@ -197,14 +203,14 @@ fn feed_demo(url: &str, n: usize) -> anyhow::Result<()> {
 }
 
 /// Send NDJSON from `file` (or stdin) to `stream` in requests of `batch` lines.
-fn produce(stream: &str, file: Option<PathBuf>, url: &str, batch: usize) -> anyhow::Result<()> {
+fn produce(stream: &str, file: Option<PathBuf>, url: &str, batch: usize, token: Option<&str>) -> anyhow::Result<()> {
     let input: Box<dyn Read> = match &file {
         Some(p) if p.as_os_str() != "-" => {
             Box::new(std::fs::File::open(p).with_context(|| format!("opening {}", p.display()))?)
         }
         _ => Box::new(std::io::stdin()),
     };
-    let client = Client::new(url);
+    let client = Client::new(url).with_token(token);
     let (mut sent, mut first_line, mut line_no) = (0usize, 1usize, 0usize);
     let mut body = Vec::new();
     let mut count = 0;

@@ -3,7 +3,7 @@
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, Mutex, RwLock};
+use std::sync::{Arc, Mutex, OnceLock, RwLock};
 use std::thread::JoinHandle;
 use std::time::Duration;
 
@@ -134,6 +134,11 @@ pub struct SubscriptionInfo {
 pub struct Runtime {
     pub log: Arc<EventLog>,
     pub kafka: Arc<KafkaConfig>,
+    /// The API's bearer tokens.
+    pub auth: crate::config::AuthConfig,
+    plugins_dir: PathBuf,
+    /// Checks uploaded plugins (set by [`Runtime::start`]).
+    loader: OnceLock<Arc<Loader>>,
     data_dir: PathBuf,
     batch: BatchOptions,
     index_commit_interval: Duration,
@@ -148,7 +153,8 @@ impl Runtime {
     /// and watch the directory for new versions and new plugins.
     pub fn start(config: &Config) -> anyhow::Result<Arc<Runtime>> {
         let runtime = Arc::new(Runtime::open(config)?);
-        let loader = Loader::new(config)?;
+        let loader = Arc::new(Loader::new(config)?);
+        let _ = runtime.loader.set(loader.clone());
         let mut watcher = Watcher { loader, dir: config.plugins_dir.clone(), seen: BTreeMap::new() };
         let mut handlers: Vec<(Box<dyn Handler>, String)> = Vec::new();
         for file in plugin_files(&config.plugins_dir)? {
@@ -183,6 +189,29 @@ impl Runtime {
         Ok(runtime)
     }
 
+    /// Check an uploaded plugin (compile, instantiate, describe) and install
+    /// it as `<plugins-dir>/<name>.wasm`, where the watcher picks it up.
+    /// Returns its manifest.
+    pub fn install_plugin(&self, name: &str, bytes: &[u8]) -> Result<Manifest, String> {
+        crate::names::validate("plugin", name)?;
+        let loader = self.loader.get().ok_or("this runtime does not load plugins")?;
+        let manifest = loader.check(bytes)?;
+        std::fs::create_dir_all(&self.plugins_dir).map_err(|e| format!("creating the plugins directory: {e}"))?;
+        let file = self.plugins_dir.join(format!("{name}.wasm"));
+        if let Some(other) = self.projection(&manifest.name).filter(|p| Path::new(&p.source) != file) {
+            return Err(format!(
+                "projection {:?} is provided by {}; upload it under that name",
+                manifest.name, other.source
+            ));
+        }
+        let tmp = self.plugins_dir.join(format!(".{name}.upload"));
+        std::fs::write(&tmp, bytes)
+            .and_then(|()| std::fs::rename(&tmp, &file))
+            .map_err(|e| format!("writing {}: {e}", file.display()))?;
+        tracing::info!(plugin = %file.display(), projection = %manifest.name, version = %manifest.version, "plugin uploaded");
+        Ok(manifest)
+    }
+
     fn plugin_error(&self, file: String, error: String) {
         tracing::error!(plugin = %file, %error, "plugin not loaded");
         let mut errors = self.plugin_errors.lock().expect("plugin errors lock");
@@ -201,6 +230,9 @@ impl Runtime {
         Ok(Runtime {
             log: Arc::new(log),
             kafka: Arc::new(config.kafka.clone()),
+            auth: config.auth.resolved(),
+            plugins_dir: config.plugins_dir.clone(),
+            loader: OnceLock::new(),
             data_dir: config.data_dir.clone(),
             batch: config.batch_options(),
             index_commit_interval: Duration::from_millis(config.search.commit_interval_ms),
@@ -394,11 +426,23 @@ impl Loader {
 
     /// Compile, instantiate and describe the plugin in `file`.
     fn load(&self, file: &Path) -> Result<WasmProjection, String> {
-        let label = file.display().to_string();
         let bytes = std::fs::read(file).map_err(|e| format!("cannot read: {e}"))?;
+        self.load_bytes(&bytes, &file.display().to_string())
+    }
+
+    fn load_bytes(&self, bytes: &[u8], label: &str) -> Result<WasmProjection, String> {
         let (component, _) =
-            self.cache.load(&bytes).map_err(|e| wasm::LoadError::Compile(format!("{e:#}")).to_string())?;
-        WasmProjection::load(&self.engine, &self.linker, &component, &label, self.limits).map_err(|e| e.to_string())
+            self.cache.load(bytes).map_err(|e| wasm::LoadError::Compile(format!("{e:#}")).to_string())?;
+        WasmProjection::load(&self.engine, &self.linker, &component, label, self.limits).map_err(|e| e.to_string())
+    }
+
+    /// The manifest of a plugin, if it loads and its manifest is valid.
+    fn check(&self, bytes: &[u8]) -> Result<Manifest, String> {
+        let plugin = self.load_bytes(bytes, "upload")?;
+        let manifest = plugin.manifest().clone();
+        crate::plugin::validate_manifest(&manifest)?;
+        crate::plugin::declared(&plugin)?;
+        Ok(manifest)
     }
 }
 
@@ -409,7 +453,7 @@ type Stamp = Option<(u64, std::time::SystemTime)>;
 /// and, if it loads and describes itself, handed to its projection's worker
 /// to swap in between batches; a new file starts a new projection.
 struct Watcher {
-    loader: Loader,
+    loader: Arc<Loader>,
     dir: PathBuf,
     seen: BTreeMap<PathBuf, Stamp>,
 }

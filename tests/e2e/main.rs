@@ -4,6 +4,7 @@
 #[path = "../support/mod.rs"]
 mod support;
 
+mod admin_auth;
 mod crash_safety;
 mod demo;
 mod emitted_events;

@@ -29,6 +29,16 @@ impl ApiError {
         ApiError { status: StatusCode::CONFLICT, code, message: message.into() }
     }
 
+    /// The request lacks the bearer token the route needs (401).
+    pub fn unauthorized(message: impl Into<String>) -> Self {
+        ApiError { status: StatusCode::UNAUTHORIZED, code: "unauthorized", message: message.into() }
+    }
+
+    /// The route is switched off by configuration (403).
+    pub fn forbidden(code: &'static str, message: impl Into<String>) -> Self {
+        ApiError { status: StatusCode::FORBIDDEN, code, message: message.into() }
+    }
+
     /// A query's `wait_for` positions were not reached in time (504).
     pub fn timeout(message: impl Into<String>) -> Self {
         ApiError { status: StatusCode::GATEWAY_TIMEOUT, code: "wait_timeout", message: message.into() }

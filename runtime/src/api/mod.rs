@@ -14,11 +14,15 @@
 //! | `GET /v1/projections/{p}/dead-letters?after=&limit=` | a page of dead letters |
 //! | `GET /v1/projections/{p}/indexes/{i}/search?q=&filter=&sort=&limit=&offset=&facets=` | full-text search |
 //!
+//! | `PUT /v1/plugins/{name}` | upload a plugin (admin token) |
+//!
 //! Read-model queries (items, pages, search) also take `wait_for` and
-//! `timeout_ms`: see [`consistency`].
+//! `timeout_ms`: see [`consistency`]. Tokens: see `auth.rs`.
 
+mod auth;
 pub mod consistency;
 mod error;
+mod plugins;
 mod projections;
 mod search;
 mod streams;
@@ -27,7 +31,7 @@ use std::sync::Arc;
 
 use axum::Router;
 use axum::extract::DefaultBodyLimit;
-use axum::routing::get;
+use axum::routing::{get, put};
 
 pub use error::ApiError;
 
@@ -60,9 +64,11 @@ pub fn router(runtime: Arc<Runtime>) -> Router {
         .route("/v1/projections/{projection}/tables/{table}/items/{*key}", get(projections::get_item))
         .route("/v1/projections/{projection}/dead-letters", get(projections::dead_letters))
         .route("/v1/projections/{projection}/indexes/{index}/search", get(search::search))
+        .route("/v1/plugins/{plugin}", put(plugins::upload))
         .fallback(|| async {
             ApiError::not_found("no_route", "no such route; see GET /v1/projections and /v1/streams")
         })
+        .layer(axum::middleware::from_fn_with_state(runtime.clone(), auth::authorize))
         .layer(DefaultBodyLimit::max(MAX_BODY_BYTES))
         .with_state(runtime)
 }

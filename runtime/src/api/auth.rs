@@ -1,0 +1,83 @@
+//! Bearer tokens: the admin token guards every mutating route, the query
+//! token (when set) every query. `/healthz` is always open.
+//!
+//! Without an admin token, appends stay open (a local, zero-configuration
+//! setup) but routes that change what code runs (plugin uploads) are off.
+
+use std::sync::Arc;
+
+use axum::extract::{Request, State};
+use axum::http::{HeaderMap, Method};
+use axum::middleware::Next;
+use axum::response::{IntoResponse, Response};
+
+use super::ApiError;
+use crate::runtime::Runtime;
+
+/// Routes that change what code runs: never open without an admin token.
+const ADMIN_ONLY: &str = "/v1/plugins";
+
+fn bearer(headers: &HeaderMap) -> Option<&str> {
+    headers.get("authorization")?.to_str().ok()?.strip_prefix("Bearer ").map(str::trim)
+}
+
+/// Compare without stopping at the first difference (no timing hint).
+fn same(a: &str, b: &str) -> bool {
+    a.len() == b.len() && a.bytes().zip(b.bytes()).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
+}
+
+pub(super) async fn authorize(State(rt): State<Arc<Runtime>>, request: Request, next: Next) -> Response {
+    match check(&rt, request.method(), request.uri().path(), request.headers()) {
+        Ok(()) => next.run(request).await,
+        Err(e) => {
+            // Read what the client is sending (within the body limit), so that
+            // it gets the JSON error rather than a connection reset mid-upload.
+            let _ = axum::body::to_bytes(request.into_body(), super::MAX_BODY_BYTES).await;
+            e.into_response()
+        }
+    }
+}
+
+fn check(rt: &Runtime, method: &Method, path: &str, headers: &HeaderMap) -> Result<(), ApiError> {
+    if path == "/healthz" {
+        return Ok(());
+    }
+    let presented = bearer(headers);
+    let admin = rt.auth.admin_token.as_deref();
+    let is_admin = |p: Option<&str>| matches!((p, admin), (Some(p), Some(a)) if same(p, a));
+    if !matches!(*method, Method::GET | Method::HEAD) {
+        return match admin {
+            Some(_) if is_admin(presented) => Ok(()),
+            Some(_) => Err(ApiError::unauthorized(format!(
+                "{method} {path} needs the admin token: send `Authorization: Bearer <admin token>`"
+            ))),
+            None if path.starts_with(ADMIN_ONLY) => Err(ApiError::forbidden(
+                "admin_disabled",
+                "plugin uploads are off: set auth.admin-token in refract.yaml or REFRACT_ADMIN_TOKEN",
+            )),
+            None => Ok(()),
+        };
+    }
+    match rt.auth.query_token.as_deref() {
+        Some(q) if presented.is_some_and(|p| same(p, q)) || is_admin(presented) => Ok(()),
+        Some(_) => {
+            Err(ApiError::unauthorized("queries need the query token: send `Authorization: Bearer <query token>`"))
+        }
+        None => Ok(()),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn tokens_compare_whole() {
+        assert!(same("abcdefgh12345678", "abcdefgh12345678"));
+        assert!(!same("abcdefgh12345678", "abcdefgh12345679"));
+        assert!(!same("abc", "abcd"));
+        let mut headers = HeaderMap::new();
+        headers.insert("authorization", "Bearer  tok ".parse().unwrap());
+        assert_eq!(bearer(&headers), Some("tok"));
+    }
+}

@@ -1,0 +1,39 @@
+//! Uploading plugins (admin token required).
+
+use std::sync::Arc;
+
+use axum::Json;
+use axum::body::Bytes;
+use axum::extract::rejection::PathRejection;
+use axum::extract::{Path, State};
+use axum::http::StatusCode;
+use serde_json::{Value, json};
+
+use super::ApiError;
+use crate::runtime::Runtime;
+
+/// `PUT /v1/plugins/{name}`: check the component (compile, instantiate,
+/// manifest) and install it as `<plugins-dir>/<name>.wasm`; the watcher
+/// then swaps it in (or starts its projection) within a second.
+pub(super) async fn upload(
+    State(rt): State<Arc<Runtime>>,
+    path: Result<Path<String>, PathRejection>,
+    body: Bytes,
+) -> Result<(StatusCode, Json<Value>), ApiError> {
+    let Path(name) = path?;
+    let installing = rt.clone();
+    let file = name.clone();
+    let manifest = tokio::task::spawn_blocking(move || installing.install_plugin(&file, &body))
+        .await
+        .map_err(|e| ApiError::internal("installing a plugin", e))?
+        .map_err(|e| ApiError::bad_request(format!("plugin {name:?} not installed: {e}")))?;
+    Ok((
+        StatusCode::ACCEPTED,
+        Json(json!({
+            "plugin": name,
+            "projection": manifest.name,
+            "version": manifest.version,
+            "schemaVersion": manifest.schema_version,
+        })),
+    ))
+}
