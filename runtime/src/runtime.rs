@@ -38,6 +38,9 @@ pub struct Projection {
     pub reload: Reload,
     /// Why the last new version of the plugin file was not swapped in.
     pub reload_error: Mutex<Option<String>>,
+    /// Stops this projection's threads (the runtime's shutdown sets it too).
+    stop: Arc<AtomicBool>,
+    threads: Mutex<Vec<JoinHandle<()>>>,
 }
 
 impl Projection {
@@ -259,14 +262,9 @@ impl Runtime {
         );
         let status = Arc::new(Mutex::new(WorkerStatus::default()));
         let sources = Sources { log: self.log.clone(), kafka: self.kafka.clone() };
-        let projector = Projector::new(
-            handler,
-            read_model.clone(),
-            sources,
-            self.batch.clone(),
-            status.clone(),
-            self.stop.clone(),
-        )?;
+        let stop = Arc::new(AtomicBool::new(false));
+        let projector =
+            Projector::new(handler, read_model.clone(), sources, self.batch.clone(), status.clone(), stop.clone())?;
         let projection = Arc::new(Projection {
             manifest: projector.manifest(),
             reload: projector.reload_slot(),
@@ -276,6 +274,8 @@ impl Runtime {
             indexes: indexes.clone(),
             status,
             watermarks: projector.watermarks(),
+            stop: stop.clone(),
+            threads: Mutex::new(Vec::new()),
         });
         let mut projections = self.projections.write().expect("projections lock");
         anyhow::ensure!(!projections.contains_key(&manifest.name), "projection {:?} is already running", manifest.name);
@@ -284,14 +284,14 @@ impl Runtime {
             .name(format!("projector-{}", manifest.name))
             .spawn(move || projector.run())
             .context("spawning a projector thread")?;
-        let mut workers = self.workers.lock().expect("workers lock");
+        let mut workers = projection.threads.lock().expect("threads lock");
         workers.push(worker);
         let relay = crate::sink::Relay::new(
             &manifest.name,
             read_model.clone(),
             self.log.clone(),
             self.kafka.clone(),
-            self.stop.clone(),
+            stop.clone(),
         );
         let thread = std::thread::Builder::new()
             .name(format!("relay-{}", manifest.name))
@@ -299,14 +299,27 @@ impl Runtime {
             .context("spawning a relay thread")?;
         workers.push(thread);
         if !indexes.open.is_empty() {
-            let indexer = Indexer::new(read_model, indexes, self.index_commit_interval, self.stop.clone());
+            let indexer = Indexer::new(read_model, indexes, self.index_commit_interval, stop);
             let thread = std::thread::Builder::new()
                 .name(format!("indexer-{}", manifest.name))
                 .spawn(move || indexer.run())
                 .context("spawning an indexer thread")?;
             workers.push(thread);
         }
+        drop(workers);
         Ok(projection)
+    }
+
+    /// Stop the projection `name` after its current batch and forget it; its
+    /// data stays on disk, and adding it again resumes from its checkpoints.
+    pub fn remove(&self, name: &str) -> Option<Arc<Projection>> {
+        let projection = self.projections.write().expect("projections lock").remove(name)?;
+        projection.stop.store(true, Ordering::Relaxed);
+        for thread in std::mem::take(&mut *projection.threads.lock().expect("threads lock")) {
+            let _ = thread.join();
+        }
+        tracing::info!(projection = %name, "projection stopped; its data is kept");
+        Some(projection)
     }
 
     /// The projection called `name`.
@@ -404,6 +417,13 @@ impl Runtime {
         for w in workers {
             let _ = w.join();
         }
+        let names: Vec<String> = self.projections.read().expect("projections lock").keys().cloned().collect();
+        for p in self.projections() {
+            p.stop.store(true, Ordering::Relaxed);
+        }
+        for name in names {
+            self.remove(&name);
+        }
     }
 }
 
@@ -479,6 +499,16 @@ impl Watcher {
                     continue;
                 }
             };
+            let gone: Vec<PathBuf> = self.seen.keys().filter(|f| !files.contains(f)).cloned().collect();
+            for file in gone {
+                self.seen.remove(&file);
+                let label = file.display().to_string();
+                if let Some(p) = runtime.projections().into_iter().find(|p| p.source == label) {
+                    tracing::info!(plugin = %label, projection = %p.manifest().name, "plugin file removed; stopping its projection");
+                    runtime.remove(&p.manifest().name);
+                }
+                runtime.plugin_errors.lock().expect("plugin errors lock").retain(|e| e.file != label);
+            }
             for file in files {
                 let stamp = Self::stamp(&file);
                 if self.seen.get(&file) == Some(&stamp) {

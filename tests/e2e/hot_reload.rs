@@ -102,6 +102,31 @@ fn a_new_plugin_file_starts_a_new_projection_without_a_restart() {
     }
     server.wait_caught_up();
     let (balances, rejected) = reference::balances(&accounts);
-    assert!(server.table("account-balance", "balances") == balances.into_iter().collect::<Vec<_>>());
+    let expected: Vec<(String, Value)> = balances.into_iter().collect();
+    assert!(server.table("account-balance", "balances") == expected);
     assert_eq!(server.get("/v1/projections/account-balance")["deadLetters"], rejected);
+
+    // Removing the file stops the projection and keeps its data; putting it back resumes it.
+    std::fs::remove_file(&target).unwrap();
+    let until = Instant::now() + Duration::from_secs(30);
+    while server.client().get("/v1/projections/account-balance").unwrap().status != 404 {
+        assert!(Instant::now() < until, "account-balance did not stop");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    assert!(dir.path().join("data/projections/account-balance/read-model.redb").exists(), "data kept");
+    assert_eq!(server.get("/v1/projections/order-summary")["state"], "running", "the others run on");
+    let more = refract::fixtures::accounts(2400, 8, 0.02);
+    assert_eq!(server.client().append_ndjson("accounts", &ndjson(&more[2000..])).unwrap().status, 200);
+    install(&target, &std::fs::read(&p.account_balance).unwrap());
+    let until = Instant::now() + Duration::from_secs(60);
+    while server.client().get("/v1/projections/account-balance").unwrap().status != 200 {
+        assert!(Instant::now() < until, "account-balance did not come back");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    server.wait_caught_up();
+    let (balances, rejected) = reference::balances(&more);
+    assert!(server.table("account-balance", "balances") == balances.into_iter().collect::<Vec<_>>());
+    let status = server.get("/v1/projections/account-balance");
+    assert_eq!(status["deadLetters"], rejected, "resumed from its checkpoint: {status}");
+    assert_eq!(status["eventsApplied"], 2400 - rejected);
 }
