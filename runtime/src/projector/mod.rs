@@ -3,4 +3,4 @@
 
 mod worker;
 
-pub use worker::{BatchOptions, Projector, Reload, WorkerState, WorkerStatus, now_ms};
+pub use worker::{BatchOptions, Projector, Reload, Replay, WorkerState, WorkerStatus, now_ms};

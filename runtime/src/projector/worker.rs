@@ -65,6 +65,30 @@ pub enum WorkerState {
     Stopped,
 }
 
+/// Which events replay history, so that what the plugin emits for them is
+/// dropped (it was published when the history was new).
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub enum Replay {
+    /// Nothing is a replay: everything emitted is published.
+    #[default]
+    Live,
+    /// Everything is (a rebuild catching up while another generation is live).
+    All,
+    /// Events before these positions are (a rebuild taking over from a
+    /// generation that stopped there).
+    Before(Cursor),
+}
+
+impl Replay {
+    fn covers(&self, e: &crate::plugin::Event) -> bool {
+        match self {
+            Replay::Live => false,
+            Replay::All => true,
+            Replay::Before(h) => h.get(&(e.stream.clone(), e.partition)).is_some_and(|until| e.offset < *until),
+        }
+    }
+}
+
 /// A new version of a projection's plugin, waiting to take over at the next
 /// batch boundary.
 pub type Reload = Arc<Mutex<Option<Box<dyn Handler>>>>;
@@ -113,8 +137,8 @@ pub struct Projector {
     in_flight: Option<InFlight>,
     /// Set when in-memory progress was dropped: reading must restart from `checkpoints`.
     resync: bool,
-    /// Replaying history (a rebuild): what the plugin emits is dropped.
-    replaying: bool,
+    /// Which events replay history (a rebuild): what the plugin emits for them is dropped.
+    replay: Arc<Mutex<Replay>>,
     /// Where a new plugin version waits to be swapped in.
     reload: Reload,
     /// The running version's manifest, shared with the API.
@@ -165,7 +189,7 @@ impl Projector {
             checkpoints,
             in_flight: None,
             resync: false,
-            replaying: false,
+            replay: Arc::default(),
             reload: Reload::default(),
             manifest: Arc::new(RwLock::new(manifest.clone())),
         })
@@ -367,14 +391,28 @@ impl Projector {
     /// events the plugin emits are dropped, since they were published when
     /// the history was new.
     pub fn set_replaying(&mut self, replaying: bool) {
-        self.replaying = replaying;
+        *self.replay.lock().expect("replay lock") = if replaying { Replay::All } else { Replay::Live };
+    }
+
+    /// The worker's replay mode, to change while it runs (a rebuild's switch).
+    pub fn replay(&self) -> Arc<Mutex<Replay>> {
+        self.replay.clone()
     }
 
     fn begin(&self) -> crate::store::Result<Batch> {
         let below = self.in_flight.as_ref().map(|f| f.writes.clone());
-        let mut batch = self.read_model.begin(self.declared.clone(), self.options.kv, below)?;
-        batch.set_replaying(self.replaying);
-        Ok(batch)
+        self.read_model.begin(self.declared.clone(), self.options.kv, below)
+    }
+
+    /// The end of the call starting at `start` (at most `call-events`, not
+    /// past `limit`) over events that all replay history or all do not, and
+    /// which of the two they do.
+    fn call(&self, events: &[crate::plugin::Event], start: usize, limit: usize) -> (usize, bool) {
+        let end = (start + self.options.call_events).min(limit);
+        let replay = self.replay.lock().expect("replay lock");
+        let first = replay.covers(&events[start]);
+        let same = events[start + 1..end].iter().position(|e| replay.covers(e) != first);
+        (same.map_or(end, |i| start + 1 + i), first)
     }
 
     /// Wait for the commit in flight, if any; on success its checkpoints become durable.
@@ -453,7 +491,8 @@ impl Projector {
             };
             let mut end = done;
             while end < n {
-                let call_end = (end + self.options.call_events).min(n);
+                let (call_end, replaying) = self.call(&pending.events, end, n);
+                batch.set_replaying(replaying);
                 let (b, result) = self.handler.handle(batch, &pending.events[end..call_end]);
                 batch = b;
                 if let Err(e) = result {
@@ -500,11 +539,14 @@ impl Projector {
     /// Handle `events[lo..hi]` in one batch and commit it before returning.
     fn run_range(&mut self, pending: &Pending, lo: usize, hi: usize) -> Result<(), HandleError> {
         let mut batch = self.begin().map_err(|e| HandleError::Host(e.to_string()))?;
-        for start in (lo..hi).step_by(self.options.call_events) {
-            let end = (start + self.options.call_events).min(hi);
+        let mut start = lo;
+        while start < hi {
+            let (end, replaying) = self.call(&pending.events, start, hi);
+            batch.set_replaying(replaying);
             let (b, result) = self.handler.handle(batch, &pending.events[start..end]);
             batch = b;
             result?;
+            start = end;
         }
         let commit = self.commit_of(pending, lo, hi, vec![]);
         self.read_model.commit(&batch.into_writes(), &commit).map_err(|e| HandleError::Host(e.to_string()))?;
@@ -829,5 +871,31 @@ mod tests {
         f.drain(&mut p);
         assert_eq!(f.read_model.emitted_after(0, 100).unwrap().len(), 19, "replayed events emit nothing");
         assert_eq!(f.total(), 29);
+    }
+
+    #[test]
+    fn a_replay_horizon_drops_emits_before_it_and_publishes_those_after() {
+        let f = Fixture::new();
+        f.append(&["Emit"; 40]);
+        let mut p = f.projector(fast());
+        let horizon: Cursor = [(("s".to_owned(), 0), 5), (("s".to_owned(), 1), 12)].into();
+        *p.replay().lock().unwrap() = Replay::Before(horizon.clone());
+        f.drain(&mut p);
+        let emitted: Vec<String> = f
+            .read_model
+            .emitted_after(0, 100)
+            .unwrap()
+            .into_iter()
+            .map(|(_, e)| serde_json::from_str(e.data.get()).unwrap())
+            .collect();
+        let heads = f.log.heads("s").unwrap();
+        let expected = (heads[0] - 5) + (heads[1] - 12);
+        assert_eq!(emitted.len() as u64, expected, "{emitted:?}");
+        for source in &emitted {
+            let (partition, offset) = source.split_once('/').unwrap();
+            let until = horizon[&("s".to_owned(), partition.parse().unwrap())];
+            assert!(offset.parse::<u64>().unwrap() >= until, "{source} was before the horizon");
+        }
+        assert_eq!(f.total(), 40, "every event applied either way");
     }
 }
