@@ -65,6 +65,11 @@ impl Client {
         )
     }
 
+    /// `DELETE path`.
+    pub fn delete(&self, path: &str) -> Result<Reply, ureq::Error> {
+        Self::reply(self.auth(self.agent.delete(format!("{}{path}", self.base))).call())
+    }
+
     /// `PUT path` with `body` of `content_type`.
     pub fn put(&self, path: &str, content_type: &str, body: &[u8]) -> Result<Reply, ureq::Error> {
         Self::reply(

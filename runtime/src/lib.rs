@@ -12,6 +12,7 @@ pub mod api;
 pub mod client;
 pub mod config;
 pub mod fixtures;
+pub mod generation;
 pub mod names;
 pub mod plugin;
 pub mod projector;

@@ -11,42 +11,45 @@ use anyhow::Context;
 use serde::Serialize;
 
 use crate::config::Config;
+use crate::generation::{self, Generation, Rebuild, RebuildStatus};
 use crate::plugin::cache::CompileCache;
 use crate::plugin::wasm::{self, WasmProjection};
 use crate::plugin::{Handler, Manifest, engine};
-use crate::projector::{BatchOptions, Projector, Reload, WorkerStatus};
+use crate::projector::{BatchOptions, Projector, WorkerStatus};
 use crate::source::Sources;
-use crate::source::kafka::{KafkaConfig, Watermarks};
+use crate::source::kafka::KafkaConfig;
 use crate::source::log::EventLog;
 use crate::store::ReadModel;
 use crate::store::read_model::Counters;
 use crate::store::search::{Indexer, Indexes};
 
-/// A loaded projection, as the API sees it.
+/// A loaded projection, as the API sees it: its live generation, and the
+/// one being rebuilt, if any.
 pub struct Projection {
-    /// The running version's manifest (a reload may change it).
-    manifest: Arc<RwLock<Manifest>>,
     /// Where the plugin came from: its file, or `native`.
     pub source: String,
-    pub read_model: Arc<ReadModel>,
-    /// The projection's search indexes (empty for plain projections).
-    pub indexes: Arc<Indexes>,
-    pub status: Arc<Mutex<WorkerStatus>>,
-    /// High watermarks of the Kafka partitions it reads.
-    pub watermarks: Watermarks,
-    /// Where the plugins-directory watcher puts a new version.
-    pub reload: Reload,
+    /// `projections/<name>/`: where its generations live.
+    root: PathBuf,
+    live: RwLock<Arc<Generation>>,
+    rebuild: Mutex<Option<Arc<Rebuild>>>,
     /// Why the last new version of the plugin file was not swapped in.
     pub reload_error: Mutex<Option<String>>,
-    /// Stops this projection's threads (the runtime's shutdown sets it too).
-    stop: Arc<AtomicBool>,
-    threads: Mutex<Vec<JoinHandle<()>>>,
 }
 
 impl Projection {
+    /// The generation queries are answered from.
+    pub fn live(&self) -> Arc<Generation> {
+        self.live.read().expect("live lock").clone()
+    }
+
     /// The running version's manifest.
     pub fn manifest(&self) -> Manifest {
-        self.manifest.read().expect("manifest lock").clone()
+        self.live().manifest()
+    }
+
+    /// The rebuild in progress, if any.
+    pub fn rebuild(&self) -> Option<Arc<Rebuild>> {
+        self.rebuild.lock().expect("rebuild lock").clone()
     }
 }
 
@@ -81,6 +84,10 @@ pub struct ProjectionStatus {
     pub worker: WorkerStatus,
     /// Why the plugin file's newest version is not running, if it is not.
     pub reload_error: Option<String>,
+    /// The live generation of the read model.
+    pub generation: u64,
+    /// A rebuild in progress: progress, rate, time left.
+    pub rebuild: Option<RebuildStatus>,
     pub partitions: Vec<PartitionStatus>,
     /// Events in the log not yet handled, over all partitions.
     pub lag: u64,
@@ -246,11 +253,61 @@ impl Runtime {
         })
     }
 
-    /// Start a worker for `handler`, resuming from its read model's checkpoints.
+    /// Start a worker for `handler`, resuming from its read model's
+    /// checkpoints (and a rebuild that was in progress, when its plugin can
+    /// be loaded again).
     pub fn add(&self, handler: Box<dyn Handler>, source: String) -> anyhow::Result<Arc<Projection>> {
         let manifest = handler.manifest().clone();
         crate::plugin::validate_manifest(&manifest).map_err(anyhow::Error::msg)?;
-        let dir = self.data_dir.join("projections").join(&manifest.name);
+        anyhow::ensure!(self.projection(&manifest.name).is_none(), "projection {:?} is already running", manifest.name);
+        let root = self.data_dir.join("projections").join(&manifest.name);
+        std::fs::create_dir_all(&root).with_context(|| format!("creating {}", root.display()))?;
+        generation::clean(&root);
+        let (live, rebuilding) = generation::numbers(&root);
+        let live = self.start_generation(handler, &root, live, false)?;
+        let projection = Arc::new(Projection {
+            source,
+            root: root.clone(),
+            live: RwLock::new(live),
+            rebuild: Mutex::new(None),
+            reload_error: Mutex::new(None),
+        });
+        let mut projections = self.projections.write().expect("projections lock");
+        if projections.contains_key(&manifest.name) {
+            projection.live().stop();
+            anyhow::bail!("projection {:?} is already running", manifest.name);
+        }
+        projections.insert(manifest.name.clone(), projection.clone());
+        drop(projections);
+        if let Some(number) = rebuilding {
+            match self.loader.get().map(|l| l.load(Path::new(&projection.source))) {
+                Some(Ok(handler)) => {
+                    tracing::info!(projection = %manifest.name, generation = number, "resuming a rebuild");
+                    if let Err(e) = self.start_rebuild(&projection, Box::new(handler), number) {
+                        tracing::error!(projection = %manifest.name, error = %e, "resuming a rebuild failed");
+                    }
+                }
+                _ => {
+                    tracing::warn!(projection = %manifest.name, "cannot load the plugin again; dropping the unfinished rebuild");
+                    generation::delete(&root, number);
+                    generation::clean(&root);
+                }
+            }
+        }
+        Ok(projection)
+    }
+
+    /// Open generation `number` of the projection in `root` and start its
+    /// worker, indexer and relay.
+    fn start_generation(
+        &self,
+        handler: Box<dyn Handler>,
+        root: &Path,
+        number: u64,
+        replaying: bool,
+    ) -> anyhow::Result<Arc<Generation>> {
+        let manifest = handler.manifest().clone();
+        let dir = generation::dir(root, number);
         std::fs::create_dir_all(&dir).with_context(|| format!("creating {}", dir.display()))?;
         let path = dir.join("read-model.redb");
         let read_model =
@@ -263,13 +320,14 @@ impl Runtime {
         let status = Arc::new(Mutex::new(WorkerStatus::default()));
         let sources = Sources { log: self.log.clone(), kafka: self.kafka.clone() };
         let stop = Arc::new(AtomicBool::new(false));
-        let projector =
+        let mut projector =
             Projector::new(handler, read_model.clone(), sources, self.batch.clone(), status.clone(), stop.clone())?;
-        let projection = Arc::new(Projection {
+        projector.set_replaying(replaying);
+        let generation = Arc::new(Generation {
+            number,
             manifest: projector.manifest(),
             reload: projector.reload_slot(),
-            reload_error: Mutex::new(None),
-            source,
+            replay: projector.replay(),
             read_model: read_model.clone(),
             indexes: indexes.clone(),
             status,
@@ -277,15 +335,14 @@ impl Runtime {
             stop: stop.clone(),
             threads: Mutex::new(Vec::new()),
         });
-        let mut projections = self.projections.write().expect("projections lock");
-        anyhow::ensure!(!projections.contains_key(&manifest.name), "projection {:?} is already running", manifest.name);
-        projections.insert(manifest.name.clone(), projection.clone());
-        let worker = std::thread::Builder::new()
-            .name(format!("projector-{}", manifest.name))
-            .spawn(move || projector.run())
-            .context("spawning a projector thread")?;
-        let mut workers = projection.threads.lock().expect("threads lock");
-        workers.push(worker);
+        let label = if number == 0 { manifest.name.clone() } else { format!("{}.{number}", manifest.name) };
+        let mut threads = generation.threads.lock().expect("threads lock");
+        threads.push(
+            std::thread::Builder::new()
+                .name(format!("projector-{label}"))
+                .spawn(move || projector.run())
+                .context("spawning a projector thread")?,
+        );
         let relay = crate::sink::Relay::new(
             &manifest.name,
             read_model.clone(),
@@ -293,31 +350,100 @@ impl Runtime {
             self.kafka.clone(),
             stop.clone(),
         );
-        let thread = std::thread::Builder::new()
-            .name(format!("relay-{}", manifest.name))
-            .spawn(move || relay.run())
-            .context("spawning a relay thread")?;
-        workers.push(thread);
+        threads.push(
+            std::thread::Builder::new()
+                .name(format!("relay-{label}"))
+                .spawn(move || relay.run())
+                .context("spawning a relay thread")?,
+        );
         if !indexes.open.is_empty() {
             let indexer = Indexer::new(read_model, indexes, self.index_commit_interval, stop);
-            let thread = std::thread::Builder::new()
-                .name(format!("indexer-{}", manifest.name))
-                .spawn(move || indexer.run())
-                .context("spawning an indexer thread")?;
-            workers.push(thread);
+            threads.push(
+                std::thread::Builder::new()
+                    .name(format!("indexer-{label}"))
+                    .spawn(move || indexer.run())
+                    .context("spawning an indexer thread")?,
+            );
         }
-        drop(workers);
-        Ok(projection)
+        drop(threads);
+        Ok(generation)
+    }
+
+    /// Rebuild the projection `name` from the beginning of its streams into a
+    /// new generation, with `handler` (default: its plugin file loaded
+    /// again), while the live generation keeps serving. Returns the new
+    /// generation's number.
+    pub fn rebuild(&self, name: &str, handler: Option<Box<dyn Handler>>) -> Result<u64, RebuildError> {
+        let p = self.projection(name).ok_or(RebuildError::NotFound)?;
+        if let Some(r) = p.rebuild() {
+            return Err(RebuildError::Running(r.generation.number));
+        }
+        let m = p.manifest();
+        if self.kafka.mode == crate::source::kafka::Mode::Group
+            && m.subscriptions.iter().any(|s| self.kafka.topic(&s.stream).is_some())
+        {
+            return Err(RebuildError::Invalid(
+                "a projection reading Kafka in group mode holds part of the read model; rebuild it in replica mode"
+                    .into(),
+            ));
+        }
+        let handler = match handler {
+            Some(h) => h,
+            None => {
+                let loader = self.loader.get().ok_or_else(|| RebuildError::Invalid("no plugin loader".into()))?;
+                Box::new(loader.load(Path::new(&p.source)).map_err(RebuildError::Invalid)?)
+            }
+        };
+        let number = p.live().number + 1;
+        generation::delete(&p.root, number);
+        generation::mark_rebuilding(&p.root, number).map_err(|e| RebuildError::Invalid(e.to_string()))?;
+        self.start_rebuild(&p, handler, number).map_err(|e| RebuildError::Invalid(format!("{e:#}")))?;
+        tracing::info!(projection = name, generation = number, "rebuild started");
+        Ok(number)
+    }
+
+    /// Stop the rebuild of `name` and delete what it built.
+    pub fn cancel_rebuild(&self, name: &str) -> Result<u64, RebuildError> {
+        let p = self.projection(name).ok_or(RebuildError::NotFound)?;
+        let job = p.rebuild().ok_or(RebuildError::NotRunning)?;
+        job.cancel.store(true, Ordering::Relaxed);
+        Ok(job.generation.number)
+    }
+
+    fn start_rebuild(&self, p: &Arc<Projection>, handler: Box<dyn Handler>, number: u64) -> anyhow::Result<()> {
+        let generation = self.start_generation(handler, &p.root, number, true)?;
+        let job = Arc::new(Rebuild::new(generation)?);
+        *p.rebuild.lock().expect("rebuild lock") = Some(job.clone());
+        let (p, log, kafka, shutdown) = (p.clone(), self.log.clone(), self.kafka.clone(), self.stop.clone());
+        let name = p.manifest().name;
+        let thread = std::thread::Builder::new()
+            .name(format!("rebuild-{name}"))
+            .spawn(move || {
+                let switch = generation::Switch {
+                    name: &name,
+                    root: &p.root,
+                    live: &p.live,
+                    rebuild: &p.rebuild,
+                    log: &log,
+                    kafka: &kafka,
+                    shutdown: &shutdown,
+                };
+                generation::monitor(switch, job);
+            })
+            .context("spawning a rebuild monitor")?;
+        self.workers.lock().expect("workers lock").push(thread);
+        Ok(())
     }
 
     /// Stop the projection `name` after its current batch and forget it; its
     /// data stays on disk, and adding it again resumes from its checkpoints.
     pub fn remove(&self, name: &str) -> Option<Arc<Projection>> {
         let projection = self.projections.write().expect("projections lock").remove(name)?;
-        projection.stop.store(true, Ordering::Relaxed);
-        for thread in std::mem::take(&mut *projection.threads.lock().expect("threads lock")) {
-            let _ = thread.join();
+        if let Some(job) = projection.rebuild() {
+            // Stopped where it is; it resumes when the projection is added again.
+            job.generation.stop();
         }
+        projection.live().stop();
         tracing::info!(projection = %name, "projection stopped; its data is kept");
         Some(projection)
     }
@@ -338,7 +464,8 @@ impl Runtime {
     }
 
     /// The status of `projection`: checkpoints against the log's heads, counters, errors.
-    pub fn status(&self, projection: &Projection) -> crate::store::Result<ProjectionStatus> {
+    pub fn status(&self, p: &Projection) -> crate::store::Result<ProjectionStatus> {
+        let projection = p.live();
         let m = &projection.manifest();
         let checkpoints: BTreeMap<(String, u32), u64> = projection
             .read_model
@@ -392,7 +519,7 @@ impl Runtime {
             indexes,
             emitted: EmitStatus { events: emitted, published, lag: emitted.saturating_sub(published) },
             plugin: PluginInfo {
-                source: projection.source.clone(),
+                source: p.source.clone(),
                 version: m.version.clone(),
                 schema_version: m.schema_version,
                 subscriptions: m
@@ -403,7 +530,9 @@ impl Runtime {
             },
             tables: m.tables.clone(),
             worker: projection.status.lock().expect("status lock").clone(),
-            reload_error: projection.reload_error.lock().expect("reload error lock").clone(),
+            reload_error: p.reload_error.lock().expect("reload error lock").clone(),
+            generation: projection.number,
+            rebuild: p.rebuild().map(|r| r.status(&projection)).transpose()?,
             lag: partitions.iter().map(|p| p.lag).sum(),
             partitions,
             counters: projection.read_model.counters()?,
@@ -419,12 +548,25 @@ impl Runtime {
         }
         let names: Vec<String> = self.projections.read().expect("projections lock").keys().cloned().collect();
         for p in self.projections() {
-            p.stop.store(true, Ordering::Relaxed);
+            p.live().stop.store(true, Ordering::Relaxed);
         }
         for name in names {
             self.remove(&name);
         }
     }
+}
+
+/// Why a rebuild could not start or stop.
+#[derive(Debug, thiserror::Error)]
+pub enum RebuildError {
+    #[error("no such projection")]
+    NotFound,
+    #[error("generation {0} is already being rebuilt")]
+    Running(u64),
+    #[error("no rebuild is running")]
+    NotRunning,
+    #[error("{0}")]
+    Invalid(String),
 }
 
 /// Compiles and instantiates plugin files (through the compile cache).
@@ -548,13 +690,10 @@ impl Watcher {
                 return Err(format!("the file now provides projection {:?}, not {:?}", m.name, current.name));
             }
             if m.schema_version != current.schema_version {
-                return Err(format!(
-                    "schema-version changed from {} to {}: the read model must be rebuilt, which this version of \
-                     Refract cannot do while running; restart with a fresh data directory for it",
-                    current.schema_version, m.schema_version
-                ));
+                return Err(format!("schema-version {} → {}", current.schema_version, m.schema_version));
             }
-            let old: Vec<_> = projection.indexes.open.keys().collect();
+            let live = projection.live();
+            let old: Vec<_> = live.indexes.open.keys().collect();
             let new: Vec<_> = next.indexes().iter().map(|i| &i.name).collect();
             if old != new {
                 return Err(format!("search indexes changed from {old:?} to {new:?} without a new schema-version"));
@@ -564,8 +703,27 @@ impl Watcher {
         match verdict {
             Ok(next) => {
                 tracing::info!(plugin = %label, version = %next.manifest().version, "new plugin version loaded; swapping it in");
-                *projection.reload.lock().expect("reload lock") = Some(Box::new(next));
+                *projection.live().reload.lock().expect("reload lock") = Some(Box::new(next));
                 *projection.reload_error.lock().expect("reload error lock") = None;
+            }
+            Err(error) if error.starts_with("schema-version") => {
+                // A new read-model shape: rebuild it with the new version while the old one serves.
+                let name = current.name.clone();
+                let next = self.loader.load(file);
+                let started = next
+                    .map_err(|e| e.to_string())
+                    .and_then(|next| runtime.rebuild(&name, Some(Box::new(next))).map_err(|e| e.to_string()));
+                match started {
+                    Ok(generation) => {
+                        tracing::info!(plugin = %label, %error, generation, "new schema-version: rebuilding");
+                        *projection.reload_error.lock().expect("reload error lock") = None;
+                    }
+                    Err(e) => {
+                        let error = format!("{error} needs a rebuild, which did not start: {e}");
+                        tracing::error!(plugin = %label, %error, "new plugin version not swapped in; the running one stays");
+                        *projection.reload_error.lock().expect("reload error lock") = Some(error);
+                    }
+                }
             }
             Err(error) => {
                 tracing::error!(plugin = %label, %error, "new plugin version not swapped in; the running one stays");

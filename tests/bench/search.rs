@@ -147,7 +147,7 @@ fn main() {
     let linker = wasm::linker(&engine).unwrap();
     let plugin = WasmProjection::load(&engine, &linker, &component, "order-search", PluginLimits::default()).unwrap();
     let started = Instant::now();
-    let projection = runtime.add(Box::new(plugin), "bench".into()).unwrap();
+    let projection = runtime.add(Box::new(plugin), "bench".into()).unwrap().live();
     let total: u64 = runtime.log.heads("orders").unwrap().iter().sum();
     let mut tables_done = None;
     loop {

@@ -15,4 +15,5 @@ mod plugin_loading;
 mod poison_events;
 mod query_read_models;
 mod read_your_writes;
+mod rebuilds;
 mod search_indexes;

@@ -2,7 +2,8 @@
 //! token (when set) every query. `/healthz` is always open.
 //!
 //! Without an admin token, appends stay open (a local, zero-configuration
-//! setup) but routes that change what code runs (plugin uploads) are off.
+//! setup) but routes that change what code runs or what is served (plugin
+//! uploads, rebuilds) are off.
 
 use std::sync::Arc;
 
@@ -14,8 +15,8 @@ use axum::response::{IntoResponse, Response};
 use super::ApiError;
 use crate::runtime::Runtime;
 
-/// Routes that change what code runs: never open without an admin token.
-const ADMIN_ONLY: &str = "/v1/plugins";
+/// Routes that change what code runs or what is served: never open without an admin token.
+const ADMIN_ONLY: [&str; 2] = ["/v1/plugins", "/v1/projections"];
 
 fn bearer(headers: &HeaderMap) -> Option<&str> {
     headers.get("authorization")?.to_str().ok()?.strip_prefix("Bearer ").map(str::trim)
@@ -51,9 +52,9 @@ fn check(rt: &Runtime, method: &Method, path: &str, headers: &HeaderMap) -> Resu
             Some(_) => Err(ApiError::unauthorized(format!(
                 "{method} {path} needs the admin token: send `Authorization: Bearer <admin token>`"
             ))),
-            None if path.starts_with(ADMIN_ONLY) => Err(ApiError::forbidden(
+            None if ADMIN_ONLY.iter().any(|p| path.starts_with(p)) => Err(ApiError::forbidden(
                 "admin_disabled",
-                "plugin uploads are off: set auth.admin-token in refract.yaml or REFRACT_ADMIN_TOKEN",
+                "plugin uploads and rebuilds are off: set auth.admin-token in refract.yaml or REFRACT_ADMIN_TOKEN",
             )),
             None => Ok(()),
         };

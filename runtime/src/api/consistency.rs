@@ -66,7 +66,7 @@ fn parse(token: &str) -> Result<Wanted, ApiError> {
 /// What is still missing: positions not yet handled, with the checkpoint reached.
 fn missing(p: &Projection, wanted: &Wanted) -> Result<Vec<String>, ApiError> {
     let checkpoints: BTreeMap<(String, u32), u64> =
-        p.read_model.checkpoints()?.into_iter().map(|c| ((c.stream, c.partition), c.next_offset)).collect();
+        p.live().read_model.checkpoints()?.into_iter().map(|c| ((c.stream, c.partition), c.next_offset)).collect();
     Ok(wanted
         .iter()
         .filter_map(|(k, offset)| {
@@ -119,13 +119,13 @@ pub async fn wait(p: &Projection, kafka: &KafkaConfig, c: &Consistency, search: 
                         return Ok(());
                     }
                     // Every document change up to now must be searchable.
-                    documents = Some(p.read_model.outbox_sequence()?);
+                    documents = Some(p.live().read_model.outbox_sequence()?);
                     continue;
                 }
                 format!("projection {:?} has not handled {}", p.manifest().name, behind.join(", "))
             }
             Some(sequence) => {
-                let applied = p.indexes.applied.load(std::sync::atomic::Ordering::Relaxed);
+                let applied = p.live().indexes.applied.load(std::sync::atomic::Ordering::Relaxed);
                 if applied >= sequence {
                     return Ok(());
                 }

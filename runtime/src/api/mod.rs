@@ -14,6 +14,8 @@
 //! | `GET /v1/projections/{p}/dead-letters?after=&limit=` | a page of dead letters |
 //! | `GET /v1/projections/{p}/indexes/{i}/search?q=&filter=&sort=&limit=&offset=&facets=` | full-text search |
 //!
+//! | `POST /v1/projections/{p}/rebuild` | start a blue/green rebuild (admin token) |
+//! | `DELETE /v1/projections/{p}/rebuild` | cancel it (admin token) |
 //! | `PUT /v1/plugins/{name}` | upload a plugin (admin token) |
 //!
 //! Read-model queries (items, pages, search) also take `wait_for` and
@@ -31,7 +33,7 @@ use std::sync::Arc;
 
 use axum::Router;
 use axum::extract::DefaultBodyLimit;
-use axum::routing::{get, put};
+use axum::routing::{get, post, put};
 
 pub use error::ApiError;
 
@@ -64,6 +66,7 @@ pub fn router(runtime: Arc<Runtime>) -> Router {
         .route("/v1/projections/{projection}/tables/{table}/items/{*key}", get(projections::get_item))
         .route("/v1/projections/{projection}/dead-letters", get(projections::dead_letters))
         .route("/v1/projections/{projection}/indexes/{index}/search", get(search::search))
+        .route("/v1/projections/{projection}/rebuild", post(projections::rebuild).delete(projections::cancel_rebuild))
         .route("/v1/plugins/{plugin}", put(plugins::upload))
         .fallback(|| async {
             ApiError::not_found("no_route", "no such route; see GET /v1/projections and /v1/streams")

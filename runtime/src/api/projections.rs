@@ -58,7 +58,7 @@ pub(super) async fn get_item(
     let p = find(&rt, &name)?;
     check_table(&p, &table)?;
     consistency::wait(&p, &rt.kafka, &wait, false).await?;
-    match p.read_model.get(&table, &key)? {
+    match p.live().read_model.get(&table, &key)? {
         Some(bytes) => Ok(Json(json_value(&bytes))),
         None => Err(ApiError::not_found("key_not_found", format!("no key {key:?} in table {table:?}"))),
     }
@@ -86,7 +86,7 @@ pub(super) async fn scan(
     check_table(&p, &table)?;
     consistency::wait(&p, &rt.kafka, &wait, false).await?;
     // One more than asked tells whether there is a next page.
-    let mut entries = p.read_model.scan(&table, &q.prefix, q.after.as_deref(), limit + 1)?;
+    let mut entries = p.live().read_model.scan(&table, &q.prefix, q.after.as_deref(), limit + 1)?;
     let more = entries.len() > limit;
     entries.truncate(limit);
     let next = if more { entries.last().map(|(k, _)| k.clone()) } else { None };
@@ -110,7 +110,7 @@ pub(super) async fn dead_letters(
     let Query(q) = params?;
     let limit = page_limit(q.limit)?;
     let p = find(&rt, &name)?;
-    let mut letters = p.read_model.dead_letters(q.after, limit + 1)?;
+    let mut letters = p.live().read_model.dead_letters(q.after, limit + 1)?;
     let more = letters.len() > limit;
     letters.truncate(limit);
     let next = if more { letters.last().map(|(id, _)| *id) } else { None };
@@ -123,4 +123,48 @@ pub(super) async fn dead_letters(
         })
         .collect();
     Ok(Json(json!({ "deadLetters": items, "next": next })))
+}
+
+/// `POST /v1/projections/{p}/rebuild`: replay the projection's streams into a
+/// new generation while the live one keeps serving (admin token required).
+pub(super) async fn rebuild(
+    State(rt): State<Arc<Runtime>>,
+    path: Result<Path<String>, PathRejection>,
+) -> Result<(axum::http::StatusCode, Json<Value>), ApiError> {
+    let Path(name) = path?;
+    find(&rt, &name)?;
+    let runtime = rt.clone();
+    let projection = name.clone();
+    let started = tokio::task::spawn_blocking(move || runtime.rebuild(&projection, None))
+        .await
+        .map_err(|e| ApiError::internal("starting a rebuild", e))?;
+    match started {
+        Ok(generation) => {
+            Ok((axum::http::StatusCode::ACCEPTED, Json(json!({"projection": name, "generation": generation}))))
+        }
+        Err(e) => Err(rebuild_error(&name, e)),
+    }
+}
+
+/// `DELETE /v1/projections/{p}/rebuild`: cancel a rebuild and delete what it built.
+pub(super) async fn cancel_rebuild(
+    State(rt): State<Arc<Runtime>>,
+    path: Result<Path<String>, PathRejection>,
+) -> Result<Json<Value>, ApiError> {
+    let Path(name) = path?;
+    find(&rt, &name)?;
+    match rt.cancel_rebuild(&name) {
+        Ok(generation) => Ok(Json(json!({"projection": name, "cancelled": generation}))),
+        Err(e) => Err(rebuild_error(&name, e)),
+    }
+}
+
+fn rebuild_error(name: &str, e: crate::runtime::RebuildError) -> ApiError {
+    use crate::runtime::RebuildError;
+    match e {
+        RebuildError::NotFound => ApiError::not_found("projection_not_found", format!("no projection {name:?}")),
+        RebuildError::Running(_) => ApiError::conflict("rebuild_running", format!("{name}: {e}")),
+        RebuildError::NotRunning => ApiError::not_found("no_rebuild", format!("{name}: {e}")),
+        RebuildError::Invalid(m) => ApiError::bad_request(format!("{name}: {m}")),
+    }
 }

@@ -29,15 +29,16 @@ pub(super) async fn search(
         return Err(ApiError::bad_request(format!("offset + limit must be at most {MAX_WINDOW}")));
     }
     let projection = super::projections::find(&rt, &name)?;
-    if !projection.indexes.open.contains_key(&index) {
-        let known: Vec<&String> = projection.indexes.open.keys().collect();
+    let live = projection.live();
+    if !live.indexes.open.contains_key(&index) {
+        let known: Vec<&String> = live.indexes.open.keys().collect();
         return Err(ApiError::not_found(
             "index_not_found",
             format!("projection {name:?} has no index {index:?}; it has {known:?}"),
         ));
     }
     consistency::wait(&projection, &rt.kafka, &wait, true).await?;
-    let response = tokio::task::spawn_blocking(move || projection.indexes.open[&index].search(&request, limit))
+    let response = tokio::task::spawn_blocking(move || live.indexes.open[&index].search(&request, limit))
         .await
         .map_err(|e| ApiError::internal("searching", e))?
         .map_err(|e| match e {

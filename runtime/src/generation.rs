@@ -1,0 +1,288 @@
+//! Generations of a projection's read model, and blue/green rebuilds.
+//!
+//! A projection's data lives in `projections/<name>/`. Its live generation
+//! is named by the file `generation` there (absent: generation 0, whose
+//! files sit in that directory itself, as data directories of earlier
+//! versions have them); generation `n > 0` lives in `gen-<n>/`.
+//!
+//! A rebuild starts generation `n + 1` (recorded in the file `rebuilding`,
+//! so that a restart resumes it) with its own worker replaying every
+//! subscribed stream from the beginning, emission off, while the live
+//! generation keeps consuming and answering queries. Once the new one has
+//! reached the live one's checkpoints, the [`monitor`] switches:
+//! 1. the live worker stops after its batch (its checkpoints are final) and
+//!    its emitted events are published;
+//! 2. the new worker emits again from exactly those checkpoints on;
+//! 3. once it has passed them, the `generation` file is replaced (the
+//!    switch, atomic on disk) and queries go to the new generation;
+//! 4. the old generation's files are deleted.
+
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex, RwLock};
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
+
+use serde::Serialize;
+
+use crate::plugin::Manifest;
+use crate::projector::{Reload, Replay, WorkerStatus};
+use crate::source::kafka::Watermarks;
+use crate::source::log::EventLog;
+use crate::source::reader::Cursor;
+use crate::store::ReadModel;
+use crate::store::search::Indexes;
+
+/// The file naming the live generation.
+const LIVE_FILE: &str = "generation";
+/// The file naming the generation being rebuilt.
+const REBUILD_FILE: &str = "rebuilding";
+
+/// Where generation `number` of the projection in `root` keeps its files.
+pub fn dir(root: &Path, number: u64) -> PathBuf {
+    if number == 0 { root.to_owned() } else { root.join(format!("gen-{number}")) }
+}
+
+fn read_number(root: &Path, file: &str) -> Option<u64> {
+    std::fs::read_to_string(root.join(file)).ok()?.trim().parse().ok()
+}
+
+fn write_number(root: &Path, file: &str, n: u64) -> std::io::Result<()> {
+    let tmp = root.join(format!(".{file}.tmp"));
+    std::fs::write(&tmp, n.to_string())?;
+    std::fs::File::open(&tmp)?.sync_all()?;
+    std::fs::rename(&tmp, root.join(file))?;
+    std::fs::File::open(root)?.sync_all()
+}
+
+/// The live generation's number, and the one being rebuilt, if any.
+pub fn numbers(root: &Path) -> (u64, Option<u64>) {
+    let live = read_number(root, LIVE_FILE).unwrap_or(0);
+    (live, read_number(root, REBUILD_FILE).filter(|r| *r > live))
+}
+
+/// Delete the files of generation `number`.
+pub fn delete(root: &Path, number: u64) {
+    let result = if number == 0 {
+        let _ = std::fs::remove_file(root.join("read-model.redb"));
+        match std::fs::remove_dir_all(root.join("indexes")) {
+            Err(e) if e.kind() != std::io::ErrorKind::NotFound => Err(e),
+            _ => Ok(()),
+        }
+    } else {
+        match std::fs::remove_dir_all(dir(root, number)) {
+            Err(e) if e.kind() != std::io::ErrorKind::NotFound => Err(e),
+            _ => Ok(()),
+        }
+    };
+    if let Err(e) = result {
+        tracing::warn!(root = %root.display(), generation = number, error = %e, "deleting an old generation");
+    }
+}
+
+/// Remove generations that are neither live nor being rebuilt (left by a
+/// crash between a switch and its clean-up, or by a cancelled rebuild).
+pub fn clean(root: &Path) {
+    let (live, rebuilding) = numbers(root);
+    if rebuilding.is_none() {
+        let _ = std::fs::remove_file(root.join(REBUILD_FILE));
+    }
+    let Ok(entries) = std::fs::read_dir(root) else { return };
+    for entry in entries.flatten() {
+        let name = entry.file_name().to_string_lossy().into_owned();
+        if let Some(n) = name.strip_prefix("gen-").and_then(|n| n.parse::<u64>().ok())
+            && n != live
+            && Some(n) != rebuilding
+        {
+            delete(root, n);
+        }
+    }
+    if live != 0 {
+        delete(root, 0);
+    }
+}
+
+/// One generation of a projection: its read model and the threads building it.
+pub struct Generation {
+    pub number: u64,
+    pub read_model: Arc<ReadModel>,
+    /// Its search indexes (empty for plain projections).
+    pub indexes: Arc<Indexes>,
+    pub status: Arc<Mutex<WorkerStatus>>,
+    /// High watermarks of the Kafka partitions it reads.
+    pub watermarks: Watermarks,
+    /// Where the plugins-directory watcher puts a new version.
+    pub reload: Reload,
+    /// Which events its worker treats as replayed history.
+    pub replay: Arc<Mutex<Replay>>,
+    pub(crate) manifest: Arc<RwLock<Manifest>>,
+    pub(crate) stop: Arc<AtomicBool>,
+    pub(crate) threads: Mutex<Vec<JoinHandle<()>>>,
+}
+
+impl Generation {
+    /// The running plugin version's manifest.
+    pub fn manifest(&self) -> Manifest {
+        self.manifest.read().expect("manifest lock").clone()
+    }
+
+    /// Its durable checkpoints.
+    pub fn checkpoints(&self) -> crate::store::Result<Cursor> {
+        Ok(self.read_model.checkpoints()?.into_iter().map(|c| ((c.stream, c.partition), c.next_offset)).collect())
+    }
+
+    /// Stop its threads after their current batch, and wait for them.
+    pub fn stop(&self) {
+        self.stop.store(true, Ordering::Relaxed);
+        for thread in std::mem::take(&mut *self.threads.lock().expect("threads lock")) {
+            let _ = thread.join();
+        }
+    }
+}
+
+/// A rebuild in progress.
+pub struct Rebuild {
+    pub generation: Arc<Generation>,
+    started: Instant,
+    /// When it started, in ms since the Unix epoch.
+    started_at: i64,
+    /// Events the new generation had handled when this run of it started.
+    initial: u64,
+    pub(crate) cancel: AtomicBool,
+}
+
+/// What the status shows of a rebuild.
+#[derive(Debug, Clone, Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct RebuildStatus {
+    pub generation: u64,
+    /// Events replayed so far (sum of the new generation's checkpoints).
+    pub replayed: u64,
+    /// Where the live generation is (the target, moving while events arrive).
+    pub target: u64,
+    pub events_per_second: f64,
+    /// Seconds left at the current rate (`null` before it is known).
+    pub eta_seconds: Option<f64>,
+    pub started_at: i64,
+}
+
+fn total(c: &Cursor) -> u64 {
+    c.values().sum()
+}
+
+impl Rebuild {
+    pub fn new(generation: Arc<Generation>) -> crate::store::Result<Self> {
+        let initial = total(&generation.checkpoints()?);
+        Ok(Rebuild {
+            generation,
+            started: Instant::now(),
+            started_at: crate::projector::now_ms(),
+            initial,
+            cancel: AtomicBool::new(false),
+        })
+    }
+
+    pub fn status(&self, live: &Generation) -> crate::store::Result<RebuildStatus> {
+        let replayed = total(&self.generation.checkpoints()?);
+        let target = total(&live.checkpoints()?);
+        let rate = (replayed - self.initial.min(replayed)) as f64 / self.started.elapsed().as_secs_f64().max(1e-3);
+        let eta_seconds = (rate > 0.0).then(|| target.saturating_sub(replayed) as f64 / rate);
+        Ok(RebuildStatus {
+            generation: self.generation.number,
+            replayed,
+            target,
+            events_per_second: rate,
+            eta_seconds,
+            started_at: self.started_at,
+        })
+    }
+}
+
+/// Start recording that generation `number` of the projection in `root` is being rebuilt.
+pub fn mark_rebuilding(root: &Path, number: u64) -> std::io::Result<()> {
+    write_number(root, REBUILD_FILE, number)
+}
+
+/// What the monitor needs of the projection it switches.
+pub struct Switch<'a> {
+    pub name: &'a str,
+    pub root: &'a Path,
+    pub live: &'a RwLock<Arc<Generation>>,
+    pub rebuild: &'a Mutex<Option<Arc<Rebuild>>>,
+    pub log: &'a Arc<EventLog>,
+    pub kafka: &'a Arc<crate::source::kafka::KafkaConfig>,
+    /// The runtime is shutting down: stop, and resume at the next start.
+    pub shutdown: &'a AtomicBool,
+}
+
+fn caught_up(new: &Cursor, live: &Cursor) -> bool {
+    live.iter().all(|(k, v)| new.get(k).copied().unwrap_or(0) >= *v)
+}
+
+/// Watch `job` until it is cancelled, the runtime stops, or it has caught
+/// up with the live generation, then switch (see the module docs).
+pub fn monitor(s: Switch<'_>, job: Arc<Rebuild>) {
+    let new = job.generation.clone();
+    loop {
+        if job.cancel.load(Ordering::Relaxed) {
+            new.stop();
+            delete(s.root, new.number);
+            let _ = std::fs::remove_file(s.root.join(REBUILD_FILE));
+            *s.rebuild.lock().expect("rebuild lock") = None;
+            tracing::info!(projection = s.name, generation = new.number, "rebuild cancelled");
+            return;
+        }
+        if s.shutdown.load(Ordering::Relaxed) {
+            new.stop();
+            return;
+        }
+        let live = s.live.read().expect("live lock").clone();
+        match (new.checkpoints(), live.checkpoints()) {
+            (Ok(n), Ok(l)) if caught_up(&n, &l) => break,
+            (Err(e), _) | (_, Err(e)) => tracing::warn!(projection = s.name, error = %e, "checking a rebuild"),
+            _ => {}
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    let old = s.live.read().expect("live lock").clone();
+    // 1. The live generation stops where it is, and publishes what it emitted.
+    old.stop();
+    let mut relay =
+        crate::sink::Relay::new(s.name, old.read_model.clone(), s.log.clone(), s.kafka.clone(), Arc::default());
+    while let Ok(n) = relay.publish_some() {
+        if n == 0 {
+            break;
+        }
+    }
+    let last = loop {
+        match old.checkpoints() {
+            Ok(c) => break c,
+            Err(e) => {
+                tracing::warn!(projection = s.name, error = %e, "reading the final checkpoints");
+                std::thread::sleep(Duration::from_millis(100));
+            }
+        }
+    };
+    // 2. The new generation emits for everything after those checkpoints.
+    *new.replay.lock().expect("replay lock") = Replay::Before(last.clone());
+    // 3. Once it has passed them, it becomes the live one.
+    while !new.checkpoints().is_ok_and(|c| caught_up(&c, &last)) {
+        if s.shutdown.load(Ordering::Relaxed) {
+            // The old generation stays live on disk; the rebuild resumes at the next start.
+            new.stop();
+            return;
+        }
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    if let Err(e) = write_number(s.root, LIVE_FILE, new.number) {
+        // Nothing switched on disk: keep serving the old read model, stopped.
+        tracing::error!(projection = s.name, error = %e, "could not switch generations");
+        return;
+    }
+    let _ = std::fs::remove_file(s.root.join(REBUILD_FILE));
+    *s.live.write().expect("live lock") = new.clone();
+    *s.rebuild.lock().expect("rebuild lock") = None;
+    tracing::info!(projection = s.name, generation = new.number, "rebuild finished; the new generation is live");
+    // 4. Queries in flight may still hold the old read model; its files go (Linux keeps open ones readable).
+    delete(s.root, old.number);
+}
