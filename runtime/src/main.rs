@@ -44,6 +44,25 @@ enum Command {
         #[arg(long, env = "REFRACT_ADMIN_TOKEN", hide_env_values = true)]
         token: Option<String>,
     },
+    /// Rebuild a projection's read model from the beginning of its streams on a
+    /// running runtime (blue/green: queries keep being answered meanwhile),
+    /// showing progress until the new generation is live.
+    Rebuild {
+        /// The projection to rebuild.
+        projection: String,
+        /// The runtime's address.
+        #[arg(long, env = "REFRACT_URL", default_value = "http://127.0.0.1:8080")]
+        url: String,
+        /// The admin token.
+        #[arg(long, env = "REFRACT_ADMIN_TOKEN", hide_env_values = true)]
+        token: Option<String>,
+        /// Start it and return at once.
+        #[arg(long)]
+        detach: bool,
+        /// Cancel the rebuild in progress instead.
+        #[arg(long, conflicts_with = "detach")]
+        cancel: bool,
+    },
     /// Run the demo: start the runtime with the example plugins, append sample
     /// orders and account movements, and print queries to try.
     Demo {
@@ -107,6 +126,9 @@ fn main() -> anyhow::Result<()> {
         Command::Run(args) => run(args.config()?, None),
         Command::Produce { stream, file, url, batch, token } => {
             produce(&stream, file, &url, batch.max(1), token.as_deref())
+        }
+        Command::Rebuild { projection, url, token, detach, cancel } => {
+            rebuild(&projection, &url, token.as_deref(), detach, cancel)
         }
         Command::Demo { run: args, events } => {
             let mut config = args.config()?;
@@ -250,4 +272,62 @@ fn produce(stream: &str, file: Option<PathBuf>, url: &str, batch: usize, token: 
     sent += send(&mut body, &mut count, first_line)?;
     eprintln!("appended {sent} events to stream {stream}");
     Ok(())
+}
+
+fn rebuild(projection: &str, url: &str, token: Option<&str>, detach: bool, cancel: bool) -> anyhow::Result<()> {
+    let client = Client::new(url).with_token(token);
+    let path = format!("/v1/projections/{projection}/rebuild");
+    let reply = if cancel { client.delete(&path) } else { client.post(&path, "application/json", b"") }
+        .with_context(|| format!("reaching {url}"))?;
+    if reply.status >= 300 {
+        let message = reply.body["error"]["message"].as_str().map_or_else(|| reply.body.to_string(), str::to_owned);
+        anyhow::bail!("{} {}: {message}", reply.status, if cancel { "cancelling" } else { "rebuilding" });
+    }
+    if cancel {
+        eprintln!("cancelled the rebuild of {projection} (generation {})", reply.body["cancelled"]);
+        return Ok(());
+    }
+    let generation = reply.body["generation"].as_u64().unwrap_or(0);
+    eprintln!("rebuilding {projection} into generation {generation}");
+    if detach {
+        return Ok(());
+    }
+    let tty = std::io::IsTerminal::is_terminal(&std::io::stderr());
+    let mut last_line = Instant::now() - Duration::from_secs(10);
+    loop {
+        let status = client.get(&format!("/v1/projections/{projection}"))?.body;
+        if status["generation"].as_u64() == Some(generation) && status["rebuild"].is_null() {
+            if tty {
+                eprintln!();
+            }
+            eprintln!("generation {generation} of {projection} is live ({} events)", status["eventsApplied"]);
+            return Ok(());
+        }
+        if status["rebuild"].is_null() && status["generation"].as_u64() != Some(generation) {
+            anyhow::bail!(
+                "the rebuild stopped before switching (cancelled?); generation {} is live",
+                status["generation"]
+            );
+        }
+        let r = &status["rebuild"];
+        let (done, target) = (r["replayed"].as_u64().unwrap_or(0), r["target"].as_u64().unwrap_or(0).max(1));
+        let fraction = (done as f64 / target as f64).min(1.0);
+        let width = 30;
+        let filled = (fraction * width as f64) as usize;
+        let eta = r["etaSeconds"].as_f64().map_or_else(|| "?".into(), |s| format!("{s:.0}s"));
+        let line = format!(
+            "[{}{}] {done}/{target} events, {:.0}/s, ETA {eta}",
+            "#".repeat(filled),
+            "-".repeat(width - filled),
+            r["eventsPerSecond"].as_f64().unwrap_or(0.0)
+        );
+        // A bar redrawn in place on a terminal; a line every 5 s in a log.
+        if tty {
+            eprint!("\r{line}");
+        } else if last_line.elapsed() >= Duration::from_secs(5) {
+            eprintln!("{line}");
+            last_line = Instant::now();
+        }
+        std::thread::sleep(Duration::from_millis(200));
+    }
 }
