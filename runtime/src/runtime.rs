@@ -149,6 +149,8 @@ pub struct Runtime {
     plugins_dir: PathBuf,
     /// Checks uploaded plugins (set by [`Runtime::start`]).
     loader: OnceLock<Arc<Loader>>,
+    /// Each plugin file as last loaded, so the watcher sees what changed.
+    plugin_stamps: Mutex<BTreeMap<PathBuf, Stamp>>,
     data_dir: PathBuf,
     batch: BatchOptions,
     index_commit_interval: Duration,
@@ -165,11 +167,11 @@ impl Runtime {
         let runtime = Arc::new(Runtime::open(config)?);
         let loader = Arc::new(Loader::new(config)?);
         let _ = runtime.loader.set(loader.clone());
-        let mut watcher = Watcher { loader, dir: config.plugins_dir.clone(), seen: BTreeMap::new() };
+        let watcher = Watcher { loader, dir: config.plugins_dir.clone() };
         let mut handlers: Vec<(Box<dyn Handler>, String)> = Vec::new();
         for file in plugin_files(&config.plugins_dir)? {
             let label = file.display().to_string();
-            watcher.seen.insert(file.clone(), Watcher::stamp(&file));
+            runtime.plugin_stamps.lock().expect("stamps lock").insert(file.clone(), Watcher::stamp(&file));
             match watcher.loader.load(&file) {
                 Ok(p) if handlers.iter().any(|(h, _)| h.manifest().name == p.manifest().name) => {
                     let error = format!("another plugin already provides projection {:?}", p.manifest().name);
@@ -199,27 +201,121 @@ impl Runtime {
         Ok(runtime)
     }
 
-    /// Check an uploaded plugin (compile, instantiate, describe) and install
-    /// it as `<plugins-dir>/<name>.wasm`, where the watcher picks it up.
-    /// Returns its manifest.
-    pub fn install_plugin(&self, name: &str, bytes: &[u8]) -> Result<Manifest, String> {
+    /// Check an uploaded plugin (compile, instantiate, describe), install it
+    /// as `<plugins-dir>/<name>.wasm` and put it to work at once (see
+    /// [`Runtime::deploy`]). Returns its manifest.
+    pub fn install_plugin(self: &Arc<Self>, name: &str, bytes: &[u8]) -> Result<Manifest, String> {
         crate::names::validate("plugin", name)?;
         let loader = self.loader.get().ok_or("this runtime does not load plugins")?;
-        let manifest = loader.check(bytes)?;
-        std::fs::create_dir_all(&self.plugins_dir).map_err(|e| format!("creating the plugins directory: {e}"))?;
         let file = self.plugins_dir.join(format!("{name}.wasm"));
-        if let Some(other) = self.projection(&manifest.name).filter(|p| Path::new(&p.source) != file) {
+        let label = file.display().to_string();
+        let checked = loader.load_bytes(bytes, &label).and_then(|plugin| {
+            crate::plugin::validate_manifest(plugin.manifest())?;
+            crate::plugin::declared(&plugin)?;
+            Ok(plugin)
+        });
+        let plugin = match checked {
+            Ok(plugin) => plugin,
+            Err(error) => {
+                if let Some(p) = self.projections().into_iter().find(|p| p.source == label) {
+                    *p.reload_error.lock().expect("reload error lock") = Some(format!("upload refused: {error}"));
+                }
+                return Err(error);
+            }
+        };
+        let manifest = plugin.manifest().clone();
+        if let Some(other) = self.projection(&manifest.name).filter(|p| p.source != label) {
             return Err(format!(
                 "projection {:?} is provided by {}; upload it under that name",
                 manifest.name, other.source
             ));
         }
+        std::fs::create_dir_all(&self.plugins_dir).map_err(|e| format!("creating the plugins directory: {e}"))?;
         let tmp = self.plugins_dir.join(format!(".{name}.upload"));
         std::fs::write(&tmp, bytes)
             .and_then(|()| std::fs::rename(&tmp, &file))
             .map_err(|e| format!("writing {}: {e}", file.display()))?;
-        tracing::info!(plugin = %file.display(), projection = %manifest.name, version = %manifest.version, "plugin uploaded");
+        // The watcher need not load it again.
+        self.plugin_stamps.lock().expect("stamps lock").insert(file.clone(), Watcher::stamp(&file));
+        tracing::info!(plugin = %label, projection = %manifest.name, version = %manifest.version, "plugin uploaded");
+        self.deploy(&file, Ok(plugin));
         Ok(manifest)
+    }
+
+    /// Put the plugin loaded from `file` to work: swap it into the
+    /// projection that file provides (between batches), start a rebuild if
+    /// its schema-version changed, or start a new projection.
+    fn deploy(self: &Arc<Self>, file: &Path, loaded: Result<WasmProjection, String>) {
+        let runtime = self;
+        let label = file.display().to_string();
+        let owner = runtime.projections().into_iter().find(|p| p.source == label);
+        let Some(projection) = owner else {
+            // A new plugin file: a new projection, without a restart.
+            match loaded {
+                Ok(p) => {
+                    let name = p.manifest().name.clone();
+                    match runtime.add(Box::new(p), label.clone()) {
+                        Ok(_) => {
+                            tracing::info!(plugin = %label, projection = %name, "new plugin loaded");
+                            runtime.plugin_errors.lock().expect("plugin errors lock").retain(|e| e.file != label);
+                        }
+                        Err(e) => runtime.plugin_error(label, format!("{e:#}")),
+                    }
+                }
+                Err(error) => runtime.plugin_error(label, error),
+            }
+            return;
+        };
+        let current = projection.manifest();
+        let verdict = loaded.and_then(|next| {
+            let m = next.manifest();
+            if m.name != current.name {
+                return Err(format!("the file now provides projection {:?}, not {:?}", m.name, current.name));
+            }
+            if m.schema_version != current.schema_version {
+                return Err(format!("schema-version {} → {}", current.schema_version, m.schema_version));
+            }
+            let live = projection.live();
+            let old: Vec<_> = live.indexes.open.keys().collect();
+            let new: Vec<_> = next.indexes().iter().map(|i| &i.name).collect();
+            if old != new {
+                return Err(format!("search indexes changed from {old:?} to {new:?} without a new schema-version"));
+            }
+            Ok(next)
+        });
+        match verdict {
+            Ok(next) => {
+                tracing::info!(plugin = %label, version = %next.manifest().version, "new plugin version loaded; swapping it in");
+                *projection.live().reload.lock().expect("reload lock") = Some(Box::new(next));
+                *projection.reload_error.lock().expect("reload error lock") = None;
+            }
+            Err(error) if error.starts_with("schema-version") => {
+                // A new read-model shape: rebuild it with the new version while the old one serves.
+                let name = current.name.clone();
+                let next = match self.loader.get() {
+                    Some(loader) => loader.load(file),
+                    None => Err("no plugin loader".into()),
+                };
+                let started = next
+                    .map_err(|e| e.to_string())
+                    .and_then(|next| runtime.rebuild(&name, Some(Box::new(next))).map_err(|e| e.to_string()));
+                match started {
+                    Ok(generation) => {
+                        tracing::info!(plugin = %label, %error, generation, "new schema-version: rebuilding");
+                        *projection.reload_error.lock().expect("reload error lock") = None;
+                    }
+                    Err(e) => {
+                        let error = format!("{error} needs a rebuild, which did not start: {e}");
+                        tracing::error!(plugin = %label, %error, "new plugin version not swapped in; the running one stays");
+                        *projection.reload_error.lock().expect("reload error lock") = Some(error);
+                    }
+                }
+            }
+            Err(error) => {
+                tracing::error!(plugin = %label, %error, "new plugin version not swapped in; the running one stays");
+                *projection.reload_error.lock().expect("reload error lock") = Some(error);
+            }
+        }
     }
 
     fn plugin_error(&self, file: String, error: String) {
@@ -243,6 +339,7 @@ impl Runtime {
             auth: config.auth.resolved(),
             plugins_dir: config.plugins_dir.clone(),
             loader: OnceLock::new(),
+            plugin_stamps: Mutex::new(BTreeMap::new()),
             data_dir: config.data_dir.clone(),
             batch: config.batch_options(),
             index_commit_interval: Duration::from_millis(config.search.commit_interval_ms),
@@ -592,19 +689,11 @@ impl Loader {
         self.load_bytes(&bytes, &file.display().to_string())
     }
 
+    /// Compile, instantiate and describe the plugin in `bytes`.
     fn load_bytes(&self, bytes: &[u8], label: &str) -> Result<WasmProjection, String> {
         let (component, _) =
             self.cache.load(bytes).map_err(|e| wasm::LoadError::Compile(format!("{e:#}")).to_string())?;
         WasmProjection::load(&self.engine, &self.linker, &component, label, self.limits).map_err(|e| e.to_string())
-    }
-
-    /// The manifest of a plugin, if it loads and its manifest is valid.
-    fn check(&self, bytes: &[u8]) -> Result<Manifest, String> {
-        let plugin = self.load_bytes(bytes, "upload")?;
-        let manifest = plugin.manifest().clone();
-        crate::plugin::validate_manifest(&manifest)?;
-        crate::plugin::declared(&plugin)?;
-        Ok(manifest)
     }
 }
 
@@ -617,7 +706,6 @@ type Stamp = Option<(u64, std::time::SystemTime)>;
 struct Watcher {
     loader: Arc<Loader>,
     dir: PathBuf,
-    seen: BTreeMap<PathBuf, Stamp>,
 }
 
 /// How often the plugins directory is looked at.
@@ -628,7 +716,7 @@ impl Watcher {
         std::fs::metadata(file).ok().and_then(|m| Some((m.len(), m.modified().ok()?)))
     }
 
-    fn run(mut self, runtime: &Arc<Runtime>) {
+    fn run(self, runtime: &Arc<Runtime>) {
         while !runtime.stop.load(Ordering::Relaxed) {
             std::thread::sleep(WATCH_INTERVAL);
             if !self.dir.is_dir() {
@@ -641,9 +729,15 @@ impl Watcher {
                     continue;
                 }
             };
-            let gone: Vec<PathBuf> = self.seen.keys().filter(|f| !files.contains(f)).cloned().collect();
+            let gone: Vec<PathBuf> = {
+                let mut stamps = runtime.plugin_stamps.lock().expect("stamps lock");
+                let gone: Vec<PathBuf> = stamps.keys().filter(|f| !files.contains(f)).cloned().collect();
+                for file in &gone {
+                    stamps.remove(file);
+                }
+                gone
+            };
             for file in gone {
-                self.seen.remove(&file);
                 let label = file.display().to_string();
                 if let Some(p) = runtime.projections().into_iter().find(|p| p.source == label) {
                     tracing::info!(plugin = %label, projection = %p.manifest().name, "plugin file removed; stopping its projection");
@@ -653,83 +747,19 @@ impl Watcher {
             }
             for file in files {
                 let stamp = Self::stamp(&file);
-                if self.seen.get(&file) == Some(&stamp) {
+                let mut stamps = runtime.plugin_stamps.lock().expect("stamps lock");
+                if stamps.get(&file) == Some(&stamp) {
                     continue;
                 }
-                self.seen.insert(file.clone(), stamp);
+                stamps.insert(file.clone(), stamp);
+                drop(stamps);
                 self.changed(runtime, &file);
             }
         }
     }
 
     fn changed(&self, runtime: &Arc<Runtime>, file: &Path) {
-        let label = file.display().to_string();
-        let owner = runtime.projections().into_iter().find(|p| p.source == label);
-        let loaded = self.loader.load(file);
-        let Some(projection) = owner else {
-            // A new plugin file: a new projection, without a restart.
-            match loaded {
-                Ok(p) => {
-                    let name = p.manifest().name.clone();
-                    match runtime.add(Box::new(p), label.clone()) {
-                        Ok(_) => {
-                            tracing::info!(plugin = %label, projection = %name, "new plugin loaded");
-                            runtime.plugin_errors.lock().expect("plugin errors lock").retain(|e| e.file != label);
-                        }
-                        Err(e) => runtime.plugin_error(label, format!("{e:#}")),
-                    }
-                }
-                Err(error) => runtime.plugin_error(label, error),
-            }
-            return;
-        };
-        let current = projection.manifest();
-        let verdict = loaded.and_then(|next| {
-            let m = next.manifest();
-            if m.name != current.name {
-                return Err(format!("the file now provides projection {:?}, not {:?}", m.name, current.name));
-            }
-            if m.schema_version != current.schema_version {
-                return Err(format!("schema-version {} → {}", current.schema_version, m.schema_version));
-            }
-            let live = projection.live();
-            let old: Vec<_> = live.indexes.open.keys().collect();
-            let new: Vec<_> = next.indexes().iter().map(|i| &i.name).collect();
-            if old != new {
-                return Err(format!("search indexes changed from {old:?} to {new:?} without a new schema-version"));
-            }
-            Ok(next)
-        });
-        match verdict {
-            Ok(next) => {
-                tracing::info!(plugin = %label, version = %next.manifest().version, "new plugin version loaded; swapping it in");
-                *projection.live().reload.lock().expect("reload lock") = Some(Box::new(next));
-                *projection.reload_error.lock().expect("reload error lock") = None;
-            }
-            Err(error) if error.starts_with("schema-version") => {
-                // A new read-model shape: rebuild it with the new version while the old one serves.
-                let name = current.name.clone();
-                let next = self.loader.load(file);
-                let started = next
-                    .map_err(|e| e.to_string())
-                    .and_then(|next| runtime.rebuild(&name, Some(Box::new(next))).map_err(|e| e.to_string()));
-                match started {
-                    Ok(generation) => {
-                        tracing::info!(plugin = %label, %error, generation, "new schema-version: rebuilding");
-                        *projection.reload_error.lock().expect("reload error lock") = None;
-                    }
-                    Err(e) => {
-                        let error = format!("{error} needs a rebuild, which did not start: {e}");
-                        tracing::error!(plugin = %label, %error, "new plugin version not swapped in; the running one stays");
-                        *projection.reload_error.lock().expect("reload error lock") = Some(error);
-                    }
-                }
-            }
-            Err(error) => {
-                tracing::error!(plugin = %label, %error, "new plugin version not swapped in; the running one stays");
-                *projection.reload_error.lock().expect("reload error lock") = Some(error);
-            }
-        }
+        runtime.deploy(file, self.loader.load(file));
     }
 }
 

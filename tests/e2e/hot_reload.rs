@@ -130,3 +130,69 @@ fn a_new_plugin_file_starts_a_new_projection_without_a_restart() {
     assert_eq!(status["deadLetters"], rejected, "resumed from its checkpoint: {status}");
     assert_eq!(status["eventsApplied"], 2400 - rejected);
 }
+
+#[test]
+fn fifty_uploaded_versions_under_ingest_apply_every_event_once_and_fail_no_query() {
+    const EVENTS: usize = 10_000;
+    const ADMIN: &str = "admin-secret-0123456789";
+    let dir = tempfile::tempdir().unwrap();
+    let p = plugins();
+    let config = format!(
+        "auth:\n  admin-token: {ADMIN}\nbatch:\n  max-events: 400\n  call-events: 100\n  max-duration-ms: 20\n"
+    );
+    let server = Server::start(dir.path(), &[&p.order_summary], &config);
+    let admin = refract::client::Client::new(&server.url).with_token(Some(ADMIN));
+    let original = std::fs::read(&p.order_summary).unwrap();
+    let plugin = p.order_summary.file_stem().unwrap().to_str().unwrap().to_owned();
+    let events = refract::fixtures::orders(EVENTS, 32, 0.01);
+
+    let done = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let (url, chunks) = (server.url.clone(), events.chunks(250).map(ndjson).collect::<Vec<_>>());
+    let appender = std::thread::spawn(move || {
+        let client = refract::client::Client::new(&url).with_token(Some(ADMIN));
+        for chunk in chunks {
+            assert_eq!(client.append_ndjson("orders", &chunk).unwrap().status, 200);
+            std::thread::sleep(Duration::from_millis(25));
+        }
+    });
+    let (url, stop) = (server.url.clone(), done.clone());
+    let querier = std::thread::spawn(move || {
+        let client = refract::client::Client::new(&url);
+        let (mut queries, mut failed) = (0, 0);
+        while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+            for path in ["/v1/projections/order-summary", "/v1/projections/order-summary/tables/orders/items?limit=10"]
+            {
+                queries += 1;
+                failed += usize::from(client.get(path).map_or(true, |r| r.status != 200));
+            }
+        }
+        (queries, failed)
+    });
+    for n in 0..50u8 {
+        let reply = admin.put(&format!("/v1/plugins/{plugin}"), "application/wasm", &variant(&original, n)).unwrap();
+        assert_eq!(reply.status, 202, "{}", reply.body);
+        wait_for(&server, "an uploaded version was not swapped in", |s| s["reloads"] == u64::from(n) + 1);
+    }
+    // Broken uploads: refused with the reason, visible in the status; the running version stays.
+    let empty_component = b"\0asm\x0d\0\x01\0";
+    for (bytes, expected) in [(&b"not wasm at all"[..], "compil"), (&empty_component[..], "")] {
+        let reply = admin.put(&format!("/v1/plugins/{plugin}"), "application/wasm", bytes).unwrap();
+        assert_eq!(reply.status, 400, "{}", reply.body);
+        assert!(reply.body["error"]["message"].as_str().unwrap().contains(expected), "{}", reply.body);
+        let status = server.get("/v1/projections/order-summary");
+        assert!(status["reloadError"].as_str().unwrap().starts_with("upload refused"), "{status}");
+        assert_eq!((status["reloads"].as_u64(), status["state"].as_str()), (Some(50), Some("running")));
+    }
+    appender.join().unwrap();
+    server.wait_caught_up();
+    done.store(true, std::sync::atomic::Ordering::Relaxed);
+    let (queries, failed) = querier.join().unwrap();
+    assert_eq!(failed, 0, "{failed} of {queries} queries failed during the swaps");
+    assert!(queries > 100);
+
+    let expected = reference::orders(&events);
+    let got: Vec<(String, Value)> = server.table("order-summary", "orders");
+    assert!(got == expected.orders.into_iter().collect::<Vec<_>>(), "orders differ from the reference fold");
+    let status = server.get("/v1/projections/order-summary");
+    assert_eq!(status["eventsApplied"], EVENTS - expected.rejected, "every event applied exactly once: {status}");
+}
