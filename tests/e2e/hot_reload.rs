@@ -175,7 +175,10 @@ fn fifty_uploaded_versions_under_ingest_apply_every_event_once_and_fail_no_query
     }
     // Broken uploads: refused with the reason, visible in the status; the running version stays.
     let empty_component = b"\0asm\x0d\0\x01\0";
-    for (bytes, expected) in [(&b"not wasm at all"[..], "compil"), (&empty_component[..], "")] {
+    let trap = std::fs::read(&p.chaos_trap).unwrap();
+    for (bytes, expected) in
+        [(&b"not wasm at all"[..], "compil"), (&empty_component[..], ""), (&trap[..], "asked to fail in manifest()")]
+    {
         let reply = admin.put(&format!("/v1/plugins/{plugin}"), "application/wasm", bytes).unwrap();
         assert_eq!(reply.status, 400, "{}", reply.body);
         assert!(reply.body["error"]["message"].as_str().unwrap().contains(expected), "{}", reply.body);
@@ -195,4 +198,46 @@ fn fifty_uploaded_versions_under_ingest_apply_every_event_once_and_fail_no_query
     assert!(got == expected.orders.into_iter().collect::<Vec<_>>(), "orders differ from the reference fold");
     let status = server.get("/v1/projections/order-summary");
     assert_eq!(status["eventsApplied"], EVENTS - expected.rejected, "every event applied exactly once: {status}");
+}
+
+#[test]
+fn a_schema_version_bump_rebuilds_automatically_while_queries_stay_up() {
+    let dir = tempfile::tempdir().unwrap();
+    let p = plugins();
+    let server = Server::start(dir.path(), &[&p.chaos], "");
+    let events: Vec<Value> =
+        (0..4000).map(|i| serde_json::json!({"type": "Ok", "key": format!("k{i}"), "data": {"n": i}})).collect();
+    assert_eq!(server.client().append_ndjson("chaos", &ndjson(&events)).unwrap().status, 200);
+    server.wait_caught_up();
+    let before = server.get("/v1/projections/testkit-chaos");
+    assert_eq!((before["plugin"]["schemaVersion"].as_u64(), before["generation"].as_u64()), (Some(1), Some(0)));
+
+    let done = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let (url, stop) = (server.url.clone(), done.clone());
+    let querier = std::thread::spawn(move || {
+        let client = refract::client::Client::new(&url);
+        let mut failed = 0;
+        while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+            let page = client.get("/v1/projections/testkit-chaos/tables/applied/items?limit=1000");
+            failed +=
+                usize::from(page.map_or(true, |r| r.status != 200 || r.body["items"].as_array().unwrap().len() < 1000));
+        }
+        failed
+    });
+    let file = dir.path().join("plugins").join(p.chaos.file_name().unwrap());
+    install(&file, &std::fs::read(&p.chaos_v2).unwrap());
+    let until = Instant::now() + Duration::from_secs(120);
+    let status = loop {
+        let status = server.get("/v1/projections/testkit-chaos");
+        if status["generation"] == 1 && status["rebuild"].is_null() {
+            break status;
+        }
+        assert!(Instant::now() < until, "no automatic rebuild: {status}");
+        std::thread::sleep(Duration::from_millis(50));
+    };
+    done.store(true, std::sync::atomic::Ordering::Relaxed);
+    assert_eq!(querier.join().unwrap(), 0, "queries failed during the rebuild");
+    assert_eq!(status["plugin"]["schemaVersion"], 2, "{status}");
+    assert_eq!(status["eventsApplied"], 4000);
+    assert_eq!(server.table("testkit-chaos", "applied").len(), 4000);
 }

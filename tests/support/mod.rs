@@ -22,6 +22,10 @@ pub struct Plugins {
     pub account_balance: PathBuf,
     pub chaos: PathBuf,
     pub orders_cdc: PathBuf,
+    /// `testkit-chaos` declaring schema-version 2.
+    pub chaos_v2: PathBuf,
+    /// `testkit-chaos` whose `manifest()` panics.
+    pub chaos_trap: PathBuf,
 }
 
 fn workspace_root() -> PathBuf {
@@ -40,23 +44,34 @@ pub fn plugins() -> &'static Plugins {
             .unwrap_or_else(|| exe.ancestors().nth(3).expect("target/<profile>/deps/<exe>").to_owned());
         let target = target.join("wasm-plugins");
         let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
-        let status = Command::new(cargo)
-            .current_dir(workspace_root())
-            .args(["build", "--target", "wasm32-wasip2", "--profile", "plugin", "--quiet"])
-            .args(["-p", "order-summary", "-p", "order-search", "-p", "account-balance", "-p", "testkit-chaos"])
-            .args(["-p", "orders-cdc"])
-            .arg("--target-dir")
-            .arg(&target)
-            .env_remove("CARGO_ENCODED_RUSTFLAGS")
-            .env_remove("RUSTFLAGS")
-            .env_remove("RUSTC_WORKSPACE_WRAPPER")
-            .env_remove("CARGO_TARGET_DIR")
-            .status()
-            .expect("running cargo to build the plugins");
-        assert!(
-            status.success(),
-            "building the plugins failed; is the target installed? `rustup target add wasm32-wasip2`"
-        );
+        let build = |packages: &[&str], target: &Path, variant: Option<&str>| {
+            let mut command = Command::new(&cargo);
+            command
+                .current_dir(workspace_root())
+                .args(["build", "--target", "wasm32-wasip2", "--profile", "plugin", "--quiet"])
+                .args(packages.iter().flat_map(|p| ["-p", p]))
+                .arg("--target-dir")
+                .arg(target)
+                .env_remove("CARGO_ENCODED_RUSTFLAGS")
+                .env_remove("RUSTFLAGS")
+                .env_remove("RUSTC_WORKSPACE_WRAPPER")
+                .env_remove("CARGO_TARGET_DIR");
+            match variant {
+                Some(v) => command.env("TESTKIT_VARIANT", v),
+                None => command.env_remove("TESTKIT_VARIANT"),
+            };
+            let status = command.status().expect("running cargo to build the plugins");
+            assert!(
+                status.success(),
+                "building the plugins failed; is the target installed? `rustup target add wasm32-wasip2`"
+            );
+            target.join("wasm32-wasip2").join("plugin")
+        };
+        let packages = ["order-summary", "order-search", "account-balance", "testkit-chaos", "orders-cdc"];
+        build(&packages, &target, None);
+        // Variants build in their own directories, so that none rebuilds another.
+        let v2 = build(&["testkit-chaos"], &target.with_file_name("wasm-plugins-v2"), Some("v2"));
+        let trap = build(&["testkit-chaos"], &target.with_file_name("wasm-plugins-trap"), Some("trap"));
         let dir = target.join("wasm32-wasip2").join("plugin");
         Plugins {
             order_summary: dir.join("order_summary.wasm"),
@@ -64,6 +79,8 @@ pub fn plugins() -> &'static Plugins {
             account_balance: dir.join("account_balance.wasm"),
             chaos: dir.join("testkit_chaos.wasm"),
             orders_cdc: dir.join("orders_cdc.wasm"),
+            chaos_v2: v2.join("testkit_chaos.wasm"),
+            chaos_trap: trap.join("testkit_chaos.wasm"),
         }
     })
 }

@@ -13,6 +13,9 @@
 //! - `Emit`: emits `{"source": "<partition>/<offset>", "n": data.n}` as an
 //!   `Echo` event, keyed by the source event's key, to the stream named by
 //!   `data.to`.
+//!
+//! Built with `TESTKIT_VARIANT=v2` it declares schema-version 2; with
+//! `TESTKIT_VARIANT=trap` its `manifest()` panics.
 
 use std::cell::RefCell;
 use std::collections::HashSet;
@@ -30,7 +33,17 @@ pub struct Chaos;
 
 impl Projection for Chaos {
     fn manifest() -> Manifest {
-        Manifest::new("testkit-chaos", env!("CARGO_PKG_VERSION")).subscribe("chaos", &[]).table(&APPLIED)
+        // Test variants, chosen when the component is built: `v2` declares
+        // schema-version 2, `trap` panics here.
+        let schema = match option_env!("TESTKIT_VARIANT") {
+            Some("trap") => panic!("asked to fail in manifest()"),
+            Some("v2") => 2,
+            _ => 1,
+        };
+        Manifest::new("testkit-chaos", env!("CARGO_PKG_VERSION"))
+            .schema_version(schema)
+            .subscribe("chaos", &[])
+            .table(&APPLIED)
     }
 
     fn indexes() -> Vec<IndexMapping> {
