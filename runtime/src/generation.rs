@@ -242,7 +242,7 @@ pub fn monitor(s: Switch<'_>, job: Arc<Rebuild>) {
             (Err(e), _) | (_, Err(e)) => tracing::warn!(projection = s.name, error = %e, "checking a rebuild"),
             _ => {}
         }
-        std::thread::sleep(Duration::from_millis(100));
+        std::thread::sleep(Duration::from_millis(20));
     }
     let old = s.live.read().expect("live lock").clone();
     // 1. The live generation stops where it is, and publishes what it emitted.

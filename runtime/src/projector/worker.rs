@@ -216,7 +216,8 @@ impl Projector {
                 (batches, reader) = self.spawn_reader();
                 self.resync = false;
             }
-            let wait = if self.in_flight.is_some() { Duration::from_millis(2) } else { Duration::from_millis(200) };
+            // Idle, the loop still comes round often enough to swap in a new plugin version promptly.
+            let wait = if self.in_flight.is_some() { Duration::from_millis(2) } else { Duration::from_millis(25) };
             match batches.recv_timeout(wait) {
                 Ok(Delivery::Batch(pending)) => {
                     let span = tracing::debug_span!("batch", projection = self.name(), events = pending.events.len());

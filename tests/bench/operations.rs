@@ -1,0 +1,162 @@
+//! `cargo bench -p refract --bench operations`: rebuilds and plugin swaps, in
+//! one run over the same events.
+//!
+//! - **live projection**: `order-summary` (wasm) started on a log of N
+//!   events, until its checkpoints reach the end;
+//! - **rebuild**: the same events replayed into a new generation while the
+//!   live one is idle, until the switch;
+//! - **query latency**: `GET …/items/{id}` over HTTP, one at a time, at rest
+//!   and during a second rebuild (p50, p99);
+//! - **upload to swap**: `Runtime::install_plugin` of a new build of the
+//!   plugin until the worker runs it, with the compile cache cold and warm.
+//!
+//! Set `REFRACT_BENCH_EVENTS` to change N (default 200,000).
+
+#[path = "../support/mod.rs"]
+mod support;
+
+use std::time::{Duration, Instant};
+
+use refract::client::Client;
+use refract::config::Config;
+use refract::runtime::Runtime;
+use refract::source::NewEvent;
+
+#[global_allocator]
+static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
+fn percentile(sorted: &[f64], p: f64) -> f64 {
+    sorted[((sorted.len() as f64 * p) as usize).min(sorted.len() - 1)]
+}
+
+/// Query `ids` in turn until `done` says stop; latencies in µs, sorted.
+fn query_until(client: &Client, ids: &[String], mut done: impl FnMut(usize) -> bool) -> Vec<f64> {
+    let mut latencies = Vec::new();
+    let mut i = 0;
+    while !done(latencies.len()) {
+        let id = &ids[i % ids.len()];
+        i += 1;
+        let started = Instant::now();
+        let reply = client.get(&format!("/v1/projections/order-summary/tables/orders/items/{id}")).unwrap();
+        latencies.push(started.elapsed().as_secs_f64() * 1e6);
+        assert_eq!(reply.status, 200);
+    }
+    latencies.sort_by(f64::total_cmp);
+    latencies
+}
+
+fn main() {
+    let n: usize = std::env::var("REFRACT_BENCH_EVENTS").ok().and_then(|v| v.parse().ok()).unwrap_or(200_000);
+    let dir = tempfile::tempdir().unwrap();
+    let wasm = std::fs::read(&support::plugins().order_summary).unwrap();
+    let plugins_dir = dir.path().join("plugins");
+    std::fs::create_dir_all(&plugins_dir).unwrap();
+    let config = Config { data_dir: dir.path().join("data"), plugins_dir: plugins_dir.clone(), ..Config::default() };
+
+    // The log first, then the plugin: the live run starts from a full log.
+    eprintln!("appending {n} order events …");
+    let events = refract::fixtures::orders(n, 42, 0.0);
+    {
+        let runtime = Runtime::start(&config).unwrap();
+        for chunk in events.chunks(10_000) {
+            let chunk: Vec<NewEvent> = chunk.iter().map(|e| serde_json::from_value(e.clone()).unwrap()).collect();
+            runtime.log.append("orders", &chunk).unwrap();
+        }
+        runtime.shutdown();
+    }
+    std::fs::write(plugins_dir.join("order_summary.wasm"), &wasm).unwrap();
+    let started = Instant::now();
+    let runtime = Runtime::start(&config).unwrap();
+    let projection = runtime.projection("order-summary").unwrap();
+    let consumed = |g: &refract::generation::Generation| g.checkpoints().unwrap().values().sum::<u64>();
+    while consumed(&projection.live()) < n as u64 {
+        std::thread::sleep(Duration::from_millis(2));
+    }
+    let live_seconds = started.elapsed().as_secs_f64();
+
+    // An HTTP server over the same runtime.
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let url = format!("http://{}", listener.local_addr().unwrap());
+    let serving = runtime.clone();
+    std::thread::spawn(move || {
+        let tokio = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build().unwrap();
+        tokio.block_on(async move {
+            listener.set_nonblocking(true).unwrap();
+            let listener = tokio::net::TcpListener::from_std(listener).unwrap();
+            refract::api::serve(serving, listener, std::future::pending()).await.unwrap();
+        });
+    });
+    let client = Client::new(&url);
+    let ids: Vec<String> = (1..=200).map(|i| format!("o-{i}")).collect();
+    let at_rest = query_until(&client, &ids, |done| done >= 3000);
+
+    // A rebuild: the same work again, beside the idle live generation.
+    let started = Instant::now();
+    runtime.rebuild("order-summary", None).unwrap();
+    while projection.rebuild().is_some() {
+        std::thread::sleep(Duration::from_millis(2));
+    }
+    let rebuild_seconds = started.elapsed().as_secs_f64();
+    assert_eq!(projection.live().number, 1);
+    // Another, while a client queries one request after another.
+    runtime.rebuild("order-summary", None).unwrap();
+    let during = query_until(&client, &ids, |_| projection.rebuild().is_none());
+    assert_eq!(projection.live().number, 2);
+
+    // Upload to swap: a new build (a different file) compiled cold, then the same bytes again (cached).
+    let mut swaps = Vec::new();
+    for (label, bytes) in
+        [("cold compile cache", support_variant(&wasm, 1)), ("warm compile cache", support_variant(&wasm, 1))]
+    {
+        let reloads = projection.live().status.lock().unwrap().reloads;
+        let started = Instant::now();
+        runtime.install_plugin("order_summary", &bytes).unwrap();
+        while projection.live().status.lock().unwrap().reloads == reloads {
+            std::thread::sleep(Duration::from_millis(1));
+        }
+        swaps.push((label, started.elapsed().as_secs_f64() * 1000.0));
+    }
+    runtime.shutdown();
+
+    let rate = |s: f64| n as f64 / s;
+    println!("\norder-summary (wasm), {n} events\n");
+    println!("| measure | value |");
+    println!("|---|---:|");
+    println!("| live projection from an empty read model | {:.0} events/s ({live_seconds:.2} s) |", rate(live_seconds));
+    println!(
+        "| rebuild into a new generation, to the switch | {:.0} events/s ({rebuild_seconds:.2} s) |",
+        rate(rebuild_seconds)
+    );
+    println!(
+        "| query at rest: p50 / p99 | {:.0} µs / {:.0} µs ({} queries) |",
+        percentile(&at_rest, 0.5),
+        percentile(&at_rest, 0.99),
+        at_rest.len()
+    );
+    println!(
+        "| query during the rebuild: p50 / p99 | {:.0} µs / {:.0} µs ({} queries) |",
+        percentile(&during, 0.5),
+        percentile(&during, 0.99),
+        during.len()
+    );
+    for (label, ms) in &swaps {
+        println!("| upload to swap, {label} ({} KiB) | {ms:.1} ms |", wasm.len() / 1024);
+    }
+    println!("\n| ratio | value | target |");
+    println!("|---|---:|---:|");
+    println!("| rebuild rate / live rate | {:.2} | ≥ 0.90 |", live_seconds / rebuild_seconds);
+    println!(
+        "| p99 during the rebuild / p99 at rest | {:.2} | ≤ 2.00 |",
+        percentile(&during, 0.99) / percentile(&at_rest, 0.99)
+    );
+}
+
+/// `wasm` with a custom section appended: the same code in a different file.
+fn support_variant(wasm: &[u8], n: u8) -> Vec<u8> {
+    let name = b"refract-bench";
+    let mut out = wasm.to_vec();
+    out.extend_from_slice(&[0, (1 + name.len() + 8) as u8, name.len() as u8]);
+    out.extend_from_slice(name);
+    out.extend_from_slice(&[n; 8]);
+    out
+}
