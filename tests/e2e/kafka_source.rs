@@ -7,7 +7,7 @@ use std::time::Duration;
 use serde_json::{Value, json};
 
 use crate::support::kafka::{Broker, Out, TestProducer};
-use crate::support::{Server, plugins, reference};
+use crate::support::{Server, plugins};
 
 /// A fixture order event as a plain JSON record: the data as the value, the
 /// type in a header, the order id as key, the event time as timestamp.
@@ -27,19 +27,6 @@ fn kafka_config(broker: &Broker, streams: &str) -> String {
 
 const ORDERS_AS_PLAIN_JSON: &str = "    orders: { topic: shop.orders, format: json, type-header: event-type }\n";
 
-fn assert_orders_equal_reference(server: &Server, events: &[Value]) {
-    let expected = reference::orders(events);
-    let got: Vec<(String, Value)> = server.table("order-summary", "orders");
-    assert_eq!(got.len(), expected.orders.len(), "orders lost or invented");
-    assert!(got == expected.orders.into_iter().collect::<Vec<_>>(), "orders differ from the reference fold");
-    let got = server.table("order-summary", "customer-orders");
-    assert!(got == expected.customer_orders.into_iter().collect::<Vec<_>>(), "customer-orders differ");
-    let status = server.get("/v1/projections/order-summary");
-    // Counters commit with the batches: an event applied twice would show here.
-    assert_eq!(status["deadLetters"], expected.rejected, "{status}");
-    assert_eq!(status["eventsApplied"], events.len() - expected.rejected, "{status}");
-}
-
 #[test]
 fn records_produced_to_kafka_fold_into_the_reference_read_model() {
     let broker = Broker::start();
@@ -51,7 +38,7 @@ fn records_produced_to_kafka_fold_into_the_reference_read_model() {
     let dir = tempfile::tempdir().unwrap();
     let server = Server::start(dir.path(), &[&plugins().order_summary], &kafka_config(&broker, ORDERS_AS_PLAIN_JSON));
     let status = server.wait_checkpoints("order-summary", events.len() as u64);
-    assert_orders_equal_reference(&server, &events);
+    server.assert_order_summary_is_the_fold_of(&events);
 
     // Lag per partition: the high watermark against the checkpoint.
     let until = std::time::Instant::now() + Duration::from_secs(10);
@@ -130,7 +117,7 @@ fn sigkills_and_a_broker_restart_lose_and_double_nothing() {
     }
     assert!(kills_mid_batch >= 1, "no kill landed while the projection was behind");
     server.wait_checkpoints("order-summary", events.len() as u64);
-    assert_orders_equal_reference(&server, &events);
+    server.assert_order_summary_is_the_fold_of(&events);
 }
 
 /// Every event `testkit-chaos` applied, as `<partition>/<offset>`.

@@ -190,6 +190,22 @@ impl Server {
         }
     }
 
+    /// Assert that `order-summary` holds exactly the reference fold of
+    /// `events`: both tables, and counters showing each event applied or
+    /// dead-lettered once (counters commit with the batches, so a batch
+    /// applied twice would show).
+    pub fn assert_order_summary_is_the_fold_of(&self, events: &[Value]) {
+        let expected = reference::orders(events);
+        let got: Vec<(String, Value)> = self.table("order-summary", "orders");
+        assert_eq!(got.len(), expected.orders.len(), "orders lost or invented");
+        assert!(got == expected.orders.into_iter().collect::<Vec<_>>(), "orders differ from the reference fold");
+        let got = self.table("order-summary", "customer-orders");
+        assert!(got == expected.customer_orders.into_iter().collect::<Vec<_>>(), "customer-orders differ");
+        let status = self.get("/v1/projections/order-summary");
+        assert_eq!(status["deadLetters"], expected.rejected, "{status}");
+        assert_eq!(status["eventsApplied"], events.len() - expected.rejected, "{status}");
+    }
+
     /// `GET path`, asserting a 200, returning the body.
     pub fn get(&self, path: &str) -> Value {
         let reply = self.client().get(path).expect("GET");
