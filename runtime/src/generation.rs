@@ -232,11 +232,13 @@ pub fn monitor(s: Switch<'_>, job: Arc<Rebuild>) {
             tracing::info!(projection = s.name, generation = new.number, "rebuild cancelled");
             return;
         }
-        if s.shutdown.load(Ordering::Relaxed) {
+        let live = s.live.read().expect("live lock").clone();
+        // Shutting down, or the projection was removed (its live worker
+        // stopped): stop here; the rebuild resumes when it is added again.
+        if s.shutdown.load(Ordering::Relaxed) || live.stop.load(Ordering::Relaxed) {
             new.stop();
             return;
         }
-        let live = s.live.read().expect("live lock").clone();
         match (new.checkpoints(), live.checkpoints()) {
             (Ok(n), Ok(l)) if caught_up(&n, &l) => break,
             (Err(e), _) | (_, Err(e)) => tracing::warn!(projection = s.name, error = %e, "checking a rebuild"),

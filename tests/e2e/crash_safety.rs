@@ -4,8 +4,6 @@
 
 use std::time::{Duration, Instant};
 
-use serde_json::Value;
-
 use crate::support::{Server, ndjson, plugins, reference};
 
 const EVENTS: usize = 20_000;
