@@ -246,76 +246,59 @@ impl Runtime {
     /// projection that file provides (between batches), start a rebuild if
     /// its schema-version changed, or start a new projection.
     fn deploy(self: &Arc<Self>, file: &Path, loaded: Result<WasmProjection, String>) {
-        let runtime = self;
         let label = file.display().to_string();
-        let owner = runtime.projections().into_iter().find(|p| p.source == label);
+        let owner = self.projections().into_iter().find(|p| p.source == label);
         let Some(projection) = owner else {
             // A new plugin file: a new projection, without a restart.
             match loaded {
                 Ok(p) => {
                     let name = p.manifest().name.clone();
-                    match runtime.add(Box::new(p), label.clone()) {
+                    match self.add(Box::new(p), label.clone()) {
                         Ok(_) => {
                             tracing::info!(plugin = %label, projection = %name, "new plugin loaded");
-                            runtime.plugin_errors.lock().expect("plugin errors lock").retain(|e| e.file != label);
+                            self.plugin_errors.lock().expect("plugin errors lock").retain(|e| e.file != label);
                         }
-                        Err(e) => runtime.plugin_error(label, format!("{e:#}")),
+                        Err(e) => self.plugin_error(label, format!("{e:#}")),
                     }
                 }
-                Err(error) => runtime.plugin_error(label, error),
+                Err(error) => self.plugin_error(label, error),
             }
             return;
         };
         let current = projection.manifest();
-        let verdict = loaded.and_then(|next| {
-            let m = next.manifest();
-            if m.name != current.name {
-                return Err(format!("the file now provides projection {:?}, not {:?}", m.name, current.name));
+        let refusal = match loaded {
+            Err(error) => Some(error),
+            Ok(next) if next.manifest().name != current.name => {
+                Some(format!("the file now provides projection {:?}, not {:?}", next.manifest().name, current.name))
             }
-            if m.schema_version != current.schema_version {
-                return Err(format!("schema-version {} → {}", current.schema_version, m.schema_version));
-            }
-            let live = projection.live();
-            let old: Vec<_> = live.indexes.open.keys().collect();
-            let new: Vec<_> = next.indexes().iter().map(|i| &i.name).collect();
-            if old != new {
-                return Err(format!("search indexes changed from {old:?} to {new:?} without a new schema-version"));
-            }
-            Ok(next)
-        });
-        match verdict {
-            Ok(next) => {
-                tracing::info!(plugin = %label, version = %next.manifest().version, "new plugin version loaded; swapping it in");
-                *projection.live().reload.lock().expect("reload lock") = Some(Box::new(next));
-                *projection.reload_error.lock().expect("reload error lock") = None;
-            }
-            Err(error) if error.starts_with("schema-version") => {
+            Ok(next) if next.manifest().schema_version != current.schema_version => {
                 // A new read-model shape: rebuild it with the new version while the old one serves.
-                let name = current.name.clone();
-                let next = match self.loader.get() {
-                    Some(loader) => loader.load(file),
-                    None => Err("no plugin loader".into()),
-                };
-                let started = next
-                    .map_err(|e| e.to_string())
-                    .and_then(|next| runtime.rebuild(&name, Some(Box::new(next))).map_err(|e| e.to_string()));
-                match started {
+                let change = format!("schema-version {} → {}", current.schema_version, next.manifest().schema_version);
+                match self.rebuild(&current.name, Some(Box::new(next))) {
                     Ok(generation) => {
-                        tracing::info!(plugin = %label, %error, generation, "new schema-version: rebuilding");
-                        *projection.reload_error.lock().expect("reload error lock") = None;
+                        tracing::info!(plugin = %label, %change, generation, "new schema-version: rebuilding");
+                        None
                     }
-                    Err(e) => {
-                        let error = format!("{error} needs a rebuild, which did not start: {e}");
-                        tracing::error!(plugin = %label, %error, "new plugin version not swapped in; the running one stays");
-                        *projection.reload_error.lock().expect("reload error lock") = Some(error);
-                    }
+                    Err(e) => Some(format!("{change} needs a rebuild, which did not start: {e}")),
                 }
             }
-            Err(error) => {
-                tracing::error!(plugin = %label, %error, "new plugin version not swapped in; the running one stays");
-                *projection.reload_error.lock().expect("reload error lock") = Some(error);
+            Ok(next) => {
+                let live = projection.live();
+                let old: Vec<_> = live.indexes.open.keys().collect();
+                let new: Vec<_> = next.indexes().iter().map(|i| &i.name).collect();
+                if old == new {
+                    tracing::info!(plugin = %label, version = %next.manifest().version, "new plugin version loaded; swapping it in");
+                    *live.reload.lock().expect("reload lock") = Some(Box::new(next));
+                    None
+                } else {
+                    Some(format!("search indexes changed from {old:?} to {new:?} without a new schema-version"))
+                }
             }
+        };
+        if let Some(error) = &refusal {
+            tracing::error!(plugin = %label, %error, "new plugin version not swapped in; the running one stays");
         }
+        *projection.reload_error.lock().expect("reload error lock") = refusal;
     }
 
     fn plugin_error(&self, file: String, error: String) {
