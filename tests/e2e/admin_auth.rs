@@ -2,12 +2,12 @@
 //! uploads), the query token guards queries; a plugin uploaded over HTTP is
 //! checked before it is installed, then loaded without a restart.
 
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use refract::client::Client;
 use serde_json::json;
 
-use crate::support::{Server, plugins};
+use crate::support::{Server, plugins, wait_status};
 
 const ADMIN: &str = "admin-secret-0123456789";
 const QUERY: &str = "query-secret-0123456789";
@@ -51,11 +51,13 @@ fn tokens_guard_their_routes_and_uploads_are_checked_then_loaded() {
     let accepted = admin.put("/v1/plugins/account-balance", "application/wasm", &wasm).unwrap();
     assert_eq!(accepted.status, 202, "{}", accepted.body);
     assert_eq!(accepted.body["projection"], "account-balance");
-    let until = Instant::now() + Duration::from_secs(60);
-    while query.get("/v1/projections/account-balance").unwrap().status != 200 {
-        assert!(Instant::now() < until, "the uploaded plugin never started");
-        std::thread::sleep(Duration::from_millis(50));
-    }
+    wait_status(
+        &query,
+        "/v1/projections/account-balance",
+        200,
+        Duration::from_secs(60),
+        "the uploaded plugin never started",
+    );
 }
 
 #[test]

@@ -8,7 +8,7 @@ use std::time::{Duration, Instant};
 
 use serde_json::Value;
 
-use crate::support::{Server, ndjson, plugins, reference};
+use crate::support::{Server, ndjson, plugins, reference, wait_status};
 
 /// `wasm` with a custom section appended: the same code, a different file
 /// (a different hash), as a rebuilt plugin would be.
@@ -95,11 +95,13 @@ fn a_new_plugin_file_starts_a_new_projection_without_a_restart() {
     assert_eq!(server.client().append_ndjson("accounts", &ndjson(&accounts)).unwrap().status, 200);
     let target = dir.path().join("plugins").join(p.account_balance.file_name().unwrap());
     install(&target, &std::fs::read(&p.account_balance).unwrap());
-    let until = Instant::now() + Duration::from_secs(60);
-    while server.client().get("/v1/projections/account-balance").unwrap().status != 200 {
-        assert!(Instant::now() < until, "account-balance never started");
-        std::thread::sleep(Duration::from_millis(50));
-    }
+    wait_status(
+        &server.client(),
+        "/v1/projections/account-balance",
+        200,
+        Duration::from_secs(60),
+        "account-balance never started",
+    );
     server.wait_caught_up();
     let (balances, rejected) = reference::balances(&accounts);
     let expected: Vec<(String, Value)> = balances.into_iter().collect();
@@ -108,21 +110,25 @@ fn a_new_plugin_file_starts_a_new_projection_without_a_restart() {
 
     // Removing the file stops the projection and keeps its data; putting it back resumes it.
     std::fs::remove_file(&target).unwrap();
-    let until = Instant::now() + Duration::from_secs(30);
-    while server.client().get("/v1/projections/account-balance").unwrap().status != 404 {
-        assert!(Instant::now() < until, "account-balance did not stop");
-        std::thread::sleep(Duration::from_millis(50));
-    }
+    wait_status(
+        &server.client(),
+        "/v1/projections/account-balance",
+        404,
+        Duration::from_secs(30),
+        "account-balance did not stop",
+    );
     assert!(dir.path().join("data/projections/account-balance/read-model.redb").exists(), "data kept");
     assert_eq!(server.get("/v1/projections/order-summary")["state"], "running", "the others run on");
     let more = refract::fixtures::accounts(2400, 8, 0.02);
     assert_eq!(server.client().append_ndjson("accounts", &ndjson(&more[2000..])).unwrap().status, 200);
     install(&target, &std::fs::read(&p.account_balance).unwrap());
-    let until = Instant::now() + Duration::from_secs(60);
-    while server.client().get("/v1/projections/account-balance").unwrap().status != 200 {
-        assert!(Instant::now() < until, "account-balance did not come back");
-        std::thread::sleep(Duration::from_millis(50));
-    }
+    wait_status(
+        &server.client(),
+        "/v1/projections/account-balance",
+        200,
+        Duration::from_secs(60),
+        "account-balance did not come back",
+    );
     server.wait_caught_up();
     let (balances, rejected) = reference::balances(&more);
     assert!(server.table("account-balance", "balances") == balances.into_iter().collect::<Vec<_>>());

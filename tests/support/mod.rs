@@ -240,6 +240,15 @@ impl Drop for Server {
     }
 }
 
+/// Wait until `GET path` answers `status`, failing with `what` after `within`.
+pub fn wait_status(client: &Client, path: &str, status: u16, within: Duration, what: &str) {
+    let until = Instant::now() + within;
+    while client.get(path).unwrap().status != status {
+        assert!(Instant::now() < until, "{what}");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
 /// Percent-encode a query value.
 pub fn encode(s: &str) -> String {
     s.bytes()
