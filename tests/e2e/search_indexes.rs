@@ -186,10 +186,22 @@ fn sigkill_between_the_table_and_index_commits_loses_and_doubles_no_document() {
     for (round, chunk) in events.chunks(1000).enumerate() {
         let reply = server.client().append_ndjson("orders", &ndjson(chunk)).unwrap();
         assert_eq!(reply.status, 200);
-        std::thread::sleep(Duration::from_millis(rng.range(100, 600)));
+        std::thread::sleep(Duration::from_millis(rng.range(0, 300)));
         if round % 2 == 0 {
-            let status = server.get("/v1/projections/order-search");
-            kills_behind += usize::from(status["indexes"][0]["lag"].as_u64().unwrap() > 0);
+            // Kill as soon as the tables are ahead of the index (the window the
+            // test is about), or after a second if that moment was missed.
+            let until = std::time::Instant::now() + Duration::from_secs(1);
+            let behind = loop {
+                let status = server.get("/v1/projections/order-search");
+                if status["indexes"][0]["lag"].as_u64().unwrap() > 0 {
+                    break true;
+                }
+                if std::time::Instant::now() >= until {
+                    break false;
+                }
+                std::thread::sleep(Duration::from_millis(5));
+            };
+            kills_behind += usize::from(behind);
             server.kill();
             server.restart();
         }
