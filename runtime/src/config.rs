@@ -35,14 +35,22 @@
 //!       format: debezium          # json (default) | cloudevents | debezium
 //!       type-field: type          # json: the field holding the event type
 //!       type-header: null         # json: or a header holding it
+//! plugins:                        # per plugin, by the name in its manifest (optional)
+//!   orders-payments-join:
+//!     settings: { window-ms: 300000 }   # read by the plugin with the `settings` interface
+//!     routes:                     # enrichers: where outputs go (default: a stream named after it)
+//!       - types: [OrderReadyForShipment]   # empty or absent: every type
+//!         headers: { region: eu }          # optional: exact header values
+//!         to: [shipping, notifications]
 //! ```
 
-use std::collections::HashMap;
+use std::collections::{BTreeMap, HashMap};
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use serde::Deserialize;
 
+use crate::plugin::route::{Route, Routes};
 use crate::plugin::wasm::PluginLimits;
 use crate::projector::BatchOptions;
 use crate::source::kafka::KafkaConfig;
@@ -62,6 +70,35 @@ pub struct Config {
     pub search: SearchConfig,
     pub kafka: KafkaConfig,
     pub auth: AuthConfig,
+    pub plugins: BTreeMap<String, PluginConfig>,
+}
+
+/// Settings and routes of one plugin, keyed by the name in its manifest.
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(rename_all = "kebab-case", deny_unknown_fields, default)]
+pub struct PluginConfig {
+    /// Values the plugin reads with the `settings` interface (scalars, given as text).
+    pub settings: BTreeMap<String, serde_yaml::Value>,
+    /// An enricher's routes (see [`crate::plugin::route`]).
+    pub routes: Vec<Route>,
+}
+
+impl PluginConfig {
+    /// The settings as the plugin sees them: text.
+    pub fn settings_text(&self) -> Result<BTreeMap<String, String>, String> {
+        self.settings
+            .iter()
+            .map(|(name, value)| {
+                let text = match value {
+                    serde_yaml::Value::String(s) => s.clone(),
+                    serde_yaml::Value::Number(n) => n.to_string(),
+                    serde_yaml::Value::Bool(b) => b.to_string(),
+                    _ => return Err(format!("setting {name:?} must be a string, number or boolean")),
+                };
+                Ok((name.clone(), text))
+            })
+            .collect()
+    }
 }
 
 /// Bearer tokens for the HTTP API. `REFRACT_ADMIN_TOKEN` and
@@ -140,6 +177,7 @@ impl Default for Config {
             search: SearchConfig::default(),
             kafka: KafkaConfig::default(),
             auth: AuthConfig::default(),
+            plugins: BTreeMap::new(),
         }
     }
 }
@@ -238,6 +276,12 @@ impl Config {
                 )));
             }
         }
+        for (name, plugin) in &self.plugins {
+            let invalid = |e: String| ConfigError::Invalid(format!("plugins.{name}: {e}"));
+            crate::names::validate("plugin", name).map_err(invalid)?;
+            plugin.settings_text().map_err(invalid)?;
+            Routes::new(name, &plugin.routes).map_err(invalid)?;
+        }
         let auth = self.auth.resolved();
         for token in [&auth.admin_token, &auth.query_token].into_iter().flatten() {
             if token.len() < 16 {
@@ -300,5 +344,22 @@ mod tests {
         assert!(err.contains("unknown field `max-event`"), "{err}");
         std::fs::write(&path, "streams:\n  partitions: { accounts: 0 }\n").unwrap();
         assert!(matches!(Config::load(&path), Err(ConfigError::Invalid(_))));
+    }
+
+    #[test]
+    fn plugin_settings_are_text_and_routes_are_checked() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("refract.yaml");
+        let yaml = "plugins:\n  join:\n    settings: { window-ms: 300000, region: eu, strict: true }\n    routes:\n      - { types: [A], to: [a, b] }\n";
+        std::fs::write(&path, yaml).unwrap();
+        let c = Config::load(&path).unwrap();
+        let settings = c.plugins["join"].settings_text().unwrap();
+        assert_eq!(settings["window-ms"], "300000");
+        assert_eq!(settings["strict"], "true");
+        std::fs::write(&path, "plugins:\n  join:\n    routes:\n      - { to: [] }\n").unwrap();
+        let err = Config::load(&path).unwrap_err().to_string();
+        assert!(err.contains("plugins.join: route 1"), "{err}");
+        std::fs::write(&path, "plugins:\n  join:\n    settings: { window: [1, 2] }\n").unwrap();
+        assert!(Config::load(&path).unwrap_err().to_string().contains("must be a string"));
     }
 }

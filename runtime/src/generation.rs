@@ -105,6 +105,8 @@ pub fn clean(root: &Path) {
 /// One generation of a projection: its read model and the threads building it.
 pub struct Generation {
     pub number: u64,
+    /// A projection or an enricher (a new version must be the same).
+    pub kind: crate::plugin::Kind,
     pub read_model: Arc<ReadModel>,
     /// Its search indexes (empty for plain projections).
     pub indexes: Arc<Indexes>,

@@ -10,11 +10,12 @@ use std::time::Duration;
 use anyhow::Context;
 use serde::Serialize;
 
-use crate::config::Config;
+use crate::config::{Config, PluginConfig};
 use crate::generation::{self, Generation, Rebuild, RebuildStatus};
 use crate::plugin::cache::CompileCache;
-use crate::plugin::wasm::{self, WasmProjection};
-use crate::plugin::{Handler, Manifest, engine};
+use crate::plugin::route::Routes;
+use crate::plugin::wasm::{self, WasmPlugin};
+use crate::plugin::{Environment, Handler, Kind, Lookup, LookupError, Manifest, engine};
 use crate::projector::{BatchOptions, Projector, WorkerStatus};
 use crate::source::Sources;
 use crate::source::kafka::KafkaConfig;
@@ -127,10 +128,14 @@ pub struct IndexStatus {
 #[derive(Debug, Clone, Serialize)]
 #[serde(rename_all = "camelCase")]
 pub struct PluginInfo {
+    pub kind: Kind,
     pub source: String,
     pub version: String,
     pub schema_version: u32,
     pub subscriptions: Vec<SubscriptionInfo>,
+    /// An enricher's output streams (from its routes).
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub outputs: Vec<String>,
 }
 
 #[derive(Debug, Clone, Serialize)]
@@ -147,6 +152,8 @@ pub struct Runtime {
     /// The API's bearer tokens.
     pub auth: crate::config::AuthConfig,
     plugins_dir: PathBuf,
+    /// `plugins.<name>` of the config: settings and routes.
+    plugin_config: BTreeMap<String, PluginConfig>,
     /// Checks uploaded plugins (set by [`Runtime::start`]).
     loader: OnceLock<Arc<Loader>>,
     /// Each plugin file as last loaded, so the watcher sees what changed.
@@ -165,7 +172,8 @@ impl Runtime {
     /// and watch the directory for new versions and new plugins.
     pub fn start(config: &Config) -> anyhow::Result<Arc<Runtime>> {
         let runtime = Arc::new(Runtime::open(config)?);
-        let loader = Arc::new(Loader::new(config)?);
+        let lookup = Arc::new(RuntimeLookup(Arc::downgrade(&runtime)));
+        let loader = Arc::new(Loader::new(config, lookup)?);
         let _ = runtime.loader.set(loader.clone());
         let watcher = Watcher { loader, dir: config.plugins_dir.clone() };
         let mut handlers: Vec<(Box<dyn Handler>, String)> = Vec::new();
@@ -245,7 +253,7 @@ impl Runtime {
     /// Put the plugin loaded from `file` to work: swap it into the
     /// projection that file provides (between batches), start a rebuild if
     /// its schema-version changed, or start a new projection.
-    fn deploy(self: &Arc<Self>, file: &Path, loaded: Result<WasmProjection, String>) {
+    fn deploy(self: &Arc<Self>, file: &Path, loaded: Result<WasmPlugin, String>) {
         let label = file.display().to_string();
         let owner = self.projections().into_iter().find(|p| p.source == label);
         let Some(projection) = owner else {
@@ -271,6 +279,12 @@ impl Runtime {
             Ok(next) if next.manifest().name != current.name => {
                 Some(format!("the file now provides projection {:?}, not {:?}", next.manifest().name, current.name))
             }
+            Ok(next) if next.kind() != projection.live().kind => Some(format!(
+                "the file now provides {:?} as {:?}, not {:?}: remove it and add it again",
+                current.name,
+                next.kind(),
+                projection.live().kind
+            )),
             Ok(next) if next.manifest().schema_version != current.schema_version => {
                 // A new read-model shape: rebuild it with the new version while the old one serves.
                 let change = format!("schema-version {} → {}", current.schema_version, next.manifest().schema_version);
@@ -321,6 +335,7 @@ impl Runtime {
             kafka: Arc::new(config.kafka.clone()),
             auth: config.auth.resolved(),
             plugins_dir: config.plugins_dir.clone(),
+            plugin_config: config.plugins.clone(),
             loader: OnceLock::new(),
             plugin_stamps: Mutex::new(BTreeMap::new()),
             data_dir: config.data_dir.clone(),
@@ -387,6 +402,7 @@ impl Runtime {
         replaying: bool,
     ) -> anyhow::Result<Arc<Generation>> {
         let manifest = handler.manifest().clone();
+        let kind = handler.kind();
         let dir = generation::dir(root, number);
         std::fs::create_dir_all(&dir).with_context(|| format!("creating {}", dir.display()))?;
         let path = dir.join("read-model.redb");
@@ -405,6 +421,7 @@ impl Runtime {
         projector.set_replaying(replaying);
         let generation = Arc::new(Generation {
             number,
+            kind,
             manifest: projector.manifest(),
             reload: projector.reload_slot(),
             replay: projector.replay(),
@@ -599,6 +616,15 @@ impl Runtime {
             indexes,
             emitted: EmitStatus { events: emitted, published, lag: emitted.saturating_sub(published) },
             plugin: PluginInfo {
+                kind: projection.kind,
+                outputs: match projection.kind {
+                    Kind::Projection => Vec::new(),
+                    Kind::Enricher => {
+                        let routes = self.plugin_config.get(&m.name).map(|c| c.routes.as_slice()).unwrap_or_default();
+                        let routes = Routes::new(&m.name, routes).unwrap_or_else(|_| Routes::to_own_stream(&m.name));
+                        routes.streams().into_iter().map(str::to_owned).collect()
+                    }
+                },
                 source: p.source.clone(),
                 version: m.version.clone(),
                 schema_version: m.schema_version,
@@ -649,34 +675,59 @@ pub enum RebuildError {
     Invalid(String),
 }
 
-/// Compiles and instantiates plugin files (through the compile cache).
+/// Serves plugins' `lookup` calls from the live generations of the runtime's projections.
+struct RuntimeLookup(std::sync::Weak<Runtime>);
+
+impl Lookup for RuntimeLookup {
+    fn get(&self, projection: &str, table: &str, key: &str) -> Result<Result<Option<Vec<u8>>, LookupError>, String> {
+        let runtime = self.0.upgrade().ok_or("the runtime is shutting down")?;
+        let Some(p) = runtime.projection(projection) else {
+            return Ok(Err(LookupError::UnknownProjection(format!("no projection {projection:?} is running"))));
+        };
+        let live = p.live();
+        if !live.manifest.read().expect("manifest lock").tables.iter().any(|t| t == table) {
+            return Ok(Err(LookupError::UnknownTable(format!("{projection} declares no table {table:?}"))));
+        }
+        live.read_model.get(table, key).map(Ok).map_err(|e| format!("lookup in {projection}/{table}: {e}"))
+    }
+}
+
+/// Compiles and instantiates plugin files (through the compile cache), and
+/// gives each its environment and routes from `plugins.<name>` in the config.
 struct Loader {
     engine: wasmtime::Engine,
     cache: CompileCache,
     linker: wasmtime::component::Linker<crate::plugin::host::HostState>,
     limits: wasm::PluginLimits,
+    lookup: Arc<dyn Lookup>,
+    plugins: BTreeMap<String, PluginConfig>,
 }
 
 impl Loader {
-    fn new(config: &Config) -> anyhow::Result<Self> {
+    fn new(config: &Config, lookup: Arc<dyn Lookup>) -> anyhow::Result<Self> {
         let engine = engine::new_engine().map_err(|e| anyhow::anyhow!("creating the wasm engine: {e}"))?;
         let cache = CompileCache::new(&config.data_dir.join("cache").join("compiled"), &engine)
             .context("creating the compile cache")?;
         let linker = wasm::linker(&engine).map_err(|e| anyhow::anyhow!("linking host interfaces: {e}"))?;
-        Ok(Loader { engine, cache, linker, limits: config.plugin_limits() })
+        Ok(Loader { engine, cache, linker, limits: config.plugin_limits(), lookup, plugins: config.plugins.clone() })
     }
 
     /// Compile, instantiate and describe the plugin in `file`.
-    fn load(&self, file: &Path) -> Result<WasmProjection, String> {
+    fn load(&self, file: &Path) -> Result<WasmPlugin, String> {
         let bytes = std::fs::read(file).map_err(|e| format!("cannot read: {e}"))?;
         self.load_bytes(&bytes, &file.display().to_string())
     }
 
     /// Compile, instantiate and describe the plugin in `bytes`.
-    fn load_bytes(&self, bytes: &[u8], label: &str) -> Result<WasmProjection, String> {
+    fn load_bytes(&self, bytes: &[u8], label: &str) -> Result<WasmPlugin, String> {
         let (component, _) =
             self.cache.load(bytes).map_err(|e| wasm::LoadError::Compile(format!("{e:#}")).to_string())?;
-        WasmProjection::load(&self.engine, &self.linker, &component, label, self.limits).map_err(|e| e.to_string())
+        let mut plugin =
+            WasmPlugin::load(&self.engine, &self.linker, &component, label, self.limits).map_err(|e| e.to_string())?;
+        let config = self.plugins.get(&plugin.manifest().name).cloned().unwrap_or_default();
+        let settings = config.settings_text()?;
+        plugin.configure(Environment { lookup: self.lookup.clone(), settings: Arc::new(settings) }, &config.routes)?;
+        Ok(plugin)
     }
 }
 

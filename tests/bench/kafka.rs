@@ -34,7 +34,7 @@ use rdkafka::{Offset, TopicPartitionList};
 use refract::plugin::Handler;
 use refract::plugin::cache::CompileCache;
 use refract::plugin::native::NativeProjection;
-use refract::plugin::wasm::{self, PluginLimits, WasmProjection};
+use refract::plugin::wasm::{self, PluginLimits, WasmPlugin};
 use refract::projector::{BatchOptions, Projector};
 use refract::source::Sources;
 use refract::source::kafka::KafkaConfig;
@@ -106,7 +106,7 @@ fn order_summary(dir: &std::path::Path) -> Box<dyn Handler> {
     let cache = CompileCache::new(&dir.join("cache"), &engine).unwrap();
     let (component, _) = cache.load(&std::fs::read(&support::plugins().order_summary).unwrap()).unwrap();
     let linker = wasm::linker(&engine).unwrap();
-    Box::new(WasmProjection::load(&engine, &linker, &component, "order-summary", PluginLimits::default()).unwrap())
+    Box::new(WasmPlugin::load(&engine, &linker, &component, "order-summary", PluginLimits::default()).unwrap())
 }
 
 fn projection(bootstrap: &str, n: usize, dir: &std::path::Path, handler: Box<dyn Handler>) -> f64 {

@@ -23,7 +23,7 @@ use redb::{Database, Durability, TableDefinition};
 use refract::plugin::Handler;
 use refract::plugin::cache::CompileCache;
 use refract::plugin::native::NativeProjection;
-use refract::plugin::wasm::{self, PluginLimits, WasmProjection};
+use refract::plugin::wasm::{self, PluginLimits, WasmPlugin};
 use refract::projector::{BatchOptions, Projector};
 use refract::source::NewEvent;
 use refract::source::log::{EventLog, LogOptions};
@@ -191,7 +191,7 @@ fn main() {
     let cache = CompileCache::new(&dir.path().join("cache"), &engine).unwrap();
     let (component, _) = cache.load(&std::fs::read(wasm_path).unwrap()).unwrap();
     let linker = wasm::linker(&engine).unwrap();
-    let plugin = WasmProjection::load(&engine, &linker, &component, "order-summary", PluginLimits::default()).unwrap();
+    let plugin = WasmPlugin::load(&engine, &linker, &component, "order-summary", PluginLimits::default()).unwrap();
     let wasm = run_pipeline("wasm", Box::new(plugin), &log, dir.path());
 
     // Compile cache: a cold compile against a load from the cache.

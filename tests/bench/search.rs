@@ -21,7 +21,7 @@ use std::time::{Duration, Instant};
 use order_search::OrderSearch;
 use refract::config::Config;
 use refract::plugin::cache::CompileCache;
-use refract::plugin::wasm::{self, PluginLimits, WasmProjection};
+use refract::plugin::wasm::{self, PluginLimits, WasmPlugin};
 use refract::runtime::Runtime;
 use refract::source::NewEvent;
 use refract::store::search::IndexSchema;
@@ -145,7 +145,7 @@ fn main() {
     let cache = CompileCache::new(&dir.path().join("cache"), &engine).unwrap();
     let (component, _) = cache.load(&std::fs::read(&support::plugins().order_search).unwrap()).unwrap();
     let linker = wasm::linker(&engine).unwrap();
-    let plugin = WasmProjection::load(&engine, &linker, &component, "order-search", PluginLimits::default()).unwrap();
+    let plugin = WasmPlugin::load(&engine, &linker, &component, "order-search", PluginLimits::default()).unwrap();
     let started = Instant::now();
     let projection = runtime.add(Box::new(plugin), "bench".into()).unwrap().live();
     let total: u64 = runtime.log.heads("orders").unwrap().iter().sum();

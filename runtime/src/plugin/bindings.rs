@@ -10,3 +10,22 @@ wasmtime::component::bindgen!({
 });
 
 pub use self::refract::plugin::types::{IndexMapping, Subscription};
+
+/// The `enricher` world. Its imports are a subset of `projection`'s, so they
+/// reuse that world's generated interfaces (one host implementation, one
+/// linker for both kinds of plugin).
+pub mod enricher {
+    wasmtime::component::bindgen!({
+        path: "../wit",
+        world: "refract:plugin/enricher",
+        imports: { default: trappable },
+        with: {
+            "refract:plugin/types": crate::plugin::bindings::refract::plugin::types,
+            "refract:plugin/kv": crate::plugin::bindings::refract::plugin::kv,
+            "refract:plugin/emit": crate::plugin::bindings::refract::plugin::emit,
+            "refract:plugin/lookup": crate::plugin::bindings::refract::plugin::lookup,
+            "refract:plugin/settings": crate::plugin::bindings::refract::plugin::settings,
+            "refract:plugin/log": crate::plugin::bindings::refract::plugin::log,
+        },
+    });
+}

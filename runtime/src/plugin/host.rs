@@ -1,5 +1,6 @@
 //! What a plugin instance can reach: its batch's key/value tables, search
-//! documents and emitted events, the log, and a WASI environment with nothing in it.
+//! documents and emitted events, other projections' tables (read-only), its
+//! settings, the log, and a WASI environment with nothing in it.
 //!
 //! WASI is linked only because components built by the usual toolchains
 //! import it to start. The context has no preopened directories, no
@@ -14,10 +15,12 @@ use wasmtime::component::ResourceTable;
 use wasmtime::{StoreLimits, StoreLimitsBuilder};
 use wasmtime_wasi::{HostMonotonicClock, HostWallClock, WasiCtx, WasiCtxBuilder, WasiCtxView, WasiView};
 
+use super::Environment;
 use super::bindings::refract::plugin::emit::{self, EmitError, Outgoing};
 use super::bindings::refract::plugin::kv::{self, Entry, KvError};
+use super::bindings::refract::plugin::lookup::{self, LookupError};
 use super::bindings::refract::plugin::search::{self, SearchError};
-use super::bindings::refract::plugin::{log, types};
+use super::bindings::refract::plugin::{log, settings, types};
 use crate::store::Batch;
 
 /// The longest log message kept from a plugin; longer ones are cut.
@@ -26,6 +29,8 @@ const MAX_LOG_MESSAGE: usize = 4096;
 /// The state of one plugin instance's store.
 pub struct HostState {
     plugin: Arc<str>,
+    /// Lookups and settings.
+    pub(super) env: Environment,
     wasi: WasiCtx,
     table: ResourceTable,
     pub(super) limits: StoreLimits,
@@ -60,7 +65,7 @@ impl HostMonotonicClock for FrozenClock {
 
 impl HostState {
     /// A fresh state for an instance of `plugin`, whose memory may grow to `max_memory` bytes.
-    pub fn new(plugin: Arc<str>, max_memory: usize) -> Self {
+    pub fn new(plugin: Arc<str>, max_memory: usize, env: Environment) -> Self {
         let wasi = WasiCtxBuilder::new()
             .wall_clock(FrozenClock)
             .monotonic_clock(FrozenClock)
@@ -75,6 +80,7 @@ impl HostState {
             .build();
         HostState {
             plugin,
+            env,
             wasi,
             table: ResourceTable::new(),
             limits,
@@ -146,6 +152,29 @@ impl search::Host for HostState {
 impl emit::Host for HostState {
     fn emit(&mut self, stream: String, event: Outgoing) -> wasmtime::Result<Result<(), EmitError>> {
         Ok(self.batch()?.emit(&stream, event))
+    }
+}
+
+impl lookup::Host for HostState {
+    fn get(
+        &mut self,
+        projection: String,
+        table: String,
+        key: String,
+    ) -> wasmtime::Result<Result<Option<Vec<u8>>, LookupError>> {
+        match self.env.lookup.get(&projection, &table, &key) {
+            Ok(result) => Ok(result),
+            Err(message) => {
+                self.host_error = Some(message.clone());
+                Err(wasmtime::Error::msg(message))
+            }
+        }
+    }
+}
+
+impl settings::Host for HostState {
+    fn get(&mut self, name: String) -> wasmtime::Result<Option<String>> {
+        Ok(self.env.settings.get(&name).cloned())
     }
 }
 

@@ -1,19 +1,68 @@
 //! Plugins: compiling, caching, instantiating and calling WebAssembly components.
 //!
 //! A [`Handler`] is what the projector drives: a WebAssembly component
-//! ([`wasm::WasmProjection`]) or, for baselines and tests, a projection written
-//! with the Rust SDK and compiled into the host ([`native::NativeProjection`]).
+//! ([`wasm::WasmPlugin`]) or, for baselines and tests, a plugin written
+//! with the Rust SDK and compiled into the host ([`native::NativeProjection`],
+//! [`native::NativeEnricher`]). It is a projection or an enricher ([`Kind`]);
+//! the projector runs both the same way, since an enricher's outputs are
+//! events it emits (see [`route`]).
 
 pub mod bindings;
 pub mod cache;
 pub mod engine;
 pub mod host;
 pub mod native;
+pub mod route;
 pub mod wasm;
 
+use std::collections::BTreeMap;
+use std::sync::Arc;
+
+pub use bindings::refract::plugin::lookup::LookupError;
 pub use bindings::{Event, IndexMapping, Manifest};
 
 use crate::store::Batch;
+
+/// What a plugin is.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Kind {
+    /// Turns events into a read model (tables, search indexes).
+    Projection,
+    /// Turns events into events, routed to streams.
+    Enricher,
+}
+
+/// Read access to other projections' committed tables (the `lookup` interface).
+pub trait Lookup: Send + Sync {
+    /// The value under `key` in `table` of `projection`: `Ok(Err(..))` when
+    /// the plugin asked for something that does not exist, `Err` when the
+    /// host failed to read it.
+    fn get(&self, projection: &str, table: &str, key: &str) -> Result<Result<Option<Vec<u8>>, LookupError>, String>;
+}
+
+/// A [`Lookup`] with no projections behind it (benchmarks, unit tests).
+pub struct NoLookup;
+
+impl Lookup for NoLookup {
+    fn get(&self, projection: &str, _: &str, _: &str) -> Result<Result<Option<Vec<u8>>, LookupError>, String> {
+        Ok(Err(LookupError::UnknownProjection(format!("no projection {projection:?} is running"))))
+    }
+}
+
+/// What a plugin reaches beyond its batch: other projections' tables and
+/// its settings from `refract.yaml`.
+#[derive(Clone)]
+pub struct Environment {
+    pub lookup: Arc<dyn Lookup>,
+    pub settings: Arc<BTreeMap<String, String>>,
+}
+
+impl Default for Environment {
+    fn default() -> Self {
+        Environment { lookup: Arc::new(NoLookup), settings: Arc::default() }
+    }
+}
 
 /// Why a batch was not handled.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -43,6 +92,11 @@ impl std::fmt::Display for HandleError {
 pub trait Handler: Send {
     /// What the plugin declared when it was loaded.
     fn manifest(&self) -> &Manifest;
+
+    /// A projection or an enricher.
+    fn kind(&self) -> Kind {
+        Kind::Projection
+    }
 
     /// The search indexes the plugin declared (none for plain projections).
     fn indexes(&self) -> &[IndexMapping] {

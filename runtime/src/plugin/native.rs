@@ -1,4 +1,4 @@
-//! A projection written with the Rust SDK and compiled into the host.
+//! Projections and enrichers written with the Rust SDK and compiled into the host.
 //!
 //! It runs through the same projector, batches and storage as a WebAssembly
 //! plugin, with the SDK's key/value calls served by the batch directly. This
@@ -8,6 +8,7 @@
 use refract_sdk::native::{self, Backend};
 use refract_sdk::wit::refract::plugin::emit::{EmitError as SdkEmitError, Outgoing as SdkOutgoing};
 use refract_sdk::wit::refract::plugin::kv::{Entry as SdkEntry, KvError as SdkKvError};
+use refract_sdk::wit::refract::plugin::lookup::LookupError as SdkLookupError;
 use refract_sdk::wit::refract::plugin::search::SearchError as SdkSearchError;
 use refract_sdk::wit::refract::plugin::types as sdk;
 
@@ -16,16 +17,56 @@ use super::bindings::refract::plugin::kv::KvError;
 use super::bindings::refract::plugin::search::SearchError;
 use super::bindings::refract::plugin::types::{FieldMapping, FieldType};
 use super::bindings::{Event, IndexMapping, Manifest, Subscription};
-use super::{HandleError, Handler};
+use super::route::{self, Routes};
+use super::{Environment, HandleError, Handler, Kind, LookupError};
 use crate::store::Batch;
 
 type HandleFn = fn(Vec<sdk::Event>) -> Result<(), sdk::Failure>;
+type EnrichFn = fn(Vec<sdk::Event>) -> Result<Vec<refract_sdk::NewEvent>, sdk::Failure>;
 
 /// A native projection: its manifest and the SDK-generated `handle` function.
 pub struct NativeProjection {
     manifest: Manifest,
     indexes: Vec<IndexMapping>,
     handle: HandleFn,
+    env: Environment,
+}
+
+/// A native enricher: its manifest, `Enricher::enrich_batch` and its routes.
+pub struct NativeEnricher {
+    manifest: Manifest,
+    enrich: EnrichFn,
+    routes: Routes,
+    env: Environment,
+}
+
+impl NativeEnricher {
+    /// A native enricher from an SDK manifest and `Enricher::enrich_batch`,
+    /// its outputs sent along `routes`.
+    pub fn new(manifest: refract_sdk::Manifest, enrich: EnrichFn, routes: Routes) -> Self {
+        NativeEnricher { manifest: host_manifest(manifest), enrich, routes, env: Environment::default() }
+    }
+
+    /// Serve its lookups and settings from `env`.
+    pub fn with_environment(mut self, env: Environment) -> Self {
+        self.env = env;
+        self
+    }
+}
+
+fn host_manifest(manifest: refract_sdk::Manifest) -> Manifest {
+    let m = manifest.into_wit();
+    Manifest {
+        name: m.name,
+        version: m.version,
+        schema_version: m.schema_version,
+        subscriptions: m
+            .subscriptions
+            .into_iter()
+            .map(|s| Subscription { stream: s.stream, event_types: s.event_types })
+            .collect(),
+        tables: m.tables,
+    }
 }
 
 impl NativeProjection {
@@ -64,25 +105,20 @@ impl NativeProjection {
                 IndexMapping { name: i.name, fields }
             })
             .collect();
-        let m = manifest.into_wit();
-        let manifest = Manifest {
-            name: m.name,
-            version: m.version,
-            schema_version: m.schema_version,
-            subscriptions: m
-                .subscriptions
-                .into_iter()
-                .map(|s| Subscription { stream: s.stream, event_types: s.event_types })
-                .collect(),
-            tables: m.tables,
-        };
-        NativeProjection { manifest, indexes, handle }
+        NativeProjection { manifest: host_manifest(manifest), indexes, handle, env: Environment::default() }
+    }
+
+    /// Serve its lookups and settings from `env`.
+    pub fn with_environment(mut self, env: Environment) -> Self {
+        self.env = env;
+        self
     }
 }
 
 /// Serves the SDK's key/value calls from a batch, storing the first host error.
 struct BatchBackend {
     batch: Batch,
+    env: Environment,
     host_error: Option<String>,
 }
 
@@ -118,6 +154,22 @@ fn to_sdk_search(e: SearchError) -> SdkSearchError {
 }
 
 impl Backend for BatchBackend {
+    fn lookup(&mut self, projection: &str, table: &str, key: &str) -> Result<Option<Vec<u8>>, SdkLookupError> {
+        match self.env.lookup.get(projection, table, key) {
+            Ok(Ok(value)) => Ok(value),
+            Ok(Err(LookupError::UnknownProjection(m))) => Err(SdkLookupError::UnknownProjection(m)),
+            Ok(Err(LookupError::UnknownTable(m))) => Err(SdkLookupError::UnknownTable(m)),
+            Err(message) => {
+                self.host_error.get_or_insert(message.clone());
+                Err(SdkLookupError::UnknownProjection(message))
+            }
+        }
+    }
+
+    fn setting(&mut self, name: &str) -> Option<String> {
+        self.env.settings.get(name).cloned()
+    }
+
     fn search_upsert(&mut self, index: &str, id: &str, document: &[u8]) -> Result<(), SdkSearchError> {
         self.batch.search_upsert(index, id, document).map_err(to_sdk_search)
     }
@@ -160,6 +212,47 @@ impl Backend for BatchBackend {
     }
 }
 
+/// Run `call` on `events` with the SDK's host calls served by `batch`.
+fn run<R>(
+    batch: Batch,
+    env: &Environment,
+    events: &[Event],
+    call: impl FnOnce(Vec<sdk::Event>) -> Result<R, sdk::Failure>,
+) -> (Batch, Result<R, HandleError>) {
+    let events = events
+        .iter()
+        .map(|e| sdk::Event {
+            stream: e.stream.clone(),
+            partition: e.partition,
+            offset: e.offset,
+            key: e.key.clone(),
+            event_type: e.event_type.clone(),
+            time: e.time,
+            headers: e.headers.clone(),
+            content_type: e.content_type.clone(),
+            data: e.data.clone(),
+        })
+        .collect();
+    let backend = BatchBackend { batch, env: env.clone(), host_error: None };
+    let (backend, result) =
+        native::with_backend(backend, || std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| call(events))));
+    let outcome = match (backend.host_error, result) {
+        (Some(h), _) => Err(HandleError::Host(h)),
+        (None, Ok(Ok(r))) => Ok(r),
+        (None, Ok(Err(sdk::Failure::Rejected(m)))) => Err(HandleError::Rejected(m)),
+        (None, Ok(Err(sdk::Failure::Transient(m)))) => Err(HandleError::Transient(m)),
+        (None, Err(panic)) => {
+            let message = panic
+                .downcast_ref::<String>()
+                .cloned()
+                .or_else(|| panic.downcast_ref::<&str>().map(|s| (*s).to_owned()))
+                .unwrap_or_else(|| "panic".to_owned());
+            Err(HandleError::Trap(format!("plugin panicked: {message}")))
+        }
+    };
+    (backend.batch, outcome)
+}
+
 impl Handler for NativeProjection {
     fn manifest(&self) -> &Manifest {
         &self.manifest
@@ -170,38 +263,31 @@ impl Handler for NativeProjection {
     }
 
     fn handle(&mut self, batch: Batch, events: &[Event]) -> (Batch, Result<(), HandleError>) {
-        let events = events
-            .iter()
-            .map(|e| sdk::Event {
-                stream: e.stream.clone(),
-                partition: e.partition,
-                offset: e.offset,
-                key: e.key.clone(),
-                event_type: e.event_type.clone(),
-                time: e.time,
-                headers: e.headers.clone(),
-                content_type: e.content_type.clone(),
-                data: e.data.clone(),
-            })
-            .collect();
-        let handle = self.handle;
-        let backend = BatchBackend { batch, host_error: None };
-        let (backend, result) =
-            native::with_backend(backend, || std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| handle(events))));
-        let outcome = match (backend.host_error, result) {
-            (Some(h), _) => Err(HandleError::Host(h)),
-            (None, Ok(Ok(()))) => Ok(()),
-            (None, Ok(Err(sdk::Failure::Rejected(m)))) => Err(HandleError::Rejected(m)),
-            (None, Ok(Err(sdk::Failure::Transient(m)))) => Err(HandleError::Transient(m)),
-            (None, Err(panic)) => {
-                let message = panic
-                    .downcast_ref::<String>()
-                    .cloned()
-                    .or_else(|| panic.downcast_ref::<&str>().map(|s| (*s).to_owned()))
-                    .unwrap_or_else(|| "panic".to_owned());
-                Err(HandleError::Trap(format!("plugin panicked: {message}")))
-            }
-        };
-        (backend.batch, outcome)
+        run(batch, &self.env, events, self.handle)
+    }
+}
+
+impl Handler for NativeEnricher {
+    fn manifest(&self) -> &Manifest {
+        &self.manifest
+    }
+
+    fn kind(&self) -> Kind {
+        Kind::Enricher
+    }
+
+    fn handle(&mut self, batch: Batch, events: &[Event]) -> (Batch, Result<(), HandleError>) {
+        let (mut batch, result) = run(batch, &self.env, events, self.enrich);
+        let outcome = result.and_then(|outputs| {
+            let outputs = outputs
+                .into_iter()
+                .map(|o| {
+                    let o = o.into_wit();
+                    Outgoing { event_type: o.event_type, key: o.key, time: o.time, headers: o.headers, data: o.data }
+                })
+                .collect();
+            route::deliver(&mut batch, &self.routes, outputs)
+        });
+        (batch, outcome)
     }
 }

@@ -1,4 +1,4 @@
-//! A projection running as a WebAssembly component.
+//! A plugin (projection or enricher) running as a WebAssembly component.
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -6,10 +6,13 @@ use std::time::Duration;
 use wasmtime::component::{Component, HasSelf, Linker};
 use wasmtime::{Engine, Store, Trap};
 
+use super::bindings::enricher::{Enricher, EnricherPre};
+use super::bindings::refract::plugin::emit::Outgoing;
 use super::bindings::{Event, Failure, IndexMapping, Manifest, Projection, ProjectionPre};
 use super::engine::deadline_ticks;
 use super::host::HostState;
-use super::{HandleError, Handler};
+use super::route::{self, Routes};
+use super::{Environment, HandleError, Handler, Kind};
 use crate::store::Batch;
 
 /// Resource limits of one plugin instance.
@@ -32,7 +35,7 @@ impl Default for PluginLimits {
 pub enum LoadError {
     #[error("does not compile as a component: {0}")]
     Compile(String),
-    #[error("does not fit the refract:plugin/projection world: {0}")]
+    #[error("does not fit the refract:plugin projection or enricher world: {0}")]
     Link(String),
     #[error("could not be instantiated: {0}")]
     Instantiate(String),
@@ -42,15 +45,30 @@ pub enum LoadError {
     InvalidManifest(String),
 }
 
-/// A compiled projection component, instantiated on demand and again after a trap.
-pub struct WasmProjection {
+/// A component ready to instantiate, by the world it exports.
+enum Pre {
+    Projection(ProjectionPre<HostState>),
+    Enricher(EnricherPre<HostState>),
+}
+
+/// A live instance of either world.
+enum Instance {
+    Projection(Projection),
+    Enricher(Enricher),
+}
+
+/// A compiled plugin component, instantiated on demand and again after a trap.
+pub struct WasmPlugin {
     engine: Engine,
-    pre: ProjectionPre<HostState>,
+    pre: Pre,
     name: Arc<str>,
     limits: PluginLimits,
+    env: Environment,
     manifest: Manifest,
     indexes: Vec<IndexMapping>,
-    instance: Option<(Store<HostState>, Projection)>,
+    /// Where an enricher's outputs go (see [`WasmPlugin::configure`]).
+    routes: Routes,
+    instance: Option<(Store<HostState>, Instance)>,
 }
 
 /// A linker with the host interfaces and an empty WASI.
@@ -75,8 +93,9 @@ fn describe_trap(e: &wasmtime::Error, limits: &PluginLimits, last_error_log: Opt
     }
 }
 
-impl WasmProjection {
-    /// Link `component`, instantiate it once and ask for its manifest.
+impl WasmPlugin {
+    /// Link `component`, instantiate it once and ask for its manifest. It is
+    /// an enricher if it exports `enrich`, else a projection.
     pub fn load(
         engine: &Engine,
         linker: &Linker<HostState>,
@@ -84,13 +103,21 @@ impl WasmProjection {
         label: &str,
         limits: PluginLimits,
     ) -> Result<Self, LoadError> {
-        let pre = linker.instantiate_pre(component).map_err(|e| LoadError::Link(format!("{e:#}")))?;
-        let pre = ProjectionPre::new(pre).map_err(|e| LoadError::Link(format!("{e:#}")))?;
-        let mut this = WasmProjection {
+        let link = |e: wasmtime::Error| LoadError::Link(format!("{e:#}"));
+        let raw_pre = linker.instantiate_pre(component).map_err(link)?;
+        let exports_enrich = component.get_export_index(None, "enrich").is_some();
+        let pre = if exports_enrich {
+            Pre::Enricher(EnricherPre::new(raw_pre).map_err(link)?)
+        } else {
+            Pre::Projection(ProjectionPre::new(raw_pre).map_err(link)?)
+        };
+        let mut this = WasmPlugin {
             engine: engine.clone(),
             pre,
             name: Arc::from(label),
             limits,
+            env: Environment::default(),
+            routes: Routes::to_own_stream(label),
             manifest: Manifest {
                 name: label.to_owned(),
                 version: String::new(),
@@ -102,48 +129,94 @@ impl WasmProjection {
             instance: None,
         };
         let mut store = this.new_store();
-        let raw =
-            this.pre.instance_pre().instantiate(&mut store).map_err(|e| LoadError::Instantiate(format!("{e:#}")))?;
-        let instance = Projection::new(&mut store, &raw).map_err(|e| LoadError::Link(format!("{e:#}")))?;
-        let manifest = instance
-            .call_manifest(&mut store)
-            .map_err(|e| LoadError::Manifest(describe_trap(&e, &limits, store.data_mut().last_error_log.take())))?;
+        let raw = match &this.pre {
+            Pre::Projection(pre) => pre.instance_pre().instantiate(&mut store),
+            Pre::Enricher(pre) => pre.instance_pre().instantiate(&mut store),
+        }
+        .map_err(|e| LoadError::Instantiate(format!("{e:#}")))?;
+        let instance = match &this.pre {
+            Pre::Projection(_) => Instance::Projection(Projection::new(&mut store, &raw).map_err(link)?),
+            Pre::Enricher(_) => Instance::Enricher(Enricher::new(&mut store, &raw).map_err(link)?),
+        };
+        let manifest = match &instance {
+            Instance::Projection(p) => p.call_manifest(&mut store),
+            Instance::Enricher(e) => e.call_manifest(&mut store),
+        }
+        .map_err(|e| LoadError::Manifest(describe_trap(&e, &limits, store.data_mut().last_error_log.take())))?;
         super::validate_manifest(&manifest).map_err(LoadError::InvalidManifest)?;
         // The `search-projection` world adds an `indexes` export; plain projections lack it.
-        if let Ok(indexes) = raw.get_typed_func::<(), (Vec<IndexMapping>,)>(&mut store, "indexes") {
+        if let (Instance::Projection(_), Ok(indexes)) =
+            (&instance, raw.get_typed_func::<(), (Vec<IndexMapping>,)>(&mut store, "indexes"))
+        {
             let (mappings,) = indexes
                 .call(&mut store, ())
                 .map_err(|e| LoadError::Manifest(describe_trap(&e, &limits, store.data_mut().last_error_log.take())))?;
             this.indexes = mappings;
         }
         this.name = Arc::from(manifest.name.as_str());
+        this.routes = Routes::to_own_stream(&manifest.name);
         this.manifest = manifest;
         this.instance = Some((store, instance));
         Ok(this)
     }
 
+    /// Give the plugin its environment (lookups, settings) and, for an
+    /// enricher, its routes: both depend on its name, known once loaded.
+    pub fn configure(&mut self, env: Environment, routes: &[route::Route]) -> Result<(), String> {
+        self.routes = Routes::new(&self.manifest.name, routes)?;
+        if self.kind() == Kind::Enricher {
+            let routes = self.routes.streams();
+            if let Some(s) = self.manifest.subscriptions.iter().find(|s| routes.contains(&s.stream.as_str())) {
+                return Err(format!(
+                    "enricher {:?} would read its own output stream {:?}",
+                    self.manifest.name, s.stream
+                ));
+            }
+        }
+        if let Some((store, _)) = &mut self.instance {
+            store.data_mut().env = env.clone();
+        }
+        self.env = env;
+        Ok(())
+    }
+
     fn new_store(&self) -> Store<HostState> {
-        let mut store = Store::new(&self.engine, HostState::new(self.name.clone(), self.limits.max_memory));
+        let state = HostState::new(self.name.clone(), self.limits.max_memory, self.env.clone());
+        let mut store = Store::new(&self.engine, state);
         store.limiter(|s| &mut s.limits);
         store.epoch_deadline_trap();
         store.set_epoch_deadline(deadline_ticks(self.limits.deadline));
         store
     }
 
-    fn instantiate(&self) -> Result<(Store<HostState>, Projection), String> {
+    fn instantiate(&self) -> Result<(Store<HostState>, Instance), String> {
         let mut store = self.new_store();
-        let instance = self.pre.instantiate(&mut store).map_err(|e| format!("{e:#}"))?;
+        let instance = match &self.pre {
+            Pre::Projection(pre) => pre.instantiate(&mut store).map(Instance::Projection),
+            Pre::Enricher(pre) => pre.instantiate(&mut store).map(Instance::Enricher),
+        }
+        .map_err(|e| format!("{e:#}"))?;
         Ok((store, instance))
     }
 }
 
-impl Handler for WasmProjection {
+/// What a call into either world returned.
+type Called = wasmtime::Result<Result<Option<Vec<Outgoing>>, Failure>>;
+
+impl Handler for WasmPlugin {
     fn manifest(&self) -> &Manifest {
         &self.manifest
     }
 
     fn indexes(&self) -> &[IndexMapping] {
         &self.indexes
+    }
+
+    fn kind(&self) -> Kind {
+        match self.pre {
+            Pre::Projection(_) => Kind::Projection,
+            Pre::Enricher(_) => Kind::Enricher,
+        }
     }
 
     fn handle(&mut self, batch: Batch, events: &[Event]) -> (Batch, Result<(), HandleError>) {
@@ -159,13 +232,17 @@ impl Handler for WasmProjection {
         store.data_mut().batch = Some(batch);
         store.data_mut().last_error_log = None;
         store.set_epoch_deadline(deadline_ticks(self.limits.deadline));
-        let result = instance.call_handle(&mut *store, events);
+        let result: Called = match instance {
+            Instance::Projection(p) => p.call_handle(&mut *store, events).map(|r| r.map(|()| None)),
+            Instance::Enricher(e) => e.call_enrich(&mut *store, events).map(|r| r.map(Some)),
+        };
         let state = store.data_mut();
-        let batch = state.batch.take().expect("the batch stays in the store during the call");
+        let mut batch = state.batch.take().expect("the batch stays in the store during the call");
         let host_error = state.host_error.take();
         let last_error_log = state.last_error_log.take();
         let outcome = match result {
-            Ok(Ok(())) => Ok(()),
+            Ok(Ok(None)) => Ok(()),
+            Ok(Ok(Some(outputs))) => route::deliver(&mut batch, &self.routes, outputs),
             Ok(Err(Failure::Rejected(m))) => Err(HandleError::Rejected(m)),
             Ok(Err(Failure::Transient(m))) => Err(HandleError::Transient(m)),
             Err(e) => {

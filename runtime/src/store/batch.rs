@@ -68,6 +68,8 @@ pub struct BatchWrites {
     pub docs: Writes,
     /// Events to publish, in the order they were emitted.
     pub emitted: Vec<Emitted>,
+    /// Enricher outputs no route took.
+    pub unrouted: u64,
 }
 
 /// What a projection declared: the only tables and indexes that exist for it.
@@ -93,6 +95,8 @@ pub struct Batch {
     docs: Writes,
     /// This batch's emitted events.
     emitted: Vec<Emitted>,
+    /// Enricher outputs no route took.
+    unrouted: u64,
     /// Replaying history: emitted events are dropped (they were published
     /// when the history was new).
     replaying: bool,
@@ -114,18 +118,24 @@ impl Batch {
             writes: BTreeMap::new(),
             docs: BTreeMap::new(),
             emitted: Vec::new(),
+            unrouted: 0,
             replaying: false,
         }
     }
 
     /// The batch's writes, to commit.
     pub fn into_writes(self) -> BatchWrites {
-        BatchWrites { kv: self.writes, docs: self.docs, emitted: self.emitted }
+        BatchWrites { kv: self.writes, docs: self.docs, emitted: self.emitted, unrouted: self.unrouted }
     }
 
     /// Drop what this batch emits: it replays history.
     pub fn set_replaying(&mut self, replaying: bool) {
         self.replaying = replaying;
+    }
+
+    /// Count an enricher output that no route took.
+    pub fn count_unrouted(&mut self) {
+        self.unrouted += 1;
     }
 
     /// Publish `event` to `stream` once the batch commits.

@@ -97,6 +97,13 @@ pub struct Counters {
     pub events_applied: u64,
     pub dead_letters: u64,
     pub batches: u64,
+    /// Enricher outputs that matched no route (dropped).
+    #[serde(skip_serializing_if = "is_zero")]
+    pub unrouted_outputs: u64,
+}
+
+fn is_zero(n: &u64) -> bool {
+    *n == 0
 }
 
 /// What one batch commits.
@@ -212,9 +219,12 @@ impl ReadModel {
                 dead.insert(id, bytes.as_slice())?;
             }
             let mut counters = tx.open_table(COUNTERS)?;
-            for (name, add) in
-                [("events-applied", commit.applied), ("dead-letters", commit.dead_letters.len() as u64), ("batches", 1)]
-            {
+            for (name, add) in [
+                ("events-applied", commit.applied),
+                ("dead-letters", commit.dead_letters.len() as u64),
+                ("batches", 1),
+                ("unrouted-outputs", writes.unrouted),
+            ] {
                 let current = counters.get(name)?.map_or(0, |v| v.value());
                 counters.insert(name, current + add)?;
             }
@@ -359,6 +369,7 @@ impl ReadModel {
             events_applied: get("events-applied")?,
             dead_letters: get("dead-letters")?,
             batches: get("batches")?,
+            unrouted_outputs: get("unrouted-outputs")?,
         })
     }
 }

@@ -57,6 +57,25 @@ pub mod wit {
         default_bindings_module: "refract_sdk::wit",
         generate_all,
     });
+
+    /// The `enricher` world: its imports are the interfaces generated above.
+    pub mod enricher {
+        wit_bindgen::generate!({
+            path: "../../wit",
+            world: "refract:plugin/enricher",
+            pub_export_macro: true,
+            export_macro_name: "__export_enricher_world",
+            default_bindings_module: "refract_sdk::wit::enricher",
+            with: {
+                "refract:plugin/types@0.1.0": crate::wit::refract::plugin::types,
+                "refract:plugin/kv@0.1.0": crate::wit::refract::plugin::kv,
+                "refract:plugin/emit@0.1.0": crate::wit::refract::plugin::emit,
+                "refract:plugin/lookup@0.1.0": crate::wit::refract::plugin::lookup,
+                "refract:plugin/settings@0.1.0": crate::wit::refract::plugin::settings,
+                "refract:plugin/log@0.1.0": crate::wit::refract::plugin::log,
+            },
+        });
+    }
 }
 
 pub mod native;
@@ -148,6 +167,59 @@ pub trait Projection {
     /// The search indexes the projection writes through [`Index`]; none by default.
     fn indexes() -> Vec<IndexMapping> {
         Vec::new()
+    }
+}
+
+/// An enricher: turns events into zero or more new events (filter, map,
+/// flat-map, join, upcast), keeping any state it needs in [`Table`]s.
+/// Implement [`Enricher::enrich`] for one event, or override
+/// [`Enricher::enrich_batch`] to work on whole batches. Where the outputs go
+/// is the runtime's routing (`plugins.<name>.routes` in `refract.yaml`).
+///
+/// ```
+/// use refract_sdk::{Enricher, Event, Failure, Manifest, NewEvent};
+///
+/// /// Drops test orders and renames a field on the rest.
+/// struct CleanOrders;
+///
+/// impl Enricher for CleanOrders {
+///     fn manifest() -> Manifest {
+///         Manifest::new("clean-orders", "1.0.0").subscribe("orders", &[])
+///     }
+///
+///     fn enrich(event: &Event, out: &mut Vec<NewEvent>) -> Result<(), Failure> {
+///         let mut data: serde_json::Value = event.json()?;
+///         if data["test"] == true {
+///             return Ok(()); // filtered out
+///         }
+///         if let Some(customer) = data.as_object_mut().and_then(|o| o.remove("cust")) {
+///             data["customer"] = customer;
+///         }
+///         out.push(NewEvent::json(&event.event_type, &data)?.derived_from(event));
+///         Ok(())
+///     }
+/// }
+///
+/// let event = refract_sdk::testing::event("orders", "OrderPlaced", Some("o-1"), br#"{"cust":"c-1"}"#);
+/// let outputs = CleanOrders::enrich_batch(vec![event]).unwrap();
+/// assert_eq!(outputs[0].data(), br#"{"customer":"c-1"}"#);
+/// assert_eq!(outputs[0].key_str(), Some("o-1"));
+/// ```
+pub trait Enricher {
+    /// Describe the enricher: the streams it reads and its state tables.
+    fn manifest() -> Manifest;
+
+    /// Enrich one event, pushing its outputs (none to filter it out).
+    fn enrich(event: &Event, out: &mut Vec<NewEvent>) -> Result<(), Failure>;
+
+    /// Enrich a batch: the default enriches each event in order. The runtime
+    /// commits the batch's outputs and state changes atomically, or none.
+    fn enrich_batch(events: Vec<Event>) -> Result<Vec<NewEvent>, Failure> {
+        let mut out = Vec::new();
+        for event in &events {
+            Self::enrich(event, &mut out)?;
+        }
+        Ok(out)
     }
 }
 
@@ -312,6 +384,49 @@ impl NewEvent {
         self.0.headers.push((name.to_owned(), value.to_owned()));
         self
     }
+
+    /// Take the key (unless one is set), the time and the headers of
+    /// `event`, the event this one is derived from.
+    pub fn derived_from(mut self, event: &Event) -> Self {
+        if self.0.key.is_none() {
+            self.0.key.clone_from(&event.key);
+        }
+        self.0.time = event.time;
+        let mut headers = event.headers.clone();
+        headers.append(&mut self.0.headers);
+        self.0.headers = headers;
+        self
+    }
+
+    /// The event type.
+    pub fn event_type(&self) -> &str {
+        &self.0.event_type
+    }
+
+    /// The key, if any.
+    pub fn key_str(&self) -> Option<&str> {
+        self.0.key.as_deref()
+    }
+
+    /// The event time in ms since the Unix epoch.
+    pub fn event_time(&self) -> i64 {
+        self.0.time
+    }
+
+    /// The headers.
+    pub fn headers(&self) -> &[(String, String)] {
+        &self.0.headers
+    }
+
+    /// The payload: a JSON document.
+    pub fn data(&self) -> &[u8] {
+        &self.0.data
+    }
+
+    #[doc(hidden)]
+    pub fn into_wit(self) -> wit::refract::plugin::emit::Outgoing {
+        self.0
+    }
 }
 
 /// Publish `event` to `stream` once the current batch commits (the embedded
@@ -419,6 +534,64 @@ impl<V: Serialize + DeserializeOwned> Table<V> {
     }
 }
 
+/// Read-only access to other projections' tables: reference data for enrichment.
+///
+/// A lookup sees the other projection's committed, live read model as it is
+/// now (not as it was when the event happened).
+pub mod lookup {
+    use serde::de::DeserializeOwned;
+
+    use crate::Failure;
+    #[cfg(not(target_arch = "wasm32"))]
+    use crate::native::lookup as host;
+    pub use crate::wit::refract::plugin::lookup::LookupError;
+    #[cfg(target_arch = "wasm32")]
+    use crate::wit::refract::plugin::lookup::get as host;
+
+    /// The raw value under `key` in `table` of `projection`. A projection that
+    /// is not running is a transient failure (it may be starting: the batch is
+    /// retried); a table it does not declare rejects the event.
+    pub fn get_raw(projection: &str, table: &str, key: &str) -> Result<Option<Vec<u8>>, Failure> {
+        host(projection, table, key).map_err(|e| match e {
+            LookupError::UnknownProjection(m) => Failure::Transient(format!("lookup in {projection}: {m}")),
+            LookupError::UnknownTable(m) => Failure::Rejected(format!("lookup in {projection}: {m}")),
+        })
+    }
+
+    /// The value under `key` in `table` of `projection`, decoded from JSON.
+    pub fn get<V: DeserializeOwned>(projection: &str, table: &str, key: &str) -> Result<Option<V>, Failure> {
+        match get_raw(projection, table, key)? {
+            None => Ok(None),
+            Some(bytes) => serde_json::from_slice(&bytes).map(Some).map_err(|e| {
+                Failure::rejected(format!("lookup in {projection}/{table}: value of {key:?} does not decode: {e}"))
+            }),
+        }
+    }
+}
+
+/// The setting `name` from `plugins.<name>.settings` in `refract.yaml`, as text.
+/// Settings are available while handling events (not in `manifest()`).
+pub fn setting(name: &str) -> Option<String> {
+    #[cfg(target_arch = "wasm32")]
+    return wit::refract::plugin::settings::get(name);
+    #[cfg(not(target_arch = "wasm32"))]
+    return native::setting(name);
+}
+
+/// The setting `name` parsed as `T`, or `default` when it is not set; a
+/// setting that does not parse rejects the event (and names the setting).
+pub fn setting_or<T: std::str::FromStr>(name: &str, default: T) -> Result<T, Failure>
+where
+    T::Err: fmt::Display,
+{
+    match setting(name) {
+        None => Ok(default),
+        Some(text) => {
+            text.trim().parse().map_err(|e| Failure::rejected(format!("setting {name} = {text:?} does not parse: {e}")))
+        }
+    }
+}
+
 /// Send a message to the runtime's log, under the plugin's name.
 pub fn log(level: Level, message: &str) {
     #[cfg(target_arch = "wasm32")]
@@ -480,6 +653,33 @@ pub fn __install_panic_hook() {
     ONCE.call_once(|| {
         std::panic::set_hook(Box::new(|info| log(Level::Error, &format!("plugin panicked: {info}"))));
     });
+}
+
+/// Export `$ty` (which implements [`Enricher`]) as the plugin's `enricher` world.
+#[macro_export]
+macro_rules! export_enricher {
+    ($ty:ty) => {
+        const _: () = {
+            struct __RefractExport;
+            impl $crate::wit::enricher::Guest for __RefractExport {
+                fn manifest() -> $crate::wit::refract::plugin::types::Manifest {
+                    $crate::__install_panic_hook();
+                    <$ty as $crate::Enricher>::manifest().into_wit()
+                }
+                fn enrich(
+                    events: ::std::vec::Vec<$crate::Event>,
+                ) -> ::std::result::Result<
+                    ::std::vec::Vec<$crate::wit::refract::plugin::emit::Outgoing>,
+                    $crate::Failure,
+                > {
+                    $crate::__install_panic_hook();
+                    <$ty as $crate::Enricher>::enrich_batch(events)
+                        .map(|out| out.into_iter().map($crate::NewEvent::into_wit).collect())
+                }
+            }
+    $crate::wit::enricher::__export_enricher_world!(__RefractExport with_types_in $crate::wit::enricher);
+        };
+    };
 }
 
 /// Export `$ty` (which implements [`Projection`]) as the plugin's `projection` world.

@@ -13,6 +13,7 @@ use std::collections::BTreeMap;
 use crate::Level;
 use crate::wit::refract::plugin::emit::{EmitError, Outgoing};
 use crate::wit::refract::plugin::kv::{Entry, KvError};
+use crate::wit::refract::plugin::lookup::LookupError;
 use crate::wit::refract::plugin::search::SearchError;
 
 /// Storage behind the SDK's key/value calls when running natively.
@@ -35,6 +36,16 @@ pub trait Backend: Any {
     /// A message from the projection.
     fn log(&mut self, level: Level, message: &str) {
         let _ = (level, message);
+    }
+    /// The value under `key` in `table` of another projection.
+    fn lookup(&mut self, projection: &str, table: &str, key: &str) -> Result<Option<Vec<u8>>, LookupError> {
+        let _ = (table, key);
+        Err(LookupError::UnknownProjection(format!("no projection {projection:?} in this backend")))
+    }
+    /// The plugin's setting `name`.
+    fn setting(&mut self, name: &str) -> Option<String> {
+        let _ = name;
+        None
     }
 }
 
@@ -113,6 +124,16 @@ pub(crate) mod search {
 }
 
 #[cfg(not(target_arch = "wasm32"))]
+pub(crate) fn lookup(projection: &str, table: &str, key: &str) -> Result<Option<Vec<u8>>, LookupError> {
+    with(|b| b.lookup(projection, table, key))
+}
+
+#[cfg(not(target_arch = "wasm32"))]
+pub(crate) fn setting(name: &str) -> Option<String> {
+    with(|b| b.setting(name))
+}
+
+#[cfg(not(target_arch = "wasm32"))]
 pub(crate) fn emit(stream: &str, event: &Outgoing) -> Result<(), EmitError> {
     with(|b| b.emit(stream, event.clone()))
 }
@@ -131,6 +152,10 @@ pub struct MemoryBackend {
     pub logs: Vec<(Level, String)>,
     /// Events the projection emitted, with their streams, in order.
     pub emitted: Vec<(String, Outgoing)>,
+    /// Other projections' tables for lookups: projection → table → key → value.
+    pub lookups: BTreeMap<String, BTreeMap<String, BTreeMap<String, Vec<u8>>>>,
+    /// The plugin's settings.
+    pub settings: BTreeMap<String, String>,
 }
 
 impl MemoryBackend {
@@ -207,5 +232,19 @@ impl Backend for MemoryBackend {
 
     fn log(&mut self, level: Level, message: &str) {
         self.logs.push((level, message.to_owned()));
+    }
+
+    fn lookup(&mut self, projection: &str, table: &str, key: &str) -> Result<Option<Vec<u8>>, LookupError> {
+        let Some(tables) = self.lookups.get(projection) else {
+            return Err(LookupError::UnknownProjection(format!("no projection {projection:?}")));
+        };
+        let Some(table) = tables.get(table) else {
+            return Err(LookupError::UnknownTable(format!("{projection} has no table {table:?}")));
+        };
+        Ok(table.get(key).cloned())
+    }
+
+    fn setting(&mut self, name: &str) -> Option<String> {
+        self.settings.get(name).cloned()
     }
 }
