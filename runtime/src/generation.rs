@@ -251,8 +251,14 @@ pub fn monitor(s: Switch<'_>, job: Arc<Rebuild>) {
     let old = s.live.read().expect("live lock").clone();
     // 1. The live generation stops where it is, and publishes what it emitted.
     old.stop();
-    let mut relay =
-        crate::sink::Relay::new(s.name, old.read_model.clone(), s.log.clone(), s.kafka.clone(), Arc::default());
+    let mut relay = crate::sink::Relay::new(
+        s.name,
+        old.number,
+        old.read_model.clone(),
+        s.log.clone(),
+        s.kafka.clone(),
+        Arc::default(),
+    );
     while let Ok(n) = relay.publish_some() {
         if n == 0 {
             break;

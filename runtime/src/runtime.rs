@@ -442,6 +442,7 @@ impl Runtime {
         );
         let relay = crate::sink::Relay::new(
             &manifest.name,
+            number,
             read_model.clone(),
             self.log.clone(),
             self.kafka.clone(),

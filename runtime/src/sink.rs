@@ -6,7 +6,8 @@
 //! in order and trims the outbox:
 //! - to the **embedded log**, exactly once: each append records, in the same
 //!   log transaction, the outbox sequence it reached for that stream
-//!   (producer `emit/<projection>`), and a relay that restarts skips what the
+//!   (producer `emit/<projection>`, or `emit/<projection>@<n>` for generation
+//!   `n > 0`: each generation numbers its outbox from 1), and a relay that restarts skips what the
 //!   log already has;
 //! - to a **Kafka topic**, at least once: an idempotent producer (no
 //!   duplicates from its own retries), flushed before the outbox is trimmed.
@@ -36,6 +37,8 @@ pub const EVENT_TYPE_HEADER: &str = "event-type";
 /// Publishes one projection's emitted events.
 pub struct Relay {
     projection: String,
+    /// The generation whose outbox this relay publishes.
+    generation: u64,
     read_model: Arc<ReadModel>,
     log: Arc<EventLog>,
     kafka: Arc<KafkaConfig>,
@@ -48,12 +51,22 @@ const CHUNK: usize = 1000;
 impl Relay {
     pub fn new(
         projection: &str,
+        generation: u64,
         read_model: Arc<ReadModel>,
         log: Arc<EventLog>,
         kafka: Arc<KafkaConfig>,
         stop: Arc<AtomicBool>,
     ) -> Self {
-        Relay { projection: projection.to_owned(), read_model, log, kafka, producer: None, stop }
+        Relay { projection: projection.to_owned(), generation, read_model, log, kafka, producer: None, stop }
+    }
+
+    /// Who publishes: the projection, and its generation when not the first
+    /// (a rebuilt generation numbers its outbox from 1 again).
+    fn producer(&self) -> String {
+        match self.generation {
+            0 => self.projection.clone(),
+            n => format!("{}@{n}", self.projection),
+        }
     }
 
     /// Publish until `stop` is set.
@@ -87,7 +100,7 @@ impl Relay {
                 None => to_log.entry(&event.stream).or_default().push((*sequence, event)),
             }
         }
-        let producer = format!("emit/{}", self.projection);
+        let producer = format!("emit/{}", self.producer());
         for (stream, events) in to_log {
             let done = self.log.producer_sequence(&producer, stream).map_err(|e| e.to_string())?;
             let fresh: Vec<&(u64, &Emitted)> = events.iter().filter(|(s, _)| *s > done).collect();
@@ -100,7 +113,7 @@ impl Relay {
                 self.producer = Some(KafkaSink::new(&self.kafka)?);
             }
             let sink = self.producer.as_ref().expect("created above");
-            sink.send(&self.projection, &to_kafka)?;
+            sink.send(&self.producer(), &to_kafka)?;
         }
         self.read_model.trim_emitted(last).map_err(|e| e.to_string())?;
         Ok(entries.len())
@@ -229,7 +242,7 @@ mod tests {
         let (_dir, log, read_model) = setup();
         let stop = Arc::new(AtomicBool::new(false));
         let mut relay =
-            Relay::new("p", read_model.clone(), log.clone(), Arc::new(KafkaConfig::default()), stop.clone());
+            Relay::new("p", 0, read_model.clone(), log.clone(), Arc::new(KafkaConfig::default()), stop.clone());
         emit(&read_model, "echoes", 30);
         emit(&read_model, "other", 5);
         assert_eq!(relay.publish_some().unwrap(), 35);
@@ -243,7 +256,7 @@ mod tests {
         let pending = read_model.emitted_after(0, 100).unwrap();
         let events: Vec<NewEvent> = pending.iter().map(|(_, e)| new_event(e)).collect();
         log.append_as("emit/p", pending.last().unwrap().0, "echoes", &events).unwrap();
-        let mut restarted = Relay::new("p", read_model.clone(), log.clone(), Arc::new(KafkaConfig::default()), stop);
+        let mut restarted = Relay::new("p", 0, read_model.clone(), log.clone(), Arc::new(KafkaConfig::default()), stop);
         assert_eq!(restarted.publish_some().unwrap(), 10);
         assert_eq!(count(&log, "echoes"), 40, "nothing appended twice");
         let first = log.read("echoes", 0, 0, 1).unwrap();
