@@ -8,6 +8,7 @@ mod admin_auth;
 mod crash_safety;
 mod demo;
 mod emitted_events;
+mod enrichers;
 mod hot_reload;
 mod kafka_formats;
 mod kafka_source;

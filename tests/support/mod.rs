@@ -22,6 +22,11 @@ pub struct Plugins {
     pub account_balance: PathBuf,
     pub chaos: PathBuf,
     pub orders_cdc: PathBuf,
+    pub orders_payments_join: PathBuf,
+    pub shipments: PathBuf,
+    pub order_upcaster: PathBuf,
+    pub customers: PathBuf,
+    pub order_customer_names: PathBuf,
     /// `testkit-chaos` declaring schema-version 2.
     pub chaos_v2: PathBuf,
     /// `testkit-chaos` whose `manifest()` panics.
@@ -67,7 +72,18 @@ pub fn plugins() -> &'static Plugins {
             );
             target.join("wasm32-wasip2").join("plugin")
         };
-        let packages = ["order-summary", "order-search", "account-balance", "testkit-chaos", "orders-cdc"];
+        let packages = [
+            "order-summary",
+            "order-search",
+            "account-balance",
+            "testkit-chaos",
+            "orders-cdc",
+            "orders-payments-join",
+            "shipments",
+            "order-upcaster",
+            "customers",
+            "order-customer-names",
+        ];
         build(&packages, &target, None);
         // Variants build in their own directories, so that none rebuilds another.
         let v2 = build(&["testkit-chaos"], &target.with_file_name("wasm-plugins-v2"), Some("v2"));
@@ -79,6 +95,11 @@ pub fn plugins() -> &'static Plugins {
             account_balance: dir.join("account_balance.wasm"),
             chaos: dir.join("testkit_chaos.wasm"),
             orders_cdc: dir.join("orders_cdc.wasm"),
+            orders_payments_join: dir.join("orders_payments_join.wasm"),
+            shipments: dir.join("shipments.wasm"),
+            order_upcaster: dir.join("order_upcaster.wasm"),
+            customers: dir.join("customers.wasm"),
+            order_customer_names: dir.join("order_customer_names.wasm"),
             chaos_v2: v2.join("testkit_chaos.wasm"),
             chaos_trap: trap.join("testkit_chaos.wasm"),
         }
@@ -204,6 +225,29 @@ impl Server {
         let status = self.get("/v1/projections/order-summary");
         assert_eq!(status["deadLetters"], expected.rejected, "{status}");
         assert_eq!(status["eventsApplied"], events.len() - expected.rejected, "{status}");
+    }
+
+    /// Every event of `stream` in the embedded log, partition by partition.
+    pub fn stream(&self, stream: &str) -> Vec<Value> {
+        let streams = self.get("/v1/streams");
+        let Some(info) = streams["streams"].as_array().unwrap().iter().find(|s| s["name"] == stream) else {
+            return Vec::new();
+        };
+        let mut out = Vec::new();
+        for partition in 0..info["partitions"].as_u64().unwrap() {
+            let mut from = 0;
+            loop {
+                let page =
+                    self.get(&format!("/v1/streams/{stream}/events?partition={partition}&from={from}&limit=1000"));
+                let events = page["events"].as_array().unwrap();
+                if events.is_empty() {
+                    break;
+                }
+                out.extend(events.iter().cloned());
+                from = page["next"].as_u64().unwrap();
+            }
+        }
+        out
     }
 
     /// `GET path`, asserting a 200, returning the body.

@@ -23,6 +23,7 @@ use serde::Serialize;
 use crate::plugin::{HandleError, Handler, Manifest};
 use crate::source::Sources;
 use crate::source::kafka::{KafkaReader, Watermarks};
+use crate::source::log::EventLog;
 use crate::source::reader::{Cursor, Delivery, LogReader, Pending, Reader, Subscriptions};
 use crate::store::read_model::Commit;
 use crate::store::{Batch, BatchWrites, DeadLetter, Declared, KvLimits, ReadModel};
@@ -292,6 +293,8 @@ impl Projector {
         let mut cursor = self.checkpoints.clone();
         let max_events = self.options.max_events;
         let backoff = self.options.initial_backoff;
+        // Enrichers keep clocks (windows, joins): they get events in event-time order.
+        let align = self.handler.kind() == crate::plugin::Kind::Enricher;
         let stop = self.stop.clone();
         std::thread::Builder::new()
             .name(format!("reader-{name}"))
@@ -350,6 +353,9 @@ impl Projector {
                         }
                         continue;
                     }
+                    if align {
+                        align_event_time(&mut pending, &sources.log, &watermarks);
+                    }
                     cursor.extend(pending.read_to.iter().map(|(k, v)| (k.clone(), *v)));
                     if tx.send(Delivery::Batch(pending)).is_err() {
                         return;
@@ -380,6 +386,9 @@ impl Projector {
         )?;
         if pending.is_empty(&self.checkpoints) {
             return Ok(0);
+        }
+        if self.handler.kind() == crate::plugin::Kind::Enricher {
+            align_event_time(&mut pending, &self.sources.log, &self.watermarks);
         }
         let before: u64 = self.checkpoints.values().sum();
         self.process(&pending);
@@ -664,6 +673,18 @@ fn jitter(d: Duration) -> Duration {
     let nanos = SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |t| t.subsec_nanos());
     let factor = 0.75 + f64::from(nanos % 1000) / 2000.0;
     d.mul_f64(factor)
+}
+
+/// [`Pending::align_event_time`], with a partition exhausted once read to
+/// its head (the log's, or the Kafka high watermark).
+fn align_event_time(pending: &mut Pending, log: &EventLog, watermarks: &Watermarks) {
+    pending.align_event_time(|stream, partition, read_to| {
+        let head = match log.heads(stream) {
+            Some(heads) => heads.get(partition as usize).copied(),
+            None => watermarks.lock().expect("watermarks lock").get(&(stream.to_owned(), partition)).copied(),
+        };
+        head.is_none_or(|head| read_to >= head)
+    });
 }
 
 #[cfg(test)]

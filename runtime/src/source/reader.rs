@@ -73,6 +73,75 @@ impl Pending {
             .collect()
     }
 
+    /// Make the batch safe for event-time logic (windows, joins): hand over
+    /// events in event-time order across partitions, and never past the point
+    /// where a partition that still has events to read stopped.
+    ///
+    /// Reading shares a batch between partitions, so one partition can be read
+    /// further ahead in event time than another; an enricher's clock would
+    /// then run ahead of events still unread, and its windows close too early.
+    /// So: `bound` is the smallest, over partitions that were read and are not
+    /// `exhausted` (more is waiting), of the latest event time read from them.
+    /// Each partition keeps its events up to the first one later than `bound`;
+    /// the rest is read again next time (its `read_to` moves back). The
+    /// partition that sets the bound keeps everything, so reading always
+    /// progresses. Then the events are merged by time, each partition's in
+    /// offset order (like Kafka Streams' timestamp-synchronized processing).
+    pub fn align_event_time(&mut self, exhausted: impl Fn(&str, u32, u64) -> bool) {
+        let mut latest: BTreeMap<(&str, u32), i64> = BTreeMap::new();
+        for e in &self.events {
+            let t = latest.entry((e.stream.as_str(), e.partition)).or_insert(i64::MIN);
+            *t = (*t).max(e.time);
+        }
+        let bound = latest
+            .iter()
+            .filter(|((stream, partition), _)| {
+                let read_to = self.read_to.get(&((*stream).to_owned(), *partition)).copied().unwrap_or(0);
+                !exhausted(stream, *partition, read_to)
+            })
+            .map(|(_, t)| *t)
+            .min();
+        if let Some(bound) = bound {
+            // Per partition: the offset of the first event past the bound.
+            let mut cut: BTreeMap<(String, u32), u64> = BTreeMap::new();
+            for e in &self.events {
+                if e.time > bound {
+                    cut.entry((e.stream.clone(), e.partition)).or_insert(e.offset);
+                }
+            }
+            if !cut.is_empty() {
+                let past = |stream: &str, partition: u32, offset: u64| {
+                    cut.get(&(stream.to_owned(), partition)).is_some_and(|&at| offset >= at)
+                };
+                self.events.retain(|e| !past(&e.stream, e.partition, e.offset));
+                self.undecodable.retain(|l| !past(&l.stream, l.partition, l.offset));
+                for (key, at) in cut {
+                    self.read_to.insert(key, at);
+                }
+            }
+        }
+        self.merge_by_time();
+    }
+
+    /// Order events by time across partitions, keeping each partition's order:
+    /// a k-way merge on the time of each partition's next event.
+    fn merge_by_time(&mut self) {
+        let mut queues: BTreeMap<(String, u32), std::collections::VecDeque<Event>> = BTreeMap::new();
+        for e in self.events.drain(..) {
+            queues.entry((e.stream.clone(), e.partition)).or_default().push_back(e);
+        }
+        let mut queues: Vec<_> = queues.into_values().collect();
+        let mut heap: std::collections::BinaryHeap<std::cmp::Reverse<(i64, usize)>> =
+            queues.iter().enumerate().map(|(i, q)| std::cmp::Reverse((q[0].time, i))).collect();
+        while let Some(std::cmp::Reverse((_, i))) = heap.pop() {
+            let e = queues[i].pop_front().expect("a queue in the heap has an event");
+            self.events.push(e);
+            if let Some(next) = queues[i].front() {
+                heap.push(std::cmp::Reverse((next.time, i)));
+            }
+        }
+    }
+
     /// Forget what was read from `partitions` (revoked from this instance).
     pub fn drop_partitions(&mut self, partitions: &[(String, u32)]) {
         let gone = |stream: &str, partition: u32| partitions.iter().any(|(s, p)| s == stream && *p == partition);
@@ -193,5 +262,31 @@ mod tests {
         assert_eq!(offsets(pending.undecodable_between(0, 1)), vec![(0, 1), (1, 0)]);
         assert_eq!(offsets(pending.undecodable_between(1, 2)), vec![(0, 3)]);
         assert_eq!(offsets(pending.undecodable_between(0, 2)), vec![(0, 1), (0, 3), (1, 0)]);
+    }
+
+    #[test]
+    fn event_time_alignment_holds_back_what_runs_ahead_and_merges_by_time() {
+        let at = |partition: u32, offset: u64, time: i64| Event { time, ..event(partition, offset) };
+        // Partition 0 was read to time 30 and has more; partition 1 ran ahead to
+        // time 90; partition 2 is exhausted (it never holds the others back).
+        let mut pending = Pending {
+            events: vec![
+                at(0, 0, 10),
+                at(0, 1, 30),
+                at(1, 0, 5),
+                at(1, 1, 20),
+                at(1, 2, 40),
+                at(1, 3, 90),
+                at(2, 0, 25),
+            ],
+            undecodable: vec![letter(1, 4)],
+            read_to: [(("s".into(), 0), 2), (("s".into(), 1), 5), (("s".into(), 2), 1)].into(),
+        };
+        pending.align_event_time(|_, partition, _| partition == 2);
+        let order: Vec<(u32, u64)> = pending.events.iter().map(|e| (e.partition, e.offset)).collect();
+        assert_eq!(order, [(1, 0), (0, 0), (1, 1), (2, 0), (0, 1)]);
+        assert_eq!(pending.read_to[&("s".into(), 1)], 2, "partition 1 is read again from its first event past 30");
+        assert_eq!(pending.read_to[&("s".into(), 0)], 2);
+        assert!(pending.undecodable.is_empty(), "a record past the cut is read again, not dead-lettered now");
     }
 }
