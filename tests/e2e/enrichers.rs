@@ -273,9 +273,9 @@ fn sigkill_during_enrichment_loses_and_duplicates_no_output() {
     let dir = tempfile::tempdir().unwrap();
     let p = plugins();
     // Small batches: many commits, so kills land between and inside them.
-    let config = join_config("batch:\n  max-events: 100\n  call-events: 50\n  max-duration-ms: 5\n");
+    let config = join_config("batch:\n  max-events: 20\n  call-events: 20\n  max-duration-ms: 1\n");
     let mut server = Server::start(dir.path(), &[&p.orders_payments_join, &p.shipments], &config);
-    let events = interleaving(3_000, 11);
+    let events = interleaving(6_000, 11);
     append_interleaved(&server, &events, 200);
     let mut rng = Rng::new(5);
     let mut kills = 0;

@@ -85,6 +85,9 @@ const EARLY_BY_TIME: Table<String> = Table::new("early-by-time");
 const DONE: Table<String> = Table::new("done");
 /// `stream-time` → the largest event time seen.
 const CLOCK: Table<i64> = Table::new("clock");
+/// How far `deadlines` and `early-by-time` have been worked through: scans
+/// start after these keys, so they never walk entries already removed.
+const CURSORS: Table<String> = Table::new("cursors");
 
 pub const READY: &str = "OrderReadyForShipment";
 pub const UNPAID: &str = "OrderUnpaid";
@@ -97,14 +100,51 @@ fn time_key(time: i64, order_id: &str) -> String {
     format!("{:020}/{order_id}", time.max(0))
 }
 
+fn key_time(key: &str) -> i64 {
+    key.get(..20).and_then(|t| t.parse().ok()).unwrap_or(0)
+}
+
+/// The settings and the clock, read once per batch and written back at its end.
+#[derive(Clone)]
 struct Window {
     window: i64,
     grace: i64,
+    /// Stream time: the largest event time seen.
+    now: i64,
+    deadlines_cursor: Option<String>,
+    early_cursor: Option<String>,
+    /// The earliest time in `deadlines` / `early-by-time`, once a scan has
+    /// found it (`None`: not known yet in this batch): no scan until it is due.
+    next_deadline: Option<i64>,
+    next_early: Option<i64>,
 }
 
 impl Window {
-    fn current() -> Result<Self, Failure> {
-        Ok(Window { window: setting_or("window-ms", 300_000)?, grace: setting_or("grace-ms", 60_000)? })
+    fn load() -> Result<Self, Failure> {
+        Ok(Window {
+            window: setting_or("window-ms", 300_000)?,
+            grace: setting_or("grace-ms", 60_000)?,
+            now: CLOCK.get("stream-time")?.unwrap_or(i64::MIN),
+            deadlines_cursor: CURSORS.get("deadlines")?,
+            early_cursor: CURSORS.get("early")?,
+            next_deadline: None,
+            next_early: None,
+        })
+    }
+
+    fn save(&self, loaded: &Window) -> Result<(), Failure> {
+        if self.now != loaded.now {
+            CLOCK.put("stream-time", &self.now)?;
+        }
+        for (name, cursor, before) in [
+            ("deadlines", &self.deadlines_cursor, &loaded.deadlines_cursor),
+            ("early", &self.early_cursor, &loaded.early_cursor),
+        ] {
+            if let Some(cursor) = cursor.as_ref().filter(|_| cursor != before) {
+                CURSORS.put(name, cursor)?;
+            }
+        }
+        Ok(())
     }
 }
 
@@ -119,8 +159,9 @@ fn emit(out: &mut Vec<NewEvent>, event_type: &str, order: &Pending, time: i64) -
     };
     out.push(NewEvent::json(event_type, &joined)?.key(&order.order_id).time(time));
     DONE.put(&order.order_id, &event_type.to_owned())?;
-    PENDING.delete(&order.order_id)?;
-    DEADLINES.delete(&time_key(order.placed_at, &order.order_id))
+    // Its `deadlines` entry stays until stream time reaches it: removing
+    // entries only in key order keeps the scans in `advance` short.
+    PENDING.delete(&order.order_id)
 }
 
 /// Add a payment to `order`; emit the join if it is now paid.
@@ -144,7 +185,7 @@ fn add_payment(
     Ok(false)
 }
 
-fn on_order(out: &mut Vec<NewEvent>, placed: OrderPlaced, time: i64, window: &Window) -> Result<(), Failure> {
+fn on_order(out: &mut Vec<NewEvent>, placed: OrderPlaced, time: i64, window: &mut Window) -> Result<(), Failure> {
     if DONE.get(&placed.order_id)?.is_some() || PENDING.get(&placed.order_id)?.is_some() {
         return Ok(()); // a duplicate
     }
@@ -158,25 +199,27 @@ fn on_order(out: &mut Vec<NewEvent>, placed: OrderPlaced, time: i64, window: &Wi
     };
     if let Some(early) = EARLY.get(&order.order_id)? {
         EARLY.delete(&order.order_id)?;
-        for p in &early {
-            EARLY_BY_TIME.delete(&time_key(p.time, &order.order_id))?;
-        }
         for p in early {
             if add_payment(out, &mut order, &p.payment_id, p.amount_cents, p.time, window)? {
                 return Ok(());
             }
         }
     }
-    let now = CLOCK.get("stream-time")?.unwrap_or(i64::MIN);
-    if order.placed_at.saturating_add(window.window + window.grace) < now {
+    if order.placed_at.saturating_add(window.window + window.grace) < window.now {
         // The order itself is late: its window closed before it arrived.
         return emit(out, UNPAID, &order, order.placed_at + window.window);
     }
     DEADLINES.put(&time_key(order.placed_at, &order.order_id), &order.order_id)?;
+    window.next_deadline = window.next_deadline.map(|t| t.min(order.placed_at.max(0)));
     PENDING.put(&order.order_id, &order)
 }
 
-fn on_payment(out: &mut Vec<NewEvent>, payment: PaymentReceived, time: i64, window: &Window) -> Result<(), Failure> {
+fn on_payment(
+    out: &mut Vec<NewEvent>,
+    payment: PaymentReceived,
+    time: i64,
+    window: &mut Window,
+) -> Result<(), Failure> {
     if DONE.get(&payment.order_id)?.is_some() {
         return Ok(()); // late, or a duplicate of a joined payment
     }
@@ -191,6 +234,7 @@ fn on_payment(out: &mut Vec<NewEvent>, payment: PaymentReceived, time: i64, wind
     if early.iter().all(|p| p.payment_id != payment.payment_id) {
         early.push(EarlyPayment { payment_id: payment.payment_id, amount_cents: amount, time });
         EARLY_BY_TIME.put(&time_key(time, &payment.order_id), &payment.order_id)?;
+        window.next_early = window.next_early.map(|t| t.min(time.max(0)));
         EARLY.put(&payment.order_id, &early)?;
     }
     Ok(())
@@ -198,33 +242,57 @@ fn on_payment(out: &mut Vec<NewEvent>, payment: PaymentReceived, time: i64, wind
 
 /// Close every window that stream time has passed: those orders are unpaid.
 /// Early payments no order can join any more are dropped.
-fn advance(out: &mut Vec<NewEvent>, now: i64, window: &Window) -> Result<(), Failure> {
-    let horizon = now - window.window - window.grace;
-    loop {
-        let due = DEADLINES.scan("", None, 100)?;
-        let closing: Vec<_> =
-            due.into_iter().filter(|(key, _)| key.as_str() < time_key(horizon, "").as_str()).collect();
-        if closing.is_empty() {
+fn advance(out: &mut Vec<NewEvent>, window: &mut Window) -> Result<(), Failure> {
+    let oldest_open = window.now - window.window - window.grace;
+    let horizon = time_key(oldest_open, "");
+    let mut cursor = window.deadlines_cursor.take();
+    while window.next_deadline.is_none_or(|t| t < oldest_open) {
+        let Some((key, order_id)) = DEADLINES.scan("", cursor.as_deref(), 1)?.pop() else {
+            window.next_deadline = Some(i64::MAX);
+            break;
+        };
+        if key >= horizon {
+            window.next_deadline = Some(key_time(&key));
             break;
         }
-        for (key, order_id) in closing {
-            match PENDING.get(&order_id)? {
-                Some(order) => emit(out, UNPAID, &order, order.placed_at + window.window)?,
-                None => DEADLINES.delete(&key)?,
-            }
+        if let Some(order) = PENDING.get(&order_id)? {
+            emit(out, UNPAID, &order, order.placed_at + window.window)?;
         }
+        DEADLINES.delete(&key)?;
+        cursor = Some(key);
     }
-    loop {
-        let expired = EARLY_BY_TIME.scan("", None, 100)?;
-        let expired: Vec<_> =
-            expired.into_iter().filter(|(key, _)| key.as_str() < time_key(horizon, "").as_str()).collect();
-        if expired.is_empty() {
+    window.deadlines_cursor = cursor;
+    let mut cursor = window.early_cursor.take();
+    while window.next_early.is_none_or(|t| t < oldest_open) {
+        let Some((key, order_id)) = EARLY_BY_TIME.scan("", cursor.as_deref(), 1)?.pop() else {
+            window.next_early = Some(i64::MAX);
+            break;
+        };
+        if key >= horizon {
+            window.next_early = Some(key_time(&key));
             break;
         }
-        for (key, order_id) in expired {
-            EARLY_BY_TIME.delete(&key)?;
-            EARLY.delete(&order_id)?;
+        // Payments whose order never came within their window.
+        if let Some(mut early) = EARLY.get(&order_id)? {
+            early.retain(|p| p.time >= oldest_open);
+            if early.is_empty() { EARLY.delete(&order_id)? } else { EARLY.put(&order_id, &early)? }
         }
+        EARLY_BY_TIME.delete(&key)?;
+        cursor = Some(key);
+    }
+    window.early_cursor = cursor;
+    Ok(())
+}
+
+fn enrich_one(event: &Event, out: &mut Vec<NewEvent>, window: &mut Window) -> Result<(), Failure> {
+    match event.event_type.as_str() {
+        "OrderPlaced" => on_order(out, event.json()?, event.time, window)?,
+        "PaymentReceived" => on_payment(out, event.json()?, event.time, window)?,
+        _ => return Ok(()),
+    }
+    if event.time > window.now {
+        window.now = event.time;
+        advance(out, window)?;
     }
     Ok(())
 }
@@ -242,21 +310,26 @@ impl Enricher for OrdersPaymentsJoin {
             .table(&EARLY_BY_TIME)
             .table(&DONE)
             .table(&CLOCK)
+            .table(&CURSORS)
     }
 
     fn enrich(event: &Event, out: &mut Vec<NewEvent>) -> Result<(), Failure> {
-        let window = Window::current()?;
-        match event.event_type.as_str() {
-            "OrderPlaced" => on_order(out, event.json()?, event.time, &window)?,
-            "PaymentReceived" => on_payment(out, event.json()?, event.time, &window)?,
-            _ => return Ok(()),
+        let loaded = Window::load()?;
+        let mut window = loaded.clone();
+        enrich_one(event, out, &mut window)?;
+        window.save(&loaded)
+    }
+
+    /// The settings and the clock are read once per batch, not per event.
+    fn enrich_batch(events: Vec<Event>) -> Result<Vec<NewEvent>, Failure> {
+        let loaded = Window::load()?;
+        let mut window = loaded.clone();
+        let mut out = Vec::new();
+        for event in &events {
+            enrich_one(event, &mut out, &mut window)?;
         }
-        let now = CLOCK.get("stream-time")?.unwrap_or(i64::MIN);
-        if event.time > now {
-            CLOCK.put("stream-time", &event.time)?;
-            advance(out, event.time, &window)?;
-        }
-        Ok(())
+        window.save(&loaded)?;
+        Ok(out)
     }
 }
 

@@ -1,0 +1,158 @@
+//! `cargo bench -p refract --bench enrichers`: enrichers through the
+//! projector, as WebAssembly components against the same Rust code compiled
+//! into the host, in one run over the same events.
+//!
+//! - **map**: `order-upcaster` over `orders-raw` (a third of the orders in
+//!   the version 1 shape, rewritten; everything else passed through);
+//! - **join**: `orders-payments-join` over `orders` and `payments` (each
+//!   order paid once within its window, or never).
+//!
+//! Both commit their outputs to the emitted outbox with their state and
+//! checkpoints, as in the runtime (publishing them is the relay's job and
+//! not measured here). Set `REFRACT_BENCH_EVENTS` to change the number of
+//! events per enricher (default 400,000).
+
+#[path = "../support/mod.rs"]
+mod support;
+
+use std::path::Path;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Instant;
+
+use order_upcaster::OrderUpcaster;
+use orders_payments_join::OrdersPaymentsJoin;
+use refract::plugin::Handler;
+use refract::plugin::cache::CompileCache;
+use refract::plugin::native::NativeEnricher;
+use refract::plugin::route::Routes;
+use refract::plugin::wasm::{self, PluginLimits, WasmPlugin};
+use refract::projector::{BatchOptions, Projector};
+use refract::source::NewEvent;
+use refract::source::log::{EventLog, LogOptions};
+use refract::store::ReadModel;
+use refract_sdk::Enricher;
+use serde_json::{Value, json};
+
+#[global_allocator]
+static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
+/// Run `handler` through the projector until it has consumed `streams`;
+/// events per second, and how many outputs it committed.
+fn run(name: &str, handler: Box<dyn Handler>, log: &Arc<EventLog>, streams: &[&str], dir: &Path) -> (f64, u64) {
+    let read_model = Arc::new(ReadModel::open(&dir.join(format!("{name}.redb"))).unwrap());
+    let stop = Arc::new(AtomicBool::new(false));
+    let projector = Projector::new(
+        handler,
+        read_model.clone(),
+        refract::source::Sources::log(log.clone()),
+        BatchOptions::default(),
+        Arc::new(Mutex::new(Default::default())),
+        stop.clone(),
+    )
+    .unwrap();
+    let total: u64 = streams.iter().map(|s| log.heads(s).unwrap().iter().sum::<u64>()).sum();
+    let started = Instant::now();
+    let worker = std::thread::spawn(move || projector.run());
+    let consumed = || read_model.checkpoints().unwrap().iter().map(|c| c.next_offset).sum::<u64>();
+    while consumed() < total {
+        std::thread::sleep(std::time::Duration::from_millis(1));
+    }
+    let seconds = started.elapsed().as_secs_f64();
+    stop.store(true, Ordering::Relaxed);
+    worker.join().unwrap();
+    let counters = read_model.counters().unwrap();
+    assert_eq!((counters.events_applied, counters.dead_letters), (total, 0), "{name}: every event enriched");
+    (total as f64 / seconds, read_model.emit_progress().unwrap().0)
+}
+
+fn append(log: &EventLog, stream: &str, events: &[Value]) {
+    for chunk in events.chunks(10_000) {
+        let chunk: Vec<NewEvent> = chunk.iter().map(|e| serde_json::from_value(e.clone()).unwrap()).collect();
+        log.append(stream, &chunk).unwrap();
+    }
+}
+
+fn wasm_enricher(engine: &wasmtime::Engine, cache: &CompileCache, path: &Path, name: &str) -> Box<dyn Handler> {
+    let (component, _) = cache.load(&std::fs::read(path).unwrap()).unwrap();
+    let linker = wasm::linker(engine).unwrap();
+    Box::new(WasmPlugin::load(engine, &linker, &component, name, PluginLimits::default()).unwrap())
+}
+
+fn main() {
+    let n: usize = std::env::var("REFRACT_BENCH_EVENTS").ok().and_then(|v| v.parse().ok()).unwrap_or(400_000);
+    let dir = tempfile::tempdir().unwrap();
+    let plugins = support::plugins();
+    let log = Arc::new(
+        EventLog::open(&dir.path().join("log.redb"), LogOptions { default_partitions: 4, ..Default::default() })
+            .unwrap(),
+    );
+
+    eprintln!("generating {n} events per enricher …");
+    let mut placed = 0;
+    let raw: Vec<Value> = refract::fixtures::orders(n, 42, 0.0)
+        .into_iter()
+        .map(|e| {
+            if e["type"] != "OrderPlaced" {
+                return e;
+            }
+            placed += 1;
+            if placed % 3 != 0 {
+                return e;
+            }
+            let d = &e["data"];
+            json!({"type": "OrderPlaced", "key": e["key"], "time": e["time"],
+                   "data": {"order_id": d["orderId"], "customer": d["customerId"], "amount": d["total"],
+                            "lines": [], "note": d["description"]}})
+        })
+        .collect();
+    append(&log, "orders-raw", &raw);
+    let mut rng = refract::fixtures::Rng::new(7);
+    let (mut orders, mut payments) = (Vec::new(), Vec::new());
+    for i in 0..n / 2 {
+        let (id, t) = (format!("o-{i}"), 1_700_000_000_000i64 + i as i64 * 1_000);
+        let total = rng.range(100, 100_000) as f64 / 100.0;
+        orders.push(json!({"type": "OrderPlaced", "key": id, "time": t,
+                           "data": {"orderId": id, "customerId": format!("c-{}", i % 1000), "total": total}}));
+        if rng.unit() < 0.9 {
+            let at = t + rng.range(0, 30_000) as i64;
+            payments.push(json!({"type": "PaymentReceived", "key": id, "time": at,
+                                 "data": {"orderId": id, "paymentId": format!("p-{i}"), "amount": total}}));
+        }
+    }
+    payments.sort_by_key(|p| p["time"].as_i64());
+    append(&log, "orders", &orders);
+    append(&log, "payments", &payments);
+
+    let engine = refract::plugin::engine::new_engine().unwrap();
+    let cache = CompileCache::new(&dir.path().join("cache"), &engine).unwrap();
+    let native =
+        NativeEnricher::new(OrderUpcaster::manifest(), OrderUpcaster::enrich_batch, Routes::to_own_stream("m"));
+    let (map_native, map_out) = run("map-native", Box::new(native), &log, &["orders-raw"], dir.path());
+    let wasm = wasm_enricher(&engine, &cache, &plugins.order_upcaster, "order-upcaster");
+    let (map_wasm, map_wasm_out) = run("map-wasm", wasm, &log, &["orders-raw"], dir.path());
+    assert_eq!(map_out, map_wasm_out);
+
+    let native = NativeEnricher::new(
+        OrdersPaymentsJoin::manifest(),
+        OrdersPaymentsJoin::enrich_batch,
+        Routes::to_own_stream("j"),
+    );
+    let (join_native, join_out) = run("join-native", Box::new(native), &log, &["orders", "payments"], dir.path());
+    let wasm = wasm_enricher(&engine, &cache, &plugins.orders_payments_join, "orders-payments-join");
+    let (join_wasm, join_wasm_out) = run("join-wasm", wasm, &log, &["orders", "payments"], dir.path());
+    assert_eq!(join_out, join_wasm_out);
+
+    let join_events = orders.len() + payments.len();
+    println!("\nenrichers through the projector (outputs committed with state and checkpoints)\n");
+    println!("| enricher | events | outputs | native events/s | wasm events/s | wasm / native | target |");
+    println!("|---|---:|---:|---:|---:|---:|---:|");
+    println!(
+        "| map (order-upcaster) | {n} | {map_out} | {map_native:.0} | {map_wasm:.0} | {:.2} | ≥ 0.80 |",
+        map_wasm / map_native
+    );
+    println!(
+        "| join (orders-payments-join) | {join_events} | {join_out} | {join_native:.0} | {join_wasm:.0} | {:.2} | ≥ 0.80 |",
+        join_wasm / join_native
+    );
+}
