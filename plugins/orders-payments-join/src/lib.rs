@@ -44,6 +44,20 @@ pub struct EarlyPayment {
     pub time: i64,
 }
 
+/// Where the join stands with one order: one table entry, so an event costs
+/// one read and one write of state.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(tag = "state", rename_all = "kebab-case")]
+pub enum OrderState {
+    /// Payments seen before the order.
+    Early { payments: Vec<EarlyPayment> },
+    /// The order, in its window.
+    Pending(Pending),
+    /// Emitted (`OrderReadyForShipment` or `OrderUnpaid`): duplicates and
+    /// late payments change nothing.
+    Done { outcome: String },
+}
+
 /// What the join emits for an order.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(rename_all = "camelCase")]
@@ -73,20 +87,17 @@ struct PaymentReceived {
     amount: f64,
 }
 
-/// Orders in their window, by order id.
-const PENDING: Table<Pending> = Table::new("pending");
-/// `<deadline, 20 digits>/<orderId>` → order id: windows in closing order.
+/// Order id → [`OrderState`].
+const ORDERS: Table<OrderState> = Table::new("orders");
+/// `<order time, 20 digits>/<orderId>` → order id: windows in closing order.
 const DEADLINES: Table<String> = Table::new("deadlines");
-/// Payments for orders not seen yet: `<orderId>` → payments.
-const EARLY: Table<Vec<EarlyPayment>> = Table::new("early-payments");
-/// `<time, 20 digits>/<orderId>` → order id: early payments in expiry order.
+/// `<payment time, 20 digits>/<orderId>` → order id: early payments in expiry order.
 const EARLY_BY_TIME: Table<String> = Table::new("early-by-time");
-/// Orders already emitted (for duplicates and late payments): order id → outcome.
-const DONE: Table<String> = Table::new("done");
 /// `stream-time` → the largest event time seen.
 const CLOCK: Table<i64> = Table::new("clock");
-/// How far `deadlines` and `early-by-time` have been worked through: scans
-/// start after these keys, so they never walk entries already removed.
+/// How far `deadlines` and `early-by-time` have been worked through: entries
+/// are removed in key order only, and scans start after these keys, so they
+/// never walk removed entries.
 const CURSORS: Table<String> = Table::new("cursors");
 
 pub const READY: &str = "OrderReadyForShipment";
@@ -146,9 +157,15 @@ impl Window {
         }
         Ok(())
     }
+
+    /// The oldest order time whose window is still open.
+    fn oldest_open(&self) -> i64 {
+        self.now.saturating_sub(self.window + self.grace)
+    }
 }
 
-fn emit(out: &mut Vec<NewEvent>, event_type: &str, order: &Pending, time: i64) -> Result<(), Failure> {
+/// Emit `order` as `event_type`; its state becomes `Done`.
+fn emit(out: &mut Vec<NewEvent>, event_type: &str, order: &Pending, time: i64) -> Result<OrderState, Failure> {
     let joined = JoinedOrder {
         order_id: order.order_id.clone(),
         customer_id: order.customer_id.clone(),
@@ -158,92 +175,85 @@ fn emit(out: &mut Vec<NewEvent>, event_type: &str, order: &Pending, time: i64) -
         placed_at: order.placed_at,
     };
     out.push(NewEvent::json(event_type, &joined)?.key(&order.order_id).time(time));
-    DONE.put(&order.order_id, &event_type.to_owned())?;
-    // Its `deadlines` entry stays until stream time reaches it: removing
-    // entries only in key order keeps the scans in `advance` short.
-    PENDING.delete(&order.order_id)
+    Ok(OrderState::Done { outcome: event_type.to_owned() })
 }
 
-/// Add a payment to `order`; emit the join if it is now paid.
+/// Join a payment to `order` if it is in the window and new; the order's
+/// next state (`Done` once payments cover the total).
 fn add_payment(
     out: &mut Vec<NewEvent>,
-    order: &mut Pending,
-    payment_id: &str,
-    amount_cents: i64,
-    time: i64,
+    mut order: Pending,
+    payment: &EarlyPayment,
     window: &Window,
-) -> Result<bool, Failure> {
-    if (time - order.placed_at).abs() > window.window || order.payments.iter().any(|p| p == payment_id) {
-        return Ok(false);
+) -> Result<OrderState, Failure> {
+    if (payment.time - order.placed_at).abs() > window.window || order.payments.contains(&payment.payment_id) {
+        return Ok(OrderState::Pending(order));
     }
-    order.payments.push(payment_id.to_owned());
-    order.paid_cents += amount_cents;
+    order.payments.push(payment.payment_id.clone());
+    order.paid_cents += payment.amount_cents;
     if order.paid_cents >= order.total_cents {
-        emit(out, READY, order, time.max(order.placed_at))?;
-        return Ok(true);
+        return emit(out, READY, &order, payment.time.max(order.placed_at));
     }
-    Ok(false)
+    Ok(OrderState::Pending(order))
 }
 
 fn on_order(out: &mut Vec<NewEvent>, placed: OrderPlaced, time: i64, window: &mut Window) -> Result<(), Failure> {
-    if DONE.get(&placed.order_id)?.is_some() || PENDING.get(&placed.order_id)?.is_some() {
-        return Ok(()); // a duplicate
-    }
-    let mut order = Pending {
+    let early = match ORDERS.get(&placed.order_id)? {
+        Some(OrderState::Pending(_) | OrderState::Done { .. }) => return Ok(()), // a duplicate
+        Some(OrderState::Early { payments }) => payments,
+        None => Vec::new(),
+    };
+    let order_id = placed.order_id.clone();
+    let mut state = OrderState::Pending(Pending {
         order_id: placed.order_id,
         customer_id: placed.customer_id,
         total_cents: cents(placed.total),
         placed_at: time,
         paid_cents: 0,
         payments: Vec::new(),
-    };
-    if let Some(early) = EARLY.get(&order.order_id)? {
-        EARLY.delete(&order.order_id)?;
-        for p in early {
-            if add_payment(out, &mut order, &p.payment_id, p.amount_cents, p.time, window)? {
-                return Ok(());
-            }
+    });
+    for payment in &early {
+        if let OrderState::Pending(order) = state {
+            state = add_payment(out, order, payment, window)?;
         }
     }
-    if order.placed_at.saturating_add(window.window + window.grace) < window.now {
-        // The order itself is late: its window closed before it arrived.
-        return emit(out, UNPAID, &order, order.placed_at + window.window);
+    if let OrderState::Pending(order) = &state {
+        if order.placed_at.saturating_add(window.window + window.grace) < window.now {
+            // The order itself is late: its window closed before it arrived.
+            state = emit(out, UNPAID, order, order.placed_at + window.window)?;
+        } else {
+            DEADLINES.put(&time_key(order.placed_at, &order.order_id), &order.order_id)?;
+            window.next_deadline = window.next_deadline.map(|t| t.min(order.placed_at.max(0)));
+        }
     }
-    DEADLINES.put(&time_key(order.placed_at, &order.order_id), &order.order_id)?;
-    window.next_deadline = window.next_deadline.map(|t| t.min(order.placed_at.max(0)));
-    PENDING.put(&order.order_id, &order)
+    ORDERS.put(&order_id, &state)
 }
 
-fn on_payment(
-    out: &mut Vec<NewEvent>,
-    payment: PaymentReceived,
-    time: i64,
-    window: &mut Window,
-) -> Result<(), Failure> {
-    if DONE.get(&payment.order_id)?.is_some() {
-        return Ok(()); // late, or a duplicate of a joined payment
-    }
-    let amount = cents(payment.amount);
-    if let Some(mut order) = PENDING.get(&payment.order_id)? {
-        if !add_payment(out, &mut order, &payment.payment_id, amount, time, window)? {
-            PENDING.put(&order.order_id, &order)?;
+fn on_payment(out: &mut Vec<NewEvent>, p: PaymentReceived, time: i64, window: &mut Window) -> Result<(), Failure> {
+    let payment = EarlyPayment { payment_id: p.payment_id, amount_cents: cents(p.amount), time };
+    let next = match ORDERS.get(&p.order_id)? {
+        Some(OrderState::Done { .. }) => return Ok(()), // late, or a duplicate of a joined payment
+        Some(OrderState::Pending(order)) => add_payment(out, order, &payment, window)?,
+        Some(OrderState::Early { mut payments }) => {
+            if payments.iter().any(|e| e.payment_id == payment.payment_id) {
+                return Ok(());
+            }
+            payments.push(payment);
+            OrderState::Early { payments }
         }
-        return Ok(());
-    }
-    let mut early = EARLY.get(&payment.order_id)?.unwrap_or_default();
-    if early.iter().all(|p| p.payment_id != payment.payment_id) {
-        early.push(EarlyPayment { payment_id: payment.payment_id, amount_cents: amount, time });
-        EARLY_BY_TIME.put(&time_key(time, &payment.order_id), &payment.order_id)?;
+        None => OrderState::Early { payments: vec![payment] },
+    };
+    if matches!(next, OrderState::Early { .. }) {
+        EARLY_BY_TIME.put(&time_key(time, &p.order_id), &p.order_id)?;
         window.next_early = window.next_early.map(|t| t.min(time.max(0)));
-        EARLY.put(&payment.order_id, &early)?;
     }
-    Ok(())
+    ORDERS.put(&p.order_id, &next)
 }
 
 /// Close every window that stream time has passed: those orders are unpaid.
 /// Early payments no order can join any more are dropped.
 fn advance(out: &mut Vec<NewEvent>, window: &mut Window) -> Result<(), Failure> {
-    let oldest_open = window.now - window.window - window.grace;
+    let oldest_open = window.oldest_open();
     let horizon = time_key(oldest_open, "");
     let mut cursor = window.deadlines_cursor.take();
     while window.next_deadline.is_none_or(|t| t < oldest_open) {
@@ -255,8 +265,9 @@ fn advance(out: &mut Vec<NewEvent>, window: &mut Window) -> Result<(), Failure> 
             window.next_deadline = Some(key_time(&key));
             break;
         }
-        if let Some(order) = PENDING.get(&order_id)? {
-            emit(out, UNPAID, &order, order.placed_at + window.window)?;
+        if let Some(OrderState::Pending(order)) = ORDERS.get(&order_id)? {
+            let done = emit(out, UNPAID, &order, order.placed_at + window.window)?;
+            ORDERS.put(&order_id, &done)?;
         }
         DEADLINES.delete(&key)?;
         cursor = Some(key);
@@ -273,9 +284,13 @@ fn advance(out: &mut Vec<NewEvent>, window: &mut Window) -> Result<(), Failure> 
             break;
         }
         // Payments whose order never came within their window.
-        if let Some(mut early) = EARLY.get(&order_id)? {
-            early.retain(|p| p.time >= oldest_open);
-            if early.is_empty() { EARLY.delete(&order_id)? } else { EARLY.put(&order_id, &early)? }
+        if let Some(OrderState::Early { mut payments }) = ORDERS.get(&order_id)? {
+            payments.retain(|p| p.time >= oldest_open);
+            if payments.is_empty() {
+                ORDERS.delete(&order_id)?;
+            } else {
+                ORDERS.put(&order_id, &OrderState::Early { payments })?;
+            }
         }
         EARLY_BY_TIME.delete(&key)?;
         cursor = Some(key);
@@ -304,11 +319,9 @@ impl Enricher for OrdersPaymentsJoin {
         Manifest::new("orders-payments-join", env!("CARGO_PKG_VERSION"))
             .subscribe("orders", &["OrderPlaced", "PaymentReceived"])
             .subscribe("payments", &["PaymentReceived"])
-            .table(&PENDING)
+            .table(&ORDERS)
             .table(&DEADLINES)
-            .table(&EARLY)
             .table(&EARLY_BY_TIME)
-            .table(&DONE)
             .table(&CLOCK)
             .table(&CURSORS)
     }
