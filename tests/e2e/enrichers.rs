@@ -214,6 +214,11 @@ fn the_join_emits_exactly_the_reference_outputs_and_survives_a_rebuild() {
     let status = server.get("/v1/projections/orders-payments-join");
     assert_eq!(status["plugin"]["kind"], "enricher");
     assert_eq!(status["plugin"]["outputs"], json!(["notifications", "shipping"]));
+    let enrichers = server.get("/v1/projections?kind=enricher");
+    let names: Vec<&str> =
+        enrichers["projections"].as_array().unwrap().iter().map(|p| p["name"].as_str().unwrap()).collect();
+    assert_eq!(names, ["orders-payments-join"]);
+    assert_eq!(server.client().get("/v1/projections?kind=widget").unwrap().status, 400);
     assert_eq!(status["deadLetters"], 1, "the order whose data does not decode: {status}");
     assert_eq!(status["emitted"]["events"], (expected.len() + cases("OrderReadyForShipment")) as u64);
     assert_eq!(server.get("/v1/projections/shipments")["deadLetters"], 0, "no order ready twice");

@@ -34,8 +34,24 @@ fn json_value(bytes: &[u8]) -> Value {
     serde_json::from_slice(bytes).unwrap_or_else(|_| Value::String(String::from_utf8_lossy(bytes).into_owned()))
 }
 
-pub(super) async fn list(State(rt): State<Arc<Runtime>>) -> Result<Json<Value>, ApiError> {
-    let statuses = rt.projections().iter().map(|p| rt.status(p)).collect::<Result<Vec<_>, _>>()?;
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(super) struct ListParams {
+    /// Only projections, or only enrichers.
+    kind: Option<crate::plugin::Kind>,
+}
+
+pub(super) async fn list(
+    State(rt): State<Arc<Runtime>>,
+    params: Result<Query<ListParams>, QueryRejection>,
+) -> Result<Json<Value>, ApiError> {
+    let Query(params) = params?;
+    let statuses = rt
+        .projections()
+        .iter()
+        .map(|p| rt.status(p))
+        .filter(|s| s.as_ref().map_or(true, |s| params.kind.is_none_or(|k| s.plugin.kind == k)))
+        .collect::<Result<Vec<_>, _>>()?;
     Ok(Json(json!({ "projections": statuses, "pluginErrors": rt.plugin_errors() })))
 }
 

@@ -17,6 +17,10 @@ pub fn new_engine() -> wasmtime::Result<Engine> {
         .cranelift_opt_level(OptLevel::Speed)
         .max_wasm_stack(1 << 20)
         .parallel_compilation(true);
+    // `REFRACT_WASM_PROFILER=perfmap`: name plugin functions in `perf` profiles.
+    if std::env::var("REFRACT_WASM_PROFILER").as_deref() == Ok("perfmap") {
+        config.profiler(wasmtime::ProfilingStrategy::PerfMap);
+    }
     let engine = Engine::new(&config)?;
     start_epoch_ticker(&engine);
     Ok(engine)

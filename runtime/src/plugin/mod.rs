@@ -24,7 +24,7 @@ pub use bindings::{Event, IndexMapping, Manifest};
 use crate::store::Batch;
 
 /// What a plugin is.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 #[serde(rename_all = "lowercase")]
 pub enum Kind {
     /// Turns events into a read model (tables, search indexes).
