@@ -1,0 +1,54 @@
+// Build a JavaScript plugin into a component with componentize-js.
+//
+//   node sdk/js/build.mjs <plugin dir> <wit dir> <world> <out.wasm>
+//
+// The plugin dir holds `app.js` (the entry point) and any modules it imports
+// by relative path; `refract-sdk.js` is copied next to them. componentize-js
+// is resolved from $REFRACT_JS_TOOLCHAIN (a directory with node_modules; see
+// scripts/install-tools), else from this directory's node_modules.
+
+import { cp, mkdtemp, readFile, readdir, rm, writeFile } from 'node:fs/promises';
+import { tmpdir } from 'node:os';
+import { dirname, join, resolve } from 'node:path';
+import { fileURLToPath, pathToFileURL } from 'node:url';
+
+const [dir, wit, world, out] = process.argv.slice(2);
+if (!out) {
+  console.error('usage: node build.mjs <plugin dir> <wit dir> <world> <out.wasm>');
+  process.exit(2);
+}
+const here = dirname(fileURLToPath(import.meta.url));
+const toolchain = process.env.REFRACT_JS_TOOLCHAIN ?? here;
+let componentize;
+try {
+  // The package is ESM-only: resolve its `import` entry by hand.
+  const pkg = join(resolve(toolchain), 'node_modules', '@bytecodealliance', 'componentize-js');
+  const { exports } = JSON.parse(await readFile(join(pkg, 'package.json'), 'utf8'));
+  ({ componentize } = await import(pathToFileURL(join(pkg, exports.import)).href));
+} catch (e) {
+  console.error(
+    `componentize-js is not installed in ${toolchain}: run scripts/install-tools, or ` +
+      `npm install --prefix ${toolchain} @bytecodealliance/componentize-js@0.23.0 (${e.message})`,
+  );
+  process.exit(3);
+}
+
+// Sources and the SDK in one directory, which componentize-js embeds.
+const work = await mkdtemp(join(tmpdir(), 'refract-js-'));
+try {
+  for (const entry of await readdir(dir, { withFileTypes: true })) {
+    if (entry.isFile() && entry.name.endsWith('.js')) await cp(join(dir, entry.name), join(work, entry.name));
+  }
+  await cp(join(here, 'refract-sdk.js'), join(work, 'refract-sdk.js'));
+  const started = Date.now();
+  const { component } = await componentize({
+    sourcePath: join(work, 'app.js'),
+    witPath: resolve(wit),
+    worldName: world,
+    disableFeatures: ['http', 'fetch-event'],
+  });
+  await writeFile(out, component);
+  console.error(`built ${out} (${(component.length / 1048576).toFixed(1)} MB) in ${((Date.now() - started) / 1000).toFixed(1)} s`);
+} finally {
+  await rm(work, { recursive: true, force: true });
+}
