@@ -9,6 +9,7 @@
 //! `refract.yaml`.
 
 pub mod api;
+pub mod authoring;
 pub mod client;
 pub mod config;
 pub mod fixtures;

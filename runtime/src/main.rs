@@ -1,7 +1,7 @@
 //! The `refract` command: run the runtime, append events, run the demo.
 
 use std::io::{BufRead, BufReader, Read};
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, bail};
@@ -63,6 +63,9 @@ enum Command {
         #[arg(long, conflicts_with = "detach")]
         cancel: bool,
     },
+    /// Write plugins: scaffold, build and check them.
+    #[command(subcommand)]
+    Plugin(PluginCommand),
     /// Run the demo: start the runtime with the example plugins, append sample
     /// orders and account movements, and print queries to try.
     Demo {
@@ -72,6 +75,101 @@ enum Command {
         #[arg(long, default_value_t = 5000)]
         events: usize,
     },
+}
+
+#[derive(Subcommand)]
+enum PluginCommand {
+    /// Create a plugin in ./<name>: source, a unit test, README, and the SDK in .refract/.
+    New {
+        name: String,
+        #[arg(long, value_enum)]
+        lang: refract::authoring::Lang,
+        #[arg(long, value_enum, default_value = "projection")]
+        kind: PluginKind,
+    },
+    /// Build the plugin in DIR (default: .) into a component, with cargo,
+    /// componentize-py or componentize-js, then check it.
+    Build {
+        dir: Option<PathBuf>,
+        /// Where to write the component (default: DIR/<name>.wasm).
+        #[arg(long, short)]
+        out: Option<PathBuf>,
+        /// Python/JavaScript: the world, when the source does not say (default: from the source).
+        #[arg(long, value_enum)]
+        kind: Option<PluginKind>,
+    },
+    /// Check that a component fits a Refract world, and print its manifest.
+    Check {
+        file: PathBuf,
+        /// Print the manifest as JSON.
+        #[arg(long)]
+        json: bool,
+    },
+}
+
+#[derive(Clone, Copy, clap::ValueEnum)]
+enum PluginKind {
+    Projection,
+    Enricher,
+}
+
+impl From<PluginKind> for refract::plugin::Kind {
+    fn from(k: PluginKind) -> Self {
+        match k {
+            PluginKind::Projection => refract::plugin::Kind::Projection,
+            PluginKind::Enricher => refract::plugin::Kind::Enricher,
+        }
+    }
+}
+
+fn plugin_command(command: PluginCommand) -> anyhow::Result<()> {
+    use refract::authoring;
+    match command {
+        PluginCommand::New { name, lang, kind } => {
+            let dir = authoring::new(Path::new("."), &name, lang, kind.into())?;
+            println!("created {}; next: cd {} && refract plugin build", dir.display(), dir.display());
+        }
+        PluginCommand::Build { dir, out, kind } => {
+            let dir = dir.unwrap_or_else(|| PathBuf::from("."));
+            let file = authoring::build(&dir, out, kind.map(Into::into))?;
+            print_checked(&file, &authoring::check(&file)?, false);
+        }
+        PluginCommand::Check { file, json } => print_checked(&file, &authoring::check(&file)?, json),
+    }
+    Ok(())
+}
+
+fn print_checked(file: &Path, c: &refract::authoring::Checked, json: bool) {
+    let m = &c.manifest;
+    if json {
+        let subscriptions: Vec<_> = m
+            .subscriptions
+            .iter()
+            .map(|s| serde_json::json!({"stream": s.stream, "eventTypes": s.event_types}))
+            .collect();
+        let indexes: Vec<_> = c.indexes.iter().map(|i| i.name.clone()).collect();
+        let out = serde_json::json!({"file": file, "kind": c.kind, "name": m.name, "version": m.version,
+            "schemaVersion": m.schema_version, "subscriptions": subscriptions, "tables": m.tables, "indexes": indexes});
+        println!("{out:#}");
+        return;
+    }
+    let kind = match c.kind {
+        refract::plugin::Kind::Projection => "a projection",
+        refract::plugin::Kind::Enricher => "an enricher",
+    };
+    println!("{}: {kind}", file.display());
+    println!("  name            {}", m.name);
+    println!("  version         {}", m.version);
+    println!("  schema-version  {}", m.schema_version);
+    for s in &m.subscriptions {
+        let types = if s.event_types.is_empty() { "every type".to_owned() } else { s.event_types.join(", ") };
+        println!("  reads           {} ({types})", s.stream);
+    }
+    println!("  tables          {}", if m.tables.is_empty() { "none".to_owned() } else { m.tables.join(", ") });
+    for i in &c.indexes {
+        let fields: Vec<String> = i.fields.iter().map(|f| format!("{}:{:?}", f.name, f.type_)).collect();
+        println!("  index           {} ({})", i.name, fields.join(", "));
+    }
 }
 
 #[derive(clap::Args)]
@@ -130,6 +228,7 @@ fn main() -> anyhow::Result<()> {
         Command::Rebuild { projection, url, token, detach, cancel } => {
             rebuild(&projection, &url, token.as_deref(), detach, cancel)
         }
+        Command::Plugin(command) => plugin_command(command),
         Command::Demo { run: args, events } => {
             let mut config = args.config()?;
             if args.data_dir.is_none() && args.config.is_none() {

@@ -39,8 +39,18 @@ try {
   for (const entry of await readdir(dir, { withFileTypes: true })) {
     if (entry.isFile() && entry.name.endsWith('.js')) await cp(join(dir, entry.name), join(work, entry.name));
   }
-  await cp(join(here, 'refract-sdk.js'), join(work, 'refract-sdk.js'));
-  const started = Date.now();
+  // The enricher world imports no `search` or `emit`: give the SDK stand-ins
+  // that say so instead of imports componentize-js could not resolve.
+  let sdk = await readFile(join(here, 'refract-sdk.js'), 'utf8');
+  if (world.endsWith('/enricher')) {
+    for (const [name, iface] of [['search', 'search'], ['emitter', 'emit']]) {
+      const line = `import * as ${name} from 'refract:plugin/${iface}@0.1.0';`;
+      if (!sdk.includes(line)) throw new Error(`refract-sdk.js no longer has: ${line}`);
+      const stand_in = `const ${name} = new Proxy({}, { get: () => () => { throw new Error('${iface} is not available to enrichers'); } });`;
+      sdk = sdk.replace(line, stand_in);
+    }
+  }
+  await writeFile(join(work, 'refract-sdk.js'), sdk);
   const { component } = await componentize({
     sourcePath: join(work, 'app.js'),
     witPath: resolve(wit),
@@ -48,7 +58,6 @@ try {
     disableFeatures: ['http', 'fetch-event'],
   });
   await writeFile(out, component);
-  console.error(`built ${out} (${(component.length / 1048576).toFixed(1)} MB) in ${((Date.now() - started) / 1000).toFixed(1)} s`);
 } finally {
   await rm(work, { recursive: true, force: true });
 }

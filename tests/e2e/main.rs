@@ -12,6 +12,7 @@ mod enrichers;
 mod hot_reload;
 mod kafka_formats;
 mod kafka_source;
+mod languages;
 mod plugin_loading;
 mod poison_events;
 mod query_read_models;

@@ -106,6 +106,81 @@ pub fn plugins() -> &'static Plugins {
     })
 }
 
+/// `order-summary` written in Python and in JavaScript, built with
+/// `refract plugin build` (componentize-py, componentize-js).
+pub struct LangPlugins {
+    pub order_summary_py: PathBuf,
+    pub order_summary_js: PathBuf,
+}
+
+/// Build the Python and JavaScript plugins, or reuse a build of the same
+/// sources: each takes 10–30 s, so components are kept under a hash of the
+/// plugin's sources, the SDKs and the WIT package.
+pub fn lang_plugins() -> &'static LangPlugins {
+    static PLUGINS: OnceLock<LangPlugins> = OnceLock::new();
+    PLUGINS.get_or_init(|| {
+        let root = workspace_root();
+        let exe = std::env::current_exe().expect("test executable path");
+        let target = std::env::var_os("CARGO_TARGET_DIR")
+            .map(PathBuf::from)
+            .unwrap_or_else(|| exe.ancestors().nth(3).expect("target/<profile>/deps/<exe>").to_owned())
+            .join("lang-plugins");
+        std::fs::create_dir_all(&target).unwrap();
+        let build = |plugin: &str, sdk: &str| -> PathBuf {
+            use sha2::Digest;
+            let mut hash = sha2::Sha256::new();
+            let mut files = Vec::new();
+            for dir in [root.join("plugins").join(plugin), root.join("sdk").join(sdk)] {
+                collect_files(&dir, &mut files);
+            }
+            files.push(root.join("wit/plugin.wit"));
+            files.sort();
+            for f in &files {
+                hash.update(f.strip_prefix(&root).unwrap().to_string_lossy().as_bytes());
+                hash.update(std::fs::read(f).unwrap());
+            }
+            let digest: String = hash.finalize().iter().take(8).map(|b| format!("{b:02x}")).collect();
+            let out = target.join(format!("{}-{digest}.wasm", plugin.replace('-', "_")));
+            if !out.exists() {
+                let tmp = out.with_extension("tmp");
+                let status = Command::new(env!("CARGO_BIN_EXE_refract"))
+                    .args(["plugin", "build"])
+                    .arg(root.join("plugins").join(plugin))
+                    .arg("--out")
+                    .arg(&tmp)
+                    .status()
+                    .expect("running refract plugin build");
+                assert!(
+                    status.success(),
+                    "refract plugin build {plugin} failed; are the toolchains installed? scripts/install-tools"
+                );
+                std::fs::rename(&tmp, &out).unwrap();
+            }
+            out
+        };
+        LangPlugins {
+            order_summary_py: build("order-summary-py", "python"),
+            order_summary_js: build("order-summary-js", "js"),
+        }
+    })
+}
+
+/// Every source file under `dir` (not `.refract/`, `__pycache__` or built components).
+fn collect_files(dir: &Path, into: &mut Vec<PathBuf>) {
+    for entry in std::fs::read_dir(dir).unwrap() {
+        let path = entry.unwrap().path();
+        let name = path.file_name().unwrap().to_string_lossy().into_owned();
+        if name.starts_with('.') || name == "__pycache__" || name.ends_with(".wasm") || name == "templates" {
+            continue;
+        }
+        if path.is_dir() {
+            collect_files(&path, into);
+        } else {
+            into.push(path);
+        }
+    }
+}
+
 /// A free TCP port on 127.0.0.1.
 pub fn free_port() -> u16 {
     TcpListener::bind("127.0.0.1:0").expect("bind :0").local_addr().expect("local addr").port()
@@ -151,7 +226,8 @@ impl Server {
             .expect("starting refract");
         self.child = Some(child);
         let client = self.client();
-        let until = Instant::now() + Duration::from_secs(120);
+        // Generous: a Python or JavaScript component takes ~20 s to compile the first time.
+        let until = Instant::now() + Duration::from_secs(300);
         loop {
             if client.get("/healthz").is_ok_and(|r| r.status == 200) {
                 return;

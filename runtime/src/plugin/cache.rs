@@ -57,6 +57,12 @@ impl CompileCache {
             return Ok((component, CacheOutcome::Hit));
         }
         let started = Instant::now();
+        // A 12–18 MB component (Python, JavaScript) takes Cranelift 20 s or so:
+        // say so, since it happens once and then loads from the cache.
+        tracing::info!(
+            bytes = wasm.len(),
+            "compiling a component not in the compile cache (once; later loads take milliseconds)"
+        );
         let component = Component::new(&self.engine, wasm)?;
         tracing::info!(bytes = wasm.len(), elapsed_ms = started.elapsed().as_millis() as u64, "compiled component");
         if let Err(e) = self.write_entry(&path, &component) {

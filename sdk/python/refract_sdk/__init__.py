@@ -33,9 +33,13 @@ from wit_world.imports import emit as _emit
 from wit_world.imports import kv as _kv
 from wit_world.imports import log as _log
 from wit_world.imports import lookup as _lookup
-from wit_world.imports import search as _search
 from wit_world.imports import settings as _settings
 from wit_world.imports import types
+
+try:  # projections only: the enricher world has no search
+    from wit_world.imports import search as _search
+except ImportError:
+    _search = None
 
 __all__ = [
     "Enricher", "Event", "FieldType", "Index", "IndexMapping", "Manifest", "NewEvent", "Projection",
@@ -159,12 +163,16 @@ class Index:
 
     def upsert(self, id: str, document: Dict[str, Any]) -> None:
         """Index ``document`` under ``id``; one that does not fit the mapping rejects the event."""
+        if _search is None:
+            raise Rejected("search is not available to enrichers")
         try:
             _search.upsert(self.name, id, dumps(document))
         except Err as e:
             raise Rejected(f"index {self.name}: {_message(e.value)}") from None
 
     def delete(self, id: str) -> None:
+        if _search is None:
+            raise Rejected("search is not available to enrichers")
         try:
             _search.delete(self.name, id)
         except Err as e:

@@ -1,0 +1,336 @@
+//! `refract plugin new | build | check`: writing plugins in Rust, Python and
+//! JavaScript.
+//!
+//! The binary carries what a plugin build needs besides the language's own
+//! tool — the WIT package and the SDKs — and writes them into the plugin's
+//! `.refract/` directory (`new` creates it, `build` refreshes it), so a
+//! plugin always builds against the runtime that will run it.
+
+use std::io::BufRead;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+use std::time::Instant;
+
+use anyhow::{Context, bail};
+
+use crate::plugin::Kind;
+use crate::plugin::wasm::{PluginLimits, WasmPlugin};
+
+/// A plugin's language.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum Lang {
+    Rust,
+    Python,
+    Js,
+}
+
+const WIT: &str = include_str!("../../wit/plugin.wit");
+
+const SDK_RUST_MANIFEST: &str = r#"[package]
+name = "refract-sdk"
+version = "0.1.0"
+edition = "2024"
+publish = false
+
+[dependencies]
+serde = { version = "1", features = ["derive"] }
+serde_json = "1"
+wit-bindgen = { version = "0.61", default-features = false, features = ["macros", "realloc", "std"] }
+"#;
+
+/// (path under `.refract/`, contents) per language.
+fn sdk_files(lang: Lang) -> Vec<(&'static str, &'static str)> {
+    let mut files = vec![("wit/plugin.wit", WIT)];
+    files.extend(match lang {
+        Lang::Rust => vec![
+            ("sdk/rust/Cargo.toml", SDK_RUST_MANIFEST),
+            ("sdk/rust/src/lib.rs", include_str!("../../sdk/rust/src/lib.rs")),
+            ("sdk/rust/src/native.rs", include_str!("../../sdk/rust/src/native.rs")),
+            ("sdk/rust/src/testing.rs", include_str!("../../sdk/rust/src/testing.rs")),
+        ],
+        Lang::Python => vec![
+            ("sdk/python/refract_sdk/__init__.py", include_str!("../../sdk/python/refract_sdk/__init__.py")),
+            ("sdk/python/refract_testing.py", include_str!("../../sdk/python/refract_testing.py")),
+        ],
+        Lang::Js => vec![
+            ("sdk/js/refract-sdk.js", include_str!("../../sdk/js/refract-sdk.js")),
+            ("sdk/js/build.mjs", include_str!("../../sdk/js/build.mjs")),
+            ("sdk/js/testing.mjs", include_str!("../../sdk/js/testing.mjs")),
+            ("sdk/js/hooks.mjs", include_str!("../../sdk/js/hooks.mjs")),
+            ("sdk/js/memory.mjs", include_str!("../../sdk/js/memory.mjs")),
+            ("sdk/js/host/kv.mjs", include_str!("../../sdk/js/host/kv.mjs")),
+            ("sdk/js/host/search.mjs", include_str!("../../sdk/js/host/search.mjs")),
+            ("sdk/js/host/emit.mjs", include_str!("../../sdk/js/host/emit.mjs")),
+            ("sdk/js/host/lookup.mjs", include_str!("../../sdk/js/host/lookup.mjs")),
+            ("sdk/js/host/settings.mjs", include_str!("../../sdk/js/host/settings.mjs")),
+            ("sdk/js/host/log.mjs", include_str!("../../sdk/js/host/log.mjs")),
+        ],
+    });
+    files
+}
+
+/// (file name, template) of a new plugin.
+fn template(lang: Lang, kind: Kind) -> Vec<(&'static str, &'static str)> {
+    match (lang, kind) {
+        (Lang::Rust, Kind::Projection) => vec![
+            ("Cargo.toml", include_str!("../../sdk/templates/rust/Cargo.toml")),
+            ("src/lib.rs", include_str!("../../sdk/templates/rust/projection.rs")),
+        ],
+        (Lang::Rust, Kind::Enricher) => vec![
+            ("Cargo.toml", include_str!("../../sdk/templates/rust/Cargo.toml")),
+            ("src/lib.rs", include_str!("../../sdk/templates/rust/enricher.rs")),
+        ],
+        (Lang::Python, Kind::Projection) => vec![
+            ("app.py", include_str!("../../sdk/templates/python/projection.py")),
+            ("test_app.py", include_str!("../../sdk/templates/python/test_projection.py")),
+        ],
+        (Lang::Python, Kind::Enricher) => vec![
+            ("app.py", include_str!("../../sdk/templates/python/enricher.py")),
+            ("test_app.py", include_str!("../../sdk/templates/python/test_enricher.py")),
+        ],
+        (Lang::Js, Kind::Projection) => vec![
+            ("app.js", include_str!("../../sdk/templates/js/projection.js")),
+            ("app.test.js", include_str!("../../sdk/templates/js/projection.test.js")),
+        ],
+        (Lang::Js, Kind::Enricher) => vec![
+            ("app.js", include_str!("../../sdk/templates/js/enricher.js")),
+            ("app.test.js", include_str!("../../sdk/templates/js/enricher.test.js")),
+        ],
+    }
+}
+
+/// How to build and test a plugin of `lang`, for its README and `new`'s output.
+fn commands(lang: Lang) -> (&'static str, &'static str) {
+    match lang {
+        Lang::Rust => ("refract plugin build", "cargo test"),
+        Lang::Python => ("refract plugin build", "PYTHONPATH=.refract/sdk/python python3 -m unittest"),
+        Lang::Js => ("refract plugin build", "node --import ./.refract/sdk/js/testing.mjs --test"),
+    }
+}
+
+/// Write (or refresh) `dir/.refract/`: the WIT package and `lang`'s SDK.
+pub fn write_sdk(dir: &Path, lang: Lang) -> anyhow::Result<()> {
+    for (path, contents) in sdk_files(lang) {
+        let path = dir.join(".refract").join(path);
+        std::fs::create_dir_all(path.parent().expect("a file under .refract"))?;
+        std::fs::write(&path, contents).with_context(|| format!("writing {}", path.display()))?;
+    }
+    Ok(())
+}
+
+/// `refract plugin new`: a plugin called `name` in `parent/name`, ready to build and test.
+pub fn new(parent: &Path, name: &str, lang: Lang, kind: Kind) -> anyhow::Result<PathBuf> {
+    crate::names::validate("plugin", name).map_err(anyhow::Error::msg)?;
+    let dir = parent.join(name);
+    if dir.exists() {
+        bail!("{} already exists", dir.display());
+    }
+    for (file, text) in template(lang, kind) {
+        let path = dir.join(file);
+        std::fs::create_dir_all(path.parent().expect("a file in the plugin"))?;
+        std::fs::write(&path, text.replace("{{name}}", name)).with_context(|| format!("writing {}", path.display()))?;
+    }
+    let (build, test) = commands(lang);
+    let kind_name = match kind {
+        Kind::Projection => "projection",
+        Kind::Enricher => "enricher",
+    };
+    let readme = format!(
+        "# {name}\n\nA Refract {kind_name} ({lang:?}).\n\n```sh\n{build}      # → {file}\n{test}\nrefract plugin check {file}\ncp {file} <plugins-dir>/   # a running runtime picks it up within a second\n```\n\n`.refract/` holds the WIT package and the SDK this plugin builds against;\n`refract plugin build` refreshes it from the runtime.\n",
+        file = output_name(&dir),
+    );
+    std::fs::write(dir.join("README.md"), readme)?;
+    std::fs::write(dir.join(".gitignore"), ".refract/\n*.wasm\ntarget/\n__pycache__/\n")?;
+    write_sdk(&dir, lang)?;
+    Ok(dir)
+}
+
+/// The language of the plugin in `dir`, by its files.
+pub fn detect(dir: &Path) -> anyhow::Result<Lang> {
+    if dir.join("Cargo.toml").is_file() {
+        Ok(Lang::Rust)
+    } else if dir.join("app.py").is_file() {
+        Ok(Lang::Python)
+    } else if dir.join("app.js").is_file() {
+        Ok(Lang::Js)
+    } else {
+        bail!("{} holds no plugin: expected Cargo.toml (Rust), app.py (Python) or app.js (JavaScript)", dir.display())
+    }
+}
+
+/// The component file `build` writes by default: `<dir>/<name with _>.wasm`.
+fn output_name(dir: &Path) -> String {
+    let name = dir.file_name().map(|n| n.to_string_lossy().replace('-', "_")).unwrap_or_else(|| "plugin".into());
+    format!("{name}.wasm")
+}
+
+/// Whether the Python or JavaScript source in `dir` is an enricher.
+fn source_kind(dir: &Path, lang: Lang) -> anyhow::Result<Kind> {
+    let (file, marker) = match lang {
+        Lang::Python => ("app.py", "(Enricher)"),
+        Lang::Js => ("app.js", "enricher("),
+        Lang::Rust => return Ok(Kind::Projection),
+    };
+    let source = std::fs::read_to_string(dir.join(file))?;
+    Ok(if source.contains(marker) { Kind::Enricher } else { Kind::Projection })
+}
+
+fn world(kind: Kind) -> &'static str {
+    match kind {
+        Kind::Projection => "refract:plugin/search-projection",
+        Kind::Enricher => "refract:plugin/enricher",
+    }
+}
+
+/// The first of `candidates` that runs with `--version`.
+fn find_tool(candidates: &[PathBuf]) -> Option<PathBuf> {
+    candidates.iter().find(|c| Command::new(c).arg("--version").output().is_ok_and(|o| o.status.success())).cloned()
+}
+
+fn cache_dir() -> PathBuf {
+    std::env::var_os("HOME").map(PathBuf::from).unwrap_or_else(|| PathBuf::from(".")).join(".cache").join("refract")
+}
+
+fn run(command: &mut Command, what: &str) -> anyhow::Result<()> {
+    let status = command.status().with_context(|| format!("running {what}"))?;
+    if !status.success() {
+        bail!("{what} failed ({status})");
+    }
+    Ok(())
+}
+
+/// `refract plugin build`: build the plugin in `dir` into a component with
+/// its language's tool; returns the component's path.
+pub fn build(dir: &Path, out: Option<PathBuf>, kind: Option<Kind>) -> anyhow::Result<PathBuf> {
+    let lang = detect(dir)?;
+    let dir = dir.canonicalize().with_context(|| format!("reading {}", dir.display()))?;
+    let out = match out {
+        Some(out) => std::path::absolute(out)?,
+        None => dir.join(output_name(&dir)),
+    };
+    let started = Instant::now();
+    match lang {
+        Lang::Rust => build_rust(&dir, &out)?,
+        Lang::Python => {
+            write_sdk(&dir, lang)?;
+            let kind = kind.map_or_else(|| source_kind(&dir, lang), Ok)?;
+            let mut candidates = vec![PathBuf::from("componentize-py")];
+            if let Some(tool) = std::env::var_os("REFRACT_COMPONENTIZE_PY") {
+                candidates.insert(0, tool.into());
+            }
+            candidates.push(cache_dir().join("py").join("bin").join("componentize-py"));
+            let Some(tool) = find_tool(&candidates) else {
+                bail!(
+                    "componentize-py is not installed: `pip install componentize-py==0.25.1` \
+                     (or `python3 -m venv ~/.cache/refract/py && ~/.cache/refract/py/bin/pip install componentize-py==0.25.1`)"
+                );
+            };
+            eprintln!("building {} with {} ({}) …", dir.display(), tool.display(), world(kind));
+            run(
+                Command::new(&tool)
+                    .current_dir(&dir)
+                    .arg("-d")
+                    .arg(".refract/wit")
+                    .arg("-w")
+                    .arg(world(kind))
+                    .arg("componentize")
+                    .arg("app")
+                    .args(["-p", ".", "-p", ".refract/sdk/python", "-o"])
+                    .arg(&out),
+                "componentize-py",
+            )?;
+        }
+        Lang::Js => {
+            write_sdk(&dir, lang)?;
+            let kind = kind.map_or_else(|| source_kind(&dir, lang), Ok)?;
+            let Some(node) = find_tool(&[PathBuf::from("node")]) else {
+                bail!("Node.js is not installed: install node (≥ 20) and npm");
+            };
+            let toolchain =
+                std::env::var_os("REFRACT_JS_TOOLCHAIN").map(PathBuf::from).unwrap_or_else(|| cache_dir().join("js"));
+            if !toolchain.join("node_modules/@bytecodealliance/componentize-js").is_dir() {
+                bail!(
+                    "componentize-js is not installed in {0}: `npm install --prefix {0} @bytecodealliance/componentize-js@0.23.0` \
+                     (or set REFRACT_JS_TOOLCHAIN to a directory where it is)",
+                    toolchain.display()
+                );
+            }
+            eprintln!("building {} with componentize-js ({}) …", dir.display(), world(kind));
+            run(
+                Command::new(node)
+                    .current_dir(&dir)
+                    .env("REFRACT_JS_TOOLCHAIN", &toolchain)
+                    .arg(".refract/sdk/js/build.mjs")
+                    .arg(".")
+                    .arg(".refract/wit")
+                    .arg(world(kind))
+                    .arg(&out),
+                "componentize-js",
+            )?;
+        }
+    }
+    let size = std::fs::metadata(&out).map(|m| m.len()).unwrap_or(0) as f64 / 1048576.0;
+    eprintln!("built {} ({size:.1} MB) in {:.1} s", out.display(), started.elapsed().as_secs_f64());
+    Ok(out)
+}
+
+fn build_rust(dir: &Path, out: &Path) -> anyhow::Result<()> {
+    if dir.join(".refract/sdk/rust").is_dir() {
+        write_sdk(dir, Lang::Rust)?; // a plugin `new` made: refresh its SDK
+    }
+    if let Some(rustup) = find_tool(&[PathBuf::from("rustup")]) {
+        let installed = Command::new(rustup).args(["target", "list", "--installed"]).output()?;
+        if !String::from_utf8_lossy(&installed.stdout).lines().any(|t| t.trim() == "wasm32-wasip2") {
+            bail!("the wasm32-wasip2 target is not installed: `rustup target add wasm32-wasip2`");
+        }
+    }
+    eprintln!("building {} with cargo (wasm32-wasip2) …", dir.display());
+    let mut child = Command::new(std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into()))
+        .current_dir(dir)
+        .args(["build", "--release", "--target", "wasm32-wasip2", "--message-format=json-render-diagnostics"])
+        .stdout(Stdio::piped())
+        .spawn()
+        .context("running cargo (is Rust installed? https://rustup.rs)")?;
+    let mut artifact = None;
+    for line in std::io::BufReader::new(child.stdout.take().expect("piped")).lines() {
+        let message: serde_json::Value = serde_json::from_str(&line?).unwrap_or_default();
+        if message["reason"] == "compiler-artifact" {
+            let files = message["filenames"].as_array().cloned().unwrap_or_default();
+            if let Some(wasm) = files.iter().filter_map(|f| f.as_str()).find(|f| f.ends_with(".wasm")) {
+                artifact = Some(PathBuf::from(wasm));
+            }
+        }
+    }
+    let status = child.wait()?;
+    if !status.success() {
+        bail!("cargo build failed ({status})");
+    }
+    let artifact = artifact.context("cargo built no .wasm: is the crate a `cdylib`?")?;
+    std::fs::copy(&artifact, out).with_context(|| format!("copying {} to {}", artifact.display(), out.display()))?;
+    Ok(())
+}
+
+/// What `check` found in a component.
+pub struct Checked {
+    pub kind: Kind,
+    pub manifest: crate::plugin::Manifest,
+    pub indexes: Vec<crate::plugin::IndexMapping>,
+}
+
+/// `refract plugin check`: compile `file`, instantiate it against the host's
+/// interfaces and ask for its manifest, as the runtime would.
+pub fn check(file: &Path) -> anyhow::Result<Checked> {
+    use crate::plugin::Handler;
+    let bytes = std::fs::read(file).with_context(|| format!("reading {}", file.display()))?;
+    let engine = crate::plugin::engine::new_engine().map_err(|e| anyhow::anyhow!("creating the engine: {e}"))?;
+    if bytes.len() > 4 << 20 {
+        eprintln!("compiling {} ({:.1} MB) …", file.display(), bytes.len() as f64 / 1048576.0);
+    }
+    let component = wasmtime::component::Component::new(&engine, &bytes)
+        .map_err(|e| anyhow::anyhow!("{} does not compile as a component: {e:#}", file.display()))?;
+    let linker = crate::plugin::wasm::linker(&engine).map_err(|e| anyhow::anyhow!("{e}"))?;
+    let plugin = WasmPlugin::load(&engine, &linker, &component, &file.display().to_string(), PluginLimits::default())
+        .map_err(|e| anyhow::anyhow!("{}: {e}", file.display()))?;
+    crate::plugin::declared(&plugin).map_err(|e| anyhow::anyhow!("{}: {e}", file.display()))?;
+    Ok(Checked { kind: plugin.kind(), manifest: plugin.manifest().clone(), indexes: plugin.indexes().to_vec() })
+}

@@ -1,0 +1,3 @@
+import { memory } from '../memory.mjs';
+
+export const get = (name) => memory.settings.get(name);

@@ -1,0 +1,203 @@
+//! Plugins in any language: the same projection in Rust, Python and
+//! JavaScript builds the same read model, and `refract plugin new` +
+//! `refract plugin build` give a plugin a running runtime loads, for each.
+
+use std::path::Path;
+use std::process::Command;
+use std::time::{Duration, Instant};
+
+use refract::store::ReadModel;
+use serde_json::{Value, json};
+
+use crate::support::{Server, lang_plugins, ndjson, plugins};
+
+const EVENTS: usize = 10_000;
+
+/// Every table's rows (key, raw bytes), and the positions of the dead letters.
+type Projected = (Vec<(String, Vec<(String, Vec<u8>)>)>, Vec<(String, u32, u64)>);
+
+/// Run `plugin` over `events`, stop, and read its read model's files.
+fn project(plugin: &Path, events: &[Value]) -> Projected {
+    let dir = tempfile::tempdir().unwrap();
+    let mut server = Server::start(dir.path(), &[plugin], "");
+    for chunk in events.chunks(2_000) {
+        assert_eq!(server.client().append_ndjson("orders", &ndjson(chunk)).unwrap().status, 200);
+    }
+    let status = server.wait_checkpoints("order-summary", events.len() as u64);
+    assert_eq!(status["retries"], 0, "{status}");
+    server.stop();
+    let read_model = ReadModel::open(&dir.path().join("data/projections/order-summary/read-model.redb")).unwrap();
+    let tables = ["orders", "customer-orders"]
+        .into_iter()
+        .map(|t| (t.to_owned(), read_model.scan(t, "", None, usize::MAX).unwrap()))
+        .collect();
+    let dead = read_model
+        .dead_letters(0, usize::MAX)
+        .unwrap()
+        .into_iter()
+        .map(|(_, l)| (l.stream, l.partition, l.offset))
+        .collect();
+    (tables, dead)
+}
+
+#[test]
+fn order_summary_in_rust_python_and_javascript_builds_byte_identical_read_models() {
+    let mut events = refract::fixtures::orders(EVENTS - 5, 77, 0.01);
+    // Data each language must reject the same way.
+    for (i, data) in [
+        json!({"orderId": 17, "customerId": "c-1", "total": 1.0}),
+        json!({"orderId": "o-x1", "customerId": "c-1", "total": "12"}),
+        json!({"orderId": "o-x2", "customerId": "c-1", "total": 3, "items": [{"sku": 5}]}),
+        json!([1, 2]),
+        json!({"orderId": "o-x3", "customerId": "c-1", "total": 3, "description": 4}),
+    ]
+    .into_iter()
+    .enumerate()
+    {
+        events.insert(100 + i * 1_000, json!({"type": "OrderPlaced", "key": format!("x{i}"), "time": 5, "data": data}));
+    }
+    let rust = project(&plugins().order_summary, &events);
+    let lang = lang_plugins();
+    let python = project(&lang.order_summary_py, &events);
+    let javascript = project(&lang.order_summary_js, &events);
+
+    let rows: usize = rust.0.iter().map(|(_, rows)| rows.len()).sum();
+    assert!(rows > 4_000, "the read model has {rows} rows");
+    assert!(rust.1.len() > 90, "{} dead letters", rust.1.len());
+    for (name, other) in [("python", &python), ("javascript", &javascript)] {
+        for ((table, want), (_, got)) in rust.0.iter().zip(&other.0) {
+            assert_eq!(got.len(), want.len(), "{name}: rows of {table}");
+            for (w, g) in want.iter().zip(got) {
+                assert!(
+                    w == g,
+                    "{name}: {table}/{} differs:\n rust: {}\n {name}: {}",
+                    w.0,
+                    String::from_utf8_lossy(&w.1),
+                    String::from_utf8_lossy(&g.1)
+                );
+            }
+        }
+        assert_eq!(other.1, rust.1, "{name}: the same events are dead letters");
+    }
+}
+
+/// Run `program args` in `dir`, asserting it succeeds.
+fn run(dir: &Path, program: &str, args: &[&str], env: &[(&str, &Path)]) {
+    let mut command = Command::new(program);
+    command.current_dir(dir).args(args);
+    // The nested cargo of a Rust plugin must not inherit this build's flags.
+    for k in ["CARGO_ENCODED_RUSTFLAGS", "RUSTFLAGS", "RUSTC_WORKSPACE_WRAPPER", "CARGO_TARGET_DIR"] {
+        command.env_remove(k);
+    }
+    for (k, v) in env {
+        command.env(k, v);
+    }
+    let output = command.output().unwrap_or_else(|e| panic!("running {program}: {e}"));
+    assert!(
+        output.status.success(),
+        "{program} {args:?} failed:\n{}\n{}",
+        String::from_utf8_lossy(&output.stdout),
+        String::from_utf8_lossy(&output.stderr)
+    );
+}
+
+#[test]
+fn plugin_new_and_build_give_a_plugin_the_runtime_loads_in_each_language() {
+    let work = tempfile::tempdir().unwrap();
+    let refract = env!("CARGO_BIN_EXE_refract");
+    // Rust plugins share a target directory across runs (their dependencies take a while).
+    let exe = std::env::current_exe().unwrap();
+    let rust_target = std::env::var_os("CARGO_TARGET_DIR")
+        .map(std::path::PathBuf::from)
+        .unwrap_or_else(|| exe.ancestors().nth(3).unwrap().to_owned())
+        .join("scaffolded-plugins");
+    let plugins = [
+        ("counts-rs", "rust", "projection"),
+        ("counts-py", "python", "projection"),
+        ("big-js", "js", "enricher"),
+        ("big-py", "python", "enricher"),
+    ];
+    for (name, lang, kind) in plugins {
+        run(work.path(), refract, &["plugin", "new", name, "--lang", lang, "--kind", kind], &[]);
+        let dir = work.path().join(name);
+        let target = [("CARGO_TARGET_DIR", rust_target.as_path())];
+        // The unit test the template comes with passes, natively.
+        match lang {
+            "rust" => run(&dir, "cargo", &["test", "-q"], &target),
+            "python" => {
+                run(&dir, "python3", &["-m", "unittest", "-q"], &[("PYTHONPATH", Path::new(".refract/sdk/python"))])
+            }
+            _ => run(&dir, "node", &["--import", "./.refract/sdk/js/testing.mjs", "--test"], &[]),
+        }
+        run(&dir, refract, &["plugin", "build"], &target);
+        assert!(dir.join(format!("{}.wasm", name.replace('-', "_"))).is_file(), "{name}: no component");
+    }
+
+    let dir = tempfile::tempdir().unwrap();
+    let config = "plugins:\n  big-js:\n    settings: { threshold: 50 }\n";
+    let components: Vec<_> = plugins
+        .iter()
+        .map(|(name, _, _)| work.path().join(name).join(format!("{}.wasm", name.replace('-', "_"))))
+        .collect();
+    let paths: Vec<&Path> = components.iter().map(|p| p.as_path()).collect();
+    let server = Server::start(dir.path(), &paths, config);
+    let orders = [
+        json!({"type": "OrderPlaced", "key": "o-1", "time": 10, "data": {"orderId": "o-1", "total": 120}}),
+        json!({"type": "OrderPlaced", "key": "o-2", "time": 20, "data": {"orderId": "o-2", "total": 60}}),
+        json!({"type": "OrderShipped", "key": "o-1", "time": 30, "data": {"orderId": "o-1"}}),
+    ];
+    assert_eq!(server.client().append_ndjson("orders", &ndjson(&orders)).unwrap().status, 200);
+    for name in ["counts-rs", "counts-py", "big-js", "big-py"] {
+        server.wait_checkpoints(name, 3);
+    }
+    for name in ["counts-rs", "counts-py"] {
+        let counts: Vec<(String, Value)> = server.table(name, "counts");
+        assert_eq!(
+            counts,
+            [
+                ("OrderPlaced".to_owned(), json!({"n": 2, "last": 20})),
+                ("OrderShipped".to_owned(), json!({"n": 1, "last": 30}))
+            ],
+            "{name}"
+        );
+    }
+    // The enrichers pass orders at or above their threshold: 50 (set in refract.yaml) for
+    // big-js, the template's default of 100 for big-py.
+    let until = Instant::now() + Duration::from_secs(30);
+    let (mut js, mut py) = (Vec::new(), Vec::new());
+    while (js.len(), py.len()) != (2, 1) {
+        assert!(Instant::now() < until, "enricher outputs: {js:?} {py:?}");
+        std::thread::sleep(Duration::from_millis(50));
+        js = server.stream("big-js");
+        py = server.stream("big-py");
+    }
+    assert!(js.iter().chain(&py).all(|e| e["type"] == "LargeOrderPlaced"));
+    assert_eq!(py[0]["key"], "o-1");
+    let status = server.get("/v1/projections/big-js");
+    assert_eq!((status["plugin"]["kind"].as_str(), status["deadLetters"].as_u64()), (Some("enricher"), Some(0)));
+}
+
+#[test]
+fn plugin_check_reports_the_world_and_manifest_and_refuses_what_is_not_a_plugin() {
+    let refract = env!("CARGO_BIN_EXE_refract");
+    let out = Command::new(refract).args(["plugin", "check", "--json"]).arg(&plugins().order_search).output().unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let checked: Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(checked["kind"], "projection");
+    assert_eq!(checked["name"], "order-search");
+    assert_eq!(checked["indexes"], json!(["orders"]));
+    let out = Command::new(refract)
+        .args(["plugin", "check", "--json"])
+        .arg(&plugins().orders_payments_join)
+        .output()
+        .unwrap();
+    let checked: Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(checked["kind"], "enricher");
+
+    let dir = tempfile::tempdir().unwrap();
+    let junk = dir.path().join("junk.wasm");
+    std::fs::write(&junk, b"\0asm not really").unwrap();
+    let out = Command::new(refract).args(["plugin", "check"]).arg(&junk).output().unwrap();
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("does not compile as a component"));
+}
