@@ -54,6 +54,7 @@ fn sdk_files(lang: Lang) -> Vec<(&'static str, &'static str)> {
         ],
         Lang::Js => vec![
             ("sdk/js/refract-sdk.js", include_str!("../../sdk/js/refract-sdk.js")),
+            ("sdk/js/refract-sdk.d.ts", include_str!("../../sdk/js/refract-sdk.d.ts")),
             ("sdk/js/build.mjs", include_str!("../../sdk/js/build.mjs")),
             ("sdk/js/testing.mjs", include_str!("../../sdk/js/testing.mjs")),
             ("sdk/js/hooks.mjs", include_str!("../../sdk/js/hooks.mjs")),
