@@ -217,6 +217,16 @@ pub struct Switch<'a> {
     pub shutdown: &'a AtomicBool,
 }
 
+/// How many events `ahead` has handled that `behind_` has not, over all partitions.
+fn behind(behind_: &Cursor, ahead: &Cursor) -> u64 {
+    ahead.iter().map(|(k, a)| a.saturating_sub(behind_.get(k).copied().unwrap_or(0))).sum()
+}
+
+/// A rebuild that has reached its gate switches when the live generation is
+/// at most this many events further: what the new one still has to replay
+/// while the old one is stopped.
+const SWITCH_WITHIN: u64 = 2_000;
+
 fn caught_up(new: &Cursor, live: &Cursor) -> bool {
     live.iter().all(|(k, v)| new.get(k).copied().unwrap_or(0) >= *v)
 }
@@ -225,6 +235,7 @@ fn caught_up(new: &Cursor, live: &Cursor) -> bool {
 /// up with the live generation, then switch (see the module docs).
 pub fn monitor(s: Switch<'_>, job: Arc<Rebuild>) {
     let new = job.generation.clone();
+    let mut gate: Option<Cursor> = None;
     loop {
         if job.cancel.load(Ordering::Relaxed) {
             new.stop();
@@ -241,10 +252,21 @@ pub fn monitor(s: Switch<'_>, job: Arc<Rebuild>) {
             new.stop();
             return;
         }
+        // The new generation reads only up to a gate at the live generation's
+        // durable checkpoints (`Replay::Until`): it never handles as history
+        // an event the live one has not handled (and emitted for). Each time
+        // it reaches the gate, the gate moves up to the live checkpoints; once
+        // they are close, the switch begins.
         match (new.checkpoints(), live.checkpoints()) {
-            (Ok(n), Ok(l)) if caught_up(&n, &l) => break,
+            (Ok(n), Ok(l)) => match &gate {
+                Some(g) if caught_up(&n, g) && behind(g, &l) <= SWITCH_WITHIN => break,
+                Some(g) if !caught_up(&n, g) => {}
+                _ => {
+                    *new.replay.lock().expect("replay lock") = Replay::Until(l.clone());
+                    gate = Some(l);
+                }
+            },
             (Err(e), _) | (_, Err(e)) => tracing::warn!(projection = s.name, error = %e, "checking a rebuild"),
-            _ => {}
         }
         std::thread::sleep(Duration::from_millis(20));
     }

@@ -78,13 +78,19 @@ pub enum Replay {
     /// Events before these positions are (a rebuild taking over from a
     /// generation that stopped there).
     Before(Cursor),
+    /// Everything is, and the reader holds back whatever lies at or after
+    /// these positions: a rebuild catching up never runs ahead of the live
+    /// generation (the rebuild monitor moves them to its checkpoints), so no
+    /// event is ever handled as history by one generation without being
+    /// handled live by the other.
+    Until(Cursor),
 }
 
 impl Replay {
     fn covers(&self, e: &crate::plugin::Event) -> bool {
         match self {
             Replay::Live => false,
-            Replay::All => true,
+            Replay::All | Replay::Until(_) => true,
             Replay::Before(h) => h.get(&(e.stream.clone(), e.partition)).is_some_and(|until| e.offset < *until),
         }
     }
@@ -295,6 +301,7 @@ impl Projector {
         let backoff = self.options.initial_backoff;
         // Enrichers keep clocks (windows, joins): they get events in event-time order.
         let align = self.handler.kind() == crate::plugin::Kind::Enricher;
+        let replay = self.replay.clone();
         let stop = self.stop.clone();
         std::thread::Builder::new()
             .name(format!("reader-{name}"))
@@ -353,8 +360,30 @@ impl Projector {
                         }
                         continue;
                     }
+                    let read_to = pending.read_to.clone();
                     if align {
                         align_event_time(&mut pending, &sources.log, &watermarks);
+                    }
+                    if let Replay::Until(limit) = &*replay.lock().expect("replay lock") {
+                        pending.hold_back(limit);
+                    }
+                    // What was handed back must be read again (Kafka consumers have moved on).
+                    let handed_back: Cursor = pending
+                        .read_to
+                        .iter()
+                        .filter(|(k, to)| read_to.get(*k).is_some_and(|before| *to < before))
+                        .map(|(k, to)| (k.clone(), *to))
+                        .collect();
+                    if !handed_back.is_empty() {
+                        for r in &mut readers {
+                            if let Err(e) = r.rewind(&handed_back) {
+                                tracing::warn!(projection = %name, error = %e, "rewinding a reader");
+                            }
+                        }
+                        if pending.is_empty(&cursor) {
+                            std::thread::sleep(idle_wait);
+                            continue;
+                        }
                     }
                     cursor.extend(pending.read_to.iter().map(|(k, v)| (k.clone(), *v)));
                     if tx.send(Delivery::Batch(pending)).is_err() {
@@ -401,7 +430,7 @@ impl Projector {
     /// events the plugin emits are dropped, since they were published when
     /// the history was new.
     pub fn set_replaying(&mut self, replaying: bool) {
-        *self.replay.lock().expect("replay lock") = if replaying { Replay::All } else { Replay::Live };
+        *self.replay.lock().expect("replay lock") = if replaying { Replay::Until(Cursor::new()) } else { Replay::Live };
     }
 
     /// The worker's replay mode, to change while it runs (a rebuild's switch).

@@ -433,6 +433,26 @@ impl KafkaReader {
 }
 
 impl Reader for KafkaReader {
+    /// Seek back to records handed back; a seek that fails (in replica mode)
+    /// makes the next read assign every partition again from the cursor.
+    fn rewind(&mut self, to: &Cursor) -> Result<(), String> {
+        for ((stream, partition), offset) in to {
+            let Some(topic) = self.routes.iter().find(|(_, r)| r.stream == *stream).map(|(t, _)| t.clone()) else {
+                continue;
+            };
+            let seek =
+                self.consumer.seek(&topic, *partition as i32, Offset::Offset(*offset as i64), Duration::from_secs(5));
+            if let Err(e) = seek {
+                tracing::warn!(topic, partition, offset, error = %e, "seeking back failed; assigning again");
+                if matches!(self.mode, Mode::Replica) {
+                    self.assigned.clear();
+                    self.next_refresh = Instant::now();
+                }
+            }
+        }
+        Ok(())
+    }
+
     fn read(&mut self, cursor: &Cursor, max: usize, wait: Duration, into: &mut Pending) -> Result<(), String> {
         self.refresh(cursor)?;
         let start = into.events.len() + into.undecodable.len();

@@ -109,18 +109,33 @@ impl Pending {
                     cut.entry((e.stream.clone(), e.partition)).or_insert(e.offset);
                 }
             }
-            if !cut.is_empty() {
-                let past = |stream: &str, partition: u32, offset: u64| {
-                    cut.get(&(stream.to_owned(), partition)).is_some_and(|&at| offset >= at)
-                };
-                self.events.retain(|e| !past(&e.stream, e.partition, e.offset));
-                self.undecodable.retain(|l| !past(&l.stream, l.partition, l.offset));
-                for (key, at) in cut {
-                    self.read_to.insert(key, at);
-                }
-            }
+            self.cut(&cut);
         }
         self.merge_by_time();
+    }
+
+    /// Keep only what lies before `limit` (per partition; a partition absent
+    /// from it keeps nothing): a rebuild's reader may not run ahead of the
+    /// live generation, whose checkpoints `limit` is.
+    pub fn hold_back(&mut self, limit: &Cursor) {
+        let cut: BTreeMap<(String, u32), u64> =
+            self.read_to.iter().map(|(k, to)| (k.clone(), (*to).min(limit.get(k).copied().unwrap_or(0)))).collect();
+        self.cut(&cut);
+    }
+
+    /// Drop, per partition, everything from offset `cut[partition]` on; those
+    /// records are read again next time (`read_to` moves back to the cut).
+    fn cut(&mut self, cut: &BTreeMap<(String, u32), u64>) {
+        let past = |stream: &str, partition: u32, offset: u64| {
+            cut.get(&(stream.to_owned(), partition)).is_some_and(|&at| offset >= at)
+        };
+        self.events.retain(|e| !past(&e.stream, e.partition, e.offset));
+        self.undecodable.retain(|l| !past(&l.stream, l.partition, l.offset));
+        for (key, at) in cut {
+            if let Some(to) = self.read_to.get_mut(key) {
+                *to = (*to).min(*at);
+            }
+        }
     }
 
     /// Order events by time across partitions, keeping each partition's order:
@@ -169,6 +184,13 @@ pub trait Reader: Send {
     /// Append to `into` up to `max` events after `cursor`, waiting up to
     /// `wait` when there are none yet.
     fn read(&mut self, cursor: &Cursor, max: usize, wait: Duration, into: &mut Pending) -> Result<(), String>;
+
+    /// Records from these positions on were read but handed back (held back
+    /// or cut from a batch): read them again. Readers that read from the
+    /// cursor each time, like the log's, need do nothing.
+    fn rewind(&mut self, _to: &Cursor) -> Result<(), String> {
+        Ok(())
+    }
 }
 
 /// Reads subscribed streams of the embedded log.
@@ -262,6 +284,21 @@ mod tests {
         assert_eq!(offsets(pending.undecodable_between(0, 1)), vec![(0, 1), (1, 0)]);
         assert_eq!(offsets(pending.undecodable_between(1, 2)), vec![(0, 3)]);
         assert_eq!(offsets(pending.undecodable_between(0, 2)), vec![(0, 1), (0, 3), (1, 0)]);
+    }
+
+    #[test]
+    fn holding_back_keeps_what_lies_before_the_limit() {
+        let mut pending = Pending {
+            events: vec![event(0, 0), event(0, 1), event(0, 2), event(1, 0), event(2, 5)],
+            undecodable: vec![letter(0, 3)],
+            read_to: [(("s".into(), 0), 4), (("s".into(), 1), 1), (("s".into(), 2), 6)].into(),
+        };
+        pending.hold_back(&[(("s".into(), 0), 2), (("s".into(), 1), 7)].into());
+        let kept: Vec<(u32, u64)> = pending.events.iter().map(|e| (e.partition, e.offset)).collect();
+        assert_eq!(kept, [(0, 0), (0, 1), (1, 0)]);
+        assert!(pending.undecodable.is_empty());
+        let read_to: Vec<u64> = pending.read_to.values().copied().collect();
+        assert_eq!(read_to, [2, 1, 0], "partition 2 is not in the limit: nothing of it is kept");
     }
 
     #[test]
