@@ -227,6 +227,11 @@ pub fn build(dir: &Path, out: Option<PathBuf>, kind: Option<Kind>) -> anyhow::Re
                 );
             };
             eprintln!("building {} with {} ({}) …", dir.display(), tool.display(), world(kind));
+            // The sources as files: componentize-py skips linked modules
+            // (like a module shared between plugins).
+            let sources = dir.join(".refract/build");
+            let _ = std::fs::remove_dir_all(&sources);
+            copy_sources(&dir, &sources)?;
             run(
                 Command::new(&tool)
                     .current_dir(&dir)
@@ -236,7 +241,7 @@ pub fn build(dir: &Path, out: Option<PathBuf>, kind: Option<Kind>) -> anyhow::Re
                     .arg(world(kind))
                     .arg("componentize")
                     .arg("app")
-                    .args(["-p", ".", "-p", ".refract/sdk/python", "-o"])
+                    .args(["-p", ".refract/build", "-p", ".refract/sdk/python", "-o"])
                     .arg(&out),
                 "componentize-py",
             )?;
@@ -273,6 +278,25 @@ pub fn build(dir: &Path, out: Option<PathBuf>, kind: Option<Kind>) -> anyhow::Re
     let size = std::fs::metadata(&out).map(|m| m.len()).unwrap_or(0) as f64 / 1048576.0;
     eprintln!("built {} ({size:.1} MB) in {:.1} s", out.display(), started.elapsed().as_secs_f64());
     Ok(out)
+}
+
+/// Copy the source files under `from` to `to`, following links, leaving out
+/// hidden entries, `__pycache__` and built components.
+fn copy_sources(from: &Path, to: &Path) -> anyhow::Result<()> {
+    std::fs::create_dir_all(to)?;
+    for entry in std::fs::read_dir(from)? {
+        let path = entry?.path();
+        let name = path.file_name().expect("a directory entry has a name").to_string_lossy().into_owned();
+        if name.starts_with('.') || name == "__pycache__" || name.ends_with(".wasm") {
+            continue;
+        }
+        if path.is_dir() {
+            copy_sources(&path, &to.join(&name))?;
+        } else {
+            std::fs::copy(&path, to.join(&name)).with_context(|| format!("copying {}", path.display()))?;
+        }
+    }
+    Ok(())
 }
 
 fn build_rust(dir: &Path, out: &Path) -> anyhow::Result<()> {

@@ -37,7 +37,10 @@ try {
 const work = await mkdtemp(join(tmpdir(), 'refract-js-'));
 try {
   for (const entry of await readdir(dir, { withFileTypes: true })) {
-    if (entry.isFile() && entry.name.endsWith('.js')) await cp(join(dir, entry.name), join(work, entry.name));
+    // Linked modules (shared between plugins) are copied as files.
+    if ((entry.isFile() || entry.isSymbolicLink()) && entry.name.endsWith('.js')) {
+      await cp(join(dir, entry.name), join(work, entry.name), { dereference: true });
+    }
   }
   // The enricher world imports no `search` or `emit`: give the SDK stand-ins
   // that say so instead of imports componentize-js could not resolve.

@@ -13,35 +13,81 @@ use crate::support::{Server, lang_plugins, ndjson, plugins};
 
 const EVENTS: usize = 10_000;
 
-/// Every table's rows (key, raw bytes), and the positions of the dead letters.
-type Projected = (Vec<(String, Vec<(String, Vec<u8>)>)>, Vec<(String, u32, u64)>);
+/// A table's rows: key and raw value bytes, in key order.
+type Rows = Vec<(String, Vec<u8>)>;
 
-/// Run `plugin` over `events`, stop, and read its read model's files.
-fn project(plugin: &Path, events: &[Value]) -> Projected {
+/// What a projection built: every table's rows (key, raw bytes), its search
+/// documents in `orderId` order, and the positions of its dead letters.
+struct Projected {
+    tables: Vec<(String, Rows)>,
+    documents: Vec<Value>,
+    dead: Vec<(String, u32, u64)>,
+}
+
+/// Run `plugin` (providing `projection`) over `events`, stop, and read its
+/// read model's files and search documents.
+fn project(plugin: &Path, projection: &str, tables: &[&str], events: &[Value]) -> Projected {
     let dir = tempfile::tempdir().unwrap();
-    let mut server = Server::start(dir.path(), &[plugin], "");
+    let mut server = Server::start(dir.path(), &[plugin], "search:\n  commit-interval-ms: 100\n");
+    let mut wait_for = String::new();
     for chunk in events.chunks(2_000) {
-        assert_eq!(server.client().append_ndjson("orders", &ndjson(chunk)).unwrap().status, 200);
+        let reply = server.client().append_ndjson("orders", &ndjson(chunk)).unwrap();
+        assert_eq!(reply.status, 200);
+        wait_for = reply.body["waitFor"].as_str().unwrap().to_owned();
     }
-    let status = server.wait_checkpoints("order-summary", events.len() as u64);
+    let status = server.wait_checkpoints(projection, events.len() as u64);
     assert_eq!(status["retries"], 0, "{status}");
+    let mut documents = Vec::new();
+    if !status["indexes"].as_array().unwrap().is_empty() {
+        // Every page waits for the index to have applied everything appended.
+        for offset in (0..).step_by(1_000) {
+            let page = server.get(&format!(
+                "/v1/projections/{projection}/indexes/orders/search?sort=orderId:asc&limit=1000&offset={offset}&wait_for={}",
+                crate::support::encode(&wait_for)
+            ));
+            let hits = page["hits"].as_array().unwrap();
+            documents.extend(hits.iter().map(|h| h["document"].clone()));
+            if hits.len() < 1_000 {
+                break;
+            }
+        }
+    }
     server.stop();
-    let read_model = ReadModel::open(&dir.path().join("data/projections/order-summary/read-model.redb")).unwrap();
-    let tables = ["orders", "customer-orders"]
-        .into_iter()
-        .map(|t| (t.to_owned(), read_model.scan(t, "", None, usize::MAX).unwrap()))
-        .collect();
+    let path = dir.path().join(format!("data/projections/{projection}/read-model.redb"));
+    let read_model = ReadModel::open(&path).unwrap();
+    let tables = tables.iter().map(|t| ((*t).to_owned(), read_model.scan(t, "", None, usize::MAX).unwrap())).collect();
     let dead = read_model
         .dead_letters(0, usize::MAX)
         .unwrap()
         .into_iter()
         .map(|(_, l)| (l.stream, l.partition, l.offset))
         .collect();
-    (tables, dead)
+    Projected { tables, documents, dead }
+}
+
+/// `other` holds exactly `want`'s bytes, documents and dead letters.
+fn assert_same(name: &str, want: &Projected, other: &Projected) {
+    for ((table, want), (_, got)) in want.tables.iter().zip(&other.tables) {
+        assert_eq!(got.len(), want.len(), "{name}: rows of {table}");
+        for (w, g) in want.iter().zip(got) {
+            assert!(
+                w == g,
+                "{name}: {table}/{} differs:\n rust: {}\n {name}: {}",
+                w.0,
+                String::from_utf8_lossy(&w.1),
+                String::from_utf8_lossy(&g.1)
+            );
+        }
+    }
+    assert_eq!(other.documents.len(), want.documents.len(), "{name}: search documents");
+    for (w, g) in want.documents.iter().zip(&other.documents) {
+        assert_eq!(g, w, "{name}: search document");
+    }
+    assert_eq!(other.dead, want.dead, "{name}: the same events are dead letters");
 }
 
 #[test]
-fn order_summary_in_rust_python_and_javascript_builds_byte_identical_read_models() {
+fn order_summary_and_order_search_in_rust_python_and_javascript_build_identical_read_models() {
     let mut events = refract::fixtures::orders(EVENTS - 5, 77, 0.01);
     // Data each language must reject the same way.
     for (i, data) in [
@@ -56,29 +102,19 @@ fn order_summary_in_rust_python_and_javascript_builds_byte_identical_read_models
     {
         events.insert(100 + i * 1_000, json!({"type": "OrderPlaced", "key": format!("x{i}"), "time": 5, "data": data}));
     }
-    let rust = project(&plugins().order_summary, &events);
     let lang = lang_plugins();
-    let python = project(&lang.order_summary_py, &events);
-    let javascript = project(&lang.order_summary_js, &events);
-
-    let rows: usize = rust.0.iter().map(|(_, rows)| rows.len()).sum();
+    let summary = ["orders", "customer-orders"];
+    let rust = project(&plugins().order_summary, "order-summary", &summary, &events);
+    let rows: usize = rust.tables.iter().map(|(_, rows)| rows.len()).sum();
     assert!(rows > 4_000, "the read model has {rows} rows");
-    assert!(rust.1.len() > 90, "{} dead letters", rust.1.len());
-    for (name, other) in [("python", &python), ("javascript", &javascript)] {
-        for ((table, want), (_, got)) in rust.0.iter().zip(&other.0) {
-            assert_eq!(got.len(), want.len(), "{name}: rows of {table}");
-            for (w, g) in want.iter().zip(got) {
-                assert!(
-                    w == g,
-                    "{name}: {table}/{} differs:\n rust: {}\n {name}: {}",
-                    w.0,
-                    String::from_utf8_lossy(&w.1),
-                    String::from_utf8_lossy(&g.1)
-                );
-            }
-        }
-        assert_eq!(other.1, rust.1, "{name}: the same events are dead letters");
-    }
+    assert!(rust.dead.len() > 90, "{} dead letters", rust.dead.len());
+    assert_same("python", &rust, &project(&lang.order_summary_py, "order-summary", &summary, &events));
+    assert_same("javascript", &rust, &project(&lang.order_summary_js, "order-summary", &summary, &events));
+
+    let rust = project(&plugins().order_search, "order-search", &["orders"], &events);
+    assert!(rust.documents.len() > 3_000, "{} search documents", rust.documents.len());
+    assert_same("python", &rust, &project(&lang.order_search_py, "order-search", &["orders"], &events));
+    assert_same("javascript", &rust, &project(&lang.order_search_js, "order-search", &["orders"], &events));
 }
 
 /// Run `program args` in `dir`, asserting it succeeds.

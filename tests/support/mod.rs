@@ -111,6 +111,8 @@ pub fn plugins() -> &'static Plugins {
 pub struct LangPlugins {
     pub order_summary_py: PathBuf,
     pub order_summary_js: PathBuf,
+    pub order_search_py: PathBuf,
+    pub order_search_js: PathBuf,
 }
 
 /// Build the Python and JavaScript plugins, or reuse a build of the same
@@ -161,6 +163,8 @@ pub fn lang_plugins() -> &'static LangPlugins {
         LangPlugins {
             order_summary_py: build("order-summary-py", "python"),
             order_summary_js: build("order-summary-js", "js"),
+            order_search_py: build("order-search-py", "python"),
+            order_search_js: build("order-search-js", "js"),
         }
     })
 }

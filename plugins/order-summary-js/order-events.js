@@ -1,0 +1,1 @@
+../order-events-js/order-events.js

@@ -1,0 +1,1 @@
+../order-events-py/order_events.py
