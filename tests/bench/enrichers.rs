@@ -12,13 +12,13 @@
 //! not measured here). Set `REFRACT_BENCH_EVENTS` to change the number of
 //! events per enricher (default 400,000).
 
+#[path = "common.rs"]
+mod common;
 #[path = "../support/mod.rs"]
 mod support;
 
 use std::path::Path;
-use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, Mutex};
-use std::time::Instant;
+use std::sync::Arc;
 
 use order_upcaster::OrderUpcaster;
 use orders_payments_join::OrdersPaymentsJoin;
@@ -27,10 +27,8 @@ use refract::plugin::cache::CompileCache;
 use refract::plugin::native::NativeEnricher;
 use refract::plugin::route::Routes;
 use refract::plugin::wasm::{self, PluginLimits, WasmPlugin};
-use refract::projector::{BatchOptions, Projector};
 use refract::source::NewEvent;
 use refract::source::log::{EventLog, LogOptions};
-use refract::store::ReadModel;
 use refract_sdk::Enricher;
 use serde_json::{Value, json};
 
@@ -40,27 +38,8 @@ static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
 /// Run `handler` through the projector until it has consumed `streams`;
 /// events per second, and how many outputs it committed.
 fn run(name: &str, handler: Box<dyn Handler>, log: &Arc<EventLog>, streams: &[&str], dir: &Path) -> (f64, u64) {
-    let read_model = Arc::new(ReadModel::open(&dir.join(format!("{name}.redb"))).unwrap());
-    let stop = Arc::new(AtomicBool::new(false));
-    let projector = Projector::new(
-        handler,
-        read_model.clone(),
-        refract::source::Sources::log(log.clone()),
-        BatchOptions::default(),
-        Arc::new(Mutex::new(Default::default())),
-        stop.clone(),
-    )
-    .unwrap();
+    let (seconds, read_model) = common::run_projector(name, handler, log, streams, dir);
     let total: u64 = streams.iter().map(|s| log.heads(s).unwrap().iter().sum::<u64>()).sum();
-    let started = Instant::now();
-    let worker = std::thread::spawn(move || projector.run());
-    let consumed = || read_model.checkpoints().unwrap().iter().map(|c| c.next_offset).sum::<u64>();
-    while consumed() < total {
-        std::thread::sleep(std::time::Duration::from_millis(1));
-    }
-    let seconds = started.elapsed().as_secs_f64();
-    stop.store(true, Ordering::Relaxed);
-    worker.join().unwrap();
     let counters = read_model.counters().unwrap();
     assert_eq!((counters.events_applied, counters.dead_letters), (total, 0), "{name}: every event enriched");
     (total as f64 / seconds, read_model.emit_progress().unwrap().0)

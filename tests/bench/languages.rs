@@ -5,12 +5,13 @@
 //!
 //! Set `REFRACT_BENCH_EVENTS` to change the number of events (default 100,000).
 
+#[path = "common.rs"]
+mod common;
 #[path = "../support/mod.rs"]
 mod support;
 
 use std::path::Path;
-use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 use std::time::Instant;
 
 use order_summary::OrderSummary;
@@ -18,10 +19,8 @@ use refract::plugin::Handler;
 use refract::plugin::cache::CompileCache;
 use refract::plugin::native::NativeProjection;
 use refract::plugin::wasm::{self, PluginLimits, WasmPlugin};
-use refract::projector::{BatchOptions, Projector};
 use refract::source::NewEvent;
 use refract::source::log::{EventLog, LogOptions};
-use refract::store::ReadModel;
 use refract_sdk::Projection;
 
 #[global_allocator]
@@ -29,27 +28,8 @@ static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
 /// Events per second of `handler` through the projector over the whole log.
 fn run(name: &str, handler: Box<dyn Handler>, log: &Arc<EventLog>, dir: &Path) -> f64 {
-    let read_model = Arc::new(ReadModel::open(&dir.join(format!("{name}.redb"))).unwrap());
-    let stop = Arc::new(AtomicBool::new(false));
-    let projector = Projector::new(
-        handler,
-        read_model.clone(),
-        refract::source::Sources::log(log.clone()),
-        BatchOptions::default(),
-        Arc::new(Mutex::new(Default::default())),
-        stop.clone(),
-    )
-    .unwrap();
+    let (seconds, read_model) = common::run_projector(name, handler, log, &["orders"], dir);
     let total: u64 = log.heads("orders").unwrap().iter().sum();
-    let started = Instant::now();
-    let worker = std::thread::spawn(move || projector.run());
-    let consumed = || read_model.checkpoints().unwrap().iter().map(|c| c.next_offset).sum::<u64>();
-    while consumed() < total {
-        std::thread::sleep(std::time::Duration::from_millis(1));
-    }
-    let seconds = started.elapsed().as_secs_f64();
-    stop.store(true, Ordering::Relaxed);
-    worker.join().unwrap();
     let counters = read_model.counters().unwrap();
     assert_eq!(counters.events_applied + counters.dead_letters, total, "{name}: every event handled");
     total as f64 / seconds

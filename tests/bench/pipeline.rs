@@ -10,12 +10,13 @@
 //!
 //! Set `REFRACT_BENCH_EVENTS` to change the number of events (default 1,000,000).
 
+#[path = "common.rs"]
+mod common;
 #[path = "../support/mod.rs"]
 mod support;
 
 use std::collections::HashMap;
-use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 use std::time::Instant;
 
 use order_summary::OrderSummary;
@@ -24,10 +25,9 @@ use refract::plugin::Handler;
 use refract::plugin::cache::CompileCache;
 use refract::plugin::native::NativeProjection;
 use refract::plugin::wasm::{self, PluginLimits, WasmPlugin};
-use refract::projector::{BatchOptions, Projector};
+use refract::projector::BatchOptions;
 use refract::source::NewEvent;
 use refract::source::log::{EventLog, LogOptions};
-use refract::store::ReadModel;
 use refract_sdk::Projection;
 use refract_sdk::native::{Backend, MemoryBackend, with_backend};
 use refract_sdk::wit::refract::plugin::emit::{EmitError, Outgoing};
@@ -82,31 +82,10 @@ impl Measure {
     }
 }
 
-/// Run `handler` through the projector (with its read-ahead thread) until it
-/// has consumed the whole log.
+/// Run `handler` through the projector until it has consumed the whole log.
 fn run_pipeline(name: &'static str, handler: Box<dyn Handler>, log: &Arc<EventLog>, dir: &std::path::Path) -> Measure {
-    let read_model = Arc::new(ReadModel::open(&dir.join(format!("{name}.redb"))).unwrap());
-    let status = Arc::new(Mutex::new(Default::default()));
-    let stop = Arc::new(AtomicBool::new(false));
-    let projector = Projector::new(
-        handler,
-        read_model.clone(),
-        refract::source::Sources::log(log.clone()),
-        BatchOptions::default(),
-        status,
-        stop.clone(),
-    )
-    .unwrap();
+    let (seconds, read_model) = common::run_projector(name, handler, log, &["orders"], dir);
     let total: u64 = log.heads("orders").unwrap().iter().sum();
-    let started = Instant::now();
-    let worker = std::thread::spawn(move || projector.run());
-    let consumed = || read_model.checkpoints().unwrap().iter().map(|c| c.next_offset).sum::<u64>();
-    while consumed() < total {
-        std::thread::sleep(std::time::Duration::from_millis(1));
-    }
-    let seconds = started.elapsed().as_secs_f64();
-    stop.store(true, Ordering::Relaxed);
-    worker.join().unwrap();
     let counters = read_model.counters().unwrap();
     assert_eq!(counters.events_applied, total, "{name}: every event applied");
     assert_eq!(counters.dead_letters, 0, "{name}: no dead letters");

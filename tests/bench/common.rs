@@ -1,0 +1,45 @@
+//! What the benchmarks share: running a handler through the real projector.
+
+use std::path::Path;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Instant;
+
+use refract::plugin::Handler;
+use refract::projector::{BatchOptions, Projector};
+use refract::source::log::EventLog;
+use refract::store::ReadModel;
+
+/// Run `handler` through the projector (with its read-ahead thread) until it
+/// has consumed every event of `streams`; the seconds it took and its read
+/// model (in `dir/<name>.redb`).
+pub fn run_projector(
+    name: &str,
+    handler: Box<dyn Handler>,
+    log: &Arc<EventLog>,
+    streams: &[&str],
+    dir: &Path,
+) -> (f64, Arc<ReadModel>) {
+    let read_model = Arc::new(ReadModel::open(&dir.join(format!("{name}.redb"))).unwrap());
+    let stop = Arc::new(AtomicBool::new(false));
+    let projector = Projector::new(
+        handler,
+        read_model.clone(),
+        refract::source::Sources::log(log.clone()),
+        BatchOptions::default(),
+        Arc::new(Mutex::new(Default::default())),
+        stop.clone(),
+    )
+    .unwrap();
+    let total: u64 = streams.iter().map(|s| log.heads(s).unwrap().iter().sum::<u64>()).sum();
+    let started = Instant::now();
+    let worker = std::thread::spawn(move || projector.run());
+    let consumed = || read_model.checkpoints().unwrap().iter().map(|c| c.next_offset).sum::<u64>();
+    while consumed() < total {
+        std::thread::sleep(std::time::Duration::from_millis(1));
+    }
+    let seconds = started.elapsed().as_secs_f64();
+    stop.store(true, Ordering::Relaxed);
+    worker.join().unwrap();
+    (seconds, read_model)
+}
