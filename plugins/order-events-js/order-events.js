@@ -52,3 +52,24 @@ export function advance(order, kind, change) {
 
 export const unknownOrder = (kind, orderId) => new Rejected(`${kind} for unknown order ${orderId}`);
 export const alreadyPlaced = (orderId) => new Rejected(`order ${orderId} was already placed`);
+
+/**
+ * The order as `event` leaves it, read from and checked against the `orders`
+ * table: a new one for OrderPlaced (plus `extra(change)` fields), else the
+ * stored one advanced. `updatedAt` is the event's time.
+ */
+export function nextOrder(event, orders, extra = () => ({})) {
+  const change = decode(event);
+  if (event.eventType === 'OrderPlaced') {
+    if (orders.get(change.orderId) !== undefined) throw alreadyPlaced(change.orderId);
+    return {
+      orderId: change.orderId, customerId: change.customerId, status: 'placed', total: change.total, paid: 0,
+      updatedAt: event.time, ...extra(change),
+    };
+  }
+  const order = orders.get(change.orderId);
+  if (order === undefined) throw unknownOrder(event.eventType, change.orderId);
+  advance(order, event.eventType, change);
+  order.updatedAt = event.time;
+  return order;
+}

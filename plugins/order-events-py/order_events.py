@@ -68,3 +68,22 @@ def unknown_order(kind, order_id):
 
 def already_placed(order_id):
     return Rejected(f"order {order_id} was already placed")
+
+
+def next_order(event, orders, extra=lambda change: {}):
+    """The order as ``event`` leaves it, read from and checked against the
+    ``orders`` table: a new one for OrderPlaced (plus ``extra(change)``
+    fields), else the stored one advanced. ``updatedAt`` is the event's time."""
+    change = decode(event)
+    kind = event.event_type
+    if kind == "OrderPlaced":
+        if orders.get(change["orderId"]) is not None:
+            raise already_placed(change["orderId"])
+        return {"orderId": change["orderId"], "customerId": change["customerId"], "status": "placed",
+                "total": change["total"], "paid": 0.0, "updatedAt": event.time, **extra(change)}
+    order = orders.get(change["orderId"])
+    if order is None:
+        raise unknown_order(kind, change["orderId"])
+    advance(order, kind, change)
+    order["updatedAt"] = event.time
+    return order

@@ -5,7 +5,7 @@
 // `updatedAt` as a date, `description` and `items` as text. The order's
 // state lives in the `orders` table; every change re-indexes its document.
 
-import { EVENT_TYPES, advance, alreadyPlaced, decode, unknownOrder } from './order-events.js';
+import { EVENT_TYPES, nextOrder } from './order-events.js';
 import { Index, IndexMapping, Manifest, Table, f64, projection } from './refract-sdk.js';
 
 const ORDERS = new Table('orders');
@@ -20,20 +20,7 @@ export const { manifest, handle, indexes } = projection({
   ],
 
   apply(event) {
-    const change = decode(event);
-    let order;
-    if (event.eventType === 'OrderPlaced') {
-      if (ORDERS.get(change.orderId) !== undefined) throw alreadyPlaced(change.orderId);
-      order = {
-        orderId: change.orderId, customerId: change.customerId, status: 'placed', total: change.total, paid: 0,
-        updatedAt: event.time, description: change.description, items: change.items.join(' '),
-      };
-    } else {
-      order = ORDERS.get(change.orderId);
-      if (order === undefined) throw unknownOrder(event.eventType, change.orderId);
-      advance(order, event.eventType, change);
-      order.updatedAt = event.time;
-    }
+    const order = nextOrder(event, ORDERS, (change) => ({ description: change.description, items: change.items.join(' ') }));
     ORDER_INDEX.upsert(order.orderId, {
       orderId: order.orderId, customer: order.customerId, status: order.status, total: f64(order.total),
       paid: f64(order.paid), updatedAt: order.updatedAt, description: order.description, items: order.items,

@@ -19,20 +19,8 @@ class WitWorld(Projection):
                .f64("total").f64("paid").date("updatedAt").text("description").text("items")]
 
     def apply(self, event):
-        change = order_events.decode(event)
-        kind = event.event_type
-        if kind == "OrderPlaced":
-            if ORDERS.get(change["orderId"]) is not None:
-                raise order_events.already_placed(change["orderId"])
-            order = {"orderId": change["orderId"], "customerId": change["customerId"], "status": "placed",
-                     "total": change["total"], "paid": 0.0, "updatedAt": event.time,
-                     "description": change["description"], "items": " ".join(change["items"])}
-        else:
-            order = ORDERS.get(change["orderId"])
-            if order is None:
-                raise order_events.unknown_order(kind, change["orderId"])
-            order_events.advance(order, kind, change)
-            order["updatedAt"] = event.time
+        order = order_events.next_order(
+            event, ORDERS, lambda change: {"description": change["description"], "items": " ".join(change["items"])})
         ORDER_INDEX.upsert(order["orderId"], {
             "orderId": order["orderId"], "customer": order["customerId"], "status": order["status"],
             "total": order["total"], "paid": order["paid"], "updatedAt": order["updatedAt"],

@@ -5,7 +5,7 @@
 // `customer-orders` (`<customerId>/<orderId>` → status and total), with the
 // rules of order-events.js.
 
-import { EVENT_TYPES, advance, alreadyPlaced, decode, unknownOrder } from './order-events.js';
+import { EVENT_TYPES, nextOrder } from './order-events.js';
 import { Manifest, Table, f64, projection } from './refract-sdk.js';
 
 const ORDERS = new Table('orders');
@@ -15,17 +15,7 @@ export const { manifest, handle, indexes } = projection({
   manifest: new Manifest('order-summary', '0.1.0').subscribe('orders', EVENT_TYPES).table(ORDERS).table(CUSTOMER_ORDERS),
 
   apply(event) {
-    const change = decode(event);
-    let order;
-    if (event.eventType === 'OrderPlaced') {
-      if (ORDERS.get(change.orderId) !== undefined) throw alreadyPlaced(change.orderId);
-      order = { orderId: change.orderId, customerId: change.customerId, status: 'placed', total: change.total, paid: 0, updatedAt: event.time };
-    } else {
-      order = ORDERS.get(change.orderId);
-      if (order === undefined) throw unknownOrder(event.eventType, change.orderId);
-      advance(order, event.eventType, change);
-      order.updatedAt = event.time;
-    }
+    const order = nextOrder(event, ORDERS);
     // f64(): written as floats (`10.0`), as the Rust plugin writes them.
     CUSTOMER_ORDERS.put(`${order.customerId}/${order.orderId}`, { orderId: order.orderId, status: order.status, total: f64(order.total) });
     ORDERS.put(order.orderId, { ...order, total: f64(order.total), paid: f64(order.paid) });

@@ -21,19 +21,7 @@ class WitWorld(Projection):
                 .table(CUSTOMER_ORDERS))
 
     def apply(self, event):
-        change = order_events.decode(event)
-        kind = event.event_type
-        if kind == "OrderPlaced":
-            if ORDERS.get(change["orderId"]) is not None:
-                raise order_events.already_placed(change["orderId"])
-            order = {"orderId": change["orderId"], "customerId": change["customerId"], "status": "placed",
-                     "total": change["total"], "paid": 0.0, "updatedAt": event.time}
-        else:
-            order = ORDERS.get(change["orderId"])
-            if order is None:
-                raise order_events.unknown_order(kind, change["orderId"])
-            order_events.advance(order, kind, change)
-            order["updatedAt"] = event.time
+        order = order_events.next_order(event, ORDERS)
         entry = {"orderId": order["orderId"], "status": order["status"], "total": order["total"]}
         CUSTOMER_ORDERS.put(f"{order['customerId']}/{order['orderId']}", entry)
         ORDERS.put(order["orderId"], order)
