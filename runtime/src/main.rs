@@ -235,6 +235,15 @@ fn main() -> anyhow::Result<()> {
                 config.data_dir = PathBuf::from("refract-demo-data");
             }
             config.streams.partitions.entry("accounts".into()).or_insert(1);
+            // The join enricher's routes, unless the configuration has its own.
+            config.plugins.entry("orders-payments-join".into()).or_insert_with(|| {
+                let routes = "- { types: [OrderReadyForShipment], to: [shipping, notifications] }\n\
+                              - { types: [OrderUnpaid], to: [notifications] }";
+                refract::config::PluginConfig {
+                    routes: serde_yaml::from_str(routes).expect("the demo's routes parse"),
+                    ..Default::default()
+                }
+            });
             run(config, Some(events))
         }
     }
@@ -312,6 +321,8 @@ fn feed_demo(url: &str, n: usize) -> anyhow::Result<()> {
          \x20 curl -s {url}/v1/projections/order-summary/dead-letters | jq\n\
          \x20 curl -s '{url}/v1/projections/order-search/indexes/orders/search?q=lamp+AND+coffee&sort=total:desc&limit=3' | jq\n\
          \x20 curl -s '{url}/v1/projections/order-search/indexes/orders/search?filter=total:%5B100+TO+*%5D&facets=status&limit=1' | jq\n\
+         \x20 curl -s '{url}/v1/projections?kind=enricher' | jq   # orders-payments-join: orders joined with payments\n\
+         \x20 curl -s '{url}/v1/projections/shipments/tables/ready/items?limit=3' | jq   # paid orders, from the `shipping` stream\n\
          \x20 echo '{{\"type\":\"OrderPlaced\",\"key\":\"o-new\",\"data\":{{\"orderId\":\"o-new\",\"customerId\":\"c-1\",\"total\":42.5}}}}' \\\n\
          \x20   | curl -s -H 'content-type: application/x-ndjson' --data-binary @- {url}/v1/streams/orders/events\n\
          Press Ctrl-C to stop.\n",

@@ -14,7 +14,7 @@ fn the_demo_appends_sample_events_and_prints_queries_that_answer() {
     let plugins_dir = dir.path().join("plugins");
     std::fs::create_dir_all(&plugins_dir).unwrap();
     let p = plugins();
-    for f in [&p.order_summary, &p.order_search, &p.account_balance] {
+    for f in [&p.order_summary, &p.order_search, &p.account_balance, &p.orders_payments_join, &p.shipments] {
         std::fs::copy(f, plugins_dir.join(f.file_name().unwrap())).unwrap();
     }
     let port = free_port();
@@ -50,7 +50,16 @@ fn the_demo_appends_sample_events_and_prints_queries_that_answer() {
             queried += 1;
         }
     }
-    assert!(queried >= 7, "{text}");
+    assert!(queried >= 9, "{text}");
+    // The join enricher's output reached the projection over it.
+    let until = std::time::Instant::now() + std::time::Duration::from_secs(60);
+    while client.get("/v1/projections/shipments/tables/ready/items?limit=1").unwrap().body["items"]
+        .as_array()
+        .is_none_or(|items| items.is_empty())
+    {
+        assert!(std::time::Instant::now() < until, "no order was joined with its payments");
+        std::thread::sleep(std::time::Duration::from_millis(100));
+    }
     let faceted = client.get("/v1/projections/order-search/indexes/orders/search?facets=status&limit=1").unwrap();
     assert!(faceted.body["facets"]["status"].as_array().is_some_and(|b| !b.is_empty()), "{}", faceted.body);
     let orders = client.get("/v1/projections/order-summary").unwrap();
