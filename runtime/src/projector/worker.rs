@@ -360,29 +360,32 @@ impl Projector {
                         }
                         continue;
                     }
-                    let read_to = pending.read_to.clone();
-                    if align {
-                        align_event_time(&mut pending, &sources.log, &watermarks);
-                    }
-                    if let Replay::Until(limit) = &*replay.lock().expect("replay lock") {
-                        pending.hold_back(limit);
-                    }
-                    // What was handed back must be read again (Kafka consumers have moved on).
-                    let handed_back: Cursor = pending
-                        .read_to
-                        .iter()
-                        .filter(|(k, to)| read_to.get(*k).is_some_and(|before| *to < before))
-                        .map(|(k, to)| (k.clone(), *to))
-                        .collect();
-                    if !handed_back.is_empty() {
-                        for r in &mut readers {
-                            if let Err(e) = r.rewind(&handed_back) {
-                                tracing::warn!(projection = %name, error = %e, "rewinding a reader");
-                            }
+                    let gated = matches!(*replay.lock().expect("replay lock"), Replay::Until(_));
+                    if align || gated {
+                        let read_to = pending.read_to.clone();
+                        if align {
+                            align_event_time(&mut pending, &sources.log, &watermarks);
                         }
-                        if pending.is_empty(&cursor) {
-                            std::thread::sleep(idle_wait);
-                            continue;
+                        if let Replay::Until(limit) = &*replay.lock().expect("replay lock") {
+                            pending.hold_back(limit);
+                        }
+                        // What was handed back must be read again (Kafka consumers have moved on).
+                        let handed_back: Cursor = pending
+                            .read_to
+                            .iter()
+                            .filter(|(k, to)| read_to.get(*k).is_some_and(|before| *to < before))
+                            .map(|(k, to)| (k.clone(), *to))
+                            .collect();
+                        if !handed_back.is_empty() {
+                            for r in &mut readers {
+                                if let Err(e) = r.rewind(&handed_back) {
+                                    tracing::warn!(projection = %name, error = %e, "rewinding a reader");
+                                }
+                            }
+                            if pending.is_empty(&cursor) {
+                                std::thread::sleep(idle_wait);
+                                continue;
+                            }
                         }
                     }
                     cursor.extend(pending.read_to.iter().map(|(k, v)| (k.clone(), *v)));
