@@ -19,6 +19,7 @@
 //!   deadline-ms: 10000            # per call into a plugin
 //!   max-key-bytes: 1024
 //!   max-value-bytes: 1048576
+//!   max-emits: 100000             # events one batch may emit
 //! search:
 //!   commit-interval-ms: 500       # indexer commits to tantivy this often
 //! auth:                           # bearer tokens (or REFRACT_ADMIN_TOKEN / REFRACT_QUERY_TOKEN)
@@ -38,6 +39,7 @@
 //! plugins:                        # per plugin, by the name in its manifest (optional)
 //!   orders-payments-join:
 //!     settings: { window-ms: 300000 }   # read by the plugin with the `settings` interface
+//!     limits: { memory-mb: 64, deadline-ms: 2000 }   # any key of `limits`, for this plugin
 //!     routes:                     # enrichers: where outputs go (default: a stream named after it)
 //!       - types: [OrderReadyForShipment]   # empty or absent: every type
 //!         headers: { region: eu }          # optional: exact header values
@@ -81,6 +83,35 @@ pub struct PluginConfig {
     pub settings: BTreeMap<String, serde_yaml::Value>,
     /// An enricher's routes (see [`crate::plugin::route`]).
     pub routes: Vec<Route>,
+    /// This plugin's limits, where they differ from the global `limits`.
+    pub limits: PluginLimitsConfig,
+}
+
+/// Per-plugin overrides of [`LimitsConfig`]: absent keys keep the global value.
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(rename_all = "kebab-case", deny_unknown_fields, default)]
+pub struct PluginLimitsConfig {
+    pub memory_mb: Option<usize>,
+    pub deadline_ms: Option<u64>,
+    pub max_key_bytes: Option<usize>,
+    pub max_value_bytes: Option<usize>,
+    pub max_emits: Option<usize>,
+}
+
+/// The limits a plugin runs under: `plugin`'s overrides of the `global` ones.
+pub fn resolve_limits(global: &LimitsConfig, plugin: Option<&PluginLimitsConfig>) -> (PluginLimits, KvLimits) {
+    let o = plugin.cloned().unwrap_or_default();
+    let instance = PluginLimits {
+        max_memory: o.memory_mb.unwrap_or(global.memory_mb) << 20,
+        deadline: Duration::from_millis(o.deadline_ms.unwrap_or(global.deadline_ms)),
+    };
+    let kv = KvLimits {
+        max_key_bytes: o.max_key_bytes.unwrap_or(global.max_key_bytes),
+        max_value_bytes: o.max_value_bytes.unwrap_or(global.max_value_bytes),
+        max_emits: o.max_emits.unwrap_or(global.max_emits),
+        ..KvLimits::default()
+    };
+    (instance, kv)
 }
 
 impl PluginConfig {
@@ -163,6 +194,7 @@ pub struct LimitsConfig {
     pub deadline_ms: u64,
     pub max_key_bytes: usize,
     pub max_value_bytes: usize,
+    pub max_emits: usize,
 }
 
 impl Default for Config {
@@ -215,6 +247,7 @@ impl Default for LimitsConfig {
             deadline_ms: p.deadline.as_millis() as u64,
             max_key_bytes: kv.max_key_bytes,
             max_value_bytes: kv.max_value_bytes,
+            max_emits: kv.max_emits,
         }
     }
 }
@@ -280,6 +313,10 @@ impl Config {
             let invalid = |e: String| ConfigError::Invalid(format!("plugins.{name}: {e}"));
             crate::names::validate("plugin", name).map_err(invalid)?;
             plugin.settings_text().map_err(invalid)?;
+            let l = &plugin.limits;
+            if l.memory_mb == Some(0) || l.deadline_ms == Some(0) {
+                return Err(invalid("limits: memory-mb and deadline-ms must be at least 1".into()));
+            }
             Routes::new(name, &plugin.routes).map_err(invalid)?;
         }
         let auth = self.auth.resolved();
@@ -311,19 +348,13 @@ impl Config {
             call_events: self.batch.call_events,
             initial_backoff: Duration::from_millis(self.batch.initial_backoff_ms),
             max_backoff: Duration::from_millis(self.batch.max_backoff_ms),
-            kv: KvLimits {
-                max_key_bytes: self.limits.max_key_bytes,
-                max_value_bytes: self.limits.max_value_bytes,
-                ..KvLimits::default()
-            },
+            kv: resolve_limits(&self.limits, None).1,
         }
     }
 
-    pub fn plugin_limits(&self) -> PluginLimits {
-        PluginLimits {
-            max_memory: self.limits.memory_mb << 20,
-            deadline: Duration::from_millis(self.limits.deadline_ms),
-        }
+    /// The limits `plugin` runs under (its `plugins.<name>.limits` over `limits`).
+    pub fn limits_for(&self, plugin: &str) -> (PluginLimits, KvLimits) {
+        resolve_limits(&self.limits, self.plugins.get(plugin).map(|p| &p.limits))
     }
 }
 
@@ -350,12 +381,16 @@ mod tests {
     fn plugin_settings_are_text_and_routes_are_checked() {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("refract.yaml");
-        let yaml = "plugins:\n  join:\n    settings: { window-ms: 300000, region: eu, strict: true }\n    routes:\n      - { types: [A], to: [a, b] }\n";
+        let yaml = "limits:\n  memory-mb: 100\nplugins:\n  join:\n    settings: { window-ms: 300000, region: eu, strict: true }\n    routes:\n      - { types: [A], to: [a, b] }\n    limits: { deadline-ms: 300, max-emits: 5 }\n";
         std::fs::write(&path, yaml).unwrap();
         let c = Config::load(&path).unwrap();
         let settings = c.plugins["join"].settings_text().unwrap();
         assert_eq!(settings["window-ms"], "300000");
         assert_eq!(settings["strict"], "true");
+        let (instance, kv) = c.limits_for("join");
+        assert_eq!((instance.max_memory, instance.deadline.as_millis(), kv.max_emits), (100 << 20, 300, 5));
+        let (instance, kv) = c.limits_for("other");
+        assert_eq!((instance.deadline.as_millis(), kv.max_emits), (10_000, 100_000));
         std::fs::write(&path, "plugins:\n  join:\n    routes:\n      - { to: [] }\n").unwrap();
         let err = Config::load(&path).unwrap_err().to_string();
         assert!(err.contains("plugins.join: route 1"), "{err}");

@@ -10,7 +10,7 @@ use std::time::Duration;
 use anyhow::Context;
 use serde::Serialize;
 
-use crate::config::{Config, PluginConfig};
+use crate::config::{Config, LimitsConfig, PluginConfig, resolve_limits};
 use crate::generation::{self, Generation, Rebuild, RebuildStatus};
 use crate::plugin::cache::CompileCache;
 use crate::plugin::route::Routes;
@@ -152,8 +152,10 @@ pub struct Runtime {
     /// The API's bearer tokens.
     pub auth: crate::config::AuthConfig,
     plugins_dir: PathBuf,
-    /// `plugins.<name>` of the config: settings and routes.
+    /// `plugins.<name>` of the config: settings, routes and limits.
     plugin_config: BTreeMap<String, PluginConfig>,
+    /// The global `limits`, which `plugins.<name>.limits` override.
+    limits: LimitsConfig,
     /// Checks uploaded plugins (set by [`Runtime::start`]).
     loader: OnceLock<Arc<Loader>>,
     /// Each plugin file as last loaded, so the watcher sees what changed.
@@ -336,6 +338,7 @@ impl Runtime {
             auth: config.auth.resolved(),
             plugins_dir: config.plugins_dir.clone(),
             plugin_config: config.plugins.clone(),
+            limits: config.limits.clone(),
             loader: OnceLock::new(),
             plugin_stamps: Mutex::new(BTreeMap::new()),
             data_dir: config.data_dir.clone(),
@@ -416,8 +419,10 @@ impl Runtime {
         let status = Arc::new(Mutex::new(WorkerStatus::default()));
         let sources = Sources { log: self.log.clone(), kafka: self.kafka.clone() };
         let stop = Arc::new(AtomicBool::new(false));
+        let mut options = self.batch.clone();
+        options.kv = resolve_limits(&self.limits, self.plugin_config.get(&manifest.name).map(|p| &p.limits)).1;
         let mut projector =
-            Projector::new(handler, read_model.clone(), sources, self.batch.clone(), status.clone(), stop.clone())?;
+            Projector::new(handler, read_model.clone(), sources, options, status.clone(), stop.clone())?;
         projector.set_replaying(replaying);
         let generation = Arc::new(Generation {
             number,
@@ -699,7 +704,7 @@ struct Loader {
     engine: wasmtime::Engine,
     cache: CompileCache,
     linker: wasmtime::component::Linker<crate::plugin::host::HostState>,
-    limits: wasm::PluginLimits,
+    limits: LimitsConfig,
     lookup: Arc<dyn Lookup>,
     plugins: BTreeMap<String, PluginConfig>,
 }
@@ -710,7 +715,7 @@ impl Loader {
         let cache = CompileCache::new(&config.data_dir.join("cache").join("compiled"), &engine)
             .context("creating the compile cache")?;
         let linker = wasm::linker(&engine).map_err(|e| anyhow::anyhow!("linking host interfaces: {e}"))?;
-        Ok(Loader { engine, cache, linker, limits: config.plugin_limits(), lookup, plugins: config.plugins.clone() })
+        Ok(Loader { engine, cache, linker, limits: config.limits.clone(), lookup, plugins: config.plugins.clone() })
     }
 
     /// Compile, instantiate and describe the plugin in `file`.
@@ -723,11 +728,14 @@ impl Loader {
     fn load_bytes(&self, bytes: &[u8], label: &str) -> Result<WasmPlugin, String> {
         let (component, _) =
             self.cache.load(bytes).map_err(|e| wasm::LoadError::Compile(format!("{e:#}")).to_string())?;
+        // Loaded under the global limits; its own apply once its name is known.
+        let global = resolve_limits(&self.limits, None).0;
         let mut plugin =
-            WasmPlugin::load(&self.engine, &self.linker, &component, label, self.limits).map_err(|e| e.to_string())?;
+            WasmPlugin::load(&self.engine, &self.linker, &component, label, global).map_err(|e| e.to_string())?;
         let config = self.plugins.get(&plugin.manifest().name).cloned().unwrap_or_default();
         let settings = config.settings_text()?;
-        plugin.configure(Environment { lookup: self.lookup.clone(), settings: Arc::new(settings) }, &config.routes)?;
+        let env = Environment { lookup: self.lookup.clone(), settings: Arc::new(settings) };
+        plugin.configure(env, &config.routes, resolve_limits(&self.limits, Some(&config.limits)).0)?;
         Ok(plugin)
     }
 }

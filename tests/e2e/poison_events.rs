@@ -54,9 +54,23 @@ fn malformed_and_rejected_order_events_are_dead_lettered_once_each() {
 
 #[test]
 fn traps_deadlines_memory_caps_and_transient_failures_are_contained() {
+    contained("limits:\n  deadline-ms: 300\n  memory-mb: 32\nbatch:\n  initial-backoff-ms: 20\n");
+}
+
+#[test]
+fn limits_set_for_one_plugin_apply_to_it() {
+    // Generous global limits, tight ones for testkit-chaos alone: the same containment.
+    contained(
+        "limits:\n  deadline-ms: 20000\n  memory-mb: 512\nbatch:\n  initial-backoff-ms: 20\n\
+         plugins:\n  testkit-chaos:\n    limits: { deadline-ms: 300, memory-mb: 32 }\n",
+    );
+}
+
+/// Feed testkit-chaos a rejection, a panic, an endless loop, a memory hog and
+/// transient failures under `config`, which limits it to 300 ms a call and 32 MiB.
+fn contained(config: &str) {
     let dir = tempfile::tempdir().unwrap();
     let p = plugins();
-    let config = "limits:\n  deadline-ms: 300\n  memory-mb: 32\nbatch:\n  initial-backoff-ms: 20\n";
     let server = Server::start(dir.path(), &[&p.chaos], config);
     let mut events: Vec<Value> = (0..200).map(|i| json!({"type": "Ok", "key": "k", "data": {"n": i}})).collect();
     for (at, ty) in [(20, "Reject"), (50, "Panic"), (90, "Spin"), (130, "Hog"), (160, "Flaky"), (170, "Flaky")] {
@@ -85,4 +99,24 @@ fn traps_deadlines_memory_caps_and_transient_failures_are_contained() {
     assert_eq!(status["state"], "running");
     // The HTTP API kept answering throughout (the server is still healthy).
     assert_eq!(server.get("/healthz")["status"], "ok");
+}
+
+#[test]
+fn a_plugin_s_own_value_limit_refuses_larger_documents_as_dead_letters() {
+    let dir = tempfile::tempdir().unwrap();
+    let config = "plugins:\n  testkit-chaos:\n    limits: { max-value-bytes: 100 }\n";
+    let server = Server::start(dir.path(), &[&plugins().chaos], config);
+    let events = [
+        json!({"type": "Index", "key": "k", "data": {"n": 1, "tag": "small"}}),
+        json!({"type": "Index", "key": "k", "data": {"n": 2, "tag": "x".repeat(200)}}),
+        json!({"type": "Ok", "key": "k", "data": {"n": 3}}),
+    ];
+    assert_eq!(server.client().append_ndjson("chaos", &ndjson(&events)).unwrap().status, 200);
+    server.wait_caught_up();
+    let letters = server.get("/v1/projections/testkit-chaos/dead-letters");
+    let letters = letters["deadLetters"].as_array().unwrap();
+    assert_eq!(letters.len(), 1, "{letters:?}");
+    assert_eq!(letters[0]["offset"], 1);
+    assert!(letters[0]["error"].as_str().unwrap().contains("exceeds 100 bytes"), "{letters:?}");
+    assert_eq!(server.get("/v1/projections/testkit-chaos")["eventsApplied"], 2);
 }

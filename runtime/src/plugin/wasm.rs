@@ -160,9 +160,9 @@ impl WasmPlugin {
         Ok(this)
     }
 
-    /// Give the plugin its environment (lookups, settings) and, for an
-    /// enricher, its routes: both depend on its name, known once loaded.
-    pub fn configure(&mut self, env: Environment, routes: &[route::Route]) -> Result<(), String> {
+    /// Give the plugin its environment (lookups, settings), its limits and,
+    /// for an enricher, its routes: all depend on its name, known once loaded.
+    pub fn configure(&mut self, env: Environment, routes: &[route::Route], limits: PluginLimits) -> Result<(), String> {
         self.routes = Routes::new(&self.manifest.name, routes)?;
         if self.kind() == Kind::Enricher {
             let routes = self.routes.streams();
@@ -177,6 +177,11 @@ impl WasmPlugin {
             store.data_mut().env = env.clone();
         }
         self.env = env;
+        if (limits.max_memory, limits.deadline) != (self.limits.max_memory, self.limits.deadline) {
+            // The instance's memory cap is fixed when it is created: make the next one under these limits.
+            self.limits = limits;
+            self.instance = None;
+        }
         Ok(())
     }
 
