@@ -115,6 +115,8 @@ pub struct Generation {
     pub watermarks: Watermarks,
     /// Where the plugins-directory watcher puts a new version.
     pub reload: Reload,
+    /// Where the API asks its worker to retry dead letters.
+    pub retries: crate::projector::Retries,
     /// Which events its worker treats as replayed history.
     pub replay: Arc<Mutex<Replay>>,
     pub(crate) manifest: Arc<RwLock<Manifest>>,

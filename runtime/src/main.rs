@@ -63,6 +63,18 @@ enum Command {
         #[arg(long, conflicts_with = "detach")]
         cancel: bool,
     },
+    /// List a projection's dead letters, or retry or skip them, on a running runtime.
+    DeadLetters {
+        projection: String,
+        #[command(subcommand)]
+        action: Option<DeadLetterAction>,
+        /// The runtime's address.
+        #[arg(long, env = "REFRACT_URL", default_value = "http://127.0.0.1:8080", global = true)]
+        url: String,
+        /// The admin token (retry and skip need it).
+        #[arg(long, env = "REFRACT_ADMIN_TOKEN", hide_env_values = true, global = true)]
+        token: Option<String>,
+    },
     /// Write plugins: scaffold, build and check them.
     #[command(subcommand)]
     Plugin(PluginCommand),
@@ -105,6 +117,68 @@ enum PluginCommand {
         #[arg(long)]
         json: bool,
     },
+}
+
+#[derive(Subcommand)]
+enum DeadLetterAction {
+    /// Print one dead letter in full.
+    Show { id: u64 },
+    /// Hand the events to the plugin again (after a fix): one, or every one.
+    Retry { id: Option<u64> },
+    /// Drop a dead letter, leaving its event unapplied.
+    Skip { id: u64 },
+}
+
+/// `refract dead-letters`.
+fn dead_letters(
+    projection: &str,
+    action: Option<DeadLetterAction>,
+    url: &str,
+    token: Option<&str>,
+) -> anyhow::Result<()> {
+    let client = Client::new(url).with_token(token);
+    let base = format!("/v1/projections/{projection}/dead-letters");
+    let reply = match &action {
+        None => client.get(&format!("{base}?limit=1000")),
+        Some(DeadLetterAction::Show { id }) => client.get(&format!("{base}/{id}")),
+        Some(DeadLetterAction::Retry { id: Some(id) }) => {
+            client.post(&format!("{base}/{id}/retry"), "application/json", b"")
+        }
+        Some(DeadLetterAction::Retry { id: None }) => client.post(&format!("{base}/retry"), "application/json", b""),
+        Some(DeadLetterAction::Skip { id }) => client.delete(&format!("{base}/{id}")),
+    }
+    .with_context(|| format!("asking {url}"))?;
+    if reply.status != 200 {
+        bail!("{}: {}", reply.status, reply.body["error"]["message"].as_str().unwrap_or(""));
+    }
+    match action {
+        None => {
+            let letters = reply.body["deadLetters"].as_array().cloned().unwrap_or_default();
+            if letters.is_empty() {
+                println!("{projection} holds no dead letters");
+            }
+            for l in letters {
+                println!(
+                    "{:>6}  {}/{}@{}  {}  {}",
+                    l["id"],
+                    l["stream"].as_str().unwrap_or(""),
+                    l["partition"],
+                    l["offset"],
+                    l["type"].as_str().unwrap_or(""),
+                    l["error"].as_str().unwrap_or("")
+                );
+            }
+        }
+        Some(DeadLetterAction::Retry { .. }) => {
+            let b = &reply.body;
+            println!("applied: {}; failed again: {}", b["applied"], b["failed"].as_array().map_or(0, Vec::len));
+            for f in b["failed"].as_array().into_iter().flatten() {
+                println!("{:>6}  {}", f["id"], f["error"].as_str().unwrap_or(""));
+            }
+        }
+        _ => println!("{:#}", reply.body),
+    }
+    Ok(())
 }
 
 #[derive(Clone, Copy, clap::ValueEnum)]
@@ -229,6 +303,9 @@ fn main() -> anyhow::Result<()> {
             rebuild(&projection, &url, token.as_deref(), detach, cancel)
         }
         Command::Plugin(command) => plugin_command(command),
+        Command::DeadLetters { projection, action, url, token } => {
+            dead_letters(&projection, action, &url, token.as_deref())
+        }
         Command::Demo { run: args, events } => {
             let mut config = args.config()?;
             if args.data_dir.is_none() && args.config.is_none() {

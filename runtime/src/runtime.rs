@@ -429,6 +429,7 @@ impl Runtime {
             kind,
             manifest: projector.manifest(),
             reload: projector.reload_slot(),
+            retries: projector.retries(),
             replay: projector.replay(),
             read_model: read_model.clone(),
             indexes: indexes.clone(),

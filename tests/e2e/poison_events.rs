@@ -120,3 +120,59 @@ fn a_plugin_s_own_value_limit_refuses_larger_documents_as_dead_letters() {
     assert!(letters[0]["error"].as_str().unwrap().contains("exceeds 100 bytes"), "{letters:?}");
     assert_eq!(server.get("/v1/projections/testkit-chaos")["eventsApplied"], 2);
 }
+
+#[test]
+fn dead_letters_can_be_inspected_retried_after_the_cause_is_gone_and_skipped() {
+    const ADMIN: &str = "dead-letter-admin-token";
+    let dir = tempfile::tempdir().unwrap();
+    let server = Server::start(dir.path(), &[&plugins().order_summary], &format!("auth:\n  admin-token: {ADMIN}\n"));
+    let admin = server.client().with_token(Some(ADMIN));
+    let payment = |order: &str, amount: f64| json!({"type": "PaymentReceived", "key": order, "time": 2, "data": {"orderId": order, "paymentId": "p", "amount": amount}});
+    // Payments that arrive before their orders: dead letters.
+    let early = [payment("o-1", 10.0), payment("o-2", 5.0), payment("o-3", 1.0)];
+    assert_eq!(admin.append_ndjson("orders", &ndjson(&early)).unwrap().status, 200);
+    server.wait_caught_up();
+    let letters = server.get("/v1/projections/order-summary/dead-letters")["deadLetters"].as_array().unwrap().clone();
+    assert_eq!(letters.len(), 3);
+    let id_of = |order: &str| letters.iter().find(|l| l["data"]["orderId"] == order).unwrap()["id"].as_u64().unwrap();
+    let one = server.get(&format!("/v1/projections/order-summary/dead-letters/{}", id_of("o-1")));
+    assert!(one["error"].as_str().unwrap().contains("unknown order o-1"), "{one}");
+    assert_eq!(server.client().get("/v1/projections/order-summary/dead-letters/999").unwrap().status, 404);
+
+    // Retrying needs the admin token; while the orders are still missing, it fails again.
+    let path = format!("/v1/projections/order-summary/dead-letters/{}/retry", id_of("o-1"));
+    assert_eq!(server.client().post(&path, "application/json", b"").unwrap().status, 401);
+    let again = admin.post(&path, "application/json", b"").unwrap();
+    assert_eq!(again.status, 200, "{}", again.body);
+    assert_eq!(again.body["applied"], json!([]));
+    assert_eq!(again.body["failed"][0]["id"], id_of("o-1"));
+
+    // The orders arrive; o-3's payment is skipped; the rest are retried and applied.
+    let orders: Vec<Value> = ["o-1", "o-2", "o-3"]
+        .iter()
+        .map(|o| json!({"type": "OrderPlaced", "key": o, "time": 1, "data": {"orderId": o, "customerId": "c-1", "total": 10.0}}))
+        .collect();
+    assert_eq!(admin.append_ndjson("orders", &ndjson(&orders)).unwrap().status, 200);
+    server.wait_caught_up();
+    let skip = admin.delete(&format!("/v1/projections/order-summary/dead-letters/{}", id_of("o-3"))).unwrap();
+    assert_eq!(skip.status, 200, "{}", skip.body);
+    let retried = admin.post("/v1/projections/order-summary/dead-letters/retry", "application/json", b"").unwrap();
+    assert_eq!(retried.status, 200, "{}", retried.body);
+    let mut applied: Vec<u64> = serde_json::from_value(retried.body["applied"].clone()).unwrap();
+    applied.sort_unstable();
+    assert_eq!(applied, [id_of("o-1"), id_of("o-2")]);
+    let order = |id: &str| server.get(&format!("/v1/projections/order-summary/tables/orders/items/{id}"));
+    assert_eq!((order("o-1")["status"].as_str(), order("o-1")["paid"].as_f64()), (Some("paid"), Some(10.0)));
+    assert_eq!(order("o-2")["paid"], 5.0);
+    assert_eq!(order("o-3")["paid"], 0.0, "the skipped payment stays unapplied");
+    let status = server.get("/v1/projections/order-summary");
+    assert_eq!((status["deadLetters"].as_u64(), status["eventsApplied"].as_u64()), (Some(0), Some(5)));
+    assert!(server.get("/v1/projections/order-summary/dead-letters")["deadLetters"].as_array().unwrap().is_empty());
+
+    // The CLI lists what is left.
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_refract"))
+        .args(["dead-letters", "order-summary", "--url", &server.url])
+        .output()
+        .unwrap();
+    assert!(String::from_utf8_lossy(&out.stdout).contains("holds no dead letters"), "{out:?}");
+}

@@ -65,6 +65,12 @@ pub fn router(runtime: Arc<Runtime>) -> Router {
         .route("/v1/projections/{projection}/tables/{table}/items", get(projections::scan))
         .route("/v1/projections/{projection}/tables/{table}/items/{*key}", get(projections::get_item))
         .route("/v1/projections/{projection}/dead-letters", get(projections::dead_letters))
+        .route("/v1/projections/{projection}/dead-letters/retry", post(projections::retry_dead_letters))
+        .route(
+            "/v1/projections/{projection}/dead-letters/{id}",
+            get(projections::dead_letter).delete(projections::skip_dead_letter),
+        )
+        .route("/v1/projections/{projection}/dead-letters/{id}/retry", post(projections::retry_dead_letter))
         .route("/v1/projections/{projection}/indexes/{index}/search", get(search::search))
         .route("/v1/projections/{projection}/rebuild", post(projections::rebuild).delete(projections::cancel_rebuild))
         .route("/v1/plugins/{plugin}", put(plugins::upload))

@@ -141,6 +141,70 @@ pub(super) async fn dead_letters(
     Ok(Json(json!({ "deadLetters": items, "next": next })))
 }
 
+/// `GET /v1/projections/{p}/dead-letters/{id}`: one dead letter.
+pub(super) async fn dead_letter(
+    State(rt): State<Arc<Runtime>>,
+    path: Result<Path<(String, u64)>, PathRejection>,
+) -> Result<Json<Value>, ApiError> {
+    let Path((name, id)) = path?;
+    let p = find(&rt, &name)?;
+    let Some(letter) = p.live().read_model.dead_letter(id)? else {
+        return Err(ApiError::not_found("dead_letter_not_found", format!("{name} holds no dead letter {id}")));
+    };
+    let mut v = serde_json::to_value(letter).expect("dead letters serialize");
+    v["id"] = json!(id);
+    Ok(Json(v))
+}
+
+/// `DELETE /v1/projections/{p}/dead-letters/{id}`: skip it — drop the letter,
+/// leaving its event unapplied (admin token required).
+pub(super) async fn skip_dead_letter(
+    State(rt): State<Arc<Runtime>>,
+    path: Result<Path<(String, u64)>, PathRejection>,
+) -> Result<Json<Value>, ApiError> {
+    let Path((name, id)) = path?;
+    let p = find(&rt, &name)?;
+    let read_model = p.live().read_model.clone();
+    let removed = tokio::task::spawn_blocking(move || read_model.remove_dead_letter(id))
+        .await
+        .map_err(|e| ApiError::internal("skipping a dead letter", e))??;
+    if !removed {
+        return Err(ApiError::not_found("dead_letter_not_found", format!("{name} holds no dead letter {id}")));
+    }
+    Ok(Json(json!({ "skipped": id })))
+}
+
+/// `POST /v1/projections/{p}/dead-letters/retry` (every letter) and
+/// `…/dead-letters/{id}/retry`: hand the events to the plugin again, as it is
+/// now (after a fix). Answers what was applied and what failed again.
+pub(super) async fn retry_dead_letters(
+    State(rt): State<Arc<Runtime>>,
+    path: Result<Path<String>, PathRejection>,
+) -> Result<Json<Value>, ApiError> {
+    let Path(name) = path?;
+    retry(&rt, &name, None).await
+}
+
+pub(super) async fn retry_dead_letter(
+    State(rt): State<Arc<Runtime>>,
+    path: Result<Path<(String, u64)>, PathRejection>,
+) -> Result<Json<Value>, ApiError> {
+    let Path((name, id)) = path?;
+    retry(&rt, &name, Some(vec![id])).await
+}
+
+async fn retry(rt: &Runtime, name: &str, ids: Option<Vec<u64>>) -> Result<Json<Value>, ApiError> {
+    let p = find(rt, name)?;
+    let (reply, answer) = std::sync::mpsc::channel();
+    p.live().retries.lock().expect("retries lock").push(crate::projector::RetryRequest { ids, reply });
+    // The worker takes requests between batches; a stopped one never answers.
+    let report = tokio::task::spawn_blocking(move || answer.recv_timeout(std::time::Duration::from_secs(120)))
+        .await
+        .map_err(|e| ApiError::internal("retrying dead letters", e))?
+        .map_err(|_| ApiError::unavailable("retrying dead letters", format!("the worker of {name} did not answer")))?;
+    Ok(Json(serde_json::to_value(report).expect("reports serialize")))
+}
+
 /// `POST /v1/projections/{p}/rebuild`: replay the projection's streams into a
 /// new generation while the live one keeps serving (admin token required).
 pub(super) async fn rebuild(

@@ -3,4 +3,6 @@
 
 mod worker;
 
-pub use worker::{BatchOptions, Projector, Reload, Replay, WorkerState, WorkerStatus, now_ms};
+pub use worker::{
+    BatchOptions, Projector, Reload, Replay, Retries, RetryReport, RetryRequest, WorkerState, WorkerStatus, now_ms,
+};

@@ -100,6 +100,34 @@ impl Replay {
 /// batch boundary.
 pub type Reload = Arc<Mutex<Option<Box<dyn Handler>>>>;
 
+/// Dead letters to retry (all of them when `ids` is `None`), and where to
+/// send what came of it. The worker takes them between batches.
+pub struct RetryRequest {
+    pub ids: Option<Vec<u64>>,
+    pub reply: mpsc::Sender<RetryReport>,
+}
+
+/// Requests waiting for the worker.
+pub type Retries = Arc<Mutex<Vec<RetryRequest>>>;
+
+/// What a retry of dead letters did.
+#[derive(Debug, Default, Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct RetryReport {
+    /// Letters whose events the plugin has now handled: applied and removed.
+    pub applied: Vec<u64>,
+    /// Letters that failed again (each keeps its event, with the new error).
+    pub failed: Vec<RetryFailure>,
+    /// Ids asked for that are not dead letters.
+    pub missing: Vec<u64>,
+}
+
+#[derive(Debug, Serialize)]
+pub struct RetryFailure {
+    pub id: u64,
+    pub error: String,
+}
+
 /// A worker's live status, shared with the HTTP API.
 #[derive(Debug, Clone, Serialize)]
 #[serde(rename_all = "camelCase")]
@@ -146,6 +174,8 @@ pub struct Projector {
     resync: bool,
     /// Which events replay history (a rebuild): what the plugin emits for them is dropped.
     replay: Arc<Mutex<Replay>>,
+    /// Dead letters to retry, taken between batches.
+    retries: Retries,
     /// Where a new plugin version waits to be swapped in.
     reload: Reload,
     /// The running version's manifest, shared with the API.
@@ -197,6 +227,7 @@ impl Projector {
             in_flight: None,
             resync: false,
             replay: Arc::default(),
+            retries: Arc::default(),
             reload: Reload::default(),
             manifest: Arc::new(RwLock::new(manifest.clone())),
         })
@@ -216,6 +247,12 @@ impl Projector {
             let next = self.reload.lock().expect("reload lock").take();
             if let Some(next) = next {
                 self.swap(next);
+            }
+            let retries = std::mem::take(&mut *self.retries.lock().expect("retries lock"));
+            for request in retries {
+                self.settle_or_resync();
+                let report = self.retry(request.ids);
+                let _ = request.reply.send(report);
             }
             if self.resync {
                 drop(batches);
@@ -436,6 +473,11 @@ impl Projector {
         *self.replay.lock().expect("replay lock") = if replaying { Replay::Until(Cursor::new()) } else { Replay::Live };
     }
 
+    /// Where to ask this worker to retry dead letters.
+    pub fn retries(&self) -> Retries {
+        self.retries.clone()
+    }
+
     /// The worker's replay mode, to change while it runs (a rebuild's switch).
     pub fn replay(&self) -> Arc<Mutex<Replay>> {
         self.replay.clone()
@@ -557,6 +599,76 @@ impl Projector {
         }
     }
 
+    /// Hand the events of dead letters `ids` (all when `None`) to the plugin
+    /// again, one at a time, as it is now: an event it handles is applied,
+    /// its letter removed in the same transaction; one that fails again
+    /// keeps its letter, with the new error. The events come from the log
+    /// (with their headers) when it still has them, else from the letter.
+    fn retry(&mut self, ids: Option<Vec<u64>>) -> RetryReport {
+        let mut report = RetryReport::default();
+        let letters: Vec<(u64, DeadLetter)> = match ids {
+            None => self.read_model.dead_letters(0, usize::MAX).unwrap_or_default(),
+            Some(ids) => ids
+                .into_iter()
+                .filter_map(|id| match self.read_model.dead_letter(id) {
+                    Ok(Some(letter)) => Some((id, letter)),
+                    _ => {
+                        report.missing.push(id);
+                        None
+                    }
+                })
+                .collect(),
+        };
+        for (id, mut letter) in letters {
+            let event = self.event_of(&letter);
+            let outcome = self.begin().map_err(|e| HandleError::Host(e.to_string())).and_then(|batch| {
+                let (batch, result) = self.handler.handle(batch, std::slice::from_ref(&event));
+                result?;
+                let commit =
+                    Commit { checkpoints: Vec::new(), applied: 1, dead_letters: Vec::new(), retired: vec![id] };
+                self.read_model.commit(&batch.into_writes(), &commit).map_err(|e| HandleError::Host(e.to_string()))
+            });
+            match outcome {
+                Ok(()) => report.applied.push(id),
+                Err(e) => {
+                    letter.error = e.to_string();
+                    letter.plugin_version = self.handler.manifest().version.clone();
+                    letter.failed_at = now_ms();
+                    if let Err(e) = self.read_model.replace_dead_letter(id, &letter) {
+                        tracing::warn!(projection = self.name(), id, error = %e, "recording a failed retry");
+                    }
+                    report.failed.push(RetryFailure { id, error: letter.error });
+                }
+            }
+        }
+        tracing::info!(
+            projection = self.name(),
+            applied = report.applied.len(),
+            failed = report.failed.len(),
+            "dead letters retried"
+        );
+        report
+    }
+
+    /// The event a dead letter holds: from the log when it still has it.
+    fn event_of(&self, letter: &DeadLetter) -> crate::plugin::Event {
+        let from_log = self.sources.log.read(&letter.stream, letter.partition, letter.offset, 1).ok();
+        if let Some(event) = from_log.and_then(|mut events| events.pop()).filter(|e| e.offset == letter.offset) {
+            return event;
+        }
+        crate::plugin::Event {
+            stream: letter.stream.clone(),
+            partition: letter.partition,
+            offset: letter.offset,
+            key: letter.key.clone(),
+            event_type: letter.event_type.clone(),
+            time: letter.time,
+            headers: Vec::new(),
+            content_type: "application/json".into(),
+            data: serde_json::to_vec(&letter.data).expect("JSON values serialize"),
+        }
+    }
+
     /// What committing `events[from..to]` of `pending` writes besides the
     /// batch: checkpoints, counters, `dead_letters` and the undecodable
     /// records the checkpoints pass.
@@ -566,7 +678,7 @@ impl Projector {
             letter.plugin_version = self.handler.manifest().version.clone();
             dead_letters.push(letter);
         }
-        Commit { checkpoints: pending.checkpoints_after(to), applied, dead_letters }
+        Commit { checkpoints: pending.checkpoints_after(to), applied, dead_letters, retired: Vec::new() }
     }
 
     fn committed(&mut self, commit: &Commit) {

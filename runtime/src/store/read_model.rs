@@ -114,6 +114,8 @@ pub struct Commit {
     /// Events the batch applied (handed to the plugin or skipped as unsubscribed).
     pub applied: u64,
     pub dead_letters: Vec<DeadLetter>,
+    /// Dead letters whose events this commit applied (a retry): removed.
+    pub retired: Vec<u64>,
 }
 
 /// One projection's read model file.
@@ -213,12 +215,25 @@ impl ReadModel {
                 checkpoints.insert((c.stream.as_str(), c.partition), c.next_offset)?;
             }
             let mut dead = tx.open_table(DEAD_LETTERS)?;
-            let first_id = dead.last()?.map_or(1, |(k, _)| k.value() + 1);
+            let mut counters = tx.open_table(COUNTERS)?;
+            // Ids are never reused, also after letters are retried or skipped.
+            let last_id = counters.get("last-dead-letter-id")?.map_or(0, |v| v.value());
+            let first_id = dead.last()?.map_or(1, |(k, _)| k.value() + 1).max(last_id + 1);
             for (id, letter) in (first_id..).zip(&commit.dead_letters) {
                 let bytes = serde_json::to_vec(letter).expect("dead letters serialize");
                 dead.insert(id, bytes.as_slice())?;
             }
-            let mut counters = tx.open_table(COUNTERS)?;
+            if !commit.dead_letters.is_empty() {
+                counters.insert("last-dead-letter-id", first_id + commit.dead_letters.len() as u64 - 1)?;
+            }
+            let mut retired = 0;
+            for id in &commit.retired {
+                retired += u64::from(dead.remove(*id)?.is_some());
+            }
+            if retired > 0 {
+                let held = counters.get("dead-letters")?.map_or(0, |v| v.value());
+                counters.insert("dead-letters", held.saturating_sub(retired))?;
+            }
             for (name, add) in [
                 ("events-applied", commit.applied),
                 ("dead-letters", commit.dead_letters.len() as u64),
@@ -318,6 +333,47 @@ impl ReadModel {
         Ok(out)
     }
 
+    /// The dead letter `id`, if it is held.
+    pub fn dead_letter(&self, id: u64) -> Result<Option<DeadLetter>> {
+        let tx = self.db.begin_read()?;
+        let table = tx.open_table(DEAD_LETTERS)?;
+        let Some(bytes) = table.get(id)? else { return Ok(None) };
+        Ok(Some(serde_json::from_slice(bytes.value()).map_err(|e| Error::Corrupt(format!("dead letter {id}: {e}")))?))
+    }
+
+    /// Replace the dead letter `id` (a retry that failed again: a new error).
+    pub fn replace_dead_letter(&self, id: u64, letter: &DeadLetter) -> Result<()> {
+        let mut tx = self.db.begin_write()?;
+        tx.set_durability(Durability::Immediate).map_err(|e| Error::Storage(redb::Error::from(e)))?;
+        {
+            let mut table = tx.open_table(DEAD_LETTERS)?;
+            if table.get(id)?.is_some() {
+                table.insert(id, serde_json::to_vec(letter).expect("dead letters serialize").as_slice())?;
+            }
+        }
+        tx.commit()?;
+        Ok(())
+    }
+
+    /// Drop the dead letter `id` without applying its event (skip it);
+    /// whether it was held.
+    pub fn remove_dead_letter(&self, id: u64) -> Result<bool> {
+        let mut tx = self.db.begin_write()?;
+        tx.set_durability(Durability::Immediate).map_err(|e| Error::Storage(redb::Error::from(e)))?;
+        let removed = {
+            let mut table = tx.open_table(DEAD_LETTERS)?;
+            let removed = table.remove(id)?.is_some();
+            if removed {
+                let mut counters = tx.open_table(COUNTERS)?;
+                let held = counters.get("dead-letters")?.map_or(0, |v| v.value());
+                counters.insert("dead-letters", held.saturating_sub(1))?;
+            }
+            removed
+        };
+        tx.commit()?;
+        Ok(removed)
+    }
+
     /// Up to `limit` outbox entries after `after`, in sequence order.
     pub fn outbox_after(&self, after: u64, limit: usize) -> Result<Vec<OutboxEntry>> {
         let tx = self.db.begin_read()?;
@@ -399,7 +455,7 @@ mod tests {
         let checkpoint = Checkpoint { stream: "s".into(), partition: 0, next_offset: 3 };
         rm.commit(
             &batch.into_writes(),
-            &Commit { checkpoints: vec![checkpoint.clone()], applied: 3, dead_letters: vec![] },
+            &Commit { checkpoints: vec![checkpoint.clone()], applied: 3, dead_letters: vec![], retired: vec![] },
         )
         .unwrap();
         assert_eq!(rm.checkpoints().unwrap(), vec![checkpoint]);
