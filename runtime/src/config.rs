@@ -20,6 +20,7 @@
 //!   max-key-bytes: 1024
 //!   max-value-bytes: 1048576
 //!   max-emits: 100000             # events one batch may emit
+//!   pause-after-dead-letters: 1000  # a plugin failing this many events in a row pauses (0: never)
 //! search:
 //!   commit-interval-ms: 500       # indexer commits to tantivy this often
 //! auth:                           # bearer tokens (or REFRACT_ADMIN_TOKEN / REFRACT_QUERY_TOKEN)
@@ -96,6 +97,12 @@ pub struct PluginLimitsConfig {
     pub max_key_bytes: Option<usize>,
     pub max_value_bytes: Option<usize>,
     pub max_emits: Option<usize>,
+    pub pause_after_dead_letters: Option<u64>,
+}
+
+/// After how many dead letters in a row `plugin` pauses (0: never).
+pub fn resolve_pause(global: &LimitsConfig, plugin: Option<&PluginLimitsConfig>) -> u64 {
+    plugin.and_then(|p| p.pause_after_dead_letters).unwrap_or(global.pause_after_dead_letters)
 }
 
 /// The limits a plugin runs under: `plugin`'s overrides of the `global` ones.
@@ -195,6 +202,7 @@ pub struct LimitsConfig {
     pub max_key_bytes: usize,
     pub max_value_bytes: usize,
     pub max_emits: usize,
+    pub pause_after_dead_letters: u64,
 }
 
 impl Default for Config {
@@ -248,6 +256,7 @@ impl Default for LimitsConfig {
             max_key_bytes: kv.max_key_bytes,
             max_value_bytes: kv.max_value_bytes,
             max_emits: kv.max_emits,
+            pause_after_dead_letters: BatchOptions::default().pause_after_dead_letters,
         }
     }
 }
@@ -349,6 +358,7 @@ impl Config {
             initial_backoff: Duration::from_millis(self.batch.initial_backoff_ms),
             max_backoff: Duration::from_millis(self.batch.max_backoff_ms),
             kv: resolve_limits(&self.limits, None).1,
+            pause_after_dead_letters: self.limits.pause_after_dead_letters,
         }
     }
 

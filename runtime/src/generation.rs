@@ -117,6 +117,8 @@ pub struct Generation {
     pub reload: Reload,
     /// Where the API asks its worker to retry dead letters.
     pub retries: crate::projector::Retries,
+    /// Set to end its worker's pause after too many dead letters in a row.
+    pub resume: Arc<AtomicBool>,
     /// Which events its worker treats as replayed history.
     pub replay: Arc<Mutex<Replay>>,
     pub(crate) manifest: Arc<RwLock<Manifest>>,

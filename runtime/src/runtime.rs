@@ -10,7 +10,7 @@ use std::time::Duration;
 use anyhow::Context;
 use serde::Serialize;
 
-use crate::config::{Config, LimitsConfig, PluginConfig, resolve_limits};
+use crate::config::{Config, LimitsConfig, PluginConfig, resolve_limits, resolve_pause};
 use crate::generation::{self, Generation, Rebuild, RebuildStatus};
 use crate::plugin::cache::CompileCache;
 use crate::plugin::route::Routes;
@@ -420,7 +420,9 @@ impl Runtime {
         let sources = Sources { log: self.log.clone(), kafka: self.kafka.clone() };
         let stop = Arc::new(AtomicBool::new(false));
         let mut options = self.batch.clone();
-        options.kv = resolve_limits(&self.limits, self.plugin_config.get(&manifest.name).map(|p| &p.limits)).1;
+        let own = self.plugin_config.get(&manifest.name).map(|p| &p.limits);
+        options.kv = resolve_limits(&self.limits, own).1;
+        options.pause_after_dead_letters = resolve_pause(&self.limits, own);
         let mut projector =
             Projector::new(handler, read_model.clone(), sources, options, status.clone(), stop.clone())?;
         projector.set_replaying(replaying);
@@ -430,6 +432,7 @@ impl Runtime {
             manifest: projector.manifest(),
             reload: projector.reload_slot(),
             retries: projector.retries(),
+            resume: projector.resume_flag(),
             replay: projector.replay(),
             read_model: read_model.clone(),
             indexes: indexes.clone(),

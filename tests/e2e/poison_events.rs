@@ -176,3 +176,42 @@ fn dead_letters_can_be_inspected_retried_after_the_cause_is_gone_and_skipped() {
         .unwrap();
     assert!(String::from_utf8_lossy(&out.stdout).contains("holds no dead letters"), "{out:?}");
 }
+
+#[test]
+fn a_plugin_failing_every_event_pauses_instead_of_dead_lettering_the_stream() {
+    const ADMIN: &str = "pause-test-admin-token";
+    let dir = tempfile::tempdir().unwrap();
+    let config = format!(
+        "auth:\n  admin-token: {ADMIN}\nplugins:\n  testkit-chaos:\n    limits: {{ pause-after-dead-letters: 10 }}\n"
+    );
+    let server = Server::start(dir.path(), &[&plugins().chaos], &config);
+    let admin = server.client().with_token(Some(ADMIN));
+    let events: Vec<Value> = (0..100).map(|i| json!({"type": "Reject", "key": "k", "data": {"n": i}})).collect();
+    assert_eq!(admin.append_ndjson("chaos", &ndjson(&events)).unwrap().status, 200);
+    let paused_with = |letters: u64| {
+        let until = std::time::Instant::now() + std::time::Duration::from_secs(60);
+        loop {
+            let status = server.get("/v1/projections/testkit-chaos");
+            if status["state"] == "paused" && status["deadLetters"] == letters {
+                return status;
+            }
+            assert!(std::time::Instant::now() < until, "not paused with {letters} dead letters: {status}");
+            std::thread::sleep(std::time::Duration::from_millis(50));
+        }
+    };
+    let status = paused_with(10);
+    assert!(status["lastError"].as_str().unwrap().contains("paused after 10 dead letters in a row"), "{status}");
+    std::thread::sleep(std::time::Duration::from_millis(300));
+    let status = server.get("/v1/projections/testkit-chaos");
+    assert_eq!(status["deadLetters"], 10, "paused: nothing more is read");
+    let read: u64 = status["partitions"].as_array().unwrap().iter().map(|p| p["checkpoint"].as_u64().unwrap()).sum();
+    assert_eq!(read, 10, "the checkpoint stops at the last dead letter: nothing is skipped");
+
+    assert_eq!(
+        server.client().post("/v1/projections/testkit-chaos/resume", "application/json", b"").unwrap().status,
+        401
+    );
+    let resumed = admin.post("/v1/projections/testkit-chaos/resume", "application/json", b"").unwrap();
+    assert_eq!(resumed.body["resumed"], true, "{}", resumed.body);
+    paused_with(20);
+}

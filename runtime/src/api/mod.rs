@@ -72,6 +72,7 @@ pub fn router(runtime: Arc<Runtime>) -> Router {
         )
         .route("/v1/projections/{projection}/dead-letters/{id}/retry", post(projections::retry_dead_letter))
         .route("/v1/projections/{projection}/indexes/{index}/search", get(search::search))
+        .route("/v1/projections/{projection}/resume", post(projections::resume))
         .route("/v1/projections/{projection}/rebuild", post(projections::rebuild).delete(projections::cancel_rebuild))
         .route("/v1/plugins/{plugin}", put(plugins::upload))
         .fallback(|| async {

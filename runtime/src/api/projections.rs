@@ -205,6 +205,22 @@ async fn retry(rt: &Runtime, name: &str, ids: Option<Vec<u64>>) -> Result<Json<V
     Ok(Json(serde_json::to_value(report).expect("reports serialize")))
 }
 
+/// `POST /v1/projections/{p}/resume`: end a pause after too many dead
+/// letters in a row (admin token required).
+pub(super) async fn resume(
+    State(rt): State<Arc<Runtime>>,
+    path: Result<Path<String>, PathRejection>,
+) -> Result<Json<Value>, ApiError> {
+    let Path(name) = path?;
+    let p = find(&rt, &name)?;
+    let live = p.live();
+    let paused = live.status.lock().expect("status lock").state == crate::projector::WorkerState::Paused;
+    if paused {
+        live.resume.store(true, std::sync::atomic::Ordering::Relaxed);
+    }
+    Ok(Json(json!({ "projection": name, "resumed": paused })))
+}
+
 /// `POST /v1/projections/{p}/rebuild`: replay the projection's streams into a
 /// new generation while the live one keeps serving (admin token required).
 pub(super) async fn rebuild(

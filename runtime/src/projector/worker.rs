@@ -41,6 +41,9 @@ pub struct BatchOptions {
     pub initial_backoff: Duration,
     pub max_backoff: Duration,
     pub kv: KvLimits,
+    /// Pause after this many dead letters in a row (0: never): a plugin that
+    /// fails every event stops instead of dead-lettering the whole stream.
+    pub pause_after_dead_letters: u64,
 }
 
 impl Default for BatchOptions {
@@ -52,6 +55,7 @@ impl Default for BatchOptions {
             initial_backoff: Duration::from_millis(100),
             max_backoff: Duration::from_secs(30),
             kv: KvLimits::default(),
+            pause_after_dead_letters: 1_000,
         }
     }
 }
@@ -63,6 +67,9 @@ pub enum WorkerState {
     Running,
     /// Waiting to retry after a transient or host failure.
     Retrying,
+    /// Stopped consuming after too many dead letters in a row; resumes on
+    /// request or when a new plugin version is swapped in.
+    Paused,
     Stopped,
 }
 
@@ -93,6 +100,16 @@ impl Replay {
             Replay::All | Replay::Until(_) => true,
             Replay::Before(h) => h.get(&(e.stream.clone(), e.partition)).is_some_and(|until| e.offset < *until),
         }
+    }
+}
+
+/// Stops a reader thread: the projector's flag, or the reader's own.
+#[derive(Clone)]
+struct StopEither(Arc<AtomicBool>, Arc<AtomicBool>);
+
+impl StopEither {
+    fn load(&self, order: Ordering) -> bool {
+        self.0.load(order) || self.1.load(order)
     }
 }
 
@@ -172,6 +189,10 @@ pub struct Projector {
     in_flight: Option<InFlight>,
     /// Set when in-memory progress was dropped: reading must restart from `checkpoints`.
     resync: bool,
+    /// Dead letters committed since the last batch that applied an event.
+    dead_in_a_row: u64,
+    /// Set by the API to end a pause.
+    resume: Arc<AtomicBool>,
     /// Which events replay history (a rebuild): what the plugin emits for them is dropped.
     replay: Arc<Mutex<Replay>>,
     /// Dead letters to retry, taken between batches.
@@ -226,6 +247,8 @@ impl Projector {
             checkpoints,
             in_flight: None,
             resync: false,
+            dead_in_a_row: 0,
+            resume: Arc::default(),
             replay: Arc::default(),
             retries: Arc::default(),
             reload: Reload::default(),
@@ -242,7 +265,7 @@ impl Projector {
     /// current one to the plugin, and the previous one commits meanwhile.
     pub fn run(mut self) {
         tracing::info!(projection = self.name(), "projector started");
-        let (mut batches, mut reader) = self.spawn_reader();
+        let (mut batches, mut reader, mut reader_stop) = self.spawn_reader();
         while !self.stop.load(Ordering::Relaxed) {
             let next = self.reload.lock().expect("reload lock").take();
             if let Some(next) = next {
@@ -254,10 +277,17 @@ impl Projector {
                 let report = self.retry(request.ids);
                 let _ = request.reply.send(report);
             }
+            if self.paused() {
+                // Take no batches; read again from the durable checkpoints once resumed.
+                self.resync = true;
+                std::thread::sleep(Duration::from_millis(25));
+                continue;
+            }
             if self.resync {
-                drop(batches);
+                reader_stop.store(true, Ordering::Relaxed);
+                drop(batches); // a reader blocked on a full channel returns
                 let _ = reader.join();
-                (batches, reader) = self.spawn_reader();
+                (batches, reader, reader_stop) = self.spawn_reader();
                 self.resync = false;
             }
             // Idle, the loop still comes round often enough to swap in a new plugin version promptly.
@@ -300,6 +330,22 @@ impl Projector {
 
     /// Swap in a new version of the plugin between batches: what the old one
     /// handled is made durable first, and the new one goes on from there.
+    /// Whether the worker is paused; a resume request, or a new plugin
+    /// version (see [`Projector::swap`]), ends the pause.
+    fn paused(&mut self) -> bool {
+        let mut status = self.status.lock().expect("status lock");
+        if status.state != WorkerState::Paused {
+            return false;
+        }
+        if self.resume.swap(false, Ordering::Relaxed) {
+            tracing::info!(projection = %self.handler.manifest().name, "resuming after a pause");
+            status.state = WorkerState::Running;
+            self.dead_in_a_row = 0;
+            return false;
+        }
+        true
+    }
+
     fn swap(&mut self, next: Box<dyn Handler>) {
         self.settle_or_resync();
         let declared = match crate::plugin::declared(&*next) {
@@ -318,7 +364,12 @@ impl Projector {
         self.declared = declared;
         self.handler = next;
         *self.manifest.write().expect("manifest lock") = m;
-        self.status.lock().expect("status lock").reloads += 1;
+        let mut status = self.status.lock().expect("status lock");
+        status.reloads += 1;
+        if status.state == WorkerState::Paused {
+            // A new version is the usual fix: try it.
+            self.resume.store(true, Ordering::Relaxed);
+        }
     }
 
     /// The shared high watermarks of the Kafka partitions this projection reads.
@@ -327,7 +378,10 @@ impl Projector {
     }
 
     /// Start the thread that reads batches ahead, from the durable checkpoints on.
-    fn spawn_reader(&self) -> (mpsc::Receiver<Delivery>, std::thread::JoinHandle<()>) {
+    /// The reader thread, its channel, and a flag that stops it alone (a
+    /// resync: it may be idle, never sending, so a dropped channel alone
+    /// would not end it).
+    fn spawn_reader(&self) -> (mpsc::Receiver<Delivery>, std::thread::JoinHandle<()>, Arc<AtomicBool>) {
         // One batch in the channel and one being read: enough to keep the worker busy.
         let (tx, rx) = mpsc::sync_channel::<Delivery>(1);
         let (sources, subscriptions, read_model) =
@@ -339,7 +393,9 @@ impl Projector {
         // Enrichers keep clocks (windows, joins): they get events in event-time order.
         let align = self.handler.kind() == crate::plugin::Kind::Enricher;
         let replay = self.replay.clone();
-        let stop = self.stop.clone();
+        let projector_stop = self.stop.clone();
+        let reader_stop = Arc::new(AtomicBool::new(false));
+        let stop = StopEither(projector_stop, reader_stop.clone());
         std::thread::Builder::new()
             .name(format!("reader-{name}"))
             .spawn(move || {
@@ -431,7 +487,7 @@ impl Projector {
                     }
                 }
             })
-            .map(|reader| (rx, reader))
+            .map(|reader| (rx, reader, reader_stop))
             .expect("spawn a reader thread")
     }
 
@@ -471,6 +527,11 @@ impl Projector {
     /// the history was new.
     pub fn set_replaying(&mut self, replaying: bool) {
         *self.replay.lock().expect("replay lock") = if replaying { Replay::Until(Cursor::new()) } else { Replay::Live };
+    }
+
+    /// Set to end a pause (see [`WorkerState::Paused`]).
+    pub fn resume_flag(&self) -> Arc<AtomicBool> {
+        self.resume.clone()
     }
 
     /// Where to ask this worker to retry dead letters.
@@ -685,6 +746,11 @@ impl Projector {
         for c in &commit.checkpoints {
             self.checkpoints.insert((c.stream.clone(), c.partition), c.next_offset);
         }
+        if commit.applied > 0 {
+            self.dead_in_a_row = 0;
+        } else {
+            self.dead_in_a_row += commit.dead_letters.len() as u64;
+        }
         let mut status = self.status.lock().expect("status lock");
         status.state = WorkerState::Running;
         status.retries = 0;
@@ -786,6 +852,20 @@ impl Projector {
             match result {
                 Ok(()) => {
                     self.committed(&commit);
+                    let limit = self.options.pause_after_dead_letters;
+                    if limit > 0 && self.dead_in_a_row >= limit {
+                        let message = format!(
+                            "paused after {} dead letters in a row: fix the plugin and upload it, \
+                             or POST /v1/projections/{}/resume",
+                            self.dead_in_a_row,
+                            self.name()
+                        );
+                        tracing::error!(projection = self.name(), "{message}");
+                        self.set_error(&message);
+                        self.status.lock().expect("status lock").state = WorkerState::Paused;
+                        // Stop handling the rest of this batch; it is read again on resume.
+                        return Retry::Stopped;
+                    }
                     return Retry::Done;
                 }
                 Err(err) => {
