@@ -254,48 +254,54 @@ fn on_payment(out: &mut Vec<NewEvent>, p: PaymentReceived, time: i64, window: &m
 /// Early payments no order can join any more are dropped.
 fn advance(out: &mut Vec<NewEvent>, window: &mut Window) -> Result<(), Failure> {
     let oldest_open = window.oldest_open();
-    let horizon = time_key(oldest_open, "");
-    let mut cursor = window.deadlines_cursor.take();
-    while window.next_deadline.is_none_or(|t| t < oldest_open) {
-        let Some((key, order_id)) = DEADLINES.scan("", cursor.as_deref(), 1)?.pop() else {
-            window.next_deadline = Some(i64::MAX);
-            break;
-        };
-        if key >= horizon {
-            window.next_deadline = Some(key_time(&key));
-            break;
+    let window_ms = window.window;
+    drain_due(&DEADLINES, &mut window.deadlines_cursor, &mut window.next_deadline, oldest_open, |order_id| {
+        if let Some(OrderState::Pending(order)) = ORDERS.get(order_id)? {
+            let done = emit(out, UNPAID, &order, order.placed_at + window_ms)?;
+            ORDERS.put(order_id, &done)?;
         }
-        if let Some(OrderState::Pending(order)) = ORDERS.get(&order_id)? {
-            let done = emit(out, UNPAID, &order, order.placed_at + window.window)?;
-            ORDERS.put(&order_id, &done)?;
-        }
-        DEADLINES.delete(&key)?;
-        cursor = Some(key);
-    }
-    window.deadlines_cursor = cursor;
-    let mut cursor = window.early_cursor.take();
-    while window.next_early.is_none_or(|t| t < oldest_open) {
-        let Some((key, order_id)) = EARLY_BY_TIME.scan("", cursor.as_deref(), 1)?.pop() else {
-            window.next_early = Some(i64::MAX);
-            break;
-        };
-        if key >= horizon {
-            window.next_early = Some(key_time(&key));
-            break;
-        }
+        Ok(())
+    })?;
+    drain_due(&EARLY_BY_TIME, &mut window.early_cursor, &mut window.next_early, oldest_open, |order_id| {
         // Payments whose order never came within their window.
-        if let Some(OrderState::Early { mut payments }) = ORDERS.get(&order_id)? {
+        if let Some(OrderState::Early { mut payments }) = ORDERS.get(order_id)? {
             payments.retain(|p| p.time >= oldest_open);
             if payments.is_empty() {
-                ORDERS.delete(&order_id)?;
+                ORDERS.delete(order_id)?;
             } else {
-                ORDERS.put(&order_id, &OrderState::Early { payments })?;
+                ORDERS.put(order_id, &OrderState::Early { payments })?;
             }
         }
-        EARLY_BY_TIME.delete(&key)?;
-        cursor = Some(key);
+        Ok(())
+    })
+}
+
+/// Work through the entries of a time-ordered `table` (`<time>/<orderId>` →
+/// order id) older than `oldest_open`, in key order after `cursor`: `due`
+/// handles each order id, then the entry goes and the cursor moves past it.
+/// `next` caches the earliest time left, so that nothing is scanned until it
+/// is due.
+fn drain_due(
+    table: &Table<String>,
+    cursor: &mut Option<String>,
+    next: &mut Option<i64>,
+    oldest_open: i64,
+    mut due: impl FnMut(&str) -> Result<(), Failure>,
+) -> Result<(), Failure> {
+    let horizon = time_key(oldest_open, "");
+    while next.is_none_or(|t| t < oldest_open) {
+        let Some((key, order_id)) = table.scan("", cursor.as_deref(), 1)?.pop() else {
+            *next = Some(i64::MAX);
+            break;
+        };
+        if key >= horizon {
+            *next = Some(key_time(&key));
+            break;
+        }
+        due(&order_id)?;
+        table.delete(&key)?;
+        *cursor = Some(key);
     }
-    window.early_cursor = cursor;
     Ok(())
 }
 
