@@ -130,14 +130,7 @@ pub(super) async fn dead_letters(
     let more = letters.len() > limit;
     letters.truncate(limit);
     let next = if more { letters.last().map(|(id, _)| *id) } else { None };
-    let items: Vec<Value> = letters
-        .into_iter()
-        .map(|(id, letter)| {
-            let mut v = serde_json::to_value(letter).expect("dead letters serialize");
-            v["id"] = json!(id);
-            v
-        })
-        .collect();
+    let items: Vec<Value> = letters.into_iter().map(|(id, letter)| letter_json(id, letter)).collect();
     Ok(Json(json!({ "deadLetters": items, "next": next })))
 }
 
@@ -149,11 +142,20 @@ pub(super) async fn dead_letter(
     let Path((name, id)) = path?;
     let p = find(&rt, &name)?;
     let Some(letter) = p.live().read_model.dead_letter(id)? else {
-        return Err(ApiError::not_found("dead_letter_not_found", format!("{name} holds no dead letter {id}")));
+        return Err(no_dead_letter(&name, id));
     };
+    Ok(Json(letter_json(id, letter)))
+}
+
+/// A dead letter as the API shows it: the letter with its id.
+fn letter_json(id: u64, letter: crate::store::DeadLetter) -> Value {
     let mut v = serde_json::to_value(letter).expect("dead letters serialize");
     v["id"] = json!(id);
-    Ok(Json(v))
+    v
+}
+
+fn no_dead_letter(projection: &str, id: u64) -> ApiError {
+    ApiError::not_found("dead_letter_not_found", format!("{projection} holds no dead letter {id}"))
 }
 
 /// `DELETE /v1/projections/{p}/dead-letters/{id}`: skip it — drop the letter,
@@ -169,7 +171,7 @@ pub(super) async fn skip_dead_letter(
         .await
         .map_err(|e| ApiError::internal("skipping a dead letter", e))??;
     if !removed {
-        return Err(ApiError::not_found("dead_letter_not_found", format!("{name} holds no dead letter {id}")));
+        return Err(no_dead_letter(&name, id));
     }
     Ok(Json(json!({ "skipped": id })))
 }
