@@ -116,10 +116,19 @@ impl Pending {
 
     /// Keep only what lies before `limit` (per partition; a partition absent
     /// from it keeps nothing): a rebuild's reader may not run ahead of the
-    /// live generation, whose checkpoints `limit` is.
-    pub fn hold_back(&mut self, limit: &Cursor) {
-        let cut: BTreeMap<(String, u32), u64> =
-            self.read_to.iter().map(|(k, to)| (k.clone(), (*to).min(limit.get(k).copied().unwrap_or(0)))).collect();
+    /// live generation, whose checkpoints `limit` is. Reading never moves
+    /// back before `from`, where it started: a limit below that (a resumed
+    /// rebuild whose gate is not set yet) holds back everything read, and
+    /// undoes nothing already handled.
+    pub fn hold_back(&mut self, limit: &Cursor, from: &Cursor) {
+        let cut: BTreeMap<(String, u32), u64> = self
+            .read_to
+            .iter()
+            .map(|(k, to)| {
+                let floor = from.get(k).copied().unwrap_or(0);
+                (k.clone(), (*to).min(limit.get(k).copied().unwrap_or(0).max(floor)))
+            })
+            .collect();
         self.cut(&cut);
     }
 
@@ -293,12 +302,28 @@ mod tests {
             undecodable: vec![letter(0, 3)],
             read_to: [(("s".into(), 0), 4), (("s".into(), 1), 1), (("s".into(), 2), 6)].into(),
         };
-        pending.hold_back(&[(("s".into(), 0), 2), (("s".into(), 1), 7)].into());
+        pending.hold_back(&[(("s".into(), 0), 2), (("s".into(), 1), 7)].into(), &Cursor::new());
         let kept: Vec<(u32, u64)> = pending.events.iter().map(|e| (e.partition, e.offset)).collect();
         assert_eq!(kept, [(0, 0), (0, 1), (1, 0)]);
         assert!(pending.undecodable.is_empty());
         let read_to: Vec<u64> = pending.read_to.values().copied().collect();
         assert_eq!(read_to, [2, 1, 0], "partition 2 is not in the limit: nothing of it is kept");
+    }
+
+    #[test]
+    fn holding_back_never_moves_reading_before_where_it_started() {
+        // A resumed rebuild reads from its checkpoints before its gate is set
+        // (an empty limit): it holds back what it read and stays where it was.
+        let from: Cursor = [(("s".into(), 0), 5), (("s".into(), 1), 3)].into();
+        let mut pending = Pending {
+            events: vec![event(0, 5), event(0, 6), event(1, 3)],
+            undecodable: Vec::new(),
+            read_to: [(("s".into(), 0), 7), (("s".into(), 1), 4)].into(),
+        };
+        pending.hold_back(&Cursor::new(), &from);
+        assert!(pending.events.is_empty());
+        assert_eq!(pending.read_to, from);
+        assert!(pending.is_empty(&from), "nothing to hand over");
     }
 
     #[test]
