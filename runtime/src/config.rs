@@ -4,6 +4,9 @@
 //! data-dir: ./refract-data        # the log, read models and compile cache
 //! plugins-dir: ./plugins          # *.wasm projections loaded at start
 //! listen: 127.0.0.1:8080
+//! api:
+//!   max-body-mb: 64               # larger requests (appends, plugin uploads) are a 413
+//!   request-timeout-ms: 90000     # longer requests are a 503 (wait_for waits at most 60 s)
 //! streams:
 //!   default-partitions: 4
 //!   partitions: { accounts: 1 }   # per-stream partition counts
@@ -67,6 +70,7 @@ pub struct Config {
     pub data_dir: PathBuf,
     pub plugins_dir: PathBuf,
     pub listen: String,
+    pub api: ApiConfig,
     pub streams: StreamsConfig,
     pub batch: BatchConfig,
     pub limits: LimitsConfig,
@@ -162,6 +166,34 @@ impl AuthConfig {
     }
 }
 
+/// The HTTP API's own limits.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(rename_all = "kebab-case", deny_unknown_fields, default)]
+pub struct ApiConfig {
+    /// The largest request body (a batch of appended events, a plugin upload).
+    pub max_body_mb: usize,
+    /// The longest a request may take, reading its body included.
+    pub request_timeout_ms: u64,
+}
+
+impl Default for ApiConfig {
+    fn default() -> Self {
+        // Long enough for a query waiting the longest `timeout_ms` (60 s) and
+        // for the first compile of a large uploaded component (~25 s).
+        ApiConfig { max_body_mb: 64, request_timeout_ms: 90_000 }
+    }
+}
+
+impl ApiConfig {
+    pub fn max_body_bytes(&self) -> usize {
+        self.max_body_mb << 20
+    }
+
+    pub fn request_timeout(&self) -> Duration {
+        Duration::from_millis(self.request_timeout_ms)
+    }
+}
+
 #[derive(Debug, Clone, Deserialize)]
 #[serde(rename_all = "kebab-case", deny_unknown_fields, default)]
 pub struct SearchConfig {
@@ -211,6 +243,7 @@ impl Default for Config {
             data_dir: PathBuf::from("refract-data"),
             plugins_dir: PathBuf::from("plugins"),
             listen: "127.0.0.1:8080".into(),
+            api: ApiConfig::default(),
             streams: StreamsConfig::default(),
             batch: BatchConfig::default(),
             limits: LimitsConfig::default(),
@@ -300,6 +333,9 @@ impl Config {
         }
         if self.batch.max_events == 0 || self.batch.call_events == 0 {
             return bad("batch: max-events and call-events must be at least 1");
+        }
+        if self.api.max_body_mb == 0 || self.api.request_timeout_ms == 0 {
+            return bad("api: max-body-mb and request-timeout-ms must be at least 1");
         }
         if self.search.commit_interval_ms == 0 {
             return bad("search: commit-interval-ms must be at least 1");

@@ -12,6 +12,7 @@ pub mod api;
 pub mod authoring;
 pub mod client;
 pub mod config;
+pub mod data_dir;
 pub mod fixtures;
 pub mod generation;
 pub mod names;

@@ -151,6 +151,8 @@ pub struct Runtime {
     pub kafka: Arc<KafkaConfig>,
     /// The API's bearer tokens.
     pub auth: crate::config::AuthConfig,
+    /// The API's body limit and request timeout.
+    pub api: crate::config::ApiConfig,
     plugins_dir: PathBuf,
     /// `plugins.<name>` of the config: settings, routes and limits.
     plugin_config: BTreeMap<String, PluginConfig>,
@@ -329,6 +331,7 @@ impl Runtime {
         config.validate()?;
         std::fs::create_dir_all(&config.data_dir)
             .with_context(|| format!("creating the data directory {}", config.data_dir.display()))?;
+        crate::data_dir::check(&config.data_dir)?;
         let log_path = config.data_dir.join("log.redb");
         let log = EventLog::open(&log_path, config.log_options())
             .with_context(|| format!("opening the event log {}", log_path.display()))?;
@@ -336,6 +339,7 @@ impl Runtime {
             log: Arc::new(log),
             kafka: Arc::new(config.kafka.clone()),
             auth: config.auth.resolved(),
+            api: config.api.clone(),
             plugins_dir: config.plugins_dir.clone(),
             plugin_config: config.plugins.clone(),
             limits: config.limits.clone(),

@@ -60,6 +60,7 @@ fn waiting_too_long_is_a_504_naming_the_lag_and_bad_tokens_are_400s() {
         ("wait_for=chaos", "is not <stream>:<partition>:<offset>"),
         ("wait_for=orders:0:1", "does not read"),
         ("wait_for=chaos:0:1&timeout_ms=600000", "timeout_ms may be at most"),
+        ("wait_for=chaos:0:999", "which the log has not written"),
     ] {
         let bad = client.get(&format!("/v1/projections/testkit-chaos/tables/applied/items?{query}")).unwrap();
         assert_eq!(bad.status, 400, "{query}: {}", bad.body);

@@ -1,5 +1,5 @@
 //! Bearer tokens: the admin token guards every mutating route, the query
-//! token (when set) every query. `/healthz` is always open.
+//! token (when set) every query. `/healthz` and `/openapi.json` are always open.
 //!
 //! Without an admin token, appends stay open (a local, zero-configuration
 //! setup) but routes that change what code runs or what is served (plugin
@@ -33,14 +33,14 @@ pub(super) async fn authorize(State(rt): State<Arc<Runtime>>, request: Request, 
         Err(e) => {
             // Read what the client is sending (within the body limit), so that
             // it gets the JSON error rather than a connection reset mid-upload.
-            let _ = axum::body::to_bytes(request.into_body(), super::MAX_BODY_BYTES).await;
+            let _ = axum::body::to_bytes(request.into_body(), rt.api.max_body_bytes()).await;
             e.into_response()
         }
     }
 }
 
 fn check(rt: &Runtime, method: &Method, path: &str, headers: &HeaderMap) -> Result<(), ApiError> {
-    if path == "/healthz" {
+    if path == "/healthz" || path == "/openapi.json" {
         return Ok(());
     }
     let presented = bearer(headers);

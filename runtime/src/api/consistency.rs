@@ -16,8 +16,8 @@ use serde::Deserialize;
 
 use super::ApiError;
 use crate::runtime::Projection;
+use crate::runtime::Runtime;
 use crate::source::Position;
-use crate::source::kafka::KafkaConfig;
 
 /// How long a query waits when it names no `timeout_ms`, and the most it may ask for.
 pub const DEFAULT_TIMEOUT: Duration = Duration::from_secs(5);
@@ -78,17 +78,8 @@ fn missing(p: &Projection, wanted: &Wanted) -> Result<Vec<String>, ApiError> {
 
 /// Wait until `p` has handled what `c` names (and, with `search`, until its
 /// indexes have applied the document changes committed by then).
-pub async fn wait(p: &Projection, kafka: &KafkaConfig, c: &Consistency, search: bool) -> Result<(), ApiError> {
-    let Some(token) = &c.wait_for else { return Ok(()) };
-    let mut wanted = parse(token)?;
-    // A Kafka topic stands for the stream it is mapped to.
-    wanted = wanted
-        .into_iter()
-        .map(|((name, partition), offset)| {
-            let stream = kafka.streams.iter().find(|(_, t)| t.topic == name).map(|(s, _)| s.clone());
-            ((stream.unwrap_or(name), partition), offset)
-        })
-        .collect();
+pub async fn wait(rt: &Runtime, p: &Projection, c: &Consistency, search: bool) -> Result<(), ApiError> {
+    let kafka = &rt.kafka;
     let timeout = match c.timeout_ms {
         None => DEFAULT_TIMEOUT,
         Some(ms) if Duration::from_millis(ms) <= MAX_TIMEOUT => Duration::from_millis(ms),
@@ -99,6 +90,16 @@ pub async fn wait(p: &Projection, kafka: &KafkaConfig, c: &Consistency, search: 
             )));
         }
     };
+    let Some(token) = &c.wait_for else { return Ok(()) };
+    let mut wanted = parse(token)?;
+    // A Kafka topic stands for the stream it is mapped to.
+    wanted = wanted
+        .into_iter()
+        .map(|((name, partition), offset)| {
+            let stream = kafka.streams.iter().find(|(_, t)| t.topic == name).map(|(s, _)| s.clone());
+            ((stream.unwrap_or(name), partition), offset)
+        })
+        .collect();
     if let Some(stream) =
         wanted.keys().map(|(s, _)| s).find(|s| !p.manifest().subscriptions.iter().any(|x| &x.stream == *s))
     {
@@ -106,6 +107,18 @@ pub async fn wait(p: &Projection, kafka: &KafkaConfig, c: &Consistency, search: 
             "wait_for names stream {stream:?}, which projection {:?} does not read",
             p.manifest().name
         )));
+    }
+    // A position the embedded log has not written would only ever time out.
+    for ((stream, partition), offset) in &wanted {
+        if kafka.topic(stream).is_some() {
+            continue;
+        }
+        let head = rt.log.heads(stream).and_then(|h| h.get(*partition as usize).copied()).unwrap_or(0);
+        if *offset >= head {
+            return Err(ApiError::bad_request(format!(
+                "wait_for names {stream}:{partition}:{offset}, which the log has not written (that partition's head is {head})"
+            )));
+        }
     }
     let until = Instant::now() + timeout;
     let mut pause = Duration::from_millis(1);

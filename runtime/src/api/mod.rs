@@ -1,29 +1,17 @@
 //! The HTTP API (axum). [`router`] builds every route over a [`Runtime`], so
 //! tests can drive it with `tower::ServiceExt::oneshot`, without a socket.
 //!
-//! | route | what |
-//! |---|---|
-//! | `GET /healthz` | liveness |
-//! | `GET /v1/streams` | streams, partitions and heads |
-//! | `POST /v1/streams/{stream}/events` | append one event, a JSON array, or NDJSON |
-//! | `GET /v1/streams/{stream}/events?partition=&from=&limit=` | read events back |
-//! | `GET /v1/projections` | every projection's status, and plugins that failed to load |
-//! | `GET /v1/projections/{p}` | one projection's status |
-//! | `GET /v1/projections/{p}/tables/{t}/items/{key}` | one value |
-//! | `GET /v1/projections/{p}/tables/{t}/items?prefix=&after=&limit=` | a page of entries |
-//! | `GET /v1/projections/{p}/dead-letters?after=&limit=` | a page of dead letters |
-//! | `GET /v1/projections/{p}/indexes/{i}/search?q=&filter=&sort=&limit=&offset=&facets=` | full-text search |
-//!
-//! | `POST /v1/projections/{p}/rebuild` | start a blue/green rebuild (admin token) |
-//! | `DELETE /v1/projections/{p}/rebuild` | cancel it (admin token) |
-//! | `PUT /v1/plugins/{name}` | upload a plugin (admin token) |
-//!
+//! The operations are listed once, in [`operations`]; `openapi.yaml` (served
+//! as `/openapi.json`) documents exactly those (a test checks both ways).
+//! Every request goes through [`guard`] (time limit, errors as JSON) and
+//! `auth` (bearer tokens: the admin token for every method but GET/HEAD).
 //! Read-model queries (items, pages, search) also take `wait_for` and
-//! `timeout_ms`: see [`consistency`]. Tokens: see `auth.rs`.
+//! `timeout_ms`: see [`consistency`].
 
 mod auth;
 pub mod consistency;
 mod error;
+mod guard;
 mod plugins;
 mod projections;
 mod search;
@@ -33,14 +21,12 @@ use std::sync::Arc;
 
 use axum::Router;
 use axum::extract::DefaultBodyLimit;
-use axum::routing::{get, post, put};
+use axum::http::Method;
+use axum::routing::{MethodRouter, delete, get, post, put};
 
 pub use error::ApiError;
 
 use crate::runtime::Runtime;
-
-/// The largest request body accepted (a batch of appended events).
-pub const MAX_BODY_BYTES: usize = 64 << 20;
 
 /// The page size when a request names none, and the largest allowed.
 pub const DEFAULT_LIMIT: usize = 100;
@@ -54,33 +40,63 @@ fn page_limit(limit: Option<usize>) -> Result<usize, ApiError> {
     }
 }
 
+/// The OpenAPI 3.1 description of [`operations`], served as `/openapi.json`.
+pub const OPENAPI_YAML: &str = include_str!("openapi.yaml");
+
+fn openapi() -> &'static serde_json::Value {
+    static DOC: std::sync::OnceLock<serde_json::Value> = std::sync::OnceLock::new();
+    DOC.get_or_init(|| serde_yaml::from_str(OPENAPI_YAML).expect("openapi.yaml parses (checked by a test)"))
+}
+
+/// Every operation of the API: method, path, handler.
+pub fn operations() -> Vec<(Method, &'static str, MethodRouter<Arc<Runtime>>)> {
+    use Method as M;
+    vec![
+        (M::GET, "/healthz", get(|| async { axum::Json(serde_json::json!({"status": "ok"})) })),
+        (M::GET, "/openapi.json", get(|| async { axum::Json(openapi()) })),
+        (M::GET, "/v1/streams", get(streams::list)),
+        (M::GET, "/v1/streams/{stream}/events", get(streams::read)),
+        (M::POST, "/v1/streams/{stream}/events", post(streams::append)),
+        (M::GET, "/v1/projections", get(projections::list)),
+        (M::GET, "/v1/projections/{projection}", get(projections::status)),
+        (M::GET, "/v1/projections/{projection}/tables/{table}/items", get(projections::scan)),
+        (M::GET, "/v1/projections/{projection}/tables/{table}/items/{*key}", get(projections::get_item)),
+        (M::GET, "/v1/projections/{projection}/dead-letters", get(projections::dead_letters)),
+        (M::POST, "/v1/projections/{projection}/dead-letters/retry", post(projections::retry_dead_letters)),
+        (M::GET, "/v1/projections/{projection}/dead-letters/{id}", get(projections::dead_letter)),
+        (M::DELETE, "/v1/projections/{projection}/dead-letters/{id}", delete(projections::skip_dead_letter)),
+        (M::POST, "/v1/projections/{projection}/dead-letters/{id}/retry", post(projections::retry_dead_letter)),
+        (M::GET, "/v1/projections/{projection}/indexes/{index}/search", get(search::search)),
+        (M::POST, "/v1/projections/{projection}/resume", post(projections::resume)),
+        (M::POST, "/v1/projections/{projection}/rebuild", post(projections::rebuild)),
+        (M::DELETE, "/v1/projections/{projection}/rebuild", delete(projections::cancel_rebuild)),
+        (M::PUT, "/v1/plugins/{plugin}", put(plugins::upload)),
+    ]
+}
+
 /// Every route of the API over `runtime`.
 pub fn router(runtime: Arc<Runtime>) -> Router {
-    Router::new()
-        .route("/healthz", get(|| async { axum::Json(serde_json::json!({"status": "ok"})) }))
-        .route("/v1/streams", get(streams::list))
-        .route("/v1/streams/{stream}/events", get(streams::read).post(streams::append))
-        .route("/v1/projections", get(projections::list))
-        .route("/v1/projections/{projection}", get(projections::status))
-        .route("/v1/projections/{projection}/tables/{table}/items", get(projections::scan))
-        .route("/v1/projections/{projection}/tables/{table}/items/{*key}", get(projections::get_item))
-        .route("/v1/projections/{projection}/dead-letters", get(projections::dead_letters))
-        .route("/v1/projections/{projection}/dead-letters/retry", post(projections::retry_dead_letters))
-        .route(
-            "/v1/projections/{projection}/dead-letters/{id}",
-            get(projections::dead_letter).delete(projections::skip_dead_letter),
-        )
-        .route("/v1/projections/{projection}/dead-letters/{id}/retry", post(projections::retry_dead_letter))
-        .route("/v1/projections/{projection}/indexes/{index}/search", get(search::search))
-        .route("/v1/projections/{projection}/resume", post(projections::resume))
-        .route("/v1/projections/{projection}/rebuild", post(projections::rebuild).delete(projections::cancel_rebuild))
-        .route("/v1/plugins/{plugin}", put(plugins::upload))
-        .fallback(|| async {
-            ApiError::not_found("no_route", "no such route; see GET /v1/projections and /v1/streams")
-        })
+    let mut by_path: std::collections::BTreeMap<&str, MethodRouter<Arc<Runtime>>> = Default::default();
+    for (_, path, handler) in operations() {
+        let merged = match by_path.remove(path) {
+            Some(other) => other.merge(handler),
+            None => handler,
+        };
+        by_path.insert(path, merged);
+    }
+    let mut router = Router::new();
+    for (path, handler) in by_path {
+        router = router.route(path, handler);
+    }
+    let max_body = runtime.api.max_body_bytes();
+    let api = router
+        .fallback(|| async { ApiError::not_found("no_route", "no such route; see GET /openapi.json") })
         .layer(axum::middleware::from_fn_with_state(runtime.clone(), auth::authorize))
-        .layer(DefaultBodyLimit::max(MAX_BODY_BYTES))
-        .with_state(runtime)
+        .layer(DefaultBodyLimit::max(max_body))
+        .with_state(runtime.clone());
+    // Around the whole router (not each route, as `Router::layer` would), so
+    // that the guard sees responses as routing made them, `Allow` included.
+    Router::new().fallback_service(api).layer(axum::middleware::from_fn_with_state(runtime, guard::guard))
 }
 
 /// Serve the API on `listener` until `shutdown` resolves.
@@ -97,4 +113,32 @@ pub async fn serve(
         }
     });
     axum::serve(listener, router(runtime)).with_graceful_shutdown(shutdown).await
+}
+
+#[cfg(test)]
+mod tests {
+    use std::collections::BTreeSet;
+
+    use super::*;
+
+    #[test]
+    fn the_openapi_document_describes_exactly_the_routes() {
+        let doc: serde_json::Value = serde_yaml::from_str(OPENAPI_YAML).unwrap();
+        let mut documented = BTreeSet::new();
+        for (path, item) in doc["paths"].as_object().unwrap() {
+            for (method, operation) in item.as_object().unwrap().iter().filter(|(k, _)| *k != "parameters") {
+                documented.insert((method.to_uppercase(), path.clone()));
+                if method != "get" {
+                    assert_eq!(
+                        operation["security"],
+                        serde_json::json!([{"bearer": []}]),
+                        "{method} {path} must document that it needs the admin token"
+                    );
+                }
+            }
+        }
+        let routed: BTreeSet<(String, String)> =
+            operations().into_iter().map(|(m, path, _)| (m.to_string(), path.replace("{*", "{"))).collect();
+        assert_eq!(documented, routed);
+    }
 }

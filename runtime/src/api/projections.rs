@@ -73,7 +73,7 @@ pub(super) async fn get_item(
     let Query(wait) = wait?;
     let p = find(&rt, &name)?;
     check_table(&p, &table)?;
-    consistency::wait(&p, &rt.kafka, &wait, false).await?;
+    consistency::wait(&rt, &p, &wait, false).await?;
     match p.live().read_model.get(&table, &key)? {
         Some(bytes) => Ok(Json(json_value(&bytes))),
         None => Err(ApiError::not_found("key_not_found", format!("no key {key:?} in table {table:?}"))),
@@ -100,7 +100,7 @@ pub(super) async fn scan(
     let limit = page_limit(q.limit)?;
     let p = find(&rt, &name)?;
     check_table(&p, &table)?;
-    consistency::wait(&p, &rt.kafka, &wait, false).await?;
+    consistency::wait(&rt, &p, &wait, false).await?;
     // One more than asked tells whether there is a next page.
     let mut entries = p.live().read_model.scan(&table, &q.prefix, q.after.as_deref(), limit + 1)?;
     let more = entries.len() > limit;
@@ -196,15 +196,60 @@ pub(super) async fn retry_dead_letter(
 }
 
 async fn retry(rt: &Runtime, name: &str, ids: Option<Vec<u64>>) -> Result<Json<Value>, ApiError> {
+    use std::sync::mpsc::RecvTimeoutError;
+    use std::time::{Duration, Instant};
     let p = find(rt, name)?;
-    let (reply, answer) = std::sync::mpsc::channel();
-    p.live().retries.lock().expect("retries lock").push(crate::projector::RetryRequest { ids, reply });
-    // The worker takes requests between batches; a stopped one never answers.
-    let report = tokio::task::spawn_blocking(move || answer.recv_timeout(std::time::Duration::from_secs(120)))
+    let until = Instant::now() + Duration::from_secs(120);
+    loop {
+        let live = p.live();
+        let (reply, answer) = std::sync::mpsc::channel();
+        live.retries.lock().expect("retries lock").push(crate::projector::RetryRequest { ids: ids.clone(), reply });
+        // The worker takes requests between batches. One that stops first (a
+        // rebuild switched generations, the plugin was removed) never answers.
+        let projection = p.clone();
+        let asked = live.clone();
+        let outcome = tokio::task::spawn_blocking(move || {
+            // A worker stopped for a switch is replaced within moments; one
+            // stopped for good (its plugin removed) is not.
+            let mut stopped_at: Option<Instant> = None;
+            loop {
+                match answer.recv_timeout(Duration::from_millis(50)) {
+                    Ok(report) => return Some(report),
+                    Err(RecvTimeoutError::Disconnected) => return None,
+                    Err(RecvTimeoutError::Timeout) => {
+                        if asked.stop.load(std::sync::atomic::Ordering::Relaxed) {
+                            stopped_at.get_or_insert_with(Instant::now);
+                        }
+                        let gone = stopped_at.is_some_and(|t| t.elapsed() > Duration::from_secs(5));
+                        if gone || !Arc::ptr_eq(&asked, &projection.live()) || Instant::now() >= until {
+                            // It answered just before stopping, or never will.
+                            return answer.try_recv().ok();
+                        }
+                    }
+                }
+            }
+        })
         .await
-        .map_err(|e| ApiError::internal("retrying dead letters", e))?
-        .map_err(|_| ApiError::unavailable("retrying dead letters", format!("the worker of {name} did not answer")))?;
-    Ok(Json(serde_json::to_value(report).expect("reports serialize")))
+        .map_err(|e| ApiError::internal("retrying dead letters", e))?;
+        if let Some(report) = outcome {
+            return Ok(Json(serde_json::to_value(report).expect("reports serialize")));
+        }
+        if Arc::ptr_eq(&live, &p.live()) || Instant::now() >= until {
+            return Err(ApiError::new(
+                axum::http::StatusCode::SERVICE_UNAVAILABLE,
+                "worker_unavailable",
+                format!("the worker of {name} is stopped or did not answer in time"),
+            ));
+        }
+        // A new generation is live, with dead letters of its own: all of them
+        // can be retried there; a single id named one of the old generation's.
+        if ids.is_some() {
+            return Err(ApiError::conflict(
+                "generation_switched",
+                format!("a rebuild of {name} went live meanwhile, with its own dead letters: list them again"),
+            ));
+        }
+    }
 }
 
 /// `POST /v1/projections/{p}/resume`: end a pause after too many dead

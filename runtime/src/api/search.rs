@@ -37,7 +37,7 @@ pub(super) async fn search(
             format!("projection {name:?} has no index {index:?}; it has {known:?}"),
         ));
     }
-    consistency::wait(&projection, &rt.kafka, &wait, true).await?;
+    consistency::wait(&rt, &projection, &wait, true).await?;
     let response = tokio::task::spawn_blocking(move || live.indexes.open[&index].search(&request, limit))
         .await
         .map_err(|e| ApiError::internal("searching", e))?

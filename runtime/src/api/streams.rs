@@ -120,4 +120,17 @@ mod tests {
         assert!(format!("{err:?}").contains("invalid event 1: missing field `data`"), "{err:?}");
         assert!(parse_events(br#"{"type":"A","data":1,"extra":2}"#).is_err());
     }
+
+    #[test]
+    fn event_time_is_a_whole_number_of_ms_however_it_is_written() {
+        let time =
+            |t: &str| parse_events(format!(r#"{{"type":"A","data":1,"time":{t}}}"#).as_bytes()).map(|e| e[0].time);
+        assert_eq!(time("1700000000000").unwrap(), Some(1_700_000_000_000));
+        assert_eq!(time("-58.0").unwrap(), Some(-58));
+        assert_eq!(time("null").unwrap(), None);
+        assert_eq!(time("9007199254740991").unwrap(), Some(9_007_199_254_740_991));
+        for bad in ["5.5", "1e30", "9223372036854775808", "-9223372036854775809", "9007199254740992", "\"5\""] {
+            assert!(time(bad).is_err(), "{bad}");
+        }
+    }
 }

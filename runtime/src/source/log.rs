@@ -10,7 +10,9 @@ use std::path::Path;
 use std::sync::Mutex;
 use std::time::{SystemTime, UNIX_EPOCH};
 
-use redb::{Database, ReadableDatabase, ReadableTable, TableDefinition};
+use redb::{ReadableTable, TableDefinition};
+
+use crate::store::file::DbFile;
 
 use super::record::{self, CorruptRecord, RecordRef};
 use super::{Event, NewEvent, Position, partition};
@@ -109,7 +111,7 @@ struct Heads {
 
 /// The embedded, durable event log.
 pub struct EventLog {
-    db: Database,
+    db: DbFile,
     options: LogOptions,
     heads: Mutex<Heads>,
     signal: Signal,
@@ -118,7 +120,7 @@ pub struct EventLog {
 impl EventLog {
     /// Open (or create) the log in the file `path`.
     pub fn open(path: &Path, options: LogOptions) -> Result<Self> {
-        let db = Database::create(path)?;
+        let db = DbFile::create(path)?;
         let mut streams = HashMap::new();
         let tx = db.begin_write()?;
         {
@@ -163,16 +165,18 @@ impl EventLog {
         if events.is_empty() {
             return Err(Error::Invalid("no events to append".into()));
         }
+        // Lengths in characters (as the OpenAPI document states them).
+        let chars = |s: &str| s.chars().count();
         for (i, e) in events.iter().enumerate() {
             let fail = |why: String| Err(Error::Invalid(format!("event {i}: {why}")));
-            if e.event_type.is_empty() || e.event_type.len() > 256 {
-                return fail("`type` must be 1 to 256 bytes".into());
+            if e.event_type.is_empty() || chars(&e.event_type) > 256 {
+                return fail("`type` must be 1 to 256 characters".into());
             }
-            if e.key.as_ref().is_some_and(|k| k.is_empty() || k.len() > 4096) {
-                return fail("`key` must be 1 to 4096 bytes when given".into());
+            if e.key.as_ref().is_some_and(|k| k.is_empty() || chars(k) > 1024) {
+                return fail("`key` must be 1 to 1024 characters when given".into());
             }
-            if e.headers.len() > 64 || e.headers.iter().any(|(k, v)| k.len() > 1024 || v.len() > 65536) {
-                return fail("at most 64 headers, names up to 1 KiB, values up to 64 KiB".into());
+            if e.headers.len() > 64 || e.headers.iter().any(|(k, v)| chars(k) > 256 || chars(v) > 16384) {
+                return fail("at most 64 headers, names up to 256 characters, values up to 16384".into());
             }
             if e.data.get().len() > self.options.max_event_bytes {
                 return fail(format!("`data` is larger than {} bytes", self.options.max_event_bytes));

@@ -27,13 +27,34 @@ pub struct NewEvent {
     #[serde(default)]
     pub key: Option<String>,
     /// Event time in ms since the Unix epoch; the append time when absent.
-    #[serde(default)]
+    #[serde(default, deserialize_with = "integral")]
     pub time: Option<i64>,
     /// Free-form string headers.
     #[serde(default)]
     pub headers: BTreeMap<String, String>,
     /// The payload: any JSON value.
     pub data: Box<RawValue>,
+}
+
+/// The largest event time accepted, in either direction: 2^53 - 1 ms (some
+/// 285,000 years), the largest integer any JSON number (and JavaScript's)
+/// holds exactly.
+pub const MAX_TIME: i64 = (1 << 53) - 1;
+
+/// A whole number of ms within [`MAX_TIME`], also when written `5.0` (JSON
+/// Schema counts it as an integer, and some producers only have floats).
+fn integral<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Option<i64>, D::Error> {
+    use serde::de::Error;
+    let Some(n) = Option::<serde_json::Number>::deserialize(d)? else { return Ok(None) };
+    let whole = match (n.as_i64(), n.as_f64()) {
+        (Some(i), _) => Some(i),
+        (None, Some(f)) if f.fract() == 0.0 && f.abs() <= MAX_TIME as f64 => Some(f as i64),
+        _ => None,
+    };
+    match whole {
+        Some(t) if t.abs() <= MAX_TIME => Ok(Some(t)),
+        _ => Err(D::Error::custom(format!("`time` must be a whole number of ms within ±{MAX_TIME}, got {n}"))),
+    }
 }
 
 /// Where an appended event was stored.

@@ -1,6 +1,7 @@
 //! Read models: each projection's tables, checkpoints and dead letters in its own redb file.
 
 pub mod batch;
+pub mod file;
 pub mod read_model;
 pub mod search;
 

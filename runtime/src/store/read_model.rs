@@ -11,10 +11,11 @@ use std::ops::Bound;
 use std::path::Path;
 use std::sync::Arc;
 
-use redb::{Database, Durability, ReadableDatabase, ReadableTable, TableDefinition};
+use redb::{Durability, ReadableTable, TableDefinition};
 use serde::{Deserialize, Serialize};
 
 use super::batch::{Batch, BatchWrites, Declared, Emitted, KvLimits};
+use super::file::DbFile;
 use super::{Error, Result};
 use crate::signal::Signal;
 
@@ -120,7 +121,7 @@ pub struct Commit {
 
 /// One projection's read model file.
 pub struct ReadModel {
-    db: Database,
+    db: DbFile,
     /// Bumped after each commit that emitted events, to wake the relay.
     emitted: Signal,
 }
@@ -128,7 +129,7 @@ pub struct ReadModel {
 impl ReadModel {
     /// Open (or create) the read model in the file `path`.
     pub fn open(path: &Path) -> Result<Self> {
-        let db = Database::create(path)?;
+        let db = DbFile::create(path)?;
         let tx = db.begin_write()?;
         tx.open_table(CHECKPOINTS)?;
         tx.open_table(DEAD_LETTERS)?;
@@ -324,7 +325,9 @@ impl ReadModel {
         let tx = self.db.begin_read()?;
         let table = tx.open_table(DEAD_LETTERS)?;
         let mut out = Vec::new();
-        for entry in table.range((after + 1)..)?.take(limit) {
+        // Ids are positive: nothing comes after the largest.
+        let Some(first) = after.checked_add(1) else { return Ok(Vec::new()) };
+        for entry in table.range(first..)?.take(limit) {
             let (id, bytes) = entry?;
             let letter = serde_json::from_slice(bytes.value())
                 .map_err(|e| Error::Corrupt(format!("dead letter {}: {e}", id.value())))?;

@@ -1,0 +1,79 @@
+//! What every request goes through, whatever its route: a time limit, and
+//! errors as JSON. axum answers its own rejections (a body over the limit, a
+//! method the route lacks) in plain text; clients of a JSON API should get
+//! the same `{"error": {"code", "message"}}` from every failure.
+
+use std::sync::Arc;
+
+use axum::extract::{Request, State};
+use axum::http::StatusCode;
+use axum::http::header::{ALLOW, CONTENT_LENGTH, CONTENT_TYPE};
+use axum::middleware::Next;
+use axum::response::{IntoResponse, Response};
+
+use super::ApiError;
+use crate::runtime::Runtime;
+
+pub(super) async fn guard(State(rt): State<Arc<Runtime>>, request: Request, next: Next) -> Response {
+    let timeout = rt.api.request_timeout();
+    let what = format!("{} {}", request.method(), request.uri().path());
+    let response = match tokio::time::timeout(timeout, refuse_too_large(&rt, request, next)).await {
+        Ok(response) => response,
+        Err(_) => {
+            tracing::warn!(request = %what, "request timed out");
+            return ApiError::new(
+                StatusCode::SERVICE_UNAVAILABLE,
+                "request_timeout",
+                format!("{what} took longer than {} ms (api.request-timeout-ms)", timeout.as_millis()),
+            )
+            .into_response();
+        }
+    };
+    as_json(response, rt.api.max_body_mb).await
+}
+
+/// A body declared larger than the limit is refused before any handler
+/// runs. What the client sends is read first (up to a bound), so that it
+/// gets the JSON error rather than a connection reset mid-upload.
+async fn refuse_too_large(rt: &Runtime, request: Request, next: Next) -> Response {
+    let limit = rt.api.max_body_bytes();
+    let declared = request.headers().get(CONTENT_LENGTH).and_then(|v| v.to_str().ok()?.parse::<u64>().ok());
+    match declared {
+        Some(n) if n > limit as u64 => {
+            if n <= 4 * limit as u64 {
+                let _ = axum::body::to_bytes(request.into_body(), n as usize).await;
+            }
+            StatusCode::PAYLOAD_TOO_LARGE.into_response()
+        }
+        _ => next.run(request).await,
+    }
+}
+
+/// An error response that is not JSON, made JSON (keeping `Allow` on a 405).
+async fn as_json(response: Response, max_body_mb: usize) -> Response {
+    let status = response.status();
+    let is_json = response.headers().get(CONTENT_TYPE).is_some_and(|v| v.as_bytes().starts_with(b"application/json"));
+    if is_json || !(status.is_client_error() || status.is_server_error()) {
+        return response;
+    }
+    let (parts, body) = response.into_parts();
+    let text = axum::body::to_bytes(body, 64 << 10).await.map(|b| String::from_utf8_lossy(&b).trim().to_owned());
+    let text = text.unwrap_or_default();
+    let (code, message) = match status {
+        StatusCode::PAYLOAD_TOO_LARGE => {
+            ("body_too_large", format!("the request body is larger than {max_body_mb} MiB (api.max-body-mb)"))
+        }
+        StatusCode::METHOD_NOT_ALLOWED => {
+            let allowed = parts.headers.get(ALLOW).and_then(|v| v.to_str().ok()).unwrap_or("");
+            ("method_not_allowed", format!("this route takes {allowed}"))
+        }
+        StatusCode::UNSUPPORTED_MEDIA_TYPE => ("unsupported_media_type", text),
+        StatusCode::BAD_REQUEST => ("bad_request", text),
+        _ => ("error", if text.is_empty() { status.canonical_reason().unwrap_or("error").to_owned() } else { text }),
+    };
+    let mut json = ApiError::new(status, code, message).into_response();
+    if let Some(allow) = parts.headers.get(ALLOW) {
+        json.headers_mut().insert(ALLOW, allow.clone());
+    }
+    json
+}

@@ -1,0 +1,201 @@
+//! The HTTP API holds up against careless and hostile clients: every route
+//! is documented in `/openapi.json` and guarded by the right token, bodies
+//! over the limit are refused, slow requests time out, every failure is a
+//! JSON error, and schemathesis finds no undocumented status and no schema
+//! violation in a thousand generated requests per operation.
+
+use std::path::PathBuf;
+use std::process::Command;
+use std::time::{Duration, Instant};
+
+use refract::client::{Client, Reply};
+use serde_json::{Value, json};
+
+use crate::support::{Server, encode, ndjson, plugins};
+
+const ADMIN: &str = "admin-secret-0123456789";
+const QUERY: &str = "query-secret-0123456789";
+
+fn tokens() -> String {
+    format!("auth:\n  admin-token: {ADMIN}\n  query-token: {QUERY}\n")
+}
+
+/// `path` of the OpenAPI document with its parameters filled in.
+fn fill(path: &str) -> String {
+    [
+        ("{stream}", "orders"),
+        ("{projection}", "order-summary"),
+        ("{table}", "orders"),
+        ("{key}", "o-1"),
+        ("{id}", "1"),
+        ("{index}", "orders"),
+        ("{plugin}", "walked"),
+    ]
+    .iter()
+    .fold(path.to_owned(), |p, (from, to)| p.replace(from, to))
+}
+
+fn send(client: &Client, method: &str, path: &str) -> Reply {
+    match method {
+        "get" => client.get(path),
+        "post" => client.post(path, "application/json", b"{\"type\":\"Walked\",\"data\":{}}"),
+        "put" => client.put(path, "application/wasm", b"not a component"),
+        "delete" => client.delete(path),
+        other => panic!("the route walk does not know {other}"),
+    }
+    .unwrap()
+}
+
+#[test]
+fn every_documented_route_exists_and_its_token_guards_it() {
+    let dir = tempfile::tempdir().unwrap();
+    let server = Server::start(dir.path(), &[&plugins().order_summary], &tokens());
+    let anonymous = server.client();
+    let query = Client::new(&server.url).with_token(Some(QUERY));
+    let admin = Client::new(&server.url).with_token(Some(ADMIN));
+    let doc = anonymous.get("/openapi.json").unwrap();
+    assert_eq!(doc.status, 200, "the OpenAPI document is open: {}", doc.body);
+    assert_eq!(doc.body["openapi"], "3.1.0");
+
+    let mut walked = 0;
+    for (path, item) in doc.body["paths"].as_object().unwrap() {
+        let url = fill(path);
+        for (method, operation) in item.as_object().unwrap().iter().filter(|(k, _)| *k != "parameters") {
+            walked += 1;
+            let what = format!("{} {path}", method.to_uppercase());
+            let open = path == "/healthz" || path == "/openapi.json";
+            let mutating = method != "get";
+            let refused = |reply: &Reply| reply.status == 401 && reply.body["error"]["code"] == "unauthorized";
+            let without = send(&anonymous, method, &url);
+            assert_eq!(refused(&without), !open, "{what} without a token: {} {}", without.status, without.body);
+            let with_query = send(&query, method, &url);
+            assert_eq!(refused(&with_query), mutating, "{what} with the query token: {}", with_query.body);
+            // With the admin token: let through, and the answer is one the document lists.
+            let with_admin = send(&admin, method, &url);
+            assert!(![401, 403].contains(&with_admin.status), "{what} refused the admin token: {}", with_admin.body);
+            assert!(
+                with_admin.status < 500 || with_admin.status == 503,
+                "{what}: {} {}",
+                with_admin.status,
+                with_admin.body
+            );
+            let documented = operation["responses"].as_object().unwrap();
+            assert!(
+                documented.contains_key(&with_admin.status.to_string()),
+                "{what} answered {} which its operation does not document: {}",
+                with_admin.status,
+                with_admin.body
+            );
+            if with_admin.status >= 400 {
+                assert!(with_admin.body["error"]["code"].is_string(), "{what}: not a JSON error: {}", with_admin.body);
+            }
+        }
+    }
+    assert_eq!(walked, 19, "every operation of the API was walked");
+    // Paging past the largest id is an empty page (it once overflowed).
+    let past = admin.get("/v1/projections/order-summary/dead-letters?after=18446744073709551615").unwrap();
+    assert_eq!((past.status, past.body["deadLetters"].as_array().map(Vec::len)), (200, Some(0)), "{}", past.body);
+    // Anything else is a JSON 404, and a method a route lacks a JSON 405.
+    let none = admin.get("/v1/nothing/here").unwrap();
+    assert_eq!((none.status, none.body["error"]["code"].as_str()), (404, Some("no_route")));
+    let wrong = admin.delete("/v1/streams").unwrap();
+    assert_eq!(
+        (wrong.status, wrong.body["error"]["code"].as_str()),
+        (405, Some("method_not_allowed")),
+        "{}",
+        wrong.body
+    );
+    assert!(wrong.body["error"]["message"].as_str().unwrap().contains("GET"), "{}", wrong.body);
+}
+
+#[test]
+fn oversized_bodies_are_413_slow_requests_503_and_neither_loses_anything() {
+    let dir = tempfile::tempdir().unwrap();
+    let config = format!(
+        "api:\n  max-body-mb: 1\n  request-timeout-ms: 500\nlimits:\n  deadline-ms: 3000\nauth:\n  admin-token: {ADMIN}\n"
+    );
+    let server = Server::start(dir.path(), &[&plugins().chaos], &config);
+    let admin = Client::new(&server.url).with_token(Some(ADMIN));
+
+    // 1.5 MiB of events: refused whole, nothing appended.
+    let events: Vec<Value> =
+        (0..12_000).map(|i| json!({"type": "Ok", "data": {"n": i, "pad": "x".repeat(100)}})).collect();
+    let body = ndjson(&events);
+    assert!(body.len() > 1 << 20);
+    let refused = admin.post("/v1/streams/chaos/events", "application/x-ndjson", &body).unwrap();
+    assert_eq!(
+        (refused.status, refused.body["error"]["code"].as_str()),
+        (413, Some("body_too_large")),
+        "{}",
+        refused.body
+    );
+    assert!(refused.body["error"]["message"].as_str().unwrap().contains("1 MiB"), "{}", refused.body);
+    let streams = admin.get("/v1/streams").unwrap();
+    assert!(streams.body["streams"].as_array().unwrap().iter().all(|s| s["name"] != "chaos"), "{}", streams.body);
+    let upload = admin.put("/v1/plugins/big", "application/wasm", &vec![0u8; 3 << 20]).unwrap();
+    assert_eq!(upload.status, 413, "{}", upload.body);
+    assert!(!dir.path().join("plugins/big.wasm").exists());
+    // Just under the limit is accepted.
+    let fits = admin.post("/v1/streams/chaos/events", "application/x-ndjson", &ndjson(&events[..5000])).unwrap();
+    assert_eq!(fits.status, 200, "{}", fits.body);
+
+    // `Spin` holds the worker until its deadline (3 s): a query waiting for
+    // it outlasts the request timeout (0.5 s) and gets a 503, promptly.
+    let spin = admin.post("/v1/streams/chaos/events", "application/json", br#"{"type":"Spin","data":{}}"#).unwrap();
+    let token = encode(spin.body["waitFor"].as_str().unwrap());
+    let started = Instant::now();
+    let slow = admin
+        .get(&format!("/v1/projections/testkit-chaos/tables/applied/items?wait_for={token}&timeout_ms=20000"))
+        .unwrap();
+    assert_eq!((slow.status, slow.body["error"]["code"].as_str()), (503, Some("request_timeout")), "{}", slow.body);
+    assert!(started.elapsed() < Duration::from_secs(3), "the timeout cut the wait short");
+    assert_eq!(admin.get("/healthz").unwrap().status, 200);
+    // Nothing was lost: every accepted event is handled (the spin as a dead letter).
+    server.wait_caught_up();
+    let status = server.get("/v1/projections/testkit-chaos");
+    assert_eq!((status["eventsApplied"].as_u64(), status["deadLetters"].as_u64()), (Some(5000), Some(1)), "{status}");
+}
+
+/// schemathesis, installed by `scripts/install-tools`.
+fn schemathesis() -> PathBuf {
+    let path = PathBuf::from(std::env::var("HOME").unwrap()).join(".cache/refract/st/bin/schemathesis");
+    assert!(path.exists(), "schemathesis is not installed: run scripts/install-tools");
+    path
+}
+
+#[test]
+fn schemathesis_finds_no_undocumented_status_and_no_schema_violation() {
+    let dir = tempfile::tempdir().unwrap();
+    let p = plugins();
+    let server = Server::start(dir.path(), &[&p.order_summary, &p.order_search], &tokens());
+    // Data to find: orders (1% malformed, so dead letters too) in tables and an index.
+    let admin = Client::new(&server.url).with_token(Some(ADMIN));
+    let events = refract::fixtures::orders(2_000, 31, 0.01);
+    assert_eq!(admin.append_ndjson("orders", &ndjson(&events)).unwrap().status, 200);
+    admin.wait_caught_up(Duration::from_secs(120)).unwrap();
+
+    // REFRACT_FUZZ_EXAMPLES lowers the count for a quick local run.
+    let examples = std::env::var("REFRACT_FUZZ_EXAMPLES").unwrap_or_else(|_| "1000".into());
+    let report = dir.path().join("schemathesis");
+    let config = concat!(env!("CARGO_MANIFEST_DIR"), "/../tests/e2e/schemathesis.toml");
+    let out = Command::new(schemathesis())
+        .args(["--config-file", config, "run", &format!("{}/openapi.json", server.url), "--checks", "all"])
+        .args(["--max-examples", &examples, "--seed", "7", "--workers", "1"])
+        .args(["--header", &format!("Authorization: Bearer {ADMIN}")])
+        .args(["--report", "junit", "--report-dir", report.to_str().unwrap()])
+        .args(["--no-color"])
+        .current_dir(dir.path()) // its cache (.schemathesis/) goes with the test's directory
+        .output()
+        .expect("running schemathesis");
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    let log = server.log();
+    let tail: Vec<&str> = log.lines().filter(|l| l.contains("ERROR") || l.contains("panicked")).take(20).collect();
+    assert!(
+        out.status.success(),
+        "schemathesis found problems:\n{stdout}\n{stderr}\nserver errors:\n{}",
+        tail.join("\n")
+    );
+    assert!(!server.log().contains("panicked"), "{}", server.log());
+    eprintln!("{}", stdout.lines().rev().take(25).collect::<Vec<_>>().into_iter().rev().collect::<Vec<_>>().join("\n"));
+}

@@ -1,0 +1,196 @@
+//! Storage faults: a full disk pauses ingestion with a clear error and,
+//! once space returns, everything resumes with nothing lost.
+
+use std::io::Write;
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::time::{Duration, Instant};
+
+use serde_json::{Value, json};
+
+use crate::support::{Server, ndjson, plugins};
+
+/// A small tmpfs mounted on a directory for the test's lifetime.
+struct SmallDisk(PathBuf);
+
+impl SmallDisk {
+    /// `None` where mounting is not allowed (not root) — but CI must run it.
+    fn mount(at: &Path, size: &str) -> Option<SmallDisk> {
+        std::fs::create_dir_all(at).unwrap();
+        let mounted = Command::new("mount")
+            .args(["-t", "tmpfs", "-o", &format!("size={size}"), "tmpfs"])
+            .arg(at)
+            .status()
+            .is_ok_and(|s| s.success());
+        assert!(mounted || std::env::var("CI").is_err(), "CI must be able to mount a tmpfs (run as root)");
+        mounted.then(|| SmallDisk(at.to_owned()))
+    }
+
+    /// Fill what is left with a file; returns its path.
+    fn fill(&self) -> PathBuf {
+        let path = self.0.join("filler");
+        let mut file = std::fs::File::create(&path).unwrap();
+        let chunk = vec![0u8; 64 << 10];
+        while file.write_all(&chunk).is_ok() {}
+        let small = [0u8; 512];
+        while file.write_all(&small).is_ok() {}
+        path
+    }
+}
+
+impl Drop for SmallDisk {
+    fn drop(&mut self) {
+        let _ = Command::new("umount").arg("-l").arg(&self.0).status();
+    }
+}
+
+#[test]
+fn a_full_disk_pauses_ingestion_with_a_clear_error_and_resumes_with_nothing_lost() {
+    let dir = tempfile::tempdir().unwrap();
+    let Some(disk) = SmallDisk::mount(&dir.path().join("data"), "64m") else {
+        eprintln!("skipped: cannot mount a tmpfs here (not root)");
+        return;
+    };
+    let p = plugins();
+    let config = "search:\n  commit-interval-ms: 100\nlimits:\n  deadline-ms: 1500\n";
+    let server = Server::start(dir.path(), &[&p.order_summary, &p.order_search, &p.chaos], config);
+    let client = server.client();
+    let events = refract::fixtures::orders(12_000, 41, 0.01);
+    let (first, rest) = events.split_at(4_000);
+    assert_eq!(client.append_ndjson("orders", &ndjson(first)).unwrap().status, 200);
+    let docs = |range: std::ops::Range<u64>| -> Vec<Value> {
+        range.map(|n| json!({"type": "Index", "key": format!("d{n}"), "data": {"n": n, "tag": "t"}})).collect()
+    };
+    assert_eq!(client.append_ndjson("chaos", &ndjson(&docs(0..200))).unwrap().status, 200);
+    server.wait_caught_up();
+
+    // `Spin` holds testkit-chaos for its 1.5 s deadline: the disk fills up
+    // while it still has 2,000 documents to write.
+    let mut chaos = vec![json!({"type": "Spin", "data": {}})];
+    chaos.extend(docs(200..2_200));
+    assert_eq!(client.append_ndjson("chaos", &ndjson(&chaos)).unwrap().status, 200);
+    let filler = disk.fill();
+
+    // Appends are refused whole, with the reason.
+    let mut accepted: Vec<Value> = first.to_vec();
+    let mut refused = None;
+    let mut batches = rest.chunks(250);
+    for batch in batches.by_ref() {
+        let reply = client.append_ndjson("orders", &ndjson(batch)).unwrap();
+        match reply.status {
+            200 => accepted.extend_from_slice(batch),
+            503 => {
+                refused = Some((batch, reply.body));
+                break;
+            }
+            other => panic!("append answered {other}: {}", reply.body),
+        }
+    }
+    let (refused_batch, error) = refused.expect("a full disk refused no append");
+    assert_eq!(error["error"]["code"], "storage_unavailable", "{error}");
+    assert!(error["error"]["message"].as_str().unwrap().contains("No space left on device"), "{error}");
+    // The projection that cannot commit stops where it is and says why.
+    let until = Instant::now() + Duration::from_secs(30);
+    loop {
+        let status = server.get("/v1/projections/testkit-chaos");
+        let stalled = status["lastError"].as_str().is_some_and(|e| e.contains("No space left on device"));
+        if stalled && status["lag"].as_u64().unwrap() > 0 {
+            break;
+        }
+        assert!(Instant::now() < until, "testkit-chaos never reported the full disk: {status}");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    // Queries keep being answered meanwhile.
+    assert_eq!(client.get("/v1/projections/order-summary/tables/orders/items?limit=1").unwrap().status, 200);
+    assert_eq!(client.get("/v1/projections/order-search/indexes/orders/search?q=lamp").unwrap().status, 200);
+
+    // Space returns: the refused batch and the rest go in, every projection catches up.
+    std::fs::remove_file(filler).unwrap();
+    for batch in std::iter::once(refused_batch).chain(batches) {
+        let reply = client.append_ndjson("orders", &ndjson(batch)).unwrap();
+        assert_eq!(reply.status, 200, "after space returned: {}", reply.body);
+        accepted.extend_from_slice(batch);
+    }
+    assert_eq!(accepted.len(), events.len());
+    // Files were reopened after their failed writes, without a restart.
+    assert!(server.log().contains("reopened after a failed write"), "{}", server.log());
+    server.wait_caught_up();
+    server.assert_order_summary_is_the_fold_of(&accepted);
+    let status = server.get("/v1/projections/testkit-chaos");
+    assert_eq!((status["eventsApplied"].as_u64(), status["deadLetters"].as_u64()), (Some(2_200), Some(1)), "{status}");
+    let applied = server.table("testkit-chaos", "applied");
+    assert_eq!(applied.len(), 2_200);
+    // testkit-chaos indexes each document under its offset (shared by partitions).
+    let offsets: std::collections::BTreeSet<&str> =
+        applied.iter().map(|(key, _)| key.split_once('/').unwrap().1).collect();
+    let orders = crate::support::reference::orders(&accepted).orders.len() as u64;
+    for (index, expected) in
+        [("order-search/indexes/orders", orders), ("testkit-chaos/indexes/docs", offsets.len() as u64)]
+    {
+        let hits = server.get(&format!("/v1/projections/{index}/search?limit=1"));
+        assert_eq!(hits["total"].as_u64(), Some(expected), "{index}: {hits}");
+    }
+}
+
+/// Run `refract run` on `dir`'s config, expecting it to refuse to start: its stderr.
+fn refused_start(dir: &Path) -> String {
+    let mut child = Command::new(env!("CARGO_BIN_EXE_refract"))
+        .arg("run")
+        .arg("--config")
+        .arg(dir.join("refract.yaml"))
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let until = Instant::now() + Duration::from_secs(30);
+    while child.try_wait().unwrap().is_none() {
+        if Instant::now() > until {
+            child.kill().unwrap();
+            panic!("refract started on a data directory it should refuse");
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let out = child.wait_with_output().unwrap();
+    assert!(!out.status.success());
+    String::from_utf8_lossy(&out.stderr).into_owned()
+}
+
+#[test]
+fn an_unnumbered_data_directory_opens_and_a_newer_or_unreadable_one_is_refused_untouched() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut server = Server::start(dir.path(), &[&plugins().order_summary], "");
+    let events = refract::fixtures::orders(500, 43, 0.01);
+    assert_eq!(server.client().append_ndjson("orders", &ndjson(&events)).unwrap().status, 200);
+    server.wait_caught_up();
+    server.stop();
+    let data = dir.path().join("data");
+    assert_eq!(std::fs::read_to_string(data.join("FORMAT")).unwrap(), "1\n");
+
+    // Written before data formats were numbered: opens as format 1, data intact.
+    std::fs::remove_file(data.join("FORMAT")).unwrap();
+    server.restart();
+    server.wait_caught_up();
+    server.assert_order_summary_is_the_fold_of(&events);
+    server.stop();
+    assert_eq!(std::fs::read_to_string(data.join("FORMAT")).unwrap(), "1\n");
+
+    // Written by a newer version: refused before anything is opened.
+    std::fs::write(data.join("FORMAT"), "2\n").unwrap();
+    let log = std::fs::read(data.join("log.redb")).unwrap();
+    let stderr = refused_start(dir.path());
+    assert!(stderr.contains("written by a newer Refract (data format 2)"), "{stderr}");
+    assert!(std::fs::read(data.join("log.redb")).unwrap() == log, "the log was changed");
+
+    // A log that is not a redb file: refused, named, and left as it is.
+    std::fs::write(data.join("FORMAT"), "1\n").unwrap();
+    std::fs::write(data.join("log.redb"), b"not a database at all").unwrap();
+    let stderr = refused_start(dir.path());
+    assert!(stderr.contains("opening the event log") && stderr.contains("log.redb"), "{stderr}");
+    assert_eq!(std::fs::read(data.join("log.redb")).unwrap(), b"not a database at all");
+
+    // Back to the good log: everything is there.
+    std::fs::write(data.join("log.redb"), &log).unwrap();
+    server.restart();
+    server.wait_caught_up();
+    server.assert_order_summary_is_the_fold_of(&events);
+}
