@@ -14,6 +14,7 @@ mod http_api;
 mod kafka_formats;
 mod kafka_source;
 mod languages;
+mod model;
 mod plugin_loading;
 mod poison_events;
 mod query_read_models;
