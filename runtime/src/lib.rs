@@ -15,6 +15,7 @@ pub mod config;
 pub mod data_dir;
 pub mod fixtures;
 pub mod generation;
+pub mod metrics;
 pub mod names;
 pub mod plugin;
 pub mod projector;

@@ -1,5 +1,6 @@
 //! The `refract` command: run the runtime, append events, run the demo.
 
+use std::collections::BTreeMap;
 use std::io::{BufRead, BufReader, Read};
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
@@ -9,6 +10,7 @@ use clap::{Parser, Subcommand};
 use refract::client::Client;
 use refract::config::Config;
 use refract::runtime::Runtime;
+use serde_json::Value;
 use tracing_subscriber::EnvFilter;
 
 // Batches allocate and free many small strings, across the reader and worker
@@ -62,6 +64,19 @@ enum Command {
         /// Cancel the rebuild in progress instead.
         #[arg(long, conflicts_with = "detach")]
         cancel: bool,
+    },
+    /// Show the projections and enrichers of a running runtime: state, lag,
+    /// throughput, dead letters and the last error, as a table.
+    Status {
+        /// The runtime's address.
+        #[arg(long, env = "REFRACT_URL", default_value = "http://127.0.0.1:8080")]
+        url: String,
+        /// The query token (or the admin token), when the runtime requires one.
+        #[arg(long, env = "REFRACT_QUERY_TOKEN", hide_env_values = true)]
+        token: Option<String>,
+        /// Redraw every 2 seconds, with throughput, until interrupted.
+        #[arg(long)]
+        watch: bool,
     },
     /// List a projection's dead letters, or retry or skip them, on a running runtime.
     DeadLetters {
@@ -290,10 +305,16 @@ impl RunArgs {
 }
 
 fn main() -> anyhow::Result<()> {
-    tracing_subscriber::fmt()
-        .with_env_filter(EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info,wasmtime=warn")))
-        .with_writer(std::io::stderr)
-        .init();
+    // Logs go to stderr, as text or (REFRACT_LOG_FORMAT=json) one JSON object
+    // per line with the current spans (a batch's projection, plugin version
+    // and positions); RUST_LOG filters them.
+    let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info,wasmtime=warn"));
+    let logs = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr);
+    if std::env::var("REFRACT_LOG_FORMAT").is_ok_and(|f| f == "json") {
+        logs.json().with_current_span(true).with_span_list(false).init();
+    } else {
+        logs.init();
+    }
     match Cli::parse().command {
         Command::Run(args) => run(args.config()?, None),
         Command::Produce { stream, file, url, batch, token } => {
@@ -303,6 +324,7 @@ fn main() -> anyhow::Result<()> {
             rebuild(&projection, &url, token.as_deref(), detach, cancel)
         }
         Command::Plugin(command) => plugin_command(command),
+        Command::Status { url, token, watch } => status(&url, token.as_deref(), watch),
         Command::DeadLetters { projection, action, url, token } => {
             dead_letters(&projection, action, &url, token.as_deref())
         }
@@ -413,12 +435,17 @@ fn feed_demo(url: &str, n: usize) -> anyhow::Result<()> {
 
 /// Send NDJSON from `file` (or stdin) to `stream` in requests of `batch` lines.
 fn produce(stream: &str, file: Option<PathBuf>, url: &str, batch: usize, token: Option<&str>) -> anyhow::Result<()> {
-    let input: Box<dyn Read> = match &file {
+    // A file's size makes a progress bar (bytes read, rate, ETA); stdin has none.
+    let (input, size): (Box<dyn Read>, Option<u64>) = match &file {
         Some(p) if p.as_os_str() != "-" => {
-            Box::new(std::fs::File::open(p).with_context(|| format!("opening {}", p.display()))?)
+            let f = std::fs::File::open(p).with_context(|| format!("opening {}", p.display()))?;
+            let size = f.metadata().ok().map(|m| m.len());
+            (Box::new(f), size)
         }
-        _ => Box::new(std::io::stdin()),
+        _ => (Box::new(std::io::stdin()), None),
     };
+    let tty = std::io::IsTerminal::is_terminal(&std::io::stderr());
+    let (started, mut last_line, mut read_bytes) = (Instant::now(), Instant::now(), 0u64);
     let client = Client::new(url).with_token(token);
     let (mut sent, mut first_line, mut line_no) = (0usize, 1usize, 0usize);
     let mut body = Vec::new();
@@ -442,6 +469,7 @@ fn produce(stream: &str, file: Option<PathBuf>, url: &str, batch: usize, token: 
     for line in BufReader::new(input).lines() {
         let line = line.context("reading input")?;
         line_no += 1;
+        read_bytes += line.len() as u64 + 1;
         if line.trim().is_empty() {
             continue;
         }
@@ -454,10 +482,23 @@ fn produce(stream: &str, file: Option<PathBuf>, url: &str, batch: usize, token: 
         if count == batch {
             sent += send(&mut body, &mut count, first_line)?;
             first_line = line_no + 1;
+            if let Some(size) = size {
+                let rate = read_bytes as f64 / started.elapsed().as_secs_f64().max(1e-3);
+                let eta = size.saturating_sub(read_bytes) as f64 / rate.max(1.0);
+                let line = progress_line(read_bytes >> 10, size >> 10, "KiB", rate / 1024.0, Some(eta));
+                show_progress(&format!("{line} ({sent} events)"), tty, &mut last_line);
+            }
         }
     }
     sent += send(&mut body, &mut count, first_line)?;
-    eprintln!("appended {sent} events to stream {stream}");
+    if tty && size.is_some() && sent > batch {
+        eprintln!();
+    }
+    let seconds = started.elapsed().as_secs_f64();
+    eprintln!(
+        "appended {sent} events to stream {stream} in {seconds:.1} s ({:.0} events/s)",
+        sent as f64 / seconds.max(1e-3)
+    );
     Ok(())
 }
 
@@ -498,23 +539,106 @@ fn rebuild(projection: &str, url: &str, token: Option<&str>, detach: bool, cance
         }
         let r = &status["rebuild"];
         let (done, target) = (r["replayed"].as_u64().unwrap_or(0), r["target"].as_u64().unwrap_or(0).max(1));
-        let fraction = (done as f64 / target as f64).min(1.0);
-        let width = 30;
-        let filled = (fraction * width as f64) as usize;
-        let eta = r["etaSeconds"].as_f64().map_or_else(|| "?".into(), |s| format!("{s:.0}s"));
-        let line = format!(
-            "[{}{}] {done}/{target} events, {:.0}/s, ETA {eta}",
-            "#".repeat(filled),
-            "-".repeat(width - filled),
-            r["eventsPerSecond"].as_f64().unwrap_or(0.0)
+        let line = progress_line(
+            done,
+            target,
+            "events",
+            r["eventsPerSecond"].as_f64().unwrap_or(0.0),
+            r["etaSeconds"].as_f64(),
         );
-        // A bar redrawn in place on a terminal; a line every 5 s in a log.
-        if tty {
-            eprint!("\r{line}");
-        } else if last_line.elapsed() >= Duration::from_secs(5) {
-            eprintln!("{line}");
-            last_line = Instant::now();
-        }
+        show_progress(&line, tty, &mut last_line);
         std::thread::sleep(Duration::from_millis(200));
     }
+}
+
+/// `[####------] done/total unit, rate/s, ETA`.
+fn progress_line(done: u64, total: u64, unit: &str, rate: f64, eta_seconds: Option<f64>) -> String {
+    let fraction = (done as f64 / total.max(1) as f64).min(1.0);
+    let width = 30;
+    let filled = (fraction * width as f64) as usize;
+    let eta = eta_seconds.map_or_else(|| "?".into(), |s| format!("{s:.0}s"));
+    format!("[{}{}] {done}/{total} {unit}, {rate:.0}/s, ETA {eta}", "#".repeat(filled), "-".repeat(width - filled))
+}
+
+/// A bar redrawn in place on a terminal; a line every 5 s in a log.
+fn show_progress(line: &str, tty: bool, last_line: &mut Instant) {
+    if tty {
+        eprint!("\r{line}");
+    } else if last_line.elapsed() >= Duration::from_secs(5) {
+        eprintln!("{line}");
+        *last_line = Instant::now();
+    }
+}
+
+/// `refract status`: one row per projection.
+fn status(url: &str, token: Option<&str>, watch: bool) -> anyhow::Result<()> {
+    let client = Client::new(url).with_token(token);
+    let mut previous: BTreeMap<String, (u64, Instant)> = BTreeMap::new();
+    loop {
+        let reply = client.get("/v1/projections").with_context(|| format!("reaching {url}"))?;
+        if reply.status != 200 {
+            let message = reply.body["error"]["message"].as_str().unwrap_or("").to_owned();
+            anyhow::bail!("{}: {message}", reply.status);
+        }
+        let mut rows = vec![
+            ["NAME", "KIND", "STATE", "GEN", "APPLIED", "RATE/S", "LAG", "DEAD", "INDEX LAG", "REBUILD", "LAST ERROR"]
+                .map(str::to_owned),
+        ];
+        for p in reply.body["projections"].as_array().into_iter().flatten() {
+            let name = p["name"].as_str().unwrap_or("?").to_owned();
+            let applied = p["eventsApplied"].as_u64().unwrap_or(0);
+            let rate = match previous.insert(name.clone(), (applied, Instant::now())) {
+                Some((before, at)) if at.elapsed() > Duration::ZERO => {
+                    format!("{:.0}", applied.saturating_sub(before) as f64 / at.elapsed().as_secs_f64())
+                }
+                _ => "-".into(),
+            };
+            let index_lag: u64 = p["indexes"].as_array().into_iter().flatten().filter_map(|i| i["lag"].as_u64()).sum();
+            let rebuild = match &p["rebuild"] {
+                Value::Null => "-".into(),
+                r => format!("gen {} {}/{}", r["generation"], r["replayed"], r["target"]),
+            };
+            let mut error = p["lastError"].as_str().unwrap_or("-").replace('\n', " ");
+            if error.chars().count() > 60 {
+                error = error.chars().take(57).collect::<String>() + "...";
+            }
+            let text = |v: &Value| v.as_str().map_or_else(|| v.to_string(), str::to_owned);
+            rows.push([
+                name,
+                text(&p["plugin"]["kind"]),
+                text(&p["state"]),
+                p["generation"].to_string(),
+                applied.to_string(),
+                rate,
+                p["lag"].to_string(),
+                p["deadLetters"].to_string(),
+                if p["indexes"].as_array().is_some_and(|i| !i.is_empty()) { index_lag.to_string() } else { "-".into() },
+                rebuild,
+                error,
+            ]);
+        }
+        let widths: Vec<usize> =
+            (0..rows[0].len()).map(|c| rows.iter().map(|r| r[c].chars().count()).max().unwrap_or(0)).collect();
+        let mut out = String::new();
+        if watch {
+            out.push_str("\x1b[2J\x1b[H"); // clear the terminal
+        }
+        for row in &rows {
+            let cells: Vec<String> = row.iter().zip(&widths).map(|(cell, w)| format!("{cell:<w$}")).collect();
+            out.push_str(cells.join("  ").trim_end());
+            out.push('\n');
+        }
+        for e in reply.body["pluginErrors"].as_array().into_iter().flatten() {
+            out.push_str(&format!("not loaded: {}: {}\n", text_of(&e["file"]), text_of(&e["error"])));
+        }
+        print!("{out}");
+        if !watch {
+            return Ok(());
+        }
+        std::thread::sleep(Duration::from_secs(2));
+    }
+}
+
+fn text_of(v: &Value) -> String {
+    v.as_str().map_or_else(|| v.to_string(), str::to_owned)
 }

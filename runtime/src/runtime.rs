@@ -35,6 +35,8 @@ pub struct Projection {
     rebuild: Mutex<Option<Arc<Rebuild>>>,
     /// Why the last new version of the plugin file was not swapped in.
     pub reload_error: Mutex<Option<String>>,
+    /// New versions refused since the start (for `/metrics`).
+    pub reload_failures: std::sync::atomic::AtomicU64,
 }
 
 impl Projection {
@@ -153,6 +155,8 @@ pub struct Runtime {
     pub auth: crate::config::AuthConfig,
     /// The API's body limit and request timeout.
     pub api: crate::config::ApiConfig,
+    /// Requests per route, for `/metrics`.
+    pub http_metrics: crate::metrics::HttpMetrics,
     plugins_dir: PathBuf,
     /// `plugins.<name>` of the config: settings, routes and limits.
     plugin_config: BTreeMap<String, PluginConfig>,
@@ -231,6 +235,7 @@ impl Runtime {
             Err(error) => {
                 if let Some(p) = self.projections().into_iter().find(|p| p.source == label) {
                     *p.reload_error.lock().expect("reload error lock") = Some(format!("upload refused: {error}"));
+                    p.reload_failures.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
                 }
                 return Err(error);
             }
@@ -315,6 +320,7 @@ impl Runtime {
         };
         if let Some(error) = &refusal {
             tracing::error!(plugin = %label, %error, "new plugin version not swapped in; the running one stays");
+            projection.reload_failures.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         }
         *projection.reload_error.lock().expect("reload error lock") = refusal;
     }
@@ -340,6 +346,7 @@ impl Runtime {
             kafka: Arc::new(config.kafka.clone()),
             auth: config.auth.resolved(),
             api: config.api.clone(),
+            http_metrics: Default::default(),
             plugins_dir: config.plugins_dir.clone(),
             plugin_config: config.plugins.clone(),
             limits: config.limits.clone(),
@@ -373,6 +380,7 @@ impl Runtime {
             live: RwLock::new(live),
             rebuild: Mutex::new(None),
             reload_error: Mutex::new(None),
+            reload_failures: Default::default(),
         });
         let mut projections = self.projections.write().expect("projections lock");
         if projections.contains_key(&manifest.name) {

@@ -5,6 +5,7 @@
 mod support;
 
 mod admin_auth;
+mod console;
 mod crash_safety;
 mod demo;
 mod emitted_events;
@@ -15,6 +16,7 @@ mod kafka_formats;
 mod kafka_source;
 mod languages;
 mod model;
+mod operability;
 mod plugin_loading;
 mod poison_events;
 mod query_read_models;

@@ -215,3 +215,51 @@ fn a_plugin_failing_every_event_pauses_instead_of_dead_lettering_the_stream() {
     assert_eq!(resumed.body["resumed"], true, "{}", resumed.body);
     paused_with(20);
 }
+
+#[test]
+fn deep_recursion_and_too_many_emits_are_refused_and_moderate_ones_pass_while_queries_are_answered() {
+    let dir = tempfile::tempdir().unwrap();
+    let config = "limits:\n  deadline-ms: 2000\nplugins:\n  testkit-chaos:\n    limits: { max-emits: 1000 }\n";
+    let server = Server::start(dir.path(), &[&plugins().chaos], config);
+    let event = |ty: &str, data: Value| json!({"type": ty, "key": "k", "data": data});
+    let events = [
+        event("Recurse", json!({"depth": 1_000})),
+        event("Recurse", json!({"depth": 100_000_000})),
+        event("EmitMany", json!({"to": "echoes", "count": 1_000})),
+        event("EmitMany", json!({"to": "echoes", "count": 1_001})),
+        event("Spin", json!({})),
+        event("Ok", json!({})),
+    ];
+    assert_eq!(server.client().append_ndjson("chaos", &ndjson(&events)).unwrap().status, 200);
+    // While the endless loop holds the worker (up to its 2 s deadline), the API answers.
+    let mut answered = 0;
+    let until = std::time::Instant::now() + std::time::Duration::from_millis(1500);
+    while std::time::Instant::now() < until {
+        assert_eq!(server.client().get("/v1/projections/testkit-chaos").unwrap().status, 200);
+        assert_eq!(server.client().get("/v1/projections/testkit-chaos/tables/applied/items").unwrap().status, 200);
+        answered += 2;
+    }
+    assert!(answered > 10, "{answered}");
+    server.wait_caught_up();
+
+    let letters = server.get("/v1/projections/testkit-chaos/dead-letters");
+    let letters: Vec<(u64, String)> = letters["deadLetters"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|l| (l["offset"].as_u64().unwrap(), l["error"].as_str().unwrap().to_owned()))
+        .collect();
+    assert_eq!(letters.iter().map(|(o, _)| *o).collect::<Vec<_>>(), [1, 3, 4], "{letters:?}");
+    assert!(letters[0].1.starts_with("trap: overflowed its stack"), "deep recursion traps: {letters:?}");
+    assert!(letters[1].1.contains("at most 1000 events"), "too many emits are refused: {letters:?}");
+    assert!(letters[2].1.contains("deadline of 2000 ms"), "{letters:?}");
+    // The moderate recursion, the 1,000 emits and the last event were applied;
+    // the refused batch's emits were not published.
+    let status = server.get("/v1/projections/testkit-chaos");
+    assert_eq!(
+        (status["eventsApplied"].as_u64(), status["emitted"]["events"].as_u64()),
+        (Some(3), Some(1000)),
+        "{status}"
+    );
+    assert_eq!(server.get("/healthz")["status"], "ok");
+}

@@ -12,7 +12,11 @@
 //!   is refused by the host;
 //! - `Emit`: emits `{"source": "<partition>/<offset>", "n": data.n}` as an
 //!   `Echo` event, keyed by the source event's key, to the stream named by
-//!   `data.to`.
+//!   `data.to`;
+//! - `Recurse`: recurses `data.depth` calls deep (a deep one must trap on the
+//!   wasm stack limit, not overflow the host's stack);
+//! - `EmitMany`: emits `data.count` `Echo` events to `data.to` (more than the
+//!   plugin's `max-emits` must be refused).
 //!
 //! Built with `TESTKIT_VARIANT=v2` it declares schema-version 2; with
 //! `TESTKIT_VARIANT=trap` its `manifest()` panics.
@@ -78,6 +82,15 @@ impl Projection for Chaos {
         if event.event_type == "Index" {
             DOCS.upsert(&event.offset.to_string(), &data)?;
         }
+        if event.event_type == "Recurse" {
+            std::hint::black_box(recurse(data["depth"].as_u64().unwrap_or(0)));
+        }
+        if event.event_type == "EmitMany" {
+            let to = data["to"].as_str().ok_or_else(|| Failure::rejected("EmitMany needs data.to"))?;
+            for i in 0..data["count"].as_u64().unwrap_or(0) {
+                refract_sdk::emit(to, NewEvent::json("Echo", &serde_json::json!({"i": i}))?.time(event.time))?;
+            }
+        }
         if event.event_type == "Emit" {
             let to = data["to"].as_str().ok_or_else(|| Failure::rejected("Emit needs data.to"))?;
             let source = format!("{}/{}", event.partition, event.offset);
@@ -90,6 +103,16 @@ impl Projection for Chaos {
         }
         APPLIED.put(&format!("{}/{:020}", event.partition, event.offset), &data)
     }
+}
+
+/// Recursion the compiler cannot turn into a loop: each call keeps a frame.
+#[inline(never)]
+fn recurse(depth: u64) -> u64 {
+    if depth == 0 {
+        return 0;
+    }
+    let frame = std::hint::black_box([depth; 8]);
+    recurse(depth - 1).wrapping_add(frame[depth as usize % 8] & 1)
 }
 
 #[cfg(target_arch = "wasm32")]

@@ -1,5 +1,6 @@
 //! Bearer tokens: the admin token guards every mutating route, the query
-//! token (when set) every query. `/healthz` and `/openapi.json` are always open.
+//! token (when set) every query. `/` (the console page), `/healthz` and
+//! `/openapi.json` are always open.
 //!
 //! Without an admin token, appends stay open (a local, zero-configuration
 //! setup) but routes that change what code runs or what is served (plugin
@@ -40,7 +41,8 @@ pub(super) async fn authorize(State(rt): State<Arc<Runtime>>, request: Request, 
 }
 
 fn check(rt: &Runtime, method: &Method, path: &str, headers: &HeaderMap) -> Result<(), ApiError> {
-    if path == "/healthz" || path == "/openapi.json" {
+    // The console page holds no data: it asks for it with the user's token.
+    if path == "/" || path == "/healthz" || path == "/openapi.json" {
         return Ok(());
     }
     let presented = bearer(headers);

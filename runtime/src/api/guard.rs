@@ -1,5 +1,5 @@
-//! What every request goes through, whatever its route: a time limit, and
-//! errors as JSON. axum answers its own rejections (a body over the limit, a
+//! What every request goes through, whatever its route: a time limit,
+//! errors as JSON, and its count and latency for `/metrics`. axum answers its own rejections (a body over the limit, a
 //! method the route lacks) in plain text; clients of a JSON API should get
 //! the same `{"error": {"code", "message"}}` from every failure.
 
@@ -15,21 +15,25 @@ use super::ApiError;
 use crate::runtime::Runtime;
 
 pub(super) async fn guard(State(rt): State<Arc<Runtime>>, request: Request, next: Next) -> Response {
+    let started = std::time::Instant::now();
     let timeout = rt.api.request_timeout();
-    let what = format!("{} {}", request.method(), request.uri().path());
+    let method = request.method().to_string();
+    let route = super::route_of(request.uri().path());
+    let what = format!("{method} {}", request.uri().path());
     let response = match tokio::time::timeout(timeout, refuse_too_large(&rt, request, next)).await {
-        Ok(response) => response,
+        Ok(response) => as_json(response, rt.api.max_body_mb).await,
         Err(_) => {
             tracing::warn!(request = %what, "request timed out");
-            return ApiError::new(
+            ApiError::new(
                 StatusCode::SERVICE_UNAVAILABLE,
                 "request_timeout",
                 format!("{what} took longer than {} ms (api.request-timeout-ms)", timeout.as_millis()),
             )
-            .into_response();
+            .into_response()
         }
     };
-    as_json(response, rt.api.max_body_mb).await
+    rt.http_metrics.record(&method, route, response.status().as_u16(), started.elapsed());
+    response
 }
 
 /// A body declared larger than the limit is refused before any handler

@@ -40,6 +40,10 @@ fn page_limit(limit: Option<usize>) -> Result<usize, ApiError> {
     }
 }
 
+/// The web console, served at `/`: one static page (no external assets)
+/// that uses this API with the token the user types in.
+const CONSOLE_HTML: &str = include_str!("console.html");
+
 /// The OpenAPI 3.1 description of [`operations`], served as `/openapi.json`.
 pub const OPENAPI_YAML: &str = include_str!("openapi.yaml");
 
@@ -52,8 +56,10 @@ fn openapi() -> &'static serde_json::Value {
 pub fn operations() -> Vec<(Method, &'static str, MethodRouter<Arc<Runtime>>)> {
     use Method as M;
     vec![
+        (M::GET, "/", get(|| async { axum::response::Html(CONSOLE_HTML) })),
         (M::GET, "/healthz", get(|| async { axum::Json(serde_json::json!({"status": "ok"})) })),
         (M::GET, "/openapi.json", get(|| async { axum::Json(openapi()) })),
+        (M::GET, "/metrics", get(metrics)),
         (M::GET, "/v1/streams", get(streams::list)),
         (M::GET, "/v1/streams/{stream}/events", get(streams::read)),
         (M::POST, "/v1/streams/{stream}/events", post(streams::append)),
@@ -72,6 +78,39 @@ pub fn operations() -> Vec<(Method, &'static str, MethodRouter<Arc<Runtime>>)> {
         (M::DELETE, "/v1/projections/{projection}/rebuild", delete(projections::cancel_rebuild)),
         (M::PUT, "/v1/plugins/{plugin}", put(plugins::upload)),
     ]
+}
+
+/// `GET /metrics`: Prometheus' text format.
+async fn metrics(axum::extract::State(rt): axum::extract::State<Arc<Runtime>>) -> impl axum::response::IntoResponse {
+    let text = tokio::task::spawn_blocking(move || crate::metrics::render(&rt)).await.unwrap_or_default();
+    ([(axum::http::header::CONTENT_TYPE, "text/plain; version=0.0.4; charset=utf-8")], text)
+}
+
+/// The route template `path` matches (`{projection}` matches one segment,
+/// `{*key}` the rest), or `other`: the `route` label of HTTP metrics.
+pub fn route_of(path: &str) -> &'static str {
+    static PATHS: std::sync::OnceLock<Vec<&'static str>> = std::sync::OnceLock::new();
+    let paths = PATHS.get_or_init(|| {
+        let mut paths: Vec<&'static str> = operations().into_iter().map(|(_, p, _)| p).collect();
+        paths.dedup();
+        paths
+    });
+    let segments: Vec<&str> = path.trim_start_matches('/').split('/').collect();
+    let matches = |template: &str| -> bool {
+        let parts: Vec<&str> = template.trim_start_matches('/').split('/').collect();
+        for (i, part) in parts.iter().enumerate() {
+            if part.starts_with("{*") {
+                return segments.get(i).is_some_and(|s| !s.is_empty());
+            }
+            let Some(segment) = segments.get(i) else { return false };
+            let fits = if part.starts_with('{') { !segment.is_empty() } else { segment == part };
+            if !fits {
+                return false;
+            }
+        }
+        segments.len() == parts.len()
+    };
+    paths.iter().copied().find(|t| matches(t)).unwrap_or("other")
 }
 
 /// Every route of the API over `runtime`.
@@ -140,5 +179,20 @@ mod tests {
         let routed: BTreeSet<(String, String)> =
             operations().into_iter().map(|(m, path, _)| (m.to_string(), path.replace("{*", "{"))).collect();
         assert_eq!(documented, routed);
+    }
+
+    #[test]
+    fn requests_are_counted_under_their_route_template() {
+        assert_eq!(route_of("/v1/projections/order-summary"), "/v1/projections/{projection}");
+        assert_eq!(route_of("/v1/projections/p/dead-letters/retry"), "/v1/projections/{projection}/dead-letters/retry");
+        assert_eq!(route_of("/v1/projections/p/dead-letters/7"), "/v1/projections/{projection}/dead-letters/{id}");
+        assert_eq!(
+            route_of("/v1/projections/p/tables/t/items/a/b/c"),
+            "/v1/projections/{projection}/tables/{table}/items/{*key}"
+        );
+        assert_eq!(route_of("/metrics"), "/metrics");
+        assert_eq!(route_of("/"), "/");
+        assert_eq!(route_of("/v1/nothing"), "other");
+        assert_eq!(route_of("/v1/projections/"), "other");
     }
 }

@@ -54,8 +54,10 @@ impl CompileCache {
     pub fn load(&self, wasm: &[u8]) -> wasmtime::Result<(Component, CacheOutcome)> {
         let path = self.path_for(wasm);
         if let Some(component) = self.read_entry(&path) {
+            crate::metrics::COMPILE_CACHE.hits.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
             return Ok((component, CacheOutcome::Hit));
         }
+        crate::metrics::COMPILE_CACHE.misses.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         let started = Instant::now();
         // A 12–18 MB component (Python, JavaScript) takes Cranelift 20 s or so:
         // say so, since it happens once and then loads from the cache.
@@ -63,7 +65,20 @@ impl CompileCache {
             bytes = wasm.len(),
             "compiling a component not in the compile cache (once; later loads take milliseconds)"
         );
-        let component = Component::new(&self.engine, wasm)?;
+        // Cranelift reports no progress of its own: say every 5 s that it is still at it.
+        let (done, ticks) = std::sync::mpsc::channel::<()>();
+        let component = std::thread::scope(|scope| {
+            scope.spawn(move || {
+                while let Err(std::sync::mpsc::RecvTimeoutError::Timeout) =
+                    ticks.recv_timeout(std::time::Duration::from_secs(5))
+                {
+                    tracing::info!(bytes = wasm.len(), elapsed_s = started.elapsed().as_secs(), "still compiling");
+                }
+            });
+            let component = Component::new(&self.engine, wasm);
+            drop(done);
+            component
+        })?;
         tracing::info!(bytes = wasm.len(), elapsed_ms = started.elapsed().as_millis() as u64, "compiled component");
         if let Err(e) = self.write_entry(&path, &component) {
             tracing::warn!(path = %path.display(), error = %e, "could not write the compile cache");

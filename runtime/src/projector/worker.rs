@@ -14,6 +14,7 @@
 //!   batch, until the failing event stands alone; it becomes a dead letter
 //!   and everything else is applied.
 
+use std::collections::BTreeMap;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, RwLock, mpsc};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
@@ -157,11 +158,21 @@ pub struct WorkerStatus {
     pub retries: u32,
     /// New plugin versions swapped in since the worker started.
     pub reloads: u32,
+    /// Latency and where the time goes, for `/metrics`.
+    #[serde(skip)]
+    pub metrics: crate::metrics::BatchMetrics,
 }
 
 impl Default for WorkerStatus {
     fn default() -> Self {
-        WorkerStatus { state: WorkerState::Running, last_error: None, last_error_at: None, retries: 0, reloads: 0 }
+        WorkerStatus {
+            state: WorkerState::Running,
+            last_error: None,
+            last_error_at: None,
+            retries: 0,
+            reloads: 0,
+            metrics: Default::default(),
+        }
     }
 }
 
@@ -207,7 +218,10 @@ struct InFlight {
     commit: Commit,
     /// Also the lower layer of the batch handled meanwhile.
     writes: Arc<BatchWrites>,
-    done: std::thread::JoinHandle<crate::store::Result<()>>,
+    /// When its transaction started, for the batch latency.
+    started: Instant,
+    /// The commit, and how long it took.
+    done: std::thread::JoinHandle<crate::store::Result<Duration>>,
 }
 
 enum Retry {
@@ -294,7 +308,14 @@ impl Projector {
             let wait = if self.in_flight.is_some() { Duration::from_millis(2) } else { Duration::from_millis(25) };
             match batches.recv_timeout(wait) {
                 Ok(Delivery::Batch(pending)) => {
-                    let span = tracing::debug_span!("batch", projection = self.name(), events = pending.events.len());
+                    // What a batch's log lines carry: which plugin version read what.
+                    let span = tracing::info_span!(
+                        "batch",
+                        projection = self.name(),
+                        version = self.handler.manifest().version.as_str(),
+                        events = pending.events.len(),
+                        positions = %positions(&pending),
+                    );
                     let _enter = span.enter();
                     self.process(&pending);
                 }
@@ -564,8 +585,11 @@ impl Projector {
     fn settle(&mut self) -> Result<(), HandleError> {
         let Some(in_flight) = self.in_flight.take() else { return Ok(()) };
         match in_flight.done.join() {
-            Ok(Ok(())) => {
+            Ok(Ok(took)) => {
                 self.committed(&in_flight.commit);
+                let mut status = self.status.lock().expect("status lock");
+                status.metrics.storage_seconds += took.as_secs_f64();
+                status.metrics.batch_seconds.observe(in_flight.started.elapsed());
                 Ok(())
             }
             Ok(Err(e)) => Err(HandleError::Host(format!("committing: {e}"))),
@@ -610,15 +634,18 @@ impl Projector {
     }
 
     /// Commit `batch` on its own thread, after the previous commit succeeded.
-    fn submit(&mut self, batch: Batch, commit: Commit) -> Result<(), HandleError> {
+    fn submit(&mut self, batch: Batch, commit: Commit, started: Instant) -> Result<(), HandleError> {
         let writes = Arc::new(batch.into_writes());
         self.settle()?;
         let (read_model, w, c) = (self.read_model.clone(), writes.clone(), commit.clone());
         let done = std::thread::Builder::new()
             .name("refract-commit".into())
-            .spawn(move || read_model.commit(&w, &c))
+            .spawn(move || {
+                let t = Instant::now();
+                read_model.commit(&w, &c).map(|()| t.elapsed())
+            })
             .map_err(|e| HandleError::Host(format!("spawning a commit thread: {e}")))?;
-        self.in_flight = Some(InFlight { commit, writes, done });
+        self.in_flight = Some(InFlight { commit, writes, started, done });
         Ok(())
     }
 
@@ -647,7 +674,9 @@ impl Projector {
             while end < n {
                 let (call_end, replaying) = self.call(&pending.events, end, n);
                 batch.set_replaying(replaying);
+                let t = Instant::now();
                 let (b, result) = self.handler.handle(batch, &pending.events[end..call_end]);
+                self.status.lock().expect("status lock").metrics.plugin_seconds += t.elapsed().as_secs_f64();
                 batch = b;
                 if let Err(e) = result {
                     drop(batch); // rolled back: nothing of it was written
@@ -659,7 +688,7 @@ impl Projector {
                 }
             }
             let commit = self.commit_of(pending, done, end, vec![]);
-            if let Err(e) = self.submit(batch, commit) {
+            if let Err(e) = self.submit(batch, commit, started) {
                 return self.start_over(e);
             }
             done = end;
@@ -767,19 +796,32 @@ impl Projector {
 
     /// Handle `events[lo..hi]` in one batch and commit it before returning.
     fn run_range(&mut self, pending: &Pending, lo: usize, hi: usize) -> Result<(), HandleError> {
+        let started = Instant::now();
         let mut batch = self.begin().map_err(|e| HandleError::Host(e.to_string()))?;
         let mut start = lo;
         while start < hi {
             let (end, replaying) = self.call(&pending.events, start, hi);
             batch.set_replaying(replaying);
+            let t = Instant::now();
             let (b, result) = self.handler.handle(batch, &pending.events[start..end]);
+            self.status.lock().expect("status lock").metrics.plugin_seconds += t.elapsed().as_secs_f64();
             batch = b;
             result?;
             start = end;
         }
         let commit = self.commit_of(pending, lo, hi, vec![]);
-        self.read_model.commit(&batch.into_writes(), &commit).map_err(|e| HandleError::Host(e.to_string()))?;
+        self.commit_now(&batch.into_writes(), &commit, started).map_err(|e| HandleError::Host(e.to_string()))?;
         self.committed(&commit);
+        Ok(())
+    }
+
+    /// Commit on this thread (bisection and dead letters), timed for `/metrics`.
+    fn commit_now(&self, writes: &BatchWrites, commit: &Commit, started: Instant) -> crate::store::Result<()> {
+        let t = Instant::now();
+        self.read_model.commit(writes, commit)?;
+        let mut status = self.status.lock().expect("status lock");
+        status.metrics.storage_seconds += t.elapsed().as_secs_f64();
+        status.metrics.batch_seconds.observe(started.elapsed());
         Ok(())
     }
 
@@ -857,7 +899,7 @@ impl Projector {
         let mut backoff = self.options.initial_backoff;
         loop {
             // An empty batch: the dead letter and the checkpoint commit alone.
-            let result = self.read_model.commit(&BatchWrites::default(), &commit);
+            let result = self.commit_now(&BatchWrites::default(), &commit, Instant::now());
             match result {
                 Ok(()) => {
                     self.committed(&commit);
@@ -902,6 +944,23 @@ impl Projector {
 }
 
 /// `d` scaled by a factor in [0.75, 1.25), so retries of many workers spread out.
+/// `stream/partition:first..end` for each partition a batch has events of.
+fn positions(pending: &Pending) -> String {
+    let mut first: BTreeMap<(&str, u32), u64> = BTreeMap::new();
+    for e in &pending.events {
+        let f = first.entry((e.stream.as_str(), e.partition)).or_insert(e.offset);
+        *f = (*f).min(e.offset);
+    }
+    let ranges: Vec<String> = first
+        .into_iter()
+        .map(|((stream, partition), start)| {
+            let end = pending.read_to.get(&(stream.to_owned(), partition)).copied().unwrap_or(start + 1);
+            format!("{stream}/{partition}:{start}..{end}")
+        })
+        .collect();
+    ranges.join(" ")
+}
+
 fn jitter(d: Duration) -> Duration {
     let nanos = SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |t| t.subsec_nanos());
     let factor = 0.75 + f64::from(nanos % 1000) / 2000.0;

@@ -1,0 +1,279 @@
+//! Prometheus metrics, served as `GET /metrics` in the text exposition format.
+//!
+//! Most figures already exist for the status API (the read model's counters,
+//! checkpoints and heads, rebuild progress, hot-swap counts) and are read when
+//! scraped. What only exists as it happens is counted here: batch latency,
+//! time inside the plugin and in storage ([`BatchMetrics`], kept in each
+//! worker's status), requests per route ([`HttpMetrics`]) and compile-cache
+//! hits and misses ([`COMPILE_CACHE`]).
+
+use std::collections::BTreeMap;
+use std::fmt::Write;
+use std::sync::Mutex;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::Duration;
+
+/// Upper bounds of the latency buckets, in seconds (then `+Inf`).
+const BUCKETS: [f64; 14] = [0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0];
+
+/// A latency histogram with [`BUCKETS`].
+#[derive(Debug, Clone, Default)]
+pub struct Histogram {
+    /// Per bucket (not cumulative), then the overflow.
+    counts: [u64; BUCKETS.len() + 1],
+    sum: f64,
+}
+
+impl Histogram {
+    pub fn observe(&mut self, d: Duration) {
+        let s = d.as_secs_f64();
+        let i = BUCKETS.iter().position(|b| s <= *b).unwrap_or(BUCKETS.len());
+        self.counts[i] += 1;
+        self.sum += s;
+    }
+
+    pub fn count(&self) -> u64 {
+        self.counts.iter().sum()
+    }
+
+    /// `name_bucket`, `name_sum` and `name_count` lines with `labels`.
+    fn render(&self, out: &mut String, name: &str, labels: &str) {
+        let sep = if labels.is_empty() { "" } else { "," };
+        let mut cumulative = 0;
+        for (i, bound) in BUCKETS.iter().enumerate() {
+            cumulative += self.counts[i];
+            let _ = writeln!(out, "{name}_bucket{{{labels}{sep}le=\"{bound}\"}} {cumulative}");
+        }
+        let _ = writeln!(out, "{name}_bucket{{{labels}{sep}le=\"+Inf\"}} {}", self.count());
+        let _ = writeln!(out, "{name}_sum{{{labels}}} {}", self.sum);
+        let _ = writeln!(out, "{name}_count{{{labels}}} {}", self.count());
+    }
+}
+
+/// What a worker measures as it goes (kept in its status, under its lock).
+#[derive(Debug, Clone, Default)]
+pub struct BatchMetrics {
+    /// From the start of a transaction to its commit being durable.
+    pub batch_seconds: Histogram,
+    /// Inside the plugin (calls to `handle`/`enrich`, instantiation included).
+    pub plugin_seconds: f64,
+    /// Committing to the read model.
+    pub storage_seconds: f64,
+}
+
+/// Requests and their latency per route template.
+#[derive(Default)]
+pub struct HttpMetrics {
+    /// (method, route, status) → requests.
+    requests: Mutex<BTreeMap<(String, &'static str, u16), u64>>,
+    /// (method, route) → latency.
+    latency: Mutex<BTreeMap<(String, &'static str), Histogram>>,
+}
+
+impl HttpMetrics {
+    pub fn record(&self, method: &str, route: &'static str, status: u16, took: Duration) {
+        *self.requests.lock().expect("metrics lock").entry((method.to_owned(), route, status)).or_default() += 1;
+        self.latency.lock().expect("metrics lock").entry((method.to_owned(), route)).or_default().observe(took);
+    }
+
+    pub fn render(&self, out: &mut String) {
+        header(out, "refract_http_requests_total", "counter", "HTTP requests by method, route and status");
+        for ((method, route, status), n) in self.requests.lock().expect("metrics lock").iter() {
+            let _ = writeln!(
+                out,
+                "refract_http_requests_total{{method=\"{method}\",route=\"{route}\",status=\"{status}\"}} {n}"
+            );
+        }
+        header(out, "refract_http_request_duration_seconds", "histogram", "HTTP request latency by route");
+        for ((method, route), h) in self.latency.lock().expect("metrics lock").iter() {
+            h.render(out, "refract_http_request_duration_seconds", &format!("method=\"{method}\",route=\"{route}\""));
+        }
+    }
+}
+
+/// Compile-cache lookups since the process started.
+pub struct CacheCounters {
+    pub hits: AtomicU64,
+    pub misses: AtomicU64,
+}
+
+pub static COMPILE_CACHE: CacheCounters = CacheCounters { hits: AtomicU64::new(0), misses: AtomicU64::new(0) };
+
+impl CacheCounters {
+    pub fn render(&self, out: &mut String) {
+        header(out, "refract_compile_cache_hits_total", "counter", "components loaded from the compile cache");
+        let _ = writeln!(out, "refract_compile_cache_hits_total {}", self.hits.load(Ordering::Relaxed));
+        header(out, "refract_compile_cache_misses_total", "counter", "components compiled (not in the cache)");
+        let _ = writeln!(out, "refract_compile_cache_misses_total {}", self.misses.load(Ordering::Relaxed));
+    }
+}
+
+/// `# HELP` and `# TYPE` lines.
+pub fn header(out: &mut String, name: &str, kind: &str, help: &str) {
+    let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} {kind}");
+}
+
+/// A label value, escaped as the exposition format wants.
+pub fn label(value: &str) -> String {
+    value.replace('\\', "\\\\").replace('"', "\\\"").replace('\n', "\\n")
+}
+
+/// Every metric, for `GET /metrics`.
+pub fn render(rt: &crate::runtime::Runtime) -> String {
+    let mut out = String::new();
+    let mut statuses = Vec::new();
+    for p in rt.projections() {
+        match rt.status(&p) {
+            Ok(status) => statuses.push((p, status)),
+            Err(e) => tracing::warn!(error = %e, "reading a status for /metrics"),
+        }
+    }
+    // One metric family at a time, each over every projection.
+    type Value = fn(&crate::runtime::ProjectionStatus) -> Option<f64>;
+    let families: [(&str, &str, &str, Value); 14] = [
+        (
+            "refract_events_applied_total",
+            "counter",
+            "events applied (handed to the plugin or skipped as unsubscribed)",
+            |s| Some(s.counters.events_applied as f64),
+        ),
+        ("refract_dead_letters_total", "counter", "events dead-lettered", |s| Some(s.counters.dead_letters as f64)),
+        ("refract_batches_total", "counter", "transactions committed", |s| Some(s.counters.batches as f64)),
+        ("refract_unrouted_outputs_total", "counter", "enricher outputs no route took", |s| {
+            Some(s.counters.unrouted_outputs as f64)
+        }),
+        ("refract_lag_events", "gauge", "events in the subscribed partitions not yet handled", |s| Some(s.lag as f64)),
+        ("refract_plugin_seconds_total", "counter", "time spent inside the plugin", |s| {
+            Some(s.worker.metrics.plugin_seconds)
+        }),
+        ("refract_storage_seconds_total", "counter", "time spent committing to the read model", |s| {
+            Some(s.worker.metrics.storage_seconds)
+        }),
+        ("refract_plugin_reloads_total", "counter", "new plugin versions swapped in since the start", |s| {
+            Some(f64::from(s.worker.reloads))
+        }),
+        ("refract_generation", "gauge", "the live generation of the read model", |s| Some(s.generation as f64)),
+        ("refract_rebuild_running", "gauge", "1 while a rebuild runs", |s| {
+            Some(if s.rebuild.is_some() { 1.0 } else { 0.0 })
+        }),
+        ("refract_rebuild_replayed_events", "gauge", "events a running rebuild has replayed", |s| {
+            s.rebuild.as_ref().map(|r| r.replayed as f64)
+        }),
+        (
+            "refract_rebuild_target_events",
+            "gauge",
+            "where the live generation is, which a running rebuild must reach",
+            |s| s.rebuild.as_ref().map(|r| r.target as f64),
+        ),
+        ("refract_emitted_events_total", "counter", "events the plugin emitted (committed)", |s| {
+            Some(s.emitted.events as f64)
+        }),
+        ("refract_emitted_lag_events", "gauge", "emitted events not yet published", |s| Some(s.emitted.lag as f64)),
+    ];
+    for (name, kind, help, value) in families {
+        header(&mut out, name, kind, help);
+        for (_, s) in &statuses {
+            if let Some(v) = value(s) {
+                let _ = writeln!(out, "{name}{{projection=\"{}\",kind=\"{}\"}} {v}", label(&s.name), kind_of(s));
+            }
+        }
+    }
+    header(&mut out, "refract_up", "gauge", "1 for the worker's current state (running, retrying, paused, stopped)");
+    for (_, s) in &statuses {
+        for state in ["running", "retrying", "paused", "stopped"] {
+            let now = serde_json::to_value(s.worker.state).ok().and_then(|v| v.as_str().map(|v| v == state));
+            let _ = writeln!(
+                out,
+                "refract_up{{projection=\"{}\",state=\"{state}\"}} {}",
+                label(&s.name),
+                u8::from(now == Some(true))
+            );
+        }
+    }
+    header(
+        &mut out,
+        "refract_plugin_reload_failures_total",
+        "counter",
+        "plugin versions refused (compile, instantiate, manifest, checks)",
+    );
+    for (p, s) in &statuses {
+        let _ = writeln!(
+            out,
+            "refract_plugin_reload_failures_total{{projection=\"{}\"}} {}",
+            label(&s.name),
+            p.reload_failures.load(Ordering::Relaxed)
+        );
+    }
+    header(&mut out, "refract_partition_lag_events", "gauge", "per partition: events not yet handled");
+    header(&mut out, "refract_partition_checkpoint", "gauge", "per partition: the next offset to handle");
+    for (_, s) in &statuses {
+        for part in &s.partitions {
+            let labels = format!(
+                "projection=\"{}\",stream=\"{}\",partition=\"{}\"",
+                label(&s.name),
+                label(&part.stream),
+                part.partition
+            );
+            let _ = writeln!(out, "refract_partition_lag_events{{{labels}}} {}", part.lag);
+            let _ = writeln!(out, "refract_partition_checkpoint{{{labels}}} {}", part.checkpoint);
+        }
+    }
+    header(
+        &mut out,
+        "refract_index_lag_documents",
+        "gauge",
+        "document changes committed to the tables, not yet searchable",
+    );
+    header(&mut out, "refract_index_documents", "gauge", "documents in the search index");
+    for (_, s) in &statuses {
+        for index in &s.indexes {
+            let labels = format!("projection=\"{}\",index=\"{}\"", label(&s.name), label(&index.name));
+            let _ = writeln!(out, "refract_index_lag_documents{{{labels}}} {}", index.lag);
+            let _ = writeln!(out, "refract_index_documents{{{labels}}} {}", index.documents);
+        }
+    }
+    header(
+        &mut out,
+        "refract_batch_duration_seconds",
+        "histogram",
+        "from a transaction's start to its commit being durable",
+    );
+    for (_, s) in &statuses {
+        s.worker.metrics.batch_seconds.render(
+            &mut out,
+            "refract_batch_duration_seconds",
+            &format!("projection=\"{}\"", label(&s.name)),
+        );
+    }
+    rt.http_metrics.render(&mut out);
+    COMPILE_CACHE.render(&mut out);
+    out
+}
+
+fn kind_of(s: &crate::runtime::ProjectionStatus) -> &'static str {
+    match s.plugin.kind {
+        crate::plugin::Kind::Projection => "projection",
+        crate::plugin::Kind::Enricher => "enricher",
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn histograms_render_cumulative_buckets() {
+        let mut h = Histogram::default();
+        for ms in [0.2, 3.0, 3.0, 700.0, 20_000.0] {
+            h.observe(Duration::from_secs_f64(ms / 1000.0));
+        }
+        let mut out = String::new();
+        h.render(&mut out, "x_seconds", "p=\"a\"");
+        assert!(out.contains("x_seconds_bucket{p=\"a\",le=\"0.0005\"} 1\n"), "{out}");
+        assert!(out.contains("x_seconds_bucket{p=\"a\",le=\"0.005\"} 3\n"), "{out}");
+        assert!(out.contains("x_seconds_bucket{p=\"a\",le=\"1\"} 4\n"), "{out}");
+        assert!(out.contains("x_seconds_bucket{p=\"a\",le=\"+Inf\"} 5\n"), "{out}");
+        assert!(out.contains("x_seconds_count{p=\"a\"} 5\n"), "{out}");
+        assert_eq!(label("a\"b\\c"), "a\\\"b\\\\c");
+    }
+}
