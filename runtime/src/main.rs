@@ -309,7 +309,8 @@ fn main() -> anyhow::Result<()> {
     // per line with the current spans (a batch's projection, plugin version
     // and positions); RUST_LOG filters them.
     let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info,wasmtime=warn"));
-    let logs = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr);
+    let colour = std::io::IsTerminal::is_terminal(&std::io::stderr());
+    let logs = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr).with_ansi(colour);
     if std::env::var("REFRACT_LOG_FORMAT").is_ok_and(|f| f == "json") {
         logs.json().with_current_span(true).with_span_list(false).init();
     } else {

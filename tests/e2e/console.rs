@@ -17,7 +17,7 @@ fn cache() -> PathBuf {
 
 #[test]
 fn the_console_shows_projections_searches_and_retries_a_dead_letter() {
-    let playwright = cache().join("js/node_modules/playwright-core");
+    let playwright = cache().join("browser/node_modules/playwright-core");
     assert!(playwright.exists(), "playwright-core is not installed: run scripts/install-tools");
     assert!(PathBuf::from("/usr/bin/chromium").exists(), "chromium is not installed: run scripts/install-tools");
 

@@ -94,3 +94,50 @@ fn metrics_move_with_ingest_and_show_the_lag_of_a_paused_projection() {
         .sum();
     assert_eq!(per_partition, 65.0);
 }
+
+#[test]
+fn logs_carry_each_batch_s_projection_version_and_positions_as_text_or_json_and_status_prints_a_table() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut server = Server::start(dir.path(), &[&plugins().chaos], "");
+    let event = |ty: &str| json!({"type": ty, "key": "k", "data": {}});
+    assert_eq!(server.client().append_ndjson("chaos", &ndjson(&[event("Ok"), event("Reject")])).unwrap().status, 200);
+    server.wait_caught_up();
+    // Text: the dead letter's warning sits inside its batch's span.
+    let log = server.log();
+    let line = log.lines().find(|l| l.contains("dead-lettering an event")).expect("a dead-letter warning");
+    assert!(line.contains("batch{projection=\"testkit-chaos\" version=\"0.1.0\""), "{line}");
+    assert!(line.contains("positions=chaos/"), "{line}");
+
+    // JSON: one object per line, the span's fields under `span`.
+    server.stop();
+    std::fs::write(dir.path().join("refract.log"), "").unwrap();
+    server.env.push(("REFRACT_LOG_FORMAT".into(), "json".into()));
+    server.restart();
+    assert_eq!(server.client().append_ndjson("chaos", &ndjson(&[event("Reject")])).unwrap().status, 200);
+    server.wait_caught_up();
+    let log = server.log();
+    let warning: Value = log
+        .lines()
+        .filter_map(|l| serde_json::from_str::<Value>(l).ok())
+        .find(|l| l["fields"]["message"] == "dead-lettering an event")
+        .unwrap_or_else(|| panic!("no JSON dead-letter warning in\n{log}"));
+    assert_eq!(warning["level"], "WARN");
+    assert_eq!(warning["span"]["name"], "batch", "{warning}");
+    assert_eq!(warning["span"]["projection"], "testkit-chaos", "{warning}");
+    assert_eq!(warning["span"]["version"], "0.1.0", "{warning}");
+
+    // `refract status`: a table with a row per projection.
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_refract"))
+        .args(["status", "--url", &server.url])
+        .output()
+        .unwrap();
+    let table = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let mut lines = table.lines();
+    let header = lines.next().unwrap();
+    for column in ["NAME", "KIND", "STATE", "APPLIED", "LAG", "DEAD", "LAST ERROR"] {
+        assert!(header.contains(column), "{table}");
+    }
+    let row: Vec<&str> = lines.next().unwrap().split_whitespace().collect();
+    assert_eq!(&row[..3], ["testkit-chaos", "projection", "running"], "{table}");
+}

@@ -196,6 +196,8 @@ pub struct Server {
     pub dir: PathBuf,
     pub port: u16,
     pub url: String,
+    /// Extra environment for the process, from the next (re)start on.
+    pub env: Vec<(String, String)>,
 }
 
 impl Server {
@@ -210,7 +212,8 @@ impl Server {
         let port = free_port();
         let config = format!("data-dir: data\nplugins-dir: plugins\nlisten: 127.0.0.1:{port}\n{extra}");
         std::fs::write(dir.join("refract.yaml"), config).unwrap();
-        let mut server = Server { child: None, dir: dir.to_owned(), port, url: format!("http://127.0.0.1:{port}") };
+        let mut server =
+            Server { child: None, dir: dir.to_owned(), port, url: format!("http://127.0.0.1:{port}"), env: Vec::new() };
         server.restart();
         server
     }
@@ -224,6 +227,7 @@ impl Server {
             .arg("--config")
             .arg(self.dir.join("refract.yaml"))
             .env("RUST_LOG", "info,wasmtime=warn")
+            .envs(self.env.iter().map(|(k, v)| (k, v)))
             .stdout(Stdio::null())
             .stderr(log)
             .spawn()
