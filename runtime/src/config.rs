@@ -26,6 +26,8 @@
 //!   pause-after-dead-letters: 1000  # a plugin failing this many events in a row pauses (0: never)
 //! search:
 //!   commit-interval-ms: 500       # indexer commits to tantivy this often
+//! rebuild:
+//!   background: true              # a rebuild uses only CPU nothing else wants (Linux SCHED_IDLE)
 //! auth:                           # bearer tokens (or REFRACT_ADMIN_TOKEN / REFRACT_QUERY_TOKEN)
 //!   admin-token: null             # mutating routes; plugin uploads are off without it
 //!   query-token: null             # queries, when set
@@ -75,6 +77,7 @@ pub struct Config {
     pub batch: BatchConfig,
     pub limits: LimitsConfig,
     pub search: SearchConfig,
+    pub rebuild: RebuildConfig,
     pub kafka: KafkaConfig,
     pub auth: AuthConfig,
     pub plugins: BTreeMap<String, PluginConfig>,
@@ -166,6 +169,22 @@ impl AuthConfig {
     }
 }
 
+/// How rebuilds share the machine.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(rename_all = "kebab-case", deny_unknown_fields, default)]
+pub struct RebuildConfig {
+    /// Replay at the lowest CPU priority, so queries and live ingestion keep
+    /// their latency; `false` makes a rebuild compete equally (faster on a
+    /// busy machine, at the cost of query tail latency meanwhile).
+    pub background: bool,
+}
+
+impl Default for RebuildConfig {
+    fn default() -> Self {
+        RebuildConfig { background: true }
+    }
+}
+
 /// The HTTP API's own limits.
 #[derive(Debug, Clone, Deserialize)]
 #[serde(rename_all = "kebab-case", deny_unknown_fields, default)]
@@ -248,6 +267,7 @@ impl Default for Config {
             batch: BatchConfig::default(),
             limits: LimitsConfig::default(),
             search: SearchConfig::default(),
+            rebuild: RebuildConfig::default(),
             kafka: KafkaConfig::default(),
             auth: AuthConfig::default(),
             plugins: BTreeMap::new(),
@@ -395,6 +415,7 @@ impl Config {
             max_backoff: Duration::from_millis(self.batch.max_backoff_ms),
             kv: resolve_limits(&self.limits, None).1,
             pause_after_dead_letters: self.limits.pause_after_dead_letters,
+            background_rebuilds: self.rebuild.background,
         }
     }
 
