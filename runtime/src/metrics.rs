@@ -108,6 +108,14 @@ impl CacheCounters {
     }
 }
 
+/// A family of one sample per label set: (name, type, help), then (labels, value) rows.
+fn family(out: &mut String, (name, kind, help): (&str, &str, &str), rows: impl Iterator<Item = (String, f64)>) {
+    header(out, name, kind, help);
+    for (labels, value) in rows {
+        let _ = writeln!(out, "{name}{{{labels}}} {value}");
+    }
+}
+
 /// `# HELP` and `# TYPE` lines.
 pub fn header(out: &mut String, name: &str, kind: &str, help: &str) {
     let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} {kind}");
@@ -204,34 +212,47 @@ pub fn render(rt: &crate::runtime::Runtime) -> String {
             p.reload_failures.load(Ordering::Relaxed)
         );
     }
-    header(&mut out, "refract_partition_lag_events", "gauge", "per partition: events not yet handled");
-    header(&mut out, "refract_partition_checkpoint", "gauge", "per partition: the next offset to handle");
-    for (_, s) in &statuses {
-        for part in &s.partitions {
-            let labels = format!(
-                "projection=\"{}\",stream=\"{}\",partition=\"{}\"",
-                label(&s.name),
-                label(&part.stream),
-                part.partition
-            );
-            let _ = writeln!(out, "refract_partition_lag_events{{{labels}}} {}", part.lag);
-            let _ = writeln!(out, "refract_partition_checkpoint{{{labels}}} {}", part.checkpoint);
-        }
-    }
-    header(
+    // Each family's lines together, as the exposition format requires.
+    let partitions = || {
+        statuses.iter().flat_map(|(_, s)| {
+            s.partitions.iter().map(move |p| {
+                let labels = format!(
+                    "projection=\"{}\",stream=\"{}\",partition=\"{}\"",
+                    label(&s.name),
+                    label(&p.stream),
+                    p.partition
+                );
+                (labels, p)
+            })
+        })
+    };
+    family(
         &mut out,
-        "refract_index_lag_documents",
-        "gauge",
-        "document changes committed to the tables, not yet searchable",
+        ("refract_partition_lag_events", "gauge", "per partition: events not yet handled"),
+        partitions().map(|(l, p)| (l, p.lag as f64)),
     );
-    header(&mut out, "refract_index_documents", "gauge", "documents in the search index");
-    for (_, s) in &statuses {
-        for index in &s.indexes {
-            let labels = format!("projection=\"{}\",index=\"{}\"", label(&s.name), label(&index.name));
-            let _ = writeln!(out, "refract_index_lag_documents{{{labels}}} {}", index.lag);
-            let _ = writeln!(out, "refract_index_documents{{{labels}}} {}", index.documents);
-        }
-    }
+    family(
+        &mut out,
+        ("refract_partition_checkpoint", "gauge", "per partition: the next offset to handle"),
+        partitions().map(|(l, p)| (l, p.checkpoint as f64)),
+    );
+    let indexes = || {
+        statuses.iter().flat_map(|(_, s)| {
+            s.indexes
+                .iter()
+                .map(move |i| (format!("projection=\"{}\",index=\"{}\"", label(&s.name), label(&i.name)), i))
+        })
+    };
+    family(
+        &mut out,
+        ("refract_index_lag_documents", "gauge", "document changes committed to the tables, not yet searchable"),
+        indexes().map(|(l, i)| (l, i.lag as f64)),
+    );
+    family(
+        &mut out,
+        ("refract_index_documents", "gauge", "documents in the search index"),
+        indexes().map(|(l, i)| (l, i.documents as f64)),
+    );
     header(
         &mut out,
         "refract_batch_duration_seconds",
