@@ -603,11 +603,10 @@ fn status(url: &str, token: Option<&str>, watch: bool) -> anyhow::Result<()> {
             if error.chars().count() > 60 {
                 error = error.chars().take(57).collect::<String>() + "...";
             }
-            let text = |v: &Value| v.as_str().map_or_else(|| v.to_string(), str::to_owned);
             rows.push([
                 name,
-                text(&p["plugin"]["kind"]),
-                text(&p["state"]),
+                text_of(&p["plugin"]["kind"]),
+                text_of(&p["state"]),
                 p["generation"].to_string(),
                 applied.to_string(),
                 rate,
@@ -640,6 +639,7 @@ fn status(url: &str, token: Option<&str>, watch: bool) -> anyhow::Result<()> {
     }
 }
 
+/// A JSON string's text, or any other value as JSON.
 fn text_of(v: &Value) -> String {
     v.as_str().map_or_else(|| v.to_string(), str::to_owned)
 }

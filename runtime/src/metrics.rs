@@ -188,14 +188,12 @@ pub fn render(rt: &crate::runtime::Runtime) -> String {
     }
     header(&mut out, "refract_up", "gauge", "1 for the worker's current state (running, retrying, paused, stopped)");
     for (_, s) in &statuses {
-        for state in ["running", "retrying", "paused", "stopped"] {
-            let now = serde_json::to_value(s.worker.state).ok().and_then(|v| v.as_str().map(|v| v == state));
-            let _ = writeln!(
-                out,
-                "refract_up{{projection=\"{}\",state=\"{state}\"}} {}",
-                label(&s.name),
-                u8::from(now == Some(true))
-            );
+        use crate::projector::WorkerState as W;
+        for (state, name) in
+            [(W::Running, "running"), (W::Retrying, "retrying"), (W::Paused, "paused"), (W::Stopped, "stopped")]
+        {
+            let now = u8::from(s.worker.state == state);
+            let _ = writeln!(out, "refract_up{{projection=\"{}\",state=\"{name}\"}} {now}", label(&s.name));
         }
     }
     header(

@@ -1,7 +1,8 @@
 //! What every request goes through, whatever its route: a time limit,
-//! errors as JSON, and its count and latency for `/metrics`. axum answers its own rejections (a body over the limit, a
-//! method the route lacks) in plain text; clients of a JSON API should get
-//! the same `{"error": {"code", "message"}}` from every failure.
+//! errors as JSON, and its count and latency for `/metrics`. axum answers
+//! its own rejections (a body over the limit, a method the route lacks) in
+//! plain text; clients of a JSON API should get the same
+//! `{"error": {"code", "message"}}` from every failure.
 
 use std::sync::Arc;
 
@@ -19,10 +20,11 @@ pub(super) async fn guard(State(rt): State<Arc<Runtime>>, request: Request, next
     let timeout = rt.api.request_timeout();
     let method = request.method().to_string();
     let route = super::route_of(request.uri().path());
-    let what = format!("{method} {}", request.uri().path());
+    let uri = request.uri().clone();
     let response = match tokio::time::timeout(timeout, refuse_too_large(&rt, request, next)).await {
         Ok(response) => as_json(response, rt.api.max_body_mb).await,
         Err(_) => {
+            let what = format!("{method} {}", uri.path());
             tracing::warn!(request = %what, "request timed out");
             ApiError::new(
                 StatusCode::SERVICE_UNAVAILABLE,

@@ -291,7 +291,7 @@ impl Projector {
         let (mut batches, mut reader, mut reader_stop) = self.spawn_reader();
         let mut background = false;
         while !self.stop.load(Ordering::Relaxed) {
-            let replaying = self.options.background_rebuilds && self.replay.lock().expect("replay lock").is_history();
+            let replaying = self.in_background();
             if replaying != background {
                 set_background(replaying);
                 background = replaying;
@@ -364,8 +364,6 @@ impl Projector {
         self.manifest.clone()
     }
 
-    /// Swap in a new version of the plugin between batches: what the old one
-    /// handled is made durable first, and the new one goes on from there.
     /// Whether the worker is paused; a resume request, or a new plugin
     /// version (see [`Projector::swap`]), ends the pause.
     fn paused(&mut self) -> bool {
@@ -382,6 +380,8 @@ impl Projector {
         true
     }
 
+    /// Swap in a new version of the plugin between batches: what the old one
+    /// handled is made durable first, and the new one goes on from there.
     fn swap(&mut self, next: Box<dyn Handler>) {
         self.settle_or_resync();
         let declared = match crate::plugin::declared(&*next) {
@@ -491,10 +491,13 @@ impl Projector {
                         }
                         continue;
                     }
-                    let gated = matches!(*replay.lock().expect("replay lock"), Replay::Until(_));
-                    if background_rebuilds && gated != background {
-                        set_background(gated);
-                        background = gated;
+                    let (gated, history) = {
+                        let replay = replay.lock().expect("replay lock");
+                        (matches!(*replay, Replay::Until(_)), replay.is_history())
+                    };
+                    if background_rebuilds && history != background {
+                        set_background(history);
+                        background = history;
                     }
                     if align || gated {
                         let read_to = pending.read_to.clone();
@@ -608,9 +611,7 @@ impl Projector {
         match in_flight.done.join() {
             Ok(Ok(took)) => {
                 self.committed(&in_flight.commit);
-                let mut status = self.status.lock().expect("status lock");
-                status.metrics.storage_seconds += took.as_secs_f64();
-                status.metrics.batch_seconds.observe(in_flight.started.elapsed());
+                self.record_commit(took, in_flight.started);
                 Ok(())
             }
             Ok(Err(e)) => Err(HandleError::Host(format!("committing: {e}"))),
@@ -659,7 +660,7 @@ impl Projector {
         let writes = Arc::new(batch.into_writes());
         self.settle()?;
         let (read_model, w, c) = (self.read_model.clone(), writes.clone(), commit.clone());
-        let background = self.options.background_rebuilds && self.replay.lock().expect("replay lock").is_history();
+        let background = self.in_background();
         let done = std::thread::Builder::new()
             .name("refract-commit".into())
             .spawn(move || {
@@ -699,9 +700,7 @@ impl Projector {
             while end < n {
                 let (call_end, replaying) = self.call(&pending.events, end, n);
                 batch.set_replaying(replaying);
-                let t = Instant::now();
-                let (b, result) = self.handler.handle(batch, &pending.events[end..call_end]);
-                self.status.lock().expect("status lock").metrics.plugin_seconds += t.elapsed().as_secs_f64();
+                let (b, result) = self.handle_timed(batch, &pending.events[end..call_end]);
                 batch = b;
                 if let Err(e) = result {
                     drop(batch); // rolled back: nothing of it was written
@@ -827,9 +826,7 @@ impl Projector {
         while start < hi {
             let (end, replaying) = self.call(&pending.events, start, hi);
             batch.set_replaying(replaying);
-            let t = Instant::now();
-            let (b, result) = self.handler.handle(batch, &pending.events[start..end]);
-            self.status.lock().expect("status lock").metrics.plugin_seconds += t.elapsed().as_secs_f64();
+            let (b, result) = self.handle_timed(batch, &pending.events[start..end]);
             batch = b;
             result?;
             start = end;
@@ -844,10 +841,28 @@ impl Projector {
     fn commit_now(&self, writes: &BatchWrites, commit: &Commit, started: Instant) -> crate::store::Result<()> {
         let t = Instant::now();
         self.read_model.commit(writes, commit)?;
-        let mut status = self.status.lock().expect("status lock");
-        status.metrics.storage_seconds += t.elapsed().as_secs_f64();
-        status.metrics.batch_seconds.observe(started.elapsed());
+        self.record_commit(t.elapsed(), started);
         Ok(())
+    }
+
+    /// A commit that `took` this long, of a transaction `started` then, for `/metrics`.
+    fn record_commit(&self, took: Duration, started: Instant) {
+        let mut status = self.status.lock().expect("status lock");
+        status.metrics.storage_seconds += took.as_secs_f64();
+        status.metrics.batch_seconds.observe(started.elapsed());
+    }
+
+    /// Hand `events` to the plugin, counting the time spent inside it.
+    fn handle_timed(&mut self, batch: Batch, events: &[crate::plugin::Event]) -> (Batch, Result<(), HandleError>) {
+        let t = Instant::now();
+        let handled = self.handler.handle(batch, events);
+        self.status.lock().expect("status lock").metrics.plugin_seconds += t.elapsed().as_secs_f64();
+        handled
+    }
+
+    /// Whether this worker's threads should yield the CPU (see [`set_background`]).
+    fn in_background(&self) -> bool {
+        self.options.background_rebuilds && self.replay.lock().expect("replay lock").is_history()
     }
 
     /// `events[lo..hi]` failed with `error`: settle the commit in flight, then

@@ -25,10 +25,6 @@ impl DbFile {
         Ok(DbFile { path: path.to_owned(), db: RwLock::new(Some(Arc::new(db))) })
     }
 
-    pub fn path(&self) -> &Path {
-        &self.path
-    }
-
     fn current(&self) -> Result<Arc<Database>, TransactionError> {
         if let Some(db) = &*self.db.read().expect("db lock") {
             return Ok(db.clone());
