@@ -32,10 +32,19 @@ version = "0.1.0"
 edition = "2024"
 publish = false
 
+[features]
+default = ["talc"]
+# The export macros make talc the plugin's allocator in WebAssembly (faster
+# than the default dlmalloc); turn it off to bring your own.
+talc = ["dep:talc"]
+
 [dependencies]
 serde = { version = "1", features = ["derive"] }
 serde_json = "1"
 wit-bindgen = { version = "0.61", default-features = false, features = ["macros", "realloc", "std"] }
+
+[target.'cfg(target_family = "wasm")'.dependencies]
+talc = { version = "5", optional = true }
 "#;
 
 /// (path under `.refract/`, contents) per language.

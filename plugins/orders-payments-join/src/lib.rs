@@ -378,10 +378,6 @@ impl Enricher for OrdersPaymentsJoin {
 #[cfg(target_arch = "wasm32")]
 refract_sdk::export_enricher!(OrdersPaymentsJoin);
 
-#[cfg(all(not(target_feature = "atomics"), target_family = "wasm"))]
-#[global_allocator]
-static TALC: talc::wasm::WasmDynamicTalc = talc::wasm::new_wasm_dynamic_allocator();
-
 #[cfg(test)]
 mod tests {
     use refract_sdk::native::{MemoryBackend, with_backend};
