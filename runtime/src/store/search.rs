@@ -56,6 +56,112 @@ fn parse_date(v: &Value) -> Option<DateTime> {
     }
 }
 
+/// Whether a document fits its mapping, decided while scanning it (see
+/// [`IndexSchema::validate`]); `false` for anything that does not.
+struct DocumentCheck<'a>(&'a IndexSchema);
+
+/// One field's value: a value of its type, an array of them, or null.
+struct FieldCheck {
+    type_: FieldType,
+    /// Inside an array: no nested arrays, no nulls.
+    element: bool,
+}
+
+/// A field name, borrowed from the document when it has no escapes.
+struct FieldName<'de>(std::borrow::Cow<'de, str>);
+
+impl<'de> serde::Deserialize<'de> for FieldName<'de> {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct Name;
+        impl<'de> serde::de::Visitor<'de> for Name {
+            type Value = FieldName<'de>;
+            fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+                f.write_str("a field name")
+            }
+            fn visit_borrowed_str<E>(self, v: &'de str) -> Result<Self::Value, E> {
+                Ok(FieldName(v.into()))
+            }
+            fn visit_str<E>(self, v: &str) -> Result<Self::Value, E> {
+                Ok(FieldName(v.to_owned().into()))
+            }
+        }
+        d.deserialize_str(Name)
+    }
+}
+
+impl<'de> serde::de::DeserializeSeed<'de> for DocumentCheck<'_> {
+    type Value = bool;
+    fn deserialize<D: serde::Deserializer<'de>>(self, d: D) -> Result<bool, D::Error> {
+        d.deserialize_map(self)
+    }
+}
+
+impl<'de> serde::de::Visitor<'de> for DocumentCheck<'_> {
+    type Value = bool;
+    fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+        f.write_str("a JSON object")
+    }
+    fn visit_map<A: serde::de::MapAccess<'de>>(self, mut map: A) -> Result<bool, A::Error> {
+        let mut fits = true;
+        while let Some(FieldName(name)) = map.next_key()? {
+            match self.0.fields.get(name.as_ref()) {
+                Some((mapping, _)) => {
+                    fits &= map.next_value_seed(FieldCheck { type_: mapping.type_, element: false })?
+                }
+                None => return Ok(false),
+            }
+        }
+        Ok(fits)
+    }
+}
+
+impl<'de> serde::de::DeserializeSeed<'de> for FieldCheck {
+    type Value = bool;
+    fn deserialize<D: serde::Deserializer<'de>>(self, d: D) -> Result<bool, D::Error> {
+        d.deserialize_any(self)
+    }
+}
+
+impl<'de> serde::de::Visitor<'de> for FieldCheck {
+    type Value = bool;
+    fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+        f.write_str("a field value")
+    }
+    fn visit_unit<E>(self) -> Result<bool, E> {
+        Ok(!self.element)
+    }
+    fn visit_bool<E>(self, _: bool) -> Result<bool, E> {
+        Ok(self.type_ == FieldType::Bool)
+    }
+    fn visit_i64<E>(self, v: i64) -> Result<bool, E> {
+        Ok(fits(self.type_, &Value::from(v)))
+    }
+    fn visit_u64<E>(self, v: u64) -> Result<bool, E> {
+        Ok(fits(self.type_, &Value::from(v)))
+    }
+    fn visit_f64<E>(self, v: f64) -> Result<bool, E> {
+        Ok(fits(self.type_, &Value::from(v)))
+    }
+    fn visit_str<E>(self, v: &str) -> Result<bool, E> {
+        Ok(match self.type_ {
+            FieldType::Keyword | FieldType::Text => true,
+            FieldType::Date => parse_date(&Value::String(v.to_owned())).is_some(),
+            _ => false,
+        })
+    }
+    fn visit_seq<A: serde::de::SeqAccess<'de>>(self, mut seq: A) -> Result<bool, A::Error> {
+        let mut fits = !self.element;
+        while let Some(element) = seq.next_element_seed(FieldCheck { type_: self.type_, element: true })? {
+            fits &= element;
+        }
+        Ok(fits)
+    }
+    fn visit_map<A: serde::de::MapAccess<'de>>(self, mut map: A) -> Result<bool, A::Error> {
+        while map.next_entry::<serde::de::IgnoredAny, serde::de::IgnoredAny>()?.is_some() {}
+        Ok(false)
+    }
+}
+
 fn type_name(t: FieldType) -> &'static str {
     match t {
         FieldType::Keyword => "keyword",
@@ -157,8 +263,21 @@ impl IndexSchema {
     }
 
     /// Check that `doc` is a JSON object whose fields are mapped and typed as
-    /// mapped (a value, an array of values, or null); returns it parsed.
-    pub fn validate(&self, doc: &[u8]) -> Result<Map<String, Value>, String> {
+    /// mapped (a value, an array of values, or null).
+    ///
+    /// This runs on the projector's thread for every upserted document, so
+    /// it checks the document while scanning it, without building it; only
+    /// a document that fails is parsed again, by [`IndexSchema::parse`], to
+    /// say why.
+    pub fn validate(&self, doc: &[u8]) -> Result<(), String> {
+        let mut scanner = serde_json::Deserializer::from_slice(doc);
+        let fits = serde::de::DeserializeSeed::deserialize(DocumentCheck(self), &mut scanner).unwrap_or(false)
+            && scanner.end().is_ok();
+        if fits { Ok(()) } else { self.parse(doc).map(drop) }
+    }
+
+    /// [`IndexSchema::validate`], returning the document parsed.
+    pub fn parse(&self, doc: &[u8]) -> Result<Map<String, Value>, String> {
         let value: Value = serde_json::from_slice(doc).map_err(|e| format!("not JSON: {e}"))?;
         let Value::Object(object) = value else {
             return Err("a document must be a JSON object".into());
@@ -383,7 +502,7 @@ impl Indexer {
             };
             writer.delete_term(Term::from_field_text(open.schema.id, &entry.id));
             if let Some(doc) = &entry.document {
-                match open.schema.validate(doc) {
+                match open.schema.parse(doc) {
                     Ok(object) => {
                         writer.add_document(open.schema.to_tantivy(&entry.id, &object, doc))?;
                     }
@@ -557,6 +676,45 @@ mod tests {
     }
 
     #[test]
+    fn the_scanning_check_agrees_with_parsing_the_document() {
+        let schema = orders();
+        let values = [
+            "null",
+            "true",
+            "1",
+            "-1",
+            "1.5",
+            "18446744073709551615",
+            "9223372036854775808",
+            "\"paid\"",
+            "\"2023-11-14T22:13:20Z\"",
+            "\"yesterday\"",
+            "[]",
+            "[1,2]",
+            "[\"a\",\"b\"]",
+            "[null]",
+            "[[1]]",
+            "[1,\"a\"]",
+            "{}",
+            "{\"a\":1}",
+            "1700000000000",
+        ];
+        let mut docs: Vec<String> =
+            vec!["{}".into(), "[]".into(), "1".into(), "{".into(), r#"{"status":"a"} x"#.into()];
+        for name in ["status", "total", "count", "at", "gift", "description", "other", "st\\u0061tus"] {
+            for value in values {
+                docs.push(format!(r#"{{"{name}":{value}}}"#));
+                docs.push(format!(r#"{{"status":"paid","{name}":{value},"total":2}}"#));
+            }
+        }
+        docs.push(r#"{"status":1,"status":"a"}"#.into()); // a duplicate: the last one counts in both
+        for doc in &docs {
+            let (fast, parsed) = (schema.validate(doc.as_bytes()), schema.parse(doc.as_bytes()).map(drop));
+            assert_eq!(fast, parsed, "{doc}");
+        }
+    }
+
+    #[test]
     fn invalid_mappings_are_refused() {
         let bad = |fields: Vec<FieldMapping>| IndexSchema::new(&IndexMapping { name: "i".into(), fields }).err();
         assert!(bad(vec![]).unwrap().contains("no fields"));
@@ -573,7 +731,7 @@ mod tests {
     fn only_stored_fields_come_back_in_the_source() {
         let schema = orders();
         let original = br#"{"status":"paid","description":"red chair"}"#;
-        let object = schema.validate(original).unwrap();
+        let object = schema.parse(original).unwrap();
         let doc = schema.to_tantivy("o-1", &object, original);
         use tantivy::schema::Value as _;
         let source = doc.get_first(schema.source).and_then(|v| v.as_bytes().map(<[u8]>::to_vec)).unwrap();
