@@ -8,8 +8,10 @@
 //! - **queries**: the same queries through `GET …/search` over HTTP against
 //!   calling tantivy's searcher directly (parse, top 10, count, fetch docs).
 //!
-//! Set `REFRACT_BENCH_EVENTS` to change the number of events (default 1,000,000)
-//! and `REFRACT_BENCH_COMMIT_MS` to change the indexer's commit interval (500).
+//! Set `REFRACT_BENCH_EVENTS` to change the number of events (default
+//! 1,000,000), `REFRACT_BENCH_COMMIT_MS` to change the indexer's commit interval (500)
+//! and `REFRACT_BENCH_BATCH=<events>,<ms>` the projector's batch bounds
+//! (10000,250).
 
 #[path = "../support/mod.rs"]
 mod support;
@@ -144,6 +146,13 @@ fn main() {
     let mut config = Config { data_dir: dir.path().join("data"), ..Config::default() };
     if let Some(ms) = std::env::var("REFRACT_BENCH_COMMIT_MS").ok().and_then(|v| v.parse().ok()) {
         config.search.commit_interval_ms = ms;
+    }
+    // `REFRACT_BENCH_BATCH=<events>,<ms>`: batch.max-events and batch.max-duration-ms.
+    if let Some((events, ms)) = std::env::var("REFRACT_BENCH_BATCH").ok().and_then(|v| {
+        let (e, m) = v.split_once(',')?;
+        Some((e.parse().ok()?, m.parse().ok()?))
+    }) {
+        (config.batch.max_events, config.batch.max_duration_ms) = (events, ms);
     }
     let runtime = Arc::new(Runtime::open(&config).unwrap());
     for chunk in events.chunks(10_000) {
