@@ -247,11 +247,11 @@ fn on_payment(out: &mut Vec<NewEvent>, p: PaymentReceived, time: i64, window: &m
     let next = match ORDERS.get(&p.order_id)? {
         Some(OrderState::Done { .. }) => return Ok(()), // late, or a duplicate of a joined payment
         Some(OrderState::Pending(order)) => {
-            let deadline = time_key(order.placed_at, &order.order_id);
+            let placed_at = order.placed_at;
             let next = add_payment(out, order, &payment, window)?;
             if matches!(next, OrderState::Done { .. }) {
                 // Paid: its window need not be closed (saves a scan, a read and a delete later).
-                DEADLINES.delete(&deadline)?;
+                DEADLINES.delete(&time_key(placed_at, &p.order_id))?;
             }
             next
         }

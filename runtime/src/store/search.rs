@@ -49,11 +49,14 @@ pub struct IndexSchema {
 fn parse_date(v: &Value) -> Option<DateTime> {
     match v {
         Value::Number(n) => n.as_i64().map(DateTime::from_timestamp_millis),
-        Value::String(s) => {
-            time::OffsetDateTime::parse(s, &time::format_description::well_known::Rfc3339).ok().map(DateTime::from_utc)
-        }
+        Value::String(s) => parse_date_text(s),
         _ => None,
     }
+}
+
+/// A date written as RFC 3339 text.
+fn parse_date_text(s: &str) -> Option<DateTime> {
+    time::OffsetDateTime::parse(s, &time::format_description::well_known::Rfc3339).ok().map(DateTime::from_utc)
 }
 
 /// Whether a document fits its mapping, decided while scanning it (see
@@ -145,7 +148,7 @@ impl<'de> serde::de::Visitor<'de> for FieldCheck {
     fn visit_str<E>(self, v: &str) -> Result<bool, E> {
         Ok(match self.type_ {
             FieldType::Keyword | FieldType::Text => true,
-            FieldType::Date => parse_date(&Value::String(v.to_owned())).is_some(),
+            FieldType::Date => parse_date_text(v).is_some(),
             _ => false,
         })
     }
