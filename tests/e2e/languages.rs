@@ -56,12 +56,15 @@ fn project(plugin: &Path, projection: &str, tables: &[&str], events: &[Value]) -
     let path = dir.path().join(format!("data/projections/{projection}/read-model.redb"));
     let read_model = ReadModel::open(&path).unwrap();
     let tables = tables.iter().map(|t| ((*t).to_owned(), read_model.scan(t, "", None, usize::MAX).unwrap())).collect();
-    let dead = read_model
+    // In position order: the order letters are recorded in follows how the
+    // batches happened to be cut (by time, for a slow interpreter), not the events.
+    let mut dead: Vec<_> = read_model
         .dead_letters(0, usize::MAX)
         .unwrap()
         .into_iter()
         .map(|(_, l)| (l.stream, l.partition, l.offset))
         .collect();
+    dead.sort();
     Projected { tables, documents, dead }
 }
 
