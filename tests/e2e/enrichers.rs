@@ -281,7 +281,12 @@ fn sigkill_during_enrichment_loses_and_duplicates_no_output() {
     let config = join_config("batch:\n  max-events: 20\n  call-events: 20\n  max-duration-ms: 1\n");
     let mut server = Server::start(dir.path(), &[&p.orders_payments_join, &p.shipments], &config);
     let events = interleaving(6_000, 11);
-    append_interleaved(&server, &events, 200);
+    // Chunks of 40 span ~400 s of event time, well inside the grace: each
+    // chunk's orders are appended before its payments, so a chunk spanning
+    // more than the grace (200 events: ~2,000 s) would make its payments
+    // late whenever the enricher reads the orders first — late by the
+    // producer's doing, not lost by a kill.
+    append_interleaved(&server, &events, 40);
     let mut rng = Rng::new(5);
     let mut kills = 0;
     let mut kills_with_work_left = 0;
