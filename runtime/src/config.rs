@@ -15,6 +15,7 @@
 //!   max-events: 10000
 //!   max-duration-ms: 250
 //!   call-events: 500
+//!   catch-up-factor: 4           # batches this many times larger while behind
 //!   initial-backoff-ms: 100
 //!   max-backoff-ms: 30000
 //! limits:
@@ -241,6 +242,7 @@ pub struct BatchConfig {
     pub max_events: usize,
     pub max_duration_ms: u64,
     pub call_events: usize,
+    pub catch_up_factor: u32,
     pub initial_backoff_ms: u64,
     pub max_backoff_ms: u64,
 }
@@ -293,6 +295,7 @@ impl Default for BatchConfig {
             max_events: b.max_events,
             max_duration_ms: b.max_duration.as_millis() as u64,
             call_events: b.call_events,
+            catch_up_factor: b.catch_up_factor,
             initial_backoff_ms: b.initial_backoff.as_millis() as u64,
             max_backoff_ms: b.max_backoff.as_millis() as u64,
         }
@@ -351,8 +354,8 @@ impl Config {
         for name in self.streams.partitions.keys() {
             crate::names::validate("stream", name).map_err(ConfigError::Invalid)?;
         }
-        if self.batch.max_events == 0 || self.batch.call_events == 0 {
-            return bad("batch: max-events and call-events must be at least 1");
+        if self.batch.max_events == 0 || self.batch.call_events == 0 || self.batch.catch_up_factor == 0 {
+            return bad("batch: max-events, call-events and catch-up-factor must be at least 1");
         }
         if self.api.max_body_mb == 0 || self.api.request_timeout_ms == 0 {
             return bad("api: max-body-mb and request-timeout-ms must be at least 1");
@@ -411,6 +414,7 @@ impl Config {
             max_events: self.batch.max_events,
             max_duration: Duration::from_millis(self.batch.max_duration_ms),
             call_events: self.batch.call_events,
+            catch_up_factor: self.batch.catch_up_factor,
             initial_backoff: Duration::from_millis(self.batch.initial_backoff_ms),
             max_backoff: Duration::from_millis(self.batch.max_backoff_ms),
             kv: resolve_limits(&self.limits, None).1,

@@ -10,8 +10,8 @@
 //!
 //! Set `REFRACT_BENCH_EVENTS` to change the number of events (default
 //! 1,000,000), `REFRACT_BENCH_COMMIT_MS` to change the indexer's commit interval (500)
-//! and `REFRACT_BENCH_BATCH=<events>,<ms>` the projector's batch bounds
-//! (10000,250).
+//! and `REFRACT_BENCH_BATCH=<events>,<ms>,<factor>` the projector's batch
+//! bounds and catch-up factor (10000,250,4).
 
 #[path = "../support/mod.rs"]
 mod support;
@@ -147,12 +147,13 @@ fn main() {
     if let Some(ms) = std::env::var("REFRACT_BENCH_COMMIT_MS").ok().and_then(|v| v.parse().ok()) {
         config.search.commit_interval_ms = ms;
     }
-    // `REFRACT_BENCH_BATCH=<events>,<ms>`: batch.max-events and batch.max-duration-ms.
-    if let Some((events, ms)) = std::env::var("REFRACT_BENCH_BATCH").ok().and_then(|v| {
-        let (e, m) = v.split_once(',')?;
-        Some((e.parse().ok()?, m.parse().ok()?))
-    }) {
-        (config.batch.max_events, config.batch.max_duration_ms) = (events, ms);
+    // `REFRACT_BENCH_BATCH=<events>,<ms>,<factor>`: batch.max-events,
+    // batch.max-duration-ms and batch.catch-up-factor.
+    if let Ok(batch) = std::env::var("REFRACT_BENCH_BATCH") {
+        let numbers: Vec<u64> = batch.split(',').map(|n| n.parse().expect("REFRACT_BENCH_BATCH: numbers")).collect();
+        let [events, ms, factor] = numbers[..] else { panic!("REFRACT_BENCH_BATCH=<events>,<ms>,<factor>") };
+        (config.batch.max_events, config.batch.max_duration_ms) = (events as usize, ms);
+        config.batch.catch_up_factor = factor as u32;
     }
     let runtime = Arc::new(Runtime::open(&config).unwrap());
     for chunk in events.chunks(10_000) {

@@ -38,6 +38,11 @@ pub struct BatchOptions {
     pub max_duration: Duration,
     /// The most events passed to the plugin in one call.
     pub call_events: usize,
+    /// While a projection is behind (its last read filled a batch), batches
+    /// take up to this many times `max_events` and `max_duration`: fewer,
+    /// larger transactions while it catches up (a replay, a rebuild, a
+    /// backlog), whose results nobody sees sooner anyway.
+    pub catch_up_factor: u32,
     /// First retry delay after a transient failure; doubles up to `max_backoff`.
     pub initial_backoff: Duration,
     pub max_backoff: Duration,
@@ -56,6 +61,7 @@ impl Default for BatchOptions {
             max_events: 10_000,
             max_duration: Duration::from_millis(250),
             call_events: 500,
+            catch_up_factor: 4,
             initial_backoff: Duration::from_millis(100),
             max_backoff: Duration::from_secs(30),
             kv: KvLimits::default(),
@@ -425,6 +431,7 @@ impl Projector {
         let (name, watermarks) = (self.name().to_owned(), self.watermarks.clone());
         let mut cursor = self.checkpoints.clone();
         let max_events = self.options.max_events;
+        let catch_up_events = max_events.saturating_mul(self.options.catch_up_factor.max(1) as usize);
         let background_rebuilds = self.options.background_rebuilds;
         let backoff = self.options.initial_backoff;
         // Enrichers keep clocks (windows, joins): they get events in event-time order.
@@ -466,13 +473,14 @@ impl Projector {
                 }
                 // Waiting for news is shared between the readers.
                 let idle_wait = Duration::from_millis(200) / readers.len().max(1) as u32;
-                let mut idle = false;
+                let (mut idle, mut behind) = (false, false);
                 while !stop.load(Ordering::Relaxed) {
                     let wait = if idle { idle_wait } else { Duration::ZERO };
-                    let mut pending = Pending::default();
+                    let mut pending = Pending { behind, ..Pending::default() };
+                    let limit = if behind { catch_up_events } else { max_events };
                     let mut failed = None;
                     for r in &mut readers {
-                        let room = max_events.saturating_sub(pending.events.len()).max(1);
+                        let room = limit.saturating_sub(pending.events.len()).max(1);
                         if let Err(e) = r.read(&cursor, room, wait, &mut pending) {
                             failed = Some(e);
                         }
@@ -485,6 +493,8 @@ impl Projector {
                         continue;
                     }
                     idle = pending.is_empty(&cursor);
+                    // A full read means more is waiting: the next batch may be larger.
+                    behind = pending.events.len() >= max_events;
                     if idle {
                         if readers.is_empty() {
                             std::thread::sleep(idle_wait);
@@ -690,6 +700,10 @@ impl Projector {
         }
         let n = pending.events.len();
         let mut done = 0;
+        let max_duration = match pending.behind {
+            true => self.options.max_duration.saturating_mul(self.options.catch_up_factor.max(1)),
+            false => self.options.max_duration,
+        };
         loop {
             let started = Instant::now();
             let mut batch = match self.begin() {
@@ -707,7 +721,7 @@ impl Projector {
                     return self.recover(pending, done, n, e);
                 }
                 end = call_end;
-                if started.elapsed() >= self.options.max_duration {
+                if started.elapsed() >= max_duration {
                     break;
                 }
             }
@@ -1295,6 +1309,30 @@ mod tests {
         let counters = f.read_model.counters().unwrap();
         assert_eq!((counters.events_applied, counters.batches), (200, 200_u64.div_ceil(8)));
         assert_eq!(f.total(), 200);
+    }
+
+    #[test]
+    fn a_projection_that_is_behind_catches_up_in_larger_batches() {
+        let batches_for = |catch_up_factor: u32| {
+            let f = Fixture::new();
+            f.append(&["Ok"; 1000]);
+            let stop = Arc::new(AtomicBool::new(false));
+            let options = BatchOptions { max_events: 100, catch_up_factor, ..fast() };
+            let p = f.stoppable_projector(options, stop.clone());
+            let worker = std::thread::spawn(move || p.run());
+            let until = Instant::now() + Duration::from_secs(10);
+            while f.read_model.counters().unwrap().events_applied < 1000 {
+                assert!(Instant::now() < until, "caught up");
+                std::thread::sleep(Duration::from_millis(5));
+            }
+            stop.store(true, Ordering::Relaxed);
+            worker.join().unwrap();
+            assert_eq!(f.total(), 1000);
+            f.read_model.counters().unwrap().batches
+        };
+        // At least ten batches of at most 100; behind, up to 400 at a time.
+        let (normal, catching_up) = (batches_for(1), batches_for(4));
+        assert!(normal >= 10 && catching_up * 2 <= normal, "{catching_up} batches against {normal}");
     }
 
     #[test]

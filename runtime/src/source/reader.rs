@@ -31,6 +31,9 @@ pub struct Pending {
     pub undecodable: Vec<DeadLetter>,
     /// Per (stream, partition): the offset after the last record read.
     pub read_to: Cursor,
+    /// Read while catching up (the read before it was full): the batch may
+    /// be larger and run longer (`BatchOptions::catch_up_factor`).
+    pub behind: bool,
 }
 
 impl Pending {
@@ -287,6 +290,7 @@ mod tests {
             events: vec![event(0, 0), event(0, 2)],
             undecodable: vec![letter(0, 1), letter(0, 3), letter(1, 0)],
             read_to: [(("s".into(), 0), 4), (("s".into(), 1), 1)].into(),
+            behind: false,
         };
         let offsets = |ls: Vec<DeadLetter>| ls.iter().map(|l| (l.partition, l.offset)).collect::<Vec<_>>();
         // Handling event 0 moves partition 0 to 2 and partition 1 (no events) to its end.
@@ -301,6 +305,7 @@ mod tests {
             events: vec![event(0, 0), event(0, 1), event(0, 2), event(1, 0), event(2, 5)],
             undecodable: vec![letter(0, 3)],
             read_to: [(("s".into(), 0), 4), (("s".into(), 1), 1), (("s".into(), 2), 6)].into(),
+            behind: false,
         };
         pending.hold_back(&[(("s".into(), 0), 2), (("s".into(), 1), 7)].into(), &Cursor::new());
         let kept: Vec<(u32, u64)> = pending.events.iter().map(|e| (e.partition, e.offset)).collect();
@@ -319,6 +324,7 @@ mod tests {
             events: vec![event(0, 5), event(0, 6), event(1, 3)],
             undecodable: Vec::new(),
             read_to: [(("s".into(), 0), 7), (("s".into(), 1), 4)].into(),
+            behind: false,
         };
         pending.hold_back(&Cursor::new(), &from);
         assert!(pending.events.is_empty());
@@ -343,6 +349,7 @@ mod tests {
             ],
             undecodable: vec![letter(1, 4)],
             read_to: [(("s".into(), 0), 2), (("s".into(), 1), 5), (("s".into(), 2), 1)].into(),
+            behind: false,
         };
         pending.align_event_time(|_, partition, _| partition == 2);
         let order: Vec<(u32, u64)> = pending.events.iter().map(|e| (e.partition, e.offset)).collect();
