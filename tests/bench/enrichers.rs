@@ -133,6 +133,14 @@ fn main() {
         };
         let wasm = || wasm_enricher(&engine, &cache, &plugins.orders_payments_join, "orders-payments-join");
         join = compare("join", rounds, native, wasm, &log, &["orders", "payments"], dir.path());
+        // `REFRACT_BENCH_JOIN_ALT=<file.wasm>`: another build of the join, run
+        // in the same rounds (an A/B of a change to the plugin or the SDK).
+        if let Ok(alt) = std::env::var("REFRACT_BENCH_JOIN_ALT") {
+            let alt = || wasm_enricher(&engine, &cache, Path::new(&alt), "orders-payments-join");
+            let wasm = || wasm_enricher(&engine, &cache, &plugins.orders_payments_join, "orders-payments-join");
+            let ab = compare("join-ab", rounds, wasm, alt, &log, &["orders", "payments"], dir.path());
+            println!("A/B: wasm {:.0} events/s, alternative {:.0} events/s: {:.2}", median(&ab.native), median(&ab.wasm), median(&ab.wasm) / median(&ab.native));
+        }
     }
 
     let join_events = orders.len() + payments.len();

@@ -118,7 +118,7 @@ impl kv::Host for HostState {
     }
 
     fn put(&mut self, table: String, key: String, value: Vec<u8>) -> wasmtime::Result<Result<(), KvError>> {
-        Ok(self.batch()?.put(&table, &key, &value))
+        Ok(self.batch()?.put_owned(&table, key, value))
     }
 
     fn delete(&mut self, table: String, key: String) -> wasmtime::Result<Result<(), KvError>> {

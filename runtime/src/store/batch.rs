@@ -253,6 +253,21 @@ impl Batch {
     pub fn put(&mut self, table: &str, key: &str, value: &[u8]) -> Result<(), KvError> {
         self.check_table(table)?;
         self.check_key(key)?;
+        self.check_value(key, value)?;
+        self.table_writes(table).insert(key.to_owned(), Some(value.to_vec()));
+        Ok(())
+    }
+
+    /// [`Batch::put`] of a key and value the caller owns (no copies).
+    pub fn put_owned(&mut self, table: &str, key: String, value: Vec<u8>) -> Result<(), KvError> {
+        self.check_table(table)?;
+        self.check_key(&key)?;
+        self.check_value(&key, &value)?;
+        self.table_writes(table).insert(key, Some(value));
+        Ok(())
+    }
+
+    fn check_value(&self, key: &str, value: &[u8]) -> Result<(), KvError> {
         if value.len() > self.limits.max_value_bytes {
             return Err(KvError::TooLarge(format!(
                 "value of {} bytes exceeds {} bytes",
@@ -263,7 +278,6 @@ impl Batch {
         if let Err(e) = serde_json::from_slice::<serde::de::IgnoredAny>(value) {
             return Err(KvError::InvalidValue(format!("value of {key:?} is not JSON: {e}")));
         }
-        self.table_writes(table).insert(key.to_owned(), Some(value.to_vec()));
         Ok(())
     }
 
