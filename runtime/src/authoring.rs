@@ -56,6 +56,7 @@ fn sdk_files(lang: Lang) -> Vec<(&'static str, &'static str)> {
             ("sdk/rust/src/lib.rs", include_str!("../../sdk/rust/src/lib.rs")),
             ("sdk/rust/src/native.rs", include_str!("../../sdk/rust/src/native.rs")),
             ("sdk/rust/src/testing.rs", include_str!("../../sdk/rust/src/testing.rs")),
+            ("sdk/rust/src/small_alloc.rs", include_str!("../../sdk/rust/src/small_alloc.rs")),
         ],
         Lang::Python => vec![
             ("sdk/python/refract_sdk/__init__.py", include_str!("../../sdk/python/refract_sdk/__init__.py")),

@@ -655,21 +655,21 @@ pub fn __install_panic_hook() {
     });
 }
 
-#[cfg(all(feature = "talc", target_family = "wasm"))]
+#[cfg(any(all(feature = "talc", target_family = "wasm", not(target_feature = "atomics")), test))]
 #[doc(hidden)]
-pub use talc as __talc;
+pub mod small_alloc;
 
 /// The plugin's allocator in WebAssembly (feature `talc`, on by default):
-/// talc rather than Rust's default there, dlmalloc, which made allocation a
-/// quarter of an allocation-heavy plugin's time.
+/// free lists for small blocks in front of talc ([`small_alloc`]), rather
+/// than Rust's default there, dlmalloc, which made allocation a quarter of
+/// an allocation-heavy plugin's time.
 #[cfg(all(feature = "talc", target_family = "wasm", not(target_feature = "atomics")))]
 #[doc(hidden)]
 #[macro_export]
 macro_rules! __global_allocator {
     () => {
         #[global_allocator]
-        static __REFRACT_ALLOCATOR: $crate::__talc::wasm::WasmDynamicTalc =
-            $crate::__talc::wasm::new_wasm_dynamic_allocator();
+        static __REFRACT_ALLOCATOR: $crate::small_alloc::PluginAllocator = $crate::small_alloc::PluginAllocator::new();
     };
 }
 
