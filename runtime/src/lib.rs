@@ -8,6 +8,7 @@
 //! out through [`sink`]. [`runtime`] wires them together; [`config`] reads
 //! `refract.yaml`.
 
+pub mod allocator;
 pub mod api;
 pub mod authoring;
 pub mod client;

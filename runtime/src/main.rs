@@ -15,6 +15,7 @@ use tracing_subscriber::EnvFilter;
 
 // Batches allocate and free many small strings, across the reader and worker
 // threads; mimalloc handles that far better than the system allocator.
+// `refract::allocator::configure` (first thing in `main`) tunes it.
 #[global_allocator]
 static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
@@ -305,6 +306,7 @@ impl RunArgs {
 }
 
 fn main() -> anyhow::Result<()> {
+    refract::allocator::configure();
     // Logs go to stderr, as text or (REFRACT_LOG_FORMAT=json) one JSON object
     // per line with the current spans (a batch's projection, plugin version
     // and positions); RUST_LOG filters them.

@@ -61,6 +61,7 @@ fn wasm_enricher(engine: &wasmtime::Engine, cache: &CompileCache, path: &Path, n
 }
 
 fn main() {
+    refract::allocator::configure();
     let n: usize = std::env::var("REFRACT_BENCH_EVENTS").ok().and_then(|v| v.parse().ok()).unwrap_or(400_000);
     let dir = tempfile::tempdir().unwrap();
     let plugins = support::plugins();

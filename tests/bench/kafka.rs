@@ -184,6 +184,7 @@ fn compare(label: &str, bootstrap: &str, n: usize, dir: &std::path::Path) {
 }
 
 fn main() {
+    refract::allocator::configure();
     let count = |var: &str, default: usize| std::env::var(var).ok().and_then(|v| v.parse().ok()).unwrap_or(default);
     let dir = tempfile::tempdir().unwrap();
     support::plugins();

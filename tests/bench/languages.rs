@@ -36,6 +36,7 @@ fn run(name: &str, handler: Box<dyn Handler>, log: &Arc<EventLog>, dir: &Path) -
 }
 
 fn main() {
+    refract::allocator::configure();
     let n: usize = std::env::var("REFRACT_BENCH_EVENTS").ok().and_then(|v| v.parse().ok()).unwrap_or(100_000);
     let dir = tempfile::tempdir().unwrap();
     let rust = &support::plugins().order_summary;

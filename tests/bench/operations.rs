@@ -47,6 +47,7 @@ fn query_until(client: &Client, ids: &[String], mut done: impl FnMut(usize) -> b
 }
 
 fn main() {
+    refract::allocator::configure();
     let n: usize = std::env::var("REFRACT_BENCH_EVENTS").ok().and_then(|v| v.parse().ok()).unwrap_or(200_000);
     let dir = tempfile::tempdir().unwrap();
     let wasm = std::fs::read(&support::plugins().order_summary).unwrap();

@@ -93,6 +93,7 @@ fn run_pipeline(name: &'static str, handler: Box<dyn Handler>, log: &Arc<EventLo
 }
 
 fn main() {
+    refract::allocator::configure();
     let n: usize = std::env::var("REFRACT_BENCH_EVENTS").ok().and_then(|v| v.parse().ok()).unwrap_or(1_000_000);
     let dir = tempfile::tempdir().unwrap();
     let wasm_path = &support::plugins().order_summary;

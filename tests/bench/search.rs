@@ -11,7 +11,9 @@
 //! Set `REFRACT_BENCH_EVENTS` to change the number of events (default
 //! 1,000,000), `REFRACT_BENCH_COMMIT_MS` to change the indexer's commit interval (500)
 //! and `REFRACT_BENCH_BATCH=<events>,<ms>,<factor>` the projector's batch
-//! bounds and catch-up factor (10000,250,4).
+//! bounds and catch-up factor (10000,250,4). Indexing runs
+//! `REFRACT_BENCH_ROUNDS` times (default 3), raw tantivy and the component
+//! alternating; the figures are the medians.
 
 #[path = "../support/mod.rs"]
 mod support;
@@ -92,6 +94,7 @@ impl Connection {
 }
 
 fn main() {
+    refract::allocator::configure();
     let n: usize = std::env::var("REFRACT_BENCH_EVENTS").ok().and_then(|v| v.parse().ok()).unwrap_or(1_000_000);
     let dir = tempfile::tempdir().unwrap();
     eprintln!("generating {n} order events …");
@@ -119,19 +122,6 @@ fn main() {
     );
     let mapping = refract::plugin::Handler::indexes(&mapping)[0].clone();
     let schema = IndexSchema::new(&mapping).unwrap();
-    let raw_dir = dir.path().join("raw");
-    std::fs::create_dir_all(&raw_dir).unwrap();
-    let raw_index = tantivy::Index::create_in_dir(&raw_dir, schema.schema.clone()).unwrap();
-    let started = Instant::now();
-    let mut writer: tantivy::IndexWriter<TantivyDocument> = raw_index.writer(64 << 20).unwrap();
-    for (id, doc) in &documents {
-        let object = schema.parse(doc).unwrap();
-        writer.delete_term(Term::from_field_text(schema.id, id));
-        writer.add_document(schema.to_tantivy(id, &object, doc)).unwrap();
-    }
-    writer.commit().unwrap();
-    let raw_seconds = started.elapsed().as_secs_f64();
-    drop(writer);
 
     // The check every upserted document gets on the projector's thread:
     // scanning it against the mapping, against parsing it into a JSON value.
@@ -143,7 +133,7 @@ fn main() {
     let check_parse = started.elapsed().as_secs_f64();
 
     // The component end to end, through the runtime's own threads.
-    let mut config = Config { data_dir: dir.path().join("data"), ..Config::default() };
+    let mut config = Config::default();
     if let Some(ms) = std::env::var("REFRACT_BENCH_COMMIT_MS").ok().and_then(|v| v.parse().ok()) {
         config.search.commit_interval_ms = ms;
     }
@@ -155,43 +145,65 @@ fn main() {
         (config.batch.max_events, config.batch.max_duration_ms) = (events as usize, ms);
         config.batch.catch_up_factor = factor as u32;
     }
-    let runtime = Arc::new(Runtime::open(&config).unwrap());
-    for chunk in events.chunks(10_000) {
-        let chunk: Vec<NewEvent> = chunk.iter().map(|e| serde_json::from_value(e.clone()).unwrap()).collect();
-        runtime.log.append("orders", &chunk).unwrap();
-    }
     let engine = refract::plugin::engine::new_engine().unwrap();
     let cache = CompileCache::new(&dir.path().join("cache"), &engine).unwrap();
     let (component, _) = cache.load(&std::fs::read(&support::plugins().order_search).unwrap()).unwrap();
     let linker = wasm::linker(&engine).unwrap();
-    let plugin = WasmPlugin::load(&engine, &linker, &component, "order-search", PluginLimits::default()).unwrap();
-    let started = Instant::now();
-    let projection = runtime.add(Box::new(plugin), "bench".into()).unwrap().live();
-    let total: u64 = runtime.log.heads("orders").unwrap().iter().sum();
-    let mut tables_done = None;
-    loop {
-        let consumed: u64 = projection.read_model.checkpoints().unwrap().iter().map(|c| c.next_offset).sum();
-        let written = projection.read_model.outbox_sequence().unwrap();
-        if consumed == total && tables_done.is_none() {
-            tables_done = Some(started.elapsed().as_secs_f64());
+
+    // Raw tantivy and the component alternate, so that both meet the same
+    // changes in the machine's load; the figures are the medians.
+    let rounds: usize = std::env::var("REFRACT_BENCH_ROUNDS").ok().and_then(|v| v.parse().ok()).unwrap_or(3);
+    let (mut raw_runs, mut wasm_runs, mut tables_runs) = (Vec::new(), Vec::new(), Vec::new());
+    let mut last: Option<(Arc<Runtime>, Arc<refract::generation::Generation>)> = None;
+    for round in 0..rounds {
+        raw_runs.push(raw_tantivy(&dir.path().join(format!("raw-{round}")), &schema, &documents));
+        if let Some((runtime, _)) = last.take() {
+            runtime.shutdown();
         }
-        if consumed == total && projection.indexes.applied.load(Ordering::Relaxed) == written {
-            break;
+        config.data_dir = dir.path().join(format!("data-{round}"));
+        let runtime = Arc::new(Runtime::open(&config).unwrap());
+        for chunk in events.chunks(10_000) {
+            let chunk: Vec<NewEvent> = chunk.iter().map(|e| serde_json::from_value(e.clone()).unwrap()).collect();
+            runtime.log.append("orders", &chunk).unwrap();
         }
-        std::thread::sleep(Duration::from_millis(5));
+        let plugin = WasmPlugin::load(&engine, &linker, &component, "order-search", PluginLimits::default()).unwrap();
+        let started = Instant::now();
+        let projection = runtime.add(Box::new(plugin), "bench".into()).unwrap().live();
+        let total: u64 = runtime.log.heads("orders").unwrap().iter().sum();
+        let mut tables_done = None;
+        loop {
+            let consumed: u64 = projection.read_model.checkpoints().unwrap().iter().map(|c| c.next_offset).sum();
+            let written = projection.read_model.outbox_sequence().unwrap();
+            if consumed == total && tables_done.is_none() {
+                tables_done = Some(started.elapsed().as_secs_f64());
+            }
+            if consumed == total && projection.indexes.applied.load(Ordering::Relaxed) == written {
+                break;
+            }
+            std::thread::sleep(Duration::from_millis(5));
+        }
+        tables_runs.push(tables_done.expect("the tables caught up first"));
+        wasm_runs.push(started.elapsed().as_secs_f64());
+        eprintln!(
+            "round {round}: raw tantivy {:.2} s, wasm end to end {:.2} s ({:.2})",
+            raw_runs[round],
+            wasm_runs[round],
+            raw_runs[round] / wasm_runs[round]
+        );
+        last = Some((runtime, projection));
     }
-    let tables_seconds = tables_done.expect("the tables caught up first");
-    let wasm_seconds = started.elapsed().as_secs_f64();
+    let (raw_seconds, wasm_seconds, tables_seconds) = (median(&raw_runs), median(&wasm_runs), median(&tables_runs));
+    let (runtime, projection) = last.expect("at least one round");
     let open = &projection.indexes.open["orders"];
     let indexed = open.reader.searcher().num_docs();
 
     // Queries: HTTP against the searcher directly.
-    let rounds = 400;
+    let query_rounds = 400;
     let searcher = open.reader.searcher();
     let parser = QueryParser::for_index(&open.index, schema.text_fields());
     let started = Instant::now();
     let mut direct_hits = 0;
-    for _ in 0..rounds {
+    for _ in 0..query_rounds {
         for (q, filter) in PLAIN {
             let text = if filter.is_empty() { q.to_owned() } else { format!("({q}) AND {filter}") };
             let query = parser.parse_query(&text).unwrap();
@@ -215,7 +227,7 @@ fn main() {
         })
         .collect();
     let started = Instant::now();
-    for _ in 0..rounds {
+    for _ in 0..query_rounds {
         for request in &requests {
             let response = open.search(request, 10).unwrap();
             assert!(response.total > 0);
@@ -232,7 +244,7 @@ fn main() {
     let mut client = Connection::new(&address);
     let started = Instant::now();
     let mut http_hits = 0;
-    for _ in 0..rounds {
+    for _ in 0..query_rounds {
         for q in QUERIES {
             let (status, body) = client.get(&format!("/v1/projections/order-search/indexes/orders/search?{q}"));
             assert_eq!(status, 200, "{body}");
@@ -249,7 +261,7 @@ fn main() {
     std::thread::scope(|scope| {
         for _ in 0..threads {
             scope.spawn(|| {
-                for _ in 0..rounds {
+                for _ in 0..query_rounds {
                     for request in &requests {
                         open.search(request, 10).unwrap();
                     }
@@ -257,14 +269,14 @@ fn main() {
             });
         }
     });
-    let direct_parallel = (threads * rounds * QUERIES.len()) as f64 / started.elapsed().as_secs_f64();
+    let direct_parallel = (threads * query_rounds * QUERIES.len()) as f64 / started.elapsed().as_secs_f64();
     let clients = 4;
     let started = Instant::now();
     std::thread::scope(|scope| {
         for _ in 0..clients {
             let client = refract::client::Client::new(&url);
             scope.spawn(move || {
-                for _ in 0..rounds {
+                for _ in 0..query_rounds {
                     for q in QUERIES {
                         let reply =
                             client.get(&format!("/v1/projections/order-search/indexes/orders/search?{q}")).unwrap();
@@ -274,11 +286,14 @@ fn main() {
             });
         }
     });
-    let http_parallel = (clients * rounds * QUERIES.len()) as f64 / started.elapsed().as_secs_f64();
+    let http_parallel = (clients * query_rounds * QUERIES.len()) as f64 / started.elapsed().as_secs_f64();
     runtime.shutdown();
 
-    let queries = (rounds * QUERIES.len()) as f64;
-    println!("\norder-search over {n} events: {} document versions, {indexed} documents\n", documents.len());
+    let queries = (query_rounds * QUERIES.len()) as f64;
+    println!(
+        "\norder-search over {n} events: {} document versions, {indexed} documents; indexing: median of {rounds} alternating rounds\n",
+        documents.len()
+    );
     println!("| measure | rate | seconds |");
     println!("|---|---:|---:|");
     println!(
@@ -323,4 +338,26 @@ fn main() {
         "| HTTP search / refract query code, concurrent ({clients} clients vs {threads} threads) | {:.2} ({http_parallel:.0} vs {direct_parallel:.0} queries/s) | ≥ 0.80 |",
         http_parallel / direct_parallel
     );
+}
+
+/// Raw tantivy indexing `documents` into a new index in `dir` (delete by id,
+/// add, one commit), as the runtime's schema has them: seconds.
+fn raw_tantivy(dir: &std::path::Path, schema: &IndexSchema, documents: &[(String, Vec<u8>)]) -> f64 {
+    std::fs::create_dir_all(dir).unwrap();
+    let index = tantivy::Index::create_in_dir(dir, schema.schema.clone()).unwrap();
+    let started = Instant::now();
+    let mut writer: tantivy::IndexWriter<TantivyDocument> = index.writer(64 << 20).unwrap();
+    for (id, doc) in documents {
+        let object = schema.parse(doc).unwrap();
+        writer.delete_term(Term::from_field_text(schema.id, id));
+        writer.add_document(schema.to_tantivy(id, &object, doc)).unwrap();
+    }
+    writer.commit().unwrap();
+    started.elapsed().as_secs_f64()
+}
+
+fn median(values: &[f64]) -> f64 {
+    let mut sorted = values.to_vec();
+    sorted.sort_by(f64::total_cmp);
+    sorted[sorted.len() / 2]
 }

@@ -407,7 +407,7 @@ impl OpenIndex {
         std::fs::create_dir_all(dir)?;
         let directory = tantivy::directory::MmapDirectory::open(dir)?;
         let index = Index::open_or_create(directory, schema.schema.clone())?;
-        // One indexing thread: the projector needs the other cores.
+        // One indexing thread: the projector needs the other core.
         let writer = index.writer_with_num_threads(1, 64 << 20)?;
         let reader = index.reader_builder().reload_policy(ReloadPolicy::Manual).try_into()?;
         Ok(OpenIndex { schema, index, reader, writer: Mutex::new(writer) })
