@@ -140,7 +140,12 @@ fn main() {
             let alt = || wasm_enricher(&engine, &cache, Path::new(&alt), "orders-payments-join");
             let wasm = || wasm_enricher(&engine, &cache, &plugins.orders_payments_join, "orders-payments-join");
             let ab = compare("join-ab", rounds, wasm, alt, &log, &["orders", "payments"], dir.path());
-            println!("A/B: wasm {:.0} events/s, alternative {:.0} events/s: {:.2}", median(&ab.native), median(&ab.wasm), median(&ab.wasm) / median(&ab.native));
+            println!(
+                "A/B: wasm {:.0} events/s, alternative {:.0} events/s: {:.2}",
+                median(&ab.native),
+                median(&ab.wasm),
+                median(&ab.wasm) / median(&ab.native)
+            );
         }
     }
 

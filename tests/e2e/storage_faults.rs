@@ -194,3 +194,68 @@ fn an_unnumbered_data_directory_opens_and_a_newer_or_unreadable_one_is_refused_u
     server.wait_caught_up();
     server.assert_order_summary_is_the_fold_of(&events);
 }
+
+/// The indexer against its own disk filling up while tantivy commits: the
+/// failed commits are reported, nothing is trimmed from the outbox, and once
+/// space returns the same indexer (no restart) commits every document once.
+#[test]
+fn a_full_disk_during_an_index_commit_is_recovered_from_without_losing_or_duplicating_documents() {
+    use refract::store::search::{FieldMapping, FieldType, IndexMapping, IndexSchema, Indexer, Indexes};
+    use refract::store::{BatchWrites, ReadModel, read_model::Commit};
+    use std::sync::Arc;
+    use std::sync::atomic::{AtomicBool, Ordering};
+
+    let dir = tempfile::tempdir().unwrap();
+    let Some(disk) = SmallDisk::mount(&dir.path().join("indexes"), "16m") else {
+        eprintln!("skipped: cannot mount a tmpfs here (not root)");
+        return;
+    };
+    let field = |name: &str, type_| FieldMapping { name: name.into(), type_, stored: true, fast: false };
+    let mapping =
+        IndexMapping { name: "docs".into(), fields: vec![field("n", FieldType::I64), field("text", FieldType::Text)] };
+    let schemas = [("docs".to_owned(), IndexSchema::new(&mapping).unwrap())].into();
+    let read_model = Arc::new(ReadModel::open(&dir.path().join("rm.redb")).unwrap());
+    let indexes = Arc::new(Indexes::open(disk.0.as_path(), &schemas).unwrap());
+    let indexer =
+        Indexer::new(read_model.clone(), indexes.clone(), Duration::from_millis(10), Arc::new(AtomicBool::new(false)));
+    // Text that compresses badly, so that the index takes real space.
+    let mut rng = refract::fixtures::Rng::new(3);
+    let mut write = |ids: std::ops::Range<u64>| {
+        let mut writes = BatchWrites::default();
+        let docs = writes.docs.entry("docs".to_owned()).or_default();
+        for n in ids {
+            let text: Vec<String> = (0..40).map(|_| format!("w{}", rng.range(0, 1 << 30))).collect();
+            docs.insert(format!("d{n}"), Some(json!({"n": n, "text": text.join(" ")}).to_string().into_bytes()));
+        }
+        read_model.commit(&writes, &Commit::default()).unwrap();
+    };
+
+    write(0..2_000);
+    assert_eq!(indexer.apply_once().unwrap(), 2_000);
+    // The disk fills; more documents (and new versions of old ones) wait in the outbox.
+    let filler = disk.fill();
+    write(1_000..6_000);
+    let failed = indexer.apply_once().expect_err("a commit to a full disk failed");
+    eprintln!("commit on a full disk: {failed}");
+    assert!(indexer.apply_once().is_err(), "still full");
+    assert_eq!(indexes.applied.load(Ordering::Relaxed), 2_000, "nothing counted as applied");
+    assert_eq!(read_model.outbox_after(2_000, 10_000).unwrap().len(), 5_000, "nothing trimmed");
+
+    // Space returns: the same indexer catches up.
+    std::fs::remove_file(filler).unwrap();
+    let until = Instant::now() + Duration::from_secs(30);
+    while indexer.apply_once().map_or(true, |_| indexes.applied.load(Ordering::Relaxed) < 7_000) {
+        assert!(Instant::now() < until, "the indexer did not recover once space returned");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let open = &indexes.open["docs"];
+    assert_eq!(open.committed_sequence().unwrap(), 7_000);
+    let searcher = open.reader.searcher();
+    assert_eq!(searcher.num_docs(), 6_000, "every id once");
+    for n in [0, 999, 1_000, 1_999, 2_000, 5_999] {
+        let found = open
+            .search(&refract::store::search::SearchRequest { filter: format!("n:{n}"), ..Default::default() }, 10)
+            .unwrap();
+        assert_eq!(found.total, 1, "document d{n}");
+    }
+}

@@ -497,7 +497,32 @@ impl Indexer {
         for (name, open) in &self.indexes.open {
             writers.insert(name, open.writer.lock().expect("index writer lock"));
         }
-        for entry in &entries {
+        if let Err(e) = self.apply(&entries, &mut writers) {
+            // A writer whose worker failed (a full disk, say) is dead for
+            // good: start each one afresh from its last commit, which the
+            // next pass re-applies the outbox after. Nothing was trimmed.
+            for (name, writer) in writers.iter_mut() {
+                if let Err(e) = writer.rollback() {
+                    tracing::error!(index = %name, error = %e, "restarting the index writer failed");
+                }
+            }
+            return Err(e);
+        }
+        drop(writers);
+        self.indexes.applied.store(last, Ordering::Relaxed);
+        self.read_model.trim_outbox(last)?;
+        Ok(entries.len())
+    }
+
+    /// Replay `entries` on the indexes' writers and commit them all, with the
+    /// last entry's sequence as the commit payload.
+    fn apply(
+        &self,
+        entries: &[super::read_model::OutboxEntry],
+        writers: &mut BTreeMap<&str, std::sync::MutexGuard<'_, IndexWriter>>,
+    ) -> Result<(), SearchError> {
+        let Some(last) = entries.last().map(|e| e.sequence) else { return Ok(()) };
+        for entry in entries {
             let (Some(open), Some(writer)) =
                 (self.indexes.open.get(&entry.index), writers.get_mut(entry.index.as_str()))
             else {
@@ -521,10 +546,7 @@ impl Indexer {
             prepared.commit()?;
             self.indexes.open[*name].reader.reload()?;
         }
-        drop(writers);
-        self.indexes.applied.store(last, Ordering::Relaxed);
-        self.read_model.trim_outbox(last)?;
-        Ok(entries.len())
+        Ok(())
     }
 }
 
