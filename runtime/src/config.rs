@@ -7,6 +7,7 @@
 //! api:
 //!   max-body-mb: 64               # larger requests (appends, plugin uploads) are a 413
 //!   request-timeout-ms: 90000     # longer requests are a 503 (wait_for waits at most 60 s)
+//!   header-timeout-ms: 10000      # a connection whose request headers take longer is closed
 //! streams:
 //!   default-partitions: 4
 //!   partitions: { accounts: 1 }   # per-stream partition counts
@@ -194,13 +195,17 @@ pub struct ApiConfig {
     pub max_body_mb: usize,
     /// The longest a request may take, reading its body included.
     pub request_timeout_ms: u64,
+    /// The longest a client may take to send a request's headers once it
+    /// has connected (or between requests on a kept-alive connection);
+    /// then the connection is closed.
+    pub header_timeout_ms: u64,
 }
 
 impl Default for ApiConfig {
     fn default() -> Self {
         // Long enough for a query waiting the longest `timeout_ms` (60 s) and
         // for the first compile of a large uploaded component (~25 s).
-        ApiConfig { max_body_mb: 64, request_timeout_ms: 90_000 }
+        ApiConfig { max_body_mb: 64, request_timeout_ms: 90_000, header_timeout_ms: 10_000 }
     }
 }
 
@@ -211,6 +216,10 @@ impl ApiConfig {
 
     pub fn request_timeout(&self) -> Duration {
         Duration::from_millis(self.request_timeout_ms)
+    }
+
+    pub fn header_timeout(&self) -> Duration {
+        Duration::from_millis(self.header_timeout_ms)
     }
 }
 
@@ -357,8 +366,8 @@ impl Config {
         if self.batch.max_events == 0 || self.batch.call_events == 0 || self.batch.catch_up_factor == 0 {
             return bad("batch: max-events, call-events and catch-up-factor must be at least 1");
         }
-        if self.api.max_body_mb == 0 || self.api.request_timeout_ms == 0 {
-            return bad("api: max-body-mb and request-timeout-ms must be at least 1");
+        if self.api.max_body_mb == 0 || self.api.request_timeout_ms == 0 || self.api.header_timeout_ms == 0 {
+            return bad("api: max-body-mb, request-timeout-ms and header-timeout-ms must be at least 1");
         }
         if self.search.commit_interval_ms == 0 {
             return bad("search: commit-interval-ms must be at least 1");

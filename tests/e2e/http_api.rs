@@ -156,6 +156,44 @@ fn oversized_bodies_are_413_slow_requests_503_and_neither_loses_anything() {
     assert_eq!((status["eventsApplied"].as_u64(), status["deadLetters"].as_u64()), (Some(5000), Some(1)), "{status}");
 }
 
+#[test]
+fn connections_that_never_finish_their_headers_are_closed_and_others_are_served() {
+    use std::io::{Read, Write};
+    let dir = tempfile::tempdir().unwrap();
+    let server = Server::start(dir.path(), &[], "api:\n  header-timeout-ms: 300\n");
+    let address = server.url.trim_start_matches("http://").to_owned();
+    // Slowloris: many connections, each a request line and a header, never the blank line.
+    let mut slow: Vec<std::net::TcpStream> = (0..64)
+        .map(|_| {
+            let mut tcp = std::net::TcpStream::connect(&address).unwrap();
+            tcp.write_all(b"GET /healthz HTTP/1.1\r\nhost: refract\r\n").unwrap();
+            tcp
+        })
+        .collect();
+    assert_eq!(server.client().get("/healthz").unwrap().status, 200, "served meanwhile");
+    let started = Instant::now();
+    for tcp in &mut slow {
+        tcp.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+        let mut reply = Vec::new();
+        // The server closes the connection (a read of 0 bytes), after at most a 408.
+        match tcp.read_to_end(&mut reply) {
+            Ok(_) => {}
+            Err(e) => assert_eq!(e.kind(), std::io::ErrorKind::ConnectionReset, "{e}"),
+        }
+        let reply = String::from_utf8_lossy(&reply);
+        assert!(reply.is_empty() || reply.starts_with("HTTP/1.1 408"), "{reply}");
+    }
+    assert!(started.elapsed() < Duration::from_secs(5), "closed after the header timeout, not the read timeout");
+    // A client that sends its request in time, even in pieces, is answered.
+    let mut tcp = std::net::TcpStream::connect(&address).unwrap();
+    tcp.write_all(b"GET /healthz HTTP/1.1\r\n").unwrap();
+    std::thread::sleep(Duration::from_millis(100));
+    tcp.write_all(b"host: refract\r\nconnection: close\r\n\r\n").unwrap();
+    let mut reply = String::new();
+    tcp.read_to_string(&mut reply).unwrap();
+    assert!(reply.starts_with("HTTP/1.1 200"), "{reply}");
+}
+
 /// schemathesis, installed by `scripts/install-tools`.
 fn schemathesis() -> PathBuf {
     let path = PathBuf::from(std::env::var("HOME").unwrap()).join(".cache/refract/st/bin/schemathesis");

@@ -144,14 +144,48 @@ pub async fn serve(
     listener: tokio::net::TcpListener,
     shutdown: impl std::future::Future<Output = ()> + Send + 'static,
 ) -> std::io::Result<()> {
-    use axum::serve::ListenerExt;
-    // Replies are small: send them at once rather than wait for Nagle's algorithm.
-    let listener = listener.tap_io(|tcp| {
+    use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
+    use hyper_util::server::conn::auto;
+    use hyper_util::service::TowerToHyperService;
+
+    // hyper's connection builder rather than `axum::serve`, which sets no
+    // timer: without one, a client that opens a connection and never
+    // finishes its headers (slowloris) holds it for ever, since the request
+    // time limit only starts once a request has been read.
+    let mut builder = auto::Builder::new(TokioExecutor::new());
+    builder.http1().timer(TokioTimer::new()).header_read_timeout(runtime.api.header_timeout());
+    let service = TowerToHyperService::new(router(runtime));
+    let connections = hyper_util::server::graceful::GracefulShutdown::new();
+    let mut shutdown = std::pin::pin!(shutdown);
+    loop {
+        let tcp = tokio::select! {
+            accepted = listener.accept() => match accepted {
+                Ok((tcp, _)) => tcp,
+                // Out of file descriptors, say: wait for some to close, as axum does.
+                Err(e) => {
+                    tracing::warn!(error = %e, "accepting a connection failed");
+                    tokio::time::sleep(std::time::Duration::from_secs(1)).await;
+                    continue;
+                }
+            },
+            () = &mut shutdown => break,
+        };
+        // Replies are small: send them at once rather than wait for Nagle's algorithm.
         if let Err(e) = tcp.set_nodelay(true) {
             tracing::debug!(error = %e, "could not set TCP_NODELAY");
         }
-    });
-    axum::serve(listener, router(runtime)).with_graceful_shutdown(shutdown).await
+        let connection = builder.serve_connection_with_upgrades(TokioIo::new(tcp), service.clone()).into_owned();
+        let connection = connections.watch(connection);
+        tokio::spawn(async move {
+            if let Err(e) = connection.await {
+                tracing::trace!(error = %e, "connection ended with an error");
+            }
+        });
+    }
+    // Stop accepting; let requests in flight finish.
+    drop(listener);
+    connections.shutdown().await;
+    Ok(())
 }
 
 #[cfg(test)]
