@@ -9,7 +9,7 @@
 
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::ops::Bound;
-use std::sync::Arc;
+use std::sync::{Arc, OnceLock};
 
 use redb::{ReadOnlyTable, ReadTransaction};
 use serde::{Deserialize, Serialize};
@@ -57,8 +57,76 @@ type Layer<'a> = Box<dyn Iterator<Item = std::result::Result<(String, Option<Vec
 
 type Stored = ReadOnlyTable<&'static str, &'static [u8]>;
 
-/// Writes per table (or index) and key: `Some(value)` to put, `None` to delete.
-pub type Writes = BTreeMap<String, BTreeMap<String, Option<Vec<u8>>>>;
+/// Writes per table (or index).
+pub type Writes = BTreeMap<String, KeyWrites>;
+
+/// One table's (or index's) writes in a batch: each key's latest value, or
+/// `None` where it was removed.
+///
+/// Every `get` and `put` of a batch looks a key up here (and in the previous
+/// batch's writes), tens of thousands of keys deep while a projection
+/// catches up: an ordered map paid a string comparison per level of its
+/// tree, and `memcmp` was 16 % of the projector thread. So keys are hashed,
+/// and their order is built only when a scan needs it (then kept up to date)
+/// or the commit writes them out.
+#[derive(Debug, Default)]
+pub struct KeyWrites {
+    values: HashMap<String, Option<Vec<u8>>>,
+    /// The keys in order, once a scan asked for them.
+    order: OnceLock<BTreeSet<String>>,
+}
+
+impl KeyWrites {
+    pub fn get(&self, key: &str) -> Option<&Option<Vec<u8>>> {
+        self.values.get(key)
+    }
+
+    /// Record `value` for `key` (`None`: removed).
+    pub fn insert(&mut self, key: String, value: Option<Vec<u8>>) {
+        if let Some(slot) = self.values.get_mut(&key) {
+            *slot = value;
+            return;
+        }
+        if let Some(order) = self.order.get_mut() {
+            order.insert(key.clone());
+        }
+        self.values.insert(key, value);
+    }
+
+    /// [`KeyWrites::insert`] without allocating the key when it is already there.
+    fn set(&mut self, key: &str, value: Option<Vec<u8>>) {
+        match self.values.get_mut(key) {
+            Some(slot) => *slot = value,
+            None => self.insert(key.to_owned(), value),
+        }
+    }
+
+    pub fn len(&self) -> usize {
+        self.values.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.values.is_empty()
+    }
+
+    /// The writes from `start` on, in key order.
+    pub fn range<'a>(&'a self, start: Bound<&str>) -> impl Iterator<Item = (&'a String, &'a Option<Vec<u8>>)> + 'a {
+        let order = self.order.get_or_init(|| self.values.keys().cloned().collect());
+        order.range::<str, _>((start, Bound::Unbounded)).map(|key| (key, &self.values[key]))
+    }
+
+    /// Every write, in key order (for the commit: redb takes sorted keys best).
+    pub fn sorted(&self) -> Vec<(&String, &Option<Vec<u8>>)> {
+        match self.order.get() {
+            Some(order) => order.iter().map(|key| (key, &self.values[key])).collect(),
+            None => {
+                let mut all: Vec<_> = self.values.iter().collect();
+                all.sort_unstable_by(|a, b| a.0.cmp(b.0));
+                all
+            }
+        }
+    }
+}
 
 /// Everything a batch wrote: key/value tables and search documents.
 #[derive(Debug, Default)]
@@ -190,7 +258,7 @@ impl Batch {
             )));
         }
         schema.validate(document).map_err(|e| SearchError::InvalidDocument(format!("document {id:?}: {e}")))?;
-        entry(&mut self.docs, index).insert(id.to_owned(), Some(document.to_vec()));
+        entry(&mut self.docs, index).set(id, Some(document.to_vec()));
         Ok(())
     }
 
@@ -199,7 +267,7 @@ impl Batch {
         if !self.declared.indexes.contains_key(index) {
             return Err(SearchError::UnknownIndex(format!("index {index:?} is not declared by the plugin")));
         }
-        entry(&mut self.docs, index).insert(id.to_owned(), None);
+        entry(&mut self.docs, index).set(id, None);
         Ok(())
     }
 
@@ -245,7 +313,7 @@ impl Batch {
         Ok(Ok(stored.get(key)?.map(|v| v.value().to_vec())))
     }
 
-    fn table_writes(&mut self, table: &str) -> &mut BTreeMap<String, Option<Vec<u8>>> {
+    fn table_writes(&mut self, table: &str) -> &mut KeyWrites {
         entry(&mut self.writes, table)
     }
 
@@ -254,7 +322,7 @@ impl Batch {
         self.check_table(table)?;
         self.check_key(key)?;
         self.check_value(key, value)?;
-        self.table_writes(table).insert(key.to_owned(), Some(value.to_vec()));
+        self.table_writes(table).set(key, Some(value.to_vec()));
         Ok(())
     }
 
@@ -285,7 +353,7 @@ impl Batch {
     pub fn delete(&mut self, table: &str, key: &str) -> Result<(), KvError> {
         self.check_table(table)?;
         self.check_key(key)?;
-        self.table_writes(table).insert(key.to_owned(), None);
+        self.table_writes(table).set(key, None);
         Ok(())
     }
 
@@ -309,7 +377,7 @@ impl Batch {
         };
         self.stored(table)?; // opens the table in the snapshot if it exists
         fn in_memory<'a>(writes: Option<&'a Writes>, table: &str, start: Bound<&str>) -> Layer<'a> {
-            let range = writes.and_then(|w| w.get(table)).map(|t| t.range::<str, _>((start, Bound::Unbounded)));
+            let range = writes.and_then(|w| w.get(table)).map(|t| t.range(start));
             Box::new(range.into_iter().flatten().map(|(k, v)| Ok((k.clone(), v.clone()))))
         }
         let stored: Layer<'_> = match self.opened[table].as_ref() {
@@ -356,9 +424,41 @@ impl Batch {
 
 /// The writes of `name`, created on first use (looked up first: most writes go
 /// to a table already written, and this avoids allocating its name again).
-fn entry<'a>(writes: &'a mut Writes, name: &str) -> &'a mut BTreeMap<String, Option<Vec<u8>>> {
+fn entry<'a>(writes: &'a mut Writes, name: &str) -> &'a mut KeyWrites {
     if !writes.contains_key(name) {
-        writes.insert(name.to_owned(), BTreeMap::new());
+        writes.insert(name.to_owned(), KeyWrites::default());
     }
     writes.get_mut(name).expect("inserted above")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn keys<'a>(it: impl Iterator<Item = (&'a String, &'a Option<Vec<u8>>)>) -> Vec<(&'a str, Option<u8>)> {
+        it.map(|(k, v)| (k.as_str(), v.as_ref().map(|v| v[0]))).collect()
+    }
+
+    #[test]
+    fn key_writes_find_by_key_and_keep_key_order_once_scanned() {
+        let mut w = KeyWrites::default();
+        for (k, v) in [("c", Some(3)), ("a", Some(1)), ("b", None), ("a", Some(9))] {
+            w.set(k, v.map(|v| vec![v]));
+        }
+        assert_eq!(w.get("a"), Some(&Some(vec![9])), "the latest write wins");
+        assert_eq!(w.get("b"), Some(&None));
+        assert_eq!(w.get("z"), None);
+        assert_eq!(keys(w.sorted().into_iter()), [("a", Some(9)), ("b", None), ("c", Some(3))]);
+        assert_eq!(keys(w.range(Bound::Excluded("a"))), [("b", None), ("c", Some(3))]);
+        // Written after the order was built: still in order, and once.
+        w.set("aa", Some(vec![4]));
+        w.set("c", None);
+        w.insert("0".to_owned(), Some(vec![5]));
+        assert_eq!(
+            keys(w.range(Bound::Included(""))),
+            [("0", Some(5)), ("a", Some(9)), ("aa", Some(4)), ("b", None), ("c", None)]
+        );
+        assert_eq!(keys(w.sorted().into_iter()), keys(w.range(Bound::Unbounded)));
+        assert_eq!(w.len(), 5);
+    }
 }

@@ -167,7 +167,7 @@ impl ReadModel {
         tx.set_durability(Durability::Immediate).map_err(|e| Error::Storage(redb::Error::from(e)))?;
         for (name, writes) in &writes.kv {
             let mut table = tx.open_table(table_definition(&plugin_table(name)))?;
-            for (key, value) in writes {
+            for (key, value) in writes.sorted() {
                 match value {
                     Some(v) => table.insert(key.as_str(), v.as_slice())?,
                     None => table.remove(key.as_str())?,
@@ -180,7 +180,7 @@ impl ReadModel {
             let mut outbox = tx.open_table(OUTBOX)?;
             let mut entry = Vec::new();
             for (index, docs) in &writes.docs {
-                for (id, doc) in docs {
+                for (id, doc) in docs.sorted() {
                     entry.clear();
                     entry.extend_from_slice(index.as_bytes());
                     entry.push(0);
