@@ -71,7 +71,9 @@ pub type Writes = BTreeMap<String, KeyWrites>;
 /// or the commit writes them out.
 #[derive(Debug, Default)]
 pub struct KeyWrites {
-    values: HashMap<String, Option<Vec<u8>>>,
+    /// foldhash rather than std's SipHash: a few times faster on short keys
+    /// (SipHash was ~5 % of the projector thread), still seeded per process.
+    values: HashMap<String, Option<Vec<u8>>, foldhash::fast::RandomState>,
     /// The keys in order, once a scan asked for them.
     order: OnceLock<BTreeSet<String>>,
 }
@@ -154,7 +156,7 @@ pub struct Batch {
     declared: Arc<Declared>,
     limits: KvLimits,
     /// Tables opened in the snapshot so far (`None`: not created yet).
-    opened: HashMap<String, Option<Stored>>,
+    opened: HashMap<String, Option<Stored>, foldhash::fast::RandomState>,
     /// The previous batch's writes while its commit is in flight.
     below: Option<Arc<BatchWrites>>,
     /// This batch's key/value writes.
@@ -181,7 +183,7 @@ impl Batch {
             snapshot,
             declared,
             limits,
-            opened: HashMap::new(),
+            opened: HashMap::default(),
             below,
             writes: BTreeMap::new(),
             docs: BTreeMap::new(),
