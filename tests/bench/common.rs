@@ -43,3 +43,11 @@ pub fn run_projector(
     worker.join().unwrap();
     (seconds, read_model)
 }
+
+/// The median of `values` (NaN when there are none: a variant not run).
+#[allow(dead_code)] // not every bench takes medians
+pub fn median(values: &[f64]) -> f64 {
+    let mut sorted = values.to_vec();
+    sorted.sort_by(f64::total_cmp);
+    sorted.get(sorted.len() / 2).copied().unwrap_or(f64::NAN)
+}

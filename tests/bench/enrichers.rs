@@ -142,9 +142,9 @@ fn main() {
             let ab = compare("join-ab", rounds, wasm, alt, &log, &["orders", "payments"], dir.path());
             println!(
                 "A/B: wasm {:.0} events/s, alternative {:.0} events/s: {:.2}",
-                median(&ab.native),
-                median(&ab.wasm),
-                median(&ab.wasm) / median(&ab.native)
+                common::median(&ab.native),
+                common::median(&ab.wasm),
+                common::median(&ab.wasm) / common::median(&ab.native)
             );
         }
     }
@@ -157,7 +157,7 @@ fn main() {
     println!("| enricher | events | outputs | native events/s | wasm events/s | wasm / native | target |");
     println!("|---|---:|---:|---:|---:|---:|---:|");
     for (name, events, c) in [("map (order-upcaster)", n, &map), ("join (orders-payments-join)", join_events, &join)] {
-        let (native, wasm) = (median(&c.native), median(&c.wasm));
+        let (native, wasm) = (common::median(&c.native), common::median(&c.wasm));
         println!("| {name} | {events} | {} | {native:.0} | {wasm:.0} | {:.2} | ≥ 0.80 |", c.outputs, wasm / native);
     }
 }
@@ -193,10 +193,4 @@ fn compare(
         eprintln!("{name} round {round}: native {:.0} events/s, wasm {rate:.0} events/s", c.native[round]);
     }
     c
-}
-
-fn median(rates: &[f64]) -> f64 {
-    let mut sorted = rates.to_vec();
-    sorted.sort_by(f64::total_cmp);
-    sorted.get(sorted.len() / 2).copied().unwrap_or(f64::NAN)
 }

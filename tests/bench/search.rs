@@ -15,6 +15,9 @@
 //! `REFRACT_BENCH_ROUNDS` times (default 3), raw tantivy and the component
 //! alternating; the figures are the medians.
 
+#[path = "common.rs"]
+#[allow(dead_code)] // this bench uses `median` only
+mod common;
 #[path = "../support/mod.rs"]
 mod support;
 
@@ -192,7 +195,8 @@ fn main() {
         );
         last = Some((runtime, projection));
     }
-    let (raw_seconds, wasm_seconds, tables_seconds) = (median(&raw_runs), median(&wasm_runs), median(&tables_runs));
+    let (raw_seconds, wasm_seconds, tables_seconds) =
+        (common::median(&raw_runs), common::median(&wasm_runs), common::median(&tables_runs));
     let (runtime, projection) = last.expect("at least one round");
     let open = &projection.indexes.open["orders"];
     let indexed = open.reader.searcher().num_docs();
@@ -354,10 +358,4 @@ fn raw_tantivy(dir: &std::path::Path, schema: &IndexSchema, documents: &[(String
     }
     writer.commit().unwrap();
     started.elapsed().as_secs_f64()
-}
-
-fn median(values: &[f64]) -> f64 {
-    let mut sorted = values.to_vec();
-    sorted.sort_by(f64::total_cmp);
-    sorted[sorted.len() / 2]
 }

@@ -85,14 +85,15 @@ impl KeyWrites {
 
     /// Record `value` for `key` (`None`: removed).
     pub fn insert(&mut self, key: String, value: Option<Vec<u8>>) {
-        if let Some(slot) = self.values.get_mut(&key) {
-            *slot = value;
-            return;
+        match self.values.entry(key) {
+            std::collections::hash_map::Entry::Occupied(slot) => *slot.into_mut() = value,
+            std::collections::hash_map::Entry::Vacant(slot) => {
+                if let Some(order) = self.order.get_mut() {
+                    order.insert(slot.key().clone());
+                }
+                slot.insert(value);
+            }
         }
-        if let Some(order) = self.order.get_mut() {
-            order.insert(key.clone());
-        }
-        self.values.insert(key, value);
     }
 
     /// [`KeyWrites::insert`] without allocating the key when it is already there.
@@ -101,14 +102,6 @@ impl KeyWrites {
             Some(slot) => *slot = value,
             None => self.insert(key.to_owned(), value),
         }
-    }
-
-    pub fn len(&self) -> usize {
-        self.values.len()
-    }
-
-    pub fn is_empty(&self) -> bool {
-        self.values.is_empty()
     }
 
     /// The writes from `start` on, in key order.
@@ -321,23 +314,22 @@ impl Batch {
 
     /// Store `value` (which must be a JSON document) under `key`.
     pub fn put(&mut self, table: &str, key: &str, value: &[u8]) -> Result<(), KvError> {
-        self.check_table(table)?;
-        self.check_key(key)?;
-        self.check_value(key, value)?;
+        self.check_put(table, key, value)?;
         self.table_writes(table).set(key, Some(value.to_vec()));
         Ok(())
     }
 
     /// [`Batch::put`] of a key and value the caller owns (no copies).
     pub fn put_owned(&mut self, table: &str, key: String, value: Vec<u8>) -> Result<(), KvError> {
-        self.check_table(table)?;
-        self.check_key(&key)?;
-        self.check_value(&key, &value)?;
+        self.check_put(table, &key, &value)?;
         self.table_writes(table).insert(key, Some(value));
         Ok(())
     }
 
-    fn check_value(&self, key: &str, value: &[u8]) -> Result<(), KvError> {
+    /// What `put` requires: a declared table, a key and a JSON value within the limits.
+    fn check_put(&self, table: &str, key: &str, value: &[u8]) -> Result<(), KvError> {
+        self.check_table(table)?;
+        self.check_key(key)?;
         if value.len() > self.limits.max_value_bytes {
             return Err(KvError::TooLarge(format!(
                 "value of {} bytes exceeds {} bytes",
@@ -461,6 +453,6 @@ mod tests {
             [("0", Some(5)), ("a", Some(9)), ("aa", Some(4)), ("b", None), ("c", None)]
         );
         assert_eq!(keys(w.sorted().into_iter()), keys(w.range(Bound::Unbounded)));
-        assert_eq!(w.len(), 5);
+        assert_eq!(w.sorted().len(), 5);
     }
 }

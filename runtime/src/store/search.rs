@@ -497,7 +497,7 @@ impl Indexer {
         for (name, open) in &self.indexes.open {
             writers.insert(name, open.writer.lock().expect("index writer lock"));
         }
-        if let Err(e) = self.apply(&entries, &mut writers) {
+        if let Err(e) = self.apply(&entries, last, &mut writers) {
             // A writer whose worker failed (a full disk, say) is dead for
             // good: start each one afresh from its last commit, which the
             // next pass re-applies the outbox after. Nothing was trimmed.
@@ -514,14 +514,14 @@ impl Indexer {
         Ok(entries.len())
     }
 
-    /// Replay `entries` on the indexes' writers and commit them all, with the
-    /// last entry's sequence as the commit payload.
+    /// Replay `entries` on the indexes' writers and commit them all, with
+    /// `last`, the last entry's sequence, as the commit payload.
     fn apply(
         &self,
         entries: &[super::read_model::OutboxEntry],
+        last: u64,
         writers: &mut BTreeMap<&str, std::sync::MutexGuard<'_, IndexWriter>>,
     ) -> Result<(), SearchError> {
-        let Some(last) = entries.last().map(|e| e.sequence) else { return Ok(()) };
         for entry in entries {
             let (Some(open), Some(writer)) =
                 (self.indexes.open.get(&entry.index), writers.get_mut(entry.index.as_str()))
