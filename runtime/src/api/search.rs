@@ -5,12 +5,11 @@ use std::sync::Arc;
 use axum::Json;
 use axum::extract::rejection::{PathRejection, QueryRejection};
 use axum::extract::{Path, Query, State};
-use serde_json::{Value, json};
 
 use super::consistency::{self, Consistency};
 use super::{ApiError, page_limit};
 use crate::runtime::Runtime;
-use crate::store::search::{QueryError, SearchRequest};
+use crate::store::search::{QueryError, SearchRequest, SearchResponse};
 
 /// The deepest page a search may ask for (`offset` + `limit`).
 const MAX_WINDOW: usize = 10_000;
@@ -20,7 +19,7 @@ pub(super) async fn search(
     path: Result<Path<(String, String)>, PathRejection>,
     params: Result<Query<SearchRequest>, QueryRejection>,
     wait: Result<Query<Consistency>, QueryRejection>,
-) -> Result<Json<Value>, ApiError> {
+) -> Result<Json<SearchResponse>, ApiError> {
     let Path((name, index)) = path?;
     let Query(request) = params?;
     let Query(wait) = wait?;
@@ -38,12 +37,11 @@ pub(super) async fn search(
         ));
     }
     consistency::wait(&rt, &projection, &wait, true).await?;
-    let response = tokio::task::spawn_blocking(move || live.indexes.open[&index].search(&request, limit))
-        .await
-        .map_err(|e| ApiError::internal("searching", e))?
+    let response = super::run_blocking("searching", move || live.indexes.open[&index].search(&request, limit))
+        .await?
         .map_err(|e| match e {
-            QueryError::Invalid(m) => ApiError::bad_request(m),
-            other => ApiError::internal("searching", other),
-        })?;
-    Ok(Json(json!(response)))
+        QueryError::Invalid(m) => ApiError::bad_request(m),
+        other => ApiError::internal("searching", other),
+    })?;
+    Ok(Json(response))
 }

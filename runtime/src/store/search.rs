@@ -366,8 +366,22 @@ pub struct SearchRequest {
 #[derive(Debug, Clone, serde::Serialize)]
 pub struct SearchResponse {
     pub total: usize,
-    pub hits: Vec<Value>,
+    pub hits: Vec<SearchHit>,
     pub facets: Map<String, Value>,
+}
+
+/// One hit: the document as the projection stored it, and its score or the
+/// value it was sorted by.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct SearchHit {
+    pub id: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub score: Option<f32>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub sort: Option<Value>,
+    /// The stored JSON text, passed on without being parsed and written
+    /// again (it was checked against the mapping when it was upserted).
+    pub document: Option<Box<serde_json::value::RawValue>>,
 }
 
 /// Why a search failed.
@@ -577,10 +591,11 @@ impl OpenIndex {
         };
 
         let top = TopDocs::with_limit(limit).and_offset(request.offset);
-        let (total, hits): (usize, Vec<(Value, tantivy::DocAddress)>) = match request.sort.trim() {
+        let (total, hits): (usize, Vec<(SearchHit, tantivy::DocAddress)>) = match request.sort.trim() {
             "" | "_score" => {
                 let (total, docs) = searcher.search(&query, &(Count, top.order_by_score()))?;
-                (total, docs.into_iter().map(|(s, a)| (serde_json::json!({"score": s}), a)).collect())
+                let hit = |score| SearchHit { id: None, score: Some(score), sort: None, document: None };
+                (total, docs.into_iter().map(|(s, a)| (hit(s), a)).collect())
             }
             sort => {
                 let (name, order) = match sort.rsplit_once(':') {
@@ -591,7 +606,7 @@ impl OpenIndex {
                 let Some((mapping, _)) = self.schema.field(name).filter(|(m, _)| m.fast) else {
                     return Err(invalid(&format!("sort: {name:?} is not a fast field of this index")));
                 };
-                let wrap = |v: Value| serde_json::json!({ "sort": v });
+                let wrap = |v: Value| SearchHit { id: None, score: None, sort: Some(v), document: None };
                 match mapping.type_ {
                     FieldType::I64 => {
                         let (t, d) = searcher.search(&query, &(Count, top.order_by_fast_field::<i64>(name, order)))?;
@@ -624,8 +639,9 @@ impl OpenIndex {
             let doc: TantivyDocument = searcher.doc(address)?;
             let id = doc.get_first(self.schema.id).and_then(|v| v.as_str().map(str::to_owned));
             let source = doc.get_first(self.schema.source).and_then(|v| v.as_bytes().map(<[u8]>::to_vec));
-            hit["id"] = serde_json::json!(id);
-            hit["document"] = source.and_then(|b| serde_json::from_slice(&b).ok()).unwrap_or(Value::Null);
+            hit.id = id;
+            hit.document =
+                source.and_then(|b| serde_json::value::RawValue::from_string(String::from_utf8(b).ok()?).ok());
             out.push(hit);
         }
 
