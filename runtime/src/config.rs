@@ -16,7 +16,8 @@
 //!   max-events: 10000
 //!   max-duration-ms: 250
 //!   call-events: 500
-//!   catch-up-factor: 4           # batches this many times larger while behind
+//!   catch-up-factor: 4           # batches this many times larger while behind (up to 4x more
+//!                                # while the previous batch still commits)
 //!   initial-backoff-ms: 100
 //!   max-backoff-ms: 30000
 //! limits:

@@ -29,6 +29,15 @@ use crate::source::reader::{Cursor, Delivery, LogReader, Pending, Reader, Subscr
 use crate::store::read_model::Commit;
 use crate::store::{Batch, BatchWrites, DeadLetter, Declared, KvLimits, ReadModel};
 
+/// How much larger than its catch-up size a batch may grow while the
+/// previous batch is still committing. redb copies every page a commit
+/// touches: once a table with scattered keys (order ids) is large, any batch
+/// touches most of its leaves and a commit costs about as much for 40,000
+/// events as for 160,000, so when commits are the bottleneck, batches grow
+/// until they are not. Where commits are cheap (appends, small tables),
+/// batches stay at the catch-up size and the stages keep overlapping.
+pub const COMMIT_GROWTH: u32 = 4;
+
 /// How batches are sized and failures retried.
 #[derive(Debug, Clone)]
 pub struct BatchOptions {
@@ -39,9 +48,11 @@ pub struct BatchOptions {
     /// The most events passed to the plugin in one call.
     pub call_events: usize,
     /// While a projection is behind (its last read filled a batch), batches
-    /// take up to this many times `max_events` and `max_duration`: fewer,
-    /// larger transactions while it catches up (a replay, a rebuild, a
-    /// backlog), whose results nobody sees sooner anyway.
+    /// take at least this many times `max_events` (or `max_duration`), and
+    /// keep growing, up to [`COMMIT_GROWTH`] times more, while the previous
+    /// batch is still committing: fewer, larger transactions while it
+    /// catches up (a replay, a rebuild, a backlog), whose results nobody sees
+    /// sooner anyway. 1 turns both off.
     pub catch_up_factor: u32,
     /// First retry delay after a transient failure; doubles up to `max_backoff`.
     pub initial_backoff: Duration,
@@ -432,6 +443,11 @@ impl Projector {
         let mut cursor = self.checkpoints.clone();
         let max_events = self.options.max_events;
         let catch_up_events = max_events.saturating_mul(self.options.catch_up_factor.max(1) as usize);
+        // Room for the batch to grow while the previous one commits (see `process`).
+        let catch_up_events = match self.options.catch_up_factor {
+            0 | 1 => catch_up_events,
+            _ => catch_up_events.saturating_mul(COMMIT_GROWTH as usize),
+        };
         let background_rebuilds = self.options.background_rebuilds;
         let backoff = self.options.initial_backoff;
         // Enrichers keep clocks (windows, joins): they get events in event-time order.
@@ -476,7 +492,7 @@ impl Projector {
                 let (mut idle, mut behind) = (false, false);
                 while !stop.load(Ordering::Relaxed) {
                     let wait = if idle { idle_wait } else { Duration::ZERO };
-                    let mut pending = Pending { behind, ..Pending::default() };
+                    let mut pending = Pending::new(behind);
                     let limit = if behind { catch_up_events } else { max_events };
                     let mut failed = None;
                     for r in &mut readers {
@@ -615,6 +631,11 @@ impl Projector {
         (same.map_or(end, |i| start + 1 + i), first)
     }
 
+    /// Whether the previous batch is still being committed.
+    fn committing(&self) -> bool {
+        self.in_flight.as_ref().is_some_and(|f| !f.done.is_finished())
+    }
+
     /// Wait for the commit in flight, if any; on success its checkpoints become durable.
     fn settle(&mut self) -> Result<(), HandleError> {
         let Some(in_flight) = self.in_flight.take() else { return Ok(()) };
@@ -700,10 +721,18 @@ impl Projector {
         }
         let n = pending.events.len();
         let mut done = 0;
-        let max_duration = match pending.behind {
-            true => self.options.max_duration.saturating_mul(self.options.catch_up_factor.max(1)),
-            false => self.options.max_duration,
+        // Behind, a batch ends at the catch-up size or time, or later while
+        // the previous batch is still committing (the pending read leaves it
+        // room up to `COMMIT_GROWTH` times that size).
+        let factor = self.options.catch_up_factor.max(1);
+        let (max_events, max_duration) = match pending.behind {
+            true => (
+                self.options.max_events.saturating_mul(factor as usize),
+                self.options.max_duration.saturating_mul(factor),
+            ),
+            false => (usize::MAX, self.options.max_duration),
         };
+        let grow = pending.behind && factor > 1;
         loop {
             let started = Instant::now();
             let mut batch = match self.begin() {
@@ -721,7 +750,8 @@ impl Projector {
                     return self.recover(pending, done, n, e);
                 }
                 end = call_end;
-                if started.elapsed() >= max_duration {
+                let full = end - done >= max_events || started.elapsed() >= max_duration;
+                if full && !(grow && self.committing()) {
                     break;
                 }
             }
@@ -1333,6 +1363,37 @@ mod tests {
         // At least ten batches of at most 100; behind, up to 400 at a time.
         let (normal, catching_up) = (batches_for(1), batches_for(4));
         assert!(normal >= 10 && catching_up * 2 <= normal, "{catching_up} batches against {normal}");
+    }
+
+    #[test]
+    fn a_batch_behind_grows_while_the_previous_one_is_still_committing() {
+        let batches_for = |options: BatchOptions| {
+            let f = Fixture::new();
+            f.append(&["Ok"; 800]);
+            let mut p = f.projector(options);
+            // The previous batch's commit takes 300 ms (as a large table's may).
+            let done = std::thread::spawn(|| {
+                std::thread::sleep(Duration::from_millis(300));
+                Ok(Duration::from_millis(300))
+            });
+            let commit = Commit { checkpoints: Vec::new(), applied: 0, dead_letters: Vec::new(), retired: Vec::new() };
+            let writes = Arc::new(p.begin().unwrap().into_writes());
+            p.in_flight = Some(InFlight { commit, writes, started: Instant::now(), done });
+            let (log_streams, _) = p.sources.split(&p.subscriptions);
+            let mut pending = Pending::new(true);
+            LogReader::new(f.log.clone(), log_streams).read(&p.checkpoints, 800, Duration::ZERO, &mut pending).unwrap();
+            let read = pending.events.len() as u64;
+            assert!(read > 400, "the read shares 800 between two partitions: {read}");
+            p.process(&pending);
+            p.settle().unwrap();
+            assert_eq!(f.total(), read);
+            (f.read_model.counters().unwrap().batches, read)
+        };
+        // Catch-up batches of 200 events: one batch while the commit before it runs…
+        assert_eq!(batches_for(BatchOptions { max_events: 100, catch_up_factor: 2, ..fast() }).0, 1);
+        // …unless catch-up batches are off.
+        let (batches, read) = batches_for(BatchOptions { max_events: 200, catch_up_factor: 1, ..fast() });
+        assert_eq!(batches, read.div_ceil(200));
     }
 
     #[test]

@@ -34,9 +34,29 @@ pub struct Pending {
     /// Read while catching up (the read before it was full): the batch may
     /// be larger and run longer (`BatchOptions::catch_up_factor`).
     pub behind: bool,
+    /// Per partition, the indexes of its events in `events`, built on the
+    /// first [`Pending::checkpoints_after`] (once the batch is complete: the
+    /// events must not change after it). Bisecting a batch full of rejected
+    /// events asks for thousands of checkpoints; scanning the events for each
+    /// made that quadratic in the batch's size.
+    by_partition: std::sync::OnceLock<Vec<PartitionEvents>>,
+}
+
+/// Where one partition's events sit in a [`Pending`] batch.
+#[derive(Debug)]
+struct PartitionEvents {
+    stream: String,
+    partition: u32,
+    /// Indexes into `Pending::events`, ascending, and each event's offset.
+    at: Vec<(usize, u64)>,
 }
 
 impl Pending {
+    /// An empty batch, read while catching up or not.
+    pub fn new(behind: bool) -> Self {
+        Pending { behind, ..Pending::default() }
+    }
+
     /// True when reading moved no partition past `cursor`.
     pub fn is_empty(&self, cursor: &Cursor) -> bool {
         self.read_to.iter().all(|(k, to)| cursor.get(k).copied().unwrap_or(0) == *to)
@@ -45,9 +65,23 @@ impl Pending {
     /// Checkpoints once `events[..done]` are handled: per partition, the first
     /// event not yet handled, or where reading stopped.
     pub fn checkpoints_after(&self, done: usize) -> Vec<Checkpoint> {
+        let by_partition = self.by_partition.get_or_init(|| {
+            let mut index: BTreeMap<(&str, u32), Vec<(usize, u64)>> = BTreeMap::new();
+            for (i, e) in self.events.iter().enumerate() {
+                index.entry((e.stream.as_str(), e.partition)).or_default().push((i, e.offset));
+            }
+            index
+                .into_iter()
+                .map(|((stream, partition), at)| PartitionEvents { stream: stream.to_owned(), partition, at })
+                .collect()
+        });
         let mut next = self.read_to.clone();
-        for e in self.events[done..].iter().rev() {
-            next.insert((e.stream.clone(), e.partition), e.offset);
+        for p in by_partition {
+            // The partition's first event not yet handled.
+            let first = p.at.partition_point(|(i, _)| *i < done);
+            if let Some((_, offset)) = p.at.get(first) {
+                next.insert((p.stream.clone(), p.partition), *offset);
+            }
         }
         next.into_iter()
             .map(|((stream, partition), next_offset)| Checkpoint { stream, partition, next_offset })
@@ -284,13 +318,31 @@ mod tests {
     }
 
     #[test]
+    fn checkpoints_after_any_prefix_are_each_partitions_first_event_left() {
+        // Interleaved as event-time alignment leaves them; partition 2 was read but kept nothing.
+        let events = vec![event(0, 0), event(1, 0), event(0, 1), event(0, 2), event(1, 3), event(0, 5)];
+        let read_to: Cursor = [(("s".into(), 0), 6), (("s".into(), 1), 4), (("s".into(), 2), 9)].into();
+        let pending = Pending { events: events.clone(), read_to: read_to.clone(), ..Pending::default() };
+        for done in 0..=events.len() {
+            // The definition: per partition, the first event not handled, else where reading stopped.
+            let mut want = read_to.clone();
+            for e in events[done..].iter().rev() {
+                want.insert((e.stream.clone(), e.partition), e.offset);
+            }
+            let got: Cursor =
+                pending.checkpoints_after(done).into_iter().map(|c| ((c.stream, c.partition), c.next_offset)).collect();
+            assert_eq!(got, want, "after {done} events");
+        }
+    }
+
+    #[test]
     fn undecodable_records_go_with_the_commit_that_passes_them() {
         // Partition 0: event 0, bad 1, event 2, bad 3 (last read); partition 1: bad 0 alone.
         let pending = Pending {
             events: vec![event(0, 0), event(0, 2)],
             undecodable: vec![letter(0, 1), letter(0, 3), letter(1, 0)],
             read_to: [(("s".into(), 0), 4), (("s".into(), 1), 1)].into(),
-            behind: false,
+            ..Pending::default()
         };
         let offsets = |ls: Vec<DeadLetter>| ls.iter().map(|l| (l.partition, l.offset)).collect::<Vec<_>>();
         // Handling event 0 moves partition 0 to 2 and partition 1 (no events) to its end.
@@ -305,7 +357,7 @@ mod tests {
             events: vec![event(0, 0), event(0, 1), event(0, 2), event(1, 0), event(2, 5)],
             undecodable: vec![letter(0, 3)],
             read_to: [(("s".into(), 0), 4), (("s".into(), 1), 1), (("s".into(), 2), 6)].into(),
-            behind: false,
+            ..Pending::default()
         };
         pending.hold_back(&[(("s".into(), 0), 2), (("s".into(), 1), 7)].into(), &Cursor::new());
         let kept: Vec<(u32, u64)> = pending.events.iter().map(|e| (e.partition, e.offset)).collect();
@@ -324,7 +376,7 @@ mod tests {
             events: vec![event(0, 5), event(0, 6), event(1, 3)],
             undecodable: Vec::new(),
             read_to: [(("s".into(), 0), 7), (("s".into(), 1), 4)].into(),
-            behind: false,
+            ..Pending::default()
         };
         pending.hold_back(&Cursor::new(), &from);
         assert!(pending.events.is_empty());
@@ -349,7 +401,7 @@ mod tests {
             ],
             undecodable: vec![letter(1, 4)],
             read_to: [(("s".into(), 0), 2), (("s".into(), 1), 5), (("s".into(), 2), 1)].into(),
-            behind: false,
+            ..Pending::default()
         };
         pending.align_event_time(|_, partition, _| partition == 2);
         let order: Vec<(u32, u64)> = pending.events.iter().map(|e| (e.partition, e.offset)).collect();
