@@ -22,11 +22,16 @@ pub fn run_projector(
 ) -> (f64, Arc<ReadModel>) {
     let read_model = Arc::new(ReadModel::open(&dir.join(format!("{name}.redb"))).unwrap());
     let stop = Arc::new(AtomicBool::new(false));
+    let mut options = BatchOptions::default();
+    // `REFRACT_BENCH_CATCH_UP=<factor>`: another `batch.catch-up-factor`.
+    if let Some(factor) = std::env::var("REFRACT_BENCH_CATCH_UP").ok().and_then(|f| f.parse().ok()) {
+        options.catch_up_factor = factor;
+    }
     let projector = Projector::new(
         handler,
         read_model.clone(),
         refract::source::Sources::log(log.clone()),
-        BatchOptions::default(),
+        options,
         Arc::new(Mutex::new(Default::default())),
         stop.clone(),
     )

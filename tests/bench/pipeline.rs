@@ -3,12 +3,15 @@
 //!
 //! - **log scan**: reading and decoding every event from the embedded log;
 //! - **redb insert**: inserting the rows the projection writes, in
-//!   transactions of the projector's batch size, durable commits;
+//!   transactions of the projector's catch-up batch size before it grows
+//!   (`max-events` × `catch-up-factor`), durable commits;
 //! - **native**: the order-summary crate compiled into the host, through the
 //!   same projector, batches and storage;
 //! - **wasm**: the order-summary component, through the same pipeline.
 //!
-//! Set `REFRACT_BENCH_EVENTS` to change the number of events (default 1,000,000).
+//! Set `REFRACT_BENCH_EVENTS` to change the number of events (default
+//! 1,000,000) and `REFRACT_BENCH_ROUNDS` the number of alternating rounds of
+//! the last three (default 3; the figures are the medians).
 
 #[path = "common.rs"]
 mod common;
@@ -83,13 +86,38 @@ impl Measure {
 }
 
 /// Run `handler` through the projector until it has consumed the whole log.
-fn run_pipeline(name: &'static str, handler: Box<dyn Handler>, log: &Arc<EventLog>, dir: &std::path::Path) -> Measure {
+/// Run `handler` through the projector over the whole log: seconds.
+fn run_pipeline(name: &str, handler: Box<dyn Handler>, log: &Arc<EventLog>, dir: &std::path::Path) -> f64 {
     let (seconds, read_model) = common::run_projector(name, handler, log, &["orders"], dir);
     let total: u64 = log.heads("orders").unwrap().iter().sum();
     let counters = read_model.counters().unwrap();
     assert_eq!(counters.events_applied, total, "{name}: every event applied");
     assert_eq!(counters.dead_letters, 0, "{name}: no dead letters");
-    Measure { name, events: total as usize, seconds }
+    seconds
+}
+
+/// The recorded rows inserted into a new redb file at `path`, `batch_events`
+/// events' rows per durable transaction: seconds.
+fn raw_insert(path: &std::path::Path, per_event: &[Vec<(String, String, Vec<u8>)>], batch_events: usize) -> f64 {
+    let raw = Database::create(path).unwrap();
+    let started = Instant::now();
+    for batch in per_event.chunks(batch_events) {
+        let mut tx = raw.begin_write().unwrap();
+        tx.set_durability(Durability::Immediate).unwrap();
+        {
+            let mut tables = HashMap::new();
+            for rows in batch {
+                for (table, key, value) in rows {
+                    let t = tables.entry(table.as_str()).or_insert_with(|| {
+                        tx.open_table(TableDefinition::<&str, &[u8]>::new(&format!("t/{table}"))).unwrap()
+                    });
+                    t.insert(key.as_str(), value.as_slice()).unwrap();
+                }
+            }
+        }
+        tx.commit().unwrap();
+    }
+    started.elapsed().as_secs_f64()
 }
 
 fn main() {
@@ -139,40 +167,33 @@ fn main() {
             recorder = r;
         }
     }
-    let raw = Database::create(dir.path().join("raw.redb")).unwrap();
-    let batch_events = BatchOptions::default().max_events;
-    let started = Instant::now();
-    for batch in per_event.chunks(batch_events) {
-        let mut tx = raw.begin_write().unwrap();
-        tx.set_durability(Durability::Immediate).unwrap();
-        {
-            let mut tables = HashMap::new();
-            for rows in batch {
-                for (table, key, value) in rows {
-                    let t = tables.entry(table.as_str()).or_insert_with(|| {
-                        tx.open_table(TableDefinition::<&str, &[u8]>::new(&format!("t/{table}"))).unwrap()
-                    });
-                    t.insert(key.as_str(), value.as_slice()).unwrap();
-                }
-            }
-        }
-        tx.commit().unwrap();
-    }
-    let insert = Measure { name: "raw redb insert (same rows)", events: n, seconds: started.elapsed().as_secs_f64() };
+    // A projection consuming a backlog commits catch-up batches.
+    let options = BatchOptions::default();
+    let batch_events = options.max_events * options.catch_up_factor as usize;
 
-    // The projection, natively and as WebAssembly, through the same projector.
-    let native = run_pipeline(
-        "native",
-        Box::new(NativeProjection::new(OrderSummary::manifest(), OrderSummary::handle)),
-        &log,
-        dir.path(),
-    );
+    // The raw inserts and the projection, natively and as WebAssembly, take
+    // turns `REFRACT_BENCH_ROUNDS` times (default 3), so that all three meet
+    // the same changes in the machine's load; the figures are the medians.
     let engine = refract::plugin::engine::new_engine().unwrap();
     let cache = CompileCache::new(&dir.path().join("cache"), &engine).unwrap();
     let (component, _) = cache.load(&std::fs::read(wasm_path).unwrap()).unwrap();
     let linker = wasm::linker(&engine).unwrap();
-    let plugin = WasmPlugin::load(&engine, &linker, &component, "order-summary", PluginLimits::default()).unwrap();
-    let wasm = run_pipeline("wasm", Box::new(plugin), &log, dir.path());
+    let rounds: usize = std::env::var("REFRACT_BENCH_ROUNDS").ok().and_then(|v| v.parse().ok()).unwrap_or(3);
+    let (mut inserts, mut natives, mut wasms) = (Vec::new(), Vec::new(), Vec::new());
+    for round in 0..rounds {
+        inserts.push(raw_insert(&dir.path().join(format!("raw-{round}.redb")), &per_event, batch_events));
+        let native = Box::new(NativeProjection::new(OrderSummary::manifest(), OrderSummary::handle));
+        natives.push(run_pipeline(&format!("native-{round}"), native, &log, dir.path()));
+        let plugin = WasmPlugin::load(&engine, &linker, &component, "order-summary", PluginLimits::default()).unwrap();
+        wasms.push(run_pipeline(&format!("wasm-{round}"), Box::new(plugin), &log, dir.path()));
+        eprintln!(
+            "round {round}: raw insert {:.2} s, native {:.2} s, wasm {:.2} s",
+            inserts[round], natives[round], wasms[round]
+        );
+    }
+    let insert = Measure { name: "raw redb insert (same rows)", events: n, seconds: common::median(&inserts) };
+    let native = Measure { name: "native", events: n, seconds: common::median(&natives) };
+    let wasm = Measure { name: "wasm", events: n, seconds: common::median(&wasms) };
 
     // Compile cache: a cold compile against a load from the cache.
     let wasm_bytes = std::fs::read(wasm_path).unwrap();

@@ -163,6 +163,7 @@ fn main() {
     // changes in the machine's load; the figures are the medians.
     let rounds: usize = std::env::var("REFRACT_BENCH_ROUNDS").ok().and_then(|v| v.parse().ok()).unwrap_or(3);
     let (mut raw_runs, mut wasm_runs, mut tables_runs) = (Vec::new(), Vec::new(), Vec::new());
+    let mut memory_runs = Vec::new();
     let mut last: Option<(Arc<Runtime>, Arc<refract::generation::Generation>)> = None;
     for round in 0..rounds {
         raw_runs.push(raw_tantivy(&dir.path().join(format!("raw-{round}")), &schema, &documents));
@@ -180,7 +181,9 @@ fn main() {
         let projection = runtime.add(Box::new(plugin), "bench".into()).unwrap().live();
         let total: u64 = runtime.log.heads("orders").unwrap().iter().sum();
         let mut tables_done = None;
+        let (resident_before, mut resident_peak) = (resident_bytes(), 0);
         loop {
+            resident_peak = resident_peak.max(resident_bytes());
             let consumed: u64 = projection.read_model.checkpoints().unwrap().iter().map(|c| c.next_offset).sum();
             let written = projection.read_model.outbox_sequence().unwrap();
             if consumed == total && tables_done.is_none() {
@@ -192,6 +195,7 @@ fn main() {
             std::thread::sleep(Duration::from_millis(5));
         }
         tables_runs.push(tables_done.expect("the tables caught up first"));
+        memory_runs.push(resident_peak.saturating_sub(resident_before) as f64 / (1 << 20) as f64);
         wasm_runs.push(started.elapsed().as_secs_f64());
         eprintln!(
             "round {round}: raw tantivy {:.2} s, wasm end to end {:.2} s ({:.2})",
@@ -203,6 +207,7 @@ fn main() {
     }
     let (raw_seconds, wasm_seconds, tables_seconds) =
         (common::median(&raw_runs), common::median(&wasm_runs), common::median(&tables_runs));
+    let memory_mb = common::median(&memory_runs);
     let (runtime, projection) = last.expect("at least one round");
     let open = &projection.indexes.open["orders"];
     let indexed = open.reader.searcher().num_docs();
@@ -347,6 +352,7 @@ fn main() {
         "| … of which the tables (redb: orders table and outbox) | {:.0} events/s | {tables_seconds:.2} |",
         n as f64 / tables_seconds
     );
+    println!("| … its memory: growth of the resident heap while it ran (peak) | {memory_mb:.0} MiB | |");
     for (what, seconds) in [("scanning", check_scan), ("parsing into a JSON value", check_parse)] {
         println!(
             "| document check by {what} | {:.0} docs/s ({:.2} µs each) | {seconds:.2} |",
@@ -386,6 +392,14 @@ fn main() {
         "| HTTP search / refract query code, concurrent ({clients} clients vs {threads} threads) | {:.2} ({http_parallel:.0} vs {direct_parallel:.0} queries/s) | ≥ 0.80 |",
         http_parallel / direct_parallel
     );
+}
+
+/// The process's resident anonymous memory (its heap, not the pages of the
+/// files it maps: redb's and tantivy's), from `/proc/self/statm`.
+fn resident_bytes() -> u64 {
+    let statm = std::fs::read_to_string("/proc/self/statm").unwrap_or_default();
+    let pages: Vec<u64> = statm.split(' ').filter_map(|p| p.trim().parse().ok()).collect();
+    pages.get(1).zip(pages.get(2)).map_or(0, |(resident, shared)| resident.saturating_sub(*shared) * 4096)
 }
 
 /// Raw tantivy indexing `documents` into a new index in `dir` (delete by id,
