@@ -442,11 +442,11 @@ impl Projector {
         let (name, watermarks) = (self.name().to_owned(), self.watermarks.clone());
         let mut cursor = self.checkpoints.clone();
         let max_events = self.options.max_events;
-        let catch_up_events = max_events.saturating_mul(self.options.catch_up_factor.max(1) as usize);
-        // Room for the batch to grow while the previous one commits (see `process`).
+        // Behind: the catch-up size, with room for a batch to grow while the
+        // previous one commits (see `process`).
         let catch_up_events = match self.options.catch_up_factor {
-            0 | 1 => catch_up_events,
-            _ => catch_up_events.saturating_mul(COMMIT_GROWTH as usize),
+            0 | 1 => max_events,
+            factor => max_events.saturating_mul(factor as usize).saturating_mul(COMMIT_GROWTH as usize),
         };
         let background_rebuilds = self.options.background_rebuilds;
         let backoff = self.options.initial_backoff;
