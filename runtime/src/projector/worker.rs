@@ -82,6 +82,28 @@ impl Default for BatchOptions {
     }
 }
 
+impl BatchOptions {
+    /// Whether batches grow while catching up (a factor of 1 turns it off).
+    fn catches_up(&self) -> bool {
+        self.catch_up_factor > 1
+    }
+
+    /// A catch-up batch's size and time bound, before it grows.
+    fn catch_up_bounds(&self) -> (usize, Duration) {
+        let factor = self.catch_up_factor.max(1);
+        (self.max_events.saturating_mul(factor as usize), self.max_duration.saturating_mul(factor))
+    }
+
+    /// The most events a read takes while catching up: a catch-up batch and
+    /// its room to grow while the previous one commits (see `process`).
+    fn catch_up_read(&self) -> usize {
+        match self.catches_up() {
+            true => self.catch_up_bounds().0.saturating_mul(COMMIT_GROWTH as usize),
+            false => self.max_events,
+        }
+    }
+}
+
 /// What a worker is doing.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
 #[serde(rename_all = "kebab-case")]
@@ -442,12 +464,7 @@ impl Projector {
         let (name, watermarks) = (self.name().to_owned(), self.watermarks.clone());
         let mut cursor = self.checkpoints.clone();
         let max_events = self.options.max_events;
-        // Behind: the catch-up size, with room for a batch to grow while the
-        // previous one commits (see `process`).
-        let catch_up_events = match self.options.catch_up_factor {
-            0 | 1 => max_events,
-            factor => max_events.saturating_mul(factor as usize).saturating_mul(COMMIT_GROWTH as usize),
-        };
+        let catch_up_events = self.options.catch_up_read();
         let background_rebuilds = self.options.background_rebuilds;
         let backoff = self.options.initial_backoff;
         // Enrichers keep clocks (windows, joins): they get events in event-time order.
@@ -724,15 +741,11 @@ impl Projector {
         // Behind, a batch ends at the catch-up size or time, or later while
         // the previous batch is still committing (the pending read leaves it
         // room up to `COMMIT_GROWTH` times that size).
-        let factor = self.options.catch_up_factor.max(1);
         let (max_events, max_duration) = match pending.behind {
-            true => (
-                self.options.max_events.saturating_mul(factor as usize),
-                self.options.max_duration.saturating_mul(factor),
-            ),
+            true => self.options.catch_up_bounds(),
             false => (usize::MAX, self.options.max_duration),
         };
-        let grow = pending.behind && factor > 1;
+        let grow = pending.behind && self.options.catches_up();
         loop {
             let started = Instant::now();
             let mut batch = match self.begin() {
