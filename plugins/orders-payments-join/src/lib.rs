@@ -309,13 +309,14 @@ fn drain_due(
     oldest_open: i64,
     mut due: impl FnMut(&str) -> Result<(), Failure>,
 ) -> Result<(), Failure> {
-    let horizon = time_key(oldest_open, "");
+    // Formatted only once something may be due: this runs on every event.
+    let mut horizon = None;
     while next.is_none_or(|t| t < oldest_open) {
         let Some((key, order_id)) = table.scan("", cursor.as_deref(), 1)?.pop() else {
             *next = Some(i64::MAX);
             break;
         };
-        if key >= horizon {
+        if key >= *horizon.get_or_insert_with(|| time_key(oldest_open, "")) {
             *next = Some(key_time(&key));
             break;
         }
