@@ -22,6 +22,7 @@ pub mod enricher {
         with: {
             "refract:plugin/types": crate::plugin::bindings::refract::plugin::types,
             "refract:plugin/kv": crate::plugin::bindings::refract::plugin::kv,
+            "refract:plugin/kv-packed": crate::plugin::bindings::refract::plugin::kv_packed,
             "refract:plugin/emit": crate::plugin::bindings::refract::plugin::emit,
             "refract:plugin/lookup": crate::plugin::bindings::refract::plugin::lookup,
             "refract:plugin/settings": crate::plugin::bindings::refract::plugin::settings,

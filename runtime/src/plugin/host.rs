@@ -18,6 +18,7 @@ use wasmtime_wasi::{HostMonotonicClock, HostWallClock, WasiCtx, WasiCtxBuilder, 
 use super::Environment;
 use super::bindings::refract::plugin::emit::{self, EmitError, Outgoing};
 use super::bindings::refract::plugin::kv::{self, Entry, KvError};
+use super::bindings::refract::plugin::kv_packed::{self, PackedError, RefusedWrite};
 use super::bindings::refract::plugin::lookup::{self, LookupError};
 use super::bindings::refract::plugin::search::{self, SearchError};
 use super::bindings::refract::plugin::{log, settings, types};
@@ -136,6 +137,40 @@ impl kv::Host for HostState {
             Ok(result) => Ok(result),
             Err(e) => Err(self.host_failure(e)),
         }
+    }
+}
+
+impl HostState {
+    /// Apply a plugin's pending writes (`kv-packed`); a log that does not
+    /// decode is the plugin's fault and traps the call.
+    fn apply_pending(&mut self, writes: &[u8]) -> wasmtime::Result<Result<(), RefusedWrite>> {
+        let batch = self.batch()?;
+        let applied = refract_sdk::packed::read_kv(writes, |table, key, value| match value {
+            Some(value) => batch.put(table, key, value),
+            None => batch.delete(table, key),
+        });
+        match applied {
+            Ok(result) => Ok(result.map_err(|(index, error)| RefusedWrite { index, error })),
+            Err(e) => Err(wasmtime::format_err!("kv-packed: {e}")),
+        }
+    }
+}
+
+impl kv_packed::Host for HostState {
+    fn apply(&mut self, writes: Vec<u8>) -> wasmtime::Result<Result<(), RefusedWrite>> {
+        self.apply_pending(&writes)
+    }
+
+    fn get(
+        &mut self,
+        writes: Vec<u8>,
+        table: String,
+        key: String,
+    ) -> wasmtime::Result<Result<Option<Vec<u8>>, PackedError>> {
+        if let Err(refused) = self.apply_pending(&writes)? {
+            return Ok(Err(PackedError::Write(refused)));
+        }
+        Ok(kv::Host::get(self, table, key)?.map_err(PackedError::Read))
     }
 }
 

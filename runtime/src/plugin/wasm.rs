@@ -3,7 +3,7 @@
 use std::sync::Arc;
 use std::time::Duration;
 
-use wasmtime::component::{Component, HasSelf, Linker};
+use wasmtime::component::{Component, Func, HasSelf, Linker};
 use wasmtime::{Engine, Store, Trap};
 
 use super::bindings::enricher::{Enricher, EnricherPre};
@@ -51,11 +51,16 @@ enum Pre {
     Enricher(EnricherPre<HostState>),
 }
 
-/// A live instance of either world.
+/// A live instance of either world, with its `handle-packed` or
+/// `enrich-packed` export when it has one (the `packed-*` worlds).
 enum Instance {
-    Projection(Projection),
-    Enricher(Enricher),
+    Projection(Projection, Option<Func>),
+    Enricher(Enricher, Option<Func>),
 }
+
+/// The names of the packed exports, which the host prefers when present.
+const HANDLE_PACKED: &str = "handle-packed";
+const ENRICH_PACKED: &str = "enrich-packed";
 
 /// A compiled plugin component, instantiated on demand and again after a trap.
 pub struct WasmPlugin {
@@ -69,6 +74,8 @@ pub struct WasmPlugin {
     /// Where an enricher's outputs go (see [`WasmPlugin::configure`]).
     routes: Routes,
     instance: Option<(Store<HostState>, Instance)>,
+    /// The last packed batch, kept so that its allocation is reused.
+    packed: Vec<u8>,
 }
 
 /// A linker with the host interfaces and an empty WASI.
@@ -127,6 +134,7 @@ impl WasmPlugin {
             },
             indexes: Vec::new(),
             instance: None,
+            packed: Vec::new(),
         };
         let mut store = this.new_store();
         let raw = match &this.pre {
@@ -134,18 +142,15 @@ impl WasmPlugin {
             Pre::Enricher(pre) => pre.instance_pre().instantiate(&mut store),
         }
         .map_err(|e| LoadError::Instantiate(format!("{e:#}")))?;
-        let instance = match &this.pre {
-            Pre::Projection(_) => Instance::Projection(Projection::new(&mut store, &raw).map_err(link)?),
-            Pre::Enricher(_) => Instance::Enricher(Enricher::new(&mut store, &raw).map_err(link)?),
-        };
+        let instance = this.bind(&mut store, &raw).map_err(link)?;
         let manifest = match &instance {
-            Instance::Projection(p) => p.call_manifest(&mut store),
-            Instance::Enricher(e) => e.call_manifest(&mut store),
+            Instance::Projection(p, _) => p.call_manifest(&mut store),
+            Instance::Enricher(e, _) => e.call_manifest(&mut store),
         }
         .map_err(|e| LoadError::Manifest(describe_trap(&e, &limits, store.data_mut().last_error_log.take())))?;
         super::validate_manifest(&manifest).map_err(LoadError::InvalidManifest)?;
         // The `search-projection` world adds an `indexes` export; plain projections lack it.
-        if let (Instance::Projection(_), Ok(indexes)) =
+        if let (Instance::Projection(..), Ok(indexes)) =
             (&instance, raw.get_typed_func::<(), (Vec<IndexMapping>,)>(&mut store, "indexes"))
         {
             let (mappings,) = indexes
@@ -196,13 +201,81 @@ impl WasmPlugin {
 
     fn instantiate(&self) -> Result<(Store<HostState>, Instance), String> {
         let mut store = self.new_store();
-        let instance = match &self.pre {
-            Pre::Projection(pre) => pre.instantiate(&mut store).map(Instance::Projection),
-            Pre::Enricher(pre) => pre.instantiate(&mut store).map(Instance::Enricher),
+        let raw = match &self.pre {
+            Pre::Projection(pre) => pre.instance_pre().instantiate(&mut store),
+            Pre::Enricher(pre) => pre.instance_pre().instantiate(&mut store),
         }
         .map_err(|e| format!("{e:#}"))?;
+        let instance = self.bind(&mut store, &raw).map_err(|e| format!("{e:#}"))?;
         Ok((store, instance))
     }
+
+    /// The world's exports of a fresh instance, and its packed export if it
+    /// has one; a packed export of the wrong type fails the link.
+    fn bind(&self, store: &mut Store<HostState>, raw: &wasmtime::component::Instance) -> wasmtime::Result<Instance> {
+        Ok(match &self.pre {
+            Pre::Projection(_) => {
+                let packed = raw.get_func(&mut *store, HANDLE_PACKED);
+                if let Some(f) = packed {
+                    f.typed::<(&[u8],), PackedHandled>(&*store)
+                        .map_err(|e| wasmtime::format_err!("{HANDLE_PACKED}: {e:#}"))?;
+                }
+                Instance::Projection(Projection::new(&mut *store, raw)?, packed)
+            }
+            Pre::Enricher(_) => {
+                let packed = raw.get_func(&mut *store, ENRICH_PACKED);
+                if let Some(f) = packed {
+                    f.typed::<(&[u8],), PackedEnriched>(&*store)
+                        .map_err(|e| wasmtime::format_err!("{ENRICH_PACKED}: {e:#}"))?;
+                }
+                Instance::Enricher(Enricher::new(&mut *store, raw)?, packed)
+            }
+        })
+    }
+}
+
+/// What `handle-packed` and `enrich-packed` return.
+type PackedHandled = (Result<(), Failure>,);
+type PackedEnriched = (Result<Vec<u8>, Failure>,);
+
+/// Encode `events` for a packed export into `buffer`.
+fn pack(events: &[Event], buffer: &mut Vec<u8>) {
+    use refract_sdk::packed::{Writer, write_event};
+    buffer.clear();
+    let mut w = Writer(buffer);
+    w.len(events.len());
+    for e in events {
+        let (key, headers) = (e.key.as_deref(), &e.headers);
+        write_event(
+            &mut w,
+            &e.stream,
+            e.partition,
+            e.offset,
+            key,
+            &e.event_type,
+            e.time,
+            headers,
+            &e.content_type,
+            &e.data,
+        );
+    }
+}
+
+/// Decode the outputs of `enrich-packed`; outputs that do not decode are the
+/// plugin's fault, like a trap.
+fn unpack_outputs(bytes: &[u8]) -> wasmtime::Result<Vec<Outgoing>> {
+    let mut outputs = Vec::new();
+    refract_sdk::packed::read_outputs(bytes, |event_type, key, time, headers, data| {
+        outputs.push(Outgoing {
+            event_type: event_type.to_owned(),
+            key: key.map(str::to_owned),
+            time,
+            headers,
+            data: data.to_vec(),
+        })
+    })
+    .map_err(|e| wasmtime::format_err!("{ENRICH_PACKED} returned outputs that do not decode: {e}"))?;
+    Ok(outputs)
 }
 
 /// What a call into either world returned.
@@ -238,8 +311,25 @@ impl Handler for WasmPlugin {
         store.data_mut().last_error_log = None;
         store.set_epoch_deadline(deadline_ticks(self.limits.deadline));
         let result: Called = match instance {
-            Instance::Projection(p) => p.call_handle(&mut *store, events).map(|r| r.map(|()| None)),
-            Instance::Enricher(e) => e.call_enrich(&mut *store, events).map(|r| r.map(Some)),
+            Instance::Projection(_, Some(packed)) => {
+                pack(events, &mut self.packed);
+                packed
+                    .typed::<(&[u8],), PackedHandled>(&*store)
+                    .and_then(|f| f.call(&mut *store, (self.packed.as_slice(),)))
+                    .map(|(r,)| r.map(|()| None))
+            }
+            Instance::Enricher(_, Some(packed)) => {
+                pack(events, &mut self.packed);
+                packed
+                    .typed::<(&[u8],), PackedEnriched>(&*store)
+                    .and_then(|f| f.call(&mut *store, (self.packed.as_slice(),)))
+                    .and_then(|(r,)| match r {
+                        Ok(outputs) => unpack_outputs(&outputs).map(|o| Ok(Some(o))),
+                        Err(failure) => Ok(Err(failure)),
+                    })
+            }
+            Instance::Projection(p, None) => p.call_handle(&mut *store, events).map(|r| r.map(|()| None)),
+            Instance::Enricher(e, None) => e.call_enrich(&mut *store, events).map(|r| r.map(Some)),
         };
         let state = store.data_mut();
         let mut batch = state.batch.take().expect("the batch stays in the store during the call");

@@ -51,7 +51,7 @@ use serde::de::DeserializeOwned;
 pub mod wit {
     wit_bindgen::generate!({
         path: "../../wit",
-        world: "refract:plugin/search-projection",
+        world: "refract:plugin/packed-projection",
         pub_export_macro: true,
         export_macro_name: "__export_projection_world",
         default_bindings_module: "refract_sdk::wit",
@@ -62,13 +62,14 @@ pub mod wit {
     pub mod enricher {
         wit_bindgen::generate!({
             path: "../../wit",
-            world: "refract:plugin/enricher",
+            world: "refract:plugin/packed-enricher",
             pub_export_macro: true,
             export_macro_name: "__export_enricher_world",
             default_bindings_module: "refract_sdk::wit::enricher",
             with: {
                 "refract:plugin/types@0.1.0": crate::wit::refract::plugin::types,
                 "refract:plugin/kv@0.1.0": crate::wit::refract::plugin::kv,
+                "refract:plugin/kv-packed@0.1.0": crate::wit::refract::plugin::kv_packed,
                 "refract:plugin/emit@0.1.0": crate::wit::refract::plugin::emit,
                 "refract:plugin/lookup@0.1.0": crate::wit::refract::plugin::lookup,
                 "refract:plugin/settings@0.1.0": crate::wit::refract::plugin::settings,
@@ -79,6 +80,8 @@ pub mod wit {
 }
 
 pub mod native;
+#[doc(hidden)]
+pub mod packed;
 pub mod testing;
 
 pub use wit::refract::plugin::types::{Event, Failure, FieldType};
@@ -602,6 +605,14 @@ pub fn log(level: Level, message: &str) {
 
 /// Raw key/value access: byte values, as the WIT `kv` interface has them.
 /// Prefer [`Table`], which encodes values as JSON.
+///
+/// In WebAssembly, `put` and `delete` only append to the batch's pending
+/// writes, held in the plugin; they go to the host with the next `get` (one
+/// crossing of the sandbox boundary for both), before a `scan`, and when the
+/// batch ends (`kv-packed` in the WIT). So a write the host refuses (an
+/// undeclared table, a value that is not JSON or too large) fails the batch
+/// at the next read or at its end rather than at the call; the runtime then
+/// isolates the event that made it, as for any rejected event.
 pub mod kv {
     use crate::Failure;
     #[cfg(not(target_arch = "wasm32"))]
@@ -617,18 +628,115 @@ pub mod kv {
         Failure::Rejected(format!("table {table}: {message}"))
     }
 
+    /// The batch's writes not yet sent, packed (`crate::packed::write_kv`).
+    #[cfg(target_arch = "wasm32")]
+    mod pending {
+        use std::cell::RefCell;
+
+        use crate::Failure;
+        use crate::wit::refract::plugin::kv_packed::RefusedWrite;
+
+        /// Past this many bytes the writes are sent without waiting for a
+        /// read, so that a batch of any size keeps the plugin's memory bounded.
+        const SEND_AT: usize = 1 << 20;
+
+        thread_local! {
+            static WRITES: RefCell<Vec<u8>> = const { RefCell::new(Vec::new()) };
+        }
+
+        pub fn write(table: &str, key: &str, value: Option<&[u8]>) -> Result<(), Failure> {
+            let full = WRITES.with_borrow_mut(|log| {
+                crate::packed::write_kv(log, table, key, value);
+                log.len() >= SEND_AT
+            });
+            if full { send() } else { Ok(()) }
+        }
+
+        /// Call `f` with the pending writes, which it sends to the host, and
+        /// forget them (`f` is not called when there are none: `None`).
+        pub fn take<R>(f: impl FnOnce(&[u8]) -> R) -> Option<R> {
+            WRITES.with_borrow_mut(|log| {
+                if log.is_empty() {
+                    return None;
+                }
+                let result = f(log);
+                log.clear();
+                Some(result)
+            })
+        }
+
+        pub fn send() -> Result<(), Failure> {
+            let sent = take(|log| crate::wit::refract::plugin::kv_packed::apply(log).map_err(|r| refused(log, r)));
+            sent.unwrap_or(Ok(()))
+        }
+
+        pub fn clear() {
+            WRITES.with_borrow_mut(Vec::clear);
+        }
+
+        /// The failure of the pending write of `log` the host refused.
+        pub fn refused(log: &[u8], refused: RefusedWrite) -> Failure {
+            let mut seen = 0;
+            let mut write = (String::new(), String::new());
+            let _ = crate::packed::read_kv(log, |table, key, _| {
+                if seen < refused.index {
+                    seen += 1;
+                    return Ok(());
+                }
+                write = (table.to_owned(), key.to_owned());
+                Err(())
+            });
+            let (table, key) = write;
+            match super::failure(&table, refused.error) {
+                Failure::Rejected(m) => Failure::Rejected(format!("{m} (writing {key:?})")),
+                other => other,
+            }
+        }
+    }
+
+    /// The end of a batch: send its pending writes (`Ok`) or forget them
+    /// (`Err`: the host rolls the batch back). Called by the export macros.
+    #[doc(hidden)]
+    pub fn finish_batch<R>(result: Result<R, Failure>) -> Result<R, Failure> {
+        #[cfg(target_arch = "wasm32")]
+        match &result {
+            Ok(_) => pending::send()?,
+            Err(_) => pending::clear(),
+        }
+        result
+    }
+
     /// The value under `key` in `table`.
     pub fn get(table: &str, key: &str) -> Result<Option<Vec<u8>>, Failure> {
+        #[cfg(target_arch = "wasm32")]
+        {
+            use crate::wit::refract::plugin::kv_packed::{self, PackedError};
+            let sent = pending::take(|writes| {
+                kv_packed::get(writes, table, key).map_err(|e| match e {
+                    PackedError::Write(refused) => pending::refused(writes, refused),
+                    PackedError::Read(e) => failure(table, e),
+                })
+            });
+            if let Some(result) = sent {
+                return result;
+            }
+        }
         host::get(table, key).map_err(|e| failure(table, e))
     }
 
     /// Store a JSON document under `key` in `table`.
     pub fn put(table: &str, key: &str, value: &[u8]) -> Result<(), Failure> {
+        #[cfg(target_arch = "wasm32")]
+        return pending::write(table, key, Some(value));
+        #[cfg(not(target_arch = "wasm32"))]
         host::put(table, key, value).map_err(|e| failure(table, e))
     }
 
     /// Remove `key` from `table`.
     pub fn delete(table: &str, key: &str) -> Result<(), Failure> {
+        #[cfg(target_arch = "wasm32")]
+        return pending::write(table, key, None);
+        #[cfg(not(target_arch = "wasm32"))]
         host::delete(table, key).map_err(|e| failure(table, e))
     }
 
@@ -639,10 +747,19 @@ pub mod kv {
         start_after: Option<&str>,
         limit: u32,
     ) -> Result<Vec<(String, Vec<u8>)>, Failure> {
+        #[cfg(target_arch = "wasm32")]
+        pending::send()?;
         host::scan(table, prefix, start_after, limit)
             .map(|entries| entries.into_iter().map(|e| (e.key, e.value)).collect())
             .map_err(|e| failure(table, e))
     }
+}
+
+/// The events of a packed batch. The host encoded them: one that does not
+/// decode is a host fault, so the plugin traps (and says why in the log).
+#[doc(hidden)]
+pub fn __unpack(events: &[u8]) -> Vec<Event> {
+    packed::decode_events(events).unwrap_or_else(|e| panic!("the host sent a batch that does not decode: {e}"))
 }
 
 /// Route panics to the host's log before the instance traps, so the runtime
@@ -699,8 +816,17 @@ macro_rules! export_enricher {
                     $crate::Failure,
                 > {
                     $crate::__install_panic_hook();
-                    <$ty as $crate::Enricher>::enrich_batch(events)
+                    $crate::kv::finish_batch(<$ty as $crate::Enricher>::enrich_batch(events))
                         .map(|out| out.into_iter().map($crate::NewEvent::into_wit).collect())
+                }
+                fn enrich_packed(
+                    events: ::std::vec::Vec<u8>,
+                ) -> ::std::result::Result<::std::vec::Vec<u8>, $crate::Failure> {
+                    $crate::__install_panic_hook();
+                    let events = $crate::__unpack(&events);
+                    let out = $crate::kv::finish_batch(<$ty as $crate::Enricher>::enrich_batch(events))?;
+                    let out: ::std::vec::Vec<_> = out.into_iter().map($crate::NewEvent::into_wit).collect();
+                    Ok($crate::packed::encode_outputs(&out))
                 }
             }
     $crate::wit::enricher::__export_enricher_world!(__RefractExport with_types_in $crate::wit::enricher);
@@ -726,7 +852,11 @@ macro_rules! export_projection {
                 }
                 fn handle(events: ::std::vec::Vec<$crate::Event>) -> ::std::result::Result<(), $crate::Failure> {
                     $crate::__install_panic_hook();
-                    <$ty as $crate::Projection>::handle(events)
+                    $crate::kv::finish_batch(<$ty as $crate::Projection>::handle(events))
+                }
+                fn handle_packed(events: ::std::vec::Vec<u8>) -> ::std::result::Result<(), $crate::Failure> {
+                    $crate::__install_panic_hook();
+                    $crate::kv::finish_batch(<$ty as $crate::Projection>::handle($crate::__unpack(&events)))
                 }
             }
     $crate::wit::__export_projection_world!(__RefractExport with_types_in $crate::wit);
