@@ -349,6 +349,8 @@ fn build_rust(dir: &Path, out: &Path) -> anyhow::Result<()> {
 /// What `check` found in a component.
 pub struct Checked {
     pub kind: Kind,
+    /// Whether it takes its batches packed into one buffer (the `packed-*` worlds).
+    pub packed: bool,
     pub manifest: crate::plugin::Manifest,
     pub indexes: Vec<crate::plugin::IndexMapping>,
 }
@@ -368,5 +370,10 @@ pub fn check(file: &Path) -> anyhow::Result<Checked> {
     let plugin = WasmPlugin::load(&engine, &linker, &component, &file.display().to_string(), PluginLimits::default())
         .map_err(|e| anyhow::anyhow!("{}: {e}", file.display()))?;
     crate::plugin::declared(&plugin).map_err(|e| anyhow::anyhow!("{}: {e}", file.display()))?;
-    Ok(Checked { kind: plugin.kind(), manifest: plugin.manifest().clone(), indexes: plugin.indexes().to_vec() })
+    Ok(Checked {
+        kind: plugin.kind(),
+        packed: plugin.takes_packed_batches(),
+        manifest: plugin.manifest().clone(),
+        indexes: plugin.indexes().to_vec(),
+    })
 }

@@ -238,7 +238,8 @@ fn print_checked(file: &Path, c: &refract::authoring::Checked, json: bool) {
             .map(|s| serde_json::json!({"stream": s.stream, "eventTypes": s.event_types}))
             .collect();
         let indexes: Vec<_> = c.indexes.iter().map(|i| i.name.clone()).collect();
-        let out = serde_json::json!({"file": file, "kind": c.kind, "name": m.name, "version": m.version,
+        let batches = if c.packed { "packed" } else { "typed" };
+        let out = serde_json::json!({"file": file, "kind": c.kind, "batches": batches, "name": m.name, "version": m.version,
             "schemaVersion": m.schema_version, "subscriptions": subscriptions, "tables": m.tables, "indexes": indexes});
         println!("{out:#}");
         return;
@@ -251,6 +252,13 @@ fn print_checked(file: &Path, c: &refract::authoring::Checked, json: bool) {
     println!("  name            {}", m.name);
     println!("  version         {}", m.version);
     println!("  schema-version  {}", m.schema_version);
+    let batches = match (c.packed, c.kind) {
+        (true, refract::plugin::Kind::Projection) => "packed (handle-packed)",
+        (true, refract::plugin::Kind::Enricher) => "packed (enrich-packed)",
+        (false, refract::plugin::Kind::Projection) => "typed records (handle)",
+        (false, refract::plugin::Kind::Enricher) => "typed records (enrich)",
+    };
+    println!("  batches         {batches}");
     for s in &m.subscriptions {
         let types = if s.event_types.is_empty() { "every type".to_owned() } else { s.event_types.join(", ") };
         println!("  reads           {} ({types})", s.stream);

@@ -223,6 +223,7 @@ fn plugin_check_reports_the_world_and_manifest_and_refuses_what_is_not_a_plugin(
     assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
     let checked: Value = serde_json::from_slice(&out.stdout).unwrap();
     assert_eq!(checked["kind"], "projection");
+    assert_eq!(checked["batches"], "packed", "the Rust SDK's components take packed batches");
     assert_eq!(checked["name"], "order-search");
     assert_eq!(checked["indexes"], json!(["orders"]));
     let out = Command::new(refract)
@@ -231,7 +232,7 @@ fn plugin_check_reports_the_world_and_manifest_and_refuses_what_is_not_a_plugin(
         .output()
         .unwrap();
     let checked: Value = serde_json::from_slice(&out.stdout).unwrap();
-    assert_eq!(checked["kind"], "enricher");
+    assert_eq!((checked["kind"].as_str(), checked["batches"].as_str()), (Some("enricher"), Some("packed")));
 
     let dir = tempfile::tempdir().unwrap();
     let junk = dir.path().join("junk.wasm");

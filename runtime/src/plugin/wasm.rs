@@ -74,6 +74,8 @@ pub struct WasmPlugin {
     /// Where an enricher's outputs go (see [`WasmPlugin::configure`]).
     routes: Routes,
     instance: Option<(Store<HostState>, Instance)>,
+    /// Whether the component exports `handle-packed` / `enrich-packed`.
+    takes_packed: bool,
     /// The last packed batch, kept so that its allocation is reused.
     packed: Vec<u8>,
 }
@@ -113,6 +115,8 @@ impl WasmPlugin {
         let link = |e: wasmtime::Error| LoadError::Link(format!("{e:#}"));
         let raw_pre = linker.instantiate_pre(component).map_err(link)?;
         let exports_enrich = component.get_export_index(None, "enrich").is_some();
+        let packed_export = if exports_enrich { ENRICH_PACKED } else { HANDLE_PACKED };
+        let takes_packed = component.get_export_index(None, packed_export).is_some();
         let pre = if exports_enrich {
             Pre::Enricher(EnricherPre::new(raw_pre).map_err(link)?)
         } else {
@@ -134,6 +138,7 @@ impl WasmPlugin {
             },
             indexes: Vec::new(),
             instance: None,
+            takes_packed,
             packed: Vec::new(),
         };
         let mut store = this.new_store();
@@ -188,6 +193,12 @@ impl WasmPlugin {
             self.instance = None;
         }
         Ok(())
+    }
+
+    /// Whether the host hands this plugin its batches packed into one buffer
+    /// (it exports `handle-packed` or `enrich-packed`), rather than as records.
+    pub fn takes_packed_batches(&self) -> bool {
+        self.takes_packed
     }
 
     fn new_store(&self) -> Store<HostState> {
