@@ -3,7 +3,7 @@
 use std::sync::Arc;
 use std::time::Duration;
 
-use wasmtime::component::{Component, Func, HasSelf, Linker};
+use wasmtime::component::{Component, ComponentNamedList, Func, HasSelf, Lift, Linker};
 use wasmtime::{Engine, Store, Trap};
 
 use super::bindings::enricher::{Enricher, EnricherPre};
@@ -222,27 +222,33 @@ impl WasmPlugin {
     }
 
     /// The world's exports of a fresh instance, and its packed export if it
-    /// has one; a packed export of the wrong type fails the link.
+    /// has one.
     fn bind(&self, store: &mut Store<HostState>, raw: &wasmtime::component::Instance) -> wasmtime::Result<Instance> {
         Ok(match &self.pre {
             Pre::Projection(_) => {
-                let packed = raw.get_func(&mut *store, HANDLE_PACKED);
-                if let Some(f) = packed {
-                    f.typed::<(&[u8],), PackedHandled>(&*store)
-                        .map_err(|e| wasmtime::format_err!("{HANDLE_PACKED}: {e:#}"))?;
-                }
+                let packed = packed_export::<PackedHandled>(store, raw, HANDLE_PACKED)?;
                 Instance::Projection(Projection::new(&mut *store, raw)?, packed)
             }
             Pre::Enricher(_) => {
-                let packed = raw.get_func(&mut *store, ENRICH_PACKED);
-                if let Some(f) = packed {
-                    f.typed::<(&[u8],), PackedEnriched>(&*store)
-                        .map_err(|e| wasmtime::format_err!("{ENRICH_PACKED}: {e:#}"))?;
-                }
+                let packed = packed_export::<PackedEnriched>(store, raw, ENRICH_PACKED)?;
                 Instance::Enricher(Enricher::new(&mut *store, raw)?, packed)
             }
         })
     }
+}
+
+/// The export `name` of `raw`, if it has one, checked to take a byte list and
+/// return `R`: a packed export of the wrong type fails the link.
+fn packed_export<R: ComponentNamedList + Lift>(
+    store: &mut Store<HostState>,
+    raw: &wasmtime::component::Instance,
+    name: &str,
+) -> wasmtime::Result<Option<Func>> {
+    let Some(func) = raw.get_func(&mut *store, name) else {
+        return Ok(None);
+    };
+    func.typed::<(&[u8],), R>(&*store).map_err(|e| wasmtime::format_err!("{name}: {e:#}"))?;
+    Ok(Some(func))
 }
 
 /// What `handle-packed` and `enrich-packed` return.
