@@ -115,21 +115,27 @@ fn a_plugin_s_own_value_limit_refuses_larger_documents_as_dead_letters() {
         // (at the end of the batch): bisection still isolates this event.
         json!({"type": "Ok", "key": "k", "data": {"n": 4, "pad": "y".repeat(200)}}),
         json!({"type": "Ok", "key": "k", "data": {"n": 5}}),
+        // The plugin ignores the refusal and goes on: the host fails the batch anyway.
+        json!({"type": "Swallow", "key": "k", "data": {"n": 6, "pad": "z".repeat(200)}}),
+        json!({"type": "Ok", "key": "k", "data": {"n": 7}}),
     ];
     assert_eq!(server.client().append_ndjson("chaos", &ndjson(&events)).unwrap().status, 200);
     server.wait_caught_up();
     let letters = server.get("/v1/projections/testkit-chaos/dead-letters");
     let letters = letters["deadLetters"].as_array().unwrap();
-    assert_eq!(letters.len(), 2, "{letters:?}");
-    assert_eq!((letters[0]["offset"].as_u64(), letters[1]["offset"].as_u64()), (Some(1), Some(3)));
+    assert_eq!(letters.len(), 3, "{letters:?}");
+    let offsets: Vec<_> = letters.iter().map(|l| l["offset"].as_u64().unwrap()).collect();
+    assert_eq!(offsets, [1, 3, 5]);
     assert!(letters[0]["error"].as_str().unwrap().contains("exceeds 100 bytes"), "{letters:?}");
     let pending = letters[1]["error"].as_str().unwrap();
     assert!(pending.contains("table applied") && pending.contains("exceeds 100 bytes"), "{pending}");
     let key = format!("(writing \"{}/{:020}\")", letters[1]["partition"], 3);
     assert!(pending.contains(&key), "{pending} should name {key}");
-    assert_eq!(server.get("/v1/projections/testkit-chaos")["eventsApplied"], 3);
+    let swallowed = letters[2]["error"].as_str().unwrap();
+    assert!(swallowed.contains("exceeds 100 bytes") && swallowed.contains("swallowed/5"), "{swallowed}");
+    assert_eq!(server.get("/v1/projections/testkit-chaos")["eventsApplied"], 4);
     let applied = server.table("testkit-chaos", "applied");
-    assert_eq!(applied.len(), 3, "{applied:?}");
+    assert_eq!(applied.len(), 4, "{applied:?}");
 }
 
 #[test]

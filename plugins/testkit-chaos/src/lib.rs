@@ -16,7 +16,10 @@
 //! - `Recurse`: recurses `data.depth` calls deep (a deep one must trap on the
 //!   wasm stack limit, not overflow the host's stack);
 //! - `EmitMany`: emits `data.count` `Echo` events to `data.to` (more than the
-//!   plugin's `max-emits` must be refused).
+//!   plugin's `max-emits` must be refused);
+//! - `Swallow`: stores its data under `swallowed/<offset>` too, then reads a
+//!   key and ignores any error: if the host refused that write (too large),
+//!   the batch must still fail, though the plugin carries on.
 //!
 //! Built with `TESTKIT_VARIANT=v2` it declares schema-version 2; with
 //! `TESTKIT_VARIANT=trap` its `manifest()` panics.
@@ -90,6 +93,12 @@ impl Projection for Chaos {
             for i in 0..data["count"].as_u64().unwrap_or(0) {
                 refract_sdk::emit(to, NewEvent::json("Echo", &serde_json::json!({"i": i}))?.time(event.time))?;
             }
+        }
+        if event.event_type == "Swallow" {
+            APPLIED.put(&format!("swallowed/{}", event.offset), &data)?;
+            let _ = APPLIED.get("probe"); // sends the pending writes; an error is ignored
+            return APPLIED
+                .put(&format!("{}/{:020}", event.partition, event.offset), &serde_json::json!({"n": data["n"]}));
         }
         if event.event_type == "Emit" {
             let to = data["to"].as_str().ok_or_else(|| Failure::rejected("Emit needs data.to"))?;

@@ -42,6 +42,10 @@ pub struct HostState {
     /// The last error-level message the plugin logged during this call
     /// (SDKs log panic messages there before trapping).
     pub(super) last_error_log: Option<String>,
+    /// The first pending write (`kv-packed`) refused during this call. It
+    /// rejects the batch whatever the plugin returns: the writes after it in
+    /// the same log were never applied, so the batch must not commit.
+    pub(super) refused_write: Option<String>,
 }
 
 struct FrozenClock;
@@ -88,6 +92,7 @@ impl HostState {
             batch: None,
             host_error: None,
             last_error_log: None,
+            refused_write: None,
         }
     }
 
@@ -145,14 +150,27 @@ impl HostState {
     /// decode is the plugin's fault and traps the call.
     fn apply_pending(&mut self, writes: &[u8]) -> wasmtime::Result<Result<(), RefusedWrite>> {
         let batch = self.batch()?;
-        let applied = refract_sdk::packed::read_kv(writes, |table, key, value| match value {
-            Some(value) => batch.put(table, key, value),
-            None => batch.delete(table, key),
+        let applied = refract_sdk::packed::read_kv(writes, |table, key, value| {
+            let written = match value {
+                Some(value) => batch.put(table, key, value),
+                None => batch.delete(table, key),
+            };
+            written.map_err(|e| (format!("table {table}: {} (writing {key:?})", kv_error_message(&e)), e))
         });
         match applied {
-            Ok(result) => Ok(result.map_err(|(index, error)| RefusedWrite { index, error })),
+            Ok(Ok(())) => Ok(Ok(())),
+            Ok(Err((index, (message, error)))) => {
+                self.refused_write.get_or_insert(message);
+                Ok(Err(RefusedWrite { index, error }))
+            }
             Err(e) => Err(wasmtime::format_err!("kv-packed: {e}")),
         }
+    }
+}
+
+fn kv_error_message(error: &KvError) -> &str {
+    match error {
+        KvError::UnknownTable(m) | KvError::InvalidValue(m) | KvError::TooLarge(m) => m,
     }
 }
 

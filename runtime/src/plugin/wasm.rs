@@ -352,6 +352,12 @@ impl Handler for WasmPlugin {
         let mut batch = state.batch.take().expect("the batch stays in the store during the call");
         let host_error = state.host_error.take();
         let last_error_log = state.last_error_log.take();
+        let result = match (result, state.refused_write.take()) {
+            // The plugin went on after a pending write was refused (it ignored
+            // the error): the writes after that one are missing.
+            (Ok(Ok(_)), Some(refused)) => Ok(Err(Failure::Rejected(refused))),
+            (result, _) => result,
+        };
         let outcome = match result {
             Ok(Ok(None)) => Ok(()),
             Ok(Ok(Some(outputs))) => route::deliver(&mut batch, &self.routes, outputs),
