@@ -142,11 +142,7 @@ impl WasmPlugin {
             packed: Vec::new(),
         };
         let mut store = this.new_store();
-        let raw = match &this.pre {
-            Pre::Projection(pre) => pre.instance_pre().instantiate(&mut store),
-            Pre::Enricher(pre) => pre.instance_pre().instantiate(&mut store),
-        }
-        .map_err(|e| LoadError::Instantiate(format!("{e:#}")))?;
+        let raw = this.instantiate_raw(&mut store).map_err(|e| LoadError::Instantiate(format!("{e:#}")))?;
         let instance = this.bind(&mut store, &raw).map_err(link)?;
         let manifest = match &instance {
             Instance::Projection(p, _) => p.call_manifest(&mut store),
@@ -212,13 +208,17 @@ impl WasmPlugin {
 
     fn instantiate(&self) -> Result<(Store<HostState>, Instance), String> {
         let mut store = self.new_store();
-        let raw = match &self.pre {
-            Pre::Projection(pre) => pre.instance_pre().instantiate(&mut store),
-            Pre::Enricher(pre) => pre.instance_pre().instantiate(&mut store),
-        }
-        .map_err(|e| format!("{e:#}"))?;
+        let raw = self.instantiate_raw(&mut store).map_err(|e| format!("{e:#}"))?;
         let instance = self.bind(&mut store, &raw).map_err(|e| format!("{e:#}"))?;
         Ok((store, instance))
+    }
+
+    /// A fresh instance of the component in `store`, before binding its exports.
+    fn instantiate_raw(&self, store: &mut Store<HostState>) -> wasmtime::Result<wasmtime::component::Instance> {
+        match &self.pre {
+            Pre::Projection(pre) => pre.instance_pre().instantiate(store),
+            Pre::Enricher(pre) => pre.instance_pre().instantiate(store),
+        }
     }
 
     /// The world's exports of a fresh instance, and its packed export if it
