@@ -54,6 +54,7 @@ fn sdk_files(lang: Lang) -> Vec<(&'static str, &'static str)> {
         Lang::Rust => vec![
             ("sdk/rust/Cargo.toml", SDK_RUST_MANIFEST),
             ("sdk/rust/src/lib.rs", include_str!("../../sdk/rust/src/lib.rs")),
+            ("sdk/rust/src/cache.rs", include_str!("../../sdk/rust/src/cache.rs")),
             ("sdk/rust/src/native.rs", include_str!("../../sdk/rust/src/native.rs")),
             ("sdk/rust/src/packed.rs", include_str!("../../sdk/rust/src/packed.rs")),
             ("sdk/rust/src/testing.rs", include_str!("../../sdk/rust/src/testing.rs")),

@@ -19,7 +19,7 @@
 //! Settings (`plugins.orders-payments-join.settings`): `window-ms` (default
 //! 300000, five minutes) and `grace-ms` (default 60000).
 
-use refract_sdk::{Enricher, Event, Failure, Manifest, NewEvent, Table, setting_or};
+use refract_sdk::{Enricher, Event, Failure, Manifest, NewEvent, Table, TableCache, setting_or};
 use serde::{Deserialize, Serialize};
 
 /// An order waiting for its payments.
@@ -210,10 +210,20 @@ fn add_payment(
     Ok(OrderState::Pending(order))
 }
 
-fn on_order(out: &mut Vec<NewEvent>, placed: OrderPlaced, time: i64, window: &mut Window) -> Result<(), Failure> {
-    let early = match ORDERS.get(&placed.order_id)? {
+/// The batch's view of [`ORDERS`]: an order's state is usually written when
+/// the order arrives and again when its payment does, a few events later.
+type Orders = TableCache<OrderState>;
+
+fn on_order(
+    out: &mut Vec<NewEvent>,
+    orders: &mut Orders,
+    placed: OrderPlaced,
+    time: i64,
+    window: &mut Window,
+) -> Result<(), Failure> {
+    let early = match orders.get(&placed.order_id)? {
         Some(OrderState::Pending(_) | OrderState::Done { .. }) => return Ok(()), // a duplicate
-        Some(OrderState::Early { payments }) => payments,
+        Some(OrderState::Early { payments }) => payments.clone(),
         None => Vec::new(),
     };
     let order_id = placed.order_id.clone();
@@ -239,12 +249,18 @@ fn on_order(out: &mut Vec<NewEvent>, placed: OrderPlaced, time: i64, window: &mu
             window.next_deadline = window.next_deadline.map(|t| t.min(order.placed_at.max(0)));
         }
     }
-    ORDERS.put(&order_id, &state)
+    orders.put(&order_id, state)
 }
 
-fn on_payment(out: &mut Vec<NewEvent>, p: PaymentReceived, time: i64, window: &mut Window) -> Result<(), Failure> {
+fn on_payment(
+    out: &mut Vec<NewEvent>,
+    orders: &mut Orders,
+    p: PaymentReceived,
+    time: i64,
+    window: &mut Window,
+) -> Result<(), Failure> {
     let payment = EarlyPayment { payment_id: p.payment_id, amount_cents: cents(p.amount), time };
-    let next = match ORDERS.get(&p.order_id)? {
+    let next = match orders.get(&p.order_id)?.cloned() {
         Some(OrderState::Done { .. }) => return Ok(()), // late, or a duplicate of a joined payment
         Some(OrderState::Pending(order)) => {
             let placed_at = order.placed_at;
@@ -268,29 +284,29 @@ fn on_payment(out: &mut Vec<NewEvent>, p: PaymentReceived, time: i64, window: &m
         EARLY_BY_TIME.put(&time_key(time, &p.order_id), &p.order_id)?;
         window.next_early = window.next_early.map(|t| t.min(time.max(0)));
     }
-    ORDERS.put(&p.order_id, &next)
+    orders.put(&p.order_id, next)
 }
 
 /// Close every window that stream time has passed: those orders are unpaid.
 /// Early payments no order can join any more are dropped.
-fn advance(out: &mut Vec<NewEvent>, window: &mut Window) -> Result<(), Failure> {
+fn advance(out: &mut Vec<NewEvent>, orders: &mut Orders, window: &mut Window) -> Result<(), Failure> {
     let oldest_open = window.oldest_open();
     let window_ms = window.window;
     drain_due(&DEADLINES, &mut window.deadlines_cursor, &mut window.next_deadline, oldest_open, |order_id| {
-        if let Some(OrderState::Pending(order)) = ORDERS.get(order_id)? {
-            let done = emit(out, UNPAID, &order, order.placed_at + window_ms)?;
-            ORDERS.put(order_id, &done)?;
+        if let Some(OrderState::Pending(order)) = orders.get(order_id)? {
+            let done = emit(out, UNPAID, order, order.placed_at + window_ms)?;
+            orders.put(order_id, done)?;
         }
         Ok(())
     })?;
     drain_due(&EARLY_BY_TIME, &mut window.early_cursor, &mut window.next_early, oldest_open, |order_id| {
         // Payments whose order never came within their window.
-        if let Some(OrderState::Early { mut payments }) = ORDERS.get(order_id)? {
-            payments.retain(|p| p.time >= oldest_open);
+        if let Some(OrderState::Early { payments }) = orders.get(order_id)? {
+            let payments: Vec<_> = payments.iter().filter(|p| p.time >= oldest_open).cloned().collect();
             if payments.is_empty() {
-                ORDERS.delete(order_id)?;
+                orders.delete(order_id)?;
             } else {
-                ORDERS.put(order_id, &OrderState::Early { payments })?;
+                orders.put(order_id, OrderState::Early { payments })?;
             }
         }
         Ok(())
@@ -327,15 +343,15 @@ fn drain_due(
     Ok(())
 }
 
-fn enrich_one(event: &Event, out: &mut Vec<NewEvent>, window: &mut Window) -> Result<(), Failure> {
+fn enrich_one(event: &Event, out: &mut Vec<NewEvent>, orders: &mut Orders, window: &mut Window) -> Result<(), Failure> {
     match event.event_type.as_str() {
-        "OrderPlaced" => on_order(out, event.json()?, event.time, window)?,
-        "PaymentReceived" => on_payment(out, event.json()?, event.time, window)?,
+        "OrderPlaced" => on_order(out, orders, event.json()?, event.time, window)?,
+        "PaymentReceived" => on_payment(out, orders, event.json()?, event.time, window)?,
         _ => return Ok(()),
     }
     if event.time > window.now {
         window.now = event.time;
-        advance(out, window)?;
+        advance(out, orders, window)?;
     }
     Ok(())
 }
@@ -359,18 +375,22 @@ impl Enricher for OrdersPaymentsJoin {
     fn enrich(event: &Event, out: &mut Vec<NewEvent>) -> Result<(), Failure> {
         let loaded = Window::load()?;
         let mut window = loaded.clone();
-        enrich_one(event, out, &mut window)?;
+        ORDERS.cached(|orders| enrich_one(event, out, orders, &mut window))?;
         window.save(&loaded)
     }
 
-    /// The settings and the clock are read once per batch, not per event.
+    /// The settings and the clock are read once per batch, not per event, and
+    /// order states are decoded and written once per batch (`ORDERS.cached`).
     fn enrich_batch(events: Vec<Event>) -> Result<Vec<NewEvent>, Failure> {
         let loaded = Window::load()?;
         let mut window = loaded.clone();
-        let mut out = Vec::new();
-        for event in &events {
-            enrich_one(event, &mut out, &mut window)?;
-        }
+        let out = ORDERS.cached(|orders| {
+            let mut out = Vec::new();
+            for event in &events {
+                enrich_one(event, &mut out, orders, &mut window)?;
+            }
+            Ok(out)
+        })?;
         window.save(&loaded)?;
         Ok(out)
     }

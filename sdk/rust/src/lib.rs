@@ -79,11 +79,13 @@ pub mod wit {
     }
 }
 
+mod cache;
 pub mod native;
 #[doc(hidden)]
 pub mod packed;
 pub mod testing;
 
+pub use cache::TableCache;
 pub use wit::refract::plugin::types::{Event, Failure, FieldType};
 
 /// The log level of a message sent with [`log`].
