@@ -43,7 +43,8 @@ impl<V: Serialize + DeserializeOwned> TableCache<V> {
         if !self.slots.contains_key(key) {
             self.make_room()?;
             let value = self.table.get(key)?;
-            self.slots.insert(key.to_owned(), Slot { value, dirty: false });
+            let slot = self.slots.entry(key.to_owned()).or_insert(Slot { value, dirty: false });
+            return Ok(slot.value.as_ref());
         }
         Ok(self.slots[key].value.as_ref())
     }
