@@ -29,6 +29,8 @@
 //!   pause-after-dead-letters: 1000  # a plugin failing this many events in a row pauses (0: never)
 //! search:
 //!   commit-interval-ms: 500       # indexer commits to tantivy this often
+//! storage:
+//!   cache-mb: 1024                # page cache per redb file: the log, and each read model
 //! rebuild:
 //!   background: true              # a rebuild uses only CPU nothing else wants (Linux SCHED_IDLE)
 //! auth:                           # bearer tokens (or REFRACT_ADMIN_TOKEN / REFRACT_QUERY_TOKEN)
@@ -80,6 +82,7 @@ pub struct Config {
     pub batch: BatchConfig,
     pub limits: LimitsConfig,
     pub search: SearchConfig,
+    pub storage: StorageConfig,
     pub rebuild: RebuildConfig,
     pub kafka: KafkaConfig,
     pub auth: AuthConfig,
@@ -238,6 +241,29 @@ impl Default for SearchConfig {
     }
 }
 
+/// The redb files: the log and each projection's read model.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(rename_all = "kebab-case", deny_unknown_fields, default)]
+pub struct StorageConfig {
+    /// The most memory, in MiB, each file may use to cache its pages (the
+    /// log and every read model each have their own cache, filled as pages
+    /// are read or written). redb's default is 1024; lower it when many
+    /// large read models share a small machine.
+    pub cache_mb: usize,
+}
+
+impl Default for StorageConfig {
+    fn default() -> Self {
+        StorageConfig { cache_mb: crate::store::file::DEFAULT_CACHE_BYTES >> 20 }
+    }
+}
+
+impl StorageConfig {
+    pub fn cache_bytes(&self) -> usize {
+        self.cache_mb.saturating_mul(1 << 20)
+    }
+}
+
 #[derive(Debug, Clone, Deserialize)]
 #[serde(rename_all = "kebab-case", deny_unknown_fields, default)]
 pub struct StreamsConfig {
@@ -279,6 +305,7 @@ impl Default for Config {
             batch: BatchConfig::default(),
             limits: LimitsConfig::default(),
             search: SearchConfig::default(),
+            storage: StorageConfig::default(),
             rebuild: RebuildConfig::default(),
             kafka: KafkaConfig::default(),
             auth: AuthConfig::default(),
@@ -373,6 +400,9 @@ impl Config {
         if self.search.commit_interval_ms == 0 {
             return bad("search: commit-interval-ms must be at least 1");
         }
+        if self.storage.cache_mb == 0 {
+            return bad("storage: cache-mb must be at least 1");
+        }
         if self.limits.memory_mb == 0 || self.limits.deadline_ms == 0 {
             return bad("limits: memory-mb and deadline-ms must be at least 1");
         }
@@ -416,6 +446,7 @@ impl Config {
             default_partitions: self.streams.default_partitions,
             partitions: self.streams.partitions.clone(),
             max_event_bytes: self.streams.max_event_bytes,
+            cache_bytes: self.storage.cache_bytes(),
         }
     }
 
@@ -456,6 +487,20 @@ mod tests {
         assert!(err.contains("unknown field `max-event`"), "{err}");
         std::fs::write(&path, "streams:\n  partitions: { accounts: 0 }\n").unwrap();
         assert!(matches!(Config::load(&path), Err(ConfigError::Invalid(_))));
+    }
+
+    #[test]
+    fn the_page_cache_of_the_redb_files_is_set_in_storage() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("refract.yaml");
+        std::fs::write(&path, "").unwrap();
+        assert_eq!(Config::load(&path).unwrap().log_options().cache_bytes, 1 << 30, "redb's default");
+        std::fs::write(&path, "storage:\n  cache-mb: 64\n").unwrap();
+        let c = Config::load(&path).unwrap();
+        assert_eq!((c.storage.cache_bytes(), c.log_options().cache_bytes), (64 << 20, 64 << 20));
+        std::fs::write(&path, "storage:\n  cache-mb: 0\n").unwrap();
+        let err = Config::load(&path).unwrap_err().to_string();
+        assert!(err.contains("storage: cache-mb must be at least 1"), "{err}");
     }
 
     #[test]

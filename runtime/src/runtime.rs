@@ -169,6 +169,8 @@ pub struct Runtime {
     data_dir: PathBuf,
     batch: BatchOptions,
     index_commit_interval: Duration,
+    /// `storage.cache-mb`, for each read model opened.
+    read_model_cache_bytes: usize,
     projections: RwLock<BTreeMap<String, Arc<Projection>>>,
     plugin_errors: Mutex<Vec<PluginError>>,
     stop: Arc<AtomicBool>,
@@ -355,6 +357,7 @@ impl Runtime {
             data_dir: config.data_dir.clone(),
             batch: config.batch_options(),
             index_commit_interval: Duration::from_millis(config.search.commit_interval_ms),
+            read_model_cache_bytes: config.storage.cache_bytes(),
             projections: RwLock::new(BTreeMap::new()),
             plugin_errors: Mutex::new(Vec::new()),
             stop: Arc::new(AtomicBool::new(false)),
@@ -421,8 +424,10 @@ impl Runtime {
         let dir = generation::dir(root, number);
         std::fs::create_dir_all(&dir).with_context(|| format!("creating {}", dir.display()))?;
         let path = dir.join("read-model.redb");
-        let read_model =
-            Arc::new(ReadModel::open(&path).with_context(|| format!("opening the read model {}", path.display()))?);
+        let read_model = Arc::new(
+            ReadModel::open_with_cache(&path, self.read_model_cache_bytes)
+                .with_context(|| format!("opening the read model {}", path.display()))?,
+        );
         let declared = crate::plugin::declared(&*handler).map_err(anyhow::Error::msg)?;
         let indexes = Arc::new(
             Indexes::open(&dir.join("indexes"), &declared.indexes)

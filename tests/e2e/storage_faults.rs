@@ -52,7 +52,8 @@ fn a_full_disk_pauses_ingestion_with_a_clear_error_and_resumes_with_nothing_lost
         return;
     };
     let p = plugins();
-    let config = "search:\n  commit-interval-ms: 100\nlimits:\n  deadline-ms: 1500\n";
+    // A small machine: a small disk, and a small page cache for each redb file.
+    let config = "search:\n  commit-interval-ms: 100\nlimits:\n  deadline-ms: 1500\nstorage:\n  cache-mb: 4\n";
     let server = Server::start(dir.path(), &[&p.order_summary, &p.order_search, &p.chaos], config);
     let client = server.client();
     let events = refract::fixtures::orders(12_000, 41, 0.01);

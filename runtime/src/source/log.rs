@@ -85,11 +85,18 @@ pub struct LogOptions {
     pub partitions: HashMap<String, u32>,
     /// The largest `data` accepted, in bytes.
     pub max_event_bytes: usize,
+    /// The most memory redb may use to cache the log's pages.
+    pub cache_bytes: usize,
 }
 
 impl Default for LogOptions {
     fn default() -> Self {
-        LogOptions { default_partitions: 4, partitions: HashMap::new(), max_event_bytes: 1 << 20 }
+        LogOptions {
+            default_partitions: 4,
+            partitions: HashMap::new(),
+            max_event_bytes: 1 << 20,
+            cache_bytes: crate::store::file::DEFAULT_CACHE_BYTES,
+        }
     }
 }
 
@@ -120,7 +127,7 @@ pub struct EventLog {
 impl EventLog {
     /// Open (or create) the log in the file `path`.
     pub fn open(path: &Path, options: LogOptions) -> Result<Self> {
-        let db = DbFile::create(path)?;
+        let db = DbFile::create(path, options.cache_bytes)?;
         let mut streams = HashMap::new();
         let tx = db.begin_write()?;
         {

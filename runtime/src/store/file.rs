@@ -11,18 +11,23 @@ use std::sync::{Arc, RwLock};
 
 use redb::{Database, ReadTransaction, ReadableDatabase, StorageError, TransactionError, WriteTransaction};
 
+/// redb's own default page cache: up to 1 GiB per open file (`storage.cache-mb`).
+pub const DEFAULT_CACHE_BYTES: usize = 1 << 30;
+
 pub struct DbFile {
     path: PathBuf,
+    /// The most memory redb may use to cache the file's pages.
+    cache_bytes: usize,
     /// `None` after a reopen that failed (the old handle is closed first:
     /// redb locks the file); the next use tries again.
     db: RwLock<Option<Arc<Database>>>,
 }
 
 impl DbFile {
-    /// Open (or create) the database in `path`.
-    pub fn create(path: &Path) -> Result<Self, redb::DatabaseError> {
-        let db = Database::create(path)?;
-        Ok(DbFile { path: path.to_owned(), db: RwLock::new(Some(Arc::new(db))) })
+    /// Open (or create) the database in `path`, caching up to `cache_bytes` of its pages.
+    pub fn create(path: &Path, cache_bytes: usize) -> Result<Self, redb::DatabaseError> {
+        let db = Database::builder().set_cache_size(cache_bytes).create(path)?;
+        Ok(DbFile { path: path.to_owned(), cache_bytes, db: RwLock::new(Some(Arc::new(db))) })
     }
 
     fn current(&self) -> Result<Arc<Database>, TransactionError> {
@@ -45,7 +50,7 @@ impl DbFile {
         }
         drop(failed);
         *slot = None;
-        let db = Database::create(&self.path).map_err(|e| {
+        let db = Database::builder().set_cache_size(self.cache_bytes).create(&self.path).map_err(|e| {
             TransactionError::Storage(StorageError::Io(std::io::Error::other(format!(
                 "reopening {} after a failed write: {e}",
                 self.path.display()

@@ -129,7 +129,12 @@ pub struct ReadModel {
 impl ReadModel {
     /// Open (or create) the read model in the file `path`.
     pub fn open(path: &Path) -> Result<Self> {
-        let db = DbFile::create(path)?;
+        Self::open_with_cache(path, super::file::DEFAULT_CACHE_BYTES)
+    }
+
+    /// [`ReadModel::open`], with redb caching up to `cache_bytes` of the file's pages.
+    pub fn open_with_cache(path: &Path, cache_bytes: usize) -> Result<Self> {
+        let db = DbFile::create(path, cache_bytes)?;
         let tx = db.begin_write()?;
         tx.open_table(CHECKPOINTS)?;
         tx.open_table(DEAD_LETTERS)?;
@@ -443,6 +448,31 @@ mod tests {
 
     fn keys(entries: &[crate::plugin::bindings::refract::plugin::kv::Entry]) -> Vec<&str> {
         entries.iter().map(|e| e.key.as_str()).collect()
+    }
+
+    #[test]
+    fn a_read_model_larger_than_its_page_cache_keeps_and_serves_every_value() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("rm.redb");
+        let value = |i: usize| format!("{{\"i\":{i},\"pad\":\"{}\"}}", "x".repeat(2000)).into_bytes();
+        {
+            // 1 MiB of cache for 4 MiB of values, over four commits.
+            let rm = ReadModel::open_with_cache(&path, 1 << 20).unwrap();
+            for round in 0..4 {
+                let mut batch = rm.begin(tables(), KvLimits::default(), None).unwrap();
+                for i in round * 500..(round + 1) * 500 {
+                    batch.put("t", &format!("k{i:05}"), &value(i)).unwrap();
+                }
+                let commit = Commit { checkpoints: vec![], applied: 500, dead_letters: vec![], retired: vec![] };
+                rm.commit(&batch.into_writes(), &commit).unwrap();
+            }
+            assert_eq!(rm.get("t", "k00007").unwrap(), Some(value(7)));
+        }
+        let rm = ReadModel::open_with_cache(&path, 1 << 20).unwrap();
+        for i in [0, 499, 500, 1234, 1999] {
+            assert_eq!(rm.get("t", &format!("k{i:05}")).unwrap(), Some(value(i)), "k{i:05}");
+        }
+        assert_eq!(rm.counters().unwrap().events_applied, 2000);
     }
 
     #[test]
