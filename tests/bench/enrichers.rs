@@ -151,14 +151,15 @@ fn main() {
             let alt = || wasm_enricher(&engine, &cache, Path::new(&alt), "orders-payments-join");
             let wasm = || wasm_enricher(&engine, &cache, &plugins.orders_payments_join, "orders-payments-join");
             let ab = compare("join-ab", rounds, wasm, alt, &log, &["orders", "payments"], dir.path());
+            let m = ab.medians();
             println!(
                 "A/B: wasm {:.0} events/s, alternative {:.0} events/s: {:.2}; per CPU second {:.0} and {:.0}: {:.2}",
-                common::median(&ab.native),
-                common::median(&ab.wasm),
-                common::median(&ab.wasm) / common::median(&ab.native),
-                common::median(&ab.native_cpu),
-                common::median(&ab.wasm_cpu),
-                common::median(&ab.wasm_cpu) / common::median(&ab.native_cpu)
+                m.native,
+                m.wasm,
+                m.wasm / m.native,
+                m.native_cpu,
+                m.wasm_cpu,
+                m.wasm_cpu / m.native_cpu
             );
         }
     }
@@ -174,12 +175,14 @@ fn main() {
     );
     println!("|---|---:|---:|---:|---:|---:|---:|---:|");
     for (name, events, c) in [("map (order-upcaster)", n, &map), ("join (orders-payments-join)", join_events, &join)] {
-        let (native, wasm) = (common::median(&c.native), common::median(&c.wasm));
-        let by_cpu = common::median(&c.wasm_cpu) / common::median(&c.native_cpu);
+        let m = c.medians();
         println!(
-            "| {name} | {events} | {} | {native:.0} | {wasm:.0} | {:.2} | {by_cpu:.2} | ≥ 0.80 |",
+            "| {name} | {events} | {} | {:.0} | {:.0} | {:.2} | {:.2} | ≥ 0.80 |",
             c.outputs,
-            wasm / native
+            m.native,
+            m.wasm,
+            m.wasm / m.native,
+            m.wasm_cpu / m.native_cpu
         );
     }
 }
@@ -194,6 +197,25 @@ struct Compared {
     native_cpu: Vec<f64>,
     wasm_cpu: Vec<f64>,
     outputs: u64,
+}
+
+/// The medians of [`Compared`]'s rounds.
+struct Medians {
+    native: f64,
+    wasm: f64,
+    native_cpu: f64,
+    wasm_cpu: f64,
+}
+
+impl Compared {
+    fn medians(&self) -> Medians {
+        Medians {
+            native: common::median(&self.native),
+            wasm: common::median(&self.wasm),
+            native_cpu: common::median(&self.native_cpu),
+            wasm_cpu: common::median(&self.wasm_cpu),
+        }
+    }
 }
 
 /// Run the native and the wasm variant of an enricher `rounds` times each,

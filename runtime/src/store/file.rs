@@ -26,7 +26,7 @@ pub struct DbFile {
 impl DbFile {
     /// Open (or create) the database in `path`, caching up to `cache_bytes` of its pages.
     pub fn create(path: &Path, cache_bytes: usize) -> Result<Self, redb::DatabaseError> {
-        let db = Database::builder().set_cache_size(cache_bytes).create(path)?;
+        let db = open(path, cache_bytes)?;
         Ok(DbFile { path: path.to_owned(), cache_bytes, db: RwLock::new(Some(Arc::new(db))) })
     }
 
@@ -50,7 +50,7 @@ impl DbFile {
         }
         drop(failed);
         *slot = None;
-        let db = Database::builder().set_cache_size(self.cache_bytes).create(&self.path).map_err(|e| {
+        let db = open(&self.path, self.cache_bytes).map_err(|e| {
             TransactionError::Storage(StorageError::Io(std::io::Error::other(format!(
                 "reopening {} after a failed write: {e}",
                 self.path.display()
@@ -73,4 +73,9 @@ impl DbFile {
             other => other,
         }
     }
+}
+
+/// Open (or create) the redb file in `path` with a page cache of `cache_bytes`.
+fn open(path: &Path, cache_bytes: usize) -> Result<Database, redb::DatabaseError> {
+    Database::builder().set_cache_size(cache_bytes).create(path)
 }

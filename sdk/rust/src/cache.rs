@@ -115,16 +115,19 @@ impl<V: Serialize + DeserializeOwned> Table<V> {
 /// FNV-1a: keys are short strings, for which it is quicker than the standard
 /// library's SipHash (in WebAssembly most of all), and they come from the
 /// plugin's own events, so flooding is the plugin's own doing.
-#[derive(Default)]
 struct Fnv(u64);
+
+impl Default for Fnv {
+    fn default() -> Self {
+        Fnv(0xcbf2_9ce4_8422_2325) // the offset basis
+    }
+}
 
 impl Hasher for Fnv {
     fn write(&mut self, bytes: &[u8]) {
-        let mut hash = if self.0 == 0 { 0xcbf2_9ce4_8422_2325 } else { self.0 };
         for &byte in bytes {
-            hash = (hash ^ u64::from(byte)).wrapping_mul(0x0100_0000_01b3);
+            self.0 = (self.0 ^ u64::from(byte)).wrapping_mul(0x0100_0000_01b3);
         }
-        self.0 = hash;
     }
 
     fn finish(&self) -> u64 {
