@@ -215,29 +215,3 @@ fn plugin_new_and_build_give_a_plugin_the_runtime_loads_in_each_language() {
     let status = server.get("/v1/projections/big-js");
     assert_eq!((status["plugin"]["kind"].as_str(), status["deadLetters"].as_u64()), (Some("enricher"), Some(0)));
 }
-
-#[test]
-fn plugin_check_reports_the_world_and_manifest_and_refuses_what_is_not_a_plugin() {
-    let refract = env!("CARGO_BIN_EXE_refract");
-    let out = Command::new(refract).args(["plugin", "check", "--json"]).arg(&plugins().order_search).output().unwrap();
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
-    let checked: Value = serde_json::from_slice(&out.stdout).unwrap();
-    assert_eq!(checked["kind"], "projection");
-    assert_eq!(checked["batches"], "packed", "the Rust SDK's components take packed batches");
-    assert_eq!(checked["name"], "order-search");
-    assert_eq!(checked["indexes"], json!(["orders"]));
-    let out = Command::new(refract)
-        .args(["plugin", "check", "--json"])
-        .arg(&plugins().orders_payments_join)
-        .output()
-        .unwrap();
-    let checked: Value = serde_json::from_slice(&out.stdout).unwrap();
-    assert_eq!((checked["kind"].as_str(), checked["batches"].as_str()), (Some("enricher"), Some("packed")));
-
-    let dir = tempfile::tempdir().unwrap();
-    let junk = dir.path().join("junk.wasm");
-    std::fs::write(&junk, b"\0asm not really").unwrap();
-    let out = Command::new(refract).args(["plugin", "check"]).arg(&junk).output().unwrap();
-    assert!(!out.status.success());
-    assert!(String::from_utf8_lossy(&out.stderr).contains("does not compile as a component"));
-}

@@ -1,5 +1,10 @@
 //! Plugins load from the plugins directory through the compile cache; a
-//! broken plugin file or a corrupt cache entry never stops the runtime.
+//! broken plugin file or a corrupt cache entry never stops the runtime;
+//! `refract plugin check` says what a component is before it is deployed.
+
+use std::process::Command;
+
+use serde_json::{Value, json};
 
 use crate::support::{Server, plugins};
 
@@ -55,4 +60,30 @@ fn restarts_load_from_the_compile_cache_and_corrupt_entries_are_recompiled() {
     assert_eq!(compiles(&server), 4);
     assert_eq!(server.log().matches("discarding a corrupt compile-cache entry").count(), 2);
     assert_eq!(server.get("/v1/projections")["projections"].as_array().unwrap().len(), 2);
+}
+
+#[test]
+fn plugin_check_reports_the_world_and_manifest_and_refuses_what_is_not_a_plugin() {
+    let refract = env!("CARGO_BIN_EXE_refract");
+    let out = Command::new(refract).args(["plugin", "check", "--json"]).arg(&plugins().order_search).output().unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let checked: Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(checked["kind"], "projection");
+    assert_eq!(checked["batches"], "packed", "the Rust SDK's components take packed batches");
+    assert_eq!(checked["name"], "order-search");
+    assert_eq!(checked["indexes"], json!(["orders"]));
+    let out = Command::new(refract)
+        .args(["plugin", "check", "--json"])
+        .arg(&plugins().orders_payments_join)
+        .output()
+        .unwrap();
+    let checked: Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!((checked["kind"].as_str(), checked["batches"].as_str()), (Some("enricher"), Some("packed")));
+
+    let dir = tempfile::tempdir().unwrap();
+    let junk = dir.path().join("junk.wasm");
+    std::fs::write(&junk, b"\0asm not really").unwrap();
+    let out = Command::new(refract).args(["plugin", "check"]).arg(&junk).output().unwrap();
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("does not compile as a component"));
 }

@@ -1,5 +1,6 @@
 //! Storage faults: a full disk pauses ingestion with a clear error and,
-//! once space returns, everything resumes with nothing lost.
+//! once space returns, everything resumes with nothing lost. The tests mount
+//! small tmpfs disks, so they need root (the full tier, tests/README.md).
 
 use std::io::Write;
 use std::path::{Path, PathBuf};
@@ -14,16 +15,16 @@ use crate::support::{Server, ndjson, plugins};
 struct SmallDisk(PathBuf);
 
 impl SmallDisk {
-    /// `None` where mounting is not allowed (not root) — but CI must run it.
-    fn mount(at: &Path, size: &str) -> Option<SmallDisk> {
+    /// Mount it, or fail the test: these tests are in the full tier, which runs as root.
+    fn mount(at: &Path, size: &str) -> SmallDisk {
         std::fs::create_dir_all(at).unwrap();
         let mounted = Command::new("mount")
             .args(["-t", "tmpfs", "-o", &format!("size={size}"), "tmpfs"])
             .arg(at)
             .status()
             .is_ok_and(|s| s.success());
-        assert!(mounted || std::env::var("CI").is_err(), "CI must be able to mount a tmpfs (run as root)");
-        mounted.then(|| SmallDisk(at.to_owned()))
+        assert!(mounted, "mounting a {size} tmpfs on {} failed: these tests need root (tests/README.md)", at.display());
+        SmallDisk(at.to_owned())
     }
 
     /// Fill what is left with a file; returns its path.
@@ -47,10 +48,7 @@ impl Drop for SmallDisk {
 #[test]
 fn a_full_disk_pauses_ingestion_with_a_clear_error_and_resumes_with_nothing_lost() {
     let dir = tempfile::tempdir().unwrap();
-    let Some(disk) = SmallDisk::mount(&dir.path().join("data"), "64m") else {
-        eprintln!("skipped: cannot mount a tmpfs here (not root)");
-        return;
-    };
+    let disk = SmallDisk::mount(&dir.path().join("data"), "64m");
     let p = plugins();
     // A small machine: a small disk, and a small page cache for each redb file.
     let config = "search:\n  commit-interval-ms: 100\nlimits:\n  deadline-ms: 1500\nstorage:\n  cache-mb: 4\n";
@@ -133,69 +131,6 @@ fn a_full_disk_pauses_ingestion_with_a_clear_error_and_resumes_with_nothing_lost
     }
 }
 
-/// Run `refract run` on `dir`'s config, expecting it to refuse to start: its stderr.
-fn refused_start(dir: &Path) -> String {
-    let mut child = Command::new(env!("CARGO_BIN_EXE_refract"))
-        .arg("run")
-        .arg("--config")
-        .arg(dir.join("refract.yaml"))
-        .stdout(std::process::Stdio::null())
-        .stderr(std::process::Stdio::piped())
-        .spawn()
-        .unwrap();
-    let until = Instant::now() + Duration::from_secs(30);
-    while child.try_wait().unwrap().is_none() {
-        if Instant::now() > until {
-            child.kill().unwrap();
-            panic!("refract started on a data directory it should refuse");
-        }
-        std::thread::sleep(Duration::from_millis(50));
-    }
-    let out = child.wait_with_output().unwrap();
-    assert!(!out.status.success());
-    String::from_utf8_lossy(&out.stderr).into_owned()
-}
-
-#[test]
-fn an_unnumbered_data_directory_opens_and_a_newer_or_unreadable_one_is_refused_untouched() {
-    let dir = tempfile::tempdir().unwrap();
-    let mut server = Server::start(dir.path(), &[&plugins().order_summary], "");
-    let events = refract::fixtures::orders(500, 43, 0.01);
-    assert_eq!(server.client().append_ndjson("orders", &ndjson(&events)).unwrap().status, 200);
-    server.wait_caught_up();
-    server.stop();
-    let data = dir.path().join("data");
-    assert_eq!(std::fs::read_to_string(data.join("FORMAT")).unwrap(), "1\n");
-
-    // Written before data formats were numbered: opens as format 1, data intact.
-    std::fs::remove_file(data.join("FORMAT")).unwrap();
-    server.restart();
-    server.wait_caught_up();
-    server.assert_order_summary_is_the_fold_of(&events);
-    server.stop();
-    assert_eq!(std::fs::read_to_string(data.join("FORMAT")).unwrap(), "1\n");
-
-    // Written by a newer version: refused before anything is opened.
-    std::fs::write(data.join("FORMAT"), "2\n").unwrap();
-    let log = std::fs::read(data.join("log.redb")).unwrap();
-    let stderr = refused_start(dir.path());
-    assert!(stderr.contains("written by a newer Refract (data format 2)"), "{stderr}");
-    assert!(std::fs::read(data.join("log.redb")).unwrap() == log, "the log was changed");
-
-    // A log that is not a redb file: refused, named, and left as it is.
-    std::fs::write(data.join("FORMAT"), "1\n").unwrap();
-    std::fs::write(data.join("log.redb"), b"not a database at all").unwrap();
-    let stderr = refused_start(dir.path());
-    assert!(stderr.contains("opening the event log") && stderr.contains("log.redb"), "{stderr}");
-    assert_eq!(std::fs::read(data.join("log.redb")).unwrap(), b"not a database at all");
-
-    // Back to the good log: everything is there.
-    std::fs::write(data.join("log.redb"), &log).unwrap();
-    server.restart();
-    server.wait_caught_up();
-    server.assert_order_summary_is_the_fold_of(&events);
-}
-
 /// The indexer against its own disk filling up while tantivy commits: the
 /// failed commits are reported, nothing is trimmed from the outbox, and once
 /// space returns the same indexer (no restart) commits every document once.
@@ -207,10 +142,7 @@ fn a_full_disk_during_an_index_commit_is_recovered_from_without_losing_or_duplic
     use std::sync::atomic::{AtomicBool, Ordering};
 
     let dir = tempfile::tempdir().unwrap();
-    let Some(disk) = SmallDisk::mount(&dir.path().join("indexes"), "16m") else {
-        eprintln!("skipped: cannot mount a tmpfs here (not root)");
-        return;
-    };
+    let disk = SmallDisk::mount(&dir.path().join("indexes"), "16m");
     let field = |name: &str, type_| FieldMapping { name: name.into(), type_, stored: true, fast: false };
     let mapping =
         IndexMapping { name: "docs".into(), fields: vec![field("n", FieldType::I64), field("text", FieldType::Text)] };
