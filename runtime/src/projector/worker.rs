@@ -23,7 +23,7 @@ use serde::Serialize;
 
 use crate::plugin::{HandleError, Handler, Manifest};
 use crate::source::Sources;
-use crate::source::kafka::{KafkaReader, Watermarks};
+use crate::source::kafka::{Handover, KafkaReader, Watermarks};
 use crate::source::log::EventLog;
 use crate::source::reader::{Cursor, Delivery, LogReader, Pending, Reader, Subscriptions};
 use crate::store::read_model::Commit;
@@ -260,6 +260,10 @@ pub struct Projector {
     reload: Reload,
     /// The running version's manifest, shared with the API.
     manifest: Arc<RwLock<Manifest>>,
+    /// Set while this thread waits for a delivery: a reader in the middle of
+    /// a long catch-up read from Kafka then hands over what it has, so that
+    /// reading and handling overlap instead of taking turns.
+    hungry: Arc<AtomicBool>,
 }
 
 struct InFlight {
@@ -315,6 +319,7 @@ impl Projector {
             retries: Arc::default(),
             reload: Reload::default(),
             manifest: Arc::new(RwLock::new(manifest.clone())),
+            hungry: Arc::default(),
         })
     }
 
@@ -360,7 +365,10 @@ impl Projector {
             }
             // Idle, the loop still comes round often enough to swap in a new plugin version promptly.
             let wait = if self.in_flight.is_some() { Duration::from_millis(2) } else { Duration::from_millis(25) };
-            match batches.recv_timeout(wait) {
+            self.hungry.store(true, Ordering::Relaxed);
+            let delivery = batches.recv_timeout(wait);
+            self.hungry.store(false, Ordering::Relaxed);
+            match delivery {
                 Ok(Delivery::Batch(pending)) => {
                     // What a batch's log lines carry: which plugin version read what.
                     let span = tracing::info_span!(
@@ -471,6 +479,7 @@ impl Projector {
         let align = self.handler.kind() == crate::plugin::Kind::Enricher;
         let replay = self.replay.clone();
         let projector_stop = self.stop.clone();
+        let hungry = self.hungry.clone();
         let reader_stop = Arc::new(AtomicBool::new(false));
         let stop = StopEither(projector_stop, reader_stop.clone());
         std::thread::Builder::new()
@@ -490,6 +499,7 @@ impl Projector {
                         read_model.clone(),
                         watermarks.clone(),
                         tx.clone(),
+                        Handover { hungry: hungry.clone(), after: max_events },
                     );
                     match opened {
                         Ok(kafka) => {

@@ -126,6 +126,19 @@ struct Route {
     types: HashSet<String>,
 }
 
+/// How far one read got in one partition: records below `next` were read
+/// before (or handled: the group's offset may lag this instance's
+/// checkpoint) and are skipped. A read keeps these in a short list and
+/// moves `Pending::read_to` once at its end, so that a record costs no map
+/// lookup and no allocation for its bookkeeping.
+struct Progress<'r> {
+    stream: &'r str,
+    partition: u32,
+    next: u64,
+    /// A record was taken: `read_to` moves to `next`.
+    moved: bool,
+}
+
 /// Shared between the reader and librdkafka's callbacks (which run inside `poll`).
 struct Context {
     projection: String,
@@ -251,6 +264,17 @@ pub struct KafkaReader {
     /// Replica mode: the partitions assigned, by topic.
     assigned: BTreeMap<String, u32>,
     next_refresh: Instant,
+    handover: Handover,
+}
+
+/// When a read ends early. librdkafka fetches far ahead, so a catch-up read
+/// (up to `BatchOptions::catch_up_read` records) could go on while the
+/// worker, done with the previous batch, waits: reading and handling would
+/// take turns. A read that has `after` records ends once `hungry` (set by
+/// the worker while it waits for a delivery) says so.
+pub struct Handover {
+    pub hungry: Arc<std::sync::atomic::AtomicBool>,
+    pub after: usize,
 }
 
 const REFRESH: Duration = Duration::from_secs(1);
@@ -264,6 +288,7 @@ impl KafkaReader {
         read_model: Arc<ReadModel>,
         watermarks: Watermarks,
         deliveries: mpsc::SyncSender<Delivery>,
+        handover: Handover,
     ) -> Result<Option<KafkaReader>, String> {
         let routes: BTreeMap<String, Route> = subscriptions
             .iter()
@@ -307,6 +332,7 @@ impl KafkaReader {
             routes,
             assigned: BTreeMap::new(),
             next_refresh: Instant::now(),
+            handover,
         }))
     }
 
@@ -371,15 +397,30 @@ impl KafkaReader {
         Ok(())
     }
 
-    fn take(&self, message: &rdkafka::message::BorrowedMessage<'_>, cursor: &Cursor, into: &mut Pending) {
+    fn take<'r>(
+        &'r self,
+        message: &rdkafka::message::BorrowedMessage<'_>,
+        cursor: &Cursor,
+        into: &mut Pending,
+        progress: &mut Vec<Progress<'r>>,
+    ) {
         let Some(route) = self.routes.get(message.topic()) else { return };
         let (partition, offset) = (message.partition() as u32, message.offset() as u64);
-        let at = (route.stream.clone(), partition);
+        let stream = route.stream.as_str();
+        let at = match progress.iter().position(|p| p.partition == partition && std::ptr::eq(p.stream, stream)) {
+            Some(at) => at,
+            None => {
+                let key = (route.stream.clone(), partition);
+                let next = into.read_to.get(&key).or(cursor.get(&key)).copied().unwrap_or(0);
+                progress.push(Progress { stream, partition, next, moved: false });
+                progress.len() - 1
+            }
+        };
         // Already handled (the group's offset was behind this instance's checkpoint).
-        if offset < into.read_to.get(&at).or(cursor.get(&at)).copied().unwrap_or(0) {
+        if offset < progress[at].next {
             return;
         }
-        into.read_to.insert(at, offset + 1);
+        (progress[at].next, progress[at].moved) = (offset + 1, true);
         let headers: Vec<(&str, &[u8])> = message
             .headers()
             .map(|hs| hs.iter().map(|h| (h.key, h.value.unwrap_or_default())).collect())
@@ -458,16 +499,28 @@ impl Reader for KafkaReader {
         let start = into.events.len() + into.undecodable.len();
         let mut timeout = wait;
         let mut failure = None;
-        while into.events.len() + into.undecodable.len() - start < max {
+        let mut progress = Vec::new();
+        loop {
+            let taken = into.events.len() + into.undecodable.len() - start;
+            if taken >= max
+                || (taken >= self.handover.after
+                    && taken.is_multiple_of(256)
+                    && self.handover.hungry.load(std::sync::atomic::Ordering::Relaxed))
+            {
+                break;
+            }
             match self.consumer.poll(timeout) {
                 None => break,
-                Some(Ok(message)) => self.take(&message, cursor, into),
+                Some(Ok(message)) => self.take(&message, cursor, into, &mut progress),
                 Some(Err(e)) => {
                     failure = Some(format!("consuming from Kafka: {e}"));
                     break;
                 }
             }
             timeout = Duration::ZERO;
+        }
+        for p in progress.into_iter().filter(|p| p.moved) {
+            into.read_to.insert((p.stream.to_owned(), p.partition), p.next);
         }
         let revoked = std::mem::take(&mut *self.consumer.context().revoked.lock().expect("revoked lock"));
         if !revoked.is_empty() {
