@@ -1,4 +1,6 @@
-//! What the benchmarks share: running a handler through the real projector.
+//! What the benchmarks share: running a handler through the real projector,
+//! medians, CPU time, and a minimal HTTP client.
+#![allow(dead_code)] // each bench uses a different part
 
 use std::path::Path;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -50,7 +52,6 @@ pub fn run_projector(
 }
 
 /// The median of `values` (NaN when there are none: a variant not run).
-#[allow(dead_code)] // not every bench takes medians
 pub fn median(values: &[f64]) -> f64 {
     let mut sorted = values.to_vec();
     sorted.sort_by(f64::total_cmp);
@@ -60,7 +61,6 @@ pub fn median(values: &[f64]) -> f64 {
 /// CPU seconds this process has used so far, in all its threads (user and
 /// system). Differences of it are steadier than wall time on a shared machine:
 /// time the process spends waiting for a core is not in them.
-#[allow(dead_code)] // not every bench reports CPU time
 pub fn process_cpu_seconds() -> f64 {
     // SAFETY: `getrusage` only writes the struct it is given.
     let usage = unsafe {
@@ -70,4 +70,50 @@ pub fn process_cpu_seconds() -> f64 {
     };
     let seconds = |t: libc::timeval| t.tv_sec as f64 + t.tv_usec as f64 / 1e6;
     seconds(usage.ru_utime) + seconds(usage.ru_stime)
+}
+
+/// A minimal HTTP/1.1 keep-alive client (like a load generator's), so the
+/// measurement is of the server, not of a client library.
+pub struct Connection {
+    stream: std::io::BufReader<std::net::TcpStream>,
+}
+
+impl Connection {
+    pub fn new(address: &str) -> Self {
+        let stream = std::net::TcpStream::connect(address).unwrap();
+        stream.set_nodelay(true).unwrap();
+        Connection { stream: std::io::BufReader::new(stream) }
+    }
+
+    /// `GET path`: the status and the JSON body.
+    pub fn get(&mut self, path: &str) -> (u16, serde_json::Value) {
+        let (status, body) = self.get_bytes(path);
+        (status, serde_json::from_slice(&body).unwrap())
+    }
+
+    /// `GET path`: the status and the body, unparsed (as a load generator reads it).
+    pub fn get_bytes(&mut self, path: &str) -> (u16, Vec<u8>) {
+        use std::io::{BufRead, Read, Write};
+        let request = format!("GET {path} HTTP/1.1\r\nhost: bench\r\n\r\n");
+        self.stream.get_mut().write_all(request.as_bytes()).unwrap();
+        let mut line = String::new();
+        self.stream.read_line(&mut line).unwrap();
+        let status = line.split(' ').nth(1).unwrap().parse().unwrap();
+        let mut length = 0;
+        loop {
+            line.clear();
+            self.stream.read_line(&mut line).unwrap();
+            if line == "\r\n" {
+                break;
+            }
+            if let Some((name, value)) = line.split_once(':')
+                && name.eq_ignore_ascii_case("content-length")
+            {
+                length = value.trim().parse().unwrap();
+            }
+        }
+        let mut body = vec![0; length];
+        self.stream.read_exact(&mut body).unwrap();
+        (status, body)
+    }
 }

@@ -164,6 +164,20 @@ pub async fn serve(
     listener: tokio::net::TcpListener,
     shutdown: impl std::future::Future<Output = ()> + Send + 'static,
 ) -> std::io::Result<()> {
+    let header_timeout = runtime.api.header_timeout();
+    serve_router(router(runtime), header_timeout, listener, shutdown).await
+}
+
+/// Serve `router` on `listener` with the API's connection handling (HTTP/1
+/// and 2, a header read timeout, TCP_NODELAY, graceful shutdown) until
+/// `shutdown` resolves. Public so that the HTTP benchmark measures a
+/// hello-world route on exactly the stack the API runs on.
+pub async fn serve_router(
+    router: Router,
+    header_timeout: std::time::Duration,
+    listener: tokio::net::TcpListener,
+    shutdown: impl std::future::Future<Output = ()> + Send + 'static,
+) -> std::io::Result<()> {
     use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
     use hyper_util::server::conn::auto;
     use hyper_util::service::TowerToHyperService;
@@ -173,8 +187,8 @@ pub async fn serve(
     // finishes its headers (slowloris) holds it for ever, since the request
     // time limit only starts once a request has been read.
     let mut builder = auto::Builder::new(TokioExecutor::new());
-    builder.http1().timer(TokioTimer::new()).header_read_timeout(runtime.api.header_timeout());
-    let service = TowerToHyperService::new(router(runtime));
+    builder.http1().timer(TokioTimer::new()).header_read_timeout(header_timeout);
+    let service = TowerToHyperService::new(router);
     let connections = hyper_util::server::graceful::GracefulShutdown::new();
     let mut shutdown = std::pin::pin!(shutdown);
     loop {
