@@ -102,19 +102,27 @@ fn parse_json(bytes: &[u8]) -> Result<Value, String> {
 
 fn json(record: &Record<'_>, type_field: &str, type_header: Option<&str>) -> Result<Decoded, String> {
     let value = record.value.ok_or("the record has no value (a tombstone)")?;
-    // Validate and find the type in one pass, without building the document.
-    let mut document = serde_json::Deserializer::from_slice(value);
-    let found = (&mut document)
-        .deserialize_any(FindField { name: type_field })
-        .and_then(|found| document.end().map(|()| found))
-        .map_err(|e| format!("the value is not JSON: {e}"))?;
+    let not_json = |e: serde_json::Error| format!("the value is not JSON: {e}");
     let event_type = match type_header {
-        Some(h) => utf8(header(record, h).ok_or_else(|| format!("no {h:?} header"))?, "type header")?.to_owned(),
-        None => match found {
-            Found::Text(t) if !t.is_empty() => t,
-            Found::Text(_) | Found::Other => return Err(format!("field {type_field:?} is not a non-empty string")),
-            Found::Missing => return Err(format!("no {type_field:?} field to take the event type from")),
-        },
+        Some(h) => {
+            let event_type = utf8(header(record, h).ok_or_else(|| format!("no {h:?} header"))?, "type header")?;
+            // Only validated: skipping keys is cheaper than reading them.
+            serde_json::from_slice::<serde::de::IgnoredAny>(value).map_err(not_json)?;
+            event_type.to_owned()
+        }
+        None => {
+            // Validate and find the type in one pass, without building the document.
+            let mut document = serde_json::Deserializer::from_slice(value);
+            let found = (&mut document)
+                .deserialize_any(FindField { name: type_field })
+                .and_then(|found| document.end().map(|()| found))
+                .map_err(not_json)?;
+            match found {
+                Found::Text(t) if !t.is_empty() => t,
+                Found::Text(_) | Found::Other => return Err(format!("field {type_field:?} is not a non-empty string")),
+                Found::Missing => return Err(format!("no {type_field:?} field to take the event type from")),
+            }
+        }
     };
     Ok(Decoded {
         event_type,
@@ -397,6 +405,12 @@ mod tests {
         let d = by_header.decode(&record(None, Some(b"{}"), &[("event-type", b"PaymentReceived")])).unwrap().unwrap();
         assert_eq!(d.event_type, "PaymentReceived");
         assert_eq!(d.headers, vec![("event-type".to_owned(), "PaymentReceived".to_owned())]);
+        // Typed by a header, the value is still checked whole: garbage and trailing junk are refused.
+        for bad in [&b"not json"[..], br#"{"a":1} junk"#, br#"{"a":"\x"}"#, br#"{"a":1"#] {
+            let refused = by_header.decode(&record(None, Some(bad), &[("event-type", b"P")])).unwrap_err();
+            assert!(refused.contains("not JSON"), "{refused}");
+        }
+        assert!(by_header.decode(&record(None, Some(b"{}"), &[])).unwrap_err().contains("no \"event-type\" header"));
 
         let by_field = Decoder { type_field: "kind".into(), ..Decoder::new(Format::Json) };
         assert!(by_field.decode(&record(None, Some(br#"{"type":"X"}"#), &[])).unwrap_err().contains("\"kind\""));
