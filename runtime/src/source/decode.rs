@@ -57,7 +57,7 @@ pub struct Record<'a> {
     pub key: Option<&'a [u8]>,
     /// `None` for a tombstone.
     pub value: Option<&'a [u8]>,
-    pub headers: Vec<(&'a str, &'a [u8])>,
+    pub headers: &'a [(&'a str, &'a [u8])],
     /// The record's timestamp (ms since the Unix epoch), when it has one.
     pub timestamp: Option<i64>,
 }
@@ -251,7 +251,7 @@ fn structured_cloud_event(record: &Record<'_>) -> Result<Decoded, String> {
 /// Attributes in `ce_*` headers, the data in the record value.
 fn binary_cloud_event(record: &Record<'_>) -> Result<Decoded, String> {
     let mut attrs = BTreeMap::new();
-    for (name, v) in &record.headers {
+    for (name, v) in record.headers {
         if let Some(attr) = name.strip_prefix("ce_") {
             attrs.insert(attr.to_ascii_lowercase(), utf8(v, &format!("header {name}"))?.to_owned());
         }
@@ -386,8 +386,8 @@ mod tests {
 
     use super::*;
 
-    fn record<'a>(key: Option<&'a [u8]>, value: Option<&'a [u8]>, headers: &[(&'a str, &'a [u8])]) -> Record<'a> {
-        Record { key, value, headers: headers.to_vec(), timestamp: Some(1_700_000_000_000) }
+    fn record<'a>(key: Option<&'a [u8]>, value: Option<&'a [u8]>, headers: &'a [(&'a str, &'a [u8])]) -> Record<'a> {
+        Record { key, value, headers, timestamp: Some(1_700_000_000_000) }
     }
 
     fn data(d: &Decoded) -> Value {

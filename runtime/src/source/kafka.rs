@@ -421,10 +421,22 @@ impl KafkaReader {
             return;
         }
         (progress[at].next, progress[at].moved) = (offset + 1, true);
-        let headers: Vec<(&str, &[u8])> = message
-            .headers()
-            .map(|hs| hs.iter().map(|h| (h.key, h.value.unwrap_or_default())).collect())
-            .unwrap_or_default();
+        // A few headers at most, usually: on the stack, not a heap allocation per record.
+        let mut few: [(&str, &[u8]); 8] = [("", &[]); 8];
+        let many: Vec<(&str, &[u8])>;
+        let headers: &[(&str, &[u8])] = match message.headers() {
+            None => &[],
+            Some(hs) if hs.count() <= few.len() => {
+                for (slot, h) in few.iter_mut().zip(hs.iter()) {
+                    *slot = (h.key, h.value.unwrap_or_default());
+                }
+                &few[..hs.count()]
+            }
+            Some(hs) => {
+                many = hs.iter().map(|h| (h.key, h.value.unwrap_or_default())).collect();
+                &many
+            }
+        };
         let record = Record {
             key: message.key(),
             value: message.payload(),
