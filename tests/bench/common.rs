@@ -58,6 +58,19 @@ pub fn median(values: &[f64]) -> f64 {
     sorted.get(sorted.len() / 2).copied().unwrap_or(f64::NAN)
 }
 
+/// Per round, how fast `measured` ran against `baseline` (both in seconds,
+/// the same rounds in the same order): baseline ÷ measured, a rate ratio.
+pub fn rate_ratios(measured: &[f64], baseline: &[f64]) -> Vec<f64> {
+    measured.iter().zip(baseline).map(|(m, b)| b / m).collect()
+}
+
+/// The lowest and highest of `values`, as "lo–hi" to two decimals: a
+/// ratio's spread over the rounds.
+pub fn spread(values: &[f64]) -> String {
+    let (lo, hi) = values.iter().fold((f64::INFINITY, 0f64), |(lo, hi), x| (lo.min(*x), hi.max(*x)));
+    format!("{lo:.2}–{hi:.2}")
+}
+
 /// CPU seconds this process has used so far, in all its threads (user and
 /// system). Differences of it are steadier than wall time on a shared machine:
 /// time the process spends waiting for a core is not in them.

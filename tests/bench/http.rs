@@ -146,16 +146,12 @@ fn main() {
         }
         hello_latencies.sort();
         lookup_latencies.sort();
-        let spread = |v: &[f64]| {
-            let (lo, hi) = v.iter().fold((f64::INFINITY, 0f64), |(lo, hi), x| (lo.min(*x), hi.max(*x)));
-            format!("{lo:.2}–{hi:.2}")
-        };
         println!(
             "| {connections} | {:.0} | {:.0} | **{:.2}** (rounds {}) | {:.0} / {:.0} | {:.0} / {:.0} |",
             common::median(&hello_rates),
             common::median(&lookup_rates),
             common::median(&ratios),
-            spread(&ratios),
+            common::spread(&ratios),
             percentile(&hello_latencies, 0.5),
             percentile(&hello_latencies, 0.99),
             percentile(&lookup_latencies, 0.5),

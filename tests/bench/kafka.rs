@@ -192,12 +192,7 @@ fn compare(label: &str, bootstrap: &str, n: usize, dir: &std::path::Path) {
             raw[round] / wasm[round]
         );
     }
-    let per_round = |v: &[f64]| -> Vec<f64> { raw.iter().zip(v).map(|(r, x)| r / x).collect() };
-    let spread = |v: &[f64]| {
-        let (lo, hi) = v.iter().fold((f64::INFINITY, 0f64), |(lo, hi), x| (lo.min(*x), hi.max(*x)));
-        format!("{lo:.2}–{hi:.2}")
-    };
-    let (noop_ratios, wasm_ratios) = (per_round(&noop), per_round(&wasm));
+    let (noop_ratios, wasm_ratios) = (common::rate_ratios(&noop, &raw), common::rate_ratios(&wasm, &raw));
     let (raw_s, noop_s, wasm_s) = (common::median(&raw), common::median(&noop), common::median(&wasm));
     let rate = |s: f64| n as f64 / s;
     println!(
@@ -214,12 +209,12 @@ fn compare(label: &str, bootstrap: &str, n: usize, dir: &std::path::Path) {
     println!(
         "| no-op projection end to end / raw consume | **{:.2}** | {} | ≥ 0.50 |",
         common::median(&noop_ratios),
-        spread(&noop_ratios)
+        common::spread(&noop_ratios)
     );
     println!(
         "| wasm order-summary end to end / raw consume | {:.2} | {} | ≥ 0.80 |",
         common::median(&wasm_ratios),
-        spread(&wasm_ratios)
+        common::spread(&wasm_ratios)
     );
 }
 

@@ -249,11 +249,6 @@ fn main() {
     let wasm = Measure { name: "wasm", events: n, seconds: common::median(&wasms) };
     let native_call = Measure { name: "call only, native", events: n, seconds: common::median(&native_calls) };
     let wasm_call = Measure { name: "call only, wasm", events: n, seconds: common::median(&wasm_calls) };
-    let ratios = |a: &[f64], b: &[f64]| -> Vec<f64> { a.iter().zip(b).map(|(a, b)| b / a).collect() };
-    let spread = |v: &[f64]| {
-        let (lo, hi) = v.iter().fold((f64::INFINITY, 0f64), |(lo, hi), x| (lo.min(*x), hi.max(*x)));
-        format!("{lo:.2}–{hi:.2}")
-    };
 
     // Compile cache: a cold compile against a load from the cache.
     let wasm_bytes = std::fs::read(wasm_path).unwrap();
@@ -277,23 +272,23 @@ fn main() {
     println!(
         "| call only, wasm / native | **{:.2}** | {} | ≥ 0.80 |",
         wasm_call.rate() / native_call.rate(),
-        spread(&ratios(&wasm_calls, &native_calls))
+        common::spread(&common::rate_ratios(&wasm_calls, &native_calls))
     );
     println!(
         "| end to end, wasm / native | {:.2} | {} | ≥ 0.80 |",
         wasm.rate() / native.rate(),
-        spread(&ratios(&wasms, &natives))
+        common::spread(&common::rate_ratios(&wasms, &natives))
     );
     println!(
         "| wasm end to end / best raw insert ({}) | **{:.2}** | {} | ≥ 0.75 |",
         best_insert.name,
         wasm.rate() / best_insert.rate(),
-        spread(&ratios(&wasms, best_rounds))
+        common::spread(&common::rate_ratios(&wasms, best_rounds))
     );
     println!(
         "| native end to end / best raw insert | {:.2} | {} | |",
         native.rate() / best_insert.rate(),
-        spread(&ratios(&natives, best_rounds))
+        common::spread(&common::rate_ratios(&natives, best_rounds))
     );
     println!("| wasm end to end / raw log scan | {:.2} | | |", wasm.rate() / scan.rate());
     println!(
