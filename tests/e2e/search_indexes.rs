@@ -218,3 +218,42 @@ fn sigkill_between_the_table_and_index_commits_loses_and_doubles_no_document() {
     let table = server.table("order-search", "orders");
     assert_eq!(table.len(), docs.len());
 }
+
+/// Queries an attacker would send: a group nested 30,000 deep (tantivy's
+/// parser recurses once per level), a `NOT` chain, a query too long to be a
+/// question, and 20 facets. Each is a 400 that says why, and the server keeps
+/// answering. One facet asked 8,000 times is counted once.
+#[test]
+fn hostile_queries_are_refused_with_a_reason_and_the_server_keeps_answering() {
+    let dir = tempfile::tempdir().unwrap();
+    let p = plugins();
+    let mut server = Server::start(dir.path(), &[&p.order_search], "search:\n  commit-interval-ms: 100\n");
+    let events = refract::fixtures::orders(200, 3, 0.0);
+    server.client().append_ndjson("orders", &ndjson(&events)).unwrap();
+    wait_searchable(&server, "order-search");
+    let client = server.client();
+    let path = "/v1/projections/order-search/indexes/orders/search";
+    let refused = |params: String, reason: &str| {
+        let reply = client.get(&format!("{path}?{params}")).expect("the server answers");
+        assert_eq!(reply.status, 400, "{}", reply.body);
+        assert!(reply.body.to_string().contains(reason), "{reason:?} not in {}", reply.body);
+    };
+    // Parentheses need no escaping in a query string; 30,000 keeps the URI under 64 KiB.
+    let deep = format!("{}a{}", "(".repeat(30_000), ")".repeat(30_000));
+    refused(format!("q={deep}"), "longer than");
+    let nested = format!("{}a{}", "(".repeat(1_000), ")".repeat(1_000));
+    refused(format!("q={}", encode(&nested)), "nested");
+    refused(format!("filter={}", encode(&nested)), "nested");
+    refused(format!("q={}", encode(&format!("{}lamp", "NOT ".repeat(500)))), "nested");
+    refused(format!("q={}", encode(&"lamp ".repeat(2_000))), "longer than");
+    refused(format!("facets={}", (0..20).map(|i| format!("f{i}")).collect::<Vec<_>>().join(",")), "facets");
+
+    // What a person asks still works: nesting a few levels deep; a facet
+    // asked 8,000 times is counted once.
+    let fine = format!("q={}&facets={}", encode("((lamp OR chair) AND NOT (red))"), "status,".repeat(8_000));
+    let reply = client.get(&format!("{path}?{fine}")).unwrap();
+    assert_eq!(reply.status, 200, "{}", reply.body);
+    assert_eq!(reply.body["facets"].as_object().unwrap().len(), 1, "{}", reply.body);
+    assert_eq!(client.get("/healthz").unwrap().status, 200);
+    server.stop();
+}

@@ -384,6 +384,81 @@ pub struct SearchHit {
     pub document: Option<Box<serde_json::value::RawValue>>,
 }
 
+/// The longest `q` or `filter`, in bytes: room for any question a person or
+/// a form asks, and a bound on the parser's and the query's work.
+pub const MAX_QUERY_BYTES: usize = 4096;
+/// The deepest nesting of groups and `NOT`s in `q` or `filter`. tantivy's
+/// parser recurses once per level, on the thread serving the request.
+pub const MAX_QUERY_DEPTH: usize = 32;
+/// The most distinct facets one search may count.
+pub const MAX_FACETS: usize = 16;
+
+/// Refuse a query text that is too long or nested too deep to parse safely.
+fn check_query(what: &str, text: &str) -> Result<(), QueryError> {
+    if text.len() > MAX_QUERY_BYTES {
+        return Err(QueryError::Invalid(format!(
+            "{what} is {} bytes, longer than the {MAX_QUERY_BYTES} a query may be",
+            text.len()
+        )));
+    }
+    let depth = nesting(text);
+    if depth > MAX_QUERY_DEPTH {
+        return Err(QueryError::Invalid(format!(
+            "{what} is nested {depth} levels deep (groups and NOTs); at most {MAX_QUERY_DEPTH} are allowed"
+        )));
+    }
+    Ok(())
+}
+
+/// How deep the query grammar recurses on `text`: one level per open group
+/// and per `NOT` in a chain, outside quoted phrases and escapes.
+fn nesting(text: &str) -> usize {
+    let (mut depth, mut max, mut nots) = (0usize, 0usize, 0usize);
+    // Each open group's cost: itself plus the NOTs right before it.
+    let mut groups: Vec<usize> = Vec::new();
+    let mut word = String::new();
+    let end_word = |word: &mut String, nots: &mut usize, depth: usize, max: &mut usize| {
+        if word == "NOT" {
+            *nots += 1;
+            *max = (*max).max(depth + *nots);
+        } else if !word.is_empty() {
+            *nots = 0;
+        }
+        word.clear();
+    };
+    let mut chars = text.chars();
+    let mut quoted = false;
+    while let Some(c) = chars.next() {
+        match c {
+            '\\' => {
+                chars.next();
+                word.push('x');
+            }
+            '"' => {
+                quoted = !quoted;
+                word.push('x');
+            }
+            _ if quoted => {}
+            '(' => {
+                end_word(&mut word, &mut nots, depth, &mut max);
+                groups.push(1 + nots);
+                depth += 1 + nots;
+                nots = 0;
+                max = max.max(depth);
+            }
+            ')' => {
+                end_word(&mut word, &mut nots, depth, &mut max);
+                depth -= groups.pop().unwrap_or(0);
+                nots = 0;
+            }
+            c if c.is_whitespace() => end_word(&mut word, &mut nots, depth, &mut max),
+            c => word.push(c),
+        }
+    }
+    end_word(&mut word, &mut nots, depth, &mut max);
+    max
+}
+
 /// Why a search failed.
 #[derive(Debug, thiserror::Error)]
 pub enum QueryError {
@@ -572,6 +647,23 @@ impl OpenIndex {
         use tantivy::schema::Value as _;
 
         let invalid = |e: &dyn std::fmt::Display| QueryError::Invalid(e.to_string());
+        check_query("q", &request.q)?;
+        check_query("filter", &request.filter)?;
+        let mut facet_names: Vec<&str> = Vec::new();
+        for name in request.facets.split(',').map(str::trim).filter(|n| !n.is_empty()) {
+            if !facet_names.contains(&name) {
+                facet_names.push(name);
+            }
+            if facet_names.len() > MAX_FACETS {
+                return Err(invalid(&format!("facets: at most {MAX_FACETS} distinct fields may be counted at once")));
+            }
+        }
+        for name in &facet_names {
+            match self.schema.field(name) {
+                Some((m, _)) if m.type_ == FieldType::Keyword && m.fast => {}
+                _ => return Err(invalid(&format!("facets: {name:?} is not a fast keyword field of this index"))),
+            }
+        }
         let searcher = self.reader.searcher();
         let parser = QueryParser::for_index(&self.index, self.schema.text_fields());
         let main: Box<dyn Query> = if request.q.trim().is_empty() {
@@ -645,28 +737,29 @@ impl OpenIndex {
             out.push(hit);
         }
 
+        // Every facet in one pass over the matching documents.
         let mut facets = Map::new();
-        for name in request.facets.split(',').map(str::trim).filter(|n| !n.is_empty()) {
-            match self.schema.field(name) {
-                Some((m, _)) if m.type_ == FieldType::Keyword && m.fast => {}
-                _ => return Err(invalid(&format!("facets: {name:?} is not a fast keyword field of this index"))),
-            }
+        if !facet_names.is_empty() {
+            let request: Map<String, Value> = facet_names
+                .iter()
+                .map(|n| (n.to_string(), serde_json::json!({ "terms": { "field": n, "size": 1000 } })))
+                .collect();
             let aggs: tantivy::aggregation::agg_req::Aggregations =
-                serde_json::from_value(serde_json::json!({ "facet": { "terms": { "field": name, "size": 1000 } } }))
-                    .map_err(|e| invalid(&e))?;
+                serde_json::from_value(Value::Object(request)).map_err(|e| invalid(&e))?;
             let collector = tantivy::aggregation::AggregationCollector::from_aggs(
                 aggs,
                 tantivy::aggregation::AggContextParams::new(Default::default(), self.index.tokenizers().clone()),
             );
-            let result = searcher.search(&query, &collector)?;
-            let result = serde_json::to_value(result).map_err(|e| invalid(&e))?;
-            let buckets: Vec<Value> = result["facet"]["buckets"]
-                .as_array()
-                .into_iter()
-                .flatten()
-                .map(|b| serde_json::json!({"value": b["key"], "count": b["doc_count"]}))
-                .collect();
-            facets.insert(name.to_owned(), Value::Array(buckets));
+            let result = serde_json::to_value(searcher.search(&query, &collector)?).map_err(|e| invalid(&e))?;
+            for name in facet_names {
+                let buckets: Vec<Value> = result[name]["buckets"]
+                    .as_array()
+                    .into_iter()
+                    .flatten()
+                    .map(|b| serde_json::json!({"value": b["key"], "count": b["doc_count"]}))
+                    .collect();
+                facets.insert(name.to_owned(), Value::Array(buckets));
+            }
         }
         Ok(SearchResponse { total, hits: out, facets })
     }
@@ -753,6 +846,22 @@ mod tests {
             let (fast, parsed) = (schema.validate(doc.as_bytes()), schema.parse(doc.as_bytes()).map(drop));
             assert_eq!(fast, parsed, "{doc}");
         }
+    }
+
+    #[test]
+    fn nesting_counts_groups_and_not_chains_outside_phrases() {
+        assert_eq!(nesting("lamp"), 0);
+        assert_eq!(nesting("(lamp OR chair) AND (red)"), 1);
+        assert_eq!(nesting("((a))"), 2);
+        assert_eq!(nesting("NOT NOT NOT a"), 3);
+        assert_eq!(nesting("NOT (NOT (a))"), 4);
+        assert_eq!(nesting("(a) (b) (c)"), 1);
+        assert_eq!(nesting(r#""((((" \(\("#), 0);
+        assert_eq!(nesting("NOTE NOTHING"), 0);
+        assert_eq!(nesting(&format!("{}a{}", "(".repeat(40), ")".repeat(40))), 40);
+        assert!(check_query("q", &"(".repeat(33)).is_err());
+        assert!(check_query("q", &"a ".repeat(3000)).is_err());
+        assert!(check_query("q", "status:paid AND total:[10 TO 100]").is_ok());
     }
 
     #[test]
