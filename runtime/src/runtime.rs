@@ -439,6 +439,7 @@ impl Runtime {
         let mut options = self.batch.clone();
         let own = self.plugin_config.get(&manifest.name).map(|p| &p.limits);
         options.kv = resolve_limits(&self.limits, own).1;
+        options.kv.max_event_bytes = self.log.max_event_bytes();
         options.pause_after_dead_letters = resolve_pause(&self.limits, own);
         let mut projector =
             Projector::new(handler, read_model.clone(), sources, options, status.clone(), stop.clone())?;

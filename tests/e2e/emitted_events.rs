@@ -77,3 +77,29 @@ fn emitted_events_reach_the_log_exactly_once_across_sigkills() {
     // Keys and types as emitted; partitioned by key like any appended event.
     assert!(echoes.iter().all(|e| e["type"] == "Echo" && e["key"].as_str().unwrap().starts_with('k')));
 }
+
+/// A derived event the log would refuse (65 headers; the log takes 64) is
+/// refused when the plugin emits it, so its source event is a dead letter
+/// and the events after it are published. Checked only at publish time, it
+/// wedged the relay on that chunk forever while the status stayed clean.
+#[test]
+fn an_emitted_event_the_log_would_refuse_is_a_dead_letter_not_a_wedged_relay() {
+    let dir = tempfile::tempdir().unwrap();
+    let server = Server::start(dir.path(), &[&plugins().chaos], "");
+    let mut events = emits(0..20, "echoes");
+    events[5]["data"]["headers"] = json!(65);
+    events[12]["data"]["headers"] = json!(64);
+    let reply = server.client().append_ndjson("chaos", &ndjson(&events)).unwrap();
+    assert_eq!(reply.status, 200, "{}", reply.body);
+    server.wait_caught_up();
+    wait_published(&server, 19);
+    let letters = server.get("/v1/projections/testkit-chaos/dead-letters");
+    let letters = letters["deadLetters"].as_array().unwrap();
+    assert_eq!(letters.len(), 1, "{letters:?}");
+    assert_eq!(letters[0]["data"]["n"], 5, "{letters:?}");
+    assert!(letters[0]["error"].as_str().unwrap().contains("at most 64 headers"), "{letters:?}");
+    let echoes = read_stream(&server, "echoes");
+    assert_eq!(echoes.len(), 19);
+    let full = echoes.iter().find(|e| e["data"]["n"] == 12).expect("the echo with 64 headers");
+    assert_eq!(full["headers"].as_object().unwrap().len(), 64, "{full}");
+}

@@ -12,7 +12,7 @@
 //!   is refused by the host;
 //! - `Emit`: emits `{"source": "<partition>/<offset>", "n": data.n}` as an
 //!   `Echo` event, keyed by the source event's key, to the stream named by
-//!   `data.to`;
+//!   `data.to`, with `data.headers` headers `h0`, `h1`, … (none by default);
 //! - `Recurse`: recurses `data.depth` calls deep (a deep one must trap on the
 //!   wasm stack limit, not overflow the host's stack);
 //! - `EmitMany`: emits `data.count` `Echo` events to `data.to` (more than the
@@ -107,6 +107,9 @@ impl Projection for Chaos {
                 NewEvent::json("Echo", &serde_json::json!({"source": source, "n": data["n"]}))?.time(event.time);
             if let Some(key) = &event.key {
                 echo = echo.key(key);
+            }
+            for h in 0..data["headers"].as_u64().unwrap_or(0) {
+                echo = echo.header(&format!("h{h}"), "v");
             }
             refract_sdk::emit(to, echo)?;
         }

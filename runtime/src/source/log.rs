@@ -172,24 +172,23 @@ impl EventLog {
         if events.is_empty() {
             return Err(Error::Invalid("no events to append".into()));
         }
-        // Lengths in characters (as the OpenAPI document states them).
-        let chars = |s: &str| s.chars().count();
         for (i, e) in events.iter().enumerate() {
-            let fail = |why: String| Err(Error::Invalid(format!("event {i}: {why}")));
-            if e.event_type.is_empty() || chars(&e.event_type) > 256 {
-                return fail("`type` must be 1 to 256 characters".into());
-            }
-            if e.key.as_ref().is_some_and(|k| k.is_empty() || chars(k) > 1024) {
-                return fail("`key` must be 1 to 1024 characters when given".into());
-            }
-            if e.headers.len() > 64 || e.headers.iter().any(|(k, v)| chars(k) > 256 || chars(v) > 16384) {
-                return fail("at most 64 headers, names up to 256 characters, values up to 16384".into());
-            }
-            if e.data.get().len() > self.options.max_event_bytes {
-                return fail(format!("`data` is larger than {} bytes", self.options.max_event_bytes));
-            }
+            let headers = e.headers.iter().map(|(k, v)| (k.as_str(), v.as_str()));
+            super::check_event(
+                &e.event_type,
+                e.key.as_deref(),
+                headers,
+                e.data.get().len(),
+                self.options.max_event_bytes,
+            )
+            .map_err(|why| Error::Invalid(format!("event {i}: {why}")))?;
         }
         Ok(())
+    }
+
+    /// The largest `data` an append accepts, in bytes.
+    pub fn max_event_bytes(&self) -> usize {
+        self.options.max_event_bytes
     }
 
     /// Append `events` to `stream` in one durable transaction: either all are

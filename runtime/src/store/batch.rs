@@ -31,11 +31,20 @@ pub struct KvLimits {
     pub max_scan: u32,
     /// The most events one batch may emit.
     pub max_emits: usize,
+    /// The largest `data` the embedded log accepts (`streams.max-event-bytes`):
+    /// an emitted event must be one the log would take.
+    pub max_event_bytes: usize,
 }
 
 impl Default for KvLimits {
     fn default() -> Self {
-        KvLimits { max_key_bytes: 1024, max_value_bytes: 1 << 20, max_scan: 10_000, max_emits: 100_000 }
+        KvLimits {
+            max_key_bytes: 1024,
+            max_value_bytes: 1 << 20,
+            max_scan: 10_000,
+            max_emits: 100_000,
+            max_event_bytes: 1 << 20,
+        }
     }
 }
 
@@ -204,9 +213,6 @@ impl Batch {
     /// Publish `event` to `stream` once the batch commits.
     pub fn emit(&mut self, stream: &str, event: Outgoing) -> Result<(), EmitError> {
         crate::names::validate("stream", stream).map_err(EmitError::InvalidStream)?;
-        if event.event_type.is_empty() || event.event_type.len() > 256 {
-            return Err(EmitError::InvalidEvent("the event type must be 1 to 256 bytes".into()));
-        }
         if event.key.as_ref().is_some_and(|k| k.is_empty() || k.len() > self.limits.max_key_bytes) {
             return Err(EmitError::InvalidEvent(format!("a key must be 1 to {} bytes", self.limits.max_key_bytes)));
         }
@@ -217,6 +223,15 @@ impl Batch {
                 self.limits.max_value_bytes
             )));
         }
+        let headers = event.headers.iter().map(|(k, v)| (k.as_str(), v.as_str()));
+        crate::source::check_event(
+            &event.event_type,
+            event.key.as_deref(),
+            headers,
+            event.data.len(),
+            self.limits.max_event_bytes,
+        )
+        .map_err(EmitError::InvalidEvent)?;
         if self.emitted.len() >= self.limits.max_emits {
             return Err(EmitError::TooLarge(format!("a batch may emit at most {} events", self.limits.max_emits)));
         }
