@@ -33,6 +33,9 @@ pub struct Projection {
     root: PathBuf,
     live: RwLock<Arc<Generation>>,
     rebuild: Mutex<Option<Arc<Rebuild>>>,
+    /// Held while a rebuild starts: two requests at once must not both see
+    /// none running and build (then switch to) the same generation.
+    starting: Mutex<()>,
     /// Why the last new version of the plugin file was not swapped in.
     pub reload_error: Mutex<Option<String>>,
     /// New versions refused since the start (for `/metrics`).
@@ -382,6 +385,7 @@ impl Runtime {
             root: root.clone(),
             live: RwLock::new(live),
             rebuild: Mutex::new(None),
+            starting: Mutex::new(()),
             reload_error: Mutex::new(None),
             reload_failures: Default::default(),
         });
@@ -500,6 +504,7 @@ impl Runtime {
     /// generation's number.
     pub fn rebuild(&self, name: &str, handler: Option<Box<dyn Handler>>) -> Result<u64, RebuildError> {
         let p = self.projection(name).ok_or(RebuildError::NotFound)?;
+        let _starting = p.starting.lock().expect("starting lock");
         if let Some(r) = p.rebuild() {
             return Err(RebuildError::Running(r.generation.number));
         }

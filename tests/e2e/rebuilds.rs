@@ -256,3 +256,41 @@ fn during_a_rebuild_of_200_000_events_a_querying_client_only_ever_sees_the_compl
     let status = server.get("/v1/projections/order-summary");
     assert_eq!(status["eventsApplied"], EVENTS - expected.rejected);
 }
+
+/// Two rebuild requests at the same moment (a double click): exactly one
+/// starts, the other is a 409, and the switch keeps the read model whole.
+/// Both used to pass the "is one running?" check and pick the same
+/// generation; the last switch then deleted the live generation's files.
+#[test]
+fn concurrent_rebuild_requests_start_one_rebuild() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut server = Server::start(dir.path(), &[&plugins().order_summary], &config());
+    let events = refract::fixtures::orders(3000, 8, 0.0);
+    append(&server, "orders", &events);
+    server.wait_caught_up();
+    for round in 1..=3u64 {
+        let barrier = std::sync::Barrier::new(4);
+        let statuses: Vec<u16> = std::thread::scope(|s| {
+            let posts: Vec<_> = (0..4)
+                .map(|_| {
+                    s.spawn(|| {
+                        let client = admin(&server);
+                        barrier.wait();
+                        client.post("/v1/projections/order-summary/rebuild", "application/json", b"").unwrap().status
+                    })
+                })
+                .collect();
+            posts.into_iter().map(|p| p.join().unwrap()).collect()
+        });
+        let mut sorted = statuses.clone();
+        sorted.sort();
+        assert_eq!(sorted, [202, 409, 409, 409], "round {round}: {statuses:?}");
+        wait_switched(&server, "order-summary", round);
+        server.assert_order_summary_is_the_fold_of(&events);
+    }
+    server.kill();
+    server.restart();
+    server.wait_caught_up();
+    server.assert_order_summary_is_the_fold_of(&events);
+    assert_eq!(server.get("/v1/projections/order-summary")["generation"], 3);
+}
