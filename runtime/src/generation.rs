@@ -43,8 +43,21 @@ pub fn dir(root: &Path, number: u64) -> PathBuf {
     if number == 0 { root.to_owned() } else { root.join(format!("gen-{number}")) }
 }
 
-fn read_number(root: &Path, file: &str) -> Option<u64> {
-    std::fs::read_to_string(root.join(file)).ok()?.trim().parse().ok()
+/// The number in `root/file`: `None` only when the file does not exist.
+/// Anything else that goes wrong is an error, never "generation 0": taking
+/// it for 0 would make [`clean`] delete the real live generation.
+fn read_number(root: &Path, file: &str) -> std::io::Result<Option<u64>> {
+    let path = root.join(file);
+    let text = match std::fs::read_to_string(&path) {
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
+        other => other.map_err(|e| std::io::Error::new(e.kind(), format!("reading {}: {e}", path.display())))?,
+    };
+    text.trim().parse().map(Some).map_err(|_| {
+        std::io::Error::new(
+            std::io::ErrorKind::InvalidData,
+            format!("{} holds {text:?}, not a generation number", path.display()),
+        )
+    })
 }
 
 fn write_number(root: &Path, file: &str, n: u64) -> std::io::Result<()> {
@@ -56,9 +69,9 @@ fn write_number(root: &Path, file: &str, n: u64) -> std::io::Result<()> {
 }
 
 /// The live generation's number, and the one being rebuilt, if any.
-pub fn numbers(root: &Path) -> (u64, Option<u64>) {
-    let live = read_number(root, LIVE_FILE).unwrap_or(0);
-    (live, read_number(root, REBUILD_FILE).filter(|r| *r > live))
+pub fn numbers(root: &Path) -> std::io::Result<(u64, Option<u64>)> {
+    let live = read_number(root, LIVE_FILE)?.unwrap_or(0);
+    Ok((live, read_number(root, REBUILD_FILE)?.filter(|r| *r > live)))
 }
 
 /// Delete the files of generation `number`.
@@ -82,13 +95,12 @@ pub fn delete(root: &Path, number: u64) {
 
 /// Remove generations that are neither live nor being rebuilt (left by a
 /// crash between a switch and its clean-up, or by a cancelled rebuild).
-pub fn clean(root: &Path) {
-    let (live, rebuilding) = numbers(root);
+pub fn clean(root: &Path) -> std::io::Result<()> {
+    let (live, rebuilding) = numbers(root)?;
     if rebuilding.is_none() {
         let _ = std::fs::remove_file(root.join(REBUILD_FILE));
     }
-    let Ok(entries) = std::fs::read_dir(root) else { return };
-    for entry in entries.flatten() {
+    for entry in std::fs::read_dir(root)?.flatten() {
         let name = entry.file_name().to_string_lossy().into_owned();
         if let Some(n) = name.strip_prefix("gen-").and_then(|n| n.parse::<u64>().ok())
             && n != live
@@ -100,6 +112,7 @@ pub fn clean(root: &Path) {
     if live != 0 {
         delete(root, 0);
     }
+    Ok(())
 }
 
 /// One generation of a projection: its read model and the threads building it.
@@ -321,4 +334,36 @@ pub fn monitor(s: Switch<'_>, job: Arc<Rebuild>) {
     tracing::info!(projection = s.name, generation = new.number, "rebuild finished; the new generation is live");
     // 4. Queries in flight may still hold the old read model; its files go (Linux keeps open ones readable).
     delete(s.root, old.number);
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Only a missing `generation` file means generation 0: a file that
+    /// cannot be read (EISDIR here; EMFILE or EIO in production) or that
+    /// holds no number is an error, and nothing is deleted.
+    #[test]
+    fn an_unreadable_generation_file_is_an_error_and_deletes_nothing() {
+        let root = tempfile::tempdir().unwrap();
+        let root = root.path();
+        assert_eq!(numbers(root).unwrap(), (0, None));
+        std::fs::create_dir(root.join("gen-3")).unwrap();
+        std::fs::write(root.join("gen-3").join("read-model.redb"), b"live data").unwrap();
+        write_number(root, LIVE_FILE, 3).unwrap();
+        assert_eq!(numbers(root).unwrap(), (3, None));
+
+        std::fs::remove_file(root.join(LIVE_FILE)).unwrap();
+        std::fs::create_dir(root.join(LIVE_FILE)).unwrap();
+        let error = numbers(root).unwrap_err().to_string();
+        assert!(error.contains("generation"), "{error}");
+        assert!(clean(root).is_err());
+        assert!(root.join("gen-3").join("read-model.redb").exists(), "the live generation was deleted");
+
+        std::fs::remove_dir(root.join(LIVE_FILE)).unwrap();
+        std::fs::write(root.join(LIVE_FILE), "").unwrap();
+        assert!(numbers(root).is_err(), "an empty file is not generation 0");
+        assert!(clean(root).is_err());
+        assert!(root.join("gen-3").join("read-model.redb").exists(), "the live generation was deleted");
+    }
 }

@@ -377,8 +377,12 @@ impl Runtime {
         anyhow::ensure!(self.projection(&manifest.name).is_none(), "projection {:?} is already running", manifest.name);
         let root = self.data_dir.join("projections").join(&manifest.name);
         std::fs::create_dir_all(&root).with_context(|| format!("creating {}", root.display()))?;
-        generation::clean(&root);
-        let (live, rebuilding) = generation::numbers(&root);
+        let generations = || -> std::io::Result<(u64, Option<u64>)> {
+            generation::clean(&root)?;
+            generation::numbers(&root)
+        };
+        let (live, rebuilding) =
+            generations().with_context(|| format!("finding the generations of {}", manifest.name))?;
         let live = self.start_generation(handler, &root, live, false)?;
         let projection = Arc::new(Projection {
             source,
@@ -407,7 +411,9 @@ impl Runtime {
                 _ => {
                     tracing::warn!(projection = %manifest.name, "cannot load the plugin again; dropping the unfinished rebuild");
                     generation::delete(&root, number);
-                    generation::clean(&root);
+                    if let Err(e) = generation::clean(&root) {
+                        tracing::warn!(projection = %manifest.name, error = %e, "cleaning old generations");
+                    }
                 }
             }
         }
