@@ -280,3 +280,24 @@ fn deep_recursion_and_too_many_emits_are_refused_and_moderate_ones_pass_while_qu
     );
     assert_eq!(server.get("/healthz")["status"], "ok");
 }
+
+/// A plugin that sleeps (an hour here) must not hang its worker: WASI's clock
+/// pollables used to block inside a host call, where the epoch deadline
+/// never fires, so swaps, shutdown and the next start hung with it. The
+/// plugin's clock is frozen, so its sleeps end at once.
+#[test]
+fn a_sleeping_plugin_does_not_hang_its_worker() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut server = Server::start(dir.path(), &[&plugins().chaos], "limits:\n  deadline-ms: 300\n");
+    let mut events = vec![json!({"type": "Sleep", "key": "s", "data": {"ms": 3_600_000}})];
+    events.extend((0..10).map(|n| json!({"type": "Noop", "key": format!("k{n}"), "data": {"n": n}})));
+    let reply = server.client().append_ndjson("chaos", &ndjson(&events)).unwrap();
+    assert_eq!(reply.status, 200, "{}", reply.body);
+    let caught_up = server.client().wait_caught_up(std::time::Duration::from_secs(30)).unwrap();
+    assert!(caught_up, "the worker hung: {}", server.get("/v1/projections/testkit-chaos"));
+    assert_eq!(server.table("testkit-chaos", "applied").len(), 11);
+    assert_eq!(server.get("/v1/projections/testkit-chaos")["deadLetters"], 0);
+    let started = std::time::Instant::now();
+    server.stop();
+    assert!(started.elapsed() < std::time::Duration::from_secs(20), "shutdown waited on the sleep");
+}

@@ -13,6 +13,8 @@
 //! - `Emit`: emits `{"source": "<partition>/<offset>", "n": data.n}` as an
 //!   `Echo` event, keyed by the source event's key, to the stream named by
 //!   `data.to`, with `data.headers` headers `h0`, `h1`, … (none by default);
+//! - `Sleep`: sleeps `data.ms` milliseconds with `std::thread::sleep` (the
+//!   host's clock is frozen: the sleep must end at once, never hang the worker);
 //! - `Recurse`: recurses `data.depth` calls deep (a deep one must trap on the
 //!   wasm stack limit, not overflow the host's stack);
 //! - `EmitMany`: emits `data.count` `Echo` events to `data.to` (more than the
@@ -84,6 +86,9 @@ impl Projection for Chaos {
         let data: serde_json::Value = event.json()?;
         if event.event_type == "Index" {
             DOCS.upsert(&event.offset.to_string(), &data)?;
+        }
+        if event.event_type == "Sleep" {
+            std::thread::sleep(std::time::Duration::from_millis(data["ms"].as_u64().unwrap_or(0)));
         }
         if event.event_type == "Recurse" {
             std::hint::black_box(recurse(data["depth"].as_u64().unwrap_or(0)));

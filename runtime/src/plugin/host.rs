@@ -5,7 +5,7 @@
 //! WASI is linked only because components built by the usual toolchains
 //! import it to start. The context has no preopened directories, no
 //! environment, no arguments, no network, a clock frozen at the Unix epoch
-//! and a fixed random seed: a projection's output depends on its events alone,
+//! (on which sleeps end at once) and a fixed random seed: a projection's output depends on its events alone,
 //! so replaying them rebuilds the same read model.
 
 use std::sync::Arc;
@@ -66,6 +66,41 @@ impl HostMonotonicClock for FrozenClock {
     fn now(&self) -> u64 {
         0
     }
+}
+
+/// A clock pollable that is ready at once. wasmtime-wasi's sleeps for real
+/// time inside the host call, where the epoch deadline cannot interrupt
+/// them: a plugin calling `sleep` would hang its worker (and swaps, shutdown
+/// and the next start) for as long as it asked. Its clock is frozen anyway.
+struct Elapsed;
+
+impl wasmtime_wasi::p2::Pollable for Elapsed {
+    fn ready<'a, 'b>(&'a mut self) -> std::pin::Pin<Box<dyn std::future::Future<Output = ()> + Send + 'b>>
+    where
+        'a: 'b,
+    {
+        Box::pin(std::future::ready(()))
+    }
+}
+
+/// Replace `wasi:clocks/monotonic-clock`'s `subscribe-duration` and
+/// `subscribe-instant` in `linker` (after WASI was added to it) with
+/// pollables that are ready at once, so that sleeping in a plugin ends at once.
+pub(super) fn link_frozen_sleep(linker: &mut wasmtime::component::Linker<HostState>) -> wasmtime::Result<()> {
+    use wasmtime::StoreContextMut;
+    use wasmtime::component::Resource;
+    use wasmtime_wasi::p2::DynPollable;
+    fn elapsed(mut store: StoreContextMut<'_, HostState>) -> wasmtime::Result<(Resource<DynPollable>,)> {
+        let table = &mut store.data_mut().table;
+        let pollable = table.push(Elapsed)?;
+        Ok((wasmtime_wasi::p2::subscribe(table, pollable)?,))
+    }
+    linker.allow_shadowing(true);
+    let mut clock = linker.instance("wasi:clocks/monotonic-clock@0.2.12")?;
+    clock.func_wrap("subscribe-duration", |store: StoreContextMut<'_, HostState>, (_,): (u64,)| elapsed(store))?;
+    clock.func_wrap("subscribe-instant", |store: StoreContextMut<'_, HostState>, (_,): (u64,)| elapsed(store))?;
+    linker.allow_shadowing(false);
+    Ok(())
 }
 
 impl HostState {
