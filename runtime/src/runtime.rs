@@ -15,7 +15,7 @@ use crate::generation::{self, Generation, Rebuild, RebuildStatus};
 use crate::plugin::cache::CompileCache;
 use crate::plugin::route::Routes;
 use crate::plugin::wasm::{self, WasmPlugin};
-use crate::plugin::{Environment, Handler, Kind, Lookup, LookupError, Manifest, engine};
+use crate::plugin::{Environment, Handler, IndexMapping, Kind, Lookup, LookupError, Manifest, engine};
 use crate::projector::{BatchOptions, Projector, WorkerStatus};
 use crate::source::Sources;
 use crate::source::kafka::KafkaConfig;
@@ -312,14 +312,16 @@ impl Runtime {
             }
             Ok(next) => {
                 let live = projection.live();
-                let old: Vec<_> = live.indexes.open.keys().collect();
-                let new: Vec<_> = next.indexes().iter().map(|i| &i.name).collect();
-                if old == new {
-                    tracing::info!(plugin = %label, version = %next.manifest().version, "new plugin version loaded; swapping it in");
-                    *live.reload.lock().expect("reload lock") = Some(Box::new(next));
-                    None
-                } else {
-                    Some(format!("search indexes changed from {old:?} to {new:?} without a new schema-version"))
+                let old: Vec<&IndexMapping> = live.indexes.open.values().map(|i| &i.schema.mapping).collect();
+                match crate::store::search::mapping_change(&old, next.indexes()) {
+                    None => {
+                        tracing::info!(plugin = %label, version = %next.manifest().version, "new plugin version loaded; swapping it in");
+                        *live.reload.lock().expect("reload lock") = Some(Box::new(next));
+                        None
+                    }
+                    Some(change) => Some(format!(
+                        "{change}: the indexes are built with the old mapping; declare a new schema-version to rebuild them"
+                    )),
                 }
             }
         };

@@ -247,3 +247,56 @@ fn a_schema_version_bump_rebuilds_automatically_while_queries_stay_up() {
     assert_eq!(status["eventsApplied"], 4000);
     assert_eq!(server.table("testkit-chaos", "applied").len(), 4000);
 }
+
+/// A new version whose index mapping changed under the same schema-version
+/// is refused with the reason; the running one keeps indexing. It used to
+/// swap in: the worker checked documents against the new mapping while the
+/// indexer kept the old schema and skipped what did not fit, so search
+/// silently lost them.
+#[test]
+fn a_changed_index_mapping_without_a_new_schema_version_is_refused() {
+    let dir = tempfile::tempdir().unwrap();
+    let p = plugins();
+    let server = Server::start(dir.path(), &[&p.chaos], "search:\n  commit-interval-ms: 50\n");
+    let index = |n: u64, extra: Value| {
+        let mut data = serde_json::json!({"n": n, "tag": "t"});
+        data.as_object_mut().unwrap().extend(extra.as_object().unwrap().clone());
+        serde_json::json!({"type": "Index", "key": format!("k{n}"), "data": data})
+    };
+    server.client().append_ndjson("chaos", &ndjson(&[index(1, serde_json::json!({}))])).unwrap();
+    server.wait_caught_up();
+
+    let file = dir.path().join("plugins").join(p.chaos.file_name().unwrap());
+    install(&file, &std::fs::read(&p.chaos_mapping).unwrap());
+    let until = Instant::now() + Duration::from_secs(60);
+    let status = loop {
+        let status = server.get("/v1/projections/testkit-chaos");
+        if status["reloadError"].is_string() || status["reloads"].as_u64() > Some(0) {
+            break status;
+        }
+        assert!(Instant::now() < until, "the new version was neither swapped in nor refused: {status}");
+        std::thread::sleep(Duration::from_millis(50));
+    };
+    let error = status["reloadError"].as_str().unwrap_or_else(|| panic!("swapped in: {status}"));
+    assert!(
+        error.contains("index \"docs\"") && error.contains("colour") && error.contains("schema-version"),
+        "{error}"
+    );
+
+    // The running version: a document with `colour` does not fit its mapping
+    // (a dead letter), the others are searchable.
+    let more = [index(2, serde_json::json!({})), index(3, serde_json::json!({"colour": "red"}))];
+    server.client().append_ndjson("chaos", &ndjson(&more)).unwrap();
+    server.wait_caught_up();
+    let until = Instant::now() + Duration::from_secs(30);
+    loop {
+        let status = server.get("/v1/projections/testkit-chaos");
+        if status["indexes"][0]["lag"] == 0 {
+            assert_eq!(status["deadLetters"], 1, "{status}");
+            break;
+        }
+        assert!(Instant::now() < until, "{status}");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    assert_eq!(server.get("/v1/projections/testkit-chaos/indexes/docs/search")["total"], 2);
+}

@@ -31,6 +31,8 @@ pub struct Plugins {
     pub chaos_v2: PathBuf,
     /// `testkit-chaos` whose `manifest()` panics.
     pub chaos_trap: PathBuf,
+    /// `testkit-chaos` mapping one more index field, same schema-version.
+    pub chaos_mapping: PathBuf,
 }
 
 fn workspace_root() -> PathBuf {
@@ -88,6 +90,7 @@ pub fn plugins() -> &'static Plugins {
         // Variants build in their own directories, so that none rebuilds another.
         let v2 = build(&["testkit-chaos"], &target.with_file_name("wasm-plugins-v2"), Some("v2"));
         let trap = build(&["testkit-chaos"], &target.with_file_name("wasm-plugins-trap"), Some("trap"));
+        let mapping = build(&["testkit-chaos"], &target.with_file_name("wasm-plugins-mapping"), Some("mapping"));
         let dir = target.join("wasm32-wasip2").join("plugin");
         Plugins {
             order_summary: dir.join("order_summary.wasm"),
@@ -102,6 +105,7 @@ pub fn plugins() -> &'static Plugins {
             order_customer_names: dir.join("order_customer_names.wasm"),
             chaos_v2: v2.join("testkit_chaos.wasm"),
             chaos_trap: trap.join("testkit_chaos.wasm"),
+            chaos_mapping: mapping.join("testkit_chaos.wasm"),
         }
     })
 }

@@ -24,7 +24,9 @@
 //!   the batch must still fail, though the plugin carries on.
 //!
 //! Built with `TESTKIT_VARIANT=v2` it declares schema-version 2; with
-//! `TESTKIT_VARIANT=trap` its `manifest()` panics.
+//! `TESTKIT_VARIANT=trap` its `manifest()` panics; with
+//! `TESTKIT_VARIANT=mapping` its index also maps `colour` (keyword), under
+//! the same schema-version.
 
 use std::cell::RefCell;
 use std::collections::HashSet;
@@ -56,7 +58,11 @@ impl Projection for Chaos {
     }
 
     fn indexes() -> Vec<IndexMapping> {
-        vec![IndexMapping::new(DOCS.name()).i64("n").keyword("tag")]
+        let mapping = IndexMapping::new(DOCS.name()).i64("n").keyword("tag");
+        match option_env!("TESTKIT_VARIANT") {
+            Some("mapping") => vec![mapping.keyword("colour")],
+            _ => vec![mapping],
+        }
     }
 
     fn apply(event: &Event) -> Result<(), Failure> {

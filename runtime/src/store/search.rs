@@ -384,6 +384,40 @@ pub struct SearchHit {
     pub document: Option<Box<serde_json::value::RawValue>>,
 }
 
+/// How the index mappings `new` differ from `old`, in words; `None` when
+/// they are the same. An index's files are built for one mapping: another
+/// one needs a rebuild (a new schema-version), not a swap.
+pub fn mapping_change(old: &[&IndexMapping], new: &[IndexMapping]) -> Option<String> {
+    let mut old: Vec<&IndexMapping> = old.to_vec();
+    let mut new: Vec<&IndexMapping> = new.iter().collect();
+    old.sort_by(|a, b| a.name.cmp(&b.name));
+    new.sort_by(|a, b| a.name.cmp(&b.name));
+    let names = |m: &[&IndexMapping]| m.iter().map(|i| i.name.clone()).collect::<Vec<_>>();
+    let (old_names, new_names) = (names(&old), names(&new));
+    if old_names != new_names {
+        return Some(format!("search indexes changed from {old_names:?} to {new_names:?}"));
+    }
+    for (o, n) in old.iter().zip(new) {
+        let describe = |f: &FieldMapping| {
+            format!(
+                "{} ({}{}{})",
+                f.name,
+                type_name(f.type_),
+                if f.stored { ", stored" } else { "" },
+                if f.fast { ", fast" } else { "" }
+            )
+        };
+        let fields = |m: &IndexMapping| m.fields.iter().map(describe).collect::<Vec<_>>();
+        let (before, after) = (fields(o), fields(n));
+        if before != after {
+            let removed: Vec<&String> = before.iter().filter(|f| !after.contains(f)).collect();
+            let added: Vec<&String> = after.iter().filter(|f| !before.contains(f)).collect();
+            return Some(format!("the mapping of index {:?} changed (removed {removed:?}, added {added:?})", o.name));
+        }
+    }
+    None
+}
+
 /// The longest `q` or `filter`, in bytes: room for any question a person or
 /// a form asks, and a bound on the parser's and the query's work.
 pub const MAX_QUERY_BYTES: usize = 4096;
