@@ -125,11 +125,49 @@ pub fn validate_manifest(m: &Manifest) -> Result<(), String> {
     if m.subscriptions.is_empty() {
         return Err(format!("projection {:?} subscribes to no stream", m.name));
     }
-    for s in &m.subscriptions {
+    for (i, s) in m.subscriptions.iter().enumerate() {
         crate::names::validate("stream", &s.stream)?;
+        if m.subscriptions[..i].iter().any(|earlier| earlier.stream == s.stream) {
+            return Err(format!(
+                "projection {:?} subscribes to stream {:?} more than once; list all its event types in one subscription",
+                m.name, s.stream
+            ));
+        }
     }
     for t in &m.tables {
         crate::names::validate("table", t)?;
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::plugin::bindings::Subscription;
+
+    fn manifest(subscriptions: &[(&str, &[&str])]) -> Manifest {
+        Manifest {
+            name: "p".into(),
+            version: "1".into(),
+            schema_version: 1,
+            subscriptions: subscriptions
+                .iter()
+                .map(|(s, types)| Subscription {
+                    stream: s.to_string(),
+                    event_types: types.iter().map(|t| t.to_string()).collect(),
+                })
+                .collect(),
+            tables: vec![],
+        }
+    }
+
+    /// A stream subscribed twice would be read twice (each subscription its
+    /// own pass over the partitions), out of offset order: the checkpoints
+    /// could then pass events not yet applied. Refused, with the fix named.
+    #[test]
+    fn a_stream_subscribed_twice_is_refused() {
+        assert!(validate_manifest(&manifest(&[("orders", &["A"]), ("payments", &[])])).is_ok());
+        let error = validate_manifest(&manifest(&[("orders", &["A"]), ("orders", &["B"])])).unwrap_err();
+        assert!(error.contains("\"orders\" more than once") && error.contains("one subscription"), "{error}");
+    }
 }
