@@ -228,6 +228,9 @@ pub struct Switch<'a> {
     pub root: &'a Path,
     pub live: &'a RwLock<Arc<Generation>>,
     pub rebuild: &'a Mutex<Option<Arc<Rebuild>>>,
+    /// Held while the live generation changes, so that a new plugin version
+    /// being deployed reaches whichever generation is live after it.
+    pub starting: &'a Mutex<()>,
     pub log: &'a Arc<EventLog>,
     pub kafka: &'a Arc<crate::source::kafka::KafkaConfig>,
     /// The runtime is shutting down: stop, and resume at the next start.
@@ -329,8 +332,10 @@ pub fn monitor(s: Switch<'_>, job: Arc<Rebuild>) {
         return;
     }
     let _ = std::fs::remove_file(s.root.join(REBUILD_FILE));
+    let starting = s.starting.lock().expect("starting lock");
     *s.live.write().expect("live lock") = new.clone();
     *s.rebuild.lock().expect("rebuild lock") = None;
+    drop(starting);
     tracing::info!(projection = s.name, generation = new.number, "rebuild finished; the new generation is live");
     // 4. Queries in flight may still hold the old read model; its files go (Linux keeps open ones readable).
     delete(s.root, old.number);

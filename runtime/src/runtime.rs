@@ -59,6 +59,14 @@ impl Projection {
     }
 }
 
+/// What a new version of a projection's plugin changes.
+enum Change {
+    /// The same read-model shape: swap it in between batches.
+    Swap,
+    /// A new schema-version (described): rebuild with it.
+    Rebuild(String),
+}
+
 /// A plugin file that could not be loaded, and why.
 #[derive(Debug, Clone, Serialize)]
 pub struct PluginError {
@@ -222,29 +230,32 @@ impl Runtime {
         Ok(runtime)
     }
 
-    /// Check an uploaded plugin (compile, instantiate, describe), install it
-    /// as `<plugins-dir>/<name>.wasm` and put it to work at once (see
-    /// [`Runtime::deploy`]). Returns its manifest.
+    /// Check an uploaded plugin (compile, instantiate, describe) and decide
+    /// what it changes (see [`Runtime::deploy`]); only then install it as
+    /// `<plugins-dir>/<name>.wasm` and put it to work. A version the runtime
+    /// would not run is refused before it is written: the file on disk stays
+    /// the one running. Returns its manifest.
     pub fn install_plugin(self: &Arc<Self>, name: &str, bytes: &[u8]) -> Result<Manifest, String> {
         crate::names::validate("plugin", name)?;
         let loader = self.loader.get().ok_or("this runtime does not load plugins")?;
         let file = self.plugins_dir.join(format!("{name}.wasm"));
         let label = file.display().to_string();
-        let checked = loader.load_bytes(bytes, &label).and_then(|plugin| {
-            crate::plugin::validate_manifest(plugin.manifest())?;
-            crate::plugin::declared(&plugin)?;
-            Ok(plugin)
-        });
-        let plugin = match checked {
-            Ok(plugin) => plugin,
-            Err(error) => {
-                if let Some(p) = self.projections().into_iter().find(|p| p.source == label) {
-                    *p.reload_error.lock().expect("reload error lock") = Some(format!("upload refused: {error}"));
-                    p.reload_failures.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-                }
-                return Err(error);
+        let owner = self.projections().into_iter().find(|p| p.source == label);
+        let refuse = |error: String| {
+            if let Some(p) = &owner {
+                *p.reload_error.lock().expect("reload error lock") = Some(format!("upload refused: {error}"));
+                p.reload_failures.fetch_add(1, Ordering::Relaxed);
             }
+            error
         };
+        let plugin = loader
+            .load_bytes(bytes, &label)
+            .and_then(|plugin| {
+                crate::plugin::validate_manifest(plugin.manifest())?;
+                crate::plugin::declared(&plugin)?;
+                Ok(plugin)
+            })
+            .map_err(refuse)?;
         let manifest = plugin.manifest().clone();
         if let Some(other) = self.projection(&manifest.name).filter(|p| p.source != label) {
             return Err(format!(
@@ -252,21 +263,38 @@ impl Runtime {
                 manifest.name, other.source
             ));
         }
-        std::fs::create_dir_all(&self.plugins_dir).map_err(|e| format!("creating the plugins directory: {e}"))?;
-        let tmp = self.plugins_dir.join(format!(".{name}.upload"));
-        std::fs::write(&tmp, bytes)
-            .and_then(|()| std::fs::rename(&tmp, &file))
-            .map_err(|e| format!("writing {}: {e}", file.display()))?;
-        // The watcher need not load it again.
-        self.plugin_stamps.lock().expect("stamps lock").insert(file.clone(), Watcher::stamp(&file));
-        tracing::info!(plugin = %label, projection = %manifest.name, version = %manifest.version, "plugin uploaded");
-        self.deploy(&file, Ok(plugin));
+        let write = || -> Result<(), String> {
+            std::fs::create_dir_all(&self.plugins_dir).map_err(|e| format!("creating the plugins directory: {e}"))?;
+            let tmp = self.plugins_dir.join(format!(".{name}.upload"));
+            std::fs::write(&tmp, bytes)
+                .and_then(|()| std::fs::rename(&tmp, &file))
+                .map_err(|e| format!("writing {}: {e}", file.display()))?;
+            // The watcher need not load it again.
+            self.plugin_stamps.lock().expect("stamps lock").insert(file.clone(), Watcher::stamp(&file));
+            Ok(())
+        };
+        match &owner {
+            Some(projection) => {
+                let _starting = projection.starting.lock().expect("starting lock");
+                let change = self.plan(projection, &plugin).map_err(refuse)?;
+                write()?;
+                tracing::info!(plugin = %label, projection = %manifest.name, version = %manifest.version, "plugin uploaded");
+                self.apply(projection, &file, plugin, change);
+            }
+            None => {
+                write()?;
+                tracing::info!(plugin = %label, projection = %manifest.name, version = %manifest.version, "plugin uploaded");
+                self.deploy(&file, Ok(plugin));
+            }
+        }
         Ok(manifest)
     }
 
-    /// Put the plugin loaded from `file` to work: swap it into the
-    /// projection that file provides (between batches), start a rebuild if
-    /// its schema-version changed, or start a new projection.
+    /// Put the plugin loaded from `file` (by the plugins-directory watcher)
+    /// to work: swap it into the projection that file provides (between
+    /// batches), start a rebuild if its schema-version changed, or start a
+    /// new projection. A version that cannot run is reported in the
+    /// projection's `reloadError`, and the running one stays.
     fn deploy(self: &Arc<Self>, file: &Path, loaded: Result<WasmPlugin, String>) {
         let label = file.display().to_string();
         let owner = self.projections().into_iter().find(|p| p.source == label);
@@ -287,49 +315,89 @@ impl Runtime {
             }
             return;
         };
-        let current = projection.manifest();
-        let refusal = match loaded {
-            Err(error) => Some(error),
-            Ok(next) if next.manifest().name != current.name => {
-                Some(format!("the file now provides projection {:?}, not {:?}", next.manifest().name, current.name))
+        let _starting = projection.starting.lock().expect("starting lock");
+        let planned = loaded.and_then(|next| self.plan(&projection, &next).map(|change| (next, change)));
+        match planned {
+            Ok((next, change)) => self.apply(&projection, file, next, change),
+            Err(error) => {
+                tracing::error!(plugin = %label, %error, "new plugin version not swapped in; the running one stays");
+                projection.reload_failures.fetch_add(1, Ordering::Relaxed);
+                *projection.reload_error.lock().expect("reload error lock") = Some(error);
             }
-            Ok(next) if next.kind() != projection.live().kind => Some(format!(
+        }
+    }
+
+    /// What a new version `next` of `projection`'s plugin changes, or why it
+    /// cannot run. Called with the projection's `starting` lock held.
+    fn plan(&self, projection: &Projection, next: &WasmPlugin) -> Result<Change, String> {
+        let current = projection.manifest();
+        let live = projection.live();
+        if next.manifest().name != current.name {
+            return Err(format!("the file now provides projection {:?}, not {:?}", next.manifest().name, current.name));
+        }
+        if next.kind() != live.kind {
+            return Err(format!(
                 "the file now provides {:?} as {:?}, not {:?}: remove it and add it again",
                 current.name,
                 next.kind(),
-                projection.live().kind
-            )),
-            Ok(next) if next.manifest().schema_version != current.schema_version => {
-                // A new read-model shape: rebuild it with the new version while the old one serves.
-                let change = format!("schema-version {} → {}", current.schema_version, next.manifest().schema_version);
-                match self.rebuild(&current.name, Some(Box::new(next))) {
-                    Ok(generation) => {
-                        tracing::info!(plugin = %label, %change, generation, "new schema-version: rebuilding");
-                        None
-                    }
-                    Err(e) => Some(format!("{change} needs a rebuild, which did not start: {e}")),
-                }
+                live.kind
+            ));
+        }
+        if next.manifest().schema_version != current.schema_version {
+            let change = format!("schema-version {} → {}", current.schema_version, next.manifest().schema_version);
+            if let Some(r) = projection.rebuild() {
+                return Err(format!(
+                    "{change} needs a rebuild, and the rebuild to generation {} is still running: wait for it or cancel it",
+                    r.generation.number
+                ));
             }
-            Ok(next) => {
-                let live = projection.live();
-                let old: Vec<&IndexMapping> = live.indexes.open.values().map(|i| &i.schema.mapping).collect();
-                match crate::store::search::mapping_change(&old, next.indexes()) {
-                    None => {
-                        tracing::info!(plugin = %label, version = %next.manifest().version, "new plugin version loaded; swapping it in");
-                        *live.reload.lock().expect("reload lock") = Some(Box::new(next));
-                        None
-                    }
-                    Some(change) => Some(format!(
-                        "{change}: the indexes are built with the old mapping; declare a new schema-version to rebuild them"
-                    )),
+            return Ok(Change::Rebuild(change));
+        }
+        let old: Vec<&IndexMapping> = live.indexes.open.values().map(|i| &i.schema.mapping).collect();
+        if let Some(change) = crate::store::search::mapping_change(&old, next.indexes()) {
+            return Err(format!(
+                "{change}: the indexes are built with the old mapping; declare a new schema-version to rebuild them"
+            ));
+        }
+        Ok(Change::Swap)
+    }
+
+    /// Carry out a planned change with `next`, loaded from `file`. Called
+    /// with the projection's `starting` lock held.
+    fn apply(&self, projection: &Arc<Projection>, file: &Path, next: WasmPlugin, change: Change) {
+        let label = file.display().to_string();
+        let name = next.manifest().name.clone();
+        let outcome = match change {
+            Change::Rebuild(change) => match self.start_rebuild_locked(projection, Some(Box::new(next))) {
+                Ok(generation) => {
+                    tracing::info!(plugin = %label, %change, generation, "new schema-version: rebuilding");
+                    None
+                }
+                Err(e) => Some(format!("{change} needs a rebuild, which did not start: {e}")),
+            },
+            Change::Swap => {
+                tracing::info!(plugin = %label, version = %next.manifest().version, "new plugin version loaded; swapping it in");
+                *projection.live().reload.lock().expect("reload lock") = Some(Box::new(next));
+                // A rebuild in progress switches to its generation later: it
+                // must run this version too, or the switch would drop it.
+                match projection.rebuild() {
+                    None => None,
+                    Some(rebuild) => match self.loader.get().map(|l| l.load(file)) {
+                        Some(Ok(again)) => {
+                            *rebuild.generation.reload.lock().expect("reload lock") = Some(Box::new(again));
+                            None
+                        }
+                        Some(Err(e)) => Some(format!("the rebuilding generation keeps its version: {e}")),
+                        None => None,
+                    },
                 }
             }
         };
-        if let Some(error) = &refusal {
-            tracing::error!(plugin = %label, %error, "new plugin version not swapped in; the running one stays");
-            projection.reload_failures.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        if let Some(error) = &outcome {
+            tracing::error!(plugin = %label, projection = %name, %error, "new plugin version not deployed");
+            projection.reload_failures.fetch_add(1, Ordering::Relaxed);
         }
-        *projection.reload_error.lock().expect("reload error lock") = refusal;
+        *projection.reload_error.lock().expect("reload error lock") = outcome;
     }
 
     fn plugin_error(&self, file: String, error: String) {
@@ -513,6 +581,15 @@ impl Runtime {
     pub fn rebuild(&self, name: &str, handler: Option<Box<dyn Handler>>) -> Result<u64, RebuildError> {
         let p = self.projection(name).ok_or(RebuildError::NotFound)?;
         let _starting = p.starting.lock().expect("starting lock");
+        self.start_rebuild_locked(&p, handler)
+    }
+
+    /// [`Runtime::rebuild`], with `p`'s `starting` lock held.
+    fn start_rebuild_locked(
+        &self,
+        p: &Arc<Projection>,
+        handler: Option<Box<dyn Handler>>,
+    ) -> Result<u64, RebuildError> {
         if let Some(r) = p.rebuild() {
             return Err(RebuildError::Running(r.generation.number));
         }
@@ -535,8 +612,8 @@ impl Runtime {
         let number = p.live().number + 1;
         generation::delete(&p.root, number);
         generation::mark_rebuilding(&p.root, number).map_err(|e| RebuildError::Invalid(e.to_string()))?;
-        self.start_rebuild(&p, handler, number).map_err(|e| RebuildError::Invalid(format!("{e:#}")))?;
-        tracing::info!(projection = name, generation = number, "rebuild started");
+        self.start_rebuild(p, handler, number).map_err(|e| RebuildError::Invalid(format!("{e:#}")))?;
+        tracing::info!(projection = %m.name, generation = number, "rebuild started");
         Ok(number)
     }
 
@@ -562,6 +639,7 @@ impl Runtime {
                     root: &p.root,
                     live: &p.live,
                     rebuild: &p.rebuild,
+                    starting: &p.starting,
                     log: &log,
                     kafka: &kafka,
                     shutdown: &shutdown,

@@ -300,3 +300,57 @@ fn a_changed_index_mapping_without_a_new_schema_version_is_refused() {
     }
     assert_eq!(server.get("/v1/projections/testkit-chaos/indexes/docs/search")["total"], 2);
 }
+
+/// An upload the runtime will not run is refused before it is written: the
+/// answer says why and the good file stays, so a restart runs the good
+/// version. An upload of the same schema-version during a rebuild reaches
+/// the new generation too, so the switch does not drop it. Both used to be
+/// lost: the refused file was written (and answered 202), and the
+/// rebuilding generation kept the version it started with.
+#[test]
+fn uploads_that_cannot_run_are_refused_unwritten_and_uploads_during_a_rebuild_survive_the_switch() {
+    const ADMIN: &str = "admin-secret-0123456789";
+    let dir = tempfile::tempdir().unwrap();
+    let p = plugins();
+    let config = format!("auth:\n  admin-token: {ADMIN}\nbatch:\n  max-events: 200\n  max-duration-ms: 10\n");
+    let mut server = Server::start(dir.path(), &[&p.chaos], &config);
+    let admin = refract::client::Client::new(&server.url).with_token(Some(ADMIN));
+    let file = dir.path().join("plugins").join(p.chaos.file_name().unwrap());
+    let original = std::fs::read(&p.chaos).unwrap();
+
+    let reply = admin.put("/v1/plugins/testkit_chaos", "application/wasm", &std::fs::read(&p.chaos_mapping).unwrap());
+    let reply = reply.unwrap();
+    assert_eq!(reply.status, 400, "{}", reply.body);
+    assert!(reply.body["error"]["message"].as_str().unwrap().contains("mapping of index"), "{}", reply.body);
+    assert!(std::fs::read(&file).unwrap() == original, "the refused upload replaced the plugin file");
+
+    // A long rebuild, and a new version (same schema-version) uploaded during it.
+    let events: Vec<Value> =
+        (0..30_000).map(|i| serde_json::json!({"type": "Ok", "key": format!("k{i}"), "data": {"n": i}})).collect();
+    for chunk in events.chunks(5000) {
+        assert_eq!(admin.append_ndjson("chaos", &ndjson(chunk)).unwrap().status, 200);
+    }
+    server.wait_caught_up();
+    let started = admin.post("/v1/projections/testkit-chaos/rebuild", "application/json", b"").unwrap();
+    assert_eq!(started.status, 202, "{}", started.body);
+    let newer = variant(&original, 1);
+    let reply = admin.put("/v1/plugins/testkit_chaos", "application/wasm", &newer).unwrap();
+    assert_eq!(reply.status, 202, "{}", reply.body);
+    let until = Instant::now() + Duration::from_secs(120);
+    let status = loop {
+        let status = server.get("/v1/projections/testkit-chaos");
+        if status["generation"] == 1 && status["rebuild"].is_null() {
+            break status;
+        }
+        assert!(Instant::now() < until, "no switch: {status}");
+        std::thread::sleep(Duration::from_millis(50));
+    };
+    assert_eq!(status["reloads"], 1, "the new generation never got the uploaded version: {status}");
+    assert!(std::fs::read(&file).unwrap() == newer);
+    server.kill();
+    server.restart();
+    server.wait_caught_up();
+    let status = server.get("/v1/projections/testkit-chaos");
+    assert!(status["reloadError"].is_null(), "{status}");
+    assert_eq!(server.table("testkit-chaos", "applied").len(), 30_000);
+}
