@@ -11,10 +11,14 @@
 //! generation keeps consuming and answering queries. Once the new one has
 //! reached the live one's checkpoints, the [`monitor`] switches:
 //! 1. the live worker stops after its batch (its checkpoints are final) and
-//!    its emitted events are published;
-//! 2. the new worker emits again from exactly those checkpoints on;
-//! 3. once it has passed them, the `generation` file is replaced (the
-//!    switch, atomic on disk) and queries go to the new generation;
+//!    its emitted events are published, all of them (retried while the
+//!    target fails: its outbox is deleted with it);
+//! 2. the new worker catches up to exactly those checkpoints, as history;
+//! 3. the `generation` file is replaced (the switch, atomic on disk; retried
+//!    until it holds), queries go to the new generation, and it emits for
+//!    every event after those checkpoints. Nothing the new generation emits
+//!    is published before the switch is durable: a crash before it leaves the
+//!    old generation live, and that one emits for what comes next;
 //! 4. the old generation's files are deleted.
 
 use std::path::{Path, PathBuf};
@@ -168,6 +172,11 @@ pub struct Rebuild {
     /// Events the new generation had handled when this run of it started.
     initial: u64,
     pub(crate) cancel: AtomicBool,
+    /// Set once the live generation has stopped for the switch: from then on
+    /// the switch completes (a cancel is refused).
+    pub(crate) switching: AtomicBool,
+    /// What the switch is waiting for, when it cannot go on (shown in the status).
+    waiting_for: Mutex<Option<String>>,
 }
 
 /// What the status shows of a rebuild.
@@ -183,6 +192,11 @@ pub struct RebuildStatus {
     /// Seconds left at the current rate (`null` before it is known).
     pub eta_seconds: Option<f64>,
     pub started_at: i64,
+    /// The live generation has stopped and the new one is taking over.
+    pub switching: bool,
+    /// Why the switch cannot go on yet (e.g. the old generation's emitted
+    /// events cannot be published), while it retries.
+    pub waiting_for: Option<String>,
 }
 
 fn total(c: &Cursor) -> u64 {
@@ -198,6 +212,8 @@ impl Rebuild {
             started_at: crate::projector::now_ms(),
             initial,
             cancel: AtomicBool::new(false),
+            switching: AtomicBool::new(false),
+            waiting_for: Mutex::new(None),
         })
     }
 
@@ -213,7 +229,13 @@ impl Rebuild {
             events_per_second: rate,
             eta_seconds,
             started_at: self.started_at,
+            switching: self.switching.load(Ordering::Relaxed),
+            waiting_for: self.waiting_for.lock().expect("waiting lock").clone(),
         })
+    }
+
+    fn wait_for(&self, why: Option<String>) {
+        *self.waiting_for.lock().expect("waiting lock") = why;
     }
 }
 
@@ -249,6 +271,32 @@ const SWITCH_WITHIN: u64 = 2_000;
 
 fn caught_up(new: &Cursor, live: &Cursor) -> bool {
     live.iter().all(|(k, v)| new.get(k).copied().unwrap_or(0) >= *v)
+}
+
+/// Run `step` until it reports done, backing off while it fails and showing
+/// why in the rebuild's status. False when the runtime shuts down first (the
+/// rebuild then resumes at the next start, the old generation still live on disk).
+fn retry(s: &Switch<'_>, job: &Rebuild, what: &str, mut step: impl FnMut() -> Result<bool, String>) -> bool {
+    let mut backoff = Duration::from_millis(100);
+    loop {
+        if s.shutdown.load(Ordering::Relaxed) {
+            job.generation.stop();
+            return false;
+        }
+        match step() {
+            Ok(true) => {
+                job.wait_for(None);
+                return true;
+            }
+            Ok(false) => backoff = Duration::from_millis(100),
+            Err(e) => {
+                tracing::warn!(projection = s.name, error = %e, "{what} failed; retrying");
+                job.wait_for(Some(format!("{what}: {e}")));
+                std::thread::sleep(backoff);
+                backoff = (backoff * 2).min(Duration::from_secs(10));
+            }
+        }
+    }
 }
 
 /// Watch `job` until it is cancelled, the runtime stops, or it has caught
@@ -291,7 +339,9 @@ pub fn monitor(s: Switch<'_>, job: Arc<Rebuild>) {
         std::thread::sleep(Duration::from_millis(20));
     }
     let old = s.live.read().expect("live lock").clone();
-    // 1. The live generation stops where it is, and publishes what it emitted.
+    job.switching.store(true, Ordering::Relaxed);
+    // 1. The live generation stops where it is, and publishes everything it
+    //    emitted: its outbox goes with its files, so it must be empty first.
     old.stop();
     let mut relay = crate::sink::Relay::new(
         s.name,
@@ -301,10 +351,13 @@ pub fn monitor(s: Switch<'_>, job: Arc<Rebuild>) {
         s.kafka.clone(),
         Arc::default(),
     );
-    while let Ok(n) = relay.publish_some() {
-        if n == 0 {
-            break;
-        }
+    let drained = retry(&s, &job, "publishing the old generation's emitted events", || match relay.publish_some() {
+        Ok(0) => Ok(true),
+        Ok(_) => Ok(false),
+        Err(e) => Err(e),
+    });
+    if !drained {
+        return;
     }
     let last = loop {
         match old.checkpoints() {
@@ -315,9 +368,11 @@ pub fn monitor(s: Switch<'_>, job: Arc<Rebuild>) {
             }
         }
     };
-    // 2. The new generation emits for everything after those checkpoints.
-    *new.replay.lock().expect("replay lock") = Replay::Before(last.clone());
-    // 3. Once it has passed them, it becomes the live one.
+    // 2. The new generation catches up to exactly those checkpoints, still
+    //    as history: nothing it does is published before the switch is
+    //    durable (a crash before it leaves the old generation live, and that
+    //    one emits for what comes next).
+    *new.replay.lock().expect("replay lock") = Replay::Until(last.clone());
     while !new.checkpoints().is_ok_and(|c| caught_up(&c, &last)) {
         if s.shutdown.load(Ordering::Relaxed) {
             // The old generation stays live on disk; the rebuild resumes at the next start.
@@ -326,9 +381,17 @@ pub fn monitor(s: Switch<'_>, job: Arc<Rebuild>) {
         }
         std::thread::sleep(Duration::from_millis(10));
     }
-    if let Err(e) = write_number(s.root, LIVE_FILE, new.number) {
-        // Nothing switched on disk: keep serving the old read model, stopped.
-        tracing::error!(projection = s.name, error = %e, "could not switch generations");
+    // 3. The switch, atomic on disk; retried until it holds (the old
+    //    generation has stopped: the projection cannot stay between the two).
+    if let Some(ms) = std::env::var("REFRACT_TEST_SWITCH_DELAY_MS").ok().and_then(|v| v.parse().ok()) {
+        // A test hook: hold here, the last moment before the switch is durable, so that a test can kill the process.
+        tracing::warn!(projection = s.name, ms, "holding the switch before it is durable");
+        std::thread::sleep(Duration::from_millis(ms));
+    }
+    let switched = retry(&s, &job, "switching generations", || {
+        write_number(s.root, LIVE_FILE, new.number).map(|()| true).map_err(|e| e.to_string())
+    });
+    if !switched {
         return;
     }
     let _ = std::fs::remove_file(s.root.join(REBUILD_FILE));
@@ -336,6 +399,9 @@ pub fn monitor(s: Switch<'_>, job: Arc<Rebuild>) {
     *s.live.write().expect("live lock") = new.clone();
     *s.rebuild.lock().expect("rebuild lock") = None;
     drop(starting);
+    // From here on the new generation is the live one: it emits for every
+    // event after the old one's last checkpoints.
+    *new.replay.lock().expect("replay lock") = Replay::Before(last);
     tracing::info!(projection = s.name, generation = new.number, "rebuild finished; the new generation is live");
     // 4. Queries in flight may still hold the old read model; its files go (Linux keeps open ones readable).
     delete(s.root, old.number);

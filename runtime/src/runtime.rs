@@ -621,6 +621,9 @@ impl Runtime {
     pub fn cancel_rebuild(&self, name: &str) -> Result<u64, RebuildError> {
         let p = self.projection(name).ok_or(RebuildError::NotFound)?;
         let job = p.rebuild().ok_or(RebuildError::NotRunning)?;
+        if job.switching.load(Ordering::Relaxed) {
+            return Err(RebuildError::Switching(job.generation.number));
+        }
         job.cancel.store(true, Ordering::Relaxed);
         Ok(job.generation.number)
     }
@@ -790,6 +793,8 @@ pub enum RebuildError {
     Running(u64),
     #[error("no rebuild is running")]
     NotRunning,
+    #[error("generation {0} is taking over from the live one; the switch completes")]
+    Switching(u64),
     #[error("{0}")]
     Invalid(String),
 }

@@ -294,3 +294,35 @@ fn concurrent_rebuild_requests_start_one_rebuild() {
     server.assert_order_summary_is_the_fold_of(&events);
     assert_eq!(server.get("/v1/projections/order-summary")["generation"], 3);
 }
+
+/// A switch that cannot be written (the temporary file's path is taken by a
+/// directory here; a full disk in production) is retried, visible in the
+/// status, and completes once it can: the projection never stays stopped
+/// between two generations. It used to give up with the live worker stopped
+/// and the rebuild marked running forever.
+#[test]
+fn a_switch_that_cannot_be_written_is_retried_until_it_holds() {
+    let dir = tempfile::tempdir().unwrap();
+    let server = Server::start(dir.path(), &[&plugins().order_summary], &config());
+    let events = refract::fixtures::orders(2500, 4, 0.0);
+    append(&server, "orders", &events[..2000]);
+    server.wait_caught_up();
+    let blocker = dir.path().join("data/projections/order-summary/.generation.tmp");
+    std::fs::create_dir(&blocker).unwrap();
+    let started = admin(&server).post("/v1/projections/order-summary/rebuild", "application/json", b"").unwrap();
+    assert_eq!(started.status, 202, "{}", started.body);
+    let until = Instant::now() + Duration::from_secs(60);
+    loop {
+        let status = server.get("/v1/projections/order-summary");
+        if status["rebuild"]["waitingFor"].as_str().is_some_and(|w| w.contains("switching generations")) {
+            break;
+        }
+        assert!(Instant::now() < until, "the failed switch is not shown: {status}");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    std::fs::remove_dir(&blocker).unwrap();
+    wait_switched(&server, "order-summary", 1);
+    append(&server, "orders", &events[2000..]);
+    server.wait_caught_up();
+    server.assert_order_summary_is_the_fold_of(&events);
+}

@@ -308,6 +308,7 @@ fn rebuild_error(name: &str, e: crate::runtime::RebuildError) -> ApiError {
         RebuildError::NotFound => ApiError::not_found("projection_not_found", format!("no projection {name:?}")),
         RebuildError::Running(_) => ApiError::conflict("rebuild_running", format!("{name}: {e}")),
         RebuildError::NotRunning => ApiError::not_found("no_rebuild", format!("{name}: {e}")),
+        RebuildError::Switching(_) => ApiError::conflict("rebuild_switching", format!("{name}: {e}")),
         RebuildError::Invalid(m) => ApiError::bad_request(format!("{name}: {m}")),
     }
 }
