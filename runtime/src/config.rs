@@ -21,11 +21,12 @@
 //!   initial-backoff-ms: 100
 //!   max-backoff-ms: 30000
 //! limits:
-//!   memory-mb: 256                # per plugin instance
+//!   memory-mb: 256                # per plugin instance, all its memories together
 //!   deadline-ms: 10000            # per call into a plugin
 //!   max-key-bytes: 1024
 //!   max-value-bytes: 1048576
 //!   max-emits: 100000             # events one batch may emit
+//!   max-batch-mb: 256             # bytes one batch may hold in writes, documents, emits
 //!   pause-after-dead-letters: 1000  # a plugin failing this many events in a row pauses (0: never)
 //! search:
 //!   commit-interval-ms: 500       # indexer commits to tantivy this often
@@ -110,6 +111,7 @@ pub struct PluginLimitsConfig {
     pub max_key_bytes: Option<usize>,
     pub max_value_bytes: Option<usize>,
     pub max_emits: Option<usize>,
+    pub max_batch_mb: Option<usize>,
     pub pause_after_dead_letters: Option<u64>,
 }
 
@@ -129,6 +131,7 @@ pub fn resolve_limits(global: &LimitsConfig, plugin: Option<&PluginLimitsConfig>
         max_key_bytes: o.max_key_bytes.unwrap_or(global.max_key_bytes),
         max_value_bytes: o.max_value_bytes.unwrap_or(global.max_value_bytes),
         max_emits: o.max_emits.unwrap_or(global.max_emits),
+        max_batch_bytes: o.max_batch_mb.unwrap_or(global.max_batch_mb) << 20,
         ..KvLimits::default()
     };
     (instance, kv)
@@ -291,6 +294,7 @@ pub struct LimitsConfig {
     pub max_key_bytes: usize,
     pub max_value_bytes: usize,
     pub max_emits: usize,
+    pub max_batch_mb: usize,
     pub pause_after_dead_letters: u64,
 }
 
@@ -349,6 +353,7 @@ impl Default for LimitsConfig {
             max_key_bytes: kv.max_key_bytes,
             max_value_bytes: kv.max_value_bytes,
             max_emits: kv.max_emits,
+            max_batch_mb: kv.max_batch_bytes >> 20,
             pause_after_dead_letters: BatchOptions::default().pause_after_dead_letters,
         }
     }
@@ -403,8 +408,8 @@ impl Config {
         if self.storage.cache_mb == 0 {
             return bad("storage: cache-mb must be at least 1");
         }
-        if self.limits.memory_mb == 0 || self.limits.deadline_ms == 0 {
-            return bad("limits: memory-mb and deadline-ms must be at least 1");
+        if self.limits.memory_mb == 0 || self.limits.deadline_ms == 0 || self.limits.max_batch_mb == 0 {
+            return bad("limits: memory-mb, deadline-ms and max-batch-mb must be at least 1");
         }
         for (stream, topic) in &self.kafka.streams {
             crate::names::validate("stream", stream).map_err(ConfigError::Invalid)?;
@@ -422,8 +427,8 @@ impl Config {
             crate::names::validate("plugin", name).map_err(invalid)?;
             plugin.settings_text().map_err(invalid)?;
             let l = &plugin.limits;
-            if l.memory_mb == Some(0) || l.deadline_ms == Some(0) {
-                return Err(invalid("limits: memory-mb and deadline-ms must be at least 1".into()));
+            if l.memory_mb == Some(0) || l.deadline_ms == Some(0) || l.max_batch_mb == Some(0) {
+                return Err(invalid("limits: memory-mb, deadline-ms and max-batch-mb must be at least 1".into()));
             }
             Routes::new(name, &plugin.routes).map_err(invalid)?;
         }

@@ -259,7 +259,7 @@ mod tests {
         let mut restarted = Relay::new("p", 0, read_model.clone(), log.clone(), Arc::new(KafkaConfig::default()), stop);
         assert_eq!(restarted.publish_some().unwrap(), 10);
         assert_eq!(count(&log, "echoes"), 40, "nothing appended twice");
-        let first = log.read("echoes", 0, 0, 1).unwrap();
+        let first = log.read("echoes", 0, 0, 1, usize::MAX).unwrap();
         assert_eq!(first[0].event_type, "Echo");
         assert_eq!(first[0].headers, vec![("h".to_owned(), "v".to_owned())]);
     }

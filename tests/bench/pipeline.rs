@@ -177,7 +177,7 @@ fn main() {
     for p in 0..4 {
         let mut from = 0;
         loop {
-            let batch = log.read("orders", p, from, 10_000).unwrap();
+            let batch = log.read("orders", p, from, 10_000, usize::MAX).unwrap();
             let Some(last) = batch.last() else { break };
             from = last.offset + 1;
             scanned += batch.len();
@@ -191,7 +191,7 @@ fn main() {
     let mut per_event = Vec::with_capacity(n);
     let mut recorder = Recorder::default();
     for p in 0..4 {
-        for e in log.read("orders", p, 0, usize::MAX).unwrap() {
+        for e in log.read("orders", p, 0, usize::MAX, usize::MAX).unwrap() {
             let event = refract_sdk::testing::event("orders", &e.event_type, e.key.as_deref(), &e.data);
             let (mut r, result) = with_backend(std::mem::take(&mut recorder), || OrderSummary::apply(&event));
             result.unwrap();
@@ -202,7 +202,7 @@ fn main() {
     let options = BatchOptions::default();
     // The events in the order the call-only loop hands them over: partition
     // by partition (each order's events share a partition, so keep their order).
-    let all_events: Vec<Event> = (0..4).flat_map(|p| log.read("orders", p, 0, usize::MAX).unwrap()).collect();
+    let all_events: Vec<Event> = (0..4).flat_map(|p| log.read("orders", p, 0, usize::MAX, usize::MAX).unwrap()).collect();
 
     // Everything takes turns `REFRACT_BENCH_ROUNDS` times (default 3), so
     // that all variants meet the same changes in the machine's load; the

@@ -301,3 +301,44 @@ fn a_sleeping_plugin_does_not_hang_its_worker() {
     server.stop();
     assert!(started.elapsed() < std::time::Duration::from_secs(20), "shutdown waited on the sleep");
 }
+
+/// A batch may hold at most `max-batch-mb` of writes, documents and emitted
+/// events: one event writing or emitting past it traps (a dead letter, even
+/// though the plugin would carry on) and every other event is applied, also
+/// when moderate events fill several budgets' worth together (the batch is
+/// split). Without the budget, one event could grow the host's memory by
+/// 100,000 emits × 1 MiB, and after the OOM kill run again.
+#[test]
+fn a_batch_over_its_byte_budget_traps_and_moderate_ones_are_applied() {
+    let dir = tempfile::tempdir().unwrap();
+    let config = "limits:\n  max-batch-mb: 4\n  deadline-ms: 20000\n";
+    let server = Server::start(dir.path(), &[&plugins().chaos], config);
+    let flood = |count: u64, emit: bool| {
+        let mut data = json!({"count": count, "bytes": 100_000});
+        if emit {
+            data["to"] = json!("echoes");
+        }
+        json!({"type": "Flood", "key": "k", "data": data})
+    };
+    // 4 MiB: ~41 values of 100 kB. 10 moderate events of 2 MB each, and two
+    // that alone would hold 6 MB (one writing, one emitting).
+    let mut events: Vec<Value> = (0..10).map(|i| flood(20, i % 2 == 1)).collect();
+    events.insert(4, flood(60, false));
+    events.insert(8, flood(60, true));
+    assert_eq!(server.client().append_ndjson("chaos", &ndjson(&events)).unwrap().status, 200);
+    server.wait_caught_up();
+    let letters = server.get("/v1/projections/testkit-chaos/dead-letters");
+    let letters: Vec<(u64, String)> = letters["deadLetters"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|l| (l["offset"].as_u64().unwrap(), l["error"].as_str().unwrap().to_owned()))
+        .collect();
+    assert_eq!(letters.iter().map(|(o, _)| *o).collect::<Vec<_>>(), [4, 8], "{letters:?}");
+    assert!(letters.iter().all(|(_, e)| e.starts_with("trap:") && e.contains("limits.max-batch-mb")), "{letters:?}");
+    let status = server.get("/v1/projections/testkit-chaos");
+    assert_eq!(status["eventsApplied"], 10, "{status}");
+    assert_eq!(status["emitted"]["events"], 5 * 20, "{status}");
+    let flooded = server.table("testkit-chaos", "applied").iter().filter(|(k, _)| k.starts_with("flood/")).count();
+    assert_eq!(flooded, 5 * 20);
+}

@@ -15,6 +15,9 @@
 //!   `data.to`, with `data.headers` headers `h0`, `h1`, … (none by default);
 //! - `Sleep`: sleeps `data.ms` milliseconds with `std::thread::sleep` (the
 //!   host's clock is frozen: the sleep must end at once, never hang the worker);
+//! - `Flood`: writes `data.count` values of `data.bytes` bytes each, under
+//!   keys `flood/<offset>/<i>` (or, with `data.emit`, emits them as `Echo`
+//!   events to `data.to`): past the batch's byte budget the host must trap;
 //! - `Recurse`: recurses `data.depth` calls deep (a deep one must trap on the
 //!   wasm stack limit, not overflow the host's stack);
 //! - `EmitMany`: emits `data.count` `Echo` events to `data.to` (more than the
@@ -95,6 +98,16 @@ impl Projection for Chaos {
         }
         if event.event_type == "Sleep" {
             std::thread::sleep(std::time::Duration::from_millis(data["ms"].as_u64().unwrap_or(0)));
+        }
+        if event.event_type == "Flood" {
+            let padding = "x".repeat(data["bytes"].as_u64().unwrap_or(0) as usize);
+            for i in 0..data["count"].as_u64().unwrap_or(0) {
+                let value = serde_json::json!({"i": i, "padding": padding});
+                match data["to"].as_str() {
+                    Some(to) => refract_sdk::emit(to, NewEvent::json("Echo", &value)?.time(event.time))?,
+                    None => APPLIED.put(&format!("flood/{}/{i}", event.offset), &value)?,
+                }
+            }
         }
         if event.event_type == "Recurse" {
             std::hint::black_box(recurse(data["depth"].as_u64().unwrap_or(0)));

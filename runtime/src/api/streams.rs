@@ -76,6 +76,9 @@ pub(super) struct ReadParams {
     limit: Option<usize>,
 }
 
+/// The most event data one page of a stream holds (`next` continues it).
+const PAGE_BYTES: usize = 16 << 20;
+
 pub(super) async fn read(
     State(rt): State<Arc<Runtime>>,
     Path(stream): Path<String>,
@@ -83,7 +86,7 @@ pub(super) async fn read(
 ) -> Result<Json<Value>, ApiError> {
     let Query(p) = params?;
     let limit = page_limit(p.limit)?;
-    let events = rt.log.read(&stream, p.partition, p.from, limit).map_err(|e| match e {
+    let events = rt.log.read(&stream, p.partition, p.from, limit, PAGE_BYTES).map_err(|e| match e {
         LogError::UnknownStream(_) => ApiError::not_found("stream_not_found", e.to_string()),
         LogError::UnknownPartition { .. } => ApiError::not_found("partition_not_found", e.to_string()),
         other => ApiError::internal("reading the log", other),

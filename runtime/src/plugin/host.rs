@@ -11,8 +11,8 @@
 use std::sync::Arc;
 use std::time::Duration;
 
+use wasmtime::ResourceLimiter;
 use wasmtime::component::ResourceTable;
-use wasmtime::{StoreLimits, StoreLimitsBuilder};
 use wasmtime_wasi::{HostMonotonicClock, HostWallClock, WasiCtx, WasiCtxBuilder, WasiCtxView, WasiView};
 
 use super::Environment;
@@ -34,7 +34,7 @@ pub struct HostState {
     pub(super) env: Environment,
     wasi: WasiCtx,
     table: ResourceTable,
-    pub(super) limits: StoreLimits,
+    pub(super) limits: PluginLimiter,
     /// The batch being handled; `None` outside `handle`.
     pub(super) batch: Option<Batch>,
     /// Set when a host function failed for a host reason during this call.
@@ -65,6 +65,73 @@ impl HostMonotonicClock for FrozenClock {
     }
     fn now(&self) -> u64 {
         0
+    }
+}
+
+/// The most table elements (function references, 8 bytes each) all of an
+/// instance's tables may hold together. Components need a few thousand.
+pub const MAX_TABLE_ELEMENTS: usize = 1 << 20;
+
+/// What one plugin instance's store may hold, summed over everything in it:
+/// all its linear memories together stay under the memory cap, all its
+/// tables under [`MAX_TABLE_ELEMENTS`]. (wasmtime's `StoreLimits` bounds
+/// each memory and table alone, and a component may hold several; a
+/// `table.grow` by 2^30 would zero-fill gigabytes.) Going past either traps.
+pub struct PluginLimiter {
+    max_memory: usize,
+    /// Bytes of linear memory the store holds, over all its memories.
+    memory: usize,
+    /// Elements the store's tables hold, over all of them.
+    table_elements: usize,
+}
+
+impl ResourceLimiter for PluginLimiter {
+    fn memory_growing(&mut self, current: usize, desired: usize, maximum: Option<usize>) -> wasmtime::Result<bool> {
+        if maximum.is_some_and(|max| desired > max) {
+            return Ok(false);
+        }
+        let total = (self.memory - current.min(self.memory)).saturating_add(desired);
+        if total > self.max_memory {
+            wasmtime::bail!(
+                "its memory would grow to {} MiB, past its cap of {} MiB (limits.memory-mb)",
+                total >> 20,
+                self.max_memory >> 20
+            );
+        }
+        self.memory = total;
+        Ok(true)
+    }
+
+    fn memory_grow_failed(&mut self, error: wasmtime::Error) -> wasmtime::Result<()> {
+        Err(error.context("growing a memory failed"))
+    }
+
+    fn table_growing(&mut self, current: usize, desired: usize, maximum: Option<usize>) -> wasmtime::Result<bool> {
+        if maximum.is_some_and(|max| desired > max) {
+            return Ok(false);
+        }
+        let total = (self.table_elements - current.min(self.table_elements)).saturating_add(desired);
+        if total > MAX_TABLE_ELEMENTS {
+            wasmtime::bail!("its tables would hold {total} elements, past the {MAX_TABLE_ELEMENTS} allowed");
+        }
+        self.table_elements = total;
+        Ok(true)
+    }
+
+    fn table_grow_failed(&mut self, error: wasmtime::Error) -> wasmtime::Result<()> {
+        Err(error.context("growing a table failed"))
+    }
+
+    fn instances(&self) -> usize {
+        64
+    }
+
+    fn tables(&self) -> usize {
+        64
+    }
+
+    fn memories(&self) -> usize {
+        16
     }
 }
 
@@ -111,13 +178,7 @@ impl HostState {
             .monotonic_clock(FrozenClock)
             .insecure_random_seed(0x5eed)
             .build();
-        let limits = StoreLimitsBuilder::new()
-            .memory_size(max_memory)
-            .instances(64)
-            .tables(64)
-            .memories(16)
-            .trap_on_grow_failure(true)
-            .build();
+        let limits = PluginLimiter { max_memory, memory: 0, table_elements: 0 };
         HostState {
             plugin,
             env,
@@ -133,6 +194,16 @@ impl HostState {
 
     fn batch(&mut self) -> wasmtime::Result<&mut Batch> {
         self.batch.as_mut().ok_or_else(|| wasmtime::format_err!("kv is only available while handling events"))
+    }
+
+    /// `result`, unless the batch went over its byte budget: then the call
+    /// traps, so that the plugin cannot carry on past it (the batch is
+    /// bisected down to the event that does not fit, a dead letter).
+    fn within_budget<T>(&self, result: T) -> wasmtime::Result<T> {
+        match self.batch.as_ref().and_then(Batch::over_budget) {
+            Some(why) => Err(wasmtime::Error::msg(why.to_owned())),
+            None => Ok(result),
+        }
     }
 
     fn host_failure(&mut self, e: crate::store::Error) -> wasmtime::Error {
@@ -159,11 +230,13 @@ impl kv::Host for HostState {
     }
 
     fn put(&mut self, table: String, key: String, value: Vec<u8>) -> wasmtime::Result<Result<(), KvError>> {
-        Ok(self.batch()?.put_owned(&table, key, value))
+        let result = self.batch()?.put_owned(&table, key, value);
+        self.within_budget(result)
     }
 
     fn delete(&mut self, table: String, key: String) -> wasmtime::Result<Result<(), KvError>> {
-        Ok(self.batch()?.delete(&table, &key))
+        let result = self.batch()?.delete(&table, &key);
+        self.within_budget(result)
     }
 
     fn scan(
@@ -192,6 +265,7 @@ impl HostState {
             };
             written.map_err(|e| (format!("table {table}: {} (writing {key:?})", kv_error_message(&e)), e))
         });
+        self.within_budget(())?;
         match applied {
             Ok(Ok(())) => Ok(Ok(())),
             Ok(Err((index, (message, error)))) => {
@@ -229,17 +303,20 @@ impl kv_packed::Host for HostState {
 
 impl search::Host for HostState {
     fn upsert(&mut self, index: String, id: String, document: Vec<u8>) -> wasmtime::Result<Result<(), SearchError>> {
-        Ok(self.batch()?.search_upsert(&index, &id, &document))
+        let result = self.batch()?.search_upsert(&index, &id, &document);
+        self.within_budget(result)
     }
 
     fn delete(&mut self, index: String, id: String) -> wasmtime::Result<Result<(), SearchError>> {
-        Ok(self.batch()?.search_delete(&index, &id))
+        let result = self.batch()?.search_delete(&index, &id);
+        self.within_budget(result)
     }
 }
 
 impl emit::Host for HostState {
     fn emit(&mut self, stream: String, event: Outgoing) -> wasmtime::Result<Result<(), EmitError>> {
-        Ok(self.batch()?.emit(&stream, event))
+        let result = self.batch()?.emit(&stream, event);
+        self.within_budget(result)
     }
 }
 
@@ -288,5 +365,108 @@ impl log::Host for HostState {
             }
         }
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use wasm_encoder::{
+        CodeSection, ExportKind, ExportSection, Function, FunctionSection, Instruction, MemorySection, MemoryType,
+        Module, RefType, TableSection, TableType, TypeSection, ValType,
+    };
+    use wasmtime::{Instance, Store};
+
+    use super::*;
+
+    /// A core module exporting `grow0`, `grow1` (memory.grow on its two
+    /// memories) and `grow_table` (table.grow with null), each `(i32) -> i32`.
+    fn grower() -> Vec<u8> {
+        let mut module = Module::new();
+        let mut types = TypeSection::new();
+        types.ty().function([ValType::I32], [ValType::I32]);
+        module.section(&types);
+        let mut functions = FunctionSection::new();
+        (0..3).for_each(|_| {
+            functions.function(0);
+        });
+        module.section(&functions);
+        let mut tables = TableSection::new();
+        tables.table(TableType {
+            element_type: RefType::FUNCREF,
+            table64: false,
+            minimum: 1,
+            maximum: None,
+            shared: false,
+        });
+        module.section(&tables);
+        let mut memories = MemorySection::new();
+        for _ in 0..2 {
+            memories.memory(MemoryType {
+                minimum: 1,
+                maximum: None,
+                memory64: false,
+                shared: false,
+                page_size_log2: None,
+            });
+        }
+        module.section(&memories);
+        let mut exports = ExportSection::new();
+        exports.export("grow0", ExportKind::Func, 0).export("grow1", ExportKind::Func, 1).export(
+            "grow_table",
+            ExportKind::Func,
+            2,
+        );
+        module.section(&exports);
+        let mut code = CodeSection::new();
+        for body in [
+            vec![Instruction::LocalGet(0), Instruction::MemoryGrow(0)],
+            vec![Instruction::LocalGet(0), Instruction::MemoryGrow(1)],
+            vec![
+                Instruction::RefNull(wasm_encoder::HeapType::FUNC),
+                Instruction::LocalGet(0),
+                Instruction::TableGrow(0),
+            ],
+        ] {
+            let mut f = Function::new([]);
+            body.iter().for_each(|i| {
+                f.instruction(i);
+            });
+            f.instruction(&Instruction::End);
+            code.function(&f);
+        }
+        module.section(&code);
+        module.finish()
+    }
+
+    /// The cap holds for all of a store's memories together and for its
+    /// tables: growth within it succeeds, growth past it traps with the reason.
+    #[test]
+    fn memories_and_tables_are_capped_together_and_growth_past_the_cap_traps() {
+        let engine = super::super::engine::new_engine().unwrap();
+        let module = wasmtime::Module::new(&engine, grower()).unwrap();
+        let mut store = Store::new(&engine, HostState::new("p".into(), 32 << 20, Default::default()));
+        store.limiter(|s| &mut s.limits);
+        store.set_epoch_deadline(u64::MAX / 2);
+        let instance = Instance::new(&mut store, &module, &[]).unwrap();
+        let grow = |store: &mut Store<HostState>, name: &str, n: i32| {
+            instance.get_typed_func::<i32, i32>(&mut *store, name).unwrap().call(&mut *store, n)
+        };
+        // 64 KiB pages: 2 + 300 + 200 = 502 pages, under 512 (32 MiB).
+        assert_eq!(grow(&mut store, "grow0", 300).unwrap(), 1);
+        assert_eq!(grow(&mut store, "grow1", 200).unwrap(), 1);
+        // Each memory alone is under the cap; together they would not be.
+        let error = grow(&mut store, "grow1", 20).unwrap_err();
+        assert!(format!("{error:?}").contains("past its cap of 32 MiB"), "{error:?}");
+
+        let mut store = Store::new(&engine, HostState::new("p".into(), 32 << 20, Default::default()));
+        store.limiter(|s| &mut s.limits);
+        store.set_epoch_deadline(u64::MAX / 2);
+        let instance = Instance::new(&mut store, &module, &[]).unwrap();
+        let grow = |store: &mut Store<HostState>, n: i32| {
+            instance.get_typed_func::<i32, i32>(&mut *store, "grow_table").unwrap().call(&mut *store, n)
+        };
+        assert_eq!(grow(&mut store, 10_000).unwrap(), 1);
+        let error = grow(&mut store, 1 << 30).unwrap_err();
+        assert!(format!("{error:?}").contains("past the 1048576 allowed"), "{error:?}");
     }
 }

@@ -842,7 +842,7 @@ impl Projector {
 
     /// The event a dead letter holds: from the log when it still has it.
     fn event_of(&self, letter: &DeadLetter) -> crate::plugin::Event {
-        let from_log = self.sources.log.read(&letter.stream, letter.partition, letter.offset, 1).ok();
+        let from_log = self.sources.log.read(&letter.stream, letter.partition, letter.offset, 1, usize::MAX).ok();
         if let Some(event) = from_log.and_then(|mut events| events.pop()).filter(|e| e.offset == letter.offset) {
             return event;
         }

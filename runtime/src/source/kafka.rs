@@ -29,7 +29,7 @@ use serde::{Deserialize, Serialize};
 
 use super::Event;
 use super::decode::{Decoder, Format, Record};
-use super::reader::{Cursor, Delivery, Pending, Reader};
+use super::reader::{Cursor, Delivery, Pending, READ_BYTES, Reader};
 use crate::store::{DeadLetter, ReadModel};
 
 /// The `kafka:` section of `refract.yaml`.
@@ -512,9 +512,11 @@ impl Reader for KafkaReader {
         let mut timeout = wait;
         let mut failure = None;
         let mut progress = Vec::new();
+        let mut bytes = 0usize;
         loop {
             let taken = into.events.len() + into.undecodable.len() - start;
             if taken >= max
+                || bytes >= READ_BYTES
                 || (taken >= self.handover.after
                     && taken.is_multiple_of(256)
                     && self.handover.hungry.load(std::sync::atomic::Ordering::Relaxed))
@@ -523,7 +525,10 @@ impl Reader for KafkaReader {
             }
             match self.consumer.poll(timeout) {
                 None => break,
-                Some(Ok(message)) => self.take(&message, cursor, into, &mut progress),
+                Some(Ok(message)) => {
+                    bytes += message.payload_len() + message.key_len();
+                    self.take(&message, cursor, into, &mut progress)
+                }
                 Some(Err(e)) => {
                     failure = Some(format!("consuming from Kafka: {e}"));
                     break;

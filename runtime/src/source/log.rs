@@ -279,7 +279,9 @@ impl EventLog {
     }
 
     /// Up to `limit` events of `stream`/`partition` from offset `from` on.
-    pub fn read(&self, stream: &str, partition: u32, from: u64, limit: usize) -> Result<Vec<Event>> {
+    /// Up to `limit` events of `stream`'s `partition` from offset `from`, and
+    /// no more data than `max_bytes` (but always the first event there is).
+    pub fn read(&self, stream: &str, partition: u32, from: u64, limit: usize, max_bytes: usize) -> Result<Vec<Event>> {
         let partitions = self.partitions(stream).ok_or_else(|| Error::UnknownStream(stream.to_owned()))?;
         if partition >= partitions {
             return Err(Error::UnknownPartition { stream: stream.to_owned(), partition, partitions });
@@ -289,8 +291,13 @@ impl EventLog {
         let def = TableDefinition::<u64, &[u8]>::new(&table_name);
         let table = tx.open_table(def)?;
         let mut events = Vec::with_capacity(limit.min(4096));
+        let mut held = 0usize;
         for entry in table.range(from..)?.take(limit) {
             let (offset, bytes) = entry?;
+            held += bytes.value().len();
+            if held > max_bytes && !events.is_empty() {
+                break;
+            }
             events.push(record::decode(stream, partition, offset.value(), bytes.value())?);
         }
         Ok(events)
@@ -345,7 +352,7 @@ mod tests {
         assert_eq!(heads.iter().sum::<u64>(), 20);
         for (i, pos) in positions.iter().enumerate() {
             assert_eq!(pos.partition, partition::for_key(&format!("k{}", i % 5), 4));
-            let got = log.read("s", pos.partition, pos.offset, 1).unwrap();
+            let got = log.read("s", pos.partition, pos.offset, 1, usize::MAX).unwrap();
             assert_eq!(got[0].data, format!("{i}").into_bytes());
         }
         // Offsets continue after a reopen.
@@ -362,6 +369,20 @@ mod tests {
         assert!(err.to_string().contains("event 1: `type`"), "{err}");
         assert!(log.heads("s").is_none());
         assert!(matches!(log.append("../etc", &[event("T", None, "1")]), Err(Error::Invalid(_))));
-        assert!(matches!(log.read("nope", 0, 0, 10), Err(Error::UnknownStream(_))));
+        assert!(matches!(log.read("nope", 0, 0, 10, usize::MAX), Err(Error::UnknownStream(_))));
+    }
+
+    /// A read is bounded by bytes as well as by count, and always takes the
+    /// first event (however large), so that reading never stalls.
+    #[test]
+    fn reads_stop_at_their_byte_bound_but_always_take_one_event() {
+        let dir = tempfile::tempdir().unwrap();
+        let log = EventLog::open(&dir.path().join("log.redb"), LogOptions::default()).unwrap();
+        let big = format!("\"{}\"", "x".repeat(100_000));
+        let events: Vec<_> = (0..10).map(|_| event("T", Some("k"), &big)).collect();
+        let partition = log.append("s", &events).unwrap()[0].partition;
+        assert_eq!(log.read("s", partition, 0, 10, usize::MAX).unwrap().len(), 10);
+        assert_eq!(log.read("s", partition, 0, 10, 250_000).unwrap().len(), 2);
+        assert_eq!(log.read("s", partition, 3, 10, 10).unwrap().len(), 1);
     }
 }

@@ -225,10 +225,14 @@ pub enum Delivery {
     },
 }
 
+/// The most event data one read takes into memory, whatever its event
+/// count: 10,000 events of up to 1 MiB each would otherwise be 10 GiB.
+pub const READ_BYTES: usize = 64 << 20;
+
 /// One source of a projection's events.
 pub trait Reader: Send {
-    /// Append to `into` up to `max` events after `cursor`, waiting up to
-    /// `wait` when there are none yet.
+    /// Append to `into` up to `max` events after `cursor`, and about
+    /// [`READ_BYTES`] of data at most, waiting up to `wait` when there are none yet.
     fn read(&mut self, cursor: &Cursor, max: usize, wait: Duration, into: &mut Pending) -> Result<(), String>;
 
     /// Records from these positions on were read but handed back (held back
@@ -252,7 +256,7 @@ impl LogReader {
 }
 
 impl Reader for LogReader {
-    /// Shares `max` between the partitions that have something to read.
+    /// Shares `max` and [`READ_BYTES`] between the partitions that have something to read.
     fn read(&mut self, cursor: &Cursor, max: usize, wait: Duration, into: &mut Pending) -> Result<(), String> {
         let seen = self.log.signal().current();
         let mut partitions = Vec::new();
@@ -272,9 +276,11 @@ impl Reader for LogReader {
             return Ok(());
         }
         let quota = (max / partitions.len()).max(1);
+        let bytes = READ_BYTES / partitions.len();
         for (stream, types, partition, from, head) in partitions {
             let limit = quota.min((head - from) as usize);
-            let events = self.log.read(stream, partition, from, limit).map_err(|e| format!("reading the log: {e}"))?;
+            let events =
+                self.log.read(stream, partition, from, limit, bytes).map_err(|e| format!("reading the log: {e}"))?;
             let to = events.last().map_or(from, |e| e.offset + 1);
             into.read_to.insert((stream.clone(), partition), to);
             into.events.extend(events.into_iter().filter(|e| types.is_empty() || types.contains(&e.event_type)));

@@ -34,6 +34,9 @@ pub struct KvLimits {
     /// The largest `data` the embedded log accepts (`streams.max-event-bytes`):
     /// an emitted event must be one the log would take.
     pub max_event_bytes: usize,
+    /// The most bytes one batch may hold in writes, search documents and
+    /// emitted events (`limits.max-batch-mb`): past it the call traps.
+    pub max_batch_bytes: usize,
 }
 
 impl Default for KvLimits {
@@ -44,6 +47,7 @@ impl Default for KvLimits {
             max_scan: 10_000,
             max_emits: 100_000,
             max_event_bytes: 1 << 20,
+            max_batch_bytes: 256 << 20,
         }
     }
 }
@@ -92,23 +96,36 @@ impl KeyWrites {
         self.values.get(key)
     }
 
-    /// Record `value` for `key` (`None`: removed).
-    pub fn insert(&mut self, key: String, value: Option<Vec<u8>>) {
+    /// Record `value` for `key` (`None`: removed). Returns how many bytes
+    /// the writes hold more than before (less, when negative).
+    pub fn insert(&mut self, key: String, value: Option<Vec<u8>>) -> isize {
+        let size = |v: &Option<Vec<u8>>| v.as_ref().map_or(0, Vec::len) as isize;
         match self.values.entry(key) {
-            std::collections::hash_map::Entry::Occupied(slot) => *slot.into_mut() = value,
+            std::collections::hash_map::Entry::Occupied(slot) => {
+                let slot = slot.into_mut();
+                let grown = size(&value) - size(slot);
+                *slot = value;
+                grown
+            }
             std::collections::hash_map::Entry::Vacant(slot) => {
                 if let Some(order) = self.order.get_mut() {
                     order.insert(slot.key().clone());
                 }
+                let grown = (slot.key().len() as isize) + size(&value);
                 slot.insert(value);
+                grown
             }
         }
     }
 
     /// [`KeyWrites::insert`] without allocating the key when it is already there.
-    fn set(&mut self, key: &str, value: Option<Vec<u8>>) {
+    fn set(&mut self, key: &str, value: Option<Vec<u8>>) -> isize {
         match self.values.get_mut(key) {
-            Some(slot) => *slot = value,
+            Some(slot) => {
+                let grown = value.as_ref().map_or(0, Vec::len) as isize - slot.as_ref().map_or(0, Vec::len) as isize;
+                *slot = value;
+                grown
+            }
             None => self.insert(key.to_owned(), value),
         }
     }
@@ -172,6 +189,11 @@ pub struct Batch {
     /// Replaying history: emitted events are dropped (they were published
     /// when the history was new).
     replaying: bool,
+    /// Bytes this batch holds in writes, documents and emitted events.
+    held: usize,
+    /// Set once a write would take `held` past `max_batch_bytes`: the batch
+    /// is over its budget, and the host traps the call.
+    over_budget: Option<String>,
 }
 
 impl Batch {
@@ -192,7 +214,34 @@ impl Batch {
             emitted: Vec::new(),
             unrouted: 0,
             replaying: false,
+            held: 0,
+            over_budget: None,
         }
+    }
+
+    /// Why the batch went over its byte budget, if it did.
+    pub fn over_budget(&self) -> Option<&str> {
+        self.over_budget.as_deref()
+    }
+
+    /// Room for `bytes` more in the batch's budget, or the error that refuses them.
+    fn budget(&mut self, bytes: usize) -> Result<(), String> {
+        if let Some(why) = &self.over_budget {
+            return Err(why.clone());
+        }
+        if self.held.saturating_add(bytes) <= self.limits.max_batch_bytes {
+            return Ok(());
+        }
+        let why = format!(
+            "the batch would hold more than {} MiB of writes, documents and emitted events (limits.max-batch-mb)",
+            self.limits.max_batch_bytes >> 20
+        );
+        self.over_budget = Some(why.clone());
+        Err(why)
+    }
+
+    fn hold(&mut self, grown: isize) {
+        self.held = self.held.saturating_add_signed(grown);
     }
 
     /// The batch's writes, to commit.
@@ -235,11 +284,18 @@ impl Batch {
         if self.emitted.len() >= self.limits.max_emits {
             return Err(EmitError::TooLarge(format!("a batch may emit at most {} events", self.limits.max_emits)));
         }
+        let size = stream.len()
+            + event.event_type.len()
+            + event.key.as_ref().map_or(0, String::len)
+            + event.headers.iter().map(|(k, v)| k.len() + v.len()).sum::<usize>()
+            + event.data.len();
+        self.budget(size).map_err(EmitError::TooLarge)?;
         let data = String::from_utf8(event.data)
             .ok()
             .and_then(|text| RawValue::from_string(text).ok())
             .ok_or_else(|| EmitError::InvalidEvent("event data must be a JSON document".into()))?;
         if !self.replaying {
+            self.hold(size as isize);
             self.emitted.push(Emitted {
                 stream: stream.to_owned(),
                 event_type: event.event_type,
@@ -268,7 +324,9 @@ impl Batch {
             )));
         }
         schema.validate(document).map_err(|e| SearchError::InvalidDocument(format!("document {id:?}: {e}")))?;
-        entry(&mut self.docs, index).set(id, Some(document.to_vec()));
+        self.budget(id.len() + document.len()).map_err(SearchError::TooLarge)?;
+        let grown = entry(&mut self.docs, index).set(id, Some(document.to_vec()));
+        self.hold(grown);
         Ok(())
     }
 
@@ -277,7 +335,9 @@ impl Batch {
         if !self.declared.indexes.contains_key(index) {
             return Err(SearchError::UnknownIndex(format!("index {index:?} is not declared by the plugin")));
         }
-        entry(&mut self.docs, index).set(id, None);
+        self.budget(id.len()).map_err(SearchError::TooLarge)?;
+        let grown = entry(&mut self.docs, index).set(id, None);
+        self.hold(grown);
         Ok(())
     }
 
@@ -330,14 +390,18 @@ impl Batch {
     /// Store `value` (which must be a JSON document) under `key`.
     pub fn put(&mut self, table: &str, key: &str, value: &[u8]) -> Result<(), KvError> {
         self.check_put(table, key, value)?;
-        self.table_writes(table).set(key, Some(value.to_vec()));
+        self.budget(key.len() + value.len()).map_err(KvError::TooLarge)?;
+        let grown = self.table_writes(table).set(key, Some(value.to_vec()));
+        self.hold(grown);
         Ok(())
     }
 
     /// [`Batch::put`] of a key and value the caller owns (no copies).
     pub fn put_owned(&mut self, table: &str, key: String, value: Vec<u8>) -> Result<(), KvError> {
         self.check_put(table, &key, &value)?;
-        self.table_writes(table).insert(key, Some(value));
+        self.budget(key.len() + value.len()).map_err(KvError::TooLarge)?;
+        let grown = self.table_writes(table).insert(key, Some(value));
+        self.hold(grown);
         Ok(())
     }
 
@@ -362,7 +426,9 @@ impl Batch {
     pub fn delete(&mut self, table: &str, key: &str) -> Result<(), KvError> {
         self.check_table(table)?;
         self.check_key(key)?;
-        self.table_writes(table).set(key, None);
+        self.budget(key.len()).map_err(KvError::TooLarge)?;
+        let grown = self.table_writes(table).set(key, None);
+        self.hold(grown);
         Ok(())
     }
 
