@@ -202,7 +202,8 @@ fn main() {
     let options = BatchOptions::default();
     // The events in the order the call-only loop hands them over: partition
     // by partition (each order's events share a partition, so keep their order).
-    let all_events: Vec<Event> = (0..4).flat_map(|p| log.read("orders", p, 0, usize::MAX, usize::MAX).unwrap()).collect();
+    let all_events: Vec<Event> =
+        (0..4).flat_map(|p| log.read("orders", p, 0, usize::MAX, usize::MAX).unwrap()).collect();
 
     // Everything takes turns `REFRACT_BENCH_ROUNDS` times (default 3), so
     // that all variants meet the same changes in the machine's load; the

@@ -192,3 +192,131 @@ fn connections_that_never_finish_their_headers_are_closed_and_others_are_served(
     tcp.read_to_string(&mut reply).unwrap();
     assert!(reply.starts_with("HTTP/1.1 200"), "{reply}");
 }
+
+/// A process's peak and current resident memory (`VmHWM`, `VmRSS`), in KiB.
+fn memory_kib(pid: u32) -> (u64, u64) {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
+    let field = |name: &str| {
+        let line = status.lines().find(|l| l.starts_with(name)).unwrap();
+        line.split_whitespace().nth(1).unwrap().parse::<u64>().unwrap()
+    };
+    (field("VmHWM:"), field("VmRSS:"))
+}
+
+/// The median of `n` timings of `request`, each of which must answer 200.
+fn median_ms(n: usize, mut request: impl FnMut() -> u16) -> f64 {
+    let mut took: Vec<f64> = (0..n)
+        .map(|_| {
+            let started = Instant::now();
+            assert_eq!(request(), 200);
+            started.elapsed().as_secs_f64() * 1000.0
+        })
+        .collect();
+    took.sort_by(|a, b| a.partial_cmp(b).unwrap());
+    took[n / 2]
+}
+
+/// Everything at once from clients that mean harm, on a server whose open
+/// files are limited to 1,024 as on a small machine: 2,000 connections that
+/// send nothing, 100 that send the HTTP/2 preface and then nothing, bodies
+/// of 60 and 200 MB sent without a token or over the size limit, a search
+/// nested 30,000 deep and one facet asked 8,000 times. Health checks and
+/// queries are answered throughout (latencies printed), the silent
+/// connections are closed after the header timeout, and the server's peak
+/// memory grows by less than 64 MiB.
+#[test]
+fn hostile_clients_leave_queries_answered_and_memory_bounded() {
+    use std::io::{Read, Write};
+    let dir = tempfile::tempdir().unwrap();
+    let config =
+        format!("auth:\n  admin-token: {ADMIN}\napi:\n  header-timeout-ms: 1000\nsearch:\n  commit-interval-ms: 50\n");
+    let mut server = Server::start(dir.path(), &[&plugins().order_search], &config);
+    server.soft_nofile = Some(1024);
+    server.kill();
+    server.restart();
+    let admin = Client::new(&server.url).with_token(Some(ADMIN));
+    let events = refract::fixtures::orders(500, 9, 0.0);
+    assert_eq!(admin.append_ndjson("orders", &ndjson(&events)).unwrap().status, 200);
+    server.wait_caught_up();
+    let client = server.client();
+    let healthz = || client.get("/healthz").unwrap().status;
+    let page = || client.get("/v1/projections/order-search/tables/orders/items?limit=100").unwrap().status;
+    let idle = (median_ms(30, healthz), median_ms(30, page));
+    let (peak_before, _) = memory_kib(server.pid());
+
+    let address = server.url.trim_start_matches("http://").to_owned();
+    let silent: Vec<std::net::TcpStream> = (0..2000).map(|_| std::net::TcpStream::connect(&address).unwrap()).collect();
+    let preface: Vec<std::net::TcpStream> = (0..100)
+        .map(|_| {
+            let mut tcp = std::net::TcpStream::connect(&address).unwrap();
+            tcp.write_all(b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n").unwrap();
+            tcp
+        })
+        .collect();
+    // Large bodies: two without a token (under the size limit), two declared over it.
+    let uploads: Vec<_> = [(60usize << 20, "wrong-token-0123456789"), (60 << 20, ""), (200 << 20, ADMIN), (200 << 20, ADMIN)]
+        .into_iter()
+        .map(|(size, token)| {
+            let address = address.clone();
+            std::thread::spawn(move || {
+                let mut tcp = std::net::TcpStream::connect(&address).unwrap();
+                let auth = if token.is_empty() { String::new() } else { format!("authorization: Bearer {token}\r\n") };
+                let head = format!(
+                    "POST /v1/streams/orders/events HTTP/1.1\r\nhost: refract\r\n{auth}content-type: application/x-ndjson\r\ncontent-length: {size}\r\n\r\n"
+                );
+                tcp.write_all(head.as_bytes()).unwrap();
+                let chunk = vec![b' '; 1 << 20];
+                for _ in 0..size >> 20 {
+                    if tcp.write_all(&chunk).is_err() {
+                        break; // answered and closed before the end: fine
+                    }
+                }
+                tcp.set_read_timeout(Some(Duration::from_secs(30))).unwrap();
+                let mut reply = [0u8; 12];
+                let _ = tcp.read_exact(&mut reply);
+                String::from_utf8_lossy(&reply).into_owned()
+            })
+        })
+        .collect();
+    let nested = format!("{}a{}", "(".repeat(30_000), ")".repeat(30_000));
+    let search = "/v1/projections/order-search/indexes/orders/search";
+    assert_eq!(client.get(&format!("{search}?q={nested}")).unwrap().status, 400);
+    assert_eq!(client.get(&format!("{search}?facets={}", "status,".repeat(8000))).unwrap().status, 200);
+    let attacked = (median_ms(30, healthz), median_ms(30, page));
+    let replies: Vec<String> = uploads.into_iter().map(|u| u.join().unwrap()).collect();
+    assert_eq!(replies.iter().filter(|r| r.starts_with("HTTP/1.1 401")).count(), 2, "{replies:?}");
+    assert_eq!(replies.iter().filter(|r| r.starts_with("HTTP/1.1 413")).count(), 2, "{replies:?}");
+    let (peak_after, rss) = memory_kib(server.pid());
+    println!(
+        "idle: healthz {:.2} ms, page {:.2} ms; under attack: healthz {:.2} ms ({:.1}×), page {:.2} ms ({:.1}×); \
+         peak memory {} → {} MiB, now {} MiB",
+        idle.0,
+        idle.1,
+        attacked.0,
+        attacked.0 / idle.0,
+        attacked.1,
+        attacked.1 / idle.1,
+        peak_before >> 10,
+        peak_after >> 10,
+        rss >> 10
+    );
+    assert!(
+        peak_after.saturating_sub(peak_before) < 64 << 10,
+        "peak memory grew from {peak_before} to {peak_after} KiB"
+    );
+
+    // The connections that said nothing (or only the HTTP/2 preface) are closed.
+    for mut tcp in silent.into_iter().chain(preface) {
+        tcp.set_read_timeout(Some(Duration::from_secs(30))).unwrap();
+        let mut buffer = [0u8; 256];
+        loop {
+            match tcp.read(&mut buffer) {
+                Ok(0) => break,
+                Ok(_) => continue, // an HTTP/2 settings frame or ping, then the close
+                Err(e) if e.kind() == std::io::ErrorKind::ConnectionReset => break,
+                Err(e) => panic!("a silent connection was kept open: {e}"),
+            }
+        }
+    }
+    assert_eq!(healthz(), 200);
+}

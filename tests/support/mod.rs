@@ -202,6 +202,9 @@ pub struct Server {
     pub url: String,
     /// Extra environment for the process, from the next (re)start on.
     pub env: Vec<(String, String)>,
+    /// A soft limit on open files for the process (as a small machine's
+    /// default), from the next (re)start on.
+    pub soft_nofile: Option<u64>,
 }
 
 impl Server {
@@ -216,8 +219,14 @@ impl Server {
         let port = free_port();
         let config = format!("data-dir: data\nplugins-dir: plugins\nlisten: 127.0.0.1:{port}\n{extra}");
         std::fs::write(dir.join("refract.yaml"), config).unwrap();
-        let mut server =
-            Server { child: None, dir: dir.to_owned(), port, url: format!("http://127.0.0.1:{port}"), env: Vec::new() };
+        let mut server = Server {
+            child: None,
+            dir: dir.to_owned(),
+            port,
+            url: format!("http://127.0.0.1:{port}"),
+            env: Vec::new(),
+            soft_nofile: None,
+        };
         server.restart();
         server
     }
@@ -226,7 +235,21 @@ impl Server {
     pub fn restart(&mut self) {
         assert!(self.child.is_none(), "already running");
         let log = std::fs::OpenOptions::new().create(true).append(true).open(self.dir.join("refract.log")).unwrap();
-        let child = Command::new(env!("CARGO_BIN_EXE_refract"))
+        let mut command = Command::new(env!("CARGO_BIN_EXE_refract"));
+        if let Some(soft) = self.soft_nofile {
+            use std::os::unix::process::CommandExt;
+            // SAFETY: between fork and exec only async-signal-safe calls: getrlimit, setrlimit.
+            unsafe {
+                command.pre_exec(move || {
+                    let mut limit = libc::rlimit { rlim_cur: 0, rlim_max: 0 };
+                    libc::getrlimit(libc::RLIMIT_NOFILE, &mut limit);
+                    limit.rlim_cur = soft.min(limit.rlim_max);
+                    libc::setrlimit(libc::RLIMIT_NOFILE, &limit);
+                    Ok(())
+                });
+            }
+        }
+        let child = command
             .arg("run")
             .arg("--config")
             .arg(self.dir.join("refract.yaml"))
@@ -266,6 +289,11 @@ impl Server {
             let _ = Command::new("kill").arg("-TERM").arg(child.id().to_string()).status();
             child.wait().expect("reaping the process");
         }
+    }
+
+    /// The process id of the running server.
+    pub fn pid(&self) -> u32 {
+        self.child.as_ref().expect("running").id()
     }
 
     pub fn client(&self) -> Client {

@@ -32,9 +32,10 @@ pub(super) async fn authorize(State(rt): State<Arc<Runtime>>, request: Request, 
     match check(&rt, request.method(), request.uri().path(), request.headers()) {
         Ok(()) => next.run(request).await,
         Err(e) => {
-            // Read what the client is sending (within the body limit), so that
-            // it gets the JSON error rather than a connection reset mid-upload.
-            let _ = axum::body::to_bytes(request.into_body(), rt.api.max_body_bytes()).await;
+            // Read what the client is sending (within the body limit, without
+            // keeping it), so that it gets the JSON error rather than a
+            // connection reset mid-upload.
+            super::guard::discard(request.into_body(), rt.api.max_body_bytes()).await;
             e.into_response()
         }
     }

@@ -47,11 +47,29 @@ async fn refuse_too_large(rt: &Runtime, request: Request, next: Next) -> Respons
     match declared {
         Some(n) if n > limit as u64 => {
             if n <= 4 * limit as u64 {
-                let _ = axum::body::to_bytes(request.into_body(), n as usize).await;
+                discard(request.into_body(), n as usize).await;
             }
             StatusCode::PAYLOAD_TOO_LARGE.into_response()
         }
         _ => next.run(request).await,
+    }
+}
+
+/// Read what the client is sending and drop it frame by frame (up to `max`
+/// bytes, for at most a few seconds), so that a client refused mid-upload
+/// gets the answer rather than a connection reset, without the body ever
+/// being held in memory.
+pub(super) async fn discard(body: axum::body::Body, max: usize) {
+    use axum::body::HttpBody;
+    let mut body = std::pin::pin!(body);
+    let until = tokio::time::Instant::now() + std::time::Duration::from_secs(10);
+    let mut seen = 0usize;
+    while seen <= max {
+        let frame = std::future::poll_fn(|cx| body.as_mut().poll_frame(cx));
+        match tokio::time::timeout_at(until, frame).await {
+            Ok(Some(Ok(frame))) => seen += frame.data_ref().map_or(0, |d| d.len()),
+            _ => break,
+        }
     }
 }
 

@@ -60,6 +60,20 @@ async fn run_blocking<T: Send + 'static>(
     }
 }
 
+/// Stored JSON as it is, without parsing it into a tree (a page of 1,000
+/// values of 1 MiB parsed into `serde_json::Value` takes many times that in
+/// memory). Values are checked to be JSON when they are written; anything
+/// else is passed on as a JSON string.
+fn raw_json(bytes: Vec<u8>) -> Box<serde_json::value::RawValue> {
+    match String::from_utf8(bytes) {
+        Ok(text) => serde_json::value::RawValue::from_string(text).unwrap_or_else(|e| {
+            tracing::debug!(error = %e, "a stored value is not JSON");
+            serde_json::value::to_raw_value("<not JSON>").expect("a string serializes")
+        }),
+        Err(e) => serde_json::value::to_raw_value(&String::from_utf8_lossy(e.as_bytes())).expect("a string serializes"),
+    }
+}
+
 /// The web console, served at `/`: one static page (no external assets)
 /// that uses this API with the token the user types in.
 const CONSOLE_HTML: &str = include_str!("console.html");
@@ -168,6 +182,28 @@ pub async fn serve(
     serve_router(router(runtime), header_timeout, listener, shutdown).await
 }
 
+/// How many connections the server holds open at once: half the process's
+/// file descriptors (after raising their soft limit to the hard one), so
+/// that clients holding connections never starve the log, the read models
+/// and the indexes of files.
+fn max_connections() -> usize {
+    let mut limit = libc::rlimit { rlim_cur: 0, rlim_max: 0 };
+    // SAFETY: getrlimit and setrlimit read and write the struct passed, nothing else.
+    let soft = unsafe {
+        if libc::getrlimit(libc::RLIMIT_NOFILE, &mut limit) != 0 {
+            return 512;
+        }
+        if limit.rlim_cur < limit.rlim_max {
+            let raised = libc::rlimit { rlim_cur: limit.rlim_max, rlim_max: limit.rlim_max };
+            if libc::setrlimit(libc::RLIMIT_NOFILE, &raised) == 0 {
+                limit.rlim_cur = limit.rlim_max;
+            }
+        }
+        limit.rlim_cur
+    };
+    usize::try_from(soft / 2).unwrap_or(usize::MAX).clamp(64, 1 << 20)
+}
+
 /// Serve `router` on `listener` with the API's connection handling (HTTP/1
 /// and 2, a header read timeout, TCP_NODELAY, graceful shutdown) until
 /// `shutdown` resolves. Public so that the HTTP benchmark measures a
@@ -188,10 +224,24 @@ pub async fn serve_router(
     // time limit only starts once a request has been read.
     let mut builder = auto::Builder::new(TokioExecutor::new());
     builder.http1().timer(TokioTimer::new()).header_read_timeout(header_timeout);
+    // An HTTP/2 client must answer pings: one that holds a connection
+    // without reading (or vanished) is closed.
+    builder
+        .http2()
+        .timer(TokioTimer::new())
+        .keep_alive_interval(Some(header_timeout))
+        .keep_alive_timeout(header_timeout);
     let service = TowerToHyperService::new(router);
     let connections = hyper_util::server::graceful::GracefulShutdown::new();
+    // Each connection holds a file descriptor; leave half of them to the
+    // log, the read models and the indexes, whatever clients do.
+    let open = std::sync::Arc::new(tokio::sync::Semaphore::new(max_connections()));
     let mut shutdown = std::pin::pin!(shutdown);
     loop {
+        let permit = tokio::select! {
+            permit = open.clone().acquire_owned() => permit.expect("the semaphore is never closed"),
+            () = &mut shutdown => break,
+        };
         let tcp = tokio::select! {
             accepted = listener.accept() => match accepted {
                 Ok((tcp, _)) => tcp,
@@ -208,12 +258,18 @@ pub async fn serve_router(
         if let Err(e) = tcp.set_nodelay(true) {
             tracing::debug!(error = %e, "could not set TCP_NODELAY");
         }
-        let connection = builder.serve_connection_with_upgrades(TokioIo::new(tcp), service.clone()).into_owned();
-        let connection = connections.watch(connection);
+        let (builder, service, watcher) = (builder.clone(), service.clone(), connections.watcher());
         tokio::spawn(async move {
-            if let Err(e) = connection.await {
-                tracing::trace!(error = %e, "connection ended with an error");
+            // hyper's protocol detection waits for the first bytes without a
+            // timer: a client that connects and sends nothing is closed here.
+            let mut first = [0u8; 1];
+            if matches!(tokio::time::timeout(header_timeout, tcp.peek(&mut first)).await, Ok(Ok(n)) if n > 0) {
+                let connection = builder.serve_connection_with_upgrades(TokioIo::new(tcp), service).into_owned();
+                if let Err(e) = watcher.watch(connection).await {
+                    tracing::trace!(error = %e, "connection ended with an error");
+                }
             }
+            drop(permit);
         });
     }
     // Stop accepting; let requests in flight finish.

@@ -29,9 +29,18 @@ fn check_table(p: &Projection, table: &str) -> Result<(), ApiError> {
     }
 }
 
-/// A stored value as JSON (values are validated as JSON when written).
-fn json_value(bytes: &[u8]) -> Value {
-    serde_json::from_slice(bytes).unwrap_or_else(|_| Value::String(String::from_utf8_lossy(bytes).into_owned()))
+/// One entry of a table page.
+#[derive(serde::Serialize)]
+pub(super) struct Item {
+    key: String,
+    value: Box<serde_json::value::RawValue>,
+}
+
+/// A page of a table: its entries in key order, and the key to continue after.
+#[derive(serde::Serialize)]
+pub(super) struct Page {
+    items: Vec<Item>,
+    next: Option<String>,
 }
 
 #[derive(Deserialize)]
@@ -68,14 +77,14 @@ pub(super) async fn get_item(
     State(rt): State<Arc<Runtime>>,
     path: Result<Path<(String, String, String)>, PathRejection>,
     wait: Result<Query<Consistency>, QueryRejection>,
-) -> Result<Json<Value>, ApiError> {
+) -> Result<Json<Box<serde_json::value::RawValue>>, ApiError> {
     let Path((name, table, key)) = path?;
     let Query(wait) = wait?;
     let p = find(&rt, &name)?;
     check_table(&p, &table)?;
     consistency::wait(&rt, &p, &wait, false).await?;
     match p.live().read_model.get(&table, &key)? {
-        Some(bytes) => Ok(Json(json_value(&bytes))),
+        Some(bytes) => Ok(Json(super::raw_json(bytes))),
         None => Err(ApiError::not_found("key_not_found", format!("no key {key:?} in table {table:?}"))),
     }
 }
@@ -93,7 +102,7 @@ pub(super) async fn scan(
     path: Result<Path<(String, String)>, PathRejection>,
     params: Result<Query<ScanParams>, QueryRejection>,
     wait: Result<Query<Consistency>, QueryRejection>,
-) -> Result<Json<Value>, ApiError> {
+) -> Result<Json<Page>, ApiError> {
     let Path((name, table)) = path?;
     let Query(q) = params?;
     let Query(wait) = wait?;
@@ -106,8 +115,8 @@ pub(super) async fn scan(
     let more = entries.len() > limit;
     entries.truncate(limit);
     let next = if more { entries.last().map(|(k, _)| k.clone()) } else { None };
-    let items: Vec<Value> = entries.into_iter().map(|(key, v)| json!({"key": key, "value": json_value(&v)})).collect();
-    Ok(Json(json!({ "items": items, "next": next })))
+    let items = entries.into_iter().map(|(key, v)| Item { key, value: super::raw_json(v) }).collect();
+    Ok(Json(Page { items, next }))
 }
 
 #[derive(Deserialize)]

@@ -83,7 +83,7 @@ pub(super) async fn read(
     State(rt): State<Arc<Runtime>>,
     Path(stream): Path<String>,
     params: Result<Query<ReadParams>, axum::extract::rejection::QueryRejection>,
-) -> Result<Json<Value>, ApiError> {
+) -> Result<Json<EventPage>, ApiError> {
     let Query(p) = params?;
     let limit = page_limit(p.limit)?;
     let events = rt.log.read(&stream, p.partition, p.from, limit, PAGE_BYTES).map_err(|e| match e {
@@ -92,18 +92,41 @@ pub(super) async fn read(
         other => ApiError::internal("reading the log", other),
     })?;
     let next = events.last().map_or(p.from, |e| e.offset + 1);
-    let events: Vec<Value> = events
+    let events = events
         .into_iter()
-        .map(|e| {
-            let data = serde_json::from_slice::<Value>(&e.data)
-                .unwrap_or_else(|_| Value::String(String::from_utf8_lossy(&e.data).into_owned()));
-            let headers: serde_json::Map<String, Value> =
-                e.headers.into_iter().map(|(k, v)| (k, Value::String(v))).collect();
-            json!({"partition": e.partition, "offset": e.offset, "key": e.key, "type": e.event_type,
-                   "time": e.time, "headers": headers, "data": data})
+        .map(|e| StoredEvent {
+            partition: e.partition,
+            offset: e.offset,
+            key: e.key,
+            event_type: e.event_type,
+            time: e.time,
+            headers: e.headers.into_iter().collect(),
+            data: super::raw_json(e.data),
         })
         .collect();
-    Ok(Json(json!({ "stream": stream, "partition": p.partition, "events": events, "next": next })))
+    Ok(Json(EventPage { stream, partition: p.partition, events, next }))
+}
+
+/// A page of a stream's partition, and the offset to read on from.
+#[derive(serde::Serialize)]
+pub(super) struct EventPage {
+    stream: String,
+    partition: u32,
+    events: Vec<StoredEvent>,
+    next: u64,
+}
+
+/// One event as stored, its data passed on without being parsed.
+#[derive(serde::Serialize)]
+struct StoredEvent {
+    partition: u32,
+    offset: u64,
+    key: Option<String>,
+    #[serde(rename = "type")]
+    event_type: String,
+    time: i64,
+    headers: std::collections::BTreeMap<String, String>,
+    data: Box<serde_json::value::RawValue>,
 }
 
 #[cfg(test)]
