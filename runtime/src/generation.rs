@@ -273,6 +273,26 @@ fn caught_up(new: &Cursor, live: &Cursor) -> bool {
     live.iter().all(|(k, v)| new.get(k).copied().unwrap_or(0) >= *v)
 }
 
+/// The positions of `generation`'s dead letters (empty when they cannot be
+/// read: then the rebuild treats those events as history, as before).
+fn failed(generation: &Generation) -> crate::projector::Failed {
+    let mut positions = std::collections::BTreeSet::new();
+    let mut after = 0;
+    loop {
+        match generation.read_model.dead_letters(after, 1000) {
+            Ok(page) if !page.is_empty() => {
+                after = page.last().map_or(after, |(id, _)| *id);
+                positions.extend(page.into_iter().map(|(_, l)| (l.stream, l.partition, l.offset)));
+            }
+            Ok(_) => return Arc::new(positions),
+            Err(e) => {
+                tracing::warn!(generation = generation.number, error = %e, "reading dead letters for a rebuild");
+                return Arc::new(positions);
+            }
+        }
+    }
+}
+
 /// Run `step` until it reports done, backing off while it fails and showing
 /// why in the rebuild's status. False when the runtime shuts down first (the
 /// rebuild then resumes at the next start, the old generation still live on disk).
@@ -330,7 +350,9 @@ pub fn monitor(s: Switch<'_>, job: Arc<Rebuild>) {
                 Some(g) if caught_up(&n, g) && behind(g, &l) <= SWITCH_WITHIN => break,
                 Some(g) if !caught_up(&n, g) => {}
                 _ => {
-                    *new.replay.lock().expect("replay lock") = Replay::Until(l.clone());
+                    // Dead letters commit with their checkpoints: read after
+                    // them, these are all the live generation's up to the gate.
+                    *new.replay.lock().expect("replay lock") = Replay::Until(l.clone(), failed(&live));
                     gate = Some(l);
                 }
             },
@@ -372,7 +394,7 @@ pub fn monitor(s: Switch<'_>, job: Arc<Rebuild>) {
     //    as history: nothing it does is published before the switch is
     //    durable (a crash before it leaves the old generation live, and that
     //    one emits for what comes next).
-    *new.replay.lock().expect("replay lock") = Replay::Until(last.clone());
+    *new.replay.lock().expect("replay lock") = Replay::Until(last.clone(), failed(&old));
     while !new.checkpoints().is_ok_and(|c| caught_up(&c, &last)) {
         if s.shutdown.load(Ordering::Relaxed) {
             // The old generation stays live on disk; the rebuild resumes at the next start.

@@ -427,3 +427,41 @@ fn a_lookup_enricher_adds_reference_data_and_waits_for_it_to_exist() {
     assert_eq!(names["o-3"], Value::Null);
     server.stop();
 }
+
+/// Event-time alignment must count every partition that still has events to
+/// read, also one whose share of a read held only events the enricher does
+/// not subscribe to. Here the payment for o-1 sits behind 1,000 audit
+/// events in its partition, while later orders run far ahead in event time:
+/// the join must still see the payment inside o-1's window. It used to
+/// bound event time only by partitions that had delivered subscribed
+/// events, so o-1's window closed first and it was reported unpaid.
+#[test]
+fn alignment_waits_for_a_partition_whose_reads_held_only_unsubscribed_events() {
+    let dir = tempfile::tempdir().unwrap();
+    let p = plugins();
+    let extra = "streams:\n  partitions: { orders: 1, payments: 1 }\nbatch:\n  max-events: 40\n  call-events: 10\n";
+    let server = Server::start(dir.path(), &[&p.orders_payments_join], &join_config(extra));
+    let order = |i: i64, t: i64| {
+        json!({"type": "OrderPlaced", "key": format!("o-{i}"), "time": t,
+               "data": {"orderId": format!("o-{i}"), "customerId": "c", "total": 10.0}})
+    };
+    let mut orders = vec![order(1, T0 + 1_000)];
+    orders.extend((2..200).map(|i| order(i, T0 + 1_000 + WINDOW + GRACE + i * 1_000)));
+    let mut payments: Vec<Value> =
+        (0..1_000).map(|i| json!({"type": "PaymentAudited", "key": "o-1", "time": T0 + i, "data": {"n": i}})).collect();
+    payments.push(json!({"type": "PaymentReceived", "key": "o-1", "time": T0 + 2_000,
+                         "data": {"orderId": "o-1", "paymentId": "p-1", "amount": 10.0}}));
+    let client = admin(&server);
+    assert_eq!(client.append_ndjson("payments", &ndjson(&payments)).unwrap().status, 200);
+    assert_eq!(client.append_ndjson("orders", &ndjson(&orders)).unwrap().status, 200);
+    server.wait_checkpoints("orders-payments-join", 1_001 + 199);
+    let until = Instant::now() + Duration::from_secs(60);
+    let outcome = loop {
+        if let Some(e) = server.stream("notifications").into_iter().find(|e| e["data"]["orderId"] == "o-1") {
+            break e["type"].as_str().unwrap().to_owned();
+        }
+        assert!(Instant::now() < until, "no outcome for o-1");
+        std::thread::sleep(Duration::from_millis(50));
+    };
+    assert_eq!(outcome, "OrderReadyForShipment", "o-1 was paid inside its window");
+}

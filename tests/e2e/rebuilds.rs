@@ -326,3 +326,41 @@ fn a_switch_that_cannot_be_written_is_retried_until_it_holds() {
     server.wait_caught_up();
     server.assert_order_summary_is_the_fold_of(&events);
 }
+
+/// An event the old version dead-lettered and the new one handles is
+/// replayed as history by the rebuild, but its derived events were never
+/// published: the rebuild must publish them (once). They used to be
+/// dropped with the other history, and the old generation's dead letter was
+/// deleted at the switch, so they were lost.
+#[test]
+fn a_rebuild_publishes_what_the_old_version_dead_lettered_and_the_new_one_emits() {
+    let dir = tempfile::tempdir().unwrap();
+    let p = plugins();
+    let server = Server::start(dir.path(), &[&p.chaos], &config());
+    let mut events = crate::emitted_events::emits(0..300, "echoes");
+    events[100]["type"] = json!("EmitIfV2");
+    events[200]["type"] = json!("EmitIfV2");
+    append(&server, "chaos", &events);
+    server.wait_caught_up();
+    crate::emitted_events::wait_published(&server, 298);
+    assert_eq!(server.get("/v1/projections/testkit-chaos")["deadLetters"], 2);
+
+    // Version 2 (a new schema-version: a rebuild) handles them.
+    let file = dir.path().join("plugins").join(p.chaos.file_name().unwrap());
+    let tmp = file.with_extension("tmp");
+    std::fs::copy(&p.chaos_v2, &tmp).unwrap();
+    std::fs::rename(&tmp, &file).unwrap();
+    let status = wait_switched(&server, "testkit-chaos", 1);
+    assert_eq!(status["deadLetters"], 0, "{status}");
+    let until = Instant::now() + Duration::from_secs(60);
+    let echoes = loop {
+        let echoes = server.stream("echoes");
+        if echoes.len() >= 300 || Instant::now() > until {
+            break echoes;
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    };
+    let ns: BTreeSet<u64> = echoes.iter().map(|e| e["data"]["n"].as_u64().unwrap()).collect();
+    assert_eq!(ns.len(), 300, "the fixed events' echoes are missing");
+    assert_eq!(echoes.len(), 300, "echoes published twice");
+}

@@ -13,6 +13,8 @@
 //! - `Emit`: emits `{"source": "<partition>/<offset>", "n": data.n}` as an
 //!   `Echo` event, keyed by the source event's key, to the stream named by
 //!   `data.to`, with `data.headers` headers `h0`, `h1`, … (none by default);
+//! - `EmitIfV2`: like `Emit` in the `v2` variant; the others reject it (a
+//!   bug a new version fixes);
 //! - `Sleep`: sleeps `data.ms` milliseconds with `std::thread::sleep` (the
 //!   host's clock is frozen: the sleep must end at once, never hang the worker);
 //! - `Flood`: writes `data.count` values of `data.bytes` bytes each, under
@@ -124,7 +126,10 @@ impl Projection for Chaos {
             return APPLIED
                 .put(&format!("{}/{:020}", event.partition, event.offset), &serde_json::json!({"n": data["n"]}));
         }
-        if event.event_type == "Emit" {
+        if event.event_type == "EmitIfV2" && option_env!("TESTKIT_VARIANT") != Some("v2") {
+            return Err(Failure::rejected(format!("version 1 cannot handle offset {}", event.offset)));
+        }
+        if event.event_type == "Emit" || event.event_type == "EmitIfV2" {
             let to = data["to"].as_str().ok_or_else(|| Failure::rejected("Emit needs data.to"))?;
             let source = format!("{}/{}", event.partition, event.offset);
             let mut echo =

@@ -4,5 +4,6 @@
 mod worker;
 
 pub use worker::{
-    BatchOptions, Projector, Reload, Replay, Retries, RetryReport, RetryRequest, WorkerState, WorkerStatus, now_ms,
+    BatchOptions, Failed, Projector, Reload, Replay, Retries, RetryReport, RetryRequest, WorkerState, WorkerStatus,
+    now_ms,
 };

@@ -133,20 +133,28 @@ pub enum Replay {
     /// these positions: a rebuild catching up never runs ahead of the live
     /// generation (the rebuild monitor moves them to its checkpoints), so no
     /// event is ever handled as history by one generation without being
-    /// handled live by the other.
-    Until(Cursor),
+    /// handled live by the other. Except the events the live generation
+    /// dead-lettered (the second field): nothing was ever emitted for them,
+    /// so what the new version emits for them is published.
+    Until(Cursor, Failed),
 }
+
+/// Positions (stream, partition, offset) of the live generation's dead letters.
+pub type Failed = Arc<std::collections::BTreeSet<(String, u32, u64)>>;
 
 impl Replay {
     /// Replaying history up to a gate (a rebuild before its switch).
     fn is_history(&self) -> bool {
-        matches!(self, Replay::All | Replay::Until(_))
+        matches!(self, Replay::All | Replay::Until(..))
     }
 
     fn covers(&self, e: &crate::plugin::Event) -> bool {
         match self {
             Replay::Live => false,
-            Replay::All | Replay::Until(_) => true,
+            Replay::All => true,
+            Replay::Until(_, failed) => {
+                failed.is_empty() || !failed.contains(&(e.stream.clone(), e.partition, e.offset))
+            }
             Replay::Before(h) => h.get(&(e.stream.clone(), e.partition)).is_some_and(|until| e.offset < *until),
         }
     }
@@ -517,6 +525,7 @@ impl Projector {
                 // Waiting for news is shared between the readers.
                 let idle_wait = Duration::from_millis(200) / readers.len().max(1) as u32;
                 let (mut idle, mut behind) = (false, false);
+                let mut alignment = Alignment::default();
                 while !stop.load(Ordering::Relaxed) {
                     let wait = if idle { idle_wait } else { Duration::ZERO };
                     let mut pending = Pending::new(behind);
@@ -546,7 +555,7 @@ impl Projector {
                     }
                     let (gated, history) = {
                         let replay = replay.lock().expect("replay lock");
-                        (matches!(*replay, Replay::Until(_)), replay.is_history())
+                        (matches!(*replay, Replay::Until(..)), replay.is_history())
                     };
                     if background_rebuilds && history != background {
                         set_background(history);
@@ -555,9 +564,9 @@ impl Projector {
                     if align || gated {
                         let read_to = pending.read_to.clone();
                         if align {
-                            align_event_time(&mut pending, &sources.log, &watermarks);
+                            align_event_time(&mut pending, &sources.log, &watermarks, &cursor, &mut alignment);
                         }
-                        if let Replay::Until(limit) = &*replay.lock().expect("replay lock") {
+                        if let Replay::Until(limit, _) = &*replay.lock().expect("replay lock") {
                             pending.hold_back(limit, &cursor);
                         }
                         // What was handed back must be read again (Kafka consumers have moved on).
@@ -611,7 +620,8 @@ impl Projector {
             return Ok(0);
         }
         if self.handler.kind() == crate::plugin::Kind::Enricher {
-            align_event_time(&mut pending, &self.sources.log, &self.watermarks);
+            let mut alignment = Alignment::default();
+            align_event_time(&mut pending, &self.sources.log, &self.watermarks, &self.checkpoints, &mut alignment);
         }
         let before: u64 = self.checkpoints.values().sum();
         self.process(&pending);
@@ -624,7 +634,8 @@ impl Projector {
     /// events the plugin emits are dropped, since they were published when
     /// the history was new.
     pub fn set_replaying(&mut self, replaying: bool) {
-        *self.replay.lock().expect("replay lock") = if replaying { Replay::Until(Cursor::new()) } else { Replay::Live };
+        *self.replay.lock().expect("replay lock") =
+            if replaying { Replay::Until(Cursor::new(), Failed::default()) } else { Replay::Live };
     }
 
     /// Set to end a pause (see [`WorkerState::Paused`]).
@@ -1094,16 +1105,61 @@ fn jitter(d: Duration) -> Duration {
     d.mul_f64(factor)
 }
 
+/// How long a Kafka partition that has never delivered a record may hold
+/// the others back while it has events waiting (its first fetch is slow):
+/// like Kafka Streams' `max.task.idle.ms`, so a partition that cannot be
+/// read never stalls the rest for good.
+const FIRST_FETCH_WAIT: Duration = Duration::from_secs(5);
+
+/// What event-time alignment remembers between reads: how far in event time
+/// each partition has been read, and since when a never-read one waits.
+#[derive(Default)]
+struct Alignment {
+    times: BTreeMap<(String, u32), i64>,
+    waiting_since: BTreeMap<(String, u32), Instant>,
+}
+
 /// [`Pending::align_event_time`], with a partition exhausted once read to
-/// its head (the log's, or the Kafka high watermark).
-fn align_event_time(pending: &mut Pending, log: &EventLog, watermarks: &Watermarks) {
-    pending.align_event_time(|stream, partition, read_to| {
-        let head = match log.heads(stream) {
-            Some(heads) => heads.get(partition as usize).copied(),
-            None => watermarks.lock().expect("watermarks lock").get(&(stream.to_owned(), partition)).copied(),
-        };
-        head.is_none_or(|head| read_to >= head)
-    });
+/// its head (the log's, or the Kafka high watermark; a partition whose
+/// watermark is not known yet is not exhausted). Kafka partitions with
+/// events waiting that this read did not reach bound the others at the time
+/// they were last read to (never read: hold everything, up to
+/// [`FIRST_FETCH_WAIT`]).
+fn align_event_time(
+    pending: &mut Pending,
+    log: &EventLog,
+    watermarks: &Watermarks,
+    cursor: &Cursor,
+    memory: &mut Alignment,
+) {
+    for (k, t) in &pending.read_times {
+        let known = memory.times.entry(k.clone()).or_insert(*t);
+        *known = (*known).max(*t);
+        memory.waiting_since.remove(k);
+    }
+    let heads = watermarks.lock().expect("watermarks lock").clone();
+    let now = Instant::now();
+    let unread: Vec<((String, u32), i64)> = heads
+        .iter()
+        .filter(|(k, head)| !pending.read_to.contains_key(*k) && cursor.get(*k).copied().unwrap_or(0) < **head)
+        .filter_map(|(k, _)| match memory.times.get(k) {
+            Some(t) => Some((k.clone(), *t)),
+            None => {
+                let since = *memory.waiting_since.entry(k.clone()).or_insert(now);
+                (now - since < FIRST_FETCH_WAIT).then(|| (k.clone(), i64::MIN))
+            }
+        })
+        .collect();
+    pending.align_event_time(
+        |stream, partition, read_to| {
+            let head = match log.heads(stream) {
+                Some(heads) => heads.get(partition as usize).copied(),
+                None => heads.get(&(stream.to_owned(), partition)).copied(),
+            };
+            head.is_some_and(|head| read_to >= head)
+        },
+        &unread,
+    );
 }
 
 #[cfg(test)]
@@ -1274,7 +1330,7 @@ mod tests {
         assert_eq!(f.total(), 50, "nothing read past the unset gate, nothing read again");
         let heads: Cursor =
             f.log.heads("s").unwrap().into_iter().enumerate().map(|(p, h)| (("s".to_owned(), p as u32), h)).collect();
-        *replay.lock().unwrap() = Replay::Until(heads.clone());
+        *replay.lock().unwrap() = Replay::Until(heads.clone(), Failed::default());
         let until = Instant::now() + Duration::from_secs(10);
         while f.read_model.checkpoints().unwrap().iter().map(|c| c.next_offset).sum::<u64>() < 70 {
             assert!(Instant::now() < until, "the gated worker did not catch up");

@@ -137,6 +137,8 @@ struct Progress<'r> {
     next: u64,
     /// A record was taken: `read_to` moves to `next`.
     moved: bool,
+    /// The latest event time of the records taken (`Pending::read_times`).
+    latest: Option<i64>,
 }
 
 /// Shared between the reader and librdkafka's callbacks (which run inside `poll`).
@@ -412,7 +414,7 @@ impl KafkaReader {
             None => {
                 let key = (route.stream.clone(), partition);
                 let next = into.read_to.get(&key).or(cursor.get(&key)).copied().unwrap_or(0);
-                progress.push(Progress { stream, partition, next, moved: false });
+                progress.push(Progress { stream, partition, next, moved: false, latest: None });
                 progress.len() - 1
             }
         };
@@ -443,8 +445,10 @@ impl KafkaReader {
             headers,
             timestamp: message.timestamp().to_millis(),
         };
+        let seen = &mut progress[at].latest;
         match route.decoder.decode(&record) {
             Ok(Some(d)) => {
+                *seen = Some(seen.map_or(d.time, |t| t.max(d.time)));
                 if route.types.is_empty() || route.types.contains(&d.event_type) {
                     into.events.push(Event {
                         stream: route.stream.clone(),
@@ -461,6 +465,9 @@ impl KafkaReader {
             }
             Ok(None) => {}
             Err(error) => {
+                if let Some(t) = record.timestamp {
+                    *seen = Some(seen.map_or(t, |s| s.max(t)));
+                }
                 let topic = message.topic();
                 tracing::warn!(stream = %route.stream, topic, partition, offset, %error, "undecodable record");
                 let value = record.value.unwrap_or_default();
@@ -537,6 +544,10 @@ impl Reader for KafkaReader {
             timeout = Duration::ZERO;
         }
         for p in progress.into_iter().filter(|p| p.moved) {
+            if let Some(t) = p.latest {
+                let latest = into.read_times.entry((p.stream.to_owned(), p.partition)).or_insert(t);
+                *latest = (*latest).max(t);
+            }
             into.read_to.insert((p.stream.to_owned(), p.partition), p.next);
         }
         let revoked = std::mem::take(&mut *self.consumer.context().revoked.lock().expect("revoked lock"));

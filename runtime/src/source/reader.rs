@@ -31,6 +31,10 @@ pub struct Pending {
     pub undecodable: Vec<DeadLetter>,
     /// Per (stream, partition): the offset after the last record read.
     pub read_to: Cursor,
+    /// Per (stream, partition): the latest event time among every record
+    /// read, subscribed or not, decodable or not: how far in event time the
+    /// partition has been read (for event-time alignment).
+    pub read_times: BTreeMap<(String, u32), i64>,
     /// Read while catching up (the read before it was full): the batch may
     /// be larger and run longer (`BatchOptions::catch_up_factor`).
     pub behind: bool,
@@ -124,8 +128,16 @@ impl Pending {
     /// partition that sets the bound keeps everything, so reading always
     /// progresses. Then the events are merged by time, each partition's in
     /// offset order (like Kafka Streams' timestamp-synchronized processing).
-    pub fn align_event_time(&mut self, exhausted: impl Fn(&str, u32, u64) -> bool) {
-        let mut latest: BTreeMap<(&str, u32), i64> = BTreeMap::new();
+    ///
+    /// A partition's time is the latest of every record read from it, also
+    /// those the enricher does not subscribe to (`read_times`): a partition
+    /// whose share of the read held only those still bounds the others.
+    /// `unread` are partitions with events waiting that this read did not
+    /// reach (a Kafka fetch not yet arrived), with the time they were last
+    /// read to; they bound the others too.
+    pub fn align_event_time(&mut self, exhausted: impl Fn(&str, u32, u64) -> bool, unread: &[((String, u32), i64)]) {
+        let mut latest: BTreeMap<(&str, u32), i64> =
+            self.read_times.iter().map(|((stream, partition), t)| ((stream.as_str(), *partition), *t)).collect();
         for e in &self.events {
             let t = latest.entry((e.stream.as_str(), e.partition)).or_insert(i64::MIN);
             *t = (*t).max(e.time);
@@ -137,6 +149,7 @@ impl Pending {
                 !exhausted(stream, *partition, read_to)
             })
             .map(|(_, t)| *t)
+            .chain(unread.iter().map(|(_, t)| *t))
             .min();
         if let Some(bound) = bound {
             // Per partition: the offset of the first event past the bound.
@@ -282,6 +295,9 @@ impl Reader for LogReader {
             let events =
                 self.log.read(stream, partition, from, limit, bytes).map_err(|e| format!("reading the log: {e}"))?;
             let to = events.last().map_or(from, |e| e.offset + 1);
+            if let Some(latest) = events.iter().map(|e| e.time).max() {
+                into.read_times.insert((stream.clone(), partition), latest);
+            }
             into.read_to.insert((stream.clone(), partition), to);
             into.events.extend(events.into_iter().filter(|e| types.is_empty() || types.contains(&e.event_type)));
         }
@@ -409,7 +425,7 @@ mod tests {
             read_to: [(("s".into(), 0), 2), (("s".into(), 1), 5), (("s".into(), 2), 1)].into(),
             ..Pending::default()
         };
-        pending.align_event_time(|_, partition, _| partition == 2);
+        pending.align_event_time(|_, partition, _| partition == 2, &[]);
         let order: Vec<(u32, u64)> = pending.events.iter().map(|e| (e.partition, e.offset)).collect();
         assert_eq!(order, [(1, 0), (0, 0), (1, 1), (2, 0), (0, 1)]);
         assert_eq!(pending.read_to[&("s".into(), 1)], 2, "partition 1 is read again from its first event past 30");
