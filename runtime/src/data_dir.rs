@@ -33,13 +33,32 @@ pub fn check(dir: &Path) -> anyhow::Result<()> {
             Ok(())
         }
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
-            let tmp = dir.join(format!(".{FORMAT_FILE}.tmp"));
-            std::fs::write(&tmp, format!("{FORMAT}\n"))?;
-            std::fs::rename(&tmp, &file)?;
+            replace_durably(&file, format!("{FORMAT}\n").as_bytes())?;
             Ok(())
         }
         Err(e) => Err(anyhow::anyhow!("reading {}: {e}", file.display())),
     }
+}
+
+/// Replace `path` with `bytes` so that after a crash or a power cut it holds
+/// either the old contents or the new ones, never an empty or partial file:
+/// write a temporary file beside it, fsync it, rename it over, fsync the
+/// directory.
+pub fn replace_durably(path: &Path, bytes: &[u8]) -> std::io::Result<()> {
+    let dir = path.parent().unwrap_or(Path::new("."));
+    let name = path.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
+    let tmp = dir.join(format!(".{name}.tmp{}", std::process::id()));
+    let written = (|| {
+        let mut file = std::fs::File::create(&tmp)?;
+        std::io::Write::write_all(&mut file, bytes)?;
+        file.sync_all()?;
+        std::fs::rename(&tmp, path)
+    })();
+    if written.is_err() {
+        let _ = std::fs::remove_file(&tmp);
+    }
+    written?;
+    std::fs::File::open(dir)?.sync_all()
 }
 
 #[cfg(test)]

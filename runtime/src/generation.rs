@@ -65,11 +65,7 @@ fn read_number(root: &Path, file: &str) -> std::io::Result<Option<u64>> {
 }
 
 fn write_number(root: &Path, file: &str, n: u64) -> std::io::Result<()> {
-    let tmp = root.join(format!(".{file}.tmp"));
-    std::fs::write(&tmp, n.to_string())?;
-    std::fs::File::open(&tmp)?.sync_all()?;
-    std::fs::rename(&tmp, root.join(file))?;
-    std::fs::File::open(root)?.sync_all()
+    crate::data_dir::replace_durably(&root.join(file), n.to_string().as_bytes())
 }
 
 /// The live generation's number, and the one being rebuilt, if any.

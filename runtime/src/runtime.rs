@@ -265,10 +265,9 @@ impl Runtime {
         }
         let write = || -> Result<(), String> {
             std::fs::create_dir_all(&self.plugins_dir).map_err(|e| format!("creating the plugins directory: {e}"))?;
-            let tmp = self.plugins_dir.join(format!(".{name}.upload"));
-            std::fs::write(&tmp, bytes)
-                .and_then(|()| std::fs::rename(&tmp, &file))
-                .map_err(|e| format!("writing {}: {e}", file.display()))?;
+            // Durably: after a power cut the plugins directory must hold the old
+            // version or the new one, not a truncated file that no longer loads.
+            crate::data_dir::replace_durably(&file, bytes).map_err(|e| format!("writing {}: {e}", file.display()))?;
             // The watcher need not load it again.
             self.plugin_stamps.lock().expect("stamps lock").insert(file.clone(), Watcher::stamp(&file));
             Ok(())

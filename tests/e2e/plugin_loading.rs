@@ -58,7 +58,7 @@ fn restarts_load_from_the_compile_cache_and_corrupt_entries_are_recompiled() {
     std::fs::write(&entries[1], &bytes).unwrap();
     server.restart();
     assert_eq!(compiles(&server), 4);
-    assert_eq!(server.log().matches("discarding a corrupt compile-cache entry").count(), 2);
+    assert_eq!(server.log().matches("discarding a corrupt or foreign compile-cache entry").count(), 2);
     assert_eq!(server.get("/v1/projections")["projections"].as_array().unwrap().len(), 2);
 }
 

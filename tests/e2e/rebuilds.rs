@@ -307,7 +307,7 @@ fn a_switch_that_cannot_be_written_is_retried_until_it_holds() {
     let events = refract::fixtures::orders(2500, 4, 0.0);
     append(&server, "orders", &events[..2000]);
     server.wait_caught_up();
-    let blocker = dir.path().join("data/projections/order-summary/.generation.tmp");
+    let blocker = dir.path().join(format!("data/projections/order-summary/.generation.tmp{}", server.pid()));
     std::fs::create_dir(&blocker).unwrap();
     let started = admin(&server).post("/v1/projections/order-summary/rebuild", "application/json", b"").unwrap();
     assert_eq!(started.status, 202, "{}", started.body);

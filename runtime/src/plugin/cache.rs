@@ -4,10 +4,13 @@
 //! takes Cranelift tens of seconds; loading its compiled artifact takes
 //! milliseconds. Entries are keyed by the SHA-256 of the wasm and by the
 //! engine's compatibility hash, and written only by this process (temp file +
-//! rename). Each ends with the SHA-256 of the artifact, checked before the
-//! artifact is handed to `Component::deserialize`: a truncated or corrupted
-//! entry is discarded and recompiled, never loaded. Bytes from users are only
-//! ever *compiled*, never deserialized.
+//! rename). Each ends with an HMAC-SHA-256 of the artifact under a secret
+//! kept beside the cache (`<data-dir>/cache/secret`, 0600; the directories
+//! 0700), checked before the artifact is handed to `Component::deserialize`:
+//! a truncated or corrupted entry is discarded and recompiled, never loaded,
+//! and so is one written by anyone who does not hold the secret (a
+//! deserialized artifact is native code). Bytes from users are only ever
+//! *compiled*, never deserialized.
 
 use std::hash::{DefaultHasher, Hash, Hasher};
 use std::path::{Path, PathBuf};
@@ -29,6 +32,42 @@ pub struct CompileCache {
     dir: PathBuf,
     engine: Engine,
     engine_key: String,
+    /// The key of the entries' HMAC.
+    secret: [u8; 32],
+}
+
+/// HMAC-SHA-256 (RFC 2104) of `message` under `key`.
+fn hmac(key: &[u8; 32], message: &[u8]) -> [u8; 32] {
+    let mut block = [0u8; 64];
+    block[..32].copy_from_slice(key);
+    let inner = Sha256::new().chain_update(block.map(|b| b ^ 0x36)).chain_update(message).finalize();
+    Sha256::new().chain_update(block.map(|b| b ^ 0x5c)).chain_update(inner).finalize().into()
+}
+
+/// The cache's secret in `file`, made (32 bytes from the OS, mode 0600) when missing.
+fn secret(file: &Path) -> std::io::Result<[u8; 32]> {
+    use std::io::{Read, Write};
+    use std::os::unix::fs::OpenOptionsExt;
+    let mut key = [0u8; 32];
+    match std::fs::OpenOptions::new().write(true).create_new(true).mode(0o600).open(file) {
+        Ok(mut created) => {
+            std::fs::File::open("/dev/urandom")?.read_exact(&mut key)?;
+            created.write_all(&key)?;
+            created.sync_all()?;
+            Ok(key)
+        }
+        Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => {
+            let bytes = std::fs::read(file)?;
+            key = bytes.try_into().map_err(|_| {
+                std::io::Error::new(
+                    std::io::ErrorKind::InvalidData,
+                    format!("{} is not a 32-byte secret; delete it (and the cache) to make a new one", file.display()),
+                )
+            })?;
+            Ok(key)
+        }
+        Err(e) => Err(e),
+    }
 }
 
 fn hex(bytes: &[u8]) -> String {
@@ -37,12 +76,19 @@ fn hex(bytes: &[u8]) -> String {
 
 impl CompileCache {
     /// A cache in `dir` for components compiled by `engine`.
+    /// The secret lives in `dir`'s parent (`<data-dir>/cache`), both 0700.
     pub fn new(dir: &Path, engine: &Engine) -> std::io::Result<Self> {
+        use std::os::unix::fs::PermissionsExt;
         std::fs::create_dir_all(dir)?;
+        let parent = dir.parent().unwrap_or(dir);
+        for d in [parent, dir] {
+            std::fs::set_permissions(d, std::fs::Permissions::from_mode(0o700))?;
+        }
+        let secret = secret(&parent.join("secret"))?;
         let mut hasher = DefaultHasher::new();
         engine.precompile_compatibility_hash().hash(&mut hasher);
         let engine_key = format!("{:016x}", hasher.finish());
-        Ok(CompileCache { dir: dir.to_owned(), engine: engine.clone(), engine_key })
+        Ok(CompileCache { dir: dir.to_owned(), engine: engine.clone(), engine_key, secret })
     }
 
     fn path_for(&self, wasm: &[u8]) -> PathBuf {
@@ -89,18 +135,18 @@ impl CompileCache {
     fn read_entry(&self, path: &Path) -> Option<Component> {
         let bytes = std::fs::read(path).ok()?;
         let valid = bytes.len() > 32 && {
-            let (artifact, checksum) = bytes.split_at(bytes.len() - 32);
-            Sha256::digest(artifact).as_slice() == checksum
+            let (artifact, mac) = bytes.split_at(bytes.len() - 32);
+            // Compared in full whatever the first difference (no timing hint).
+            hmac(&self.secret, artifact).iter().zip(mac).fold(0u8, |acc, (a, b)| acc | (a ^ b)) == 0
         };
         if !valid {
-            tracing::warn!(path = %path.display(), "discarding a corrupt compile-cache entry");
+            tracing::warn!(path = %path.display(), "discarding a corrupt or foreign compile-cache entry");
             let _ = std::fs::remove_file(path);
             return None;
         }
         // SAFETY: the artifact was produced by `Component::serialize` in
-        // `write_entry` (this cache's directory is written by nothing else),
-        // for an engine with the same compatibility hash, and its checksum
-        // matches, so it is the bytes we wrote.
+        // `write_entry`, for an engine with the same compatibility hash: its
+        // HMAC matches, and only this data directory's secret makes one.
         match unsafe { Component::deserialize(&self.engine, &bytes[..bytes.len() - 32]) } {
             Ok(c) => Some(c),
             Err(e) => {
@@ -113,11 +159,48 @@ impl CompileCache {
 
     fn write_entry(&self, path: &Path, component: &Component) -> anyhow::Result<()> {
         let mut bytes = component.serialize().map_err(|e| anyhow::anyhow!("{e}"))?;
-        let checksum = Sha256::digest(&bytes);
-        bytes.extend_from_slice(&checksum);
+        let mac = hmac(&self.secret, &bytes);
+        bytes.extend_from_slice(&mac);
         let tmp = path.with_extension(format!("tmp{}", std::process::id()));
         std::fs::write(&tmp, &bytes)?;
         std::fs::rename(&tmp, path)?;
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// An entry is loaded only with the HMAC this data directory's secret
+    /// makes: one that carries a plain SHA-256 (anyone can compute it) is
+    /// discarded and the component compiled again. The directories are the
+    /// owner's alone.
+    #[test]
+    fn entries_without_the_secret_s_mac_are_never_loaded() {
+        use std::os::unix::fs::PermissionsExt;
+        let data = tempfile::tempdir().unwrap();
+        let dir = data.path().join("cache").join("compiled");
+        let engine = super::super::engine::new_engine().unwrap();
+        let cache = CompileCache::new(&dir, &engine).unwrap();
+        let wasm = b"\0asm\x0d\0\x01\0"; // an empty component
+        assert_eq!(cache.load(wasm).unwrap().1, CacheOutcome::Miss);
+        assert_eq!(cache.load(wasm).unwrap().1, CacheOutcome::Hit);
+        for d in [data.path().join("cache"), dir.clone()] {
+            assert_eq!(std::fs::metadata(&d).unwrap().permissions().mode() & 0o777, 0o700);
+        }
+        let secret = data.path().join("cache").join("secret");
+        assert_eq!(std::fs::metadata(&secret).unwrap().permissions().mode() & 0o777, 0o600);
+
+        // A forged entry: a serialized artifact with an unkeyed checksum.
+        let path = cache.path_for(wasm);
+        let mut forged = Component::new(&engine, wasm).unwrap().serialize().unwrap();
+        let checksum = Sha256::digest(&forged);
+        forged.extend_from_slice(&checksum);
+        std::fs::write(&path, &forged).unwrap();
+        assert_eq!(cache.load(wasm).unwrap().1, CacheOutcome::Miss, "a forged entry was loaded");
+        // Another instance over the same data directory shares the secret.
+        let again = CompileCache::new(&dir, &engine).unwrap();
+        assert_eq!(again.load(wasm).unwrap().1, CacheOutcome::Hit);
     }
 }

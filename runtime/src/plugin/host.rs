@@ -68,6 +68,37 @@ impl HostMonotonicClock for FrozenClock {
     }
 }
 
+/// The generator behind both of `wasi:random`'s interfaces: SplitMix64 from
+/// a fixed seed, so that a projection's "random" numbers (uuid v4,
+/// `getrandom`, Python's `random`) are the same every time its events are
+/// replayed, and a rebuild builds the same read model. wasmtime-wasi's
+/// default draws from the operating system.
+struct Replayable(u64);
+
+impl rand_core::TryRng for Replayable {
+    type Error = std::convert::Infallible;
+
+    fn try_next_u64(&mut self) -> Result<u64, Self::Error> {
+        self.0 = self.0.wrapping_add(0x9e37_79b9_7f4a_7c15);
+        let mut z = self.0;
+        z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
+        z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
+        Ok(z ^ (z >> 31))
+    }
+
+    fn try_next_u32(&mut self) -> Result<u32, Self::Error> {
+        Ok((self.try_next_u64()? >> 32) as u32)
+    }
+
+    fn try_fill_bytes(&mut self, dst: &mut [u8]) -> Result<(), Self::Error> {
+        for chunk in dst.chunks_mut(8) {
+            let bytes = self.try_next_u64()?.to_le_bytes();
+            chunk.copy_from_slice(&bytes[..chunk.len()]);
+        }
+        Ok(())
+    }
+}
+
 /// The most table elements (function references, 8 bytes each) all of an
 /// instance's tables may hold together. Components need a few thousand.
 pub const MAX_TABLE_ELEMENTS: usize = 1 << 20;
@@ -176,6 +207,8 @@ impl HostState {
         let wasi = WasiCtxBuilder::new()
             .wall_clock(FrozenClock)
             .monotonic_clock(FrozenClock)
+            .secure_random(Replayable(0x5eed))
+            .insecure_random(Replayable(0x5eed_5eed))
             .insecure_random_seed(0x5eed)
             .build();
         let limits = PluginLimiter { max_memory, memory: 0, table_elements: 0 };
@@ -436,6 +469,24 @@ mod tests {
         }
         module.section(&code);
         module.finish()
+    }
+
+    /// `wasi:random` gives every new instance the same sequence: replaying
+    /// the same events builds the same read model.
+    #[test]
+    fn random_bytes_are_the_same_in_every_instance() {
+        use wasmtime_wasi::p2::bindings::random::{insecure, random};
+        let bytes = |state: &mut HostState| {
+            let secure = random::Host::get_random_bytes(state.wasi.random(), 32).unwrap();
+            let insecure = insecure::Host::get_insecure_random_bytes(state.wasi.random(), 32).unwrap();
+            (secure, insecure)
+        };
+        let mut a = HostState::new("p".into(), 1 << 20, Default::default());
+        let mut b = HostState::new("p".into(), 1 << 20, Default::default());
+        let first = bytes(&mut a);
+        assert_eq!(first, bytes(&mut b));
+        assert_ne!(first.0, first.1);
+        assert_ne!(bytes(&mut a), first, "a sequence, not one value repeated");
     }
 
     /// The cap holds for all of a store's memories together and for its

@@ -359,9 +359,13 @@ impl Projector {
                 let _ = request.reply.send(report);
             }
             if self.paused() {
-                // Take no batches; read again from the durable checkpoints once resumed.
+                // Take no batches; read again from the durable checkpoints once
+                // resumed. A Kafka group handing partitions over still gets its
+                // answer: nothing is in flight, the checkpoints are final.
                 self.resync = true;
-                std::thread::sleep(Duration::from_millis(25));
+                if let Ok(Delivery::Revoke { ack }) = batches.recv_timeout(Duration::from_millis(25)) {
+                    let _ = ack.send(());
+                }
                 continue;
             }
             if self.resync {

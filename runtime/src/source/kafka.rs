@@ -141,6 +141,9 @@ struct Progress<'r> {
     latest: Option<i64>,
 }
 
+/// How long a rebalance waits for the worker to settle what it handled.
+const REVOKE_WAIT: Duration = Duration::from_secs(10);
+
 /// Shared between the reader and librdkafka's callbacks (which run inside `poll`).
 struct Context {
     projection: String,
@@ -210,10 +213,25 @@ impl ConsumerContext for Context {
         tracing::info!(projection = %self.projection, ?partitions, "partitions revoked; handing over");
         self.revoked.lock().expect("revoked lock").extend(partitions.iter().cloned());
         // Let the worker make what it handled durable. If it is gone it
-        // settled before letting go of the channel, so the checkpoints are final.
+        // settled before letting go of the channel, so the checkpoints are
+        // final. A worker that cannot answer in time (retrying a failing
+        // batch) must not stall the whole group: after REVOKE_WAIT the
+        // durable checkpoints are handed over as they are.
         let (ack, acked) = mpsc::channel();
-        if self.deliveries.send(Delivery::Revoke { ack }).is_ok() {
-            let _ = acked.recv();
+        let until = Instant::now() + REVOKE_WAIT;
+        let mut revoke = Delivery::Revoke { ack };
+        let sent = loop {
+            match self.deliveries.try_send(revoke) {
+                Ok(()) => break true,
+                Err(mpsc::TrySendError::Full(back)) if Instant::now() < until => {
+                    revoke = back;
+                    std::thread::sleep(Duration::from_millis(10));
+                }
+                Err(_) => break false,
+            }
+        };
+        if sent && acked.recv_timeout(until.saturating_duration_since(Instant::now())).is_err() {
+            tracing::warn!(projection = %self.projection, ?partitions, "the worker did not settle in time; handing over its durable checkpoints");
         }
         if let Err(e) = self.commit(consumer, &partitions, CommitMode::Sync) {
             tracing::warn!(projection = %self.projection, error = %e, "committing checkpoints to the group failed");

@@ -46,9 +46,14 @@ pub struct IndexSchema {
     fields: HashMap<String, (FieldMapping, Field)>,
 }
 
+/// A date: milliseconds since the Unix epoch, or RFC 3339 text, within what
+/// tantivy holds (nanoseconds in an i64: the years 1677 to 2262). Outside
+/// it, none: multiplying by 10^6 would overflow, and tantivy would clamp.
 fn parse_date(v: &Value) -> Option<DateTime> {
     match v {
-        Value::Number(n) => n.as_i64().map(DateTime::from_timestamp_millis),
+        Value::Number(n) => {
+            n.as_i64().filter(|ms| ms.checked_mul(1_000_000).is_some()).map(DateTime::from_timestamp_millis)
+        }
         Value::String(s) => parse_date_text(s),
         _ => None,
     }
@@ -56,7 +61,8 @@ fn parse_date(v: &Value) -> Option<DateTime> {
 
 /// A date written as RFC 3339 text.
 fn parse_date_text(s: &str) -> Option<DateTime> {
-    time::OffsetDateTime::parse(s, &time::format_description::well_known::Rfc3339).ok().map(DateTime::from_utc)
+    let parsed = time::OffsetDateTime::parse(s, &time::format_description::well_known::Rfc3339).ok()?;
+    DateTime::try_from_utc(parsed)
 }
 
 /// Whether a document fits its mapping, decided while scanning it (see
@@ -833,6 +839,9 @@ mod tests {
             (&br#"{"status":1}"#[..], "mapped as keyword"),
             (br#"{"count":1.5}"#, "mapped as i64"),
             (br#"{"at":"yesterday"}"#, "mapped as date"),
+            // Past what tantivy holds (nanoseconds in an i64: 1677 to 2262).
+            (br#"{"at":9223372036854775}"#, "mapped as date"),
+            (br#"{"at":"9999-01-01T00:00:00Z"}"#, "mapped as date"),
             (br#"{"gift":"yes"}"#, "mapped as bool"),
             (br#"{"colour":"red"}"#, "not in the mapping"),
             (br#"[1,2]"#, "must be a JSON object"),
