@@ -1,7 +1,10 @@
 //! A model-based test: a random sequence of appends, graceful restarts,
 //! SIGKILLs mid-batch, rebuilds and plugin swaps against a running server;
 //! after each step the read model must equal the reference fold of every
-//! event appended so far (the model), each applied exactly once.
+//! event appended so far (the model), each applied exactly once. A second
+//! test does the same for derived events: an emitting projection through
+//! SIGKILLs, rebuilds and SIGKILLs inside a rebuild's switch, every derived
+//! event published exactly once.
 //!
 //! `REFRACT_MODEL_SEED` replays a failing sequence; `REFRACT_MODEL_STEPS`
 //! runs longer.
@@ -102,4 +105,92 @@ fn random_appends_restarts_kills_rebuilds_and_swaps_keep_the_read_model_equal_to
         server.assert_order_summary_is_the_fold_of(&model);
     }
     eprintln!("model test: seed {seed}, {steps} steps {counts:?}, {} events, {swaps} swaps, no loss", model.len());
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum EmitStep {
+    Append,
+    KillMidBatch,
+    Rebuild,
+    KillInsideSwitch,
+}
+
+/// The same for derived events: `testkit-chaos` emits one `Echo` per event
+/// it applies, and after every step of appends, SIGKILLs mid-batch,
+/// rebuilds and SIGKILLs inside a rebuild's switch (held open by the test
+/// hook `REFRACT_TEST_SWITCH_DELAY_MS`), the `echoes` stream holds exactly
+/// one echo per event appended: none lost, none twice.
+#[test]
+fn random_kills_and_rebuilds_publish_every_derived_event_exactly_once() {
+    let seed: u64 = std::env::var("REFRACT_MODEL_SEED").ok().and_then(|s| s.parse().ok()).unwrap_or(20261206);
+    let steps: usize = std::env::var("REFRACT_MODEL_STEPS").ok().and_then(|s| s.parse().ok()).unwrap_or(30);
+    let mut rng = Rng(seed.max(1));
+    let dir = tempfile::tempdir().unwrap();
+    let config = format!("auth:\n  admin-token: {ADMIN}\nbatch:\n  max-events: 100\n  max-duration-ms: 5\n");
+    let mut server = Server::start(dir.path(), &[&plugins().chaos], &config);
+    server.env.push(("REFRACT_TEST_SWITCH_DELAY_MS".into(), "400".into()));
+    server.kill();
+    server.restart();
+    let admin = |server: &Server| Client::new(&server.url).with_token(Some(ADMIN));
+    let mut appended = 0usize;
+    let append = |server: &Server, appended: &mut usize, n: usize| {
+        let events = crate::emitted_events::emits(*appended..*appended + n, "echoes");
+        assert_eq!(admin(server).append_ndjson("chaos", &ndjson(&events)).unwrap().status, 200);
+        *appended += n;
+    };
+    let mut counts = std::collections::BTreeMap::<&str, usize>::new();
+    for i in 0..steps {
+        let step = match rng.below(10) {
+            0..=3 => EmitStep::Append,
+            4 | 5 => EmitStep::KillMidBatch,
+            6 | 7 => EmitStep::Rebuild,
+            _ => EmitStep::KillInsideSwitch,
+        };
+        *counts.entry(format!("{step:?}").leak()).or_default() += 1;
+        let context = format!("seed {seed}, step {i} ({step:?})");
+        match step {
+            EmitStep::Append => append(&server, &mut appended, 1 + rng.below(300) as usize),
+            EmitStep::KillMidBatch => {
+                append(&server, &mut appended, 200 + rng.below(400) as usize);
+                std::thread::sleep(Duration::from_millis(rng.below(30)));
+                server.kill();
+                server.restart();
+            }
+            EmitStep::Rebuild | EmitStep::KillInsideSwitch => {
+                let held = server.log().matches("holding the switch").count();
+                let reply =
+                    admin(&server).post("/v1/projections/testkit-chaos/rebuild", "application/json", b"").unwrap();
+                assert!([202, 409].contains(&reply.status), "{context}: {}", reply.body);
+                // Events keep arriving while it replays and switches.
+                append(&server, &mut appended, 50 + rng.below(200) as usize);
+                if step == EmitStep::KillInsideSwitch && reply.status == 202 {
+                    let until = std::time::Instant::now() + Duration::from_secs(60);
+                    while server.log().matches("holding the switch").count() == held {
+                        assert!(std::time::Instant::now() < until, "{context}: the switch was never reached");
+                        std::thread::sleep(Duration::from_millis(10));
+                    }
+                    server.kill();
+                    server.restart();
+                }
+            }
+        }
+        server.wait_caught_up();
+        // Every echo published, each once.
+        let until = std::time::Instant::now() + Duration::from_secs(120);
+        loop {
+            let status = server.get("/v1/projections/testkit-chaos");
+            if status["rebuild"].is_null() && status["emitted"]["lag"] == 0 {
+                break;
+            }
+            assert!(std::time::Instant::now() < until, "{context}: {status}");
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        let echoes = server.stream("echoes");
+        let ns: std::collections::BTreeSet<u64> = echoes.iter().map(|e| e["data"]["n"].as_u64().unwrap()).collect();
+        assert_eq!(ns.len(), appended, "{context}: an emitted event was lost");
+        assert_eq!(echoes.len(), appended, "{context}: an emitted event was published twice");
+    }
+    eprintln!(
+        "derived-event model test: seed {seed}, {steps} steps {counts:?}, {appended} events, none lost or doubled"
+    );
 }
