@@ -861,17 +861,7 @@ impl Projector {
         if let Some(event) = from_log.and_then(|mut events| events.pop()).filter(|e| e.offset == letter.offset) {
             return event;
         }
-        crate::plugin::Event {
-            stream: letter.stream.clone(),
-            partition: letter.partition,
-            offset: letter.offset,
-            key: letter.key.clone(),
-            event_type: letter.event_type.clone(),
-            time: letter.time,
-            headers: Vec::new(),
-            content_type: "application/json".into(),
-            data: serde_json::to_vec(&letter.data).expect("JSON values serialize"),
-        }
+        event_in(letter)
     }
 
     /// What committing `events[from..to]` of `pending` writes besides the
@@ -1001,8 +991,11 @@ impl Projector {
     fn dead_letter(&mut self, pending: &Pending, at: usize, error: &HandleError) -> Retry {
         let e = &pending.events[at];
         tracing::warn!(projection = self.name(), stream = %e.stream, partition = e.partition, offset = e.offset, error = %error, "dead-lettering an event");
-        let data = serde_json::from_slice(&e.data)
-            .unwrap_or_else(|_| serde_json::Value::String(String::from_utf8_lossy(&e.data).into_owned()));
+        // JSON data as its value; anything else as its text, kept with its
+        // content type so that a retry hands over the same bytes.
+        let json = e.content_type == "application/json";
+        let text = || serde_json::Value::String(String::from_utf8_lossy(&e.data).into_owned());
+        let data = if json { serde_json::from_slice(&e.data).unwrap_or_else(|_| text()) } else { text() };
         let letter = DeadLetter {
             stream: e.stream.clone(),
             topic: self.sources.kafka.topic(&e.stream).map(|t| t.topic.clone()),
@@ -1012,6 +1005,8 @@ impl Projector {
             event_type: e.event_type.clone(),
             time: e.time,
             data,
+            headers: e.headers.clone(),
+            content_type: (!json).then(|| e.content_type.clone()),
             plugin_version: self.handler.manifest().version.clone(),
             error: error.to_string(),
             failed_at: now_ms(),
@@ -1107,6 +1102,28 @@ fn jitter(d: Duration) -> Duration {
     let nanos = SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |t| t.subsec_nanos());
     let factor = 0.75 + f64::from(nanos % 1000) / 2000.0;
     d.mul_f64(factor)
+}
+
+/// The event a dead letter keeps (a Kafka record's, whose topic may have
+/// dropped it): its headers and content type as they were, and data that is
+/// not JSON as the text it was, not that text quoted as a JSON string.
+fn event_in(letter: &DeadLetter) -> crate::plugin::Event {
+    let content_type = letter.content_type.clone().unwrap_or_else(|| "application/json".into());
+    let data = match &letter.data {
+        serde_json::Value::String(text) if letter.content_type.is_some() => text.clone().into_bytes(),
+        value => serde_json::to_vec(value).expect("JSON values serialize"),
+    };
+    crate::plugin::Event {
+        stream: letter.stream.clone(),
+        partition: letter.partition,
+        offset: letter.offset,
+        key: letter.key.clone(),
+        event_type: letter.event_type.clone(),
+        time: letter.time,
+        headers: letter.headers.clone(),
+        content_type,
+        data,
+    }
 }
 
 /// How long a Kafka partition that has never delivered a record may hold
@@ -1274,6 +1291,37 @@ mod tests {
 
     fn fast() -> BatchOptions {
         BatchOptions { call_events: 8, initial_backoff: Duration::from_millis(1), ..BatchOptions::default() }
+    }
+
+    /// A dead letter from Kafka (not in the embedded log) is retried as the
+    /// event it was: the same headers, content type and bytes.
+    #[test]
+    fn a_dead_letter_retries_with_its_headers_content_type_and_bytes() {
+        let letter = |data: serde_json::Value, content_type: Option<&str>| DeadLetter {
+            stream: "payments".into(),
+            topic: Some("payments.v1".into()),
+            partition: 2,
+            offset: 7,
+            key: Some("k".into()),
+            event_type: "PaymentReceived".into(),
+            time: 5,
+            data,
+            headers: vec![("ce_source".into(), "bank".into()), ("trace".into(), "t-1".into())],
+            content_type: content_type.map(str::to_owned),
+            plugin_version: "1".into(),
+            error: "rejected".into(),
+            failed_at: 6,
+        };
+        let text = event_in(&letter(serde_json::json!("\"quoted\" text"), Some("text/plain")));
+        assert_eq!(text.data, b"\"quoted\" text");
+        assert_eq!(text.content_type, "text/plain");
+        assert_eq!(text.headers, [("ce_source".to_owned(), "bank".to_owned()), ("trace".to_owned(), "t-1".to_owned())]);
+        let json = event_in(&letter(serde_json::json!({"amount": 1}), None));
+        assert_eq!((json.data.as_slice(), json.content_type.as_str()), (&br#"{"amount":1}"#[..], "application/json"));
+        // A letter stored before these fields existed still reads.
+        let old = r#"{"stream":"s","partition":0,"offset":1,"key":null,"type":"T","time":0,"data":1,"pluginVersion":"1","error":"e","failedAt":0}"#;
+        let old: DeadLetter = serde_json::from_str(old).unwrap();
+        assert!(old.headers.is_empty() && old.content_type.is_none());
     }
 
     #[test]

@@ -499,6 +499,8 @@ impl KafkaReader {
                     time: record.timestamp.unwrap_or(0),
                     data: serde_json::from_slice(value)
                         .unwrap_or_else(|_| serde_json::Value::String(String::from_utf8_lossy(value).into_owned())),
+                    headers: Vec::new(),
+                    content_type: None,
                     plugin_version: String::new(),
                     error: format!(
                         "undecodable record (topic {topic}, partition {partition}, offset {offset}): {error}"

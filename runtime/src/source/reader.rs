@@ -333,6 +333,8 @@ mod tests {
             event_type: String::new(),
             time: 0,
             data: serde_json::Value::Null,
+            headers: Vec::new(),
+            content_type: None,
             plugin_version: String::new(),
             error: "undecodable".into(),
             failed_at: 0,

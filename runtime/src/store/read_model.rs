@@ -85,6 +85,12 @@ pub struct DeadLetter {
     pub time: i64,
     /// The event's data: its JSON value, or a string when it is not JSON.
     pub data: serde_json::Value,
+    /// The event's headers, so that a retry hands the plugin the same event.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub headers: Vec<(String, String)>,
+    /// The event's content type when it is not `application/json`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub content_type: Option<String>,
     pub plugin_version: String,
     pub error: String,
     /// When it was dead-lettered (ms since the Unix epoch).
