@@ -270,6 +270,7 @@ impl Runtime {
             crate::data_dir::replace_durably(&file, bytes).map_err(|e| format!("writing {}: {e}", file.display()))?;
             // The watcher need not load it again.
             self.plugin_stamps.lock().expect("stamps lock").insert(file.clone(), Watcher::stamp(&file));
+            tracing::info!(plugin = %label, projection = %manifest.name, version = %manifest.version, "plugin uploaded");
             Ok(())
         };
         match &owner {
@@ -277,12 +278,10 @@ impl Runtime {
                 let _starting = projection.starting.lock().expect("starting lock");
                 let change = self.plan(projection, &plugin).map_err(refuse)?;
                 write()?;
-                tracing::info!(plugin = %label, projection = %manifest.name, version = %manifest.version, "plugin uploaded");
                 self.apply(projection, &file, plugin, change);
             }
             None => {
                 write()?;
-                tracing::info!(plugin = %label, projection = %manifest.name, version = %manifest.version, "plugin uploaded");
                 self.deploy(&file, Ok(plugin));
             }
         }

@@ -28,6 +28,20 @@ pub(crate) fn wait_published(server: &Server, events: u64) {
     }
 }
 
+/// Wait until `testkit-chaos` has no rebuild running and every event it
+/// emitted is published.
+pub(crate) fn wait_settled(server: &Server, context: &str) {
+    let until = Instant::now() + Duration::from_secs(120);
+    loop {
+        let status = server.get("/v1/projections/testkit-chaos");
+        if status["rebuild"].is_null() && status["emitted"]["lag"] == 0 {
+            return;
+        }
+        assert!(Instant::now() < until, "{context}: {status}");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
 /// Every event of an embedded log stream, over HTTP.
 fn read_stream(server: &Server, stream: &str) -> Vec<Value> {
     let streams = server.get("/v1/streams");
@@ -143,15 +157,7 @@ fn a_sigkill_inside_a_rebuild_switch_neither_loses_nor_doubles_emitted_events() 
     server.env.clear();
     server.restart();
     server.wait_caught_up();
-    let until = Instant::now() + Duration::from_secs(120);
-    loop {
-        let status = server.get("/v1/projections/testkit-chaos");
-        if status["rebuild"].is_null() && status["emitted"]["lag"] == 0 {
-            break;
-        }
-        assert!(Instant::now() < until, "{status}");
-        std::thread::sleep(Duration::from_millis(50));
-    }
+    wait_settled(&server, "after the restart");
     let echoes = read_stream(&server, "echoes");
     let ns: BTreeSet<u64> = echoes.iter().map(|e| e["data"]["n"].as_u64().unwrap()).collect();
     assert_eq!(ns.len(), next, "an emitted event was lost");

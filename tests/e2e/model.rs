@@ -176,15 +176,7 @@ fn random_kills_and_rebuilds_publish_every_derived_event_exactly_once() {
         }
         server.wait_caught_up();
         // Every echo published, each once.
-        let until = std::time::Instant::now() + Duration::from_secs(120);
-        loop {
-            let status = server.get("/v1/projections/testkit-chaos");
-            if status["rebuild"].is_null() && status["emitted"]["lag"] == 0 {
-                break;
-            }
-            assert!(std::time::Instant::now() < until, "{context}: {status}");
-            std::thread::sleep(Duration::from_millis(50));
-        }
+        crate::emitted_events::wait_settled(&server, &context);
         let echoes = server.stream("echoes");
         let ns: std::collections::BTreeSet<u64> = echoes.iter().map(|e| e["data"]["n"].as_u64().unwrap()).collect();
         assert_eq!(ns.len(), appended, "{context}: an emitted event was lost");

@@ -259,13 +259,7 @@ fn deep_recursion_and_too_many_emits_are_refused_and_moderate_ones_pass_while_qu
     assert!(answered > 10, "{answered}");
     server.wait_caught_up();
 
-    let letters = server.get("/v1/projections/testkit-chaos/dead-letters");
-    let letters: Vec<(u64, String)> = letters["deadLetters"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|l| (l["offset"].as_u64().unwrap(), l["error"].as_str().unwrap().to_owned()))
-        .collect();
+    let letters = chaos_dead_letters(&server);
     assert_eq!(letters.iter().map(|(o, _)| *o).collect::<Vec<_>>(), [1, 3, 4], "{letters:?}");
     assert!(letters[0].1.starts_with("trap: overflowed its stack"), "deep recursion traps: {letters:?}");
     assert!(letters[1].1.contains("at most 1000 events"), "too many emits are refused: {letters:?}");
@@ -327,13 +321,7 @@ fn a_batch_over_its_byte_budget_traps_and_moderate_ones_are_applied() {
     events.insert(8, flood(60, true));
     assert_eq!(server.client().append_ndjson("chaos", &ndjson(&events)).unwrap().status, 200);
     server.wait_caught_up();
-    let letters = server.get("/v1/projections/testkit-chaos/dead-letters");
-    let letters: Vec<(u64, String)> = letters["deadLetters"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|l| (l["offset"].as_u64().unwrap(), l["error"].as_str().unwrap().to_owned()))
-        .collect();
+    let letters = chaos_dead_letters(&server);
     assert_eq!(letters.iter().map(|(o, _)| *o).collect::<Vec<_>>(), [4, 8], "{letters:?}");
     assert!(letters.iter().all(|(_, e)| e.starts_with("trap:") && e.contains("limits.max-batch-mb")), "{letters:?}");
     let status = server.get("/v1/projections/testkit-chaos");
@@ -341,4 +329,15 @@ fn a_batch_over_its_byte_budget_traps_and_moderate_ones_are_applied() {
     assert_eq!(status["emitted"]["events"], 5 * 20, "{status}");
     let flooded = server.table("testkit-chaos", "applied").iter().filter(|(k, _)| k.starts_with("flood/")).count();
     assert_eq!(flooded, 5 * 20);
+}
+
+/// `testkit-chaos`'s dead letters: the offset and the error of each.
+fn chaos_dead_letters(server: &Server) -> Vec<(u64, String)> {
+    let letters = server.get("/v1/projections/testkit-chaos/dead-letters");
+    letters["deadLetters"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|l| (l["offset"].as_u64().unwrap(), l["error"].as_str().unwrap().to_owned()))
+        .collect()
 }

@@ -73,6 +73,11 @@ type Stored = ReadOnlyTable<&'static str, &'static [u8]>;
 /// Writes per table (or index).
 pub type Writes = BTreeMap<String, KeyWrites>;
 
+/// The bytes a write's value holds (a deletion: none).
+fn size(value: &Option<Vec<u8>>) -> isize {
+    value.as_ref().map_or(0, Vec::len) as isize
+}
+
 /// One table's (or index's) writes in a batch: each key's latest value, or
 /// `None` where it was removed.
 ///
@@ -99,7 +104,6 @@ impl KeyWrites {
     /// Record `value` for `key` (`None`: removed). Returns how many bytes
     /// the writes hold more than before (less, when negative).
     pub fn insert(&mut self, key: String, value: Option<Vec<u8>>) -> isize {
-        let size = |v: &Option<Vec<u8>>| v.as_ref().map_or(0, Vec::len) as isize;
         match self.values.entry(key) {
             std::collections::hash_map::Entry::Occupied(slot) => {
                 let slot = slot.into_mut();
@@ -122,7 +126,7 @@ impl KeyWrites {
     fn set(&mut self, key: &str, value: Option<Vec<u8>>) -> isize {
         match self.values.get_mut(key) {
             Some(slot) => {
-                let grown = value.as_ref().map_or(0, Vec::len) as isize - slot.as_ref().map_or(0, Vec::len) as isize;
+                let grown = size(&value) - size(slot);
                 *slot = value;
                 grown
             }
