@@ -284,6 +284,23 @@ struct InFlight {
     done: std::thread::JoinHandle<crate::store::Result<Duration>>,
 }
 
+/// The thread reading batches ahead of the worker.
+struct ReadAhead {
+    batches: mpsc::Receiver<Delivery>,
+    thread: std::thread::JoinHandle<()>,
+    /// Stops this reader alone (a resync): it may be idle, never sending, so
+    /// a dropped channel alone would not end it.
+    stop: Arc<AtomicBool>,
+}
+
+impl ReadAhead {
+    fn end(self) {
+        self.stop.store(true, Ordering::Relaxed);
+        drop(self.batches); // a reader blocked on a full channel returns
+        let _ = self.thread.join();
+    }
+}
+
 enum Retry {
     Done,
     Stopped,
@@ -340,7 +357,7 @@ impl Projector {
     /// current one to the plugin, and the previous one commits meanwhile.
     pub fn run(mut self) {
         tracing::info!(projection = self.name(), "projector started");
-        let (mut batches, mut reader, mut reader_stop) = self.spawn_reader();
+        let mut reading = self.spawn_reader();
         let mut background = false;
         while !self.stop.load(Ordering::Relaxed) {
             let replaying = self.in_background();
@@ -363,22 +380,18 @@ impl Projector {
                 // resumed. A Kafka group handing partitions over still gets its
                 // answer: nothing is in flight, the checkpoints are final.
                 self.resync = true;
-                if let Ok(Delivery::Revoke { ack }) = batches.recv_timeout(Duration::from_millis(25)) {
+                if let Ok(Delivery::Revoke { ack }) = reading.batches.recv_timeout(Duration::from_millis(25)) {
                     let _ = ack.send(());
                 }
                 continue;
             }
             if self.resync {
-                reader_stop.store(true, Ordering::Relaxed);
-                drop(batches); // a reader blocked on a full channel returns
-                let _ = reader.join();
-                (batches, reader, reader_stop) = self.spawn_reader();
-                self.resync = false;
+                reading = self.read_again(reading);
             }
             // Idle, the loop still comes round often enough to swap in a new plugin version promptly.
             let wait = if self.in_flight.is_some() { Duration::from_millis(2) } else { Duration::from_millis(25) };
             self.hungry.store(true, Ordering::Relaxed);
-            let delivery = batches.recv_timeout(wait);
+            let delivery = reading.batches.recv_timeout(wait);
             self.hungry.store(false, Ordering::Relaxed);
             match delivery {
                 Ok(Delivery::Batch(pending)) => {
@@ -407,8 +420,7 @@ impl Projector {
             }
         }
         self.settle_or_resync();
-        drop(batches);
-        let _ = reader.join();
+        reading.end();
         self.status.lock().expect("status lock").state = WorkerState::Stopped;
         tracing::info!(projection = self.name(), "projector stopped");
     }
@@ -472,11 +484,21 @@ impl Projector {
         self.watermarks.clone()
     }
 
+    /// End `reading` and read again from the durable checkpoints (a resync).
+    /// The commit in flight is settled first: the checkpoints it makes
+    /// durable are where reading starts again, or its span would be applied
+    /// twice.
+    fn read_again(&mut self, reading: ReadAhead) -> ReadAhead {
+        reading.end();
+        self.resync = false;
+        // A failed commit sets `resync` again, with the durable checkpoints.
+        self.settle_or_resync();
+        self.resync = false;
+        self.spawn_reader()
+    }
+
     /// Start the thread that reads batches ahead, from the durable checkpoints on.
-    /// The reader thread, its channel, and a flag that stops it alone (a
-    /// resync: it may be idle, never sending, so a dropped channel alone
-    /// would not end it).
-    fn spawn_reader(&self) -> (mpsc::Receiver<Delivery>, std::thread::JoinHandle<()>, Arc<AtomicBool>) {
+    fn spawn_reader(&self) -> ReadAhead {
         // One batch in the channel and one being read: enough to keep the worker busy.
         let (tx, rx) = mpsc::sync_channel::<Delivery>(1);
         let (sources, subscriptions, read_model) =
@@ -598,7 +620,7 @@ impl Projector {
                     }
                 }
             })
-            .map(|reader| (rx, reader, reader_stop))
+            .map(|thread| ReadAhead { batches: rx, thread, stop: reader_stop })
             .expect("spawn a reader thread")
     }
 
@@ -1525,6 +1547,33 @@ mod tests {
         // …unless catch-up batches are off.
         let (batches, read) = batches_for(BatchOptions { max_events: 200, catch_up_factor: 1, ..fast() });
         assert_eq!(batches, read.div_ceil(200));
+    }
+
+    /// A resync while the previous batch is still committing reads again
+    /// from where that commit ends, not from the checkpoints before it: the
+    /// span it covers is applied once (audit 17g).
+    #[test]
+    fn a_resync_during_a_commit_reads_again_after_that_commit() {
+        let f = Fixture::new();
+        f.append(&["Ok"; 100]);
+        let mut p = f.projector(fast());
+        let (log_streams, _) = p.sources.split(&p.subscriptions);
+        let mut pending = Pending::default();
+        LogReader::new(f.log.clone(), log_streams).read(&p.checkpoints, 1000, Duration::ZERO, &mut pending).unwrap();
+        assert_eq!(pending.events.len(), 100);
+        // Handle the batch; its commit runs on its own thread, not yet settled.
+        p.process(&pending);
+        assert!(p.in_flight.is_some());
+        let reading = p.read_again(p.spawn_reader());
+        let until = Instant::now() + Duration::from_millis(500);
+        while Instant::now() < until {
+            if let Ok(Delivery::Batch(again)) = reading.batches.recv_timeout(Duration::from_millis(50)) {
+                p.process(&again);
+            }
+        }
+        reading.end();
+        p.settle().unwrap();
+        assert_eq!(f.total(), 100, "every event applied once");
     }
 
     #[test]
