@@ -6,7 +6,7 @@ use std::time::Duration;
 
 use serde_json::{Value, json};
 
-use crate::support::kafka::{Broker, Out, TestProducer};
+use crate::support::kafka::{Broker, Out, TestProducer, append_commit_marker};
 use crate::support::{Server, plugins};
 
 /// A fixture order event as a plain JSON record: the data as the value, the
@@ -70,6 +70,45 @@ fn records_produced_to_kafka_fold_into_the_reference_read_model() {
     // A rejected event's dead letter names its topic.
     let letters = server.get("/v1/projections/order-summary/dead-letters?limit=1");
     assert_eq!(letters["deadLetters"][0]["topic"], "shop.orders");
+}
+
+/// Records of a transactional producer are followed by a commit marker, an
+/// offset no consumer is handed: the checkpoint steps over it, so lag
+/// reaches 0 (audit 17f).
+///
+/// tansu 0.6.0 has no transaction coordinator (no EndTxn), so this runs on
+/// librdkafka's mock cluster, a Kafka-protocol broker on a local port that
+/// the server process connects to like any broker, with the markers a
+/// broker writes at a commit appended as raw control batches.
+#[test]
+fn transaction_markers_are_stepped_over_so_lag_reaches_zero() {
+    let cluster = rdkafka::mocking::MockCluster::new(1).expect("starting librdkafka's mock cluster");
+    cluster.create_topic("shop.orders", 1, 1).unwrap();
+    let bootstrap = cluster.bootstrap_servers();
+    let events = refract::fixtures::orders(60, 43, 0.0);
+    let records: Vec<Out> = events.iter().map(|e| Out { partition: Some(0), ..plain(e) }).collect();
+    let producer = TestProducer::new(&bootstrap);
+    for half in records.chunks(30) {
+        producer.send_all("shop.orders", half);
+        append_commit_marker(&bootstrap, "shop.orders", 0);
+    }
+
+    let dir = tempfile::tempdir().unwrap();
+    let config = format!("kafka:\n  brokers: {bootstrap}\n  streams:\n{ORDERS_AS_PLAIN_JSON}");
+    let server = Server::start(dir.path(), &[&plugins().order_summary], &config);
+    let until = std::time::Instant::now() + Duration::from_secs(30);
+    let status = loop {
+        let status = server.get("/v1/projections/order-summary");
+        let handled = status["eventsApplied"].as_u64().unwrap() + status["deadLetters"].as_u64().unwrap();
+        if handled == events.len() as u64 && status["lag"] == 0 && status["partitions"][0]["head"] == 62 {
+            break status;
+        }
+        assert!(std::time::Instant::now() < until, "lag never reached 0: {status}");
+        std::thread::sleep(Duration::from_millis(100));
+    };
+    // 60 records and two markers.
+    assert_eq!(status["partitions"][0]["checkpoint"], 62, "{status}");
+    server.assert_order_summary_is_the_fold_of(&events);
 }
 
 #[test]

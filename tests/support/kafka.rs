@@ -167,6 +167,12 @@ pub struct TestProducer {
 impl TestProducer {
     /// Produce `records` to `topic` in order and wait until every one is acknowledged.
     pub fn send_all(&self, topic: &str, records: &[Out]) {
+        self.send(topic, records);
+        self.producer.flush(Duration::from_secs(60)).expect("flushing the producer");
+        assert_eq!(self.failures.load(Ordering::Relaxed), 0, "some records were not delivered");
+    }
+
+    fn send(&self, topic: &str, records: &[Out]) {
         for r in records {
             let mut headers = OwnedHeaders::new();
             for (k, v) in &r.headers {
@@ -197,7 +203,96 @@ impl TestProducer {
             }
             self.producer.poll(Duration::ZERO);
         }
-        self.producer.flush(Duration::from_secs(60)).expect("flushing the producer");
-        assert_eq!(self.failures.load(Ordering::Relaxed), 0, "some records were not delivered");
     }
+}
+
+/// Append a transaction's commit marker to `partition` of `topic`, as a
+/// Kafka broker does when a transactional producer commits: a control
+/// batch of one record that takes an offset but that no consumer is
+/// handed. Sent as a raw Produce request (v3), since neither tansu 0.6.0
+/// nor librdkafka's mock cluster writes markers itself; the mock cluster
+/// stores the batch as sent.
+pub fn append_commit_marker(bootstrap: &str, topic: &str, partition: i32) {
+    use std::io::{Read, Write};
+    // The control record: key = (version 0, type 1 = commit), value = (version 0, coordinator epoch 0).
+    let (key, value) = ([0u8, 0, 0, 1], [0u8, 0, 0, 0, 0, 0]);
+    let mut record = vec![0u8]; // attributes
+    record.extend([0, 0]); // timestamp and offset deltas: varint 0
+    record.push(zigzag(key.len() as i64));
+    record.extend(key);
+    record.push(zigzag(value.len() as i64));
+    record.extend(value);
+    record.push(0); // no headers
+    let mut records = vec![zigzag(record.len() as i64)];
+    records.extend(record);
+    let now = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_millis() as i64;
+    // From the attributes on: what the CRC covers.
+    let mut tail = Vec::new();
+    tail.extend(0x30i16.to_be_bytes()); // transactional | control
+    tail.extend(0i32.to_be_bytes()); // last offset delta
+    tail.extend(now.to_be_bytes()); // first timestamp
+    tail.extend(now.to_be_bytes()); // max timestamp
+    tail.extend(1000i64.to_be_bytes()); // producer id
+    tail.extend(0i16.to_be_bytes()); // producer epoch
+    tail.extend((-1i32).to_be_bytes()); // base sequence
+    tail.extend(1i32.to_be_bytes()); // one record
+    tail.extend(records);
+    let mut batch = Vec::new();
+    batch.extend(0i64.to_be_bytes()); // base offset: the broker assigns it
+    batch.extend(((4 + 1 + 4 + tail.len()) as i32).to_be_bytes()); // batch length
+    batch.extend(0i32.to_be_bytes()); // partition leader epoch
+    batch.push(2); // magic
+    batch.extend(crc32c(&tail).to_be_bytes());
+    batch.extend(tail);
+
+    let mut request = Vec::new();
+    request.extend(0i16.to_be_bytes()); // Produce
+    request.extend(3i16.to_be_bytes()); // v3
+    request.extend(1i32.to_be_bytes()); // correlation id
+    put_string(&mut request, "refract-test");
+    request.extend((-1i16).to_be_bytes()); // no transactional id
+    request.extend(1i16.to_be_bytes()); // acks
+    request.extend(30_000i32.to_be_bytes());
+    request.extend(1i32.to_be_bytes());
+    put_string(&mut request, topic);
+    request.extend(1i32.to_be_bytes());
+    request.extend(partition.to_be_bytes());
+    request.extend((batch.len() as i32).to_be_bytes());
+    request.extend(batch);
+
+    let mut socket = std::net::TcpStream::connect(bootstrap.split(',').next().unwrap()).unwrap();
+    socket.write_all(&(request.len() as i32).to_be_bytes()).unwrap();
+    socket.write_all(&request).unwrap();
+    let mut len = [0u8; 4];
+    socket.read_exact(&mut len).unwrap();
+    let mut response = vec![0u8; i32::from_be_bytes(len) as usize];
+    socket.read_exact(&mut response).unwrap();
+    // correlation id, 1 topic, its name, 1 partition, its index, then the error code.
+    let at = 4 + 4 + 2 + topic.len() + 4 + 4;
+    let error = i16::from_be_bytes([response[at], response[at + 1]]);
+    assert_eq!(error, 0, "appending a commit marker to {topic}/{partition}");
+}
+
+fn put_string(out: &mut Vec<u8>, s: &str) {
+    out.extend((s.len() as i16).to_be_bytes());
+    out.extend(s.as_bytes());
+}
+
+/// A small value as a one-byte zigzag varint (Kafka's record fields).
+fn zigzag(n: i64) -> u8 {
+    let z = ((n << 1) ^ (n >> 63)) as u64;
+    assert!(z < 0x80, "{n} needs more than one byte");
+    z as u8
+}
+
+/// CRC-32C (Castagnoli), the record batch checksum.
+fn crc32c(bytes: &[u8]) -> u32 {
+    let mut crc = !0u32;
+    for b in bytes {
+        crc ^= u32::from(*b);
+        for _ in 0..8 {
+            crc = if crc & 1 == 1 { (crc >> 1) ^ 0x82F6_3B78 } else { crc >> 1 };
+        }
+    }
+    !crc
 }

@@ -417,6 +417,25 @@ impl KafkaReader {
         Ok(())
     }
 
+    /// Move `read_to` to the consumer's position where that is further: a
+    /// transactional producer's commit and abort markers take offsets no
+    /// consumer is handed, and without this the checkpoint would stop
+    /// before the last marker, the lag never reach 0, and an enricher's
+    /// event-time alignment never see the partition exhausted. The position
+    /// passes only records this reader was handed, and the markers (and
+    /// aborted records) after them.
+    fn step_over_markers(&self, cursor: &Cursor, into: &mut Pending) {
+        let Ok(positions) = self.consumer.position() else { return };
+        for e in positions.elements() {
+            let (Some(route), Offset::Offset(position)) = (self.routes.get(e.topic()), e.offset()) else { continue };
+            let key = (route.stream.clone(), e.partition() as u32);
+            let read = into.read_to.get(&key).or(cursor.get(&key)).copied().unwrap_or(0);
+            if position as u64 > read {
+                into.read_to.insert(key, position as u64);
+            }
+        }
+    }
+
     fn take<'r>(
         &'r self,
         message: &rdkafka::message::BorrowedMessage<'_>,
@@ -570,6 +589,7 @@ impl Reader for KafkaReader {
             }
             into.read_to.insert((p.stream.to_owned(), p.partition), p.next);
         }
+        self.step_over_markers(cursor, into);
         let revoked = std::mem::take(&mut *self.consumer.context().revoked.lock().expect("revoked lock"));
         if !revoked.is_empty() {
             into.drop_partitions(&revoked);
