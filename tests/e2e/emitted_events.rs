@@ -28,12 +28,12 @@ pub(crate) fn wait_published(server: &Server, events: u64) {
     }
 }
 
-/// Wait until `testkit-chaos` has no rebuild running and every event it
+/// Wait until `projection` has no rebuild running and every event it
 /// emitted is published.
-pub(crate) fn wait_settled(server: &Server, context: &str) {
+pub(crate) fn wait_settled(server: &Server, projection: &str, context: &str) {
     let until = Instant::now() + Duration::from_secs(120);
     loop {
-        let status = server.get("/v1/projections/testkit-chaos");
+        let status = server.get(&format!("/v1/projections/{projection}"));
         if status["rebuild"].is_null() && status["emitted"]["lag"] == 0 {
             return;
         }
@@ -157,7 +157,7 @@ fn a_sigkill_inside_a_rebuild_switch_neither_loses_nor_doubles_emitted_events() 
     server.env.clear();
     server.restart();
     server.wait_caught_up();
-    wait_settled(&server, "after the restart");
+    wait_settled(&server, "testkit-chaos", "after the restart");
     let echoes = read_stream(&server, "echoes");
     let ns: BTreeSet<u64> = echoes.iter().map(|e| e["data"]["n"].as_u64().unwrap()).collect();
     assert_eq!(ns.len(), next, "an emitted event was lost");

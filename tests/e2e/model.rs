@@ -2,9 +2,9 @@
 //! SIGKILLs mid-batch, rebuilds and plugin swaps against a running server;
 //! after each step the read model must equal the reference fold of every
 //! event appended so far (the model), each applied exactly once. A second
-//! test does the same for derived events: an emitting projection through
-//! SIGKILLs, rebuilds and SIGKILLs inside a rebuild's switch, every derived
-//! event published exactly once.
+//! test does the same for derived events: an emitting projection and an
+//! enricher downstream of it, through SIGKILLs, rebuilds and SIGKILLs inside
+//! a rebuild's switch, every derived event published exactly once.
 //!
 //! `REFRACT_MODEL_SEED` replays a failing sequence; `REFRACT_MODEL_STEPS`
 //! runs longer.
@@ -115,30 +115,35 @@ enum EmitStep {
     KillInsideSwitch,
 }
 
-/// The same for derived events: `testkit-chaos` emits one `Echo` per event
-/// it applies, and after every step of appends, SIGKILLs mid-batch,
-/// rebuilds and SIGKILLs inside a rebuild's switch (held open by the test
-/// hook `REFRACT_TEST_SWITCH_DELAY_MS`), the `echoes` stream holds exactly
-/// one echo per event appended: none lost, none twice.
+/// The same for derived events, through a projection and an enricher:
+/// `testkit-chaos` emits one `Echo` per event it applies to `orders-raw`,
+/// and `order-upcaster` (an enricher) passes each on to `echoes`. After
+/// every step of appends, SIGKILLs mid-batch, rebuilds of either, and
+/// SIGKILLs inside either's rebuild switch (held open by the test hook
+/// `REFRACT_TEST_SWITCH_DELAY_MS`), both derived streams hold exactly one
+/// echo per event appended: none lost, none twice.
 #[test]
 fn random_kills_and_rebuilds_publish_every_derived_event_exactly_once() {
     let seed: u64 = std::env::var("REFRACT_MODEL_SEED").ok().and_then(|s| s.parse().ok()).unwrap_or(20261206);
     let steps: usize = std::env::var("REFRACT_MODEL_STEPS").ok().and_then(|s| s.parse().ok()).unwrap_or(30);
     let mut rng = Rng(seed.max(1));
     let dir = tempfile::tempdir().unwrap();
-    let config = format!("auth:\n  admin-token: {ADMIN}\nbatch:\n  max-events: 100\n  max-duration-ms: 5\n");
-    let mut server = Server::start(dir.path(), &[&plugins().chaos], &config);
+    let config = format!(
+        "auth:\n  admin-token: {ADMIN}\nbatch:\n  max-events: 100\n  max-duration-ms: 5\n\
+         plugins:\n  order-upcaster:\n    routes:\n      - {{ to: [echoes] }}\n"
+    );
+    let mut server = Server::start(dir.path(), &[&plugins().chaos, &plugins().order_upcaster], &config);
     server.env.push(("REFRACT_TEST_SWITCH_DELAY_MS".into(), "400".into()));
     server.kill();
     server.restart();
     let admin = |server: &Server| Client::new(&server.url).with_token(Some(ADMIN));
     let mut appended = 0usize;
     let append = |server: &Server, appended: &mut usize, n: usize| {
-        let events = crate::emitted_events::emits(*appended..*appended + n, "echoes");
+        let events = crate::emitted_events::emits(*appended..*appended + n, "orders-raw");
         assert_eq!(admin(server).append_ndjson("chaos", &ndjson(&events)).unwrap().status, 200);
         *appended += n;
     };
-    let mut counts = std::collections::BTreeMap::<&str, usize>::new();
+    let mut counts = std::collections::BTreeMap::<String, usize>::new();
     for i in 0..steps {
         let step = match rng.below(10) {
             0..=3 => EmitStep::Append,
@@ -146,8 +151,13 @@ fn random_kills_and_rebuilds_publish_every_derived_event_exactly_once() {
             6 | 7 => EmitStep::Rebuild,
             _ => EmitStep::KillInsideSwitch,
         };
-        *counts.entry(format!("{step:?}").leak()).or_default() += 1;
-        let context = format!("seed {seed}, step {i} ({step:?})");
+        let projection = ["testkit-chaos", "order-upcaster"][rng.below(2) as usize];
+        let name = match step {
+            EmitStep::Rebuild | EmitStep::KillInsideSwitch => format!("{step:?} {projection}"),
+            _ => format!("{step:?}"),
+        };
+        let context = format!("seed {seed}, step {i} ({name})");
+        *counts.entry(name).or_default() += 1;
         match step {
             EmitStep::Append => append(&server, &mut appended, 1 + rng.below(300) as usize),
             EmitStep::KillMidBatch => {
@@ -158,8 +168,8 @@ fn random_kills_and_rebuilds_publish_every_derived_event_exactly_once() {
             }
             EmitStep::Rebuild | EmitStep::KillInsideSwitch => {
                 let held = server.log().matches("holding the switch").count();
-                let reply =
-                    admin(&server).post("/v1/projections/testkit-chaos/rebuild", "application/json", b"").unwrap();
+                let path = format!("/v1/projections/{projection}/rebuild");
+                let reply = admin(&server).post(&path, "application/json", b"").unwrap();
                 assert!([202, 409].contains(&reply.status), "{context}: {}", reply.body);
                 // Events keep arriving while it replays and switches.
                 append(&server, &mut appended, 50 + rng.below(200) as usize);
@@ -174,13 +184,18 @@ fn random_kills_and_rebuilds_publish_every_derived_event_exactly_once() {
                 }
             }
         }
-        server.wait_caught_up();
-        // Every echo published, each once.
-        crate::emitted_events::wait_settled(&server, &context);
-        let echoes = server.stream("echoes");
-        let ns: std::collections::BTreeSet<u64> = echoes.iter().map(|e| e["data"]["n"].as_u64().unwrap()).collect();
-        assert_eq!(ns.len(), appended, "{context}: an emitted event was lost");
-        assert_eq!(echoes.len(), appended, "{context}: an emitted event was published twice");
+        // Settled in the order events flow: the projection, then the enricher reading what it emitted.
+        for projection in ["testkit-chaos", "order-upcaster"] {
+            server.wait_caught_up();
+            crate::emitted_events::wait_settled(&server, projection, &context);
+        }
+        for stream in ["orders-raw", "echoes"] {
+            let echoes = server.stream(stream);
+            let ns: std::collections::BTreeSet<u64> =
+                echoes.iter().map(|e| e["data"]["n"].as_u64().unwrap()).collect();
+            assert_eq!(ns.len(), appended, "{context}: an event derived into {stream} was lost");
+            assert_eq!(echoes.len(), appended, "{context}: an event derived into {stream} was published twice");
+        }
     }
     eprintln!(
         "derived-event model test: seed {seed}, {steps} steps {counts:?}, {appended} events, none lost or doubled"
