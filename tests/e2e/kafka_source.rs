@@ -229,3 +229,88 @@ fn a_consumer_group_splits_partitions_and_hands_them_over_exactly_once() {
     assert!(both.is_empty(), "{} events applied by both instances, e.g. {:?}", both.len(), &both[..both.len().min(5)]);
     assert_eq!(in_a.len() + in_b.len(), 8000, "events lost: {} by A, {} by B", in_a.len(), in_b.len());
 }
+
+/// A group member whose worker is stuck does not stall the group (audit
+/// 16): a `stuck` record on every partition, with `behind` records after
+/// it, produced while instance A reads them all, leaves A's worker paused
+/// or retrying with its reader waiting; B then joins, and the rebalance
+/// completes while A is still stuck, so B reads its share.
+fn a_stuck_member_does_not_stall_a_rebalance(stuck: &str, behind: &str, extra: &str, state: &str) {
+    let broker = Broker::start();
+    broker.create_topic("chaos.events", 4);
+    let streams = "    chaos: { topic: chaos.events }\n";
+    let config = format!("{}  mode: group\n  group-id: refract-test\n{extra}", kafka_config(&broker, streams));
+    let (dir_a, dir_b) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
+    let p = plugins();
+    let a = Server::start(dir_a.path(), &[&p.chaos], &config);
+    let owned = |s: &Server| s.get("/v1/projections/testkit-chaos")["partitions"].as_array().unwrap().len();
+    let until = std::time::Instant::now() + Duration::from_secs(60);
+    while owned(&a) < 4 {
+        assert!(std::time::Instant::now() < until, "A never read all four partitions:\n{}", a.log());
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    let record = |partition: i32, t: &str| Out {
+        key: Some(format!("k{partition}")),
+        value: Some(json!({"type": t, "n": partition}).to_string().into_bytes()),
+        partition: Some(partition),
+        ..Out::default()
+    };
+    let producer = broker.producer();
+    producer.send_all("chaos.events", &(0..4).map(|p| record(p, stuck)).collect::<Vec<_>>());
+    // More behind them, in more batches than A's reader holds ready: the
+    // reader waits for the stuck worker to take the next one.
+    const BEHIND: usize = 200;
+    let filler: Vec<Out> = (0..4).flat_map(|p| (0..BEHIND).map(move |_| p)).map(|p| record(p, behind)).collect();
+    producer.send_all("chaos.events", &filler);
+    let until = std::time::Instant::now() + Duration::from_secs(60);
+    while a.get("/v1/projections/testkit-chaos")["state"] != state {
+        assert!(
+            std::time::Instant::now() < until,
+            "A never became {state}: {}",
+            a.get("/v1/projections/testkit-chaos")
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+
+    let joined = std::time::Instant::now();
+    // B itself is not stuck: it dead-letters or retries at once.
+    let config_b = format!("{}  mode: group\n  group-id: refract-test\n", kafka_config(&broker, streams));
+    let b = Server::start(dir_b.path(), &[&p.chaos], &config_b);
+    let until = joined + Duration::from_secs(45);
+    while owned(&b) == 0 {
+        assert!(
+            std::time::Instant::now() < until,
+            "the group stalled: B got no partition while A was {state}\nA:\n{}",
+            a.log()
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    let status = a.get("/v1/projections/testkit-chaos");
+    eprintln!("B read its share {:?} after joining; A is {}", joined.elapsed(), status["state"]);
+    // B handles what it owns, up to the records produced after it joined.
+    let partitions_b: Vec<i32> = b.get("/v1/projections/testkit-chaos")["partitions"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|p| p["partition"].as_i64().unwrap() as i32)
+        .collect();
+    producer.send_all("chaos.events", &partitions_b.iter().map(|p| record(*p, "Ok")).collect::<Vec<_>>());
+    let until = std::time::Instant::now() + Duration::from_secs(60);
+    while !partitions_b.iter().all(|p| applied(&b).contains(&format!("{p}/{:020}", 1 + BEHIND))) {
+        assert!(std::time::Instant::now() < until, "B applied {:?} of partitions {partitions_b:?}", applied(&b));
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
+#[test]
+fn a_paused_group_member_does_not_stall_a_rebalance() {
+    let extra = "limits:\n  pause-after-dead-letters: 2\nbatch:\n  max-events: 50\n";
+    a_stuck_member_does_not_stall_a_rebalance("Reject", "Reject", extra, "paused");
+}
+
+#[test]
+fn a_retrying_group_member_does_not_stall_a_rebalance() {
+    // A transient failure, retried after five minutes: the worker is busy retrying.
+    let extra = "batch:\n  max-events: 50\n  initial-backoff-ms: 300000\n  max-backoff-ms: 300000\n";
+    a_stuck_member_does_not_stall_a_rebalance("Flaky", "Ok", extra, "retrying");
+}

@@ -191,8 +191,7 @@ fn random_kills_and_rebuilds_publish_every_derived_event_exactly_once() {
         }
         for stream in ["orders-raw", "echoes"] {
             let echoes = server.stream(stream);
-            let ns: std::collections::BTreeSet<u64> =
-                echoes.iter().map(|e| e["data"]["n"].as_u64().unwrap()).collect();
+            let ns: std::collections::BTreeSet<u64> = echoes.iter().map(|e| e["data"]["n"].as_u64().unwrap()).collect();
             assert_eq!(ns.len(), appended, "{context}: an event derived into {stream} was lost");
             assert_eq!(echoes.len(), appended, "{context}: an event derived into {stream} was published twice");
         }

@@ -25,7 +25,7 @@ use crate::plugin::{HandleError, Handler, Manifest};
 use crate::source::Sources;
 use crate::source::kafka::{Handover, KafkaReader, Watermarks};
 use crate::source::log::EventLog;
-use crate::source::reader::{Cursor, Delivery, LogReader, Pending, Reader, Subscriptions};
+use crate::source::reader::{Cursor, Delivery, LogReader, Pending, Reader, Subscriptions, hand_over};
 use crate::store::read_model::Commit;
 use crate::store::{Batch, BatchWrites, DeadLetter, Declared, KvLimits, ReadModel};
 
@@ -615,7 +615,7 @@ impl Projector {
                         }
                     }
                     cursor.extend(pending.read_to.iter().map(|(k, v)| (k.clone(), *v)));
-                    if tx.send(Delivery::Batch(pending)).is_err() {
+                    if !hand_over(&tx, pending, &mut readers, &mut cursor, &|| stop.load(Ordering::Relaxed)) {
                         return;
                     }
                 }

@@ -285,6 +285,9 @@ pub struct KafkaReader {
     assigned: BTreeMap<String, u32>,
     next_refresh: Instant,
     handover: Handover,
+    /// Fetching is paused while the worker has no room (group mode, see
+    /// [`Reader::keep_alive`]).
+    paused: bool,
 }
 
 /// When a read ends early. librdkafka fetches far ahead, so a catch-up read
@@ -353,6 +356,7 @@ impl KafkaReader {
             assigned: BTreeMap::new(),
             next_refresh: Instant::now(),
             handover,
+            paused: false,
         }))
     }
 
@@ -532,6 +536,44 @@ impl KafkaReader {
 }
 
 impl Reader for KafkaReader {
+    fn needs_keep_alive(&self) -> bool {
+        self.mode == Mode::Group
+    }
+
+    /// Poll with every partition paused: the group's rebalances are served
+    /// (and a revoke answered, see `pre_rebalance`) while nothing is read.
+    fn keep_alive(&mut self, wait: Duration) -> Vec<(String, u32)> {
+        if !self.paused {
+            match self.consumer.assignment().and_then(|a| self.consumer.pause(&a)) {
+                Ok(()) => self.paused = true,
+                Err(e) => tracing::warn!(error = %e, "pausing the Kafka partitions"),
+            }
+        }
+        let polled = match self.consumer.poll(wait) {
+            Some(Ok(m)) => Some((m.topic().to_owned(), m.partition(), m.offset())),
+            _ => None,
+        };
+        // A partition assigned since the pause: pause it too, and read that record again later.
+        if let Some((topic, partition, offset)) = polled {
+            let mut tpl = TopicPartitionList::new();
+            tpl.add_partition(&topic, partition);
+            let paused = self.consumer.pause(&tpl);
+            let seek = self.consumer.seek(&topic, partition, Offset::Offset(offset), Duration::from_secs(5));
+            if let Err(e) = paused.and(seek) {
+                tracing::warn!(topic, partition, offset, error = %e, "handing back a record read while paused");
+            }
+        }
+        std::mem::take(&mut *self.consumer.context().revoked.lock().expect("revoked lock"))
+    }
+
+    fn room(&mut self) {
+        if std::mem::take(&mut self.paused)
+            && let Err(e) = self.consumer.assignment().and_then(|a| self.consumer.resume(&a))
+        {
+            tracing::warn!(error = %e, "resuming the Kafka partitions");
+        }
+    }
+
     /// Seek back to records handed back; a seek that fails (in replica mode)
     /// makes the next read assign every partition again from the cursor.
     fn rewind(&mut self, to: &Cursor) -> Result<(), String> {
