@@ -113,7 +113,15 @@ impl Relay {
                 self.producer = Some(KafkaSink::new(&self.kafka)?);
             }
             let sink = self.producer.as_ref().expect("created above");
-            sink.send(&self.producer(), &to_kafka)?;
+            if let Err(e) = sink.send(&self.producer(), &to_kafka) {
+                // The next attempt gets a new producer: after failed
+                // deliveries an idempotent one may be stuck on sequence
+                // numbers the broker refuses, or fatally failed (librdkafka
+                // then wants it recreated). The chunk goes again under the
+                // same emit ids.
+                self.producer = None;
+                return Err(e);
+            }
         }
         self.read_model.trim_emitted(last).map_err(|e| e.to_string())?;
         Ok(entries.len())

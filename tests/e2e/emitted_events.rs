@@ -37,7 +37,14 @@ pub(crate) fn wait_settled(server: &Server, projection: &str, context: &str) {
         if status["rebuild"].is_null() && status["emitted"]["lag"] == 0 {
             return;
         }
-        assert!(Instant::now() < until, "{context}: {status}");
+        if Instant::now() > until {
+            let log = server.log();
+            let tail: Vec<&str> = log.lines().rev().take(30).collect();
+            panic!(
+                "{context}: {status}\nthe server's last log lines:\n{}",
+                tail.into_iter().rev().collect::<Vec<_>>().join("\n")
+            );
+        }
         std::thread::sleep(Duration::from_millis(50));
     }
 }
