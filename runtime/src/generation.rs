@@ -29,6 +29,7 @@ use std::time::{Duration, Instant};
 
 use serde::Serialize;
 
+use crate::clock::{Backoff, now_ms};
 use crate::plugin::Manifest;
 use crate::projector::{Reload, Replay, WorkerStatus};
 use crate::source::kafka::Watermarks;
@@ -147,7 +148,7 @@ impl Generation {
 
     /// Its durable checkpoints.
     pub fn checkpoints(&self) -> crate::store::Result<Cursor> {
-        Ok(self.read_model.checkpoints()?.into_iter().map(|c| ((c.stream, c.partition), c.next_offset)).collect())
+        self.read_model.cursor()
     }
 
     /// Stop its threads after their current batch, and wait for them.
@@ -205,7 +206,7 @@ impl Rebuild {
         Ok(Rebuild {
             generation,
             started: Instant::now(),
-            started_at: crate::projector::now_ms(),
+            started_at: now_ms(),
             initial,
             cancel: AtomicBool::new(false),
             switching: AtomicBool::new(false),
@@ -293,7 +294,7 @@ fn failed(generation: &Generation) -> crate::projector::Failed {
 /// why in the rebuild's status. False when the runtime shuts down first (the
 /// rebuild then resumes at the next start, the old generation still live on disk).
 fn retry(s: &Switch<'_>, job: &Rebuild, what: &str, mut step: impl FnMut() -> Result<bool, String>) -> bool {
-    let mut backoff = Duration::from_millis(100);
+    let mut backoff = Backoff::new(Duration::from_millis(100), Duration::from_secs(10));
     loop {
         if s.shutdown.load(Ordering::Relaxed) {
             job.generation.stop();
@@ -304,12 +305,11 @@ fn retry(s: &Switch<'_>, job: &Rebuild, what: &str, mut step: impl FnMut() -> Re
                 job.wait_for(None);
                 return true;
             }
-            Ok(false) => backoff = Duration::from_millis(100),
+            Ok(false) => backoff.reset(),
             Err(e) => {
                 tracing::warn!(projection = s.name, error = %e, "{what} failed; retrying");
                 job.wait_for(Some(format!("{what}: {e}")));
-                std::thread::sleep(backoff);
-                backoff = (backoff * 2).min(Duration::from_secs(10));
+                std::thread::sleep(backoff.next_delay());
             }
         }
     }

@@ -684,12 +684,7 @@ impl Runtime {
     pub fn status(&self, p: &Projection) -> crate::store::Result<ProjectionStatus> {
         let projection = p.live();
         let m = &projection.manifest();
-        let checkpoints: BTreeMap<(String, u32), u64> = projection
-            .read_model
-            .checkpoints()?
-            .into_iter()
-            .map(|c| ((c.stream, c.partition), c.next_offset))
-            .collect();
+        let checkpoints = projection.read_model.cursor()?;
         let mut partitions = Vec::new();
         for s in &m.subscriptions {
             // Kafka streams: the partitions this instance reads; log streams: all.

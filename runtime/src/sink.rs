@@ -24,6 +24,7 @@ use rdkafka::ClientContext;
 use rdkafka::message::{Header, OwnedHeaders};
 use rdkafka::producer::{BaseProducer, BaseRecord, DeliveryResult, Producer, ProducerContext};
 
+use crate::clock::Backoff;
 use crate::source::NewEvent;
 use crate::source::kafka::KafkaConfig;
 use crate::source::log::EventLog;
@@ -71,18 +72,17 @@ impl Relay {
 
     /// Publish until `stop` is set.
     pub fn run(mut self) {
-        let mut backoff = Duration::from_millis(100);
+        let mut backoff = Backoff::new(Duration::from_millis(100), Duration::from_secs(10));
         while !self.stop.load(Ordering::Relaxed) {
             let seen = self.read_model.emitted_signal().current();
             match self.publish_some() {
                 Ok(0) => {
                     self.read_model.emitted_signal().wait(seen, Duration::from_millis(200));
                 }
-                Ok(_) => backoff = Duration::from_millis(100),
+                Ok(_) => backoff.reset(),
                 Err(e) => {
                     tracing::warn!(projection = %self.projection, error = %e, "publishing emitted events failed; retrying");
-                    std::thread::sleep(backoff);
-                    backoff = (backoff * 2).min(Duration::from_secs(10));
+                    std::thread::sleep(backoff.next_delay());
                 }
             }
         }

@@ -65,8 +65,7 @@ fn parse(token: &str) -> Result<Wanted, ApiError> {
 
 /// What is still missing: positions not yet handled, with the checkpoint reached.
 fn missing(p: &Projection, wanted: &Wanted) -> Result<Vec<String>, ApiError> {
-    let checkpoints: BTreeMap<(String, u32), u64> =
-        p.live().read_model.checkpoints()?.into_iter().map(|c| ((c.stream, c.partition), c.next_offset)).collect();
+    let checkpoints = p.live().read_model.cursor()?;
     Ok(wanted
         .iter()
         .filter_map(|(k, offset)| {

@@ -5,5 +5,4 @@ mod worker;
 
 pub use worker::{
     BatchOptions, Failed, Projector, Reload, Replay, Retries, RetryReport, RetryRequest, WorkerState, WorkerStatus,
-    now_ms,
 };

@@ -17,10 +17,11 @@
 use std::collections::BTreeMap;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, RwLock, mpsc};
-use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, Instant};
 
 use serde::Serialize;
 
+use crate::clock::{Backoff, jitter, now_ms, sleep_unless};
 use crate::plugin::{HandleError, Handler, Manifest};
 use crate::source::Sources;
 use crate::source::kafka::{Handover, KafkaReader, Watermarks};
@@ -83,6 +84,11 @@ impl Default for BatchOptions {
 }
 
 impl BatchOptions {
+    /// The back-off of retries after a failure.
+    fn backoff(&self) -> Backoff {
+        Backoff::new(self.initial_backoff, self.max_backoff)
+    }
+
     /// Whether batches grow while catching up (a factor of 1 turns it off).
     fn catches_up(&self) -> bool {
         self.catch_up_factor > 1
@@ -232,11 +238,6 @@ impl Default for WorkerStatus {
     }
 }
 
-/// Now, in ms since the Unix epoch.
-pub fn now_ms() -> i64 {
-    SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| d.as_millis() as i64)
-}
-
 /// The worker of one projection.
 pub struct Projector {
     handler: Box<dyn Handler>,
@@ -318,13 +319,8 @@ impl Projector {
     ) -> crate::store::Result<Self> {
         let manifest = handler.manifest().clone();
         let declared = Arc::new(crate::plugin::declared(&*handler).map_err(crate::store::Error::InvalidMapping)?);
-        let subscriptions = manifest
-            .subscriptions
-            .iter()
-            .map(|s| (s.stream.clone(), s.event_types.iter().cloned().collect()))
-            .collect();
-        let checkpoints =
-            read_model.checkpoints()?.into_iter().map(|c| ((c.stream, c.partition), c.next_offset)).collect();
+        let subscriptions = subscriptions(&manifest);
+        let checkpoints = read_model.cursor()?;
         Ok(Projector {
             handler,
             read_model,
@@ -460,8 +456,7 @@ impl Projector {
             Err(e) => return self.set_error(&format!("the new plugin version was not swapped in: {e}")),
         };
         let m = next.manifest().clone();
-        let subscriptions: Subscriptions =
-            m.subscriptions.iter().map(|s| (s.stream.clone(), s.event_types.iter().cloned().collect())).collect();
+        let subscriptions = subscriptions(&m);
         if subscriptions != self.subscriptions {
             // Read again from the durable checkpoints with the new subscriptions.
             self.subscriptions = subscriptions;
@@ -732,21 +727,19 @@ impl Projector {
             status.last_error = Some(message);
             status.last_error_at = Some(now_ms());
         }
-        let mut backoff = self.options.initial_backoff;
+        let mut backoff = self.options.backoff();
         loop {
-            if !self.sleep(jitter(backoff)) {
+            if !self.sleep(jitter(backoff.next_delay())) {
                 return;
             }
-            match self.read_model.checkpoints() {
+            match self.read_model.cursor() {
                 Ok(checkpoints) => {
-                    self.checkpoints =
-                        checkpoints.into_iter().map(|c| ((c.stream, c.partition), c.next_offset)).collect();
+                    self.checkpoints = checkpoints;
                     self.resync = true;
                     return;
                 }
                 Err(e) => self.set_error(&format!("reading checkpoints: {e}")),
             }
-            backoff = (backoff * 2).min(self.options.max_backoff);
         }
     }
 
@@ -970,12 +963,13 @@ impl Projector {
 
     fn recover_range(&mut self, pending: &Pending, lo: usize, hi: usize, error: HandleError) -> Retry {
         let mut error = error;
-        let mut backoff = self.options.initial_backoff;
+        let mut backoff = self.options.backoff();
         loop {
             match error {
                 HandleError::Transient(_) | HandleError::Host(_) => {
                     let message = error.to_string();
-                    tracing::warn!(projection = self.name(), error = %message, retry_in_ms = backoff.as_millis() as u64, "batch failed; retrying");
+                    let delay = backoff.next_delay();
+                    tracing::warn!(projection = self.name(), error = %message, retry_in_ms = delay.as_millis() as u64, "batch failed; retrying");
                     {
                         let mut status = self.status.lock().expect("status lock");
                         status.state = WorkerState::Retrying;
@@ -983,10 +977,9 @@ impl Projector {
                         status.last_error = Some(message);
                         status.last_error_at = Some(now_ms());
                     }
-                    if !self.sleep(jitter(backoff)) {
+                    if !self.sleep(jitter(delay)) {
                         return Retry::Stopped;
                     }
-                    backoff = (backoff * 2).min(self.options.max_backoff);
                     match self.run_range(pending, lo, hi) {
                         Ok(()) => return Retry::Done,
                         Err(e) => error = e,
@@ -1035,7 +1028,7 @@ impl Projector {
         };
         self.set_error(&format!("dead-lettered {}/{}@{}: {error}", e.stream, e.partition, e.offset));
         let commit = self.commit_of(pending, at, at + 1, vec![letter]);
-        let mut backoff = self.options.initial_backoff;
+        let mut backoff = self.options.backoff();
         loop {
             // An empty batch: the dead letter and the checkpoint commit alone.
             let result = self.commit_now(&BatchWrites::default(), &commit, Instant::now());
@@ -1060,10 +1053,9 @@ impl Projector {
                 }
                 Err(err) => {
                     self.set_error(&format!("storing a dead letter: {err}"));
-                    if !self.sleep(jitter(backoff)) {
+                    if !self.sleep(jitter(backoff.next_delay())) {
                         return Retry::Stopped;
                     }
-                    backoff = (backoff * 2).min(self.options.max_backoff);
                 }
             }
         }
@@ -1071,18 +1063,15 @@ impl Projector {
 
     /// Sleep for `duration` unless asked to stop; false when stopping.
     fn sleep(&self, duration: Duration) -> bool {
-        let until = Instant::now() + duration;
-        while Instant::now() < until {
-            if self.stop.load(Ordering::Relaxed) {
-                return false;
-            }
-            std::thread::sleep((until - Instant::now()).min(Duration::from_millis(50)));
-        }
-        !self.stop.load(Ordering::Relaxed)
+        sleep_unless(&self.stop, duration)
     }
 }
 
-/// `d` scaled by a factor in [0.75, 1.25), so retries of many workers spread out.
+/// What `manifest` subscribes to, as its reader reads it.
+fn subscriptions(manifest: &Manifest) -> Subscriptions {
+    manifest.subscriptions.iter().map(|s| (s.stream.clone(), s.event_types.iter().cloned().collect())).collect()
+}
+
 /// A rebuild's threads (replaying history behind the live generation) run at
 /// `SCHED_IDLE`: they take only CPU nothing else wants, and give a core up
 /// the moment a query or the live worker wakes. At normal priority a waking
@@ -1118,12 +1107,6 @@ fn positions(pending: &Pending) -> String {
         })
         .collect();
     ranges.join(" ")
-}
-
-fn jitter(d: Duration) -> Duration {
-    let nanos = SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |t| t.subsec_nanos());
-    let factor = 0.75 + f64::from(nanos % 1000) / 2000.0;
-    d.mul_f64(factor)
 }
 
 /// The event a dead letter keeps (a Kafka record's, whose topic may have

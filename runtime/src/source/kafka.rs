@@ -528,7 +528,7 @@ impl KafkaReader {
                     error: format!(
                         "undecodable record (topic {topic}, partition {partition}, offset {offset}): {error}"
                     ),
-                    failed_at: crate::projector::now_ms(),
+                    failed_at: crate::clock::now_ms(),
                 });
             }
         }

@@ -8,7 +8,6 @@
 use std::collections::HashMap;
 use std::path::Path;
 use std::sync::Mutex;
-use std::time::{SystemTime, UNIX_EPOCH};
 
 use redb::{ReadableTable, TableDefinition};
 
@@ -216,7 +215,7 @@ impl EventLog {
 
     fn append_inner(&self, stream: &str, events: &[NewEvent], producer: Option<(&str, u64)>) -> Result<Vec<Position>> {
         self.validate(stream, events)?;
-        let now = SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| d.as_millis() as i64);
+        let now = crate::clock::now_ms();
         let mut heads = self.heads.lock().expect("log heads lock");
         let Heads { streams, unkeyed } = &mut *heads;
         let created = !streams.contains_key(stream);

@@ -13,10 +13,9 @@ use std::time::{Duration, Instant};
 
 use super::Event;
 use super::log::EventLog;
-use crate::store::{Checkpoint, DeadLetter};
-
-/// Per (stream, partition): the offset of the next event to read.
-pub type Cursor = BTreeMap<(String, u32), u64>;
+use crate::position::Checkpoint;
+pub use crate::position::Cursor;
+use crate::store::DeadLetter;
 
 /// Subscribed streams and event types (empty: all types).
 pub type Subscriptions = Vec<(String, HashSet<String>)>;
@@ -87,9 +86,7 @@ impl Pending {
                 next.insert((p.stream.clone(), p.partition), *offset);
             }
         }
-        next.into_iter()
-            .map(|((stream, partition), next_offset)| Checkpoint { stream, partition, next_offset })
-            .collect()
+        crate::position::checkpoints(next)
     }
 
     /// The undecodable records a commit moving the checkpoints from
@@ -98,9 +95,7 @@ impl Pending {
         if self.undecodable.is_empty() {
             return Vec::new();
         }
-        let bound = |done: usize| -> BTreeMap<(String, u32), u64> {
-            self.checkpoints_after(done).into_iter().map(|c| ((c.stream, c.partition), c.next_offset)).collect()
-        };
+        let bound = |done: usize| crate::position::cursor(self.checkpoints_after(done));
         let (lo, hi) = (bound(from), bound(to));
         // Before the first event of a partition, the batch starts at its first record.
         self.undecodable
@@ -428,8 +423,7 @@ mod tests {
             for e in events[done..].iter().rev() {
                 want.insert((e.stream.clone(), e.partition), e.offset);
             }
-            let got: Cursor =
-                pending.checkpoints_after(done).into_iter().map(|c| ((c.stream, c.partition), c.next_offset)).collect();
+            let got = crate::position::cursor(pending.checkpoints_after(done));
             assert_eq!(got, want, "after {done} events");
         }
     }

@@ -17,6 +17,7 @@ use serde::{Deserialize, Serialize};
 use super::batch::{Batch, BatchWrites, Declared, Emitted, KvLimits};
 use super::file::DbFile;
 use super::{Error, Result};
+pub use crate::position::Checkpoint;
 use crate::signal::Signal;
 
 const CHECKPOINTS: TableDefinition<(&str, u32), u64> = TableDefinition::new("checkpoints");
@@ -58,15 +59,6 @@ pub(super) fn open_plugin_table(
         Err(redb::TableError::TableDoesNotExist(_)) => Ok(None),
         Err(e) => Err(e.into()),
     }
-}
-
-/// How far a projection has read one source partition.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
-pub struct Checkpoint {
-    pub stream: String,
-    pub partition: u32,
-    /// The offset of the next event to handle.
-    pub next_offset: u64,
 }
 
 /// An event the projection could not apply, kept with why.
@@ -163,6 +155,11 @@ impl ReadModel {
                 Ok(Checkpoint { stream: stream.to_owned(), partition, next_offset: v.value() })
             })
             .collect()
+    }
+
+    /// Every checkpoint stored so far, as a cursor to read on from.
+    pub fn cursor(&self) -> Result<crate::position::Cursor> {
+        Ok(crate::position::cursor(self.checkpoints()?))
     }
 
     /// Start a batch over the last committed state and, while its commit is

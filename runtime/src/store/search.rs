@@ -601,10 +601,7 @@ impl Indexer {
             }
             let now = Instant::now();
             if next > now {
-                std::thread::sleep((next - now).min(Duration::from_millis(50)));
-                while Instant::now() < next && !self.stop.load(Ordering::Relaxed) {
-                    std::thread::sleep((next - Instant::now()).min(Duration::from_millis(50)));
-                }
+                crate::clock::sleep_unless(&self.stop, next - now);
             } else {
                 next = now;
             }
