@@ -468,11 +468,6 @@ impl Config {
             background_rebuilds: self.rebuild.background,
         }
     }
-
-    /// The limits `plugin` runs under (its `plugins.<name>.limits` over `limits`).
-    pub fn limits_for(&self, plugin: &str) -> (PluginLimits, KvLimits) {
-        resolve_limits(&self.limits, self.plugins.get(plugin).map(|p| &p.limits))
-    }
 }
 
 #[cfg(test)]
@@ -518,9 +513,10 @@ mod tests {
         let settings = c.plugins["join"].settings_text().unwrap();
         assert_eq!(settings["window-ms"], "300000");
         assert_eq!(settings["strict"], "true");
-        let (instance, kv) = c.limits_for("join");
+        let limits_for = |plugin: &str| resolve_limits(&c.limits, c.plugins.get(plugin).map(|p| &p.limits));
+        let (instance, kv) = limits_for("join");
         assert_eq!((instance.max_memory, instance.deadline.as_millis(), kv.max_emits), (100 << 20, 300, 5));
-        let (instance, kv) = c.limits_for("other");
+        let (instance, kv) = limits_for("other");
         assert_eq!((instance.deadline.as_millis(), kv.max_emits), (10_000, 100_000));
         std::fs::write(&path, "plugins:\n  join:\n    routes:\n      - { to: [] }\n").unwrap();
         let err = Config::load(&path).unwrap_err().to_string();

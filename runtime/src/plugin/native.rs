@@ -46,12 +46,6 @@ impl NativeEnricher {
     pub fn new(manifest: refract_sdk::Manifest, enrich: EnrichFn, routes: Routes) -> Self {
         NativeEnricher { manifest: host_manifest(manifest), enrich, routes, env: Environment::default() }
     }
-
-    /// Serve its lookups and settings from `env`.
-    pub fn with_environment(mut self, env: Environment) -> Self {
-        self.env = env;
-        self
-    }
 }
 
 fn host_manifest(manifest: refract_sdk::Manifest) -> Manifest {
@@ -106,12 +100,6 @@ impl NativeProjection {
             })
             .collect();
         NativeProjection { manifest: host_manifest(manifest), indexes, handle, env: Environment::default() }
-    }
-
-    /// Serve its lookups and settings from `env`.
-    pub fn with_environment(mut self, env: Environment) -> Self {
-        self.env = env;
-        self
     }
 }
 
