@@ -12,7 +12,7 @@
 //! deserialized artifact is native code). Bytes from users are only ever
 //! *compiled*, never deserialized.
 
-use std::hash::{DefaultHasher, Hash, Hasher};
+use std::hash::{Hash, Hasher};
 use std::path::{Path, PathBuf};
 use std::time::Instant;
 
@@ -70,6 +70,22 @@ fn secret(file: &Path) -> std::io::Result<[u8; 32]> {
     }
 }
 
+/// Feeds what a `Hash` impl writes into SHA-256, so that the same engine
+/// always gives the same key (`DefaultHasher`'s output may change between
+/// Rust releases).
+struct Sha256Hasher(Sha256);
+
+impl Hasher for Sha256Hasher {
+    fn write(&mut self, bytes: &[u8]) {
+        self.0.update(bytes);
+    }
+
+    /// Unused: the key is the digest, taken once everything is written.
+    fn finish(&self) -> u64 {
+        0
+    }
+}
+
 fn hex(bytes: &[u8]) -> String {
     bytes.iter().map(|b| format!("{b:02x}")).collect()
 }
@@ -85,10 +101,27 @@ impl CompileCache {
             std::fs::set_permissions(d, std::fs::Permissions::from_mode(0o700))?;
         }
         let secret = secret(&parent.join("secret"))?;
-        let mut hasher = DefaultHasher::new();
+        let mut hasher = Sha256Hasher(Sha256::new());
         engine.precompile_compatibility_hash().hash(&mut hasher);
-        let engine_key = format!("{:016x}", hasher.finish());
-        Ok(CompileCache { dir: dir.to_owned(), engine: engine.clone(), engine_key, secret })
+        let engine_key = hex(&hasher.0.finalize()[..8]);
+        let cache = CompileCache { dir: dir.to_owned(), engine: engine.clone(), engine_key, secret };
+        cache.remove_stale();
+        Ok(cache)
+    }
+
+    /// Remove entries another engine compiled (an earlier Refract or
+    /// wasmtime, other settings): this one can never load them.
+    fn remove_stale(&self) {
+        let ours = format!("-{}.cwasm", self.engine_key);
+        let Ok(entries) = std::fs::read_dir(&self.dir) else { return };
+        for entry in entries.flatten() {
+            let name = entry.file_name();
+            let name = name.to_string_lossy();
+            if name.ends_with(".cwasm") && !name.ends_with(&ours) {
+                tracing::info!(entry = %name, "removing a compiled component another engine made");
+                let _ = std::fs::remove_file(entry.path());
+            }
+        }
     }
 
     fn path_for(&self, wasm: &[u8]) -> PathBuf {
@@ -201,6 +234,27 @@ mod tests {
         assert_eq!(cache.load(wasm).unwrap().1, CacheOutcome::Miss, "a forged entry was loaded");
         // Another instance over the same data directory shares the secret.
         let again = CompileCache::new(&dir, &engine).unwrap();
+        assert_eq!(again.load(wasm).unwrap().1, CacheOutcome::Hit);
+    }
+
+    /// The engine's part of an entry's name is the same in every process
+    /// (not a `DefaultHasher`'s), and entries another engine compiled are
+    /// removed, since this one never loads them.
+    #[test]
+    fn the_engine_key_is_stable_and_other_engines_entries_are_removed() {
+        let data = tempfile::tempdir().unwrap();
+        let dir = data.path().join("cache").join("compiled");
+        let engine = super::super::engine::new_engine().unwrap();
+        let cache = CompileCache::new(&dir, &engine).unwrap();
+        let wasm = b"\0asm\x0d\0\x01\0";
+        cache.load(wasm).unwrap();
+        let ours = cache.path_for(wasm);
+        let theirs = dir.join("0123-0011223344556677.cwasm");
+        std::fs::write(&theirs, b"compiled by another engine").unwrap();
+        let again = CompileCache::new(&dir, &engine).unwrap();
+        assert_eq!(again.engine_key, cache.engine_key);
+        assert_eq!(again.engine_key.len(), 16);
+        assert!(ours.exists() && !theirs.exists());
         assert_eq!(again.load(wasm).unwrap().1, CacheOutcome::Hit);
     }
 }
