@@ -541,3 +541,114 @@ mod tests {
         assert_eq!(w.sorted().len(), 5);
     }
 }
+
+/// The overlay at the core of exactly-once: a batch reads its own writes,
+/// then the previous batch's while that one commits, then the file. Random
+/// puts, deletes, gets and scans against a `BTreeMap`, as redb fuzzes
+/// itself against one, with commits landing in pipeline order.
+#[cfg(test)]
+mod overlay_model {
+    use std::collections::BTreeMap;
+    use std::sync::Arc;
+
+    use super::{BatchWrites, Declared, KvLimits};
+    use crate::store::ReadModel;
+    use crate::store::read_model::Commit;
+
+    type Overlay = BTreeMap<String, Option<Vec<u8>>>;
+
+    fn apply(map: &mut BTreeMap<String, Vec<u8>>, overlay: &Overlay) {
+        for (k, v) in overlay {
+            match v {
+                Some(v) => map.insert(k.clone(), v.clone()),
+                None => map.remove(k),
+            };
+        }
+    }
+
+    #[test]
+    fn the_batch_overlay_agrees_with_a_map_under_random_puts_deletes_gets_and_scans() {
+        let dir = tempfile::tempdir().unwrap();
+        let read_model = ReadModel::open(&dir.path().join("rm.redb")).unwrap();
+        let declared = Arc::new(Declared { tables: ["t".to_owned()].into(), ..Declared::default() });
+        let mut state = 0x9E37_79B9_7F4A_7C15_u64;
+        let mut random = move |n: u64| {
+            state ^= state << 13;
+            state ^= state >> 7;
+            state ^= state << 17;
+            state % n
+        };
+        // What the file holds, and the batch whose commit is in flight.
+        let mut committed: BTreeMap<String, Vec<u8>> = BTreeMap::new();
+        let mut in_flight: Option<(Arc<BatchWrites>, Overlay)> = None;
+        let (mut gets, mut scans) = (0, 0);
+        for round in 0..400 {
+            let lower = in_flight.as_ref().map(|(w, _)| w.clone());
+            let mut batch = read_model.begin(declared.clone(), KvLimits::default(), lower).unwrap();
+            let mut model = committed.clone();
+            if let Some((_, overlay)) = &in_flight {
+                apply(&mut model, overlay);
+            }
+            let mut mine = Overlay::new();
+            for op in 0..random(40) {
+                let key = format!("k{:02}", random(60));
+                let context = format!("round {round}, op {op}");
+                match random(10) {
+                    0..=3 => {
+                        let value = random(1000).to_string().into_bytes();
+                        batch.put("t", &key, &value).unwrap();
+                        model.insert(key.clone(), value.clone());
+                        mine.insert(key, Some(value));
+                    }
+                    4 | 5 => {
+                        batch.delete("t", &key).unwrap();
+                        model.remove(&key);
+                        mine.insert(key, None);
+                    }
+                    6 | 7 => {
+                        gets += 1;
+                        assert_eq!(
+                            batch.get("t", &key).unwrap().unwrap(),
+                            model.get(&key).cloned(),
+                            "{context}: {key}"
+                        );
+                    }
+                    _ => {
+                        scans += 1;
+                        let prefix = ["", "k", "k1", "k2", "k5"][random(5) as usize];
+                        let after = (random(3) == 0).then(|| format!("k{:02}", random(60)));
+                        let limit = 1 + random(25) as u32;
+                        let got: Vec<(String, Vec<u8>)> = batch
+                            .scan("t", prefix, after.as_deref(), limit)
+                            .unwrap()
+                            .unwrap()
+                            .into_iter()
+                            .map(|e| (e.key, e.value))
+                            .collect();
+                        let want: Vec<(String, Vec<u8>)> = model
+                            .iter()
+                            .filter(|(k, _)| k.starts_with(prefix) && after.as_ref().is_none_or(|a| *k > a))
+                            .take(limit as usize)
+                            .map(|(k, v)| (k.clone(), v.clone()))
+                            .collect();
+                        assert_eq!(got, want, "{context}: scan {prefix:?} after {after:?} limit {limit}");
+                    }
+                }
+            }
+            // Submitted: the commit in flight lands first, then this one is
+            // in flight, or (a third of the time) commits at once.
+            let writes = Arc::new(batch.into_writes());
+            if let Some((w, overlay)) = in_flight.take() {
+                read_model.commit(&w, &Commit::default()).unwrap();
+                apply(&mut committed, &overlay);
+            }
+            if random(3) == 0 {
+                read_model.commit(&writes, &Commit::default()).unwrap();
+                apply(&mut committed, &mine);
+            } else {
+                in_flight = Some((writes, mine));
+            }
+        }
+        assert!(gets > 1000 && scans > 1000, "{gets} gets, {scans} scans");
+    }
+}
