@@ -5,7 +5,7 @@ use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, OnceLock, RwLock};
 use std::thread::JoinHandle;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use anyhow::Context;
 use serde::Serialize;
@@ -851,19 +851,37 @@ impl Loader {
     }
 }
 
+/// Whether a notification is a change: reads (this watcher loading a file)
+/// are not, a write that ends is.
+fn is_change(kind: notify::EventKind) -> bool {
+    use notify::event::{AccessKind, AccessMode};
+    match kind {
+        notify::EventKind::Access(access) => access == AccessKind::Close(AccessMode::Write),
+        _ => true,
+    }
+}
+
 /// A file's length and modification time: what the watcher compares.
 type Stamp = Option<(u64, std::time::SystemTime)>;
 
 /// Watches the plugins directory: a changed file is loaded off the hot path
 /// and, if it loads and describes itself, handed to its projection's worker
 /// to swap in between batches; a new file starts a new projection.
+///
+/// The operating system says when the directory changes (inotify, through
+/// `notify`), and the directory is also scanned every second: a directory
+/// created after the start, or a file system that sends no notifications
+/// (NFS), is still seen.
 struct Watcher {
     loader: Arc<Loader>,
     dir: PathBuf,
 }
 
-/// How often the plugins directory is looked at.
-const WATCH_INTERVAL: Duration = Duration::from_secs(1);
+/// How often the plugins directory is scanned without a notification.
+const RESCAN_INTERVAL: Duration = Duration::from_secs(1);
+/// After a notification, how long the directory must stay quiet before it
+/// is scanned: a file moved in sends one, a file being copied in many.
+const SETTLE: Duration = Duration::from_millis(20);
 
 impl Watcher {
     fn stamp(file: &Path) -> Stamp {
@@ -871,44 +889,73 @@ impl Watcher {
     }
 
     fn run(self, runtime: &Arc<Runtime>) {
+        let (tx, changes) = std::sync::mpsc::channel::<()>();
+        let watcher = notify::recommended_watcher(move |event: notify::Result<notify::Event>| {
+            if event.is_ok_and(|e| is_change(e.kind)) {
+                let _ = tx.send(());
+            }
+        })
+        .and_then(|mut w| notify::Watcher::watch(&mut w, &self.dir, notify::RecursiveMode::NonRecursive).map(|()| w));
+        let _watcher = match watcher {
+            Ok(w) => Some(w),
+            Err(e) => {
+                tracing::warn!(dir = %self.dir.display(), error = %e, "no change notifications for the plugins directory; scanning it every second");
+                None
+            }
+        };
         while !runtime.stop.load(Ordering::Relaxed) {
-            std::thread::sleep(WATCH_INTERVAL);
-            if !self.dir.is_dir() {
+            match changes.recv_timeout(RESCAN_INTERVAL) {
+                Ok(()) => {
+                    let until = Instant::now() + RESCAN_INTERVAL;
+                    while changes.recv_timeout(SETTLE).is_ok() && Instant::now() < until {}
+                }
+                Err(std::sync::mpsc::RecvTimeoutError::Timeout) => {}
+                Err(std::sync::mpsc::RecvTimeoutError::Disconnected) => std::thread::sleep(RESCAN_INTERVAL),
+            }
+            if !runtime.stop.load(Ordering::Relaxed) {
+                self.scan(runtime);
+            }
+        }
+    }
+
+    /// Load what changed in the directory since the last scan, and stop the
+    /// projections whose file is gone.
+    fn scan(&self, runtime: &Arc<Runtime>) {
+        if !self.dir.is_dir() {
+            return;
+        }
+        let files = match plugin_files(&self.dir) {
+            Ok(files) => files,
+            Err(e) => {
+                tracing::warn!(error = %format!("{e:#}"), "reading the plugins directory");
+                return;
+            }
+        };
+        let gone: Vec<PathBuf> = {
+            let mut stamps = runtime.plugin_stamps.lock().expect("stamps lock");
+            let gone: Vec<PathBuf> = stamps.keys().filter(|f| !files.contains(f)).cloned().collect();
+            for file in &gone {
+                stamps.remove(file);
+            }
+            gone
+        };
+        for file in gone {
+            let label = file.display().to_string();
+            if let Some(p) = runtime.projections().into_iter().find(|p| p.source == label) {
+                tracing::info!(plugin = %label, projection = %p.manifest().name, "plugin file removed; stopping its projection");
+                runtime.remove(&p.manifest().name);
+            }
+            runtime.plugin_errors.lock().expect("plugin errors lock").retain(|e| e.file != label);
+        }
+        for file in files {
+            let stamp = Self::stamp(&file);
+            let mut stamps = runtime.plugin_stamps.lock().expect("stamps lock");
+            if stamps.get(&file) == Some(&stamp) {
                 continue;
             }
-            let files = match plugin_files(&self.dir) {
-                Ok(files) => files,
-                Err(e) => {
-                    tracing::warn!(error = %format!("{e:#}"), "reading the plugins directory");
-                    continue;
-                }
-            };
-            let gone: Vec<PathBuf> = {
-                let mut stamps = runtime.plugin_stamps.lock().expect("stamps lock");
-                let gone: Vec<PathBuf> = stamps.keys().filter(|f| !files.contains(f)).cloned().collect();
-                for file in &gone {
-                    stamps.remove(file);
-                }
-                gone
-            };
-            for file in gone {
-                let label = file.display().to_string();
-                if let Some(p) = runtime.projections().into_iter().find(|p| p.source == label) {
-                    tracing::info!(plugin = %label, projection = %p.manifest().name, "plugin file removed; stopping its projection");
-                    runtime.remove(&p.manifest().name);
-                }
-                runtime.plugin_errors.lock().expect("plugin errors lock").retain(|e| e.file != label);
-            }
-            for file in files {
-                let stamp = Self::stamp(&file);
-                let mut stamps = runtime.plugin_stamps.lock().expect("stamps lock");
-                if stamps.get(&file) == Some(&stamp) {
-                    continue;
-                }
-                stamps.insert(file.clone(), stamp);
-                drop(stamps);
-                self.changed(runtime, &file);
-            }
+            stamps.insert(file.clone(), stamp);
+            drop(stamps);
+            self.changed(runtime, &file);
         }
     }
 
