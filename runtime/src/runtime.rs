@@ -235,9 +235,9 @@ impl Runtime {
     /// `<plugins-dir>/<name>.wasm` and put it to work. A version the runtime
     /// would not run is refused before it is written: the file on disk stays
     /// the one running. Returns its manifest.
-    pub fn install_plugin(self: &Arc<Self>, name: &str, bytes: &[u8]) -> Result<Manifest, String> {
-        crate::names::validate("plugin", name)?;
-        let loader = self.loader.get().ok_or("this runtime does not load plugins")?;
+    pub fn install_plugin(self: &Arc<Self>, name: &str, bytes: &[u8]) -> Result<Manifest, InstallError> {
+        crate::names::validate("plugin", name).map_err(InstallError::Refused)?;
+        let loader = self.loader.get().ok_or(InstallError::Refused("this runtime does not load plugins".into()))?;
         let file = self.plugins_dir.join(format!("{name}.wasm"));
         let label = file.display().to_string();
         let owner = self.projections().into_iter().find(|p| p.source == label);
@@ -246,7 +246,7 @@ impl Runtime {
                 *p.reload_error.lock().expect("reload error lock") = Some(format!("upload refused: {error}"));
                 p.reload_failures.fetch_add(1, Ordering::Relaxed);
             }
-            error
+            InstallError::Refused(error)
         };
         let plugin = loader
             .load_bytes(bytes, &label)
@@ -258,16 +258,17 @@ impl Runtime {
             .map_err(refuse)?;
         let manifest = plugin.manifest().clone();
         if let Some(other) = self.projection(&manifest.name).filter(|p| p.source != label) {
-            return Err(format!(
+            return Err(InstallError::Refused(format!(
                 "projection {:?} is provided by {}; upload it under that name",
                 manifest.name, other.source
-            ));
+            )));
         }
-        let write = || -> Result<(), String> {
-            std::fs::create_dir_all(&self.plugins_dir).map_err(|e| format!("creating the plugins directory: {e}"))?;
+        let write = || -> Result<(), InstallError> {
+            let failed = |what: String| move |e: std::io::Error| InstallError::Storage(format!("{what}: {e}"));
+            std::fs::create_dir_all(&self.plugins_dir).map_err(failed("creating the plugins directory".into()))?;
             // Durably: after a power cut the plugins directory must hold the old
             // version or the new one, not a truncated file that no longer loads.
-            crate::data_dir::replace_durably(&file, bytes).map_err(|e| format!("writing {}: {e}", file.display()))?;
+            crate::data_dir::replace_durably(&file, bytes).map_err(failed(format!("writing {}", file.display())))?;
             // The watcher need not load it again.
             self.plugin_stamps.lock().expect("stamps lock").insert(file.clone(), Watcher::stamp(&file));
             tracing::info!(plugin = %label, projection = %manifest.name, version = %manifest.version, "plugin uploaded");
@@ -859,6 +860,18 @@ fn is_change(kind: notify::EventKind) -> bool {
         notify::EventKind::Access(access) => access == AccessKind::Close(AccessMode::Write),
         _ => true,
     }
+}
+
+/// Why an upload was not installed. Nothing was written either way.
+#[derive(Debug, thiserror::Error)]
+pub enum InstallError {
+    /// The plugin: it does not load, or its projection would not run it.
+    #[error("{0}")]
+    Refused(String),
+    /// The server could not write it (a full disk, an I/O error): the same
+    /// upload may succeed later.
+    #[error("{0}")]
+    Storage(String),
 }
 
 /// A file's length and modification time: what the watcher compares.

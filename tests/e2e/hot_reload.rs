@@ -12,7 +12,7 @@ use crate::support::{Server, ndjson, plugins, reference, wait_status};
 
 /// `wasm` with a custom section appended: the same code, a different file
 /// (a different hash), as a rebuilt plugin would be.
-fn variant(wasm: &[u8], n: u8) -> Vec<u8> {
+pub(crate) fn variant(wasm: &[u8], n: u8) -> Vec<u8> {
     let name = b"refract-test";
     let payload = [n; 16];
     let mut out = wasm.to_vec();

@@ -192,3 +192,38 @@ fn a_full_disk_during_an_index_commit_is_recovered_from_without_losing_or_duplic
         assert_eq!(found.total, 1, "document d{n}");
     }
 }
+
+/// An upload that cannot be written (the plugins directory's disk is full)
+/// is the server's trouble, not the plugin's: 503 `storage_unavailable`,
+/// the running file untouched, and the same upload succeeds once there is
+/// room again. It used to be a 400, as if the plugin were bad.
+#[test]
+fn an_upload_to_a_full_disk_is_a_503_and_changes_nothing() {
+    const ADMIN: &str = "admin-secret-0123456789";
+    let dir = tempfile::tempdir().unwrap();
+    let disk = SmallDisk::mount(&dir.path().join("plugins"), "4m");
+    let p = plugins();
+    let server = Server::start(dir.path(), &[&p.chaos], &format!("auth:\n  admin-token: {ADMIN}\n"));
+    let admin = refract::client::Client::new(&server.url).with_token(Some(ADMIN));
+    let installed = dir.path().join("plugins").join("testkit_chaos.wasm");
+    let original = std::fs::read(&installed).unwrap();
+    let newer = crate::hot_reload::variant(&original, 1);
+
+    let filler = disk.fill();
+    let reply = admin.put("/v1/plugins/testkit_chaos", "application/wasm", &newer).unwrap();
+    assert_eq!(reply.status, 503, "{}", reply.body);
+    assert_eq!(reply.body["error"]["code"], "storage_unavailable", "{}", reply.body);
+    assert!(reply.body["error"]["message"].as_str().unwrap().contains("No space left"), "{}", reply.body);
+    assert!(std::fs::read(&installed).unwrap() == original, "the running plugin's file changed");
+    assert_eq!(server.get("/v1/projections/testkit-chaos")["reloads"], 0);
+
+    std::fs::remove_file(filler).unwrap();
+    let reply = admin.put("/v1/plugins/testkit_chaos", "application/wasm", &newer).unwrap();
+    assert_eq!(reply.status, 202, "{}", reply.body);
+    assert!(std::fs::read(&installed).unwrap() == newer);
+    let until = Instant::now() + Duration::from_secs(30);
+    while server.get("/v1/projections/testkit-chaos")["reloads"] != 1 {
+        assert!(Instant::now() < until, "the upload was not swapped in");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}

@@ -10,7 +10,7 @@ use axum::http::StatusCode;
 use serde_json::{Value, json};
 
 use super::ApiError;
-use crate::runtime::Runtime;
+use crate::runtime::{InstallError, Runtime};
 
 /// `PUT /v1/plugins/{name}`: check the component (compile, instantiate,
 /// manifest) and install it as `<plugins-dir>/<name>.wasm`; the watcher
@@ -26,7 +26,10 @@ pub(super) async fn upload(
     let manifest = tokio::task::spawn_blocking(move || installing.install_plugin(&file, &body))
         .await
         .map_err(|e| ApiError::internal("installing a plugin", e))?
-        .map_err(|e| ApiError::bad_request(format!("plugin {name:?} not installed: {e}")))?;
+        .map_err(|e| match e {
+            InstallError::Refused(e) => ApiError::bad_request(format!("plugin {name:?} not installed: {e}")),
+            InstallError::Storage(e) => ApiError::unavailable(&format!("plugin {name:?} not installed"), e),
+        })?;
     Ok((
         StatusCode::ACCEPTED,
         Json(json!({
