@@ -95,7 +95,7 @@ pub struct Config {
 #[serde(rename_all = "kebab-case", deny_unknown_fields, default)]
 pub struct PluginConfig {
     /// Values the plugin reads with the `settings` interface (scalars, given as text).
-    pub settings: BTreeMap<String, serde_yaml::Value>,
+    pub settings: BTreeMap<String, serde_json::Value>,
     /// An enricher's routes (see [`crate::plugin::route`]).
     pub routes: Vec<Route>,
     /// This plugin's limits, where they differ from the global `limits`.
@@ -144,9 +144,9 @@ impl PluginConfig {
             .iter()
             .map(|(name, value)| {
                 let text = match value {
-                    serde_yaml::Value::String(s) => s.clone(),
-                    serde_yaml::Value::Number(n) => n.to_string(),
-                    serde_yaml::Value::Bool(b) => b.to_string(),
+                    serde_json::Value::String(s) => s.clone(),
+                    serde_json::Value::Number(n) => n.to_string(),
+                    serde_json::Value::Bool(b) => b.to_string(),
                     _ => return Err(format!("setting {name:?} must be a string, number or boolean")),
                 };
                 Ok((name.clone(), text))
@@ -365,7 +365,7 @@ pub enum ConfigError {
     #[error("cannot read {path}: {source}")]
     Read { path: PathBuf, source: std::io::Error },
     #[error("{path}: {source}")]
-    Parse { path: PathBuf, source: serde_yaml::Error },
+    Parse { path: PathBuf, source: Box<serde_saphyr::Error> },
     #[error("{0}")]
     Invalid(String),
 }
@@ -378,7 +378,8 @@ impl Config {
         let mut config: Config = if text.trim().is_empty() {
             Config::default()
         } else {
-            serde_yaml::from_str(&text).map_err(|source| ConfigError::Parse { path: path.to_owned(), source })?
+            serde_saphyr::from_str(&text)
+                .map_err(|source| ConfigError::Parse { path: path.to_owned(), source: Box::new(source) })?
         };
         let base = path.parent().unwrap_or(Path::new("."));
         config.data_dir = base.join(&config.data_dir);

@@ -350,7 +350,7 @@ fn main() -> anyhow::Result<()> {
                 let routes = "- { types: [OrderReadyForShipment], to: [shipping, notifications] }\n\
                               - { types: [OrderUnpaid], to: [notifications] }";
                 refract::config::PluginConfig {
-                    routes: serde_yaml::from_str(routes).expect("the demo's routes parse"),
+                    routes: serde_saphyr::from_str(routes).expect("the demo's routes parse"),
                     ..Default::default()
                 }
             });

@@ -124,7 +124,7 @@ fn order_summary(dir: &std::path::Path) -> Box<dyn Handler> {
 fn projection(bootstrap: &str, n: usize, dir: &std::path::Path, handler: Box<dyn Handler>) -> f64 {
     let handler_name = handler.manifest().name.clone();
     std::fs::create_dir_all(dir).unwrap();
-    let kafka: KafkaConfig = serde_yaml::from_str(&format!(
+    let kafka: KafkaConfig = serde_saphyr::from_str(&format!(
         "brokers: {}\nproperties: {{ fetch.wait.max.ms: \"{}\" }}\nstreams:\n  orders: {{ topic: {TOPIC}, type-header: event-type }}\n",
         bootstrap,
         fetch_wait()

@@ -83,7 +83,7 @@ pub const OPENAPI_YAML: &str = include_str!("openapi.yaml");
 
 fn openapi() -> &'static serde_json::Value {
     static DOC: std::sync::OnceLock<serde_json::Value> = std::sync::OnceLock::new();
-    DOC.get_or_init(|| serde_yaml::from_str(OPENAPI_YAML).expect("openapi.yaml parses (checked by a test)"))
+    DOC.get_or_init(|| serde_saphyr::from_str(OPENAPI_YAML).expect("openapi.yaml parses (checked by a test)"))
 }
 
 /// Every operation of the API: method, path, handler.
@@ -286,7 +286,7 @@ mod tests {
 
     #[test]
     fn the_openapi_document_describes_exactly_the_routes() {
-        let doc: serde_json::Value = serde_yaml::from_str(OPENAPI_YAML).unwrap();
+        let doc: serde_json::Value = serde_saphyr::from_str(OPENAPI_YAML).unwrap();
         let mut documented = BTreeSet::new();
         for (path, item) in doc["paths"].as_object().unwrap() {
             for (method, operation) in item.as_object().unwrap().iter().filter(|(k, _)| *k != "parameters") {

@@ -130,7 +130,7 @@ mod tests {
 
     #[test]
     fn an_output_goes_to_every_matching_route_once() {
-        let routes: Vec<Route> = serde_yaml::from_str(
+        let routes: Vec<Route> = serde_saphyr::from_str(
             "
             - { types: [OrderReadyForShipment], to: [shipping, notifications] }
             - { types: [OrderReadyForShipment, OrderUnpaid], headers: { region: eu }, to: [notifications, eu] }
