@@ -87,3 +87,20 @@ fn plugin_check_reports_the_world_and_manifest_and_refuses_what_is_not_a_plugin(
     assert!(!out.status.success());
     assert!(String::from_utf8_lossy(&out.stderr).contains("does not compile as a component"));
 }
+
+/// The plugin ABI promise: a component built against an earlier version
+/// of the WIT package keeps running on this runtime. The checked-in build
+/// of `order-summary` (tests/fixtures/abi) folds the fixture orders into
+/// the same read model as the reference.
+#[test]
+fn a_component_built_against_an_earlier_wit_still_runs() {
+    let fixture = crate::support::workspace_root().join("tests/fixtures/abi/order_summary-wit-0.1.0.wasm");
+    let dir = tempfile::tempdir().unwrap();
+    let server = Server::start(dir.path(), &[&fixture], "");
+    let status = server.get("/v1/projections/order-summary");
+    assert_eq!(status["plugin"]["version"], "0.1.0", "{status}");
+    let events = refract::fixtures::orders(3000, 43, 0.01);
+    assert_eq!(server.client().append_ndjson("orders", &crate::support::ndjson(&events)).unwrap().status, 200);
+    server.wait_caught_up();
+    server.assert_order_summary_is_the_fold_of(&events);
+}

@@ -35,7 +35,7 @@ pub struct Plugins {
     pub chaos_mapping: PathBuf,
 }
 
-fn workspace_root() -> PathBuf {
+pub fn workspace_root() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).parent().expect("runtime/ is in the workspace").to_owned()
 }
 
