@@ -31,7 +31,7 @@ use serde::Serialize;
 
 use crate::clock::{Backoff, now_ms};
 use crate::plugin::Manifest;
-use crate::projector::{Reload, Replay, WorkerStatus};
+use crate::projector::{Control, Replay, WorkerStatus};
 use crate::source::kafka::Watermarks;
 use crate::source::log::EventLog;
 use crate::source::reader::Cursor;
@@ -127,12 +127,9 @@ pub struct Generation {
     pub status: Arc<Mutex<WorkerStatus>>,
     /// High watermarks of the Kafka partitions it reads.
     pub watermarks: Watermarks,
-    /// Where the plugins-directory watcher puts a new version.
-    pub reload: Reload,
-    /// Where the API asks its worker to retry dead letters.
-    pub retries: crate::projector::Retries,
-    /// Set to end its worker's pause after too many dead letters in a row.
-    pub resume: Arc<AtomicBool>,
+    /// Where the watcher and the API send its worker commands (a new
+    /// version, dead letters to retry, the end of a pause).
+    pub control: Control,
     /// Which events its worker treats as replayed history.
     pub replay: Arc<Mutex<Replay>>,
     pub(crate) manifest: Arc<RwLock<Manifest>>,

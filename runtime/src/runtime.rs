@@ -376,14 +376,14 @@ impl Runtime {
             },
             Change::Swap => {
                 tracing::info!(plugin = %label, version = %next.manifest().version, "new plugin version loaded; swapping it in");
-                *projection.live().reload.lock().expect("reload lock") = Some(Box::new(next));
+                projection.live().control.swap(Box::new(next));
                 // A rebuild in progress switches to its generation later: it
                 // must run this version too, or the switch would drop it.
                 match projection.rebuild() {
                     None => None,
                     Some(rebuild) => match self.loader.get().map(|l| l.load(file)) {
                         Some(Ok(again)) => {
-                            *rebuild.generation.reload.lock().expect("reload lock") = Some(Box::new(again));
+                            rebuild.generation.control.swap(Box::new(again));
                             None
                         }
                         Some(Err(e)) => Some(format!("the rebuilding generation keeps its version: {e}")),
@@ -527,9 +527,7 @@ impl Runtime {
             number,
             kind,
             manifest: projector.manifest(),
-            reload: projector.reload_slot(),
-            retries: projector.retries(),
-            resume: projector.resume_flag(),
+            control: projector.control(),
             replay: projector.replay(),
             read_model: read_model.clone(),
             indexes: indexes.clone(),

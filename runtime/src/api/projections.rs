@@ -212,7 +212,7 @@ async fn retry(rt: &Runtime, name: &str, ids: Option<Vec<u64>>) -> Result<Json<V
     loop {
         let live = p.live();
         let (reply, answer) = std::sync::mpsc::channel();
-        live.retries.lock().expect("retries lock").push(crate::projector::RetryRequest { ids: ids.clone(), reply });
+        live.control.retry(crate::projector::RetryRequest { ids: ids.clone(), reply });
         // The worker takes requests between batches. One that stops first (a
         // rebuild switched generations, the plugin was removed) never answers.
         let projection = p.clone();
@@ -272,7 +272,7 @@ pub(super) async fn resume(
     let live = p.live();
     let paused = live.status.lock().expect("status lock").state == crate::projector::WorkerState::Paused;
     if paused {
-        live.resume.store(true, std::sync::atomic::Ordering::Relaxed);
+        live.control.resume();
     }
     Ok(Json(json!({ "projection": name, "resumed": paused })))
 }

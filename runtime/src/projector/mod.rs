@@ -4,5 +4,5 @@
 mod worker;
 
 pub use worker::{
-    BatchOptions, Failed, Projector, Reload, Replay, Retries, RetryReport, RetryRequest, WorkerState, WorkerStatus,
+    BatchOptions, Command, Control, Failed, Projector, Replay, RetryReport, RetryRequest, WorkerState, WorkerStatus,
 };

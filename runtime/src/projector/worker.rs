@@ -176,9 +176,45 @@ impl StopEither {
     }
 }
 
-/// A new version of a projection's plugin, waiting to take over at the next
-/// batch boundary.
-pub type Reload = Arc<Mutex<Option<Box<dyn Handler>>>>;
+/// What the watcher and the API ask of a worker. The worker waits on these
+/// and on its batches together, so a command is taken at once, between
+/// two batches.
+pub enum Command {
+    /// Swap in a new version of the plugin: what the old one handled is
+    /// committed first, and the new one goes on from there.
+    Swap(Box<dyn Handler>),
+    /// Hand dead letters to the plugin again.
+    RetryDeadLetters(RetryRequest),
+    /// End a pause after too many dead letters in a row.
+    Resume,
+}
+
+/// Where to send a worker its [`Command`]s.
+#[derive(Clone)]
+pub struct Control(crossbeam_channel::Sender<Command>);
+
+impl Control {
+    /// Ask the worker to run `next` from the next batch on.
+    pub fn swap(&self, next: Box<dyn Handler>) {
+        self.send(Command::Swap(next));
+    }
+
+    /// Ask the worker to retry dead letters; the report comes on `request.reply`.
+    pub fn retry(&self, request: RetryRequest) {
+        self.send(Command::RetryDeadLetters(request));
+    }
+
+    /// Ask the worker to end its pause.
+    pub fn resume(&self) {
+        self.send(Command::Resume);
+    }
+
+    /// A worker that has stopped takes no commands: a swap or a request
+    /// sent to it is dropped (a retry's caller sees its reply channel close).
+    fn send(&self, command: Command) {
+        let _ = self.0.send(command);
+    }
+}
 
 /// Dead letters to retry (all of them when `ids` is `None`), and where to
 /// send what came of it. The worker takes them between batches.
@@ -186,9 +222,6 @@ pub struct RetryRequest {
     pub ids: Option<Vec<u64>>,
     pub reply: mpsc::Sender<RetryReport>,
 }
-
-/// Requests waiting for the worker.
-pub type Retries = Arc<Mutex<Vec<RetryRequest>>>;
 
 /// What a retry of dead letters did.
 #[derive(Debug, Default, Serialize)]
@@ -259,14 +292,13 @@ pub struct Projector {
     resync: bool,
     /// Dead letters committed since the last batch that applied an event.
     dead_in_a_row: u64,
-    /// Set by the API to end a pause.
-    resume: Arc<AtomicBool>,
+    /// Set by a [`Command::Resume`] (or a new version) to end a pause.
+    resume: bool,
     /// Which events replay history (a rebuild): what the plugin emits for them is dropped.
     replay: Arc<Mutex<Replay>>,
-    /// Dead letters to retry, taken between batches.
-    retries: Retries,
-    /// Where a new plugin version waits to be swapped in.
-    reload: Reload,
+    /// Commands from the watcher and the API, and where to send them.
+    commands: crossbeam_channel::Receiver<Command>,
+    control: Control,
     /// The running version's manifest, shared with the API.
     manifest: Arc<RwLock<Manifest>>,
     /// Set while this thread waits for a delivery: a reader in the middle of
@@ -287,7 +319,7 @@ struct InFlight {
 
 /// The thread reading batches ahead of the worker.
 struct ReadAhead {
-    batches: mpsc::Receiver<Delivery>,
+    batches: crossbeam_channel::Receiver<Delivery>,
     thread: std::thread::JoinHandle<()>,
     /// Stops this reader alone (a resync): it may be idle, never sending, so
     /// a dropped channel alone would not end it.
@@ -321,6 +353,7 @@ impl Projector {
         let declared = Arc::new(crate::plugin::declared(&*handler).map_err(crate::store::Error::InvalidMapping)?);
         let subscriptions = subscriptions(&manifest);
         let checkpoints = read_model.cursor()?;
+        let (control, commands) = crossbeam_channel::unbounded();
         Ok(Projector {
             handler,
             read_model,
@@ -335,10 +368,10 @@ impl Projector {
             in_flight: None,
             resync: false,
             dead_in_a_row: 0,
-            resume: Arc::default(),
+            resume: false,
             replay: Arc::default(),
-            retries: Arc::default(),
-            reload: Reload::default(),
+            commands,
+            control: Control(control),
             manifest: Arc::new(RwLock::new(manifest.clone())),
             hungry: Arc::default(),
         })
@@ -361,33 +394,44 @@ impl Projector {
                 set_background(replaying);
                 background = replaying;
             }
-            let next = self.reload.lock().expect("reload lock").take();
-            if let Some(next) = next {
-                self.swap(next);
+            while let Ok(command) = self.commands.try_recv() {
+                self.obey(command);
             }
-            let retries = std::mem::take(&mut *self.retries.lock().expect("retries lock"));
-            for request in retries {
-                self.settle_or_resync();
-                let report = self.retry(request.ids);
-                let _ = request.reply.send(report);
-            }
+            let commands = self.commands.clone();
             if self.paused() {
                 // Take no batches; read again from the durable checkpoints once
                 // resumed. A Kafka group handing partitions over still gets its
                 // answer: nothing is in flight, the checkpoints are final.
                 self.resync = true;
-                if let Ok(Delivery::Revoke { ack }) = reading.batches.recv_timeout(Duration::from_millis(25)) {
-                    let _ = ack.send(());
+                crossbeam_channel::select! {
+                    recv(reading.batches) -> delivery => if let Ok(Delivery::Revoke { ack }) = delivery {
+                        let _ = ack.send(());
+                    },
+                    recv(commands) -> command => if let Ok(command) = command {
+                        self.obey(command);
+                    },
+                    default(Duration::from_millis(25)) => {}
                 }
                 continue;
             }
             if self.resync {
                 reading = self.read_again(reading);
             }
-            // Idle, the loop still comes round often enough to swap in a new plugin version promptly.
+            // A commit in flight is settled soon after it is done; idle, the
+            // loop comes round for the stop flag.
             let wait = if self.in_flight.is_some() { Duration::from_millis(2) } else { Duration::from_millis(25) };
             self.hungry.store(true, Ordering::Relaxed);
-            let delivery = reading.batches.recv_timeout(wait);
+            let delivery = crossbeam_channel::select! {
+                recv(reading.batches) -> delivery => delivery.map_err(|_| crossbeam_channel::RecvTimeoutError::Disconnected),
+                recv(commands) -> command => {
+                    self.hungry.store(false, Ordering::Relaxed);
+                    if let Ok(command) = command {
+                        self.obey(command);
+                    }
+                    continue;
+                },
+                default(wait) => Err(crossbeam_channel::RecvTimeoutError::Timeout),
+            };
             self.hungry.store(false, Ordering::Relaxed);
             match delivery {
                 Ok(Delivery::Batch(pending)) => {
@@ -411,8 +455,8 @@ impl Projector {
                     let _ = ack.send(());
                 }
                 // Nothing new: make sure the last commit is settled.
-                Err(mpsc::RecvTimeoutError::Timeout) => self.settle_or_resync(),
-                Err(mpsc::RecvTimeoutError::Disconnected) => break,
+                Err(crossbeam_channel::RecvTimeoutError::Timeout) => self.settle_or_resync(),
+                Err(crossbeam_channel::RecvTimeoutError::Disconnected) => break,
             }
         }
         self.settle_or_resync();
@@ -421,9 +465,21 @@ impl Projector {
         tracing::info!(projection = self.name(), "projector stopped");
     }
 
-    /// Where to put a new version of the plugin for this worker to swap in.
-    pub fn reload_slot(&self) -> Reload {
-        self.reload.clone()
+    /// Where to send this worker commands.
+    pub fn control(&self) -> Control {
+        self.control.clone()
+    }
+
+    fn obey(&mut self, command: Command) {
+        match command {
+            Command::Swap(next) => self.swap(next),
+            Command::RetryDeadLetters(request) => {
+                self.settle_or_resync();
+                let report = self.retry(request.ids);
+                let _ = request.reply.send(report);
+            }
+            Command::Resume => self.resume = true,
+        }
     }
 
     /// The running version's manifest, updated when a new version is swapped in.
@@ -438,7 +494,7 @@ impl Projector {
         if status.state != WorkerState::Paused {
             return false;
         }
-        if self.resume.swap(false, Ordering::Relaxed) {
+        if std::mem::take(&mut self.resume) {
             tracing::info!(projection = %self.handler.manifest().name, "resuming after a pause");
             status.state = WorkerState::Running;
             self.dead_in_a_row = 0;
@@ -470,7 +526,7 @@ impl Projector {
         status.reloads += 1;
         if status.state == WorkerState::Paused {
             // A new version is the usual fix: try it.
-            self.resume.store(true, Ordering::Relaxed);
+            self.resume = true;
         }
     }
 
@@ -495,7 +551,7 @@ impl Projector {
     /// Start the thread that reads batches ahead, from the durable checkpoints on.
     fn spawn_reader(&self) -> ReadAhead {
         // One batch in the channel and one being read: enough to keep the worker busy.
-        let (tx, rx) = mpsc::sync_channel::<Delivery>(1);
+        let (tx, rx) = crossbeam_channel::bounded::<Delivery>(1);
         let (sources, subscriptions, read_model) =
             (self.sources.clone(), self.subscriptions.clone(), self.read_model.clone());
         let (name, watermarks) = (self.name().to_owned(), self.watermarks.clone());
@@ -657,16 +713,6 @@ impl Projector {
     pub fn set_replaying(&mut self, replaying: bool) {
         *self.replay.lock().expect("replay lock") =
             if replaying { Replay::Until(Cursor::new(), Failed::default()) } else { Replay::Live };
-    }
-
-    /// Set to end a pause (see [`WorkerState::Paused`]).
-    pub fn resume_flag(&self) -> Arc<AtomicBool> {
-        self.resume.clone()
-    }
-
-    /// Where to ask this worker to retry dead letters.
-    pub fn retries(&self) -> Retries {
-        self.retries.clone()
     }
 
     /// The worker's replay mode, to change while it runs (a rebuild's switch).

@@ -149,7 +149,7 @@ struct Context {
     projection: String,
     routes: BTreeMap<String, String>, // topic → stream
     read_model: Arc<ReadModel>,
-    deliveries: mpsc::SyncSender<Delivery>,
+    deliveries: crossbeam_channel::Sender<Delivery>,
     watermarks: Watermarks,
     /// Partitions revoked during the last `poll`: what was read from them
     /// but not handed over yet is dropped.
@@ -223,7 +223,7 @@ impl ConsumerContext for Context {
         let sent = loop {
             match self.deliveries.try_send(revoke) {
                 Ok(()) => break true,
-                Err(mpsc::TrySendError::Full(back)) if Instant::now() < until => {
+                Err(crossbeam_channel::TrySendError::Full(back)) if Instant::now() < until => {
                     revoke = back;
                     std::thread::sleep(Duration::from_millis(10));
                 }
@@ -310,7 +310,7 @@ impl KafkaReader {
         subscriptions: &[(String, HashSet<String>)],
         read_model: Arc<ReadModel>,
         watermarks: Watermarks,
-        deliveries: mpsc::SyncSender<Delivery>,
+        deliveries: crossbeam_channel::Sender<Delivery>,
         handover: Handover,
     ) -> Result<Option<KafkaReader>, String> {
         let routes: BTreeMap<String, Route> = subscriptions

@@ -276,7 +276,7 @@ pub trait Reader: Send {
 /// they lose to a rebalance leaves both the batch and `cursor`: the
 /// partition's next owner starts from the group's committed offset.
 pub fn hand_over(
-    tx: &mpsc::SyncSender<Delivery>,
+    tx: &crossbeam_channel::Sender<Delivery>,
     pending: Pending,
     readers: &mut [Box<dyn Reader>],
     cursor: &mut Cursor,
@@ -293,8 +293,8 @@ pub fn hand_over(
     let sent = loop {
         match tx.try_send(delivery) {
             Ok(()) => break true,
-            Err(mpsc::TrySendError::Disconnected(_)) => break false,
-            Err(mpsc::TrySendError::Full(back)) => delivery = back,
+            Err(crossbeam_channel::TrySendError::Disconnected(_)) => break false,
+            Err(crossbeam_channel::TrySendError::Full(back)) => delivery = back,
         }
         if stop() {
             break false;
