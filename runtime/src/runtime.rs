@@ -872,8 +872,12 @@ pub enum InstallError {
     Storage(String),
 }
 
-/// A file's length and modification time: what the watcher compares.
-type Stamp = Option<(u64, std::time::SystemTime)>;
+/// What the watcher compares to see that a file changed: its inode, length,
+/// and modification and change times. The times alone are not enough: a
+/// file system stamps them with a coarse clock (ext4: a few milliseconds),
+/// so a build of the same length moved in right after another would look
+/// unchanged; a moved-in file has a new inode.
+type Stamp = Option<(u64, u64, std::time::SystemTime, (i64, i64))>;
 
 /// Watches the plugins directory: a changed file is loaded off the hot path
 /// and, if it loads and describes itself, handed to its projection's worker
@@ -896,7 +900,9 @@ const SETTLE: Duration = Duration::from_millis(20);
 
 impl Watcher {
     fn stamp(file: &Path) -> Stamp {
-        std::fs::metadata(file).ok().and_then(|m| Some((m.len(), m.modified().ok()?)))
+        use std::os::unix::fs::MetadataExt;
+        let m = std::fs::metadata(file).ok()?;
+        Some((m.ino(), m.len(), m.modified().ok()?, (m.ctime(), m.ctime_nsec())))
     }
 
     fn run(self, runtime: &Arc<Runtime>) {
@@ -996,4 +1002,27 @@ fn plugin_files(dir: &Path) -> anyhow::Result<Vec<PathBuf>> {
     }
     files.sort();
     Ok(files)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A build of the same length moved in within the file system's
+    /// timestamp tick (the same modification time) is still a change.
+    #[test]
+    fn a_file_moved_in_with_the_same_length_and_time_is_a_change() {
+        let dir = tempfile::tempdir().unwrap();
+        let (live, staged) = (dir.path().join("p.wasm"), dir.path().join("p.wasm.new"));
+        std::fs::write(&live, b"version 1").unwrap();
+        let before = Watcher::stamp(&live);
+        let modified = std::fs::metadata(&live).unwrap().modified().unwrap();
+        std::fs::write(&staged, b"version 2").unwrap();
+        std::fs::File::options().write(true).open(&staged).unwrap().set_modified(modified).unwrap();
+        std::fs::rename(&staged, &live).unwrap();
+        let after = Watcher::stamp(&live);
+        assert_eq!(std::fs::metadata(&live).unwrap().modified().unwrap(), modified);
+        assert_ne!(before, after);
+        assert_eq!(after, Watcher::stamp(&live), "an unchanged file keeps its stamp");
+    }
 }
