@@ -341,3 +341,35 @@ fn chaos_dead_letters(server: &Server) -> Vec<(u64, String)> {
         .map(|l| (l["offset"].as_u64().unwrap(), l["error"].as_str().unwrap().to_owned()))
         .collect()
 }
+
+/// A retry asked of a worker that stops before it answers (a rebuild's
+/// switch, held open by the test hook) is answered from the generation
+/// that goes live: a 409 that says so, never a 503.
+#[test]
+fn a_retry_during_a_rebuild_switch_is_answered_by_the_new_generation() {
+    let dir = tempfile::tempdir().unwrap();
+    const ADMIN: &str = "admin-secret-0123456789";
+    let config = format!("auth:\n  admin-token: {ADMIN}\n");
+    let mut server = Server::start(dir.path(), &[&plugins().chaos], &config);
+    server.env.push(("REFRACT_TEST_SWITCH_DELAY_MS".into(), "1500".into()));
+    server.kill();
+    server.restart();
+    let mut events: Vec<Value> = (0..50).map(|i| json!({"type": "Ok", "key": format!("k{i}"), "data": {}})).collect();
+    events.push(json!({"type": "Reject", "key": "bad", "data": {}}));
+    let admin = refract::client::Client::new(&server.url).with_token(Some(ADMIN));
+    assert_eq!(admin.append_ndjson("chaos", &ndjson(&events)).unwrap().status, 200);
+    server.wait_caught_up();
+    let letters = server.get("/v1/projections/testkit-chaos/dead-letters");
+    let id = letters["deadLetters"][0]["id"].as_u64().unwrap();
+
+    assert_eq!(admin.post("/v1/projections/testkit-chaos/rebuild", "application/json", b"").unwrap().status, 202);
+    let until = std::time::Instant::now() + std::time::Duration::from_secs(60);
+    while !server.log().contains("holding the switch") {
+        assert!(std::time::Instant::now() < until, "the switch was never reached");
+        std::thread::sleep(std::time::Duration::from_millis(10));
+    }
+    let reply =
+        admin.post(&format!("/v1/projections/testkit-chaos/dead-letters/{id}/retry"), "application/json", b"").unwrap();
+    assert_eq!(reply.status, 409, "{}", reply.body);
+    assert_eq!(reply.body["error"]["code"], "generation_switched", "{}", reply.body);
+}

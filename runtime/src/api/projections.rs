@@ -224,17 +224,22 @@ async fn retry(rt: &Runtime, name: &str, ids: Option<Vec<u64>>) -> Result<Json<V
             loop {
                 match answer.recv_timeout(Duration::from_millis(50)) {
                     Ok(report) => return Some(report),
-                    Err(RecvTimeoutError::Disconnected) => return None,
+                    // The worker stopped and dropped the request unanswered:
+                    // wait, as for a stopped worker, for the next generation.
+                    Err(RecvTimeoutError::Disconnected) => {
+                        stopped_at.get_or_insert_with(Instant::now);
+                        std::thread::sleep(Duration::from_millis(50));
+                    }
                     Err(RecvTimeoutError::Timeout) => {
                         if asked.stop.load(std::sync::atomic::Ordering::Relaxed) {
                             stopped_at.get_or_insert_with(Instant::now);
                         }
-                        let gone = stopped_at.is_some_and(|t| t.elapsed() > Duration::from_secs(5));
-                        if gone || !Arc::ptr_eq(&asked, &projection.live()) || Instant::now() >= until {
-                            // It answered just before stopping, or never will.
-                            return answer.try_recv().ok();
-                        }
                     }
+                }
+                let gone = stopped_at.is_some_and(|t| t.elapsed() > Duration::from_secs(5));
+                if gone || !Arc::ptr_eq(&asked, &projection.live()) || Instant::now() >= until {
+                    // It answered just before stopping, or never will.
+                    return answer.try_recv().ok();
                 }
             }
         })
