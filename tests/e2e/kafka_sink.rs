@@ -58,7 +58,7 @@ fn emitted_events_can_go_to_a_kafka_topic() {
 }
 
 /// A consumer of `topic`'s 2 partitions from their beginning.
-pub(crate) fn reader(broker: &Broker, topic: &str) -> BaseConsumer {
+fn reader(broker: &Broker, topic: &str) -> BaseConsumer {
     let consumer: BaseConsumer = ClientConfig::new()
         .set("bootstrap.servers", broker.address())
         .set("group.id", "test-reader")

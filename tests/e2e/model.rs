@@ -168,10 +168,21 @@ fn random_kills_and_rebuilds_publish_every_derived_event_exactly_once() {
                 server.restart();
             }
             EmitStep::Rebuild | EmitStep::KillInsideSwitch => {
-                let kill_inside = step == EmitStep::KillInsideSwitch;
-                rebuild(&mut server, projection, kill_inside, &context, |s| {
-                    append(s, &mut appended, 50 + rng.below(200) as usize)
-                });
+                let held = server.log().matches("holding the switch").count();
+                let path = format!("/v1/projections/{projection}/rebuild");
+                let reply = admin(&server).post(&path, "application/json", b"").unwrap();
+                assert!([202, 409].contains(&reply.status), "{context}: {}", reply.body);
+                // Events keep arriving while it replays and switches.
+                append(&server, &mut appended, 50 + rng.below(200) as usize);
+                if step == EmitStep::KillInsideSwitch && reply.status == 202 {
+                    let until = std::time::Instant::now() + Duration::from_secs(60);
+                    while server.log().matches("holding the switch").count() == held {
+                        assert!(std::time::Instant::now() < until, "{context}: the switch was never reached");
+                        std::thread::sleep(Duration::from_millis(10));
+                    }
+                    server.kill();
+                    server.restart();
+                }
             }
         }
         // Settled in the order events flow: the projection, then the enricher reading what it emitted.
@@ -189,32 +200,6 @@ fn random_kills_and_rebuilds_publish_every_derived_event_exactly_once() {
     eprintln!(
         "derived-event model test: seed {seed}, {steps} steps {counts:?}, {appended} events, none lost or doubled"
     );
-}
-
-/// Start a rebuild of `projection` and run `meanwhile` while it replays
-/// (events keep arriving); with `kill_inside_switch`, SIGKILL the server
-/// while the test hook holds it inside the switch, then restart it.
-fn rebuild(
-    server: &mut Server,
-    projection: &str,
-    kill_inside_switch: bool,
-    context: &str,
-    meanwhile: impl FnOnce(&Server),
-) {
-    let held = server.log().matches("holding the switch").count();
-    let admin = Client::new(&server.url).with_token(Some(ADMIN));
-    let reply = admin.post(&format!("/v1/projections/{projection}/rebuild"), "application/json", b"").unwrap();
-    assert!([202, 409].contains(&reply.status), "{context}: {}", reply.body);
-    meanwhile(server);
-    if kill_inside_switch && reply.status == 202 {
-        let until = std::time::Instant::now() + Duration::from_secs(60);
-        while server.log().matches("holding the switch").count() == held {
-            assert!(std::time::Instant::now() < until, "{context}: the switch was never reached");
-            std::thread::sleep(Duration::from_millis(10));
-        }
-        server.kill();
-        server.restart();
-    }
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -236,7 +221,9 @@ enum KafkaStep {
 /// and no event is missing from the topic.
 #[test]
 fn random_kills_rebuilds_and_broker_outages_publish_every_derived_event_to_kafka() {
+    use rdkafka::consumer::{BaseConsumer, Consumer};
     use rdkafka::message::{Headers, Message};
+    use rdkafka::{Offset, TopicPartitionList};
 
     let seed: u64 = std::env::var("REFRACT_MODEL_SEED").ok().and_then(|s| s.parse().ok()).unwrap_or(4);
     let steps: usize = std::env::var("REFRACT_MODEL_STEPS").ok().and_then(|s| s.parse().ok()).unwrap_or(20);
@@ -262,7 +249,17 @@ fn random_kills_rebuilds_and_broker_outages_publish_every_derived_event_to_kafka
     };
     // Every record on the topic: emit id → n.
     let topic = |broker: &crate::support::kafka::Broker, expected: usize| {
-        let consumer = crate::kafka_sink::reader(broker, "chaos.echoes");
+        let consumer: BaseConsumer = rdkafka::config::ClientConfig::new()
+            .set("bootstrap.servers", broker.address())
+            .set("group.id", "model-reader")
+            .set("enable.auto.commit", "false")
+            .create()
+            .unwrap();
+        let mut tpl = TopicPartitionList::new();
+        for p in 0..2 {
+            tpl.add_partition_offset("chaos.echoes", p, Offset::Beginning).unwrap();
+        }
+        consumer.assign(&tpl).unwrap();
         let (mut records, mut ids) = (0usize, std::collections::BTreeMap::<String, u64>::new());
         let until = std::time::Instant::now() + Duration::from_secs(60);
         let mut quiet = 0;
@@ -303,10 +300,20 @@ fn random_kills_rebuilds_and_broker_outages_publish_every_derived_event_to_kafka
                 server.restart();
             }
             KafkaStep::Rebuild | KafkaStep::KillInsideSwitch => {
-                let kill_inside = step == KafkaStep::KillInsideSwitch;
-                rebuild(&mut server, "testkit-chaos", kill_inside, &context, |s| {
-                    append(s, &mut appended, 50 + rng.below(200) as usize)
-                });
+                let held = server.log().matches("holding the switch").count();
+                let reply =
+                    admin(&server).post("/v1/projections/testkit-chaos/rebuild", "application/json", b"").unwrap();
+                assert!([202, 409].contains(&reply.status), "{context}: {}", reply.body);
+                append(&server, &mut appended, 50 + rng.below(200) as usize);
+                if step == KafkaStep::KillInsideSwitch && reply.status == 202 {
+                    let until = std::time::Instant::now() + Duration::from_secs(60);
+                    while server.log().matches("holding the switch").count() == held {
+                        assert!(std::time::Instant::now() < until, "{context}: the switch was never reached");
+                        std::thread::sleep(Duration::from_millis(10));
+                    }
+                    server.kill();
+                    server.restart();
+                }
             }
             KafkaStep::BrokerOutage => {
                 // The relay's target is gone while events keep coming.
