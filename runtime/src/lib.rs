@@ -27,3 +27,4 @@ pub mod signal;
 pub mod sink;
 pub mod source;
 pub mod store;
+pub mod wit;

@@ -214,7 +214,7 @@ mod tests {
     use std::sync::Arc;
 
     use super::*;
-    use crate::plugin::bindings::refract::plugin::emit::Outgoing;
+    use crate::wit::Outgoing;
     use crate::source::log::LogOptions;
     use crate::store::Declared;
     use crate::store::read_model::Commit;
@@ -283,7 +283,7 @@ mod tests {
             headers: vec![],
             data: data.to_vec(),
         };
-        use crate::plugin::bindings::refract::plugin::emit::EmitError;
+        use crate::wit::EmitError;
         assert!(matches!(batch.emit("bad/name", event("T", b"1")), Err(EmitError::InvalidStream(_))));
         assert!(matches!(batch.emit("s", event("", b"1")), Err(EmitError::InvalidEvent(_))));
         assert!(matches!(batch.emit("s", event("T", b"{not json")), Err(EmitError::InvalidEvent(_))));

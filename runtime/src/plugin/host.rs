@@ -16,12 +16,8 @@ use wasmtime::component::ResourceTable;
 use wasmtime_wasi::{HostMonotonicClock, HostWallClock, WasiCtx, WasiCtxBuilder, WasiCtxView, WasiView};
 
 use super::Environment;
-use super::bindings::refract::plugin::emit::{self, EmitError, Outgoing};
-use super::bindings::refract::plugin::kv::{self, Entry, KvError};
-use super::bindings::refract::plugin::kv_packed::{self, PackedError, RefusedWrite};
-use super::bindings::refract::plugin::lookup::{self, LookupError};
-use super::bindings::refract::plugin::search::{self, SearchError};
-use super::bindings::refract::plugin::{log, settings, types};
+use crate::wit::worlds::{emit, kv, kv_packed, log, lookup, search, settings, types};
+use crate::wit::{EmitError, Entry, KvError, LookupError, Outgoing, PackedError, RefusedWrite, SearchError};
 use crate::store::Batch;
 
 /// The longest log message kept from a plugin; longer ones are cut.

@@ -7,7 +7,6 @@
 //! the projector runs both the same way, since an enricher's outputs are
 //! events it emits (see [`route`]).
 
-pub mod bindings;
 pub mod cache;
 pub mod engine;
 pub mod host;
@@ -18,8 +17,7 @@ pub mod wasm;
 use std::collections::BTreeMap;
 use std::sync::Arc;
 
-pub use bindings::refract::plugin::lookup::LookupError;
-pub use bindings::{Event, IndexMapping, Manifest};
+pub use crate::wit::{Event, IndexMapping, LookupError, Manifest};
 
 use crate::store::Batch;
 
@@ -143,7 +141,7 @@ pub fn validate_manifest(m: &Manifest) -> Result<(), String> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::plugin::bindings::Subscription;
+    use crate::wit::Subscription;
 
     fn manifest(subscriptions: &[(&str, &[&str])]) -> Manifest {
         Manifest {

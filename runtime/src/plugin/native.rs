@@ -12,11 +12,9 @@ use refract_sdk::wit::refract::plugin::lookup::LookupError as SdkLookupError;
 use refract_sdk::wit::refract::plugin::search::SearchError as SdkSearchError;
 use refract_sdk::wit::refract::plugin::types as sdk;
 
-use super::bindings::refract::plugin::emit::{EmitError, Outgoing};
-use super::bindings::refract::plugin::kv::KvError;
-use super::bindings::refract::plugin::search::SearchError;
-use super::bindings::refract::plugin::types::{FieldMapping, FieldType};
-use super::bindings::{Event, IndexMapping, Manifest, Subscription};
+use crate::wit::{
+    EmitError, Event, FieldMapping, FieldType, IndexMapping, KvError, Manifest, Outgoing, SearchError, Subscription,
+};
 use super::route::{self, Routes};
 use super::{Environment, HandleError, Handler, Kind, LookupError};
 use crate::store::Batch;

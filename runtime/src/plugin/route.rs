@@ -17,7 +17,7 @@ use std::collections::BTreeMap;
 use serde::Deserialize;
 
 use super::HandleError;
-use super::bindings::refract::plugin::emit::{EmitError, Outgoing};
+use crate::wit::{EmitError, Outgoing};
 use crate::store::Batch;
 
 /// One route: which outputs, and the streams they go to.

@@ -6,9 +6,8 @@ use std::time::Duration;
 use wasmtime::component::{Component, ComponentNamedList, Func, HasSelf, Lift, Linker};
 use wasmtime::{Engine, Store, Trap};
 
-use super::bindings::enricher::{Enricher, EnricherPre};
-use super::bindings::refract::plugin::emit::Outgoing;
-use super::bindings::{Event, Failure, IndexMapping, Manifest, Projection, ProjectionPre};
+use crate::wit::worlds::{Enricher, EnricherPre, Projection, ProjectionPre};
+use crate::wit::{Event, Failure, IndexMapping, Manifest, Outgoing};
 use super::engine::deadline_ticks;
 use super::host::HostState;
 use super::route::{self, Routes};

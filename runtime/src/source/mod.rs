@@ -14,7 +14,7 @@ use serde::{Deserialize, Serialize};
 use serde_json::value::RawValue;
 
 /// An event as plugins receive it (the WIT `event` record).
-pub use crate::plugin::bindings::refract::plugin::types::Event;
+pub use crate::wit::Event;
 
 /// What an event must be to enter a stream, in the units the API documents
 /// (characters). Checked on every append, and when a plugin emits a derived

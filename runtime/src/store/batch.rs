@@ -18,9 +18,7 @@ use serde_json::value::RawValue;
 use super::Result;
 use super::read_model::open_plugin_table;
 use super::search::IndexSchema;
-use crate::plugin::bindings::refract::plugin::emit::{EmitError, Outgoing};
-use crate::plugin::bindings::refract::plugin::kv::{Entry, KvError};
-use crate::plugin::bindings::refract::plugin::search::SearchError;
+use crate::wit::{EmitError, Entry, KvError, Outgoing, SearchError};
 
 /// Bounds on what a plugin may store.
 #[derive(Debug, Clone, Copy)]

@@ -449,7 +449,7 @@ mod tests {
         Arc::new(Declared { tables: ["t".to_owned()].into_iter().collect(), ..Declared::default() })
     }
 
-    fn keys(entries: &[crate::plugin::bindings::refract::plugin::kv::Entry]) -> Vec<&str> {
+    fn keys(entries: &[crate::wit::Entry]) -> Vec<&str> {
         entries.iter().map(|e| e.key.as_str()).collect()
     }
 
@@ -565,7 +565,7 @@ mod tests {
 
     #[test]
     fn undeclared_tables_oversized_and_non_json_values_are_refused() {
-        use crate::plugin::bindings::refract::plugin::kv::KvError;
+        use crate::wit::KvError;
         let dir = tempfile::tempdir().unwrap();
         let rm = ReadModel::open(&dir.path().join("rm.redb")).unwrap();
         let limits = KvLimits { max_value_bytes: 8, ..KvLimits::default() };

@@ -29,7 +29,7 @@ use tantivy::schema::{
 };
 use tantivy::{DateTime, Index, IndexReader, IndexWriter, ReloadPolicy, TantivyDocument, Term};
 
-pub use crate::plugin::bindings::refract::plugin::types::{FieldMapping, FieldType, IndexMapping};
+pub use crate::wit::{FieldMapping, FieldType, IndexMapping};
 
 /// The hidden field holding a document's id (for delete-by-id).
 pub const ID_FIELD: &str = "_id";
