@@ -257,7 +257,7 @@ pub struct StorageConfig {
 
 impl Default for StorageConfig {
     fn default() -> Self {
-        StorageConfig { cache_mb: crate::store::file::DEFAULT_CACHE_BYTES >> 20 }
+        StorageConfig { cache_mb: crate::db_file::DEFAULT_CACHE_BYTES >> 20 }
     }
 }
 

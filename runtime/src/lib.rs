@@ -15,6 +15,8 @@ pub mod client;
 pub mod clock;
 pub mod config;
 pub mod data_dir;
+pub mod db_file;
+pub mod event;
 pub mod fixtures;
 pub mod generation;
 pub mod metrics;

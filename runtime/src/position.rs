@@ -1,7 +1,8 @@
 //! Where a projection stands in its streams: a [`Checkpoint`] per partition
 //! as the read model stores it, and the same as a [`Cursor`] to read from.
 //! Sources, the projector and the store all speak these; this module
-//! depends on none of them.
+//! depends on none of them. [`CheckpointStore`] is how a source reads the
+//! checkpoints the store keeps without knowing the store.
 
 use std::collections::BTreeMap;
 
@@ -22,6 +23,14 @@ pub type Cursor = BTreeMap<(String, u32), u64>;
 /// `checkpoints` as a cursor.
 pub fn cursor(checkpoints: impl IntoIterator<Item = Checkpoint>) -> Cursor {
     checkpoints.into_iter().map(|c| ((c.stream, c.partition), c.next_offset)).collect()
+}
+
+/// Where durable checkpoints are read from: the read model, for a source
+/// that reports them back to the system it reads (Kafka's consumer group).
+/// A trait so that sources depend on this module, not on the store.
+pub trait CheckpointStore: Send + Sync {
+    /// Every partition's checkpoint as of the last commit.
+    fn durable_checkpoints(&self) -> Result<Vec<Checkpoint>, String>;
 }
 
 /// `cursor` as checkpoints, in (stream, partition) order.

@@ -930,10 +930,23 @@ impl Projector {
     /// records the checkpoints pass.
     fn commit_of(&self, pending: &Pending, from: usize, to: usize, mut dead_letters: Vec<DeadLetter>) -> Commit {
         let applied = (to - from - dead_letters.len()) as u64;
-        for mut letter in pending.undecodable_between(from, to) {
-            letter.plugin_version = self.handler.manifest().version.clone();
-            dead_letters.push(letter);
-        }
+        let version = &self.handler.manifest().version;
+        let now = crate::clock::now_ms();
+        dead_letters.extend(pending.undecodable_between(from, to).into_iter().map(|u| DeadLetter {
+            stream: u.stream,
+            topic: u.topic,
+            partition: u.partition,
+            offset: u.offset,
+            key: u.key,
+            event_type: String::new(),
+            time: u.time,
+            data: u.data,
+            headers: Vec::new(),
+            content_type: None,
+            plugin_version: version.clone(),
+            error: u.error,
+            failed_at: now,
+        }));
         Commit { checkpoints: pending.checkpoints_after(to), applied, dead_letters, retired: Vec::new() }
     }
 

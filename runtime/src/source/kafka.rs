@@ -30,7 +30,8 @@ use serde::{Deserialize, Serialize};
 use super::Event;
 use super::decode::{Decoder, Format, Record};
 use super::reader::{Cursor, Delivery, Pending, READ_BYTES, Reader};
-use crate::store::{DeadLetter, ReadModel};
+use super::reader::Undecodable;
+use crate::position::CheckpointStore;
 
 /// The `kafka:` section of `refract.yaml`.
 #[derive(Debug, Clone, Deserialize)]
@@ -148,7 +149,7 @@ const REVOKE_WAIT: Duration = Duration::from_secs(10);
 struct Context {
     projection: String,
     routes: BTreeMap<String, String>, // topic → stream
-    read_model: Arc<ReadModel>,
+    checkpoints: Arc<dyn CheckpointStore>,
     deliveries: crossbeam_channel::Sender<Delivery>,
     watermarks: Watermarks,
     /// Partitions revoked during the last `poll`: what was read from them
@@ -260,7 +261,7 @@ impl Context {
         partitions: &[(String, u32)],
         mode: CommitMode,
     ) -> Result<(), String> {
-        let checkpoints = self.read_model.checkpoints().map_err(|e| e.to_string())?;
+        let checkpoints = self.checkpoints.durable_checkpoints()?;
         let mut tpl = TopicPartitionList::new();
         for c in checkpoints {
             let Some(topic) = self.routes.iter().find(|(_, s)| **s == c.stream).map(|(t, _)| t) else { continue };
@@ -308,7 +309,7 @@ impl KafkaReader {
         config: &KafkaConfig,
         projection: &str,
         subscriptions: &[(String, HashSet<String>)],
-        read_model: Arc<ReadModel>,
+        checkpoints: Arc<dyn CheckpointStore>,
         watermarks: Watermarks,
         deliveries: crossbeam_channel::Sender<Delivery>,
         handover: Handover,
@@ -337,7 +338,7 @@ impl KafkaReader {
         let context = Context {
             projection: projection.to_owned(),
             routes: routes.iter().map(|(t, r)| (t.clone(), r.stream.clone())).collect(),
-            read_model,
+            checkpoints,
             deliveries,
             watermarks,
             revoked: Mutex::new(Vec::new()),
@@ -512,23 +513,18 @@ impl KafkaReader {
                 let topic = message.topic();
                 tracing::warn!(stream = %route.stream, topic, partition, offset, %error, "undecodable record");
                 let value = record.value.unwrap_or_default();
-                into.undecodable.push(DeadLetter {
+                into.undecodable.push(Undecodable {
                     stream: route.stream.clone(),
                     topic: Some(topic.to_owned()),
                     partition,
                     offset,
                     key: record.key.map(|k| String::from_utf8_lossy(k).into_owned()),
-                    event_type: String::new(),
                     time: record.timestamp.unwrap_or(0),
                     data: serde_json::from_slice(value)
                         .unwrap_or_else(|_| serde_json::Value::String(String::from_utf8_lossy(value).into_owned())),
-                    headers: Vec::new(),
-                    content_type: None,
-                    plugin_version: String::new(),
                     error: format!(
                         "undecodable record (topic {topic}, partition {partition}, offset {offset}): {error}"
                     ),
-                    failed_at: crate::clock::now_ms(),
                 });
             }
         }

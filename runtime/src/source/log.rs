@@ -11,7 +11,7 @@ use std::sync::Mutex;
 
 use redb::{ReadableTable, TableDefinition};
 
-use crate::store::file::DbFile;
+use crate::db_file::DbFile;
 
 use super::record::{self, CorruptRecord, RecordRef};
 use super::{Event, NewEvent, Position, partition};
@@ -94,7 +94,7 @@ impl Default for LogOptions {
             default_partitions: 4,
             partitions: HashMap::new(),
             max_event_bytes: 1 << 20,
-            cache_bytes: crate::store::file::DEFAULT_CACHE_BYTES,
+            cache_bytes: crate::db_file::DEFAULT_CACHE_BYTES,
         }
     }
 }
@@ -173,7 +173,7 @@ impl EventLog {
         }
         for (i, e) in events.iter().enumerate() {
             let headers = e.headers.iter().map(|(k, v)| (k.as_str(), v.as_str()));
-            super::check_event(
+            crate::event::check_event(
                 &e.event_type,
                 e.key.as_deref(),
                 headers,

@@ -15,7 +15,24 @@ use super::Event;
 use super::log::EventLog;
 use crate::position::Checkpoint;
 pub use crate::position::Cursor;
-use crate::store::DeadLetter;
+
+/// A record that could not be decoded into an event. The projector turns it
+/// into a dead letter with the commit whose checkpoint passes it.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Undecodable {
+    pub stream: String,
+    /// The Kafka topic the record came from.
+    pub topic: Option<String>,
+    pub partition: u32,
+    pub offset: u64,
+    pub key: Option<String>,
+    /// The record's timestamp (ms since the Unix epoch), 0 when it had none.
+    pub time: i64,
+    /// The record's value: its JSON, or a string when it is not JSON.
+    pub data: serde_json::Value,
+    /// Why it could not be decoded, and where it was.
+    pub error: String,
+}
 
 /// Subscribed streams and event types (empty: all types).
 pub type Subscriptions = Vec<(String, HashSet<String>)>;
@@ -27,7 +44,7 @@ pub struct Pending {
     pub events: Vec<Event>,
     /// Records that could not be decoded: dead letters as soon as the
     /// checkpoint passes them.
-    pub undecodable: Vec<DeadLetter>,
+    pub undecodable: Vec<Undecodable>,
     /// Per (stream, partition): the offset after the last record read.
     pub read_to: Cursor,
     /// Per (stream, partition): the latest event time among every record
@@ -91,7 +108,7 @@ impl Pending {
 
     /// The undecodable records a commit moving the checkpoints from
     /// `checkpoints_after(from)` to `checkpoints_after(to)` passes.
-    pub fn undecodable_between(&self, from: usize, to: usize) -> Vec<DeadLetter> {
+    pub fn undecodable_between(&self, from: usize, to: usize) -> Vec<Undecodable> {
         if self.undecodable.is_empty() {
             return Vec::new();
         }
@@ -393,21 +410,16 @@ mod tests {
         }
     }
 
-    fn letter(partition: u32, offset: u64) -> DeadLetter {
-        DeadLetter {
+    fn letter(partition: u32, offset: u64) -> Undecodable {
+        Undecodable {
             stream: "s".into(),
             topic: Some("t".into()),
             partition,
             offset,
             key: None,
-            event_type: String::new(),
             time: 0,
             data: serde_json::Value::Null,
-            headers: Vec::new(),
-            content_type: None,
-            plugin_version: String::new(),
             error: "undecodable".into(),
-            failed_at: 0,
         }
     }
 
@@ -437,7 +449,7 @@ mod tests {
             read_to: [(("s".into(), 0), 4), (("s".into(), 1), 1)].into(),
             ..Pending::default()
         };
-        let offsets = |ls: Vec<DeadLetter>| ls.iter().map(|l| (l.partition, l.offset)).collect::<Vec<_>>();
+        let offsets = |ls: Vec<Undecodable>| ls.iter().map(|l| (l.partition, l.offset)).collect::<Vec<_>>();
         // Handling event 0 moves partition 0 to 2 and partition 1 (no events) to its end.
         assert_eq!(offsets(pending.undecodable_between(0, 1)), vec![(0, 1), (1, 0)]);
         assert_eq!(offsets(pending.undecodable_between(1, 2)), vec![(0, 3)]);

@@ -275,7 +275,7 @@ impl Batch {
             )));
         }
         let headers = event.headers.iter().map(|(k, v)| (k.as_str(), v.as_str()));
-        crate::source::check_event(
+        crate::event::check_event(
             &event.event_type,
             event.key.as_deref(),
             headers,

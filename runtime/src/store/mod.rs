@@ -1,7 +1,6 @@
 //! Read models: each projection's tables, checkpoints and dead letters in its own redb file.
 
 pub mod batch;
-pub mod file;
 pub mod read_model;
 pub mod search;
 

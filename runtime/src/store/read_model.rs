@@ -15,9 +15,10 @@ use redb::{Durability, ReadableTable, TableDefinition};
 use serde::{Deserialize, Serialize};
 
 use super::batch::{Batch, BatchWrites, Declared, Emitted, KvLimits};
-use super::file::DbFile;
+use crate::db_file::DbFile;
 use super::{Error, Result};
 pub use crate::position::Checkpoint;
+use crate::position::CheckpointStore;
 use crate::signal::Signal;
 
 const CHECKPOINTS: TableDefinition<(&str, u32), u64> = TableDefinition::new("checkpoints");
@@ -127,7 +128,7 @@ pub struct ReadModel {
 impl ReadModel {
     /// Open (or create) the read model in the file `path`.
     pub fn open(path: &Path) -> Result<Self> {
-        Self::open_with_cache(path, super::file::DEFAULT_CACHE_BYTES)
+        Self::open_with_cache(path, crate::db_file::DEFAULT_CACHE_BYTES)
     }
 
     /// [`ReadModel::open`], with redb caching up to `cache_bytes` of the file's pages.
@@ -438,6 +439,12 @@ impl ReadModel {
             batches: get("batches")?,
             unrouted_outputs: get("unrouted-outputs")?,
         })
+    }
+}
+
+impl CheckpointStore for ReadModel {
+    fn durable_checkpoints(&self) -> Result<Vec<Checkpoint>, String> {
+        self.checkpoints().map_err(|e| e.to_string())
     }
 }
 
