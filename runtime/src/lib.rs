@@ -29,4 +29,5 @@ pub mod signal;
 pub mod sink;
 pub mod source;
 pub mod store;
+pub mod telemetry;
 pub mod wit;

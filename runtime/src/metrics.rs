@@ -2,110 +2,44 @@
 //!
 //! Most figures already exist for the status API (the read model's counters,
 //! checkpoints and heads, rebuild progress, hot-swap counts) and are read when
-//! scraped. What only exists as it happens is counted here: batch latency,
-//! time inside the plugin and in storage ([`BatchMetrics`], kept in each
-//! worker's status), requests per route ([`HttpMetrics`]) and compile-cache
-//! hits and misses ([`COMPILE_CACHE`]).
+//! scraped. What only exists as it happens is counted in [`crate::telemetry`]
+//! (batch latency, requests per route, compile-cache lookups); this module
+//! only renders.
 
-use std::collections::BTreeMap;
 use std::fmt::Write;
-use std::sync::Mutex;
-use std::sync::atomic::{AtomicU64, Ordering};
-use std::time::Duration;
+use std::sync::atomic::Ordering;
 
-/// Upper bounds of the latency buckets, in seconds (then `+Inf`).
-const BUCKETS: [f64; 14] = [0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0];
+use crate::telemetry::{Histogram, HttpMetrics};
 
-/// A latency histogram with [`BUCKETS`].
-#[derive(Debug, Clone, Default)]
-pub struct Histogram {
-    /// Per bucket (not cumulative), then the overflow.
-    counts: [u64; BUCKETS.len() + 1],
-    sum: f64,
+/// `name_bucket`, `name_sum` and `name_count` lines of `h` with `labels`.
+fn histogram(out: &mut String, h: &Histogram, name: &str, labels: &str) {
+    let sep = if labels.is_empty() { "" } else { "," };
+    for (bound, cumulative) in h.cumulative() {
+        let _ = writeln!(out, "{name}_bucket{{{labels}{sep}le=\"{bound}\"}} {cumulative}");
+    }
+    let _ = writeln!(out, "{name}_bucket{{{labels}{sep}le=\"+Inf\"}} {}", h.count());
+    let _ = writeln!(out, "{name}_sum{{{labels}}} {}", h.sum());
+    let _ = writeln!(out, "{name}_count{{{labels}}} {}", h.count());
 }
 
-impl Histogram {
-    pub fn observe(&mut self, d: Duration) {
-        let s = d.as_secs_f64();
-        let i = BUCKETS.iter().position(|b| s <= *b).unwrap_or(BUCKETS.len());
-        self.counts[i] += 1;
-        self.sum += s;
+fn http(out: &mut String, metrics: &HttpMetrics) {
+    header(out, "refract_http_requests_total", "counter", "HTTP requests by method, route and status");
+    for ((method, route, status), n) in metrics.requests() {
+        let _ =
+            writeln!(out, "refract_http_requests_total{{method=\"{method}\",route=\"{route}\",status=\"{status}\"}} {n}");
     }
-
-    pub fn count(&self) -> u64 {
-        self.counts.iter().sum()
-    }
-
-    /// `name_bucket`, `name_sum` and `name_count` lines with `labels`.
-    fn render(&self, out: &mut String, name: &str, labels: &str) {
-        let sep = if labels.is_empty() { "" } else { "," };
-        let mut cumulative = 0;
-        for (i, bound) in BUCKETS.iter().enumerate() {
-            cumulative += self.counts[i];
-            let _ = writeln!(out, "{name}_bucket{{{labels}{sep}le=\"{bound}\"}} {cumulative}");
-        }
-        let _ = writeln!(out, "{name}_bucket{{{labels}{sep}le=\"+Inf\"}} {}", self.count());
-        let _ = writeln!(out, "{name}_sum{{{labels}}} {}", self.sum);
-        let _ = writeln!(out, "{name}_count{{{labels}}} {}", self.count());
+    header(out, "refract_http_request_duration_seconds", "histogram", "HTTP request latency by route");
+    for ((method, route), h) in metrics.latency() {
+        let labels = format!("method=\"{method}\",route=\"{route}\"");
+        histogram(out, &h, "refract_http_request_duration_seconds", &labels);
     }
 }
 
-/// What a worker measures as it goes (kept in its status, under its lock).
-#[derive(Debug, Clone, Default)]
-pub struct BatchMetrics {
-    /// From the start of a transaction to its commit being durable.
-    pub batch_seconds: Histogram,
-    /// Inside the plugin (calls to `handle`/`enrich`, instantiation included).
-    pub plugin_seconds: f64,
-    /// Committing to the read model.
-    pub storage_seconds: f64,
-}
-
-/// Requests and their latency per route template.
-#[derive(Default)]
-pub struct HttpMetrics {
-    /// (method, route, status) → requests.
-    requests: Mutex<BTreeMap<(String, &'static str, u16), u64>>,
-    /// (method, route) → latency.
-    latency: Mutex<BTreeMap<(String, &'static str), Histogram>>,
-}
-
-impl HttpMetrics {
-    pub fn record(&self, method: &str, route: &'static str, status: u16, took: Duration) {
-        *self.requests.lock().expect("metrics lock").entry((method.to_owned(), route, status)).or_default() += 1;
-        self.latency.lock().expect("metrics lock").entry((method.to_owned(), route)).or_default().observe(took);
-    }
-
-    pub fn render(&self, out: &mut String) {
-        header(out, "refract_http_requests_total", "counter", "HTTP requests by method, route and status");
-        for ((method, route, status), n) in self.requests.lock().expect("metrics lock").iter() {
-            let _ = writeln!(
-                out,
-                "refract_http_requests_total{{method=\"{method}\",route=\"{route}\",status=\"{status}\"}} {n}"
-            );
-        }
-        header(out, "refract_http_request_duration_seconds", "histogram", "HTTP request latency by route");
-        for ((method, route), h) in self.latency.lock().expect("metrics lock").iter() {
-            h.render(out, "refract_http_request_duration_seconds", &format!("method=\"{method}\",route=\"{route}\""));
-        }
-    }
-}
-
-/// Compile-cache lookups since the process started.
-pub struct CacheCounters {
-    pub hits: AtomicU64,
-    pub misses: AtomicU64,
-}
-
-pub static COMPILE_CACHE: CacheCounters = CacheCounters { hits: AtomicU64::new(0), misses: AtomicU64::new(0) };
-
-impl CacheCounters {
-    pub fn render(&self, out: &mut String) {
-        header(out, "refract_compile_cache_hits_total", "counter", "components loaded from the compile cache");
-        let _ = writeln!(out, "refract_compile_cache_hits_total {}", self.hits.load(Ordering::Relaxed));
-        header(out, "refract_compile_cache_misses_total", "counter", "components compiled (not in the cache)");
-        let _ = writeln!(out, "refract_compile_cache_misses_total {}", self.misses.load(Ordering::Relaxed));
-    }
+fn compile_cache(out: &mut String, (hits, misses): (u64, u64)) {
+    header(out, "refract_compile_cache_hits_total", "counter", "components loaded from the compile cache");
+    let _ = writeln!(out, "refract_compile_cache_hits_total {hits}");
+    header(out, "refract_compile_cache_misses_total", "counter", "components compiled (not in the cache)");
+    let _ = writeln!(out, "refract_compile_cache_misses_total {misses}");
 }
 
 /// A family of one sample per label set: (name, type, help), then (labels, value) rows.
@@ -258,14 +192,11 @@ pub fn render(rt: &crate::runtime::Runtime) -> String {
         "from a transaction's start to its commit being durable",
     );
     for (_, s) in &statuses {
-        s.worker.metrics.batch_seconds.render(
-            &mut out,
-            "refract_batch_duration_seconds",
-            &format!("projection=\"{}\"", label(&s.name)),
-        );
+        let labels = format!("projection=\"{}\"", label(&s.name));
+        histogram(&mut out, &s.worker.metrics.batch_seconds, "refract_batch_duration_seconds", &labels);
     }
-    rt.http_metrics.render(&mut out);
-    COMPILE_CACHE.render(&mut out);
+    http(&mut out, &rt.http_metrics);
+    compile_cache(&mut out, rt.compile_cache_lookups());
     out
 }
 
@@ -279,6 +210,7 @@ fn kind_of(s: &crate::runtime::ProjectionStatus) -> &'static str {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::time::Duration;
 
     #[test]
     fn histograms_render_cumulative_buckets() {
@@ -287,7 +219,7 @@ mod tests {
             h.observe(Duration::from_secs_f64(ms / 1000.0));
         }
         let mut out = String::new();
-        h.render(&mut out, "x_seconds", "p=\"a\"");
+        histogram(&mut out, &h, "x_seconds", "p=\"a\"");
         assert!(out.contains("x_seconds_bucket{p=\"a\",le=\"0.0005\"} 1\n"), "{out}");
         assert!(out.contains("x_seconds_bucket{p=\"a\",le=\"0.005\"} 3\n"), "{out}");
         assert!(out.contains("x_seconds_bucket{p=\"a\",le=\"1\"} 4\n"), "{out}");

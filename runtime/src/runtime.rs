@@ -167,7 +167,7 @@ pub struct Runtime {
     /// The API's body limit and request timeout.
     pub api: crate::config::ApiConfig,
     /// Requests per route, for `/metrics`.
-    pub http_metrics: crate::metrics::HttpMetrics,
+    pub http_metrics: crate::telemetry::HttpMetrics,
     plugins_dir: PathBuf,
     /// `plugins.<name>` of the config: settings, routes and limits.
     plugin_config: BTreeMap<String, PluginConfig>,
@@ -670,6 +670,12 @@ impl Runtime {
     }
 
     /// Every projection, by name.
+    /// Compile-cache (hits, misses) since the start; none for a runtime
+    /// that loads no plugin files.
+    pub fn compile_cache_lookups(&self) -> (u64, u64) {
+        self.loader.get().map_or((0, 0), |l| l.cache.counters().get())
+    }
+
     pub fn projections(&self) -> Vec<Arc<Projection>> {
         self.projections.read().expect("projections lock").values().cloned().collect()
     }

@@ -20,6 +20,8 @@ use sha2::{Digest, Sha256};
 use wasmtime::Engine;
 use wasmtime::component::Component;
 
+use crate::telemetry::CacheCounters;
+
 /// Whether a load found its compiled artifact in the cache.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum CacheOutcome {
@@ -34,6 +36,7 @@ pub struct CompileCache {
     engine_key: String,
     /// The key of the entries' HMAC.
     secret: [u8; 32],
+    counters: CacheCounters,
 }
 
 /// HMAC-SHA-256 (RFC 2104) of `message` under `key`.
@@ -104,7 +107,13 @@ impl CompileCache {
         let mut hasher = Sha256Hasher(Sha256::new());
         engine.precompile_compatibility_hash().hash(&mut hasher);
         let engine_key = hex(&hasher.0.finalize()[..8]);
-        let cache = CompileCache { dir: dir.to_owned(), engine: engine.clone(), engine_key, secret };
+        let cache = CompileCache {
+            dir: dir.to_owned(),
+            engine: engine.clone(),
+            engine_key,
+            secret,
+            counters: CacheCounters::default(),
+        };
         cache.remove_stale();
         Ok(cache)
     }
@@ -129,14 +138,19 @@ impl CompileCache {
         self.dir.join(format!("{}-{}.cwasm", hex(&digest), self.engine_key))
     }
 
+    /// Hits and misses since the cache was opened.
+    pub fn counters(&self) -> &CacheCounters {
+        &self.counters
+    }
+
     /// The compiled form of `wasm`: from the cache, or compiled and cached.
     pub fn load(&self, wasm: &[u8]) -> wasmtime::Result<(Component, CacheOutcome)> {
         let path = self.path_for(wasm);
         if let Some(component) = self.read_entry(&path) {
-            crate::metrics::COMPILE_CACHE.hits.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+            self.counters.hit();
             return Ok((component, CacheOutcome::Hit));
         }
-        crate::metrics::COMPILE_CACHE.misses.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        self.counters.miss();
         let started = Instant::now();
         // A 12–18 MB component (Python, JavaScript) takes Cranelift 20 s or so:
         // say so, since it happens once and then loads from the cache.

@@ -255,7 +255,7 @@ pub struct WorkerStatus {
     pub reloads: u32,
     /// Latency and where the time goes, for `/metrics`.
     #[serde(skip)]
-    pub metrics: crate::metrics::BatchMetrics,
+    pub metrics: crate::telemetry::BatchMetrics,
 }
 
 impl Default for WorkerStatus {
