@@ -25,8 +25,10 @@ fn histogram(out: &mut String, h: &Histogram, name: &str, labels: &str) {
 fn http(out: &mut String, metrics: &HttpMetrics) {
     header(out, "refract_http_requests_total", "counter", "HTTP requests by method, route and status");
     for ((method, route, status), n) in metrics.requests() {
-        let _ =
-            writeln!(out, "refract_http_requests_total{{method=\"{method}\",route=\"{route}\",status=\"{status}\"}} {n}");
+        let _ = writeln!(
+            out,
+            "refract_http_requests_total{{method=\"{method}\",route=\"{route}\",status=\"{status}\"}} {n}"
+        );
     }
     header(out, "refract_http_request_duration_seconds", "histogram", "HTTP request latency by route");
     for ((method, route), h) in metrics.latency() {

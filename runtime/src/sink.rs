@@ -214,10 +214,10 @@ mod tests {
     use std::sync::Arc;
 
     use super::*;
-    use crate::wit::Outgoing;
     use crate::source::log::LogOptions;
     use crate::store::Declared;
     use crate::store::read_model::Commit;
+    use crate::wit::Outgoing;
 
     fn setup() -> (tempfile::TempDir, Arc<EventLog>, Arc<ReadModel>) {
         let dir = tempfile::tempdir().unwrap();

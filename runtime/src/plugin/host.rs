@@ -16,9 +16,9 @@ use wasmtime::component::ResourceTable;
 use wasmtime_wasi::{HostMonotonicClock, HostWallClock, WasiCtx, WasiCtxBuilder, WasiCtxView, WasiView};
 
 use super::Environment;
+use crate::store::Batch;
 use crate::wit::worlds::{emit, kv, kv_packed, log, lookup, search, settings, types};
 use crate::wit::{EmitError, Entry, KvError, LookupError, Outgoing, PackedError, RefusedWrite, SearchError};
-use crate::store::Batch;
 
 /// The longest log message kept from a plugin; longer ones are cut.
 const MAX_LOG_MESSAGE: usize = 4096;

@@ -12,12 +12,12 @@ use refract_sdk::wit::refract::plugin::lookup::LookupError as SdkLookupError;
 use refract_sdk::wit::refract::plugin::search::SearchError as SdkSearchError;
 use refract_sdk::wit::refract::plugin::types as sdk;
 
-use crate::wit::{
-    EmitError, Event, FieldMapping, FieldType, IndexMapping, KvError, Manifest, Outgoing, SearchError, Subscription,
-};
 use super::route::{self, Routes};
 use super::{Environment, HandleError, Handler, Kind, LookupError};
 use crate::store::Batch;
+use crate::wit::{
+    EmitError, Event, FieldMapping, FieldType, IndexMapping, KvError, Manifest, Outgoing, SearchError, Subscription,
+};
 
 type HandleFn = fn(Vec<sdk::Event>) -> Result<(), sdk::Failure>;
 type EnrichFn = fn(Vec<sdk::Event>) -> Result<Vec<refract_sdk::NewEvent>, sdk::Failure>;

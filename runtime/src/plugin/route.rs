@@ -17,8 +17,8 @@ use std::collections::BTreeMap;
 use serde::Deserialize;
 
 use super::HandleError;
-use crate::wit::{EmitError, Outgoing};
 use crate::store::Batch;
+use crate::wit::{EmitError, Outgoing};
 
 /// One route: which outputs, and the streams they go to.
 #[derive(Debug, Clone, PartialEq, Eq, Deserialize)]

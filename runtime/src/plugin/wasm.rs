@@ -6,13 +6,13 @@ use std::time::Duration;
 use wasmtime::component::{Component, ComponentNamedList, Func, HasSelf, Lift, Linker};
 use wasmtime::{Engine, Store, Trap};
 
-use crate::wit::worlds::{Enricher, EnricherPre, Projection, ProjectionPre};
-use crate::wit::{Event, Failure, IndexMapping, Manifest, Outgoing};
 use super::engine::deadline_ticks;
 use super::host::HostState;
 use super::route::{self, Routes};
 use super::{Environment, HandleError, Handler, Kind};
 use crate::store::Batch;
+use crate::wit::worlds::{Enricher, EnricherPre, Projection, ProjectionPre};
+use crate::wit::{Event, Failure, IndexMapping, Manifest, Outgoing};
 
 /// Resource limits of one plugin instance.
 #[derive(Debug, Clone, Copy)]

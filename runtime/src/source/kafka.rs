@@ -29,8 +29,8 @@ use serde::{Deserialize, Serialize};
 
 use super::Event;
 use super::decode::{Decoder, Format, Record};
-use super::reader::{Cursor, Delivery, Pending, READ_BYTES, Reader};
 use super::reader::Undecodable;
+use super::reader::{Cursor, Delivery, Pending, READ_BYTES, Reader};
 use crate::position::CheckpointStore;
 
 /// The `kafka:` section of `refract.yaml`.

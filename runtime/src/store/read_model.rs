@@ -15,8 +15,8 @@ use redb::{Durability, ReadableTable, TableDefinition};
 use serde::{Deserialize, Serialize};
 
 use super::batch::{Batch, BatchWrites, Declared, Emitted, KvLimits};
-use crate::db_file::DbFile;
 use super::{Error, Result};
+use crate::db_file::DbFile;
 pub use crate::position::Checkpoint;
 use crate::position::CheckpointStore;
 use crate::signal::Signal;
