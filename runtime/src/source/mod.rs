@@ -82,3 +82,27 @@ impl Sources {
         subscriptions.iter().cloned().partition(|(stream, _)| self.kafka.topic(stream).is_none())
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn time_of(json: &str) -> Result<Option<i64>, String> {
+        serde_json::from_str::<NewEvent>(json).map(|e| e.time).map_err(|e| e.to_string())
+    }
+
+    #[test]
+    fn an_event_time_written_as_a_whole_float_is_that_many_ms_to_the_last_digit() {
+        // Found by schemathesis: a best-effort float parser read this as …894.5 and refused it.
+        let big = r#"{"type": "O", "data": {}, "time": 4341669998380894.0}"#;
+        assert_eq!(time_of(big), Ok(Some(4_341_669_998_380_894)));
+        assert_eq!(time_of(r#"{"type": "O", "data": {}, "time": 5.0}"#), Ok(Some(5)));
+        assert_eq!(time_of(r#"{"type": "O", "data": {}, "time": -277497.0}"#), Ok(Some(-277_497)));
+        let max = format!(r#"{{"type": "O", "data": {{}}, "time": {MAX_TIME}.0}}"#);
+        assert_eq!(time_of(&max), Ok(Some(MAX_TIME)));
+        let error = time_of(r#"{"type": "O", "data": {}, "time": 5.5}"#).unwrap_err();
+        assert!(error.contains("`time` must be a whole number of ms"), "{error}");
+        let error = time_of(r#"{"type": "O", "data": {}, "time": 9007199254740992}"#).unwrap_err();
+        assert!(error.contains("`time` must be a whole number of ms"), "{error}");
+    }
+}
