@@ -1,0 +1,266 @@
+//! New plugin versions, uploaded or dropped into the plugins directory:
+//! loading them ([`Loader`]), deciding what they change ([`Change`]: a swap
+//! between batches, or a rebuild for a new schema-version) and carrying
+//! that out, or refusing them with the running version left in place.
+
+use std::collections::BTreeMap;
+use std::path::Path;
+use std::sync::Arc;
+use std::sync::atomic::Ordering;
+
+use anyhow::Context;
+use serde::Serialize;
+
+use super::watcher::Watcher;
+use super::{Projection, Runtime};
+use crate::config::{Config, LimitsConfig, PluginConfig, resolve_limits};
+use crate::plugin::cache::CompileCache;
+use crate::plugin::wasm::{self, WasmPlugin};
+use crate::plugin::{Environment, Handler, IndexMapping, Lookup, Manifest, engine};
+
+/// What a new version of a projection's plugin changes.
+pub(super) enum Change {
+    /// The same read-model shape: swap it in between batches.
+    Swap,
+    /// A new schema-version (described): rebuild with it.
+    Rebuild(String),
+}
+
+/// A plugin file that could not be loaded, and why.
+#[derive(Debug, Clone, Serialize)]
+pub struct PluginError {
+    pub file: String,
+    pub error: String,
+}
+
+/// Why an upload was not installed. Nothing was written either way.
+#[derive(Debug, thiserror::Error)]
+pub enum InstallError {
+    /// The plugin: it does not load, or its projection would not run it.
+    #[error("{0}")]
+    Refused(String),
+    /// The server could not write it (a full disk, an I/O error): the same
+    /// upload may succeed later.
+    #[error("{0}")]
+    Storage(String),
+}
+
+/// Compiles and instantiates plugin files (through the compile cache), and
+/// gives each its environment and routes from `plugins.<name>` in the config.
+pub(super) struct Loader {
+    engine: wasmtime::Engine,
+    pub(super) cache: CompileCache,
+    linker: wasmtime::component::Linker<crate::plugin::host::HostState>,
+    limits: LimitsConfig,
+    lookup: Arc<dyn Lookup>,
+    plugins: BTreeMap<String, PluginConfig>,
+}
+
+impl Loader {
+    pub(super) fn new(config: &Config, lookup: Arc<dyn Lookup>) -> anyhow::Result<Self> {
+        let engine = engine::new_engine().map_err(|e| anyhow::anyhow!("creating the wasm engine: {e}"))?;
+        let cache = CompileCache::new(&config.data_dir.join("cache").join("compiled"), &engine)
+            .context("creating the compile cache")?;
+        let linker = wasm::linker(&engine).map_err(|e| anyhow::anyhow!("linking host interfaces: {e}"))?;
+        Ok(Loader { engine, cache, linker, limits: config.limits.clone(), lookup, plugins: config.plugins.clone() })
+    }
+
+    /// Compile, instantiate and describe the plugin in `file`.
+    pub(super) fn load(&self, file: &Path) -> Result<WasmPlugin, String> {
+        let bytes = std::fs::read(file).map_err(|e| format!("cannot read: {e}"))?;
+        self.load_bytes(&bytes, &file.display().to_string())
+    }
+
+    /// Compile, instantiate and describe the plugin in `bytes`.
+    fn load_bytes(&self, bytes: &[u8], label: &str) -> Result<WasmPlugin, String> {
+        let (component, _) =
+            self.cache.load(bytes).map_err(|e| wasm::LoadError::Compile(format!("{e:#}")).to_string())?;
+        // Loaded under the global limits; its own apply once its name is known.
+        let global = resolve_limits(&self.limits, None).0;
+        let mut plugin =
+            WasmPlugin::load(&self.engine, &self.linker, &component, label, global).map_err(|e| e.to_string())?;
+        let config = self.plugins.get(&plugin.manifest().name).cloned().unwrap_or_default();
+        let settings = config.settings_text()?;
+        let env = Environment { lookup: self.lookup.clone(), settings: Arc::new(settings) };
+        plugin.configure(env, &config.routes, resolve_limits(&self.limits, Some(&config.limits)).0)?;
+        Ok(plugin)
+    }
+}
+
+impl Runtime {
+    /// Check an uploaded plugin (compile, instantiate, describe) and decide
+    /// what it changes (see [`Runtime::deploy`]); only then install it as
+    /// `<plugins-dir>/<name>.wasm` and put it to work. A version the runtime
+    /// would not run is refused before it is written: the file on disk stays
+    /// the one running. Returns its manifest.
+    pub fn install_plugin(self: &Arc<Self>, name: &str, bytes: &[u8]) -> Result<Manifest, InstallError> {
+        crate::names::validate("plugin", name).map_err(InstallError::Refused)?;
+        let loader = self.loader.get().ok_or(InstallError::Refused("this runtime does not load plugins".into()))?;
+        let file = self.plugins_dir.join(format!("{name}.wasm"));
+        let label = file.display().to_string();
+        let owner = self.projections().into_iter().find(|p| p.source == label);
+        let refuse = |error: String| {
+            if let Some(p) = &owner {
+                *p.reload_error.lock().expect("reload error lock") = Some(format!("upload refused: {error}"));
+                p.reload_failures.fetch_add(1, Ordering::Relaxed);
+            }
+            InstallError::Refused(error)
+        };
+        let plugin = loader
+            .load_bytes(bytes, &label)
+            .and_then(|plugin| {
+                crate::plugin::validate_manifest(plugin.manifest())?;
+                crate::plugin::declared(&plugin)?;
+                Ok(plugin)
+            })
+            .map_err(refuse)?;
+        let manifest = plugin.manifest().clone();
+        if let Some(other) = self.projection(&manifest.name).filter(|p| p.source != label) {
+            return Err(InstallError::Refused(format!(
+                "projection {:?} is provided by {}; upload it under that name",
+                manifest.name, other.source
+            )));
+        }
+        let write = || -> Result<(), InstallError> {
+            let failed = |what: String| move |e: std::io::Error| InstallError::Storage(format!("{what}: {e}"));
+            std::fs::create_dir_all(&self.plugins_dir).map_err(failed("creating the plugins directory".into()))?;
+            // Durably: after a power cut the plugins directory must hold the old
+            // version or the new one, not a truncated file that no longer loads.
+            crate::data_dir::replace_durably(&file, bytes).map_err(failed(format!("writing {}", file.display())))?;
+            // The watcher need not load it again.
+            self.plugin_stamps.lock().expect("stamps lock").insert(file.clone(), Watcher::stamp(&file));
+            tracing::info!(plugin = %label, projection = %manifest.name, version = %manifest.version, "plugin uploaded");
+            Ok(())
+        };
+        match &owner {
+            Some(projection) => {
+                let _starting = projection.starting.lock().expect("starting lock");
+                let change = self.plan(projection, &plugin).map_err(refuse)?;
+                write()?;
+                self.apply(projection, &file, plugin, change);
+            }
+            None => {
+                write()?;
+                self.deploy(&file, Ok(plugin));
+            }
+        }
+        Ok(manifest)
+    }
+
+    /// Put the plugin loaded from `file` (by the plugins-directory watcher)
+    /// to work: swap it into the projection that file provides (between
+    /// batches), start a rebuild if its schema-version changed, or start a
+    /// new projection. A version that cannot run is reported in the
+    /// projection's `reloadError`, and the running one stays.
+    pub(super) fn deploy(self: &Arc<Self>, file: &Path, loaded: Result<WasmPlugin, String>) {
+        let label = file.display().to_string();
+        let owner = self.projections().into_iter().find(|p| p.source == label);
+        let Some(projection) = owner else {
+            // A new plugin file: a new projection, without a restart.
+            match loaded {
+                Ok(p) => {
+                    let name = p.manifest().name.clone();
+                    match self.add(Box::new(p), label.clone()) {
+                        Ok(_) => {
+                            tracing::info!(plugin = %label, projection = %name, "new plugin loaded");
+                            self.plugin_errors.lock().expect("plugin errors lock").retain(|e| e.file != label);
+                        }
+                        Err(e) => self.plugin_error(label, format!("{e:#}")),
+                    }
+                }
+                Err(error) => self.plugin_error(label, error),
+            }
+            return;
+        };
+        let _starting = projection.starting.lock().expect("starting lock");
+        let planned = loaded.and_then(|next| self.plan(&projection, &next).map(|change| (next, change)));
+        match planned {
+            Ok((next, change)) => self.apply(&projection, file, next, change),
+            Err(error) => {
+                tracing::error!(plugin = %label, %error, "new plugin version not swapped in; the running one stays");
+                projection.reload_failures.fetch_add(1, Ordering::Relaxed);
+                *projection.reload_error.lock().expect("reload error lock") = Some(error);
+            }
+        }
+    }
+
+    /// What a new version `next` of `projection`'s plugin changes, or why it
+    /// cannot run. Called with the projection's `starting` lock held.
+    fn plan(&self, projection: &Projection, next: &WasmPlugin) -> Result<Change, String> {
+        let current = projection.manifest();
+        let live = projection.live();
+        if next.manifest().name != current.name {
+            return Err(format!("the file now provides projection {:?}, not {:?}", next.manifest().name, current.name));
+        }
+        if next.kind() != live.kind {
+            return Err(format!(
+                "the file now provides {:?} as {:?}, not {:?}: remove it and add it again",
+                current.name,
+                next.kind(),
+                live.kind
+            ));
+        }
+        if next.manifest().schema_version != current.schema_version {
+            let change = format!("schema-version {} → {}", current.schema_version, next.manifest().schema_version);
+            if let Some(r) = projection.rebuild() {
+                return Err(format!(
+                    "{change} needs a rebuild, and the rebuild to generation {} is still running: wait for it or cancel it",
+                    r.generation.number
+                ));
+            }
+            return Ok(Change::Rebuild(change));
+        }
+        let old: Vec<&IndexMapping> = live.indexes.open.values().map(|i| &i.schema.mapping).collect();
+        if let Some(change) = crate::store::search::mapping_change(&old, next.indexes()) {
+            return Err(format!(
+                "{change}: the indexes are built with the old mapping; declare a new schema-version to rebuild them"
+            ));
+        }
+        Ok(Change::Swap)
+    }
+
+    /// Carry out a planned change with `next`, loaded from `file`. Called
+    /// with the projection's `starting` lock held.
+    fn apply(&self, projection: &Arc<Projection>, file: &Path, next: WasmPlugin, change: Change) {
+        let label = file.display().to_string();
+        let name = next.manifest().name.clone();
+        let outcome = match change {
+            Change::Rebuild(change) => match self.start_rebuild_locked(projection, Some(Box::new(next))) {
+                Ok(generation) => {
+                    tracing::info!(plugin = %label, %change, generation, "new schema-version: rebuilding");
+                    None
+                }
+                Err(e) => Some(format!("{change} needs a rebuild, which did not start: {e}")),
+            },
+            Change::Swap => {
+                tracing::info!(plugin = %label, version = %next.manifest().version, "new plugin version loaded; swapping it in");
+                projection.live().control.swap(Box::new(next));
+                // A rebuild in progress switches to its generation later: it
+                // must run this version too, or the switch would drop it.
+                match projection.rebuild() {
+                    None => None,
+                    Some(rebuild) => match self.loader.get().map(|l| l.load(file)) {
+                        Some(Ok(again)) => {
+                            rebuild.generation.control.swap(Box::new(again));
+                            None
+                        }
+                        Some(Err(e)) => Some(format!("the rebuilding generation keeps its version: {e}")),
+                        None => None,
+                    },
+                }
+            }
+        };
+        if let Some(error) = &outcome {
+            tracing::error!(plugin = %label, projection = %name, %error, "new plugin version not deployed");
+            projection.reload_failures.fetch_add(1, Ordering::Relaxed);
+        }
+        *projection.reload_error.lock().expect("reload error lock") = outcome;
+    }
+
+    pub(super) fn plugin_error(&self, file: String, error: String) {
+        tracing::error!(plugin = %file, %error, "plugin not loaded");
+        let mut errors = self.plugin_errors.lock().expect("plugin errors lock");
+        errors.retain(|e| e.file != file);
+        errors.push(PluginError { file, error });
+    }
+}

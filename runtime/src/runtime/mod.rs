@@ -1,0 +1,454 @@
+//! The running system: the log, the loaded projections and their workers.
+//!
+//! This file owns the projections (start, add, rebuild, remove, shutdown).
+//! New plugin versions go through [`deploy`], found by [`watcher`] or
+//! uploaded; [`status`] is what the status API shows; [`lookup`] serves
+//! plugins' reads of other projections.
+
+mod deploy;
+mod lookup;
+mod status;
+mod watcher;
+
+pub use deploy::{InstallError, PluginError};
+pub use status::{EmitStatus, IndexStatus, PartitionStatus, PluginInfo, ProjectionStatus, SubscriptionInfo};
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex, OnceLock, RwLock};
+use std::thread::JoinHandle;
+use std::time::Duration;
+
+use anyhow::Context;
+use deploy::Loader;
+use lookup::RuntimeLookup;
+use watcher::{Stamp, Watcher, plugin_files};
+
+use crate::config::{Config, LimitsConfig, PluginConfig, resolve_limits, resolve_pause};
+use crate::generation::{self, Generation, Rebuild};
+use crate::plugin::{Handler, Manifest};
+use crate::projector::{BatchOptions, Projector, WorkerStatus};
+use crate::source::Sources;
+use crate::source::kafka::KafkaConfig;
+use crate::source::log::EventLog;
+use crate::store::ReadModel;
+use crate::store::search::{Indexer, Indexes};
+
+/// A loaded projection, as the API sees it: its live generation, and the
+/// one being rebuilt, if any.
+pub struct Projection {
+    /// Where the plugin came from: its file, or `native`.
+    pub source: String,
+    /// `projections/<name>/`: where its generations live.
+    root: PathBuf,
+    live: RwLock<Arc<Generation>>,
+    rebuild: Mutex<Option<Arc<Rebuild>>>,
+    /// Held while a rebuild starts: two requests at once must not both see
+    /// none running and build (then switch to) the same generation.
+    starting: Mutex<()>,
+    /// Why the last new version of the plugin file was not swapped in.
+    pub reload_error: Mutex<Option<String>>,
+    /// New versions refused since the start (for `/metrics`).
+    pub reload_failures: std::sync::atomic::AtomicU64,
+}
+
+impl Projection {
+    /// The generation queries are answered from.
+    pub fn live(&self) -> Arc<Generation> {
+        self.live.read().expect("live lock").clone()
+    }
+
+    /// The running version's manifest.
+    pub fn manifest(&self) -> Manifest {
+        self.live().manifest()
+    }
+
+    /// The rebuild in progress, if any.
+    pub fn rebuild(&self) -> Option<Arc<Rebuild>> {
+        self.rebuild.lock().expect("rebuild lock").clone()
+    }
+}
+
+/// The runtime: owns the log and one worker thread per projection.
+pub struct Runtime {
+    pub log: Arc<EventLog>,
+    pub kafka: Arc<KafkaConfig>,
+    /// The API's bearer tokens.
+    pub auth: crate::config::AuthConfig,
+    /// The API's body limit and request timeout.
+    pub api: crate::config::ApiConfig,
+    /// Requests per route, for `/metrics`.
+    pub http_metrics: crate::telemetry::HttpMetrics,
+    plugins_dir: PathBuf,
+    /// `plugins.<name>` of the config: settings, routes and limits.
+    plugin_config: BTreeMap<String, PluginConfig>,
+    /// The global `limits`, which `plugins.<name>.limits` override.
+    limits: LimitsConfig,
+    /// Checks uploaded plugins (set by [`Runtime::start`]).
+    loader: OnceLock<Arc<Loader>>,
+    /// Each plugin file as last loaded, so the watcher sees what changed.
+    plugin_stamps: Mutex<BTreeMap<PathBuf, Stamp>>,
+    data_dir: PathBuf,
+    batch: BatchOptions,
+    index_commit_interval: Duration,
+    /// `storage.cache-mb`, for each read model opened.
+    read_model_cache_bytes: usize,
+    projections: RwLock<BTreeMap<String, Arc<Projection>>>,
+    plugin_errors: Mutex<Vec<PluginError>>,
+    stop: Arc<AtomicBool>,
+    workers: Mutex<Vec<JoinHandle<()>>>,
+}
+
+impl Runtime {
+    /// Open the data directory, start every plugin in the plugins directory,
+    /// and watch the directory for new versions and new plugins.
+    pub fn start(config: &Config) -> anyhow::Result<Arc<Runtime>> {
+        let runtime = Arc::new(Runtime::open(config)?);
+        let lookup = Arc::new(RuntimeLookup(Arc::downgrade(&runtime)));
+        let loader = Arc::new(Loader::new(config, lookup)?);
+        let _ = runtime.loader.set(loader.clone());
+        let watcher = Watcher { loader, dir: config.plugins_dir.clone() };
+        let mut handlers: Vec<(Box<dyn Handler>, String)> = Vec::new();
+        for file in plugin_files(&config.plugins_dir)? {
+            let label = file.display().to_string();
+            runtime.plugin_stamps.lock().expect("stamps lock").insert(file.clone(), Watcher::stamp(&file));
+            match watcher.loader.load(&file) {
+                Ok(p) if handlers.iter().any(|(h, _)| h.manifest().name == p.manifest().name) => {
+                    let error = format!("another plugin already provides projection {:?}", p.manifest().name);
+                    runtime.plugin_error(label, error);
+                }
+                Ok(p) => {
+                    tracing::info!(plugin = %label, projection = %p.manifest().name, version = %p.manifest().version, "plugin loaded");
+                    handlers.push((Box::new(p), label));
+                }
+                Err(error) => runtime.plugin_error(label, error),
+            }
+        }
+        for (handler, source) in handlers {
+            // A plugin whose read model cannot be opened (an invalid index
+            // mapping, a mapping changed under an existing index) is reported
+            // like a plugin that does not load; the others run.
+            if let Err(e) = runtime.add(handler, source.clone()) {
+                runtime.plugin_error(source, format!("{e:#}"));
+            }
+        }
+        let watching = runtime.clone();
+        let thread = std::thread::Builder::new()
+            .name("plugin-watcher".into())
+            .spawn(move || watcher.run(&watching))
+            .context("spawning the plugin watcher")?;
+        runtime.workers.lock().expect("workers lock").push(thread);
+        Ok(runtime)
+    }
+
+    /// Open the data directory with no projections yet (see [`Runtime::add`]).
+    pub fn open(config: &Config) -> anyhow::Result<Runtime> {
+        config.validate()?;
+        std::fs::create_dir_all(&config.data_dir)
+            .with_context(|| format!("creating the data directory {}", config.data_dir.display()))?;
+        crate::data_dir::check(&config.data_dir)?;
+        let log_path = config.data_dir.join("log.redb");
+        let log = EventLog::open(&log_path, config.log_options())
+            .with_context(|| format!("opening the event log {}", log_path.display()))?;
+        Ok(Runtime {
+            log: Arc::new(log),
+            kafka: Arc::new(config.kafka.clone()),
+            auth: config.auth.resolved(),
+            api: config.api.clone(),
+            http_metrics: Default::default(),
+            plugins_dir: config.plugins_dir.clone(),
+            plugin_config: config.plugins.clone(),
+            limits: config.limits.clone(),
+            loader: OnceLock::new(),
+            plugin_stamps: Mutex::new(BTreeMap::new()),
+            data_dir: config.data_dir.clone(),
+            batch: config.batch_options(),
+            index_commit_interval: Duration::from_millis(config.search.commit_interval_ms),
+            read_model_cache_bytes: config.storage.cache_bytes(),
+            projections: RwLock::new(BTreeMap::new()),
+            plugin_errors: Mutex::new(Vec::new()),
+            stop: Arc::new(AtomicBool::new(false)),
+            workers: Mutex::new(Vec::new()),
+        })
+    }
+
+    /// Start a worker for `handler`, resuming from its read model's
+    /// checkpoints (and a rebuild that was in progress, when its plugin can
+    /// be loaded again).
+    pub fn add(&self, handler: Box<dyn Handler>, source: String) -> anyhow::Result<Arc<Projection>> {
+        let manifest = handler.manifest().clone();
+        crate::plugin::validate_manifest(&manifest).map_err(anyhow::Error::msg)?;
+        anyhow::ensure!(self.projection(&manifest.name).is_none(), "projection {:?} is already running", manifest.name);
+        let root = self.data_dir.join("projections").join(&manifest.name);
+        std::fs::create_dir_all(&root).with_context(|| format!("creating {}", root.display()))?;
+        let generations = || -> std::io::Result<(u64, Option<u64>)> {
+            generation::clean(&root)?;
+            generation::numbers(&root)
+        };
+        let (live, rebuilding) =
+            generations().with_context(|| format!("finding the generations of {}", manifest.name))?;
+        let live = self.start_generation(handler, &root, live, false)?;
+        let projection = Arc::new(Projection {
+            source,
+            root: root.clone(),
+            live: RwLock::new(live),
+            rebuild: Mutex::new(None),
+            starting: Mutex::new(()),
+            reload_error: Mutex::new(None),
+            reload_failures: Default::default(),
+        });
+        let mut projections = self.projections.write().expect("projections lock");
+        if projections.contains_key(&manifest.name) {
+            projection.live().stop();
+            anyhow::bail!("projection {:?} is already running", manifest.name);
+        }
+        projections.insert(manifest.name.clone(), projection.clone());
+        drop(projections);
+        if let Some(number) = rebuilding {
+            match self.loader.get().map(|l| l.load(Path::new(&projection.source))) {
+                Some(Ok(handler)) => {
+                    tracing::info!(projection = %manifest.name, generation = number, "resuming a rebuild");
+                    if let Err(e) = self.start_rebuild(&projection, Box::new(handler), number) {
+                        tracing::error!(projection = %manifest.name, error = %e, "resuming a rebuild failed");
+                    }
+                }
+                _ => {
+                    tracing::warn!(projection = %manifest.name, "cannot load the plugin again; dropping the unfinished rebuild");
+                    generation::delete(&root, number);
+                    if let Err(e) = generation::clean(&root) {
+                        tracing::warn!(projection = %manifest.name, error = %e, "cleaning old generations");
+                    }
+                }
+            }
+        }
+        Ok(projection)
+    }
+
+    /// Open generation `number` of the projection in `root` and start its
+    /// worker, indexer and relay.
+    fn start_generation(
+        &self,
+        handler: Box<dyn Handler>,
+        root: &Path,
+        number: u64,
+        replaying: bool,
+    ) -> anyhow::Result<Arc<Generation>> {
+        let manifest = handler.manifest().clone();
+        let kind = handler.kind();
+        let dir = generation::dir(root, number);
+        std::fs::create_dir_all(&dir).with_context(|| format!("creating {}", dir.display()))?;
+        let path = dir.join("read-model.redb");
+        let read_model = Arc::new(
+            ReadModel::open_with_cache(&path, self.read_model_cache_bytes)
+                .with_context(|| format!("opening the read model {}", path.display()))?,
+        );
+        let declared = crate::plugin::declared(&*handler).map_err(anyhow::Error::msg)?;
+        let indexes = Arc::new(
+            Indexes::open(&dir.join("indexes"), &declared.indexes)
+                .with_context(|| format!("opening the search indexes of {}", manifest.name))?,
+        );
+        let status = Arc::new(Mutex::new(WorkerStatus::default()));
+        let sources = Sources { log: self.log.clone(), kafka: self.kafka.clone() };
+        let stop = Arc::new(AtomicBool::new(false));
+        let mut options = self.batch.clone();
+        let own = self.plugin_config.get(&manifest.name).map(|p| &p.limits);
+        options.kv = resolve_limits(&self.limits, own).1;
+        options.kv.max_event_bytes = self.log.max_event_bytes();
+        options.pause_after_dead_letters = resolve_pause(&self.limits, own);
+        let mut projector =
+            Projector::new(handler, read_model.clone(), sources, options, status.clone(), stop.clone())?;
+        projector.set_replaying(replaying);
+        let generation = Arc::new(Generation {
+            number,
+            kind,
+            manifest: projector.manifest(),
+            control: projector.control(),
+            replay: projector.replay(),
+            read_model: read_model.clone(),
+            indexes: indexes.clone(),
+            status,
+            watermarks: projector.watermarks(),
+            stop: stop.clone(),
+            threads: Mutex::new(Vec::new()),
+        });
+        let label = if number == 0 { manifest.name.clone() } else { format!("{}.{number}", manifest.name) };
+        let mut threads = generation.threads.lock().expect("threads lock");
+        threads.push(
+            std::thread::Builder::new()
+                .name(format!("projector-{label}"))
+                .spawn(move || projector.run())
+                .context("spawning a projector thread")?,
+        );
+        let relay = crate::sink::Relay::new(
+            &manifest.name,
+            number,
+            read_model.clone(),
+            self.log.clone(),
+            self.kafka.clone(),
+            stop.clone(),
+        );
+        threads.push(
+            std::thread::Builder::new()
+                .name(format!("relay-{label}"))
+                .spawn(move || relay.run())
+                .context("spawning a relay thread")?,
+        );
+        if !indexes.open.is_empty() {
+            let indexer = Indexer::new(read_model, indexes, self.index_commit_interval, stop);
+            threads.push(
+                std::thread::Builder::new()
+                    .name(format!("indexer-{label}"))
+                    .spawn(move || indexer.run())
+                    .context("spawning an indexer thread")?,
+            );
+        }
+        drop(threads);
+        Ok(generation)
+    }
+
+    /// Rebuild the projection `name` from the beginning of its streams into a
+    /// new generation, with `handler` (default: its plugin file loaded
+    /// again), while the live generation keeps serving. Returns the new
+    /// generation's number.
+    pub fn rebuild(&self, name: &str, handler: Option<Box<dyn Handler>>) -> Result<u64, RebuildError> {
+        let p = self.projection(name).ok_or(RebuildError::NotFound)?;
+        let _starting = p.starting.lock().expect("starting lock");
+        self.start_rebuild_locked(&p, handler)
+    }
+
+    /// [`Runtime::rebuild`], with `p`'s `starting` lock held.
+    fn start_rebuild_locked(
+        &self,
+        p: &Arc<Projection>,
+        handler: Option<Box<dyn Handler>>,
+    ) -> Result<u64, RebuildError> {
+        if let Some(r) = p.rebuild() {
+            return Err(RebuildError::Running(r.generation.number));
+        }
+        let m = p.manifest();
+        if self.kafka.mode == crate::source::kafka::Mode::Group
+            && m.subscriptions.iter().any(|s| self.kafka.topic(&s.stream).is_some())
+        {
+            return Err(RebuildError::Invalid(
+                "a projection reading Kafka in group mode holds part of the read model; rebuild it in replica mode"
+                    .into(),
+            ));
+        }
+        let handler = match handler {
+            Some(h) => h,
+            None => {
+                let loader = self.loader.get().ok_or_else(|| RebuildError::Invalid("no plugin loader".into()))?;
+                Box::new(loader.load(Path::new(&p.source)).map_err(RebuildError::Invalid)?)
+            }
+        };
+        let number = p.live().number + 1;
+        generation::delete(&p.root, number);
+        generation::mark_rebuilding(&p.root, number).map_err(|e| RebuildError::Invalid(e.to_string()))?;
+        self.start_rebuild(p, handler, number).map_err(|e| RebuildError::Invalid(format!("{e:#}")))?;
+        tracing::info!(projection = %m.name, generation = number, "rebuild started");
+        Ok(number)
+    }
+
+    /// Stop the rebuild of `name` and delete what it built.
+    pub fn cancel_rebuild(&self, name: &str) -> Result<u64, RebuildError> {
+        let p = self.projection(name).ok_or(RebuildError::NotFound)?;
+        let job = p.rebuild().ok_or(RebuildError::NotRunning)?;
+        if job.switching.load(Ordering::Relaxed) {
+            return Err(RebuildError::Switching(job.generation.number));
+        }
+        job.cancel.store(true, Ordering::Relaxed);
+        Ok(job.generation.number)
+    }
+
+    fn start_rebuild(&self, p: &Arc<Projection>, handler: Box<dyn Handler>, number: u64) -> anyhow::Result<()> {
+        let generation = self.start_generation(handler, &p.root, number, true)?;
+        let job = Arc::new(Rebuild::new(generation)?);
+        *p.rebuild.lock().expect("rebuild lock") = Some(job.clone());
+        let (p, log, kafka, shutdown) = (p.clone(), self.log.clone(), self.kafka.clone(), self.stop.clone());
+        let name = p.manifest().name;
+        let thread = std::thread::Builder::new()
+            .name(format!("rebuild-{name}"))
+            .spawn(move || {
+                let switch = generation::Switch {
+                    name: &name,
+                    root: &p.root,
+                    live: &p.live,
+                    rebuild: &p.rebuild,
+                    starting: &p.starting,
+                    log: &log,
+                    kafka: &kafka,
+                    shutdown: &shutdown,
+                };
+                generation::monitor(switch, job);
+            })
+            .context("spawning a rebuild monitor")?;
+        self.workers.lock().expect("workers lock").push(thread);
+        Ok(())
+    }
+
+    /// Stop the projection `name` after its current batch and forget it; its
+    /// data stays on disk, and adding it again resumes from its checkpoints.
+    pub fn remove(&self, name: &str) -> Option<Arc<Projection>> {
+        let projection = self.projections.write().expect("projections lock").remove(name)?;
+        if let Some(job) = projection.rebuild() {
+            // Stopped where it is; it resumes when the projection is added again.
+            job.generation.stop();
+        }
+        projection.live().stop();
+        tracing::info!(projection = %name, "projection stopped; its data is kept");
+        Some(projection)
+    }
+
+    /// The projection called `name`.
+    pub fn projection(&self, name: &str) -> Option<Arc<Projection>> {
+        self.projections.read().expect("projections lock").get(name).cloned()
+    }
+
+    /// Every projection, by name.
+    /// Compile-cache (hits, misses) since the start; none for a runtime
+    /// that loads no plugin files.
+    pub fn compile_cache_lookups(&self) -> (u64, u64) {
+        self.loader.get().map_or((0, 0), |l| l.cache.counters().get())
+    }
+
+    pub fn projections(&self) -> Vec<Arc<Projection>> {
+        self.projections.read().expect("projections lock").values().cloned().collect()
+    }
+
+    /// Plugin files that failed to load.
+    pub fn plugin_errors(&self) -> Vec<PluginError> {
+        self.plugin_errors.lock().expect("plugin errors lock").clone()
+    }
+
+    /// Stop every worker after its current batch and wait for them.
+    pub fn shutdown(&self) {
+        self.stop.store(true, Ordering::Relaxed);
+        let workers = std::mem::take(&mut *self.workers.lock().expect("workers lock"));
+        for w in workers {
+            let _ = w.join();
+        }
+        let names: Vec<String> = self.projections.read().expect("projections lock").keys().cloned().collect();
+        for p in self.projections() {
+            p.live().stop.store(true, Ordering::Relaxed);
+        }
+        for name in names {
+            self.remove(&name);
+        }
+    }
+}
+
+/// Why a rebuild could not start or stop.
+#[derive(Debug, thiserror::Error)]
+pub enum RebuildError {
+    #[error("no such projection")]
+    NotFound,
+    #[error("generation {0} is already being rebuilt")]
+    Running(u64),
+    #[error("no rebuild is running")]
+    NotRunning,
+    #[error("generation {0} is taking over from the live one; the switch completes")]
+    Switching(u64),
+    #[error("{0}")]
+    Invalid(String),
+}

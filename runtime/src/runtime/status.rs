@@ -1,0 +1,177 @@
+//! What `GET /v1/projections/{p}` shows: a projection's plugin, progress
+//! per partition against the heads, search indexes, outbox and counters.
+
+use serde::Serialize;
+
+use super::{Projection, Runtime};
+use crate::generation::RebuildStatus;
+use crate::plugin::Kind;
+use crate::plugin::route::Routes;
+use crate::projector::WorkerStatus;
+use crate::store::read_model::Counters;
+
+/// One partition's progress.
+#[derive(Debug, Clone, Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct PartitionStatus {
+    pub stream: String,
+    pub partition: u32,
+    /// The next offset the projection will handle.
+    pub checkpoint: u64,
+    /// The next offset the log will assign (for Kafka: the high watermark).
+    pub head: u64,
+    pub lag: u64,
+}
+
+/// What `GET /v1/projections/{p}` shows.
+#[derive(Debug, Clone, Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct ProjectionStatus {
+    pub name: String,
+    pub plugin: PluginInfo,
+    pub tables: Vec<String>,
+    #[serde(flatten)]
+    pub worker: WorkerStatus,
+    /// Why the plugin file's newest version is not running, if it is not.
+    pub reload_error: Option<String>,
+    /// The live generation of the read model.
+    pub generation: u64,
+    /// A rebuild in progress: progress, rate, time left.
+    pub rebuild: Option<RebuildStatus>,
+    pub partitions: Vec<PartitionStatus>,
+    /// Events in the log not yet handled, over all partitions.
+    pub lag: u64,
+    /// Each search index: how far the indexer has applied the outbox.
+    pub indexes: Vec<IndexStatus>,
+    /// Events the projection emitted, and how many are published.
+    pub emitted: EmitStatus,
+    #[serde(flatten)]
+    pub counters: Counters,
+}
+
+/// The emitted-events outbox: committed with the batches, then published.
+#[derive(Debug, Clone, Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct EmitStatus {
+    /// Events emitted (and committed) so far.
+    pub events: u64,
+    /// Of those, published to their streams.
+    pub published: u64,
+    pub lag: u64,
+}
+
+/// One search index's progress behind the tables.
+#[derive(Debug, Clone, Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct IndexStatus {
+    pub name: String,
+    /// The last outbox sequence committed to the index.
+    pub applied_sequence: u64,
+    /// The last outbox sequence the tables committed.
+    pub outbox_sequence: u64,
+    /// Document changes committed to the tables but not yet searchable.
+    pub lag: u64,
+    pub documents: u64,
+}
+
+#[derive(Debug, Clone, Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct PluginInfo {
+    pub kind: Kind,
+    pub source: String,
+    pub version: String,
+    pub schema_version: u32,
+    pub subscriptions: Vec<SubscriptionInfo>,
+    /// An enricher's output streams (from its routes).
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub outputs: Vec<String>,
+}
+
+#[derive(Debug, Clone, Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct SubscriptionInfo {
+    pub stream: String,
+    pub event_types: Vec<String>,
+}
+
+impl Runtime {
+    /// The status of `projection`: checkpoints against the log's heads, counters, errors.
+    pub fn status(&self, p: &Projection) -> crate::store::Result<ProjectionStatus> {
+        let projection = p.live();
+        let m = &projection.manifest();
+        let checkpoints = projection.read_model.cursor()?;
+        let mut partitions = Vec::new();
+        for s in &m.subscriptions {
+            // Kafka streams: the partitions this instance reads; log streams: all.
+            let heads: Vec<(u32, u64)> = if self.kafka.topic(&s.stream).is_some() {
+                let watermarks = projection.watermarks.lock().expect("watermarks lock");
+                watermarks.iter().filter(|((stream, _), _)| *stream == s.stream).map(|((_, p), h)| (*p, *h)).collect()
+            } else {
+                self.log
+                    .heads(&s.stream)
+                    .unwrap_or_default()
+                    .into_iter()
+                    .enumerate()
+                    .map(|(p, h)| (p as u32, h))
+                    .collect()
+            };
+            for (partition, head) in heads {
+                let checkpoint = checkpoints.get(&(s.stream.clone(), partition)).copied().unwrap_or(0);
+                partitions.push(PartitionStatus {
+                    stream: s.stream.clone(),
+                    partition,
+                    checkpoint,
+                    head,
+                    lag: head.saturating_sub(checkpoint),
+                });
+            }
+        }
+        let outbox_sequence = projection.read_model.outbox_sequence()?;
+        let applied = projection.indexes.applied.load(std::sync::atomic::Ordering::Relaxed);
+        let indexes = projection
+            .indexes
+            .open
+            .iter()
+            .map(|(name, open)| IndexStatus {
+                name: name.clone(),
+                applied_sequence: applied,
+                outbox_sequence,
+                lag: outbox_sequence.saturating_sub(applied),
+                documents: open.reader.searcher().num_docs(),
+            })
+            .collect();
+        let (emitted, published) = projection.read_model.emit_progress()?;
+        Ok(ProjectionStatus {
+            name: m.name.clone(),
+            indexes,
+            emitted: EmitStatus { events: emitted, published, lag: emitted.saturating_sub(published) },
+            plugin: PluginInfo {
+                kind: projection.kind,
+                outputs: match projection.kind {
+                    Kind::Projection => Vec::new(),
+                    Kind::Enricher => {
+                        let routes = self.plugin_config.get(&m.name).map(|c| c.routes.as_slice()).unwrap_or_default();
+                        let routes = Routes::new(&m.name, routes).unwrap_or_else(|_| Routes::to_own_stream(&m.name));
+                        routes.streams().into_iter().map(str::to_owned).collect()
+                    }
+                },
+                source: p.source.clone(),
+                version: m.version.clone(),
+                schema_version: m.schema_version,
+                subscriptions: m
+                    .subscriptions
+                    .iter()
+                    .map(|s| SubscriptionInfo { stream: s.stream.clone(), event_types: s.event_types.clone() })
+                    .collect(),
+            },
+            tables: m.tables.clone(),
+            worker: projection.status.lock().expect("status lock").clone(),
+            reload_error: p.reload_error.lock().expect("reload error lock").clone(),
+            generation: projection.number,
+            rebuild: p.rebuild().map(|r| r.status(&projection)).transpose()?,
+            lag: partitions.iter().map(|p| p.lag).sum(),
+            partitions,
+            counters: projection.read_model.counters()?,
+        })
+    }
+}
