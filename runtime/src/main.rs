@@ -376,7 +376,11 @@ fn run(config: Config, demo: Option<usize>) -> anyhow::Result<()> {
             }
         });
     }
-    let served = tokio.block_on(refract::api::serve(runtime.clone(), listener, shutdown_signal()));
+    let served = tokio.block_on(refract::api::serve(
+        refract::api::AppState::new(runtime.clone(), &config),
+        listener,
+        shutdown_signal(),
+    ));
     runtime.shutdown();
     served.context("serving HTTP")
 }

@@ -63,7 +63,7 @@ pub fn label(value: &str) -> String {
 }
 
 /// Every metric, for `GET /metrics`.
-pub fn render(rt: &crate::runtime::Runtime) -> String {
+pub fn render(rt: &crate::runtime::Runtime, http_metrics: &HttpMetrics) -> String {
     let mut out = String::new();
     let mut statuses = Vec::new();
     for p in rt.projections() {
@@ -197,7 +197,7 @@ pub fn render(rt: &crate::runtime::Runtime) -> String {
         let labels = format!("projection=\"{}\"", label(&s.name));
         histogram(&mut out, &s.worker.metrics.batch_seconds, "refract_batch_duration_seconds", &labels);
     }
-    http(&mut out, &rt.http_metrics);
+    http(&mut out, http_metrics);
     compile_cache(&mut out, rt.compile_cache_lookups());
     out
 }

@@ -18,7 +18,7 @@ use tower::ServiceExt;
 
 struct Api {
     _dir: tempfile::TempDir,
-    runtime: Arc<Runtime>,
+    state: refract::api::AppState,
 }
 
 impl Api {
@@ -29,7 +29,7 @@ impl Api {
         runtime
             .add(Box::new(NativeProjection::new(OrderSummary::manifest(), OrderSummary::handle)), "native".into())
             .unwrap();
-        Api { _dir: dir, runtime }
+        Api { _dir: dir, state: refract::api::AppState::new(runtime, &config) }
     }
 
     async fn call(&self, method: &str, uri: &str, content_type: &str, body: &str) -> (StatusCode, Value) {
@@ -39,7 +39,7 @@ impl Api {
             .header("content-type", content_type)
             .body(Body::from(body.to_owned()))
             .unwrap();
-        let response = refract::api::router(self.runtime.clone()).oneshot(request).await.unwrap();
+        let response = refract::api::router(self.state.clone()).oneshot(request).await.unwrap();
         let status = response.status();
         let bytes = response.into_body().collect().await.unwrap().to_bytes();
         let body =
@@ -62,7 +62,7 @@ impl Api {
 
 impl Drop for Api {
     fn drop(&mut self) {
-        self.runtime.shutdown();
+        self.state.runtime.shutdown();
     }
 }
 

@@ -105,7 +105,7 @@ fn main() {
     let bind = || tokio.block_on(tokio::net::TcpListener::bind("127.0.0.1:0")).unwrap();
     let (api, hello) = (bind(), bind());
     let (api_address, hello_address) = (api.local_addr().unwrap().to_string(), hello.local_addr().unwrap().to_string());
-    let serving = runtime.clone();
+    let serving = refract::api::AppState::new(runtime.clone(), &config);
     tokio.spawn(async move { refract::api::serve(serving, api, std::future::pending()).await });
     let hello_router = axum::Router::new().route("/hello", axum::routing::get(|| async { "hello" }));
     let header_timeout = config.api.header_timeout();

@@ -82,7 +82,7 @@ fn main() {
     // An HTTP server over the same runtime.
     let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
     let url = format!("http://{}", listener.local_addr().unwrap());
-    let serving = runtime.clone();
+    let serving = refract::api::AppState::new(runtime.clone(), &config);
     std::thread::spawn(move || {
         let tokio = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build().unwrap();
         tokio.block_on(async move {

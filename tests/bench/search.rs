@@ -185,7 +185,8 @@ fn main() {
     let tokio = tokio::runtime::Runtime::new().unwrap();
     let listener = tokio.block_on(tokio::net::TcpListener::bind("127.0.0.1:0")).unwrap();
     let url = format!("http://{}", listener.local_addr().unwrap());
-    let serving = runtime.clone();
+    let state = refract::api::AppState::new(runtime.clone(), &config);
+    let serving = state.clone();
     tokio.spawn(async move { refract::api::serve(serving, listener, std::future::pending()).await });
     let address = url.trim_start_matches("http://").to_owned();
     let mut client = Connection::new(&address);
@@ -233,7 +234,7 @@ fn main() {
     assert_eq!(http_hits, direct_hits, "both paths return the same hits");
     // The time the server spent on each search, from guard to response
     // (its own latency histogram); the rest is HTTP and the client.
-    let metrics = refract::metrics::render(&runtime);
+    let metrics = state.metrics();
     let search_sum = |suffix: &str| -> f64 {
         let line = metrics.lines().find(|l| {
             l.contains("request_duration_seconds")

@@ -6,15 +6,13 @@
 //! setup) but routes that change what code runs or what is served (plugin
 //! uploads, rebuilds) are off.
 
-use std::sync::Arc;
-
 use axum::extract::{Request, State};
 use axum::http::{HeaderMap, Method};
 use axum::middleware::Next;
 use axum::response::{IntoResponse, Response};
 
-use super::ApiError;
-use crate::runtime::Runtime;
+use super::{ApiError, AppState};
+use crate::config::AuthConfig;
 
 /// Routes that change what code runs or what is served: never open without an admin token.
 const ADMIN_ONLY: [&str; 2] = ["/v1/plugins", "/v1/projections"];
@@ -28,26 +26,27 @@ fn same(a: &str, b: &str) -> bool {
     a.len() == b.len() && a.bytes().zip(b.bytes()).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
 }
 
-pub(super) async fn authorize(State(rt): State<Arc<Runtime>>, request: Request, next: Next) -> Response {
-    match check(&rt, request.method(), request.uri().path(), request.headers()) {
+pub(super) async fn authorize(State(state): State<AppState>, request: Request, next: Next) -> Response {
+    let auth = &state.http.auth;
+    match check(auth, request.method(), request.uri().path(), request.headers()) {
         Ok(()) => next.run(request).await,
         Err(e) => {
             // Read what the client is sending (within the body limit, without
             // keeping it), so that it gets the JSON error rather than a
             // connection reset mid-upload.
-            super::guard::discard(request.into_body(), rt.api.max_body_bytes()).await;
+            super::guard::discard(request.into_body(), state.http.limits.max_body_bytes()).await;
             e.into_response()
         }
     }
 }
 
-fn check(rt: &Runtime, method: &Method, path: &str, headers: &HeaderMap) -> Result<(), ApiError> {
+fn check(auth: &AuthConfig, method: &Method, path: &str, headers: &HeaderMap) -> Result<(), ApiError> {
     // The console page holds no data: it asks for it with the user's token.
     if path == "/" || path == "/healthz" || path == "/openapi.json" {
         return Ok(());
     }
     let presented = bearer(headers);
-    let admin = rt.auth.admin_token.as_deref();
+    let admin = auth.admin_token.as_deref();
     let is_admin = |p: Option<&str>| matches!((p, admin), (Some(p), Some(a)) if same(p, a));
     if !matches!(*method, Method::GET | Method::HEAD) {
         return match admin {
@@ -62,7 +61,7 @@ fn check(rt: &Runtime, method: &Method, path: &str, headers: &HeaderMap) -> Resu
             None => Ok(()),
         };
     }
-    match rt.auth.query_token.as_deref() {
+    match auth.query_token.as_deref() {
         Some(q) if presented.is_some_and(|p| same(p, q)) || is_admin(presented) => Ok(()),
         Some(_) => {
             Err(ApiError::unauthorized("queries need the query token: send `Authorization: Bearer <query token>`"))

@@ -4,25 +4,24 @@
 //! plain text; clients of a JSON API should get the same
 //! `{"error": {"code", "message"}}` from every failure.
 
-use std::sync::Arc;
-
 use axum::extract::{Request, State};
 use axum::http::StatusCode;
 use axum::http::header::{ALLOW, CONTENT_LENGTH, CONTENT_TYPE};
 use axum::middleware::Next;
 use axum::response::{IntoResponse, Response};
 
-use super::ApiError;
-use crate::runtime::Runtime;
+use super::{ApiError, AppState};
+use crate::config::ApiConfig;
 
-pub(super) async fn guard(State(rt): State<Arc<Runtime>>, request: Request, next: Next) -> Response {
+pub(super) async fn guard(State(state): State<AppState>, request: Request, next: Next) -> Response {
     let started = std::time::Instant::now();
-    let timeout = rt.api.request_timeout();
+    let limits = &state.http.limits;
+    let timeout = limits.request_timeout();
     let method = request.method().to_string();
     let route = super::route_of(request.uri().path());
     let uri = request.uri().clone();
-    let response = match tokio::time::timeout(timeout, refuse_too_large(&rt, request, next)).await {
-        Ok(response) => as_json(response, rt.api.max_body_mb).await,
+    let response = match tokio::time::timeout(timeout, refuse_too_large(limits, request, next)).await {
+        Ok(response) => as_json(response, limits.max_body_mb).await,
         Err(_) => {
             let what = format!("{method} {}", uri.path());
             tracing::warn!(request = %what, "request timed out");
@@ -34,15 +33,15 @@ pub(super) async fn guard(State(rt): State<Arc<Runtime>>, request: Request, next
             .into_response()
         }
     };
-    rt.http_metrics.record(&method, route, response.status().as_u16(), started.elapsed());
+    state.http.metrics.record(&method, route, response.status().as_u16(), started.elapsed());
     response
 }
 
 /// A body declared larger than the limit is refused before any handler
 /// runs. What the client sends is read first (up to a bound), so that it
 /// gets the JSON error rather than a connection reset mid-upload.
-async fn refuse_too_large(rt: &Runtime, request: Request, next: Next) -> Response {
-    let limit = rt.api.max_body_bytes();
+async fn refuse_too_large(limits: &ApiConfig, request: Request, next: Next) -> Response {
+    let limit = limits.max_body_bytes();
     let declared = request.headers().get(CONTENT_LENGTH).and_then(|v| v.to_str().ok()?.parse::<u64>().ok());
     match declared {
         Some(n) if n > limit as u64 => {

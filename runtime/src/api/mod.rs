@@ -1,4 +1,5 @@
-//! The HTTP API (axum). [`router`] builds every route over a [`Runtime`], so
+//! The HTTP API (axum). [`router`] builds every route over an [`AppState`] (a
+//! [`crate::runtime::Runtime`] and the API's settings), so
 //! tests can drive it with `tower::ServiceExt::oneshot`, without a socket.
 //!
 //! The operations are listed once, in [`operations`]; `openapi.yaml` (served
@@ -11,13 +12,13 @@
 mod auth;
 pub mod consistency;
 mod error;
+mod extract;
 mod guard;
 mod plugins;
 mod projections;
 mod search;
+mod state;
 mod streams;
-
-use std::sync::Arc;
 
 use axum::Router;
 use axum::extract::DefaultBodyLimit;
@@ -25,8 +26,7 @@ use axum::http::Method;
 use axum::routing::{MethodRouter, delete, get, post, put};
 
 pub use error::ApiError;
-
-use crate::runtime::Runtime;
+pub use state::AppState;
 
 /// The page size when a request names none, and the largest allowed.
 pub const DEFAULT_LIMIT: usize = 100;
@@ -87,7 +87,7 @@ fn openapi() -> &'static serde_json::Value {
 }
 
 /// Every operation of the API: method, path, handler.
-pub fn operations() -> Vec<(Method, &'static str, MethodRouter<Arc<Runtime>>)> {
+pub fn operations() -> Vec<(Method, &'static str, MethodRouter<AppState>)> {
     use Method as M;
     vec![
         (M::GET, "/", get(|| async { axum::response::Html(CONSOLE_HTML) })),
@@ -115,8 +115,8 @@ pub fn operations() -> Vec<(Method, &'static str, MethodRouter<Arc<Runtime>>)> {
 }
 
 /// `GET /metrics`: Prometheus' text format.
-async fn metrics(axum::extract::State(rt): axum::extract::State<Arc<Runtime>>) -> impl axum::response::IntoResponse {
-    let text = tokio::task::spawn_blocking(move || crate::metrics::render(&rt)).await.unwrap_or_default();
+async fn metrics(axum::extract::State(state): axum::extract::State<AppState>) -> impl axum::response::IntoResponse {
+    let text = tokio::task::spawn_blocking(move || state.metrics()).await.unwrap_or_default();
     ([(axum::http::header::CONTENT_TYPE, "text/plain; version=0.0.4; charset=utf-8")], text)
 }
 
@@ -147,9 +147,9 @@ pub fn route_of(path: &str) -> &'static str {
     paths.iter().copied().find(|t| matches(t)).unwrap_or("other")
 }
 
-/// Every route of the API over `runtime`.
-pub fn router(runtime: Arc<Runtime>) -> Router {
-    let mut by_path: std::collections::BTreeMap<&str, MethodRouter<Arc<Runtime>>> = Default::default();
+/// Every route of the API over `state`.
+pub fn router(state: AppState) -> Router {
+    let mut by_path: std::collections::BTreeMap<&str, MethodRouter<AppState>> = Default::default();
     for (_, path, handler) in operations() {
         let merged = match by_path.remove(path) {
             Some(other) => other.merge(handler),
@@ -161,25 +161,25 @@ pub fn router(runtime: Arc<Runtime>) -> Router {
     for (path, handler) in by_path {
         router = router.route(path, handler);
     }
-    let max_body = runtime.api.max_body_bytes();
+    let max_body = state.http.limits.max_body_bytes();
     let api = router
         .fallback(|| async { ApiError::not_found("no_route", "no such route; see GET /openapi.json") })
-        .layer(axum::middleware::from_fn_with_state(runtime.clone(), auth::authorize))
+        .layer(axum::middleware::from_fn_with_state(state.clone(), auth::authorize))
         .layer(DefaultBodyLimit::max(max_body))
-        .with_state(runtime.clone());
+        .with_state(state.clone());
     // Around the whole router (not each route, as `Router::layer` would), so
     // that the guard sees responses as routing made them, `Allow` included.
-    Router::new().fallback_service(api).layer(axum::middleware::from_fn_with_state(runtime, guard::guard))
+    Router::new().fallback_service(api).layer(axum::middleware::from_fn_with_state(state, guard::guard))
 }
 
 /// Serve the API on `listener` until `shutdown` resolves.
 pub async fn serve(
-    runtime: Arc<Runtime>,
+    state: AppState,
     listener: tokio::net::TcpListener,
     shutdown: impl std::future::Future<Output = ()> + Send + 'static,
 ) -> std::io::Result<()> {
-    let header_timeout = runtime.api.header_timeout();
-    serve_router(router(runtime), header_timeout, listener, shutdown).await
+    let header_timeout = state.http.limits.header_timeout();
+    serve_router(router(state), header_timeout, listener, shutdown).await
 }
 
 /// How many connections the server holds open at once: half the process's

@@ -4,8 +4,9 @@ use std::sync::Arc;
 
 use axum::Json;
 use axum::body::Bytes;
-use axum::extract::rejection::PathRejection;
-use axum::extract::{Path, State};
+use axum::extract::State;
+
+use super::extract::Path;
 use axum::http::StatusCode;
 use serde_json::{Value, json};
 
@@ -17,10 +18,9 @@ use crate::runtime::{InstallError, Runtime};
 /// then swaps it in (or starts its projection) within a second.
 pub(super) async fn upload(
     State(rt): State<Arc<Runtime>>,
-    path: Result<Path<String>, PathRejection>,
+    Path(name): Path<String>,
     body: Bytes,
 ) -> Result<(StatusCode, Json<Value>), ApiError> {
-    let Path(name) = path?;
     let installing = rt.clone();
     let file = name.clone();
     let manifest = tokio::task::spawn_blocking(move || installing.install_plugin(&file, &body))

@@ -3,8 +3,9 @@
 use std::sync::Arc;
 
 use axum::Json;
-use axum::extract::rejection::{PathRejection, QueryRejection};
-use axum::extract::{Path, Query, State};
+use axum::extract::State;
+
+use super::extract::{Path, Query};
 use serde::Deserialize;
 use serde_json::{Value, json};
 
@@ -52,9 +53,8 @@ pub(super) struct ListParams {
 
 pub(super) async fn list(
     State(rt): State<Arc<Runtime>>,
-    params: Result<Query<ListParams>, QueryRejection>,
+    Query(params): Query<ListParams>,
 ) -> Result<Json<Value>, ApiError> {
-    let Query(params) = params?;
     let statuses = rt
         .projections()
         .iter()
@@ -64,22 +64,16 @@ pub(super) async fn list(
     Ok(Json(json!({ "projections": statuses, "pluginErrors": rt.plugin_errors() })))
 }
 
-pub(super) async fn status(
-    State(rt): State<Arc<Runtime>>,
-    path: Result<Path<String>, PathRejection>,
-) -> Result<Json<Value>, ApiError> {
-    let Path(name) = path?;
+pub(super) async fn status(State(rt): State<Arc<Runtime>>, Path(name): Path<String>) -> Result<Json<Value>, ApiError> {
     let p = find(&rt, &name)?;
     Ok(Json(serde_json::to_value(rt.status(&p)?).expect("status serializes")))
 }
 
 pub(super) async fn get_item(
     State(rt): State<Arc<Runtime>>,
-    path: Result<Path<(String, String, String)>, PathRejection>,
-    wait: Result<Query<Consistency>, QueryRejection>,
+    Path((name, table, key)): Path<(String, String, String)>,
+    Query(wait): Query<Consistency>,
 ) -> Result<Json<Box<serde_json::value::RawValue>>, ApiError> {
-    let Path((name, table, key)) = path?;
-    let Query(wait) = wait?;
     let p = find(&rt, &name)?;
     check_table(&p, &table)?;
     consistency::wait(&rt, &p, &wait, false).await?;
@@ -99,13 +93,10 @@ pub(super) struct ScanParams {
 
 pub(super) async fn scan(
     State(rt): State<Arc<Runtime>>,
-    path: Result<Path<(String, String)>, PathRejection>,
-    params: Result<Query<ScanParams>, QueryRejection>,
-    wait: Result<Query<Consistency>, QueryRejection>,
+    Path((name, table)): Path<(String, String)>,
+    Query(q): Query<ScanParams>,
+    Query(wait): Query<Consistency>,
 ) -> Result<Json<Page>, ApiError> {
-    let Path((name, table)) = path?;
-    let Query(q) = params?;
-    let Query(wait) = wait?;
     let limit = page_limit(q.limit)?;
     let p = find(&rt, &name)?;
     check_table(&p, &table)?;
@@ -128,11 +119,9 @@ pub(super) struct DeadLetterParams {
 
 pub(super) async fn dead_letters(
     State(rt): State<Arc<Runtime>>,
-    path: Result<Path<String>, PathRejection>,
-    params: Result<Query<DeadLetterParams>, QueryRejection>,
+    Path(name): Path<String>,
+    Query(q): Query<DeadLetterParams>,
 ) -> Result<Json<Value>, ApiError> {
-    let Path(name) = path?;
-    let Query(q) = params?;
     let limit = page_limit(q.limit)?;
     let p = find(&rt, &name)?;
     let mut letters = p.live().read_model.dead_letters(q.after, limit + 1)?;
@@ -146,9 +135,8 @@ pub(super) async fn dead_letters(
 /// `GET /v1/projections/{p}/dead-letters/{id}`: one dead letter.
 pub(super) async fn dead_letter(
     State(rt): State<Arc<Runtime>>,
-    path: Result<Path<(String, u64)>, PathRejection>,
+    Path((name, id)): Path<(String, u64)>,
 ) -> Result<Json<Value>, ApiError> {
-    let Path((name, id)) = path?;
     let p = find(&rt, &name)?;
     let Some(letter) = p.live().read_model.dead_letter(id)? else {
         return Err(no_dead_letter(&name, id));
@@ -171,9 +159,8 @@ fn no_dead_letter(projection: &str, id: u64) -> ApiError {
 /// leaving its event unapplied (admin token required).
 pub(super) async fn skip_dead_letter(
     State(rt): State<Arc<Runtime>>,
-    path: Result<Path<(String, u64)>, PathRejection>,
+    Path((name, id)): Path<(String, u64)>,
 ) -> Result<Json<Value>, ApiError> {
-    let Path((name, id)) = path?;
     let p = find(&rt, &name)?;
     let read_model = p.live().read_model.clone();
     let removed = tokio::task::spawn_blocking(move || read_model.remove_dead_letter(id))
@@ -190,17 +177,15 @@ pub(super) async fn skip_dead_letter(
 /// now (after a fix). Answers what was applied and what failed again.
 pub(super) async fn retry_dead_letters(
     State(rt): State<Arc<Runtime>>,
-    path: Result<Path<String>, PathRejection>,
+    Path(name): Path<String>,
 ) -> Result<Json<Value>, ApiError> {
-    let Path(name) = path?;
     retry(&rt, &name, None).await
 }
 
 pub(super) async fn retry_dead_letter(
     State(rt): State<Arc<Runtime>>,
-    path: Result<Path<(String, u64)>, PathRejection>,
+    Path((name, id)): Path<(String, u64)>,
 ) -> Result<Json<Value>, ApiError> {
-    let Path((name, id)) = path?;
     retry(&rt, &name, Some(vec![id])).await
 }
 
@@ -268,11 +253,7 @@ async fn retry(rt: &Runtime, name: &str, ids: Option<Vec<u64>>) -> Result<Json<V
 
 /// `POST /v1/projections/{p}/resume`: end a pause after too many dead
 /// letters in a row (admin token required).
-pub(super) async fn resume(
-    State(rt): State<Arc<Runtime>>,
-    path: Result<Path<String>, PathRejection>,
-) -> Result<Json<Value>, ApiError> {
-    let Path(name) = path?;
+pub(super) async fn resume(State(rt): State<Arc<Runtime>>, Path(name): Path<String>) -> Result<Json<Value>, ApiError> {
     let p = find(&rt, &name)?;
     let live = p.live();
     let paused = live.status.lock().expect("status lock").state == crate::projector::WorkerState::Paused;
@@ -286,9 +267,8 @@ pub(super) async fn resume(
 /// new generation while the live one keeps serving (admin token required).
 pub(super) async fn rebuild(
     State(rt): State<Arc<Runtime>>,
-    path: Result<Path<String>, PathRejection>,
+    Path(name): Path<String>,
 ) -> Result<(axum::http::StatusCode, Json<Value>), ApiError> {
-    let Path(name) = path?;
     find(&rt, &name)?;
     let runtime = rt.clone();
     let projection = name.clone();
@@ -306,9 +286,8 @@ pub(super) async fn rebuild(
 /// `DELETE /v1/projections/{p}/rebuild`: cancel a rebuild and delete what it built.
 pub(super) async fn cancel_rebuild(
     State(rt): State<Arc<Runtime>>,
-    path: Result<Path<String>, PathRejection>,
+    Path(name): Path<String>,
 ) -> Result<Json<Value>, ApiError> {
-    let Path(name) = path?;
     find(&rt, &name)?;
     match rt.cancel_rebuild(&name) {
         Ok(generation) => Ok(Json(json!({"projection": name, "cancelled": generation}))),

@@ -3,8 +3,9 @@
 use std::sync::Arc;
 
 use axum::Json;
-use axum::extract::rejection::{PathRejection, QueryRejection};
-use axum::extract::{Path, Query, State};
+use axum::extract::State;
+
+use super::extract::{Path, Query};
 
 use super::consistency::{self, Consistency};
 use super::{ApiError, page_limit};
@@ -16,13 +17,10 @@ const MAX_WINDOW: usize = 10_000;
 
 pub(super) async fn search(
     State(rt): State<Arc<Runtime>>,
-    path: Result<Path<(String, String)>, PathRejection>,
-    params: Result<Query<SearchRequest>, QueryRejection>,
-    wait: Result<Query<Consistency>, QueryRejection>,
+    Path((name, index)): Path<(String, String)>,
+    Query(request): Query<SearchRequest>,
+    Query(wait): Query<Consistency>,
 ) -> Result<Json<SearchResponse>, ApiError> {
-    let Path((name, index)) = path?;
-    let Query(request) = params?;
-    let Query(wait) = wait?;
     let limit = page_limit(request.limit)?;
     if request.offset + limit > MAX_WINDOW {
         return Err(ApiError::bad_request(format!("offset + limit must be at most {MAX_WINDOW}")));

@@ -4,7 +4,9 @@ use std::sync::Arc;
 
 use axum::Json;
 use axum::body::Bytes;
-use axum::extract::{Path, Query, State};
+use axum::extract::State;
+
+use super::extract::{Path, Query};
 use axum::http::HeaderMap;
 use serde::Deserialize;
 use serde_json::{Value, json};
@@ -82,9 +84,8 @@ const PAGE_BYTES: usize = 16 << 20;
 pub(super) async fn read(
     State(rt): State<Arc<Runtime>>,
     Path(stream): Path<String>,
-    params: Result<Query<ReadParams>, axum::extract::rejection::QueryRejection>,
+    Query(p): Query<ReadParams>,
 ) -> Result<Json<EventPage>, ApiError> {
-    let Query(p) = params?;
     let limit = page_limit(p.limit)?;
     let events = rt.log.read(&stream, p.partition, p.from, limit, PAGE_BYTES).map_err(|e| match e {
         LogError::UnknownStream(_) => ApiError::not_found("stream_not_found", e.to_string()),

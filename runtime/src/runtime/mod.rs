@@ -74,12 +74,6 @@ impl Projection {
 pub struct Runtime {
     pub log: Arc<EventLog>,
     pub kafka: Arc<KafkaConfig>,
-    /// The API's bearer tokens.
-    pub auth: crate::config::AuthConfig,
-    /// The API's body limit and request timeout.
-    pub api: crate::config::ApiConfig,
-    /// Requests per route, for `/metrics`.
-    pub http_metrics: crate::telemetry::HttpMetrics,
     plugins_dir: PathBuf,
     /// `plugins.<name>` of the config: settings, routes and limits.
     plugin_config: BTreeMap<String, PluginConfig>,
@@ -154,9 +148,6 @@ impl Runtime {
         Ok(Runtime {
             log: Arc::new(log),
             kafka: Arc::new(config.kafka.clone()),
-            auth: config.auth.resolved(),
-            api: config.api.clone(),
-            http_metrics: Default::default(),
             plugins_dir: config.plugins_dir.clone(),
             plugin_config: config.plugins.clone(),
             limits: config.limits.clone(),

@@ -1,0 +1,48 @@
+//! What every handler and middleware of the API shares: the runtime it
+//! serves, and the API's own settings and counters, which the runtime does
+//! not need to know about.
+
+use std::sync::Arc;
+
+use axum::extract::FromRef;
+
+use crate::config::{ApiConfig, AuthConfig, Config};
+use crate::runtime::Runtime;
+use crate::telemetry::HttpMetrics;
+
+/// The router's state. Handlers that only need the runtime extract
+/// `State<Arc<Runtime>>` from it.
+#[derive(Clone)]
+pub struct AppState {
+    pub runtime: Arc<Runtime>,
+    pub(super) http: Arc<Http>,
+}
+
+/// The API's side of the configuration, and what it measures.
+pub(super) struct Http {
+    /// Bearer tokens, with the environment's applied.
+    pub(super) auth: AuthConfig,
+    /// Body limit and time limits.
+    pub(super) limits: ApiConfig,
+    /// Requests per route, for `/metrics`.
+    pub(super) metrics: HttpMetrics,
+}
+
+impl AppState {
+    /// The API over `runtime`, set up as `config` says (`auth`, `api`).
+    pub fn new(runtime: Arc<Runtime>, config: &Config) -> Self {
+        let http = Http { auth: config.auth.resolved(), limits: config.api.clone(), metrics: HttpMetrics::default() };
+        AppState { runtime, http: Arc::new(http) }
+    }
+
+    /// Every metric, as `GET /metrics` serves them.
+    pub fn metrics(&self) -> String {
+        crate::metrics::render(&self.runtime, &self.http.metrics)
+    }
+}
+
+impl FromRef<AppState> for Arc<Runtime> {
+    fn from_ref(state: &AppState) -> Self {
+        state.runtime.clone()
+    }
+}
