@@ -16,8 +16,8 @@ use serde::{Deserialize, Serialize};
 use serde_json::value::RawValue;
 
 use super::Result;
-use super::read_model::open_plugin_table;
 use super::search::IndexSchema;
+use super::tables::open_plugin_table;
 use crate::wit::{EmitError, Entry, KvError, Outgoing, SearchError};
 
 /// Bounds on what a plugin may store.

@@ -1,11 +1,21 @@
 //! Read models: each projection's tables, checkpoints and dead letters in its own redb file.
+//!
+//! [`batch`] is a batch's writes in memory (read-your-writes over the last
+//! commit); [`read_model`] opens the file and commits a batch with its
+//! checkpoints in one transaction; [`tables`] is the file's layout and the
+//! plugin tables' reads; [`dead_letters`] and [`outbox`] are what the runtime
+//! keeps beside them; [`search`] turns the outbox into tantivy indexes.
 
 pub mod batch;
+pub mod dead_letters;
+pub mod outbox;
 pub mod read_model;
 pub mod search;
+mod tables;
 
 pub use batch::{Batch, BatchWrites, Declared, Emitted, KvLimits, Writes};
-pub use read_model::{Checkpoint, DeadLetter, ReadModel};
+pub use dead_letters::DeadLetter;
+pub use read_model::{Checkpoint, ReadModel};
 
 /// Errors of a read model's storage.
 #[derive(Debug, thiserror::Error)]

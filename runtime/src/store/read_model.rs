@@ -7,88 +7,21 @@
 //! after a crash either all of a batch's effects are there or none, and the
 //! checkpoint says exactly which events those were.
 
-use std::ops::Bound;
 use std::path::Path;
 use std::sync::Arc;
 
-use redb::{Durability, ReadableTable, TableDefinition};
-use serde::{Deserialize, Serialize};
+use redb::{Durability, ReadableTable};
+use serde::Serialize;
 
-use super::batch::{Batch, BatchWrites, Declared, Emitted, KvLimits};
+use super::batch::{Batch, BatchWrites, Declared, KvLimits};
 use super::{Error, Result};
 use crate::db_file::DbFile;
 pub use crate::position::Checkpoint;
 use crate::position::CheckpointStore;
 use crate::signal::Signal;
 
-const CHECKPOINTS: TableDefinition<(&str, u32), u64> = TableDefinition::new("checkpoints");
-const DEAD_LETTERS: TableDefinition<u64, &[u8]> = TableDefinition::new("dead-letters");
-const COUNTERS: TableDefinition<&str, u64> = TableDefinition::new("counters");
-/// Search outbox: sequence → a document change of a batch, encoded as
-/// `<index>\0<id>\0` then `1<document>` (upsert) or `0` (delete).
-const OUTBOX: TableDefinition<u64, &[u8]> = TableDefinition::new("outbox");
-
-/// Emitted events waiting to be published: sequence → [`Emitted`] as JSON.
-const EMITTED: TableDefinition<u64, &[u8]> = TableDefinition::new("emitted");
-
-/// A change to a search document, waiting to be applied to the index.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct OutboxEntry {
-    pub sequence: u64,
-    pub index: String,
-    pub id: String,
-    /// The document as the batch left it (`None`: deleted).
-    pub document: Option<Vec<u8>>,
-}
-
-fn table_definition(name: &str) -> TableDefinition<'_, &'static str, &'static [u8]> {
-    TableDefinition::new(name)
-}
-
-/// The redb table behind the plugin table `table`.
-fn plugin_table(table: &str) -> String {
-    format!("t/{table}")
-}
-
-/// The plugin table `table` as of `tx`, or `None` before its first write.
-pub(super) fn open_plugin_table(
-    tx: &redb::ReadTransaction,
-    table: &str,
-) -> Result<Option<redb::ReadOnlyTable<&'static str, &'static [u8]>>> {
-    match tx.open_table(table_definition(&plugin_table(table))) {
-        Ok(t) => Ok(Some(t)),
-        Err(redb::TableError::TableDoesNotExist(_)) => Ok(None),
-        Err(e) => Err(e.into()),
-    }
-}
-
-/// An event the projection could not apply, kept with why.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-#[serde(rename_all = "camelCase")]
-pub struct DeadLetter {
-    pub stream: String,
-    /// The Kafka topic the record came from, for Kafka streams.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub topic: Option<String>,
-    pub partition: u32,
-    pub offset: u64,
-    pub key: Option<String>,
-    #[serde(rename = "type")]
-    pub event_type: String,
-    pub time: i64,
-    /// The event's data: its JSON value, or a string when it is not JSON.
-    pub data: serde_json::Value,
-    /// The event's headers, so that a retry hands the plugin the same event.
-    #[serde(default, skip_serializing_if = "Vec::is_empty")]
-    pub headers: Vec<(String, String)>,
-    /// The event's content type when it is not `application/json`.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub content_type: Option<String>,
-    pub plugin_version: String,
-    pub error: String,
-    /// When it was dead-lettered (ms since the Unix epoch).
-    pub failed_at: i64,
-}
+use super::dead_letters::DeadLetter;
+use super::tables::{CHECKPOINTS, COUNTERS, DEAD_LETTERS, EMITTED, OUTBOX, plugin_table, table_definition};
 
 /// Totals kept with the read model.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize)]
@@ -120,9 +53,9 @@ pub struct Commit {
 
 /// One projection's read model file.
 pub struct ReadModel {
-    db: DbFile,
+    pub(super) db: DbFile,
     /// Bumped after each commit that emitted events, to wake the relay.
-    emitted: Signal,
+    pub(super) emitted: Signal,
 }
 
 impl ReadModel {
@@ -259,173 +192,6 @@ impl ReadModel {
             self.emitted.notify();
         }
         Ok(())
-    }
-
-    /// Wakes the relay when a commit emitted events.
-    pub fn emitted_signal(&self) -> &Signal {
-        &self.emitted
-    }
-
-    /// Up to `limit` emitted events not yet trimmed, after sequence `after`.
-    pub fn emitted_after(&self, after: u64, limit: usize) -> Result<Vec<(u64, Emitted)>> {
-        let tx = self.db.begin_read()?;
-        let table = tx.open_table(EMITTED)?;
-        let mut out = Vec::new();
-        for entry in table.range((after + 1)..)?.take(limit) {
-            let (sequence, bytes) = entry?;
-            let event = serde_json::from_slice(bytes.value())
-                .map_err(|e| Error::Corrupt(format!("emitted event {}: {e}", sequence.value())))?;
-            out.push((sequence.value(), event));
-        }
-        Ok(out)
-    }
-
-    /// Forget emitted events up to `upto` (published).
-    pub fn trim_emitted(&self, upto: u64) -> Result<()> {
-        let tx = self.db.begin_write()?;
-        {
-            let mut table = tx.open_table(EMITTED)?;
-            table.retain_in(..=upto, |_, _| false)?;
-            let mut counters = tx.open_table(COUNTERS)?;
-            let published = counters.get("emit-published")?.map_or(0, |v| v.value());
-            counters.insert("emit-published", published.max(upto))?;
-        }
-        tx.commit()?;
-        Ok(())
-    }
-
-    /// (sequence of the last event emitted, sequence of the last one published).
-    pub fn emit_progress(&self) -> Result<(u64, u64)> {
-        let tx = self.db.begin_read()?;
-        let counters = tx.open_table(COUNTERS)?;
-        let get = |name: &str| -> Result<u64> { Ok(counters.get(name)?.map_or(0, |v| v.value())) };
-        Ok((get("emit-sequence")?, get("emit-published")?))
-    }
-
-    /// The committed value under `key` in `table`.
-    pub fn get(&self, table: &str, key: &str) -> Result<Option<Vec<u8>>> {
-        let tx = self.db.begin_read()?;
-        let Some(t) = open_plugin_table(&tx, table)? else { return Ok(None) };
-        Ok(t.get(key)?.map(|v| v.value().to_vec()))
-    }
-
-    /// Up to `limit` committed entries of `table` whose key starts with
-    /// `prefix`, after `after`, in key order.
-    pub fn scan(&self, table: &str, prefix: &str, after: Option<&str>, limit: usize) -> Result<Vec<(String, Vec<u8>)>> {
-        let tx = self.db.begin_read()?;
-        let Some(t) = open_plugin_table(&tx, table)? else { return Ok(Vec::new()) };
-        let start = match after {
-            Some(a) if a >= prefix => Bound::Excluded(a),
-            _ => Bound::Included(prefix),
-        };
-        let mut out = Vec::new();
-        for entry in t.range::<&str>((start, Bound::Unbounded))? {
-            let (k, v) = entry?;
-            if !k.value().starts_with(prefix) || out.len() == limit {
-                break;
-            }
-            out.push((k.value().to_owned(), v.value().to_vec()));
-        }
-        Ok(out)
-    }
-
-    /// Up to `limit` dead letters with ids greater than `after`, oldest first.
-    pub fn dead_letters(&self, after: u64, limit: usize) -> Result<Vec<(u64, DeadLetter)>> {
-        let tx = self.db.begin_read()?;
-        let table = tx.open_table(DEAD_LETTERS)?;
-        let mut out = Vec::new();
-        // Ids are positive: nothing comes after the largest.
-        let Some(first) = after.checked_add(1) else { return Ok(Vec::new()) };
-        for entry in table.range(first..)?.take(limit) {
-            let (id, bytes) = entry?;
-            let letter = serde_json::from_slice(bytes.value())
-                .map_err(|e| Error::Corrupt(format!("dead letter {}: {e}", id.value())))?;
-            out.push((id.value(), letter));
-        }
-        Ok(out)
-    }
-
-    /// The dead letter `id`, if it is held.
-    pub fn dead_letter(&self, id: u64) -> Result<Option<DeadLetter>> {
-        let tx = self.db.begin_read()?;
-        let table = tx.open_table(DEAD_LETTERS)?;
-        let Some(bytes) = table.get(id)? else { return Ok(None) };
-        Ok(Some(serde_json::from_slice(bytes.value()).map_err(|e| Error::Corrupt(format!("dead letter {id}: {e}")))?))
-    }
-
-    /// Replace the dead letter `id` (a retry that failed again: a new error).
-    pub fn replace_dead_letter(&self, id: u64, letter: &DeadLetter) -> Result<()> {
-        let mut tx = self.db.begin_write()?;
-        tx.set_durability(Durability::Immediate).map_err(|e| Error::Storage(redb::Error::from(e)))?;
-        {
-            let mut table = tx.open_table(DEAD_LETTERS)?;
-            if table.get(id)?.is_some() {
-                table.insert(id, serde_json::to_vec(letter).expect("dead letters serialize").as_slice())?;
-            }
-        }
-        tx.commit()?;
-        Ok(())
-    }
-
-    /// Drop the dead letter `id` without applying its event (skip it);
-    /// whether it was held.
-    pub fn remove_dead_letter(&self, id: u64) -> Result<bool> {
-        let mut tx = self.db.begin_write()?;
-        tx.set_durability(Durability::Immediate).map_err(|e| Error::Storage(redb::Error::from(e)))?;
-        let removed = {
-            let mut table = tx.open_table(DEAD_LETTERS)?;
-            let removed = table.remove(id)?.is_some();
-            if removed {
-                let mut counters = tx.open_table(COUNTERS)?;
-                let held = counters.get("dead-letters")?.map_or(0, |v| v.value());
-                counters.insert("dead-letters", held.saturating_sub(1))?;
-            }
-            removed
-        };
-        tx.commit()?;
-        Ok(removed)
-    }
-
-    /// Up to `limit` outbox entries after `after`, in sequence order.
-    pub fn outbox_after(&self, after: u64, limit: usize) -> Result<Vec<OutboxEntry>> {
-        let tx = self.db.begin_read()?;
-        let outbox = tx.open_table(OUTBOX)?;
-        let mut out = Vec::new();
-        for entry in outbox.range((after + 1)..)?.take(limit) {
-            let (sequence, bytes) = entry?;
-            let corrupt = || Error::Corrupt(format!("outbox entry {}", sequence.value()));
-            let bytes = bytes.value();
-            let mut parts = bytes.splitn(3, |b| *b == 0);
-            let (Some(index), Some(id), Some(change)) = (parts.next(), parts.next(), parts.next()) else {
-                return Err(corrupt());
-            };
-            let document = match change.split_first() {
-                Some((1, doc)) => Some(doc.to_vec()),
-                Some((0, [])) => None,
-                _ => return Err(corrupt()),
-            };
-            let text = |b: &[u8]| String::from_utf8(b.to_vec()).map_err(|_| corrupt());
-            out.push(OutboxEntry { sequence: sequence.value(), index: text(index)?, id: text(id)?, document });
-        }
-        Ok(out)
-    }
-
-    /// Remove outbox entries up to `upto` (applied and committed to the indexes).
-    pub fn trim_outbox(&self, upto: u64) -> Result<()> {
-        let tx = self.db.begin_write()?;
-        {
-            let mut outbox = tx.open_table(OUTBOX)?;
-            outbox.retain_in(..=upto, |_, _| false)?;
-        }
-        tx.commit()?;
-        Ok(())
-    }
-
-    /// The sequence of the last outbox entry ever written.
-    pub fn outbox_sequence(&self) -> Result<u64> {
-        let tx = self.db.begin_read()?;
-        let counters = tx.open_table(COUNTERS)?;
-        Ok(counters.get("outbox-sequence")?.map_or(0, |v| v.value()))
     }
 
     /// The read model's totals.
