@@ -10,14 +10,11 @@
 
 pub mod allocator;
 pub mod api;
-pub mod authoring;
-pub mod client;
 pub mod clock;
 pub mod config;
 pub mod data_dir;
 pub mod db_file;
 pub mod event;
-pub mod fixtures;
 pub mod generation;
 pub mod metrics;
 pub mod names;

@@ -83,7 +83,7 @@ fn main() {
 
     eprintln!("generating {n} events per enricher …");
     let mut placed = 0;
-    let raw: Vec<Value> = refract::fixtures::orders(n, 42, 0.0)
+    let raw: Vec<Value> = refract_client::fixtures::orders(n, 42, 0.0)
         .into_iter()
         .map(|e| {
             if e["type"] != "OrderPlaced" {
@@ -100,7 +100,7 @@ fn main() {
         })
         .collect();
     append(&log, "orders-raw", &raw);
-    let mut rng = refract::fixtures::Rng::new(7);
+    let mut rng = refract_client::fixtures::Rng::new(7);
     let (mut orders, mut payments) = (Vec::new(), Vec::new());
     for i in 0..n / 2 {
         let (id, t) = (format!("o-{i}"), 1_700_000_000_000i64 + i as i64 * 1_000);

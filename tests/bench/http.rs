@@ -74,7 +74,7 @@ fn main() {
     let config = Config { data_dir: dir.path().join("data"), ..Config::default() };
     let runtime = Arc::new(Runtime::open(&config).unwrap());
     eprintln!("generating and projecting {n} order events …");
-    let events = refract::fixtures::orders(n, 42, 0.0);
+    let events = refract_client::fixtures::orders(n, 42, 0.0);
     for chunk in events.chunks(10_000) {
         let chunk: Vec<NewEvent> = chunk.iter().map(|e| serde_json::from_value(e.clone()).unwrap()).collect();
         runtime.log.append("orders", &chunk).unwrap();

@@ -155,7 +155,7 @@ fn projection(bootstrap: &str, n: usize, dir: &std::path::Path, handler: Box<dyn
 }
 
 fn records(n: usize) -> Vec<Out> {
-    refract::fixtures::orders(n, 42, 0.0)
+    refract_client::fixtures::orders(n, 42, 0.0)
         .iter()
         .map(|e| Out {
             key: e["key"].as_str().map(str::to_owned),

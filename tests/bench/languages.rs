@@ -45,7 +45,7 @@ fn main() {
         EventLog::open(&dir.path().join("log.redb"), LogOptions { default_partitions: 4, ..Default::default() })
             .unwrap(),
     );
-    for chunk in refract::fixtures::orders(n, 42, 0.0).chunks(10_000) {
+    for chunk in refract_client::fixtures::orders(n, 42, 0.0).chunks(10_000) {
         let chunk: Vec<NewEvent> = chunk.iter().map(|e| serde_json::from_value(e.clone()).unwrap()).collect();
         log.append("orders", &chunk).unwrap();
     }

@@ -21,10 +21,10 @@ mod support;
 
 use std::time::{Duration, Instant};
 
-use refract::client::Client;
 use refract::config::Config;
 use refract::runtime::Runtime;
 use refract::source::NewEvent;
+use refract_client::Client;
 
 #[global_allocator]
 static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
@@ -60,7 +60,7 @@ fn main() {
 
     // The log first, then the plugin: the live run starts from a full log.
     eprintln!("appending {n} order events …");
-    let events = refract::fixtures::orders(n, 42, 0.0);
+    let events = refract_client::fixtures::orders(n, 42, 0.0);
     {
         let runtime = Runtime::start(&config).unwrap();
         for chunk in events.chunks(10_000) {

@@ -159,7 +159,7 @@ fn main() {
     let wasm_path = &support::plugins().order_summary;
 
     eprintln!("generating {n} order events …");
-    let events = refract::fixtures::orders(n, 42, 0.0);
+    let events = refract_client::fixtures::orders(n, 42, 0.0);
     let log = Arc::new(
         EventLog::open(&dir.path().join("log.redb"), LogOptions { default_partitions: 4, ..Default::default() })
             .unwrap(),

@@ -62,7 +62,7 @@ fn main() {
     let n: usize = std::env::var("REFRACT_BENCH_EVENTS").ok().and_then(|v| v.parse().ok()).unwrap_or(1_000_000);
     let dir = tempfile::tempdir().unwrap();
     eprintln!("generating {n} order events …");
-    let events = refract::fixtures::orders(n, 42, 0.0);
+    let events = refract_client::fixtures::orders(n, 42, 0.0);
 
     // The document versions the projection upserts, recorded natively.
     let mut documents: Vec<(String, Vec<u8>)> = Vec::with_capacity(n);
@@ -265,7 +265,7 @@ fn main() {
     let started = Instant::now();
     std::thread::scope(|scope| {
         for _ in 0..clients {
-            let client = refract::client::Client::new(&url);
+            let client = refract_client::Client::new(&url);
             scope.spawn(move || {
                 for _ in 0..query_rounds {
                     for q in QUERIES {

@@ -4,7 +4,7 @@
 
 use std::time::Duration;
 
-use refract::client::Client;
+use refract_client::Client;
 use serde_json::json;
 
 use crate::support::{Server, plugins, wait_status};

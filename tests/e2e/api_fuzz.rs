@@ -6,7 +6,7 @@ use std::path::PathBuf;
 use std::process::Command;
 use std::time::Duration;
 
-use refract::client::Client;
+use refract_client::Client;
 
 use crate::http_api::{ADMIN, tokens};
 use crate::support::{Server, ndjson, plugins};
@@ -25,7 +25,7 @@ fn schemathesis_finds_no_undocumented_status_and_no_schema_violation() {
     let server = Server::start(dir.path(), &[&p.order_summary, &p.order_search], &tokens());
     // Data to find: orders (1% malformed, so dead letters too) in tables and an index.
     let admin = Client::new(&server.url).with_token(Some(ADMIN));
-    let events = refract::fixtures::orders(2_000, 31, 0.01);
+    let events = refract_client::fixtures::orders(2_000, 31, 0.01);
     assert_eq!(admin.append_ndjson("orders", &ndjson(&events)).unwrap().status, 200);
     admin.wait_caught_up(Duration::from_secs(120)).unwrap();
 

@@ -26,7 +26,7 @@ fn the_console_shows_projections_searches_and_retries_a_dead_letter() {
     let config = format!("auth:\n  admin-token: {ADMIN}\n");
     let server = Server::start(dir.path(), &[&p.order_summary, &p.order_search], &config);
     let admin = server.client().with_token(Some(ADMIN));
-    let events = refract::fixtures::orders(1_000, 61, 0.02);
+    let events = refract_client::fixtures::orders(1_000, 61, 0.02);
     assert_eq!(admin.append_ndjson("orders", &ndjson(&events)).unwrap().status, 200);
     admin.wait_caught_up(std::time::Duration::from_secs(60)).unwrap();
 

@@ -28,8 +28,8 @@ fn sigkill_during_appends_and_batches_loses_and_doubles_nothing() {
     // Small batches and a short batch duration: many commits, so kills land between and inside them.
     let config = "batch:\n  max-events: 400\n  call-events: 100\n  max-duration-ms: 20\n";
     let mut server = Server::start(dir.path(), &[&p.order_summary], config);
-    let events = refract::fixtures::orders(EVENTS, 2024, 0.01);
-    let mut rng = refract::fixtures::Rng::new(99);
+    let events = refract_client::fixtures::orders(EVENTS, 2024, 0.01);
+    let mut rng = refract_client::fixtures::Rng::new(99);
 
     let mut acknowledged = 0usize; // events the log has confirmed, in order
     let mut kills = 0;
@@ -39,7 +39,7 @@ fn sigkill_during_appends_and_batches_loses_and_doubles_nothing() {
         let url = server.url.clone();
         let chunks: Vec<Vec<u8>> = events[acknowledged..].chunks(CHUNK).map(ndjson).collect();
         let sender = std::thread::spawn(move || {
-            let client = refract::client::Client::new(&url);
+            let client = refract_client::Client::new(&url);
             let mut sent = 0;
             for chunk in chunks {
                 match client.append_ndjson("orders", &chunk) {

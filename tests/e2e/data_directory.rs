@@ -35,7 +35,7 @@ fn refused_start(dir: &Path) -> String {
 fn an_unnumbered_data_directory_opens_and_a_newer_or_unreadable_one_is_refused_untouched() {
     let dir = tempfile::tempdir().unwrap();
     let mut server = Server::start(dir.path(), &[&plugins().order_summary], "");
-    let events = refract::fixtures::orders(500, 43, 0.01);
+    let events = refract_client::fixtures::orders(500, 43, 0.01);
     assert_eq!(server.client().append_ndjson("orders", &ndjson(&events)).unwrap().status, 200);
     server.wait_caught_up();
     server.stop();

@@ -4,7 +4,7 @@
 use std::io::{BufRead, BufReader};
 use std::process::{Command, Stdio};
 
-use refract::client::Client;
+use refract_client::Client;
 
 use crate::support::{free_port, plugins};
 

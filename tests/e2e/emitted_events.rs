@@ -71,7 +71,7 @@ fn emitted_events_reach_the_log_exactly_once_across_sigkills() {
     let dir = tempfile::tempdir().unwrap();
     let config = "batch:\n  max-events: 200\n  call-events: 50\n  max-duration-ms: 10\n";
     let mut server = Server::start(dir.path(), &[&plugins().chaos], config);
-    let mut rng = refract::fixtures::Rng::new(5);
+    let mut rng = refract_client::fixtures::Rng::new(5);
     for chunk in emits(0..EVENTS, "echoes").chunks(500) {
         let reply = server.client().append_ndjson("chaos", &ndjson(chunk)).unwrap();
         assert_eq!(reply.status, 200, "{}", reply.body);
@@ -141,7 +141,7 @@ fn a_sigkill_inside_a_rebuild_switch_neither_loses_nor_doubles_emitted_events() 
     server.env.push(("REFRACT_TEST_SWITCH_DELAY_MS".into(), "4000".into()));
     server.kill();
     server.restart();
-    let admin = refract::client::Client::new(&server.url).with_token(Some(ADMIN));
+    let admin = refract_client::Client::new(&server.url).with_token(Some(ADMIN));
     assert_eq!(admin.append_ndjson("chaos", &ndjson(&emits(0..2000, "echoes"))).unwrap().status, 200);
     server.wait_caught_up();
     let started = admin.post("/v1/projections/testkit-chaos/rebuild", "application/json", b"").unwrap();

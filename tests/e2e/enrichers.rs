@@ -4,7 +4,7 @@
 use std::collections::{BTreeMap, HashSet};
 use std::time::{Duration, Instant};
 
-use refract::fixtures::Rng;
+use refract_client::fixtures::Rng;
 use serde_json::{Value, json};
 
 use crate::support::{Server, ndjson, plugins};
@@ -15,7 +15,7 @@ const T0: i64 = 1_700_000_000_000;
 const ADMIN: &str = "enricher-test-admin-token";
 
 /// A client with the admin token (rebuilds need it; so do appends once it is set).
-fn admin(server: &Server) -> refract::client::Client {
+fn admin(server: &Server) -> refract_client::Client {
     server.client().with_token(Some(ADMIN))
 }
 
@@ -333,7 +333,7 @@ fn as_v1(event: &Value, with_header: bool) -> Value {
 #[test]
 fn a_projection_fed_v1_and_v2_through_the_upcaster_builds_the_v2_read_model() {
     let p = plugins();
-    let events = refract::fixtures::orders(3_000, 31, 0.0);
+    let events = refract_client::fixtures::orders(3_000, 31, 0.0);
     let mut placed = 0;
     let mixed: Vec<Value> = events
         .iter()

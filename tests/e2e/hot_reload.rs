@@ -52,12 +52,12 @@ fn new_versions_swap_in_between_batches_without_losing_or_repeating_events() {
     let server = Server::start(dir.path(), &[&p.order_summary], config);
     let file = dir.path().join("plugins").join(p.order_summary.file_name().unwrap());
     let original = std::fs::read(&p.order_summary).unwrap();
-    let events = refract::fixtures::orders(EVENTS, 31, 0.01);
+    let events = refract_client::fixtures::orders(EVENTS, 31, 0.01);
 
     let url = server.url.clone();
     let chunks: Vec<Vec<u8>> = events.chunks(400).map(ndjson).collect();
     let appender = std::thread::spawn(move || {
-        let client = refract::client::Client::new(&url);
+        let client = refract_client::Client::new(&url);
         for chunk in chunks {
             assert_eq!(client.append_ndjson("orders", &chunk).unwrap().status, 200);
             std::thread::sleep(Duration::from_millis(40));
@@ -91,7 +91,7 @@ fn a_new_plugin_file_starts_a_new_projection_without_a_restart() {
     let dir = tempfile::tempdir().unwrap();
     let p = plugins();
     let server = Server::start(dir.path(), &[&p.order_summary], "streams:\n  partitions: { accounts: 1 }\n");
-    let accounts = refract::fixtures::accounts(2000, 8, 0.02);
+    let accounts = refract_client::fixtures::accounts(2000, 8, 0.02);
     assert_eq!(server.client().append_ndjson("accounts", &ndjson(&accounts)).unwrap().status, 200);
     let target = dir.path().join("plugins").join(p.account_balance.file_name().unwrap());
     install(&target, &std::fs::read(&p.account_balance).unwrap());
@@ -119,7 +119,7 @@ fn a_new_plugin_file_starts_a_new_projection_without_a_restart() {
     );
     assert!(dir.path().join("data/projections/account-balance/read-model.redb").exists(), "data kept");
     assert_eq!(server.get("/v1/projections/order-summary")["state"], "running", "the others run on");
-    let more = refract::fixtures::accounts(2400, 8, 0.02);
+    let more = refract_client::fixtures::accounts(2400, 8, 0.02);
     assert_eq!(server.client().append_ndjson("accounts", &ndjson(&more[2000..])).unwrap().status, 200);
     install(&target, &std::fs::read(&p.account_balance).unwrap());
     wait_status(
@@ -147,15 +147,15 @@ fn fifty_uploaded_versions_under_ingest_apply_every_event_once_and_fail_no_query
         "auth:\n  admin-token: {ADMIN}\nbatch:\n  max-events: 400\n  call-events: 100\n  max-duration-ms: 20\n"
     );
     let server = Server::start(dir.path(), &[&p.order_summary], &config);
-    let admin = refract::client::Client::new(&server.url).with_token(Some(ADMIN));
+    let admin = refract_client::Client::new(&server.url).with_token(Some(ADMIN));
     let original = std::fs::read(&p.order_summary).unwrap();
     let plugin = p.order_summary.file_stem().unwrap().to_str().unwrap().to_owned();
-    let events = refract::fixtures::orders(EVENTS, 32, 0.01);
+    let events = refract_client::fixtures::orders(EVENTS, 32, 0.01);
 
     let done = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
     let (url, chunks) = (server.url.clone(), events.chunks(250).map(ndjson).collect::<Vec<_>>());
     let appender = std::thread::spawn(move || {
-        let client = refract::client::Client::new(&url).with_token(Some(ADMIN));
+        let client = refract_client::Client::new(&url).with_token(Some(ADMIN));
         for chunk in chunks {
             assert_eq!(client.append_ndjson("orders", &chunk).unwrap().status, 200);
             std::thread::sleep(Duration::from_millis(25));
@@ -163,7 +163,7 @@ fn fifty_uploaded_versions_under_ingest_apply_every_event_once_and_fail_no_query
     });
     let (url, stop) = (server.url.clone(), done.clone());
     let querier = std::thread::spawn(move || {
-        let client = refract::client::Client::new(&url);
+        let client = refract_client::Client::new(&url);
         let (mut queries, mut failed) = (0, 0);
         while !stop.load(std::sync::atomic::Ordering::Relaxed) {
             for path in ["/v1/projections/order-summary", "/v1/projections/order-summary/tables/orders/items?limit=10"]
@@ -221,7 +221,7 @@ fn a_schema_version_bump_rebuilds_automatically_while_queries_stay_up() {
     let done = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
     let (url, stop) = (server.url.clone(), done.clone());
     let querier = std::thread::spawn(move || {
-        let client = refract::client::Client::new(&url);
+        let client = refract_client::Client::new(&url);
         let mut failed = 0;
         while !stop.load(std::sync::atomic::Ordering::Relaxed) {
             let page = client.get("/v1/projections/testkit-chaos/tables/applied/items?limit=1000");
@@ -314,7 +314,7 @@ fn uploads_that_cannot_run_are_refused_unwritten_and_uploads_during_a_rebuild_su
     let p = plugins();
     let config = format!("auth:\n  admin-token: {ADMIN}\nbatch:\n  max-events: 200\n  max-duration-ms: 10\n");
     let mut server = Server::start(dir.path(), &[&p.chaos], &config);
-    let admin = refract::client::Client::new(&server.url).with_token(Some(ADMIN));
+    let admin = refract_client::Client::new(&server.url).with_token(Some(ADMIN));
     let file = dir.path().join("plugins").join(p.chaos.file_name().unwrap());
     let original = std::fs::read(&p.chaos).unwrap();
 

@@ -5,7 +5,7 @@
 
 use std::time::{Duration, Instant};
 
-use refract::client::{Client, Reply};
+use refract_client::{Client, Reply};
 use serde_json::{Value, json};
 
 use crate::support::{Server, encode, ndjson, plugins};
@@ -235,7 +235,7 @@ fn hostile_clients_leave_queries_answered_and_memory_bounded() {
     server.kill();
     server.restart();
     let admin = Client::new(&server.url).with_token(Some(ADMIN));
-    let events = refract::fixtures::orders(500, 9, 0.0);
+    let events = refract_client::fixtures::orders(500, 9, 0.0);
     assert_eq!(admin.append_ndjson("orders", &ndjson(&events)).unwrap().status, 200);
     server.wait_caught_up();
     let client = server.client();

@@ -69,7 +69,7 @@ fn debezium_and_cloud_events_decode_and_garbage_becomes_dead_letters() {
         change("x", 10005, Value::Null, row(10005, 1)),
         change("c", 10004, Value::Null, row(10004, 9)),
     ];
-    let orders = refract::fixtures::orders(600, 77, 0.0);
+    let orders = refract_client::fixtures::orders(600, 77, 0.0);
     let mut events: Vec<Out> = orders.iter().enumerate().map(|(i, e)| cloud_event(i, e)).collect();
     // Not a CloudEvent: the required `id` attribute is missing.
     let headers = [("ce_specversion", "1.0"), ("ce_source", "/shop"), ("ce_type", "OrderShipped")];

@@ -102,7 +102,7 @@ fn a_rebuild_switch_waits_for_the_old_outbox_to_be_published() {
         broker.address()
     );
     let server = Server::start(dir.path(), &[&plugins().chaos], &config);
-    let admin = refract::client::Client::new(&server.url).with_token(Some(ADMIN));
+    let admin = refract_client::Client::new(&server.url).with_token(Some(ADMIN));
     assert_eq!(admin.append_ndjson("chaos", &ndjson(&emits(0..500, "echoes"))).unwrap().status, 200);
     wait_published(&server, 500);
 

@@ -31,7 +31,7 @@ const ORDERS_AS_PLAIN_JSON: &str = "    orders: { topic: shop.orders, format: js
 fn records_produced_to_kafka_fold_into_the_reference_read_model() {
     let broker = Broker::start();
     broker.create_topic("shop.orders", 4);
-    let events = refract::fixtures::orders(5000, 41, 0.01);
+    let events = refract_client::fixtures::orders(5000, 41, 0.01);
     let records: Vec<Out> = events.iter().map(plain).collect();
     broker.producer().send_all("shop.orders", &records);
 
@@ -85,7 +85,7 @@ fn transaction_markers_are_stepped_over_so_lag_reaches_zero() {
     let cluster = rdkafka::mocking::MockCluster::new(1).expect("starting librdkafka's mock cluster");
     cluster.create_topic("shop.orders", 1, 1).unwrap();
     let bootstrap = cluster.bootstrap_servers();
-    let events = refract::fixtures::orders(60, 43, 0.0);
+    let events = refract_client::fixtures::orders(60, 43, 0.0);
     let records: Vec<Out> = events.iter().map(|e| Out { partition: Some(0), ..plain(e) }).collect();
     let producer = TestProducer::new(&bootstrap);
     for half in records.chunks(30) {
@@ -115,7 +115,7 @@ fn transaction_markers_are_stepped_over_so_lag_reaches_zero() {
 fn sigkills_and_a_broker_restart_lose_and_double_nothing() {
     let mut broker = Broker::start();
     broker.create_topic("shop.orders", 4);
-    let events = refract::fixtures::orders(20_000, 42, 0.01);
+    let events = refract_client::fixtures::orders(20_000, 42, 0.01);
     let dir = tempfile::tempdir().unwrap();
     // Small batches: many commits, so kills land between and inside them.
     let config = format!(
@@ -123,7 +123,7 @@ fn sigkills_and_a_broker_restart_lose_and_double_nothing() {
         kafka_config(&broker, ORDERS_AS_PLAIN_JSON)
     );
     let mut server = Server::start(dir.path(), &[&plugins().order_summary], &config);
-    let mut rng = refract::fixtures::Rng::new(7);
+    let mut rng = refract_client::fixtures::Rng::new(7);
     let producer = broker.producer();
     let chunks: Vec<&[Value]> = events.chunks(2500).collect();
     let mut kills_mid_batch = 0;

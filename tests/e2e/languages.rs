@@ -91,7 +91,7 @@ fn assert_same(name: &str, want: &Projected, other: &Projected) {
 
 #[test]
 fn order_summary_and_order_search_in_rust_python_and_javascript_build_identical_read_models() {
-    let mut events = refract::fixtures::orders(EVENTS - 5, 77, 0.01);
+    let mut events = refract_client::fixtures::orders(EVENTS - 5, 77, 0.01);
     // Data each language must reject the same way.
     for (i, data) in [
         json!({"orderId": 17, "customerId": "c-1", "total": 1.0}),

@@ -12,24 +12,13 @@
 
 use std::time::Duration;
 
-use refract::client::Client;
+use refract_client::Client;
+use refract_client::fixtures::Rng;
 use serde_json::Value;
 
 use crate::support::{Server, ndjson, plugins};
 
 const ADMIN: &str = "admin-secret-0123456789";
-
-/// A small deterministic generator (xorshift), so a seed replays a run.
-struct Rng(u64);
-
-impl Rng {
-    fn below(&mut self, n: u64) -> u64 {
-        self.0 ^= self.0 << 13;
-        self.0 ^= self.0 >> 7;
-        self.0 ^= self.0 << 17;
-        self.0 % n
-    }
-}
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Step {
@@ -44,7 +33,7 @@ enum Step {
 fn random_appends_restarts_kills_rebuilds_and_swaps_keep_the_read_model_equal_to_the_fold() {
     let seed: u64 = std::env::var("REFRACT_MODEL_SEED").ok().and_then(|s| s.parse().ok()).unwrap_or(20261122);
     let steps: usize = std::env::var("REFRACT_MODEL_STEPS").ok().and_then(|s| s.parse().ok()).unwrap_or(60);
-    let mut rng = Rng(seed.max(1));
+    let mut rng = Rng::new(seed);
     let dir = tempfile::tempdir().unwrap();
     let wasm = std::fs::read(&plugins().order_summary).unwrap();
     let config = format!("auth:\n  admin-token: {ADMIN}\n");
@@ -52,7 +41,7 @@ fn random_appends_restarts_kills_rebuilds_and_swaps_keep_the_read_model_equal_to
     let admin = |server: &Server| Client::new(&server.url).with_token(Some(ADMIN));
 
     // The stream the steps append from, in order; `model` is what was appended.
-    let stream = refract::fixtures::orders(steps * 600, seed, 0.01);
+    let stream = refract_client::fixtures::orders(steps * 600, seed, 0.01);
     let mut next = 0;
     let mut model: Vec<Value> = Vec::new();
     let mut counts = std::collections::BTreeMap::<&str, usize>::new();
@@ -127,7 +116,7 @@ enum EmitStep {
 fn random_kills_and_rebuilds_publish_every_derived_event_exactly_once() {
     let seed: u64 = std::env::var("REFRACT_MODEL_SEED").ok().and_then(|s| s.parse().ok()).unwrap_or(20261206);
     let steps: usize = std::env::var("REFRACT_MODEL_STEPS").ok().and_then(|s| s.parse().ok()).unwrap_or(30);
-    let mut rng = Rng(seed.max(1));
+    let mut rng = Rng::new(seed);
     let dir = tempfile::tempdir().unwrap();
     let config = format!(
         "auth:\n  admin-token: {ADMIN}\nbatch:\n  max-events: 100\n  max-duration-ms: 5\n\
@@ -227,7 +216,7 @@ fn random_kills_rebuilds_and_broker_outages_publish_every_derived_event_to_kafka
 
     let seed: u64 = std::env::var("REFRACT_MODEL_SEED").ok().and_then(|s| s.parse().ok()).unwrap_or(4);
     let steps: usize = std::env::var("REFRACT_MODEL_STEPS").ok().and_then(|s| s.parse().ok()).unwrap_or(20);
-    let mut rng = Rng(seed.max(1));
+    let mut rng = Rng::new(seed);
     let mut broker = crate::support::kafka::Broker::start();
     broker.create_topic("chaos.echoes", 2);
     let dir = tempfile::tempdir().unwrap();

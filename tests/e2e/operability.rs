@@ -45,7 +45,7 @@ fn metrics_move_with_ingest_and_show_the_lag_of_a_paused_projection() {
     assert_eq!(compiles, 3.0, "one load per plugin");
 
     // Ingest: the counters move, and agree with the status API.
-    let events = refract::fixtures::orders(2_000, 51, 0.01);
+    let events = refract_client::fixtures::orders(2_000, 51, 0.01);
     assert_eq!(server.client().append_ndjson("orders", &ndjson(&events)).unwrap().status, 200);
     server.wait_caught_up();
     let text = scrape(&server);

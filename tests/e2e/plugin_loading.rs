@@ -99,7 +99,7 @@ fn a_component_built_against_an_earlier_wit_still_runs() {
     let server = Server::start(dir.path(), &[&fixture], "");
     let status = server.get("/v1/projections/order-summary");
     assert_eq!(status["plugin"]["version"], "0.1.0", "{status}");
-    let events = refract::fixtures::orders(3000, 43, 0.01);
+    let events = refract_client::fixtures::orders(3000, 43, 0.01);
     assert_eq!(server.client().append_ndjson("orders", &crate::support::ndjson(&events)).unwrap().status, 200);
     server.wait_caught_up();
     server.assert_order_summary_is_the_fold_of(&events);

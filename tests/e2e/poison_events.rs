@@ -12,7 +12,7 @@ fn malformed_and_rejected_order_events_are_dead_lettered_once_each() {
     let dir = tempfile::tempdir().unwrap();
     let p = plugins();
     let server = Server::start(dir.path(), &[&p.order_summary], "");
-    let mut events = refract::fixtures::orders(3000, 5, 0.02);
+    let mut events = refract_client::fixtures::orders(3000, 5, 0.02);
     // Mix in malformed events: wrong shapes, wrong types, missing fields.
     let malformed = [
         json!({"type": "OrderPlaced", "key": "o-1", "time": 1, "data": "not an object"}),
@@ -356,7 +356,7 @@ fn a_retry_during_a_rebuild_switch_is_answered_by_the_new_generation() {
     server.restart();
     let mut events: Vec<Value> = (0..50).map(|i| json!({"type": "Ok", "key": format!("k{i}"), "data": {}})).collect();
     events.push(json!({"type": "Reject", "key": "bad", "data": {}}));
-    let admin = refract::client::Client::new(&server.url).with_token(Some(ADMIN));
+    let admin = refract_client::Client::new(&server.url).with_token(Some(ADMIN));
     assert_eq!(admin.append_ndjson("chaos", &ndjson(&events)).unwrap().status, 200);
     server.wait_caught_up();
     let letters = server.get("/v1/projections/testkit-chaos/dead-letters");

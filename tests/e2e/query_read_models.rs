@@ -12,8 +12,8 @@ fn appended_events_become_queryable_read_models_equal_to_the_reference_fold() {
         Server::start(dir.path(), &[&p.order_summary, &p.account_balance], "streams:\n  partitions: { accounts: 1 }\n");
     let client = server.client();
 
-    let orders = refract::fixtures::orders(5000, 11, 0.01);
-    let accounts = refract::fixtures::accounts(3000, 12, 0.02);
+    let orders = refract_client::fixtures::orders(5000, 11, 0.01);
+    let accounts = refract_client::fixtures::accounts(3000, 12, 0.02);
     // The three accepted body shapes: NDJSON, a JSON array, and one event.
     for chunk in orders.chunks(1000) {
         let reply = client.append_ndjson("orders", &ndjson(chunk)).unwrap();
@@ -87,7 +87,7 @@ fn refract_produce_appends_an_ndjson_file() {
     let dir = tempfile::tempdir().unwrap();
     let p = plugins();
     let server = Server::start(dir.path(), &[&p.order_summary], "");
-    let orders = refract::fixtures::orders(1200, 3, 0.0);
+    let orders = refract_client::fixtures::orders(1200, 3, 0.0);
     let file = dir.path().join("orders.ndjson");
     std::fs::write(&file, ndjson(&orders)).unwrap();
     let produce = |file: &std::path::Path, extra: &[&str]| {

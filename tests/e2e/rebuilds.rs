@@ -6,7 +6,7 @@
 use std::collections::BTreeSet;
 use std::time::{Duration, Instant};
 
-use refract::client::Client;
+use refract_client::Client;
 use serde_json::{Value, json};
 
 use crate::support::{Server, ndjson, plugins, reference};
@@ -45,7 +45,7 @@ fn a_rebuild_replays_history_while_the_live_generation_serves_then_switches() {
     let dir = tempfile::tempdir().unwrap();
     let p = plugins();
     let server = Server::start(dir.path(), &[&p.order_summary, &p.order_search], &config());
-    let events = refract::fixtures::orders(10_000, 21, 0.01);
+    let events = refract_client::fixtures::orders(10_000, 21, 0.01);
     append(&server, "orders", &events[..8000]);
     server.wait_caught_up();
     let known = server.table("order-summary", "orders")[0].clone();
@@ -103,7 +103,7 @@ fn a_rebuild_replays_history_while_the_live_generation_serves_then_switches() {
 fn a_rebuild_resumes_after_a_crash_and_a_cancelled_one_leaves_nothing() {
     let dir = tempfile::tempdir().unwrap();
     let mut server = Server::start(dir.path(), &[&plugins().order_summary], &config());
-    let events = refract::fixtures::orders(20_000, 22, 0.01);
+    let events = refract_client::fixtures::orders(20_000, 22, 0.01);
     append(&server, "orders", &events);
     server.wait_caught_up();
     assert_eq!(
@@ -217,7 +217,7 @@ fn during_a_rebuild_of_200_000_events_a_querying_client_only_ever_sees_the_compl
     let dir = tempfile::tempdir().unwrap();
     let config = format!("auth:\n  admin-token: {ADMIN}\n");
     let server = Server::start(dir.path(), &[&plugins().order_summary], &config);
-    let events = refract::fixtures::orders(EVENTS, 23, 0.01);
+    let events = refract_client::fixtures::orders(EVENTS, 23, 0.01);
     for chunk in events.chunks(10_000) {
         assert_eq!(admin(&server).append_ndjson("orders", &ndjson(chunk)).unwrap().status, 200);
     }
@@ -265,7 +265,7 @@ fn during_a_rebuild_of_200_000_events_a_querying_client_only_ever_sees_the_compl
 fn concurrent_rebuild_requests_start_one_rebuild() {
     let dir = tempfile::tempdir().unwrap();
     let mut server = Server::start(dir.path(), &[&plugins().order_summary], &config());
-    let events = refract::fixtures::orders(3000, 8, 0.0);
+    let events = refract_client::fixtures::orders(3000, 8, 0.0);
     append(&server, "orders", &events);
     server.wait_caught_up();
     for round in 1..=3u64 {
@@ -304,7 +304,7 @@ fn concurrent_rebuild_requests_start_one_rebuild() {
 fn a_switch_that_cannot_be_written_is_retried_until_it_holds() {
     let dir = tempfile::tempdir().unwrap();
     let server = Server::start(dir.path(), &[&plugins().order_summary], &config());
-    let events = refract::fixtures::orders(2500, 4, 0.0);
+    let events = refract_client::fixtures::orders(2500, 4, 0.0);
     append(&server, "orders", &events[..2000]);
     server.wait_caught_up();
     let blocker = dir.path().join(format!("data/projections/order-summary/.generation.tmp{}", server.pid()));

@@ -69,7 +69,7 @@ fn search_results_equal_a_reference_over_a_generated_corpus() {
     let dir = tempfile::tempdir().unwrap();
     let p = plugins();
     let server = Server::start(dir.path(), &[&p.order_search], "search:\n  commit-interval-ms: 100\n");
-    let events = refract::fixtures::orders(6000, 77, 0.0);
+    let events = refract_client::fixtures::orders(6000, 77, 0.0);
     let reply = server.client().append_ndjson("orders", &ndjson(&events)).unwrap();
     assert_eq!(reply.status, 200);
     wait_searchable(&server, "order-search");
@@ -180,8 +180,8 @@ fn sigkill_between_the_table_and_index_commits_loses_and_doubles_no_document() {
     // Small batches and a slow index commit: kills land between the two commits.
     let config = "batch:\n  max-events: 300\n  max-duration-ms: 20\nsearch:\n  commit-interval-ms: 400\n";
     let mut server = Server::start(dir.path(), &[&p.order_search], config);
-    let events = refract::fixtures::orders(8000, 5150, 0.0);
-    let mut rng = refract::fixtures::Rng::new(7);
+    let events = refract_client::fixtures::orders(8000, 5150, 0.0);
+    let mut rng = refract_client::fixtures::Rng::new(7);
     let mut kills_behind = 0;
     for (round, chunk) in events.chunks(1000).enumerate() {
         let reply = server.client().append_ndjson("orders", &ndjson(chunk)).unwrap();
@@ -228,7 +228,7 @@ fn hostile_queries_are_refused_with_a_reason_and_the_server_keeps_answering() {
     let dir = tempfile::tempdir().unwrap();
     let p = plugins();
     let mut server = Server::start(dir.path(), &[&p.order_search], "search:\n  commit-interval-ms: 100\n");
-    let events = refract::fixtures::orders(200, 3, 0.0);
+    let events = refract_client::fixtures::orders(200, 3, 0.0);
     server.client().append_ndjson("orders", &ndjson(&events)).unwrap();
     wait_searchable(&server, "order-search");
     let client = server.client();

@@ -54,7 +54,7 @@ fn a_full_disk_pauses_ingestion_with_a_clear_error_and_resumes_with_nothing_lost
     let config = "search:\n  commit-interval-ms: 100\nlimits:\n  deadline-ms: 1500\nstorage:\n  cache-mb: 4\n";
     let server = Server::start(dir.path(), &[&p.order_summary, &p.order_search, &p.chaos], config);
     let client = server.client();
-    let events = refract::fixtures::orders(12_000, 41, 0.01);
+    let events = refract_client::fixtures::orders(12_000, 41, 0.01);
     let (first, rest) = events.split_at(4_000);
     assert_eq!(client.append_ndjson("orders", &ndjson(first)).unwrap().status, 200);
     let docs = |range: std::ops::Range<u64>| -> Vec<Value> {
@@ -152,7 +152,7 @@ fn a_full_disk_during_an_index_commit_is_recovered_from_without_losing_or_duplic
     let indexer =
         Indexer::new(read_model.clone(), indexes.clone(), Duration::from_millis(10), Arc::new(AtomicBool::new(false)));
     // Text that compresses badly, so that the index takes real space.
-    let mut rng = refract::fixtures::Rng::new(3);
+    let mut rng = refract_client::fixtures::Rng::new(3);
     let mut write = |ids: std::ops::Range<u64>| {
         let mut writes = BatchWrites::default();
         let docs = writes.docs.entry("docs".to_owned()).or_default();
@@ -204,7 +204,7 @@ fn an_upload_to_a_full_disk_is_a_503_and_changes_nothing() {
     let disk = SmallDisk::mount(&dir.path().join("plugins"), "4m");
     let p = plugins();
     let server = Server::start(dir.path(), &[&p.chaos], &format!("auth:\n  admin-token: {ADMIN}\n"));
-    let admin = refract::client::Client::new(&server.url).with_token(Some(ADMIN));
+    let admin = refract_client::Client::new(&server.url).with_token(Some(ADMIN));
     let installed = dir.path().join("plugins").join("testkit_chaos.wasm");
     let original = std::fs::read(&installed).unwrap();
     let newer = crate::hot_reload::variant(&original, 1);

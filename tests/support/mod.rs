@@ -12,7 +12,7 @@ use std::process::{Child, Command, Stdio};
 use std::sync::OnceLock;
 use std::time::{Duration, Instant};
 
-use refract::client::Client;
+use refract_client::Client;
 use serde_json::Value;
 
 /// The example and test plugins, built for `wasm32-wasip2`.

@@ -1,5 +1,10 @@
-//! A small blocking client of the HTTP API, used by `refract produce`,
-//! `refract demo` and the end-to-end tests.
+//! A small blocking client of Refract's HTTP API, used by the `refract`
+//! command (`produce`, `status`, `rebuild`, `dead-letters`, `demo`) and the
+//! end-to-end tests; and [`fixtures`], the sample events they append.
+//!
+//! It lives outside the server library: nothing in the runtime calls it.
+
+pub mod fixtures;
 
 use std::time::Duration;
 

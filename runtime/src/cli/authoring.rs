@@ -13,8 +13,8 @@ use std::time::Instant;
 
 use anyhow::{Context, bail};
 
-use crate::plugin::Kind;
-use crate::plugin::wasm::{PluginLimits, WasmPlugin};
+use refract::plugin::Kind;
+use refract::plugin::wasm::{PluginLimits, WasmPlugin};
 
 /// A plugin's language.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
@@ -24,7 +24,7 @@ pub enum Lang {
     Js,
 }
 
-const WIT: &str = include_str!("../../wit/plugin.wit");
+const WIT: &str = include_str!("../../../wit/plugin.wit");
 
 const SDK_RUST_MANIFEST: &str = r#"[package]
 name = "refract-sdk"
@@ -53,30 +53,30 @@ fn sdk_files(lang: Lang) -> Vec<(&'static str, &'static str)> {
     files.extend(match lang {
         Lang::Rust => vec![
             ("sdk/rust/Cargo.toml", SDK_RUST_MANIFEST),
-            ("sdk/rust/src/lib.rs", include_str!("../../sdk/rust/src/lib.rs")),
-            ("sdk/rust/src/cache.rs", include_str!("../../sdk/rust/src/cache.rs")),
-            ("sdk/rust/src/native.rs", include_str!("../../sdk/rust/src/native.rs")),
-            ("sdk/rust/src/packed.rs", include_str!("../../sdk/rust/src/packed.rs")),
-            ("sdk/rust/src/testing.rs", include_str!("../../sdk/rust/src/testing.rs")),
-            ("sdk/rust/src/small_alloc.rs", include_str!("../../sdk/rust/src/small_alloc.rs")),
+            ("sdk/rust/src/lib.rs", include_str!("../../../sdk/rust/src/lib.rs")),
+            ("sdk/rust/src/cache.rs", include_str!("../../../sdk/rust/src/cache.rs")),
+            ("sdk/rust/src/native.rs", include_str!("../../../sdk/rust/src/native.rs")),
+            ("sdk/rust/src/packed.rs", include_str!("../../../sdk/rust/src/packed.rs")),
+            ("sdk/rust/src/testing.rs", include_str!("../../../sdk/rust/src/testing.rs")),
+            ("sdk/rust/src/small_alloc.rs", include_str!("../../../sdk/rust/src/small_alloc.rs")),
         ],
         Lang::Python => vec![
-            ("sdk/python/refract_sdk/__init__.py", include_str!("../../sdk/python/refract_sdk/__init__.py")),
-            ("sdk/python/refract_testing.py", include_str!("../../sdk/python/refract_testing.py")),
+            ("sdk/python/refract_sdk/__init__.py", include_str!("../../../sdk/python/refract_sdk/__init__.py")),
+            ("sdk/python/refract_testing.py", include_str!("../../../sdk/python/refract_testing.py")),
         ],
         Lang::Js => vec![
-            ("sdk/js/refract-sdk.js", include_str!("../../sdk/js/refract-sdk.js")),
-            ("sdk/js/refract-sdk.d.ts", include_str!("../../sdk/js/refract-sdk.d.ts")),
-            ("sdk/js/build.mjs", include_str!("../../sdk/js/build.mjs")),
-            ("sdk/js/testing.mjs", include_str!("../../sdk/js/testing.mjs")),
-            ("sdk/js/hooks.mjs", include_str!("../../sdk/js/hooks.mjs")),
-            ("sdk/js/memory.mjs", include_str!("../../sdk/js/memory.mjs")),
-            ("sdk/js/host/kv.mjs", include_str!("../../sdk/js/host/kv.mjs")),
-            ("sdk/js/host/search.mjs", include_str!("../../sdk/js/host/search.mjs")),
-            ("sdk/js/host/emit.mjs", include_str!("../../sdk/js/host/emit.mjs")),
-            ("sdk/js/host/lookup.mjs", include_str!("../../sdk/js/host/lookup.mjs")),
-            ("sdk/js/host/settings.mjs", include_str!("../../sdk/js/host/settings.mjs")),
-            ("sdk/js/host/log.mjs", include_str!("../../sdk/js/host/log.mjs")),
+            ("sdk/js/refract-sdk.js", include_str!("../../../sdk/js/refract-sdk.js")),
+            ("sdk/js/refract-sdk.d.ts", include_str!("../../../sdk/js/refract-sdk.d.ts")),
+            ("sdk/js/build.mjs", include_str!("../../../sdk/js/build.mjs")),
+            ("sdk/js/testing.mjs", include_str!("../../../sdk/js/testing.mjs")),
+            ("sdk/js/hooks.mjs", include_str!("../../../sdk/js/hooks.mjs")),
+            ("sdk/js/memory.mjs", include_str!("../../../sdk/js/memory.mjs")),
+            ("sdk/js/host/kv.mjs", include_str!("../../../sdk/js/host/kv.mjs")),
+            ("sdk/js/host/search.mjs", include_str!("../../../sdk/js/host/search.mjs")),
+            ("sdk/js/host/emit.mjs", include_str!("../../../sdk/js/host/emit.mjs")),
+            ("sdk/js/host/lookup.mjs", include_str!("../../../sdk/js/host/lookup.mjs")),
+            ("sdk/js/host/settings.mjs", include_str!("../../../sdk/js/host/settings.mjs")),
+            ("sdk/js/host/log.mjs", include_str!("../../../sdk/js/host/log.mjs")),
         ],
     });
     files
@@ -86,28 +86,28 @@ fn sdk_files(lang: Lang) -> Vec<(&'static str, &'static str)> {
 fn template(lang: Lang, kind: Kind) -> Vec<(&'static str, &'static str)> {
     match (lang, kind) {
         (Lang::Rust, Kind::Projection) => vec![
-            ("Cargo.toml", include_str!("../../sdk/templates/rust/Cargo.toml")),
-            ("src/lib.rs", include_str!("../../sdk/templates/rust/projection.rs")),
+            ("Cargo.toml", include_str!("../../../sdk/templates/rust/Cargo.toml")),
+            ("src/lib.rs", include_str!("../../../sdk/templates/rust/projection.rs")),
         ],
         (Lang::Rust, Kind::Enricher) => vec![
-            ("Cargo.toml", include_str!("../../sdk/templates/rust/Cargo.toml")),
-            ("src/lib.rs", include_str!("../../sdk/templates/rust/enricher.rs")),
+            ("Cargo.toml", include_str!("../../../sdk/templates/rust/Cargo.toml")),
+            ("src/lib.rs", include_str!("../../../sdk/templates/rust/enricher.rs")),
         ],
         (Lang::Python, Kind::Projection) => vec![
-            ("app.py", include_str!("../../sdk/templates/python/projection.py")),
-            ("test_app.py", include_str!("../../sdk/templates/python/test_projection.py")),
+            ("app.py", include_str!("../../../sdk/templates/python/projection.py")),
+            ("test_app.py", include_str!("../../../sdk/templates/python/test_projection.py")),
         ],
         (Lang::Python, Kind::Enricher) => vec![
-            ("app.py", include_str!("../../sdk/templates/python/enricher.py")),
-            ("test_app.py", include_str!("../../sdk/templates/python/test_enricher.py")),
+            ("app.py", include_str!("../../../sdk/templates/python/enricher.py")),
+            ("test_app.py", include_str!("../../../sdk/templates/python/test_enricher.py")),
         ],
         (Lang::Js, Kind::Projection) => vec![
-            ("app.js", include_str!("../../sdk/templates/js/projection.js")),
-            ("app.test.js", include_str!("../../sdk/templates/js/projection.test.js")),
+            ("app.js", include_str!("../../../sdk/templates/js/projection.js")),
+            ("app.test.js", include_str!("../../../sdk/templates/js/projection.test.js")),
         ],
         (Lang::Js, Kind::Enricher) => vec![
-            ("app.js", include_str!("../../sdk/templates/js/enricher.js")),
-            ("app.test.js", include_str!("../../sdk/templates/js/enricher.test.js")),
+            ("app.js", include_str!("../../../sdk/templates/js/enricher.js")),
+            ("app.test.js", include_str!("../../../sdk/templates/js/enricher.test.js")),
         ],
     }
 }
@@ -133,7 +133,7 @@ pub fn write_sdk(dir: &Path, lang: Lang) -> anyhow::Result<()> {
 
 /// `refract plugin new`: a plugin called `name` in `parent/name`, ready to build and test.
 pub fn new(parent: &Path, name: &str, lang: Lang, kind: Kind) -> anyhow::Result<PathBuf> {
-    crate::names::validate("plugin", name).map_err(anyhow::Error::msg)?;
+    refract::names::validate("plugin", name).map_err(anyhow::Error::msg)?;
     let dir = parent.join(name);
     if dir.exists() {
         bail!("{} already exists", dir.display());
@@ -352,25 +352,25 @@ pub struct Checked {
     pub kind: Kind,
     /// Whether it takes its batches packed into one buffer (the `packed-*` worlds).
     pub packed: bool,
-    pub manifest: crate::plugin::Manifest,
-    pub indexes: Vec<crate::plugin::IndexMapping>,
+    pub manifest: refract::plugin::Manifest,
+    pub indexes: Vec<refract::plugin::IndexMapping>,
 }
 
 /// `refract plugin check`: compile `file`, instantiate it against the host's
 /// interfaces and ask for its manifest, as the runtime would.
 pub fn check(file: &Path) -> anyhow::Result<Checked> {
-    use crate::plugin::Handler;
+    use refract::plugin::Handler;
     let bytes = std::fs::read(file).with_context(|| format!("reading {}", file.display()))?;
-    let engine = crate::plugin::engine::new_engine().map_err(|e| anyhow::anyhow!("creating the engine: {e}"))?;
+    let engine = refract::plugin::engine::new_engine().map_err(|e| anyhow::anyhow!("creating the engine: {e}"))?;
     if bytes.len() > 4 << 20 {
         eprintln!("compiling {} ({:.1} MB) …", file.display(), bytes.len() as f64 / 1048576.0);
     }
     let component = wasmtime::component::Component::new(&engine, &bytes)
         .map_err(|e| anyhow::anyhow!("{} does not compile as a component: {e:#}", file.display()))?;
-    let linker = crate::plugin::wasm::linker(&engine).map_err(|e| anyhow::anyhow!("{e}"))?;
+    let linker = refract::plugin::wasm::linker(&engine).map_err(|e| anyhow::anyhow!("{e}"))?;
     let plugin = WasmPlugin::load(&engine, &linker, &component, &file.display().to_string(), PluginLimits::default())
         .map_err(|e| anyhow::anyhow!("{}: {e}", file.display()))?;
-    crate::plugin::declared(&plugin).map_err(|e| anyhow::anyhow!("{}: {e}", file.display()))?;
+    refract::plugin::declared(&plugin).map_err(|e| anyhow::anyhow!("{}: {e}", file.display()))?;
     Ok(Checked {
         kind: plugin.kind(),
         packed: plugin.takes_packed_batches(),

@@ -1,0 +1,110 @@
+//! `refract plugin new | build | check`: the plugin author's commands
+//! (the work is in [`super::authoring`]).
+
+use std::path::{Path, PathBuf};
+
+use clap::Subcommand;
+
+use super::authoring;
+
+#[derive(Subcommand)]
+pub enum PluginCommand {
+    /// Create a plugin in ./<name>: source, a unit test, README, and the SDK in .refract/.
+    New {
+        name: String,
+        #[arg(long, value_enum)]
+        lang: authoring::Lang,
+        #[arg(long, value_enum, default_value = "projection")]
+        kind: PluginKind,
+    },
+    /// Build the plugin in DIR (default: .) into a component, with cargo,
+    /// componentize-py or componentize-js, then check it.
+    Build {
+        dir: Option<PathBuf>,
+        /// Where to write the component (default: DIR/<name>.wasm).
+        #[arg(long, short)]
+        out: Option<PathBuf>,
+        /// Python/JavaScript: the world, when the source does not say (default: from the source).
+        #[arg(long, value_enum)]
+        kind: Option<PluginKind>,
+    },
+    /// Check that a component fits a Refract world, and print its manifest.
+    Check {
+        file: PathBuf,
+        /// Print the manifest as JSON.
+        #[arg(long)]
+        json: bool,
+    },
+}
+
+#[derive(Clone, Copy, clap::ValueEnum)]
+pub enum PluginKind {
+    Projection,
+    Enricher,
+}
+
+impl From<PluginKind> for refract::plugin::Kind {
+    fn from(k: PluginKind) -> Self {
+        match k {
+            PluginKind::Projection => refract::plugin::Kind::Projection,
+            PluginKind::Enricher => refract::plugin::Kind::Enricher,
+        }
+    }
+}
+
+pub fn plugin_command(command: PluginCommand) -> anyhow::Result<()> {
+    match command {
+        PluginCommand::New { name, lang, kind } => {
+            let dir = authoring::new(Path::new("."), &name, lang, kind.into())?;
+            println!("created {}; next: cd {} && refract plugin build", dir.display(), dir.display());
+        }
+        PluginCommand::Build { dir, out, kind } => {
+            let dir = dir.unwrap_or_else(|| PathBuf::from("."));
+            let file = authoring::build(&dir, out, kind.map(Into::into))?;
+            print_checked(&file, &authoring::check(&file)?, false);
+        }
+        PluginCommand::Check { file, json } => print_checked(&file, &authoring::check(&file)?, json),
+    }
+    Ok(())
+}
+
+fn print_checked(file: &Path, c: &authoring::Checked, json: bool) {
+    let m = &c.manifest;
+    if json {
+        let subscriptions: Vec<_> = m
+            .subscriptions
+            .iter()
+            .map(|s| serde_json::json!({"stream": s.stream, "eventTypes": s.event_types}))
+            .collect();
+        let indexes: Vec<_> = c.indexes.iter().map(|i| i.name.clone()).collect();
+        let batches = if c.packed { "packed" } else { "typed" };
+        let out = serde_json::json!({"file": file, "kind": c.kind, "batches": batches, "name": m.name, "version": m.version,
+            "schemaVersion": m.schema_version, "subscriptions": subscriptions, "tables": m.tables, "indexes": indexes});
+        println!("{out:#}");
+        return;
+    }
+    let kind = match c.kind {
+        refract::plugin::Kind::Projection => "a projection",
+        refract::plugin::Kind::Enricher => "an enricher",
+    };
+    println!("{}: {kind}", file.display());
+    println!("  name            {}", m.name);
+    println!("  version         {}", m.version);
+    println!("  schema-version  {}", m.schema_version);
+    let batches = match (c.packed, c.kind) {
+        (true, refract::plugin::Kind::Projection) => "packed (handle-packed)",
+        (true, refract::plugin::Kind::Enricher) => "packed (enrich-packed)",
+        (false, refract::plugin::Kind::Projection) => "typed records (handle)",
+        (false, refract::plugin::Kind::Enricher) => "typed records (enrich)",
+    };
+    println!("  batches         {batches}");
+    for s in &m.subscriptions {
+        let types = if s.event_types.is_empty() { "every type".to_owned() } else { s.event_types.join(", ") };
+        println!("  reads           {} ({types})", s.stream);
+    }
+    println!("  tables          {}", if m.tables.is_empty() { "none".to_owned() } else { m.tables.join(", ") });
+    for i in &c.indexes {
+        let fields: Vec<String> = i.fields.iter().map(|f| format!("{}:{:?}", f.name, f.type_)).collect();
+        println!("  index           {} ({})", i.name, fields.join(", "));
+    }
+}

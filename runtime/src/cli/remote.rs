@@ -1,0 +1,322 @@
+//! The commands that talk to a running runtime over its HTTP API:
+//! `produce`, `rebuild`, `status` and `dead-letters`.
+
+use std::collections::BTreeMap;
+use std::io::{BufRead, BufReader, Read};
+use std::path::PathBuf;
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, bail};
+use clap::Subcommand;
+use refract_client::Client;
+use serde_json::Value;
+
+/// Where a running runtime is, and the token to show it.
+#[derive(clap::Args)]
+pub struct Remote {
+    /// The runtime's address.
+    #[arg(long, env = "REFRACT_URL", default_value = "http://127.0.0.1:8080", global = true)]
+    pub url: String,
+    /// The bearer token: the admin token for changes, the query token (or
+    /// the admin token) for reads. Default: $REFRACT_ADMIN_TOKEN, else
+    /// $REFRACT_QUERY_TOKEN.
+    #[arg(long, hide_env_values = true, global = true)]
+    pub token: Option<String>,
+}
+
+impl Remote {
+    /// A client of the runtime, with the token.
+    pub fn client(&self) -> Client {
+        let env = |name: &str| std::env::var(name).ok().filter(|t| !t.is_empty());
+        let token = self.token.clone().or_else(|| env("REFRACT_ADMIN_TOKEN")).or_else(|| env("REFRACT_QUERY_TOKEN"));
+        Client::new(&self.url).with_token(token.as_deref())
+    }
+}
+
+#[derive(Subcommand)]
+pub enum DeadLetterAction {
+    /// Print one dead letter in full.
+    Show { id: u64 },
+    /// Hand the events to the plugin again (after a fix): one, or every one.
+    Retry { id: Option<u64> },
+    /// Drop a dead letter, leaving its event unapplied.
+    Skip { id: u64 },
+}
+
+/// `refract dead-letters`.
+pub fn dead_letters(projection: &str, action: Option<DeadLetterAction>, remote: &Remote) -> anyhow::Result<()> {
+    let (client, url) = (remote.client(), &remote.url);
+    let base = format!("/v1/projections/{projection}/dead-letters");
+    let reply = match &action {
+        None => client.get(&format!("{base}?limit=1000")),
+        Some(DeadLetterAction::Show { id }) => client.get(&format!("{base}/{id}")),
+        Some(DeadLetterAction::Retry { id: Some(id) }) => {
+            client.post(&format!("{base}/{id}/retry"), "application/json", b"")
+        }
+        Some(DeadLetterAction::Retry { id: None }) => client.post(&format!("{base}/retry"), "application/json", b""),
+        Some(DeadLetterAction::Skip { id }) => client.delete(&format!("{base}/{id}")),
+    }
+    .with_context(|| format!("asking {url}"))?;
+    if reply.status != 200 {
+        bail!("{}: {}", reply.status, reply.body["error"]["message"].as_str().unwrap_or(""));
+    }
+    match action {
+        None => {
+            let letters = reply.body["deadLetters"].as_array().cloned().unwrap_or_default();
+            if letters.is_empty() {
+                println!("{projection} holds no dead letters");
+            }
+            for l in letters {
+                println!(
+                    "{:>6}  {}/{}@{}  {}  {}",
+                    l["id"],
+                    l["stream"].as_str().unwrap_or(""),
+                    l["partition"],
+                    l["offset"],
+                    l["type"].as_str().unwrap_or(""),
+                    l["error"].as_str().unwrap_or("")
+                );
+            }
+        }
+        Some(DeadLetterAction::Retry { .. }) => {
+            let b = &reply.body;
+            println!("applied: {}; failed again: {}", b["applied"], b["failed"].as_array().map_or(0, Vec::len));
+            for f in b["failed"].as_array().into_iter().flatten() {
+                println!("{:>6}  {}", f["id"], f["error"].as_str().unwrap_or(""));
+            }
+        }
+        _ => println!("{:#}", reply.body),
+    }
+    Ok(())
+}
+
+/// Send NDJSON from `file` (or stdin) to `stream` in requests of `batch` lines.
+pub fn produce(stream: &str, file: Option<PathBuf>, batch: usize, remote: &Remote) -> anyhow::Result<()> {
+    // A file's size makes a progress bar (bytes read, rate, ETA); stdin has none.
+    let (input, size): (Box<dyn Read>, Option<u64>) = match &file {
+        Some(p) if p.as_os_str() != "-" => {
+            let f = std::fs::File::open(p).with_context(|| format!("opening {}", p.display()))?;
+            let size = f.metadata().ok().map(|m| m.len());
+            (Box::new(f), size)
+        }
+        _ => (Box::new(std::io::stdin()), None),
+    };
+    let mut progress = size.map(|_| Progress::new("KiB"));
+    let (started, mut read_bytes) = (Instant::now(), 0u64);
+    let (client, url) = (remote.client(), &remote.url);
+    let (mut sent, mut first_line, mut line_no) = (0usize, 1usize, 0usize);
+    let mut body = Vec::new();
+    let mut count = 0;
+    let send = |body: &mut Vec<u8>, count: &mut usize, first_line: usize| -> anyhow::Result<usize> {
+        if *count == 0 {
+            return Ok(0);
+        }
+        let reply = client.append_ndjson(stream, body).with_context(|| format!("sending to {url}"))?;
+        if reply.status != 200 {
+            let message = reply.body["error"]["message"].as_str().unwrap_or("").to_owned();
+            bail!(
+                "the runtime refused the events of lines {first_line}.. ({}): {message}; nothing from line {first_line} on was appended",
+                reply.status
+            );
+        }
+        let n = std::mem::take(count);
+        body.clear();
+        Ok(n)
+    };
+    for line in BufReader::new(input).lines() {
+        let line = line.context("reading input")?;
+        line_no += 1;
+        read_bytes += line.len() as u64 + 1;
+        if line.trim().is_empty() {
+            continue;
+        }
+        if let Err(e) = serde_json::from_str::<serde::de::IgnoredAny>(&line) {
+            bail!("line {line_no} is not JSON: {e}; events before line {first_line} were appended");
+        }
+        body.extend_from_slice(line.as_bytes());
+        body.push(b'\n');
+        count += 1;
+        if count == batch {
+            sent += send(&mut body, &mut count, first_line)?;
+            first_line = line_no + 1;
+            if let (Some(size), Some(progress)) = (size, &mut progress) {
+                let rate = read_bytes as f64 / started.elapsed().as_secs_f64().max(1e-3);
+                let eta = size.saturating_sub(read_bytes) as f64 / rate.max(1.0);
+                progress.update(read_bytes >> 10, size >> 10, rate / 1024.0, Some(eta), &format!(" ({sent} events)"));
+            }
+        }
+    }
+    sent += send(&mut body, &mut count, first_line)?;
+    if let Some(progress) = &progress {
+        progress.finish();
+    }
+    let seconds = started.elapsed().as_secs_f64();
+    eprintln!(
+        "appended {sent} events to stream {stream} in {seconds:.1} s ({:.0} events/s)",
+        sent as f64 / seconds.max(1e-3)
+    );
+    Ok(())
+}
+
+pub fn rebuild(projection: &str, remote: &Remote, detach: bool, cancel: bool) -> anyhow::Result<()> {
+    let (client, url) = (remote.client(), &remote.url);
+    let path = format!("/v1/projections/{projection}/rebuild");
+    let reply = if cancel { client.delete(&path) } else { client.post(&path, "application/json", b"") }
+        .with_context(|| format!("reaching {url}"))?;
+    if reply.status >= 300 {
+        let message = reply.body["error"]["message"].as_str().map_or_else(|| reply.body.to_string(), str::to_owned);
+        anyhow::bail!("{} {}: {message}", reply.status, if cancel { "cancelling" } else { "rebuilding" });
+    }
+    if cancel {
+        eprintln!("cancelled the rebuild of {projection} (generation {})", reply.body["cancelled"]);
+        return Ok(());
+    }
+    let generation = reply.body["generation"].as_u64().unwrap_or(0);
+    eprintln!("rebuilding {projection} into generation {generation}");
+    if detach {
+        return Ok(());
+    }
+    let mut progress = Progress::new("events");
+    loop {
+        let status = client.get(&format!("/v1/projections/{projection}"))?.body;
+        if status["generation"].as_u64() == Some(generation) && status["rebuild"].is_null() {
+            progress.finish();
+            eprintln!("generation {generation} of {projection} is live ({} events)", status["eventsApplied"]);
+            return Ok(());
+        }
+        if status["rebuild"].is_null() && status["generation"].as_u64() != Some(generation) {
+            anyhow::bail!(
+                "the rebuild stopped before switching (cancelled?); generation {} is live",
+                status["generation"]
+            );
+        }
+        let r = &status["rebuild"];
+        let (done, target) = (r["replayed"].as_u64().unwrap_or(0), r["target"].as_u64().unwrap_or(0).max(1));
+        progress.update(done, target, r["eventsPerSecond"].as_f64().unwrap_or(0.0), r["etaSeconds"].as_f64(), "");
+        std::thread::sleep(Duration::from_millis(200));
+    }
+}
+
+/// How far a long command has got: a bar redrawn in place on a terminal
+/// (indicatif), a line every 5 s when stderr is a log.
+struct Progress {
+    bar: Option<indicatif::ProgressBar>,
+    unit: &'static str,
+    last_line: Instant,
+}
+
+impl Progress {
+    fn new(unit: &'static str) -> Self {
+        let tty = std::io::IsTerminal::is_terminal(&std::io::stderr());
+        let bar = tty.then(|| {
+            let style = indicatif::ProgressStyle::with_template("[{bar:30}] {pos}/{len} {prefix}, {msg}")
+                .expect("the template parses")
+                .progress_chars("#>-");
+            indicatif::ProgressBar::new(0).with_style(style).with_prefix(unit)
+        });
+        Progress { bar, unit, last_line: Instant::now() - Duration::from_secs(10) }
+    }
+
+    /// `done` of `total`, going at `rate` per second, done in `eta_seconds`.
+    fn update(&mut self, done: u64, total: u64, rate: f64, eta_seconds: Option<f64>, note: &str) {
+        let eta = eta_seconds.map_or_else(|| "?".into(), |s| format!("{s:.0}s"));
+        let message = format!("{rate:.0}/s, ETA {eta}{note}");
+        match &self.bar {
+            Some(bar) => {
+                bar.set_length(total);
+                bar.set_position(done.min(total));
+                bar.set_message(message);
+            }
+            None if self.last_line.elapsed() >= Duration::from_secs(5) => {
+                eprintln!("{done}/{total} {}, {message}", self.unit);
+                self.last_line = Instant::now();
+            }
+            None => {}
+        }
+    }
+
+    /// Leave the bar as it is and go to the next line.
+    fn finish(&self) {
+        if let Some(bar) = &self.bar {
+            bar.finish();
+        }
+    }
+}
+
+/// `refract status`: one row per projection.
+pub fn status(remote: &Remote, watch: bool) -> anyhow::Result<()> {
+    let (client, url) = (remote.client(), &remote.url);
+    let mut previous: BTreeMap<String, (u64, Instant)> = BTreeMap::new();
+    loop {
+        let reply = client.get("/v1/projections").with_context(|| format!("reaching {url}"))?;
+        if reply.status != 200 {
+            let message = reply.body["error"]["message"].as_str().unwrap_or("").to_owned();
+            anyhow::bail!("{}: {message}", reply.status);
+        }
+        let mut table = comfy_table::Table::new();
+        table.load_preset(comfy_table::presets::NOTHING).set_header([
+            "NAME",
+            "KIND",
+            "STATE",
+            "GEN",
+            "APPLIED",
+            "RATE/S",
+            "LAG",
+            "DEAD",
+            "INDEX LAG",
+            "REBUILD",
+            "LAST ERROR",
+        ]);
+        for p in reply.body["projections"].as_array().into_iter().flatten() {
+            let name = p["name"].as_str().unwrap_or("?").to_owned();
+            let applied = p["eventsApplied"].as_u64().unwrap_or(0);
+            let rate = match previous.insert(name.clone(), (applied, Instant::now())) {
+                Some((before, at)) if at.elapsed() > Duration::ZERO => {
+                    format!("{:.0}", applied.saturating_sub(before) as f64 / at.elapsed().as_secs_f64())
+                }
+                _ => "-".into(),
+            };
+            let index_lag: u64 = p["indexes"].as_array().into_iter().flatten().filter_map(|i| i["lag"].as_u64()).sum();
+            let rebuild = match &p["rebuild"] {
+                Value::Null => "-".into(),
+                r => format!("gen {} {}/{}", r["generation"], r["replayed"], r["target"]),
+            };
+            let mut error = p["lastError"].as_str().unwrap_or("-").replace('\n', " ");
+            if error.chars().count() > 60 {
+                error = error.chars().take(57).collect::<String>() + "...";
+            }
+            table.add_row([
+                name,
+                text_of(&p["plugin"]["kind"]),
+                text_of(&p["state"]),
+                p["generation"].to_string(),
+                applied.to_string(),
+                rate,
+                p["lag"].to_string(),
+                p["deadLetters"].to_string(),
+                if p["indexes"].as_array().is_some_and(|i| !i.is_empty()) { index_lag.to_string() } else { "-".into() },
+                rebuild,
+                error,
+            ]);
+        }
+        let mut out = String::new();
+        if watch {
+            out.push_str("\x1b[2J\x1b[H"); // clear the terminal
+        }
+        out.push_str(&table.trim_fmt());
+        out.push('\n');
+        for e in reply.body["pluginErrors"].as_array().into_iter().flatten() {
+            out.push_str(&format!("not loaded: {}: {}\n", text_of(&e["file"]), text_of(&e["error"])));
+        }
+        print!("{out}");
+        if !watch {
+            return Ok(());
+        }
+        std::thread::sleep(Duration::from_secs(2));
+    }
+}
+
+/// A JSON string's text, or any other value as JSON.
+fn text_of(v: &Value) -> String {
+    v.as_str().map_or_else(|| v.to_string(), str::to_owned)
+}
