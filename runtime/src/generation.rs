@@ -165,7 +165,7 @@ pub struct Rebuild {
     started_at: i64,
     /// Events the new generation had handled when this run of it started.
     initial: u64,
-    pub(crate) cancel: AtomicBool,
+    cancel: AtomicBool,
     /// Set once the live generation has stopped for the switch: from then on
     /// the switch completes (a cancel is refused).
     pub(crate) switching: AtomicBool,
@@ -209,6 +209,13 @@ impl Rebuild {
             switching: AtomicBool::new(false),
             waiting_for: Mutex::new(None),
         })
+    }
+
+    /// Ask the monitor to stop the rebuild and delete what it built; it
+    /// wakes at once.
+    pub fn cancel(&self) {
+        self.cancel.store(true, Ordering::Relaxed);
+        self.generation.read_model.commit_signal().notify();
     }
 
     pub fn status(&self, live: &Generation) -> crate::store::Result<RebuildStatus> {
@@ -312,12 +319,21 @@ fn retry(s: &Switch<'_>, job: &Rebuild, what: &str, mut step: impl FnMut() -> Re
     }
 }
 
+/// How long the monitor waits for the new generation to commit before it
+/// looks at the flags no commit announces (shutdown, a removed projection).
+const FLAG_CHECK: Duration = Duration::from_millis(250);
+
 /// Watch `job` until it is cancelled, the runtime stops, or it has caught
-/// up with the live generation, then switch (see the module docs).
+/// up with the live generation, then switch (see the module docs). The
+/// monitor wakes when the new generation commits (or a cancel comes), not
+/// on a timer: only the new generation's progress can move it on.
 pub fn monitor(s: Switch<'_>, job: Arc<Rebuild>) {
     let new = job.generation.clone();
+    let commits = new.read_model.commit_signal();
     let mut gate: Option<Cursor> = None;
     loop {
+        // Taken before the checkpoints are read, so a commit in between is not missed.
+        let seen = commits.current();
         if job.cancel.load(Ordering::Relaxed) {
             new.stop();
             delete(s.root, new.number);
@@ -347,11 +363,15 @@ pub fn monitor(s: Switch<'_>, job: Arc<Rebuild>) {
                     // them, these are all the live generation's up to the gate.
                     *new.replay.lock().expect("replay lock") = Replay::Until(l.clone(), failed(&live));
                     gate = Some(l);
+                    // It may be there already (nothing more to replay): look again at once.
+                    continue;
                 }
             },
             (Err(e), _) | (_, Err(e)) => tracing::warn!(projection = s.name, error = %e, "checking a rebuild"),
         }
-        std::thread::sleep(Duration::from_millis(20));
+        // Not at the gate (or the gate just moved): only a commit of the new
+        // generation can change that.
+        commits.wait(seen, FLAG_CHECK);
     }
     let old = s.live.read().expect("live lock").clone();
     job.switching.store(true, Ordering::Relaxed);
@@ -388,13 +408,17 @@ pub fn monitor(s: Switch<'_>, job: Arc<Rebuild>) {
     //    durable (a crash before it leaves the old generation live, and that
     //    one emits for what comes next).
     *new.replay.lock().expect("replay lock") = Replay::Until(last.clone(), failed(&old));
-    while !new.checkpoints().is_ok_and(|c| caught_up(&c, &last)) {
+    loop {
+        let seen = commits.current();
+        if new.checkpoints().is_ok_and(|c| caught_up(&c, &last)) {
+            break;
+        }
         if s.shutdown.load(Ordering::Relaxed) {
             // The old generation stays live on disk; the rebuild resumes at the next start.
             new.stop();
             return;
         }
-        std::thread::sleep(Duration::from_millis(10));
+        commits.wait(seen, FLAG_CHECK);
     }
     // 3. The switch, atomic on disk; retried until it holds (the old
     //    generation has stopped: the projection cannot stay between the two).

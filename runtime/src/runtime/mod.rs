@@ -348,7 +348,7 @@ impl Runtime {
         if job.switching.load(Ordering::Relaxed) {
             return Err(RebuildError::Switching(job.generation.number));
         }
-        job.cancel.store(true, Ordering::Relaxed);
+        job.cancel();
         Ok(job.generation.number)
     }
 

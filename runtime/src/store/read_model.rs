@@ -56,6 +56,9 @@ pub struct ReadModel {
     pub(super) db: DbFile,
     /// Bumped after each commit that emitted events, to wake the relay.
     pub(super) emitted: Signal,
+    /// Bumped after every commit, to wake whoever waits for the checkpoints
+    /// to move (the rebuild monitor).
+    committed: Signal,
 }
 
 impl ReadModel {
@@ -74,7 +77,7 @@ impl ReadModel {
         tx.open_table(OUTBOX)?;
         tx.open_table(EMITTED)?;
         tx.commit()?;
-        Ok(ReadModel { db, emitted: Signal::default() })
+        Ok(ReadModel { db, emitted: Signal::default(), committed: Signal::default() })
     }
 
     /// Every checkpoint stored so far.
@@ -191,7 +194,13 @@ impl ReadModel {
         if !writes.emitted.is_empty() {
             self.emitted.notify();
         }
+        self.committed.notify();
         Ok(())
+    }
+
+    /// Wakes waiters after every commit (its count is the commits so far).
+    pub fn commit_signal(&self) -> &Signal {
+        &self.committed
     }
 
     /// The read model's totals.
