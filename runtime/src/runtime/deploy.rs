@@ -124,11 +124,14 @@ impl Runtime {
         let write = || -> Result<(), InstallError> {
             let failed = |what: String| move |e: std::io::Error| InstallError::Storage(format!("{what}: {e}"));
             std::fs::create_dir_all(&self.plugins_dir).map_err(failed("creating the plugins directory".into()))?;
+            // The watcher must not load it again: it reads stamps under this
+            // lock, so it sees the file and its stamp change together.
+            let mut stamps = self.plugin_stamps.lock().expect("stamps lock");
             // Durably: after a power cut the plugins directory must hold the old
             // version or the new one, not a truncated file that no longer loads.
             crate::data_dir::replace_durably(&file, bytes).map_err(failed(format!("writing {}", file.display())))?;
-            // The watcher need not load it again.
-            self.plugin_stamps.lock().expect("stamps lock").insert(file.clone(), Watcher::stamp(&file));
+            stamps.insert(file.clone(), Watcher::stamp(&file));
+            drop(stamps);
             tracing::info!(plugin = %label, projection = %manifest.name, version = %manifest.version, "plugin uploaded");
             Ok(())
         };

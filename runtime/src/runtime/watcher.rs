@@ -115,8 +115,10 @@ impl Watcher {
             runtime.plugin_errors.lock().expect("plugin errors lock").retain(|e| e.file != label);
         }
         for file in files {
-            let stamp = Self::stamp(&file);
+            // Under the lock: an upload replaces the file and records its
+            // stamp under it too, so what it wrote is never taken for a change.
             let mut stamps = runtime.plugin_stamps.lock().expect("stamps lock");
+            let stamp = Self::stamp(&file);
             if stamps.get(&file) == Some(&stamp) {
                 continue;
             }
