@@ -26,33 +26,98 @@ pub enum Lang {
 
 const WIT: &str = include_str!("../../../wit/plugin.wit");
 
-const SDK_RUST_MANIFEST: &str = r#"[package]
-name = "refract-sdk"
-version = "0.1.0"
-edition = "2024"
-publish = false
+/// The workspace's root manifest: the one place where the SDK's dependency
+/// versions (and the template's) are declared.
+const ROOT_MANIFEST: &str = include_str!("../../../Cargo.toml");
 
-[features]
-default = ["talc"]
-# The export macros make talc the plugin's allocator in WebAssembly (faster
-# than the default dlmalloc); turn it off to bring your own.
-talc = ["dep:talc"]
+/// The `key = value` lines of `section` in `manifest` (one-line values only,
+/// as the root manifest writes them).
+fn entries<'a>(manifest: &'a str, section: &str) -> Vec<(&'a str, &'a str)> {
+    let header = format!("[{section}]");
+    let mut lines = manifest.lines().skip_while(|l| l.trim() != header).skip(1);
+    let mut out = Vec::new();
+    for line in lines.by_ref() {
+        let line = line.trim();
+        if line.starts_with('[') {
+            break;
+        }
+        if let Some((key, value)) = line.split_once(" = ").filter(|_| !line.starts_with('#')) {
+            out.push((key.trim(), value.trim()));
+        }
+    }
+    out
+}
 
-[dependencies]
-serde = { version = "1", features = ["derive"] }
-serde_json = "1"
-wit-bindgen = { version = "0.61", default-features = false, features = ["macros", "realloc", "std"] }
+/// The root's specification of dependency `name`, with `extra` keys (e.g.
+/// `optional = true`) added.
+fn dependency(name: &str, extra: &str) -> String {
+    let spec = entries(ROOT_MANIFEST, "workspace.dependencies")
+        .into_iter()
+        .find(|(k, _)| *k == name)
+        .map(|(_, v)| v)
+        .unwrap_or_else(|| panic!("the root manifest declares {name}"));
+    let inner = match spec.strip_prefix('{').and_then(|s| s.strip_suffix('}')) {
+        Some(table) => table.trim().to_owned(),
+        None => format!("version = {spec}"),
+    };
+    match extra.trim() {
+        "" => format!("{{ {inner} }}"),
+        extra => format!("{{ {inner}, {extra} }}"),
+    }
+}
 
-[target.'cfg(target_family = "wasm")'.dependencies]
-talc = { version = "5", optional = true }
-"#;
+/// Workspace member `manifest` made to stand alone (in a plugin's
+/// `.refract/`): each `workspace = true` replaced by what the root declares,
+/// path dependencies pointed at `paths` (name → path), lints dropped.
+fn standalone(manifest: &str, paths: &[(&str, &str)]) -> String {
+    let package = entries(ROOT_MANIFEST, "workspace.package");
+    let mut out = String::new();
+    let mut section = String::new();
+    for line in manifest.lines() {
+        if line.starts_with('[') {
+            section = line.to_owned();
+        }
+        if section == "[lints]" {
+            continue;
+        }
+        let rewritten = match line.split_once(" = ") {
+            Some((key, "true")) if key.ends_with(".workspace") => {
+                let name = key.trim_end_matches(".workspace");
+                match (section.as_str(), paths.iter().find(|(n, _)| *n == name)) {
+                    ("[package]", _) => {
+                        let value = package.iter().find(|(k, _)| *k == name).map(|(_, v)| *v);
+                        format!("{name} = {}", value.unwrap_or_else(|| panic!("the root manifest sets package.{name}")))
+                    }
+                    (_, Some((_, path))) => format!("{name} = {{ path = \"{path}\" }}"),
+                    _ => format!("{name} = {}", dependency(name, "")),
+                }
+            }
+            Some((name, table)) if table.starts_with("{ workspace = true") => {
+                let extra = table.trim_start_matches("{ workspace = true").trim_end_matches('}');
+                format!("{name} = {}", dependency(name, extra.trim_start_matches(',')))
+            }
+            _ => line.to_owned(),
+        };
+        out.push_str(&rewritten);
+        out.push('\n');
+    }
+    out.trim_end().to_owned() + "\n"
+}
+
+/// The Rust SDK's manifest and the packed encoding's, standing alone.
+fn rust_sdk_manifests() -> [(&'static str, String); 2] {
+    [
+        ("sdk/rust/Cargo.toml", standalone(include_str!("../../../sdk/rust/Cargo.toml"), &[("refract-abi", "../abi")])),
+        ("sdk/abi/Cargo.toml", standalone(include_str!("../../../abi/Cargo.toml"), &[])),
+    ]
+}
 
 /// (path under `.refract/`, contents) per language.
-fn sdk_files(lang: Lang) -> Vec<(&'static str, &'static str)> {
-    let mut files = vec![("wit/plugin.wit", WIT)];
+fn sdk_files(lang: Lang) -> Vec<(&'static str, std::borrow::Cow<'static, str>)> {
+    let mut files: Vec<(&str, &str)> = vec![("wit/plugin.wit", WIT)];
     files.extend(match lang {
         Lang::Rust => vec![
-            ("sdk/rust/Cargo.toml", SDK_RUST_MANIFEST),
+            ("sdk/abi/src/lib.rs", include_str!("../../../abi/src/lib.rs")),
             ("sdk/rust/src/lib.rs", include_str!("../../../sdk/rust/src/lib.rs")),
             ("sdk/rust/src/cache.rs", include_str!("../../../sdk/rust/src/cache.rs")),
             ("sdk/rust/src/native.rs", include_str!("../../../sdk/rust/src/native.rs")),
@@ -79,6 +144,10 @@ fn sdk_files(lang: Lang) -> Vec<(&'static str, &'static str)> {
             ("sdk/js/host/log.mjs", include_str!("../../../sdk/js/host/log.mjs")),
         ],
     });
+    let mut files: Vec<_> = files.into_iter().map(|(path, text)| (path, std::borrow::Cow::Borrowed(text))).collect();
+    if lang == Lang::Rust {
+        files.extend(rust_sdk_manifests().map(|(path, text)| (path, std::borrow::Cow::Owned(text))));
+    }
     files
 }
 
@@ -126,7 +195,7 @@ pub fn write_sdk(dir: &Path, lang: Lang) -> anyhow::Result<()> {
     for (path, contents) in sdk_files(lang) {
         let path = dir.join(".refract").join(path);
         std::fs::create_dir_all(path.parent().expect("a file under .refract"))?;
-        std::fs::write(&path, contents).with_context(|| format!("writing {}", path.display()))?;
+        std::fs::write(&path, contents.as_bytes()).with_context(|| format!("writing {}", path.display()))?;
     }
     Ok(())
 }
@@ -141,7 +210,11 @@ pub fn new(parent: &Path, name: &str, lang: Lang, kind: Kind) -> anyhow::Result<
     for (file, text) in template(lang, kind) {
         let path = dir.join(file);
         std::fs::create_dir_all(path.parent().expect("a file in the plugin"))?;
-        std::fs::write(&path, text.replace("{{name}}", name)).with_context(|| format!("writing {}", path.display()))?;
+        let text = text
+            .replace("{{name}}", name)
+            .replace("{{serde}}", &dependency("serde", ""))
+            .replace("{{serde_json}}", &dependency("serde_json", ""));
+        std::fs::write(&path, text).with_context(|| format!("writing {}", path.display()))?;
     }
     let (build, test) = commands(lang);
     let kind_name = match kind {
@@ -377,4 +450,34 @@ pub fn check(file: &Path) -> anyhow::Result<Checked> {
         manifest: plugin.manifest().clone(),
         indexes: plugin.indexes().to_vec(),
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The SDK a plugin gets declares the same dependencies as Refract's own
+    /// workspace, written out, with nothing left that needs the workspace.
+    #[test]
+    fn the_scaffolded_sdk_manifests_stand_alone_with_the_workspace_versions() {
+        let [(_, sdk), (_, abi)] = rust_sdk_manifests();
+        for manifest in [&sdk, &abi] {
+            assert!(!manifest.contains("workspace"), "{manifest}");
+            assert!(!manifest.contains("[lints]"), "{manifest}");
+            assert!(manifest.contains(&format!("edition = {}", entries(ROOT_MANIFEST, "workspace.package")[1].1)));
+        }
+        assert!(sdk.contains("refract-abi = { path = \"../abi\" }"), "{sdk}");
+        assert!(sdk.contains(&format!("serde = {}", dependency("serde", ""))), "{sdk}");
+        // A workspace dependency with keys of its own keeps them.
+        let talc = sdk.lines().find(|l| l.starts_with("talc = {")).expect("the talc dependency");
+        assert!(talc.contains("optional = true") && talc.contains("version = \"5\""), "{talc}");
+        assert_eq!(
+            dependency("serde_json", ""),
+            "{ version = \"1\", features = [\"raw_value\", \"float_roundtrip\"] }"
+        );
+        assert_eq!(
+            dependency("rand_core", "optional = true"),
+            "{ version = \"0.10\", default-features = false, optional = true }"
+        );
+    }
 }

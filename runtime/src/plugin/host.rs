@@ -287,7 +287,7 @@ impl HostState {
     /// decode is the plugin's fault and traps the call.
     fn apply_pending(&mut self, writes: &[u8]) -> wasmtime::Result<Result<(), RefusedWrite>> {
         let batch = self.batch()?;
-        let applied = refract_sdk::packed::read_kv(writes, |table, key, value| {
+        let applied = refract_abi::read_kv(writes, |table, key, value| {
             let written = match value {
                 Some(value) => batch.put(table, key, value),
                 None => batch.delete(table, key),

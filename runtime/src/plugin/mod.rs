@@ -10,6 +10,7 @@
 pub mod cache;
 pub mod engine;
 pub mod host;
+#[cfg(any(test, feature = "native"))]
 pub mod native;
 pub mod route;
 pub mod wasm;

@@ -257,7 +257,7 @@ type PackedEnriched = (Result<Vec<u8>, Failure>,);
 
 /// Encode `events` for a packed export into `buffer`.
 fn pack(events: &[Event], buffer: &mut Vec<u8>) {
-    use refract_sdk::packed::{Writer, write_event};
+    use refract_abi::{Writer, write_event};
     buffer.clear();
     let mut w = Writer(buffer);
     w.len(events.len());
@@ -282,7 +282,7 @@ fn pack(events: &[Event], buffer: &mut Vec<u8>) {
 /// plugin's fault, like a trap.
 fn unpack_outputs(bytes: &[u8]) -> wasmtime::Result<Vec<Outgoing>> {
     let mut outputs = Vec::new();
-    refract_sdk::packed::read_outputs(bytes, |event_type, key, time, headers, data| {
+    refract_abi::read_outputs(bytes, |event_type, key, time, headers, data| {
         outputs.push(Outgoing {
             event_type: event_type.to_owned(),
             key: key.map(str::to_owned),
