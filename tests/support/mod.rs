@@ -136,10 +136,12 @@ pub fn lang_plugins() -> &'static LangPlugins {
             use sha2::Digest;
             let mut hash = sha2::Sha256::new();
             let mut files = Vec::new();
-            for dir in [root.join("plugins").join(plugin), root.join("sdk").join(sdk)] {
+            // The plugin, its SDK, the packed encoding and the WIT package.
+            for dir in
+                [root.join("plugins").join(plugin), root.join("sdk").join(sdk), root.join("abi"), root.join("wit")]
+            {
                 collect_files(&dir, &mut files);
             }
-            files.push(root.join("wit/plugin.wit"));
             files.sort();
             for f in &files {
                 hash.update(f.strip_prefix(&root).unwrap().to_string_lossy().as_bytes());

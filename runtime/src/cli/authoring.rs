@@ -24,7 +24,17 @@ pub enum Lang {
     Js,
 }
 
-const WIT: &str = include_str!("../../../wit/plugin.wit");
+/// The WIT package, a file per group of interfaces (see `wit/README.md`).
+const WIT: [(&str, &str); 8] = [
+    ("wit/README.md", include_str!("../../../wit/README.md")),
+    ("wit/types.wit", include_str!("../../../wit/types.wit")),
+    ("wit/kv.wit", include_str!("../../../wit/kv.wit")),
+    ("wit/search.wit", include_str!("../../../wit/search.wit")),
+    ("wit/emit.wit", include_str!("../../../wit/emit.wit")),
+    ("wit/lookup.wit", include_str!("../../../wit/lookup.wit")),
+    ("wit/settings.wit", include_str!("../../../wit/settings.wit")),
+    ("wit/worlds.wit", include_str!("../../../wit/worlds.wit")),
+];
 
 /// The workspace's root manifest: the one place where the SDK's dependency
 /// versions (and the template's) are declared.
@@ -114,7 +124,7 @@ fn rust_sdk_manifests() -> [(&'static str, String); 2] {
 
 /// (path under `.refract/`, contents) per language.
 fn sdk_files(lang: Lang) -> Vec<(&'static str, std::borrow::Cow<'static, str>)> {
-    let mut files: Vec<(&str, &str)> = vec![("wit/plugin.wit", WIT)];
+    let mut files: Vec<(&str, &str)> = WIT.to_vec();
     files.extend(match lang {
         Lang::Rust => vec![
             ("sdk/abi/src/lib.rs", include_str!("../../../abi/src/lib.rs")),
@@ -192,6 +202,18 @@ fn commands(lang: Lang) -> (&'static str, &'static str) {
 
 /// Write (or refresh) `dir/.refract/`: the WIT package and `lang`'s SDK.
 pub fn write_sdk(dir: &Path, lang: Lang) -> anyhow::Result<()> {
+    // Replace, not overwrite: a file an older Refract wrote and this one no
+    // longer does (the WIT package was one `plugin.wit`) would otherwise
+    // stay and clash with its successors.
+    for stale in ["wit", "sdk"] {
+        let path = dir.join(".refract").join(stale);
+        match std::fs::remove_dir_all(&path) {
+            Err(e) if e.kind() != std::io::ErrorKind::NotFound => {
+                return Err(e).with_context(|| format!("removing {}", path.display()));
+            }
+            _ => {}
+        }
+    }
     for (path, contents) in sdk_files(lang) {
         let path = dir.join(".refract").join(path);
         std::fs::create_dir_all(path.parent().expect("a file under .refract"))?;
@@ -455,6 +477,35 @@ pub fn check(file: &Path) -> anyhow::Result<Checked> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// Refreshing a plugin's `.refract/` drops what an older Refract wrote
+    /// there: the WIT package was one `plugin.wit`, which would clash with
+    /// the files that replaced it.
+    #[test]
+    fn refreshing_the_sdk_removes_files_an_older_refract_wrote() {
+        let dir = tempfile::tempdir().unwrap();
+        let stale = dir.path().join(".refract/wit/plugin.wit");
+        std::fs::create_dir_all(stale.parent().unwrap()).unwrap();
+        std::fs::write(&stale, "package refract:plugin@0.1.0;").unwrap();
+        write_sdk(dir.path(), Lang::Python).unwrap();
+        assert!(!stale.exists());
+        assert!(dir.path().join(".refract/wit/types.wit").exists());
+        assert!(dir.path().join(".refract/sdk/python/refract_sdk/__init__.py").exists());
+    }
+
+    /// A plugin gets the whole WIT package: every file of `wit/`.
+    #[test]
+    fn the_scaffolded_wit_package_is_every_file_of_wit() {
+        let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("../wit");
+        let mut on_disk: Vec<String> = std::fs::read_dir(&dir)
+            .unwrap()
+            .map(|e| format!("wit/{}", e.unwrap().file_name().to_string_lossy()))
+            .collect();
+        on_disk.sort();
+        let mut embedded: Vec<String> = WIT.iter().map(|(path, _)| (*path).to_owned()).collect();
+        embedded.sort();
+        assert_eq!(embedded, on_disk);
+    }
 
     /// The SDK a plugin gets declares the same dependencies as Refract's own
     /// workspace, written out, with nothing left that needs the workspace.
