@@ -5,7 +5,7 @@
 //! only the domain types the WIT defines (events, manifests, the errors a
 //! capability answers), re-exported here, so that the store and the sources
 //! do not reach into the plugin layer for them. [`crate::plugin`] alone uses
-//! the generated worlds and the `Host` traits, through [`worlds`].
+//! the generated worlds and the `Host` traits, through `worlds`.
 
 mod generated {
     wasmtime::component::bindgen!({
@@ -19,7 +19,7 @@ mod generated {
     /// The `enricher` world. Its imports are a subset of `projection`'s, so they
     /// reuse that world's generated interfaces (one host implementation, one
     /// linker for both kinds of plugin).
-    pub mod enricher {
+    pub(super) mod enricher {
         wasmtime::component::bindgen!({
             path: "../wit",
             world: "refract:plugin/enricher",

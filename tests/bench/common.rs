@@ -15,7 +15,7 @@ use refract::store::ReadModel;
 /// Run `handler` through the projector (with its read-ahead thread) until it
 /// has consumed every event of `streams`; the seconds it took and its read
 /// model (in `dir/<name>.redb`).
-pub fn run_projector(
+pub(crate) fn run_projector(
     name: &str,
     handler: Box<dyn Handler>,
     log: &Arc<EventLog>,
@@ -52,7 +52,7 @@ pub fn run_projector(
 }
 
 /// The median of `values` (NaN when there are none: a variant not run).
-pub fn median(values: &[f64]) -> f64 {
+pub(crate) fn median(values: &[f64]) -> f64 {
     let mut sorted = values.to_vec();
     sorted.sort_by(f64::total_cmp);
     sorted.get(sorted.len() / 2).copied().unwrap_or(f64::NAN)
@@ -60,13 +60,13 @@ pub fn median(values: &[f64]) -> f64 {
 
 /// Per round, how fast `measured` ran against `baseline` (both in seconds,
 /// the same rounds in the same order): baseline ÷ measured, a rate ratio.
-pub fn rate_ratios(measured: &[f64], baseline: &[f64]) -> Vec<f64> {
+pub(crate) fn rate_ratios(measured: &[f64], baseline: &[f64]) -> Vec<f64> {
     measured.iter().zip(baseline).map(|(m, b)| b / m).collect()
 }
 
 /// The lowest and highest of `values`, as "lo–hi" to two decimals: a
 /// ratio's spread over the rounds.
-pub fn spread(values: &[f64]) -> String {
+pub(crate) fn spread(values: &[f64]) -> String {
     let (lo, hi) = values.iter().fold((f64::INFINITY, 0f64), |(lo, hi), x| (lo.min(*x), hi.max(*x)));
     format!("{lo:.2}–{hi:.2}")
 }
@@ -74,7 +74,7 @@ pub fn spread(values: &[f64]) -> String {
 /// CPU seconds this process has used so far, in all its threads (user and
 /// system). Differences of it are steadier than wall time on a shared machine:
 /// time the process spends waiting for a core is not in them.
-pub fn process_cpu_seconds() -> f64 {
+pub(crate) fn process_cpu_seconds() -> f64 {
     // SAFETY: `getrusage` only writes the struct it is given.
     let usage = unsafe {
         let mut usage: libc::rusage = std::mem::zeroed();
@@ -87,25 +87,25 @@ pub fn process_cpu_seconds() -> f64 {
 
 /// A minimal HTTP/1.1 keep-alive client (like a load generator's), so the
 /// measurement is of the server, not of a client library.
-pub struct Connection {
+pub(crate) struct Connection {
     stream: std::io::BufReader<std::net::TcpStream>,
 }
 
 impl Connection {
-    pub fn new(address: &str) -> Self {
+    pub(crate) fn new(address: &str) -> Self {
         let stream = std::net::TcpStream::connect(address).unwrap();
         stream.set_nodelay(true).unwrap();
         Connection { stream: std::io::BufReader::new(stream) }
     }
 
     /// `GET path`: the status and the JSON body.
-    pub fn get(&mut self, path: &str) -> (u16, serde_json::Value) {
+    pub(crate) fn get(&mut self, path: &str) -> (u16, serde_json::Value) {
         let (status, body) = self.get_bytes(path);
         (status, serde_json::from_slice(&body).unwrap())
     }
 
     /// `GET path`: the status and the body, unparsed (as a load generator reads it).
-    pub fn get_bytes(&mut self, path: &str) -> (u16, Vec<u8>) {
+    pub(crate) fn get_bytes(&mut self, path: &str) -> (u16, Vec<u8>) {
         use std::io::{BufRead, Read, Write};
         let request = format!("GET {path} HTTP/1.1\r\nhost: bench\r\n\r\n");
         self.stream.get_mut().write_all(request.as_bytes()).unwrap();

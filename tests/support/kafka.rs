@@ -19,7 +19,7 @@ use super::free_port;
 
 /// The tansu binary: `$REFRACT_TANSU`, `~/.cache/refract/bin/tansu` (where
 /// `.ci/run` puts it), the prebuilt one beside the workspace, or `tansu` on the PATH.
-pub fn tansu() -> PathBuf {
+pub(crate) fn tansu() -> PathBuf {
     let mut candidates: Vec<PathBuf> = Vec::new();
     if let Some(p) = std::env::var_os("REFRACT_TANSU") {
         candidates.push(p.into());
@@ -40,21 +40,21 @@ pub fn tansu() -> PathBuf {
 }
 
 /// A running broker.
-pub struct Broker {
+pub(crate) struct Broker {
     dir: tempfile::TempDir,
     pub port: u16,
     child: Option<Child>,
 }
 
 impl Broker {
-    pub fn start() -> Broker {
+    pub(crate) fn start() -> Broker {
         let mut broker = Broker { dir: tempfile::tempdir().unwrap(), port: free_port(), child: None };
         broker.restart();
         broker
     }
 
     /// `host:port`, for `kafka.brokers`.
-    pub fn address(&self) -> String {
+    pub(crate) fn address(&self) -> String {
         format!("127.0.0.1:{}", self.port)
     }
 
@@ -63,7 +63,7 @@ impl Broker {
     }
 
     /// Start the broker (again) on the same port and storage.
-    pub fn restart(&mut self) {
+    pub(crate) fn restart(&mut self) {
         assert!(self.child.is_none(), "already running");
         let log =
             std::fs::OpenOptions::new().create(true).append(true).open(self.dir.path().join("tansu.log")).unwrap();
@@ -84,18 +84,18 @@ impl Broker {
         }
     }
 
-    pub fn kill(&mut self) {
+    pub(crate) fn kill(&mut self) {
         if let Some(mut child) = self.child.take() {
             let _ = child.kill();
             let _ = child.wait();
         }
     }
 
-    pub fn log(&self) -> String {
+    pub(crate) fn log(&self) -> String {
         std::fs::read_to_string(self.dir.path().join("tansu.log")).unwrap_or_default()
     }
 
-    pub fn create_topic(&self, name: &str, partitions: u32) {
+    pub(crate) fn create_topic(&self, name: &str, partitions: u32) {
         let out = Command::new(tansu())
             .args(["topic", "create", name, "--partitions", &partitions.to_string(), "--broker", &self.url()])
             .stdin(Stdio::null())
@@ -105,14 +105,14 @@ impl Broker {
     }
 
     /// A producer (librdkafka, like any Kafka client) for this broker.
-    pub fn producer(&self) -> TestProducer {
+    pub(crate) fn producer(&self) -> TestProducer {
         TestProducer::new(&self.address())
     }
 }
 
 impl TestProducer {
     /// A producer for the cluster at `bootstrap` (`host:port,…`).
-    pub fn new(bootstrap: &str) -> TestProducer {
+    pub(crate) fn new(bootstrap: &str) -> TestProducer {
         let failures = Arc::new(AtomicUsize::new(0));
         let producer = ClientConfig::new()
             .set("bootstrap.servers", bootstrap)
@@ -148,7 +148,7 @@ impl ProducerContext for Failures {
 
 /// A record to produce.
 #[derive(Debug, Clone, Default)]
-pub struct Out {
+pub(crate) struct Out {
     pub key: Option<String>,
     /// `None`: a tombstone.
     pub value: Option<Vec<u8>>,
@@ -159,14 +159,14 @@ pub struct Out {
     pub timestamp: Option<i64>,
 }
 
-pub struct TestProducer {
+pub(crate) struct TestProducer {
     producer: BaseProducer<Failures>,
     failures: Arc<AtomicUsize>,
 }
 
 impl TestProducer {
     /// Produce `records` to `topic` in order and wait until every one is acknowledged.
-    pub fn send_all(&self, topic: &str, records: &[Out]) {
+    pub(crate) fn send_all(&self, topic: &str, records: &[Out]) {
         self.send(topic, records);
         self.producer.flush(Duration::from_secs(60)).expect("flushing the producer");
         assert_eq!(self.failures.load(Ordering::Relaxed), 0, "some records were not delivered");
@@ -212,7 +212,7 @@ impl TestProducer {
 /// handed. Sent as a raw Produce request (v3), since neither tansu 0.6.0
 /// nor librdkafka's mock cluster writes markers itself; the mock cluster
 /// stores the batch as sent.
-pub fn append_commit_marker(bootstrap: &str, topic: &str, partition: i32) {
+pub(crate) fn append_commit_marker(bootstrap: &str, topic: &str, partition: i32) {
     use std::io::{Read, Write};
     // The control record: key = (version 0, type 1 = commit), value = (version 0, coordinator epoch 0).
     let (key, value) = ([0u8, 0, 0, 1], [0u8, 0, 0, 0, 0, 0]);

@@ -3,8 +3,8 @@
 //! example events computed independently of the plugins.
 #![allow(dead_code)] // each test binary uses a different part
 
-pub mod kafka;
-pub mod reference;
+pub(crate) mod kafka;
+pub(crate) mod reference;
 
 use std::net::TcpListener;
 use std::path::{Path, PathBuf};
@@ -16,7 +16,7 @@ use refract_client::Client;
 use serde_json::Value;
 
 /// The example and test plugins, built for `wasm32-wasip2`.
-pub struct Plugins {
+pub(crate) struct Plugins {
     pub order_summary: PathBuf,
     pub order_search: PathBuf,
     pub account_balance: PathBuf,
@@ -35,14 +35,14 @@ pub struct Plugins {
     pub chaos_mapping: PathBuf,
 }
 
-pub fn workspace_root() -> PathBuf {
+pub(crate) fn workspace_root() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).parent().expect("runtime/ is in the workspace").to_owned()
 }
 
 /// Build the plugins (incrementally: a no-op when nothing changed, so a test
 /// never runs a stale component) into their own target directory, which
 /// keeps this nested cargo off the lock of the build that runs the tests.
-pub fn plugins() -> &'static Plugins {
+pub(crate) fn plugins() -> &'static Plugins {
     static PLUGINS: OnceLock<Plugins> = OnceLock::new();
     PLUGINS.get_or_init(|| {
         let exe = std::env::current_exe().expect("test executable path");
@@ -112,7 +112,7 @@ pub fn plugins() -> &'static Plugins {
 
 /// `order-summary` written in Python and in JavaScript, built with
 /// `refract plugin build` (componentize-py, componentize-js).
-pub struct LangPlugins {
+pub(crate) struct LangPlugins {
     pub order_summary_py: PathBuf,
     pub order_summary_js: PathBuf,
     pub order_search_py: PathBuf,
@@ -122,7 +122,7 @@ pub struct LangPlugins {
 /// Build the Python and JavaScript plugins, or reuse a build of the same
 /// sources: each takes 10–30 s, so components are kept under a hash of the
 /// plugin's sources, the SDKs and the WIT package.
-pub fn lang_plugins() -> &'static LangPlugins {
+pub(crate) fn lang_plugins() -> &'static LangPlugins {
     static PLUGINS: OnceLock<LangPlugins> = OnceLock::new();
     PLUGINS.get_or_init(|| {
         let root = workspace_root();
@@ -192,12 +192,12 @@ fn collect_files(dir: &Path, into: &mut Vec<PathBuf>) {
 }
 
 /// A free TCP port on 127.0.0.1.
-pub fn free_port() -> u16 {
+pub(crate) fn free_port() -> u16 {
     TcpListener::bind("127.0.0.1:0").expect("bind :0").local_addr().expect("local addr").port()
 }
 
 /// A `refract run` process with its own data and plugins directories.
-pub struct Server {
+pub(crate) struct Server {
     child: Option<Child>,
     pub dir: PathBuf,
     pub port: u16,
@@ -212,7 +212,7 @@ pub struct Server {
 impl Server {
     /// Write `dir/refract.yaml` (data and plugins under `dir`, plus `extra`
     /// YAML), copy `plugins` into `dir/plugins`, start the binary and wait until it answers.
-    pub fn start(dir: &Path, plugins: &[&Path], extra: &str) -> Server {
+    pub(crate) fn start(dir: &Path, plugins: &[&Path], extra: &str) -> Server {
         let plugins_dir = dir.join("plugins");
         std::fs::create_dir_all(&plugins_dir).unwrap();
         for p in plugins {
@@ -234,7 +234,7 @@ impl Server {
     }
 
     /// Start the process again (after [`Server::kill`]) on the same directory and port.
-    pub fn restart(&mut self) {
+    pub(crate) fn restart(&mut self) {
         assert!(self.child.is_none(), "already running");
         let log = std::fs::OpenOptions::new().create(true).append(true).open(self.dir.join("refract.log")).unwrap();
         let mut command = Command::new(env!("CARGO_BIN_EXE_refract"));
@@ -278,7 +278,7 @@ impl Server {
     }
 
     /// SIGKILL the process: no shutdown, no flushing.
-    pub fn kill(&mut self) {
+    pub(crate) fn kill(&mut self) {
         if let Some(mut child) = self.child.take() {
             child.kill().expect("SIGKILL");
             child.wait().expect("reaping the process");
@@ -286,7 +286,7 @@ impl Server {
     }
 
     /// Stop the process gracefully (SIGTERM) and wait for it.
-    pub fn stop(&mut self) {
+    pub(crate) fn stop(&mut self) {
         if let Some(mut child) = self.child.take() {
             let _ = Command::new("kill").arg("-TERM").arg(child.id().to_string()).status();
             child.wait().expect("reaping the process");
@@ -294,27 +294,27 @@ impl Server {
     }
 
     /// The process id of the running server.
-    pub fn pid(&self) -> u32 {
+    pub(crate) fn pid(&self) -> u32 {
         self.child.as_ref().expect("running").id()
     }
 
-    pub fn client(&self) -> Client {
+    pub(crate) fn client(&self) -> Client {
         Client::new(&self.url)
     }
 
-    pub fn log(&self) -> String {
+    pub(crate) fn log(&self) -> String {
         std::fs::read_to_string(self.dir.join("refract.log")).unwrap_or_default()
     }
 
     /// Wait until no projection lags behind the log.
-    pub fn wait_caught_up(&self) {
+    pub(crate) fn wait_caught_up(&self) {
         let caught_up = self.client().wait_caught_up(Duration::from_secs(180)).expect("querying status");
         assert!(caught_up, "projections did not catch up; status: {}", self.get("/v1/projections"));
     }
 
     /// Wait until the checkpoints of `projection` add up to `records` (every
     /// record of its streams read, for sources whose offsets are dense).
-    pub fn wait_checkpoints(&self, projection: &str, records: u64) -> Value {
+    pub(crate) fn wait_checkpoints(&self, projection: &str, records: u64) -> Value {
         let until = Instant::now() + Duration::from_secs(180);
         loop {
             let status = self.get(&format!("/v1/projections/{projection}"));
@@ -333,7 +333,7 @@ impl Server {
     /// `events`: both tables, and counters showing each event applied or
     /// dead-lettered once (counters commit with the batches, so a batch
     /// applied twice would show).
-    pub fn assert_order_summary_is_the_fold_of(&self, events: &[Value]) {
+    pub(crate) fn assert_order_summary_is_the_fold_of(&self, events: &[Value]) {
         let expected = reference::orders(events);
         let got: Vec<(String, Value)> = self.table("order-summary", "orders");
         assert_eq!(got.len(), expected.orders.len(), "orders lost or invented");
@@ -346,7 +346,7 @@ impl Server {
     }
 
     /// Every event of `stream` in the embedded log, partition by partition.
-    pub fn stream(&self, stream: &str) -> Vec<Value> {
+    pub(crate) fn stream(&self, stream: &str) -> Vec<Value> {
         let streams = self.get("/v1/streams");
         let Some(info) = streams["streams"].as_array().unwrap().iter().find(|s| s["name"] == stream) else {
             return Vec::new();
@@ -369,14 +369,14 @@ impl Server {
     }
 
     /// `GET path`, asserting a 200, returning the body.
-    pub fn get(&self, path: &str) -> Value {
+    pub(crate) fn get(&self, path: &str) -> Value {
         let reply = self.client().get(path).expect("GET");
         assert_eq!(reply.status, 200, "GET {path}: {}", reply.body);
         reply.body
     }
 
     /// Every entry of a projection's table, paging with `after`.
-    pub fn table(&self, projection: &str, table: &str) -> Vec<(String, Value)> {
+    pub(crate) fn table(&self, projection: &str, table: &str) -> Vec<(String, Value)> {
         let mut out = Vec::new();
         let mut after: Option<String> = None;
         loop {
@@ -403,7 +403,7 @@ impl Drop for Server {
 }
 
 /// Wait until `GET path` answers `status`, failing with `what` after `within`.
-pub fn wait_status(client: &Client, path: &str, status: u16, within: Duration, what: &str) {
+pub(crate) fn wait_status(client: &Client, path: &str, status: u16, within: Duration, what: &str) {
     let until = Instant::now() + within;
     while client.get(path).unwrap().status != status {
         assert!(Instant::now() < until, "{what}");
@@ -412,7 +412,7 @@ pub fn wait_status(client: &Client, path: &str, status: u16, within: Duration, w
 }
 
 /// Percent-encode a query value.
-pub fn encode(s: &str) -> String {
+pub(crate) fn encode(s: &str) -> String {
     s.bytes()
         .map(|b| match b {
             b'A'..=b'Z' | b'a'..=b'z' | b'0'..=b'9' | b'-' | b'_' | b'.' | b'~' => (b as char).to_string(),
@@ -422,7 +422,7 @@ pub fn encode(s: &str) -> String {
 }
 
 /// Events as NDJSON.
-pub fn ndjson(events: &[Value]) -> Vec<u8> {
+pub(crate) fn ndjson(events: &[Value]) -> Vec<u8> {
     let mut out = Vec::new();
     for e in events {
         serde_json::to_writer(&mut out, e).unwrap();

@@ -15,7 +15,7 @@ fn money(cents: i64) -> Value {
 }
 
 /// The expected `orders` and `customer-orders` tables, and how many events are rejected.
-pub struct Orders {
+pub(crate) struct Orders {
     pub orders: BTreeMap<String, Value>,
     pub customer_orders: BTreeMap<String, Value>,
     pub rejected: usize,
@@ -30,7 +30,7 @@ struct Order {
 }
 
 /// Fold order events (in log order per order id).
-pub fn orders(events: &[Value]) -> Orders {
+pub(crate) fn orders(events: &[Value]) -> Orders {
     let mut state: BTreeMap<String, Order> = BTreeMap::new();
     let mut rejected = 0;
     for e in events {
@@ -101,7 +101,7 @@ pub fn orders(events: &[Value]) -> Orders {
 }
 
 /// The expected `balances` table and number of rejected events.
-pub fn balances(events: &[Value]) -> (BTreeMap<String, Value>, usize) {
+pub(crate) fn balances(events: &[Value]) -> (BTreeMap<String, Value>, usize) {
     let mut bal: BTreeMap<String, (String, i64)> = BTreeMap::new();
     let mut rejected = 0;
     for e in events {

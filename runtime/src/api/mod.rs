@@ -4,7 +4,7 @@
 //!
 //! The operations are listed once, in [`operations`]; `openapi.yaml` (served
 //! as `/openapi.json`) documents exactly those (a test checks both ways).
-//! Every request goes through [`guard`] (time limit, errors as JSON) and
+//! Every request goes through `guard` (time limit, errors as JSON) and
 //! `auth` (bearer tokens: the admin token for every method but GET/HEAD).
 //! Read-model queries (items, pages, search) also take `wait_for` and
 //! `timeout_ms`: see [`consistency`].

@@ -18,7 +18,7 @@ use refract::plugin::wasm::{PluginLimits, WasmPlugin};
 
 /// A plugin's language.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
-pub enum Lang {
+pub(crate) enum Lang {
     Rust,
     Python,
     Js,
@@ -201,7 +201,7 @@ fn commands(lang: Lang) -> (&'static str, &'static str) {
 }
 
 /// Write (or refresh) `dir/.refract/`: the WIT package and `lang`'s SDK.
-pub fn write_sdk(dir: &Path, lang: Lang) -> anyhow::Result<()> {
+pub(crate) fn write_sdk(dir: &Path, lang: Lang) -> anyhow::Result<()> {
     // Replace, not overwrite: a file an older Refract wrote and this one no
     // longer does (the WIT package was one `plugin.wit`) would otherwise
     // stay and clash with its successors.
@@ -223,7 +223,7 @@ pub fn write_sdk(dir: &Path, lang: Lang) -> anyhow::Result<()> {
 }
 
 /// `refract plugin new`: a plugin called `name` in `parent/name`, ready to build and test.
-pub fn new(parent: &Path, name: &str, lang: Lang, kind: Kind) -> anyhow::Result<PathBuf> {
+pub(crate) fn new(parent: &Path, name: &str, lang: Lang, kind: Kind) -> anyhow::Result<PathBuf> {
     refract::names::validate("plugin", name).map_err(anyhow::Error::msg)?;
     let dir = parent.join(name);
     if dir.exists() {
@@ -254,7 +254,7 @@ pub fn new(parent: &Path, name: &str, lang: Lang, kind: Kind) -> anyhow::Result<
 }
 
 /// The language of the plugin in `dir`, by its files.
-pub fn detect(dir: &Path) -> anyhow::Result<Lang> {
+pub(crate) fn detect(dir: &Path) -> anyhow::Result<Lang> {
     if dir.join("Cargo.toml").is_file() {
         Ok(Lang::Rust)
     } else if dir.join("app.py").is_file() {
@@ -309,7 +309,7 @@ fn run(command: &mut Command, what: &str) -> anyhow::Result<()> {
 
 /// `refract plugin build`: build the plugin in `dir` into a component with
 /// its language's tool; returns the component's path.
-pub fn build(dir: &Path, out: Option<PathBuf>, kind: Option<Kind>) -> anyhow::Result<PathBuf> {
+pub(crate) fn build(dir: &Path, out: Option<PathBuf>, kind: Option<Kind>) -> anyhow::Result<PathBuf> {
     let lang = detect(dir)?;
     let dir = dir.canonicalize().with_context(|| format!("reading {}", dir.display()))?;
     let out = match out {
@@ -443,7 +443,7 @@ fn build_rust(dir: &Path, out: &Path) -> anyhow::Result<()> {
 }
 
 /// What `check` found in a component.
-pub struct Checked {
+pub(crate) struct Checked {
     pub kind: Kind,
     /// Whether it takes its batches packed into one buffer (the `packed-*` worlds).
     pub packed: bool,
@@ -453,7 +453,7 @@ pub struct Checked {
 
 /// `refract plugin check`: compile `file`, instantiate it against the host's
 /// interfaces and ask for its manifest, as the runtime would.
-pub fn check(file: &Path) -> anyhow::Result<Checked> {
+pub(crate) fn check(file: &Path) -> anyhow::Result<Checked> {
     use refract::plugin::Handler;
     let bytes = std::fs::read(file).with_context(|| format!("reading {}", file.display()))?;
     let engine = refract::plugin::engine::new_engine().map_err(|e| anyhow::anyhow!("creating the engine: {e}"))?;

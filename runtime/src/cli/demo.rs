@@ -11,7 +11,7 @@ use refract_client::Client;
 use super::serve::RunArgs;
 
 /// Run the demo: `args` as for `refract run`, with `events` orders.
-pub fn run(args: RunArgs, events: usize) -> anyhow::Result<()> {
+pub(crate) fn run(args: RunArgs, events: usize) -> anyhow::Result<()> {
     let mut config: Config = args.config()?;
     if args.data_dir.is_none() && args.config.is_none() {
         config.data_dir = PathBuf::from("refract-demo-data");
@@ -29,7 +29,7 @@ pub fn run(args: RunArgs, events: usize) -> anyhow::Result<()> {
     super::serve::run(config, Some(events))
 }
 
-pub fn ndjson(events: &[serde_json::Value]) -> Vec<u8> {
+pub(crate) fn ndjson(events: &[serde_json::Value]) -> Vec<u8> {
     let mut out = Vec::new();
     for e in events {
         serde_json::to_writer(&mut out, e).expect("events serialize");
@@ -38,7 +38,7 @@ pub fn ndjson(events: &[serde_json::Value]) -> Vec<u8> {
     out
 }
 
-pub fn feed(url: &str, n: usize) -> anyhow::Result<()> {
+pub(crate) fn feed(url: &str, n: usize) -> anyhow::Result<()> {
     let token = std::env::var("REFRACT_ADMIN_TOKEN").ok();
     let client = Client::new(url).with_token(token.as_deref());
     let orders = refract_client::fixtures::orders(n, 1, 0.01);

@@ -3,8 +3,8 @@
 //! `dead-letters`: a running runtime over HTTP), [`plugin`] (`plugin new |
 //! build | check`, over [`authoring`]).
 
-pub mod authoring;
-pub mod demo;
-pub mod plugin;
-pub mod remote;
-pub mod serve;
+pub(crate) mod authoring;
+pub(crate) mod demo;
+pub(crate) mod plugin;
+pub(crate) mod remote;
+pub(crate) mod serve;

@@ -8,7 +8,7 @@ use clap::Subcommand;
 use super::authoring;
 
 #[derive(Subcommand)]
-pub enum PluginCommand {
+pub(crate) enum PluginCommand {
     /// Create a plugin in ./<name>: source, a unit test, README, and the SDK in .refract/.
     New {
         name: String,
@@ -52,7 +52,7 @@ impl From<PluginKind> for refract::plugin::Kind {
     }
 }
 
-pub fn plugin_command(command: PluginCommand) -> anyhow::Result<()> {
+pub(crate) fn plugin_command(command: PluginCommand) -> anyhow::Result<()> {
     match command {
         PluginCommand::New { name, lang, kind } => {
             let dir = authoring::new(Path::new("."), &name, lang, kind.into())?;

@@ -13,7 +13,7 @@ use serde_json::Value;
 
 /// Where a running runtime is, and the token to show it.
 #[derive(clap::Args)]
-pub struct Remote {
+pub(crate) struct Remote {
     /// The runtime's address.
     #[arg(long, env = "REFRACT_URL", default_value = "http://127.0.0.1:8080", global = true)]
     pub url: String,
@@ -26,7 +26,7 @@ pub struct Remote {
 
 impl Remote {
     /// A client of the runtime, with the token.
-    pub fn client(&self) -> Client {
+    pub(crate) fn client(&self) -> Client {
         let env = |name: &str| std::env::var(name).ok().filter(|t| !t.is_empty());
         let token = self.token.clone().or_else(|| env("REFRACT_ADMIN_TOKEN")).or_else(|| env("REFRACT_QUERY_TOKEN"));
         Client::new(&self.url).with_token(token.as_deref())
@@ -34,7 +34,7 @@ impl Remote {
 }
 
 #[derive(Subcommand)]
-pub enum DeadLetterAction {
+pub(crate) enum DeadLetterAction {
     /// Print one dead letter in full.
     Show { id: u64 },
     /// Hand the events to the plugin again (after a fix): one, or every one.
@@ -44,7 +44,7 @@ pub enum DeadLetterAction {
 }
 
 /// `refract dead-letters`.
-pub fn dead_letters(projection: &str, action: Option<DeadLetterAction>, remote: &Remote) -> anyhow::Result<()> {
+pub(crate) fn dead_letters(projection: &str, action: Option<DeadLetterAction>, remote: &Remote) -> anyhow::Result<()> {
     let (client, url) = (remote.client(), &remote.url);
     let base = format!("/v1/projections/{projection}/dead-letters");
     let reply = match &action {
@@ -91,7 +91,7 @@ pub fn dead_letters(projection: &str, action: Option<DeadLetterAction>, remote: 
 }
 
 /// Send NDJSON from `file` (or stdin) to `stream` in requests of `batch` lines.
-pub fn produce(stream: &str, file: Option<PathBuf>, batch: usize, remote: &Remote) -> anyhow::Result<()> {
+pub(crate) fn produce(stream: &str, file: Option<PathBuf>, batch: usize, remote: &Remote) -> anyhow::Result<()> {
     // A file's size makes a progress bar (bytes read, rate, ETA); stdin has none.
     let (input, size): (Box<dyn Read>, Option<u64>) = match &file {
         Some(p) if p.as_os_str() != "-" => {
@@ -158,7 +158,7 @@ pub fn produce(stream: &str, file: Option<PathBuf>, batch: usize, remote: &Remot
     Ok(())
 }
 
-pub fn rebuild(projection: &str, remote: &Remote, detach: bool, cancel: bool) -> anyhow::Result<()> {
+pub(crate) fn rebuild(projection: &str, remote: &Remote, detach: bool, cancel: bool) -> anyhow::Result<()> {
     let (client, url) = (remote.client(), &remote.url);
     let path = format!("/v1/projections/{projection}/rebuild");
     let reply = if cancel { client.delete(&path) } else { client.post(&path, "application/json", b"") }
@@ -244,7 +244,7 @@ impl Progress {
 }
 
 /// `refract status`: one row per projection.
-pub fn status(remote: &Remote, watch: bool) -> anyhow::Result<()> {
+pub(crate) fn status(remote: &Remote, watch: bool) -> anyhow::Result<()> {
     let (client, url) = (remote.client(), &remote.url);
     let mut previous: BTreeMap<String, (u64, Instant)> = BTreeMap::new();
     loop {

@@ -7,7 +7,7 @@ use refract::config::Config;
 use refract::runtime::Runtime;
 
 #[derive(clap::Args)]
-pub struct RunArgs {
+pub(crate) struct RunArgs {
     /// The configuration file (default: ./refract.yaml if it exists, else built-in defaults).
     #[arg(long, short, env = "REFRACT_CONFIG")]
     pub config: Option<PathBuf>,
@@ -23,7 +23,7 @@ pub struct RunArgs {
 }
 
 impl RunArgs {
-    pub fn config(&self) -> anyhow::Result<Config> {
+    pub(crate) fn config(&self) -> anyhow::Result<Config> {
         let path = self.config.clone().or_else(|| {
             let default = PathBuf::from("refract.yaml");
             default.exists().then_some(default)
@@ -50,7 +50,7 @@ impl RunArgs {
 }
 
 /// Start the runtime and serve until Ctrl-C or SIGTERM; with `demo`, also feed it sample events.
-pub fn run(config: Config, demo: Option<usize>) -> anyhow::Result<()> {
+pub(crate) fn run(config: Config, demo: Option<usize>) -> anyhow::Result<()> {
     let runtime = Runtime::start(&config)?;
     let tokio = tokio::runtime::Runtime::new()?;
     let listener = tokio
@@ -75,7 +75,7 @@ pub fn run(config: Config, demo: Option<usize>) -> anyhow::Result<()> {
     served.context("serving HTTP")
 }
 
-pub async fn shutdown_signal() {
+pub(crate) async fn shutdown_signal() {
     let ctrl_c = tokio::signal::ctrl_c();
     #[cfg(unix)]
     {

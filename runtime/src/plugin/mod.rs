@@ -2,8 +2,8 @@
 //!
 //! A [`Handler`] is what the projector drives: a WebAssembly component
 //! ([`wasm::WasmPlugin`]) or, for baselines and tests, a plugin written
-//! with the Rust SDK and compiled into the host ([`native::NativeProjection`],
-//! [`native::NativeEnricher`]). It is a projection or an enricher ([`Kind`]);
+//! with the Rust SDK and compiled into the host (`native::NativeProjection`,
+//! `native::NativeEnricher`). It is a projection or an enricher ([`Kind`]);
 //! the projector runs both the same way, since an enricher's outputs are
 //! events it emits (see [`route`]).
 

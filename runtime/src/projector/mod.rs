@@ -1,7 +1,7 @@
 //! The projector: one worker per projection, feeding batches of events from
 //! its sources to a plugin and committing the effects with the checkpoint.
 //!
-//! The batch loop of one projection ([`worker`]):
+//! The batch loop of one projection (`worker`):
 //!
 //! 1. Read events after the checkpoint of each subscribed partition, up to
 //!    `max-events`.
@@ -17,11 +17,11 @@
 //!   batch, until the failing event stands alone; it becomes a dead letter
 //!   and everything else is applied.
 //!
-//! The files follow the loop: [`options`] (sizes and back-off),
-//! [`control`] (the command channel), [`read_ahead`] (the reader thread),
-//! [`worker`] (the loop), [`commit`] (the pipelined commit), [`recovery`]
-//! (retries, bisection, dead letters), [`replay`] (what is history) and
-//! [`status`] (what a worker reports).
+//! The files follow the loop: `options` (sizes and back-off),
+//! `control` (the command channel), `read_ahead` (the reader thread),
+//! `worker` (the loop), `commit` (the pipelined commit), `recovery`
+//! (retries, bisection, dead letters), `replay` (what is history) and
+//! `status` (what a worker reports).
 
 mod commit;
 mod control;

@@ -38,7 +38,7 @@ pub struct BatchOptions {
     /// fails every event stops instead of dead-lettering the whole stream.
     pub pause_after_dead_letters: u64,
     /// Run a rebuild's threads at `SCHED_IDLE` while they replay history
-    /// (see [`super::set_background`]).
+    /// (see `super::set_background`).
     pub background_rebuilds: bool,
 }
 

@@ -89,7 +89,7 @@ impl Loader {
 
 impl Runtime {
     /// Check an uploaded plugin (compile, instantiate, describe) and decide
-    /// what it changes (see [`Runtime::deploy`]); only then install it as
+    /// what it changes (see `Runtime::deploy`); only then install it as
     /// `<plugins-dir>/<name>.wasm` and put it to work. A version the runtime
     /// would not run is refused before it is written: the file on disk stays
     /// the one running. Returns its manifest.

@@ -1,8 +1,8 @@
 //! The running system: the log, the loaded projections and their workers.
 //!
 //! This file owns the projections (start, add, rebuild, remove, shutdown).
-//! New plugin versions go through [`deploy`], found by [`watcher`] or
-//! uploaded; [`status`] is what the status API shows; [`lookup`] serves
+//! New plugin versions go through `deploy`, found by `watcher` or
+//! uploaded; `status` is what the status API shows; `lookup` serves
 //! plugins' reads of other projections.
 
 mod deploy;

@@ -2,7 +2,7 @@
 //!
 //! [`batch`] is a batch's writes in memory (read-your-writes over the last
 //! commit); [`read_model`] opens the file and commits a batch with its
-//! checkpoints in one transaction; [`tables`] is the file's layout and the
+//! checkpoints in one transaction; `tables` is the file's layout and the
 //! plugin tables' reads; [`dead_letters`] and [`outbox`] are what the runtime
 //! keeps beside them; [`search`] turns the outbox into tantivy indexes.
 

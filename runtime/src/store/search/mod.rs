@@ -17,8 +17,8 @@
 //! followed by an add of that version, applied in sequence order, so the
 //! last version wins however often the tail is replayed.
 //!
-//! [`schema`] compiles mappings and checks documents, [`index`] holds the
-//! open indexes, [`indexer`] applies the outbox, [`query`] runs searches.
+//! `schema` compiles mappings and checks documents, `index` holds the
+//! open indexes, `indexer` applies the outbox, `query` runs searches.
 
 mod index;
 mod indexer;
