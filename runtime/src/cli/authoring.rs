@@ -128,12 +128,24 @@ fn sdk_files(lang: Lang) -> Vec<(&'static str, std::borrow::Cow<'static, str>)> 
     files.extend(match lang {
         Lang::Rust => vec![
             ("sdk/abi/src/lib.rs", include_str!("../../../abi/src/lib.rs")),
-            ("sdk/rust/src/lib.rs", include_str!("../../../sdk/rust/src/lib.rs")),
             ("sdk/rust/src/cache.rs", include_str!("../../../sdk/rust/src/cache.rs")),
+            ("sdk/rust/src/emit.rs", include_str!("../../../sdk/rust/src/emit.rs")),
+            ("sdk/rust/src/enricher.rs", include_str!("../../../sdk/rust/src/enricher.rs")),
+            ("sdk/rust/src/event.rs", include_str!("../../../sdk/rust/src/event.rs")),
+            ("sdk/rust/src/export.rs", include_str!("../../../sdk/rust/src/export.rs")),
+            ("sdk/rust/src/host.rs", include_str!("../../../sdk/rust/src/host.rs")),
+            ("sdk/rust/src/kv.rs", include_str!("../../../sdk/rust/src/kv.rs")),
+            ("sdk/rust/src/lib.rs", include_str!("../../../sdk/rust/src/lib.rs")),
+            ("sdk/rust/src/lookup.rs", include_str!("../../../sdk/rust/src/lookup.rs")),
+            ("sdk/rust/src/manifest.rs", include_str!("../../../sdk/rust/src/manifest.rs")),
             ("sdk/rust/src/native.rs", include_str!("../../../sdk/rust/src/native.rs")),
             ("sdk/rust/src/packed.rs", include_str!("../../../sdk/rust/src/packed.rs")),
-            ("sdk/rust/src/testing.rs", include_str!("../../../sdk/rust/src/testing.rs")),
+            ("sdk/rust/src/projection.rs", include_str!("../../../sdk/rust/src/projection.rs")),
+            ("sdk/rust/src/search.rs", include_str!("../../../sdk/rust/src/search.rs")),
+            ("sdk/rust/src/settings.rs", include_str!("../../../sdk/rust/src/settings.rs")),
             ("sdk/rust/src/small_alloc.rs", include_str!("../../../sdk/rust/src/small_alloc.rs")),
+            ("sdk/rust/src/table.rs", include_str!("../../../sdk/rust/src/table.rs")),
+            ("sdk/rust/src/testing.rs", include_str!("../../../sdk/rust/src/testing.rs")),
         ],
         Lang::Python => vec![
             ("sdk/python/refract_sdk/__init__.py", include_str!("../../../sdk/python/refract_sdk/__init__.py")),
@@ -491,6 +503,24 @@ mod tests {
         assert!(!stale.exists());
         assert!(dir.path().join(".refract/wit/types.wit").exists());
         assert!(dir.path().join(".refract/sdk/python/refract_sdk/__init__.py").exists());
+    }
+
+    /// A Rust plugin gets the whole SDK: every source file of `sdk/rust/src`.
+    #[test]
+    fn the_scaffolded_rust_sdk_is_every_source_file_of_the_sdk() {
+        let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("../sdk/rust/src");
+        let mut on_disk: Vec<String> = std::fs::read_dir(&dir)
+            .unwrap()
+            .map(|e| format!("sdk/rust/src/{}", e.unwrap().file_name().to_string_lossy()))
+            .collect();
+        on_disk.sort();
+        let mut embedded: Vec<String> = sdk_files(Lang::Rust)
+            .into_iter()
+            .map(|(p, _)| p.to_owned())
+            .filter(|p| p.starts_with("sdk/rust/src/"))
+            .collect();
+        embedded.sort();
+        assert_eq!(embedded, on_disk);
     }
 
     /// A plugin gets the whole WIT package: every file of `wit/`.
