@@ -15,7 +15,7 @@ use wasmtime::ResourceLimiter;
 use wasmtime::component::ResourceTable;
 use wasmtime_wasi::{HostMonotonicClock, HostWallClock, WasiCtx, WasiCtxBuilder, WasiCtxView, WasiView};
 
-use super::Environment;
+use super::{Environment, LookupFailure};
 use crate::store::Batch;
 use crate::wit::worlds::{emit, kv, kv_packed, log, lookup, search, settings, types};
 use crate::wit::{EmitError, Entry, KvError, LookupError, Outgoing, PackedError, RefusedWrite, SearchError};
@@ -357,8 +357,9 @@ impl lookup::Host for HostState {
         key: String,
     ) -> wasmtime::Result<Result<Option<Vec<u8>>, LookupError>> {
         match self.env.lookup.get(&projection, &table, &key) {
-            Ok(result) => Ok(result),
-            Err(message) => {
+            Ok(value) => Ok(Ok(value)),
+            Err(LookupFailure::Refused(error)) => Ok(Err(error)),
+            Err(LookupFailure::Host(message)) => {
                 self.host_error = Some(message.clone());
                 Err(wasmtime::Error::msg(message))
             }

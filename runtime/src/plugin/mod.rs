@@ -34,18 +34,29 @@ pub enum Kind {
 
 /// Read access to other projections' committed tables (the `lookup` interface).
 pub trait Lookup: Send + Sync {
-    /// The value under `key` in `table` of `projection`: `Ok(Err(..))` when
-    /// the plugin asked for something that does not exist, `Err` when the
-    /// host failed to read it.
-    fn get(&self, projection: &str, table: &str, key: &str) -> Result<Result<Option<Vec<u8>>, LookupError>, String>;
+    /// The value under `key` in `table` of `projection`, if any.
+    fn get(&self, projection: &str, table: &str, key: &str) -> Result<Option<Vec<u8>>, LookupFailure>;
+}
+
+/// Why a lookup returned no answer.
+#[derive(Debug, thiserror::Error)]
+pub enum LookupFailure {
+    /// The plugin asked for something that does not exist: it gets the
+    /// `lookup-error` and decides (usually, a transient failure: wait for it).
+    #[error("lookup refused: {0:?}")]
+    Refused(LookupError),
+    /// The host could not read (storage, shutdown): a host error, and the
+    /// batch is retried.
+    #[error("{0}")]
+    Host(String),
 }
 
 /// A [`Lookup`] with no projections behind it (benchmarks, unit tests).
 pub struct NoLookup;
 
 impl Lookup for NoLookup {
-    fn get(&self, projection: &str, _: &str, _: &str) -> Result<Result<Option<Vec<u8>>, LookupError>, String> {
-        Ok(Err(LookupError::UnknownProjection(format!("no projection {projection:?} is running"))))
+    fn get(&self, projection: &str, _: &str, _: &str) -> Result<Option<Vec<u8>>, LookupFailure> {
+        Err(LookupFailure::Refused(LookupError::UnknownProjection(format!("no projection {projection:?} is running"))))
     }
 }
 

@@ -13,7 +13,7 @@ use refract_sdk::wit::refract::plugin::search::SearchError as SdkSearchError;
 use refract_sdk::wit::refract::plugin::types as sdk;
 
 use super::route::{self, Routes};
-use super::{Environment, HandleError, Handler, Kind, LookupError};
+use super::{Environment, HandleError, Handler, Kind, LookupError, LookupFailure};
 use crate::store::Batch;
 use crate::wit::{
     EmitError, Event, FieldMapping, FieldType, IndexMapping, KvError, Manifest, Outgoing, SearchError, Subscription,
@@ -142,10 +142,10 @@ fn to_sdk_search(e: SearchError) -> SdkSearchError {
 impl Backend for BatchBackend {
     fn lookup(&mut self, projection: &str, table: &str, key: &str) -> Result<Option<Vec<u8>>, SdkLookupError> {
         match self.env.lookup.get(projection, table, key) {
-            Ok(Ok(value)) => Ok(value),
-            Ok(Err(LookupError::UnknownProjection(m))) => Err(SdkLookupError::UnknownProjection(m)),
-            Ok(Err(LookupError::UnknownTable(m))) => Err(SdkLookupError::UnknownTable(m)),
-            Err(message) => {
+            Ok(value) => Ok(value),
+            Err(LookupFailure::Refused(LookupError::UnknownProjection(m))) => Err(SdkLookupError::UnknownProjection(m)),
+            Err(LookupFailure::Refused(LookupError::UnknownTable(m))) => Err(SdkLookupError::UnknownTable(m)),
+            Err(LookupFailure::Host(message)) => {
                 self.host_error.get_or_insert(message.clone());
                 Err(SdkLookupError::UnknownProjection(message))
             }

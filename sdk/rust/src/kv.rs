@@ -36,7 +36,7 @@ mod pending {
         static WRITES: RefCell<Vec<u8>> = const { RefCell::new(Vec::new()) };
     }
 
-    pub fn write(table: &str, key: &str, value: Option<&[u8]>) -> Result<(), Failure> {
+    pub(super) fn write(table: &str, key: &str, value: Option<&[u8]>) -> Result<(), Failure> {
         let full = WRITES.with_borrow_mut(|log| {
             crate::packed::write_kv(log, table, key, value);
             log.len() >= SEND_AT
@@ -46,7 +46,7 @@ mod pending {
 
     /// Call `f` with the pending writes, which it sends to the host, and
     /// forget them (`f` is not called when there are none: `None`).
-    pub fn take<R>(f: impl FnOnce(&[u8]) -> R) -> Option<R> {
+    pub(super) fn take<R>(f: impl FnOnce(&[u8]) -> R) -> Option<R> {
         WRITES.with_borrow_mut(|log| {
             if log.is_empty() {
                 return None;
@@ -57,17 +57,17 @@ mod pending {
         })
     }
 
-    pub fn send() -> Result<(), Failure> {
+    pub(super) fn send() -> Result<(), Failure> {
         let sent = take(|log| crate::wit::refract::plugin::kv_packed::apply(log).map_err(|r| refused(log, r)));
         sent.unwrap_or(Ok(()))
     }
 
-    pub fn clear() {
+    pub(super) fn clear() {
         WRITES.with_borrow_mut(Vec::clear);
     }
 
     /// The failure of the pending write of `log` the host refused.
-    pub fn refused(log: &[u8], refused: RefusedWrite) -> Failure {
+    pub(super) fn refused(log: &[u8], refused: RefusedWrite) -> Failure {
         let mut seen = 0;
         let mut write = (String::new(), String::new());
         let _ = crate::packed::read_kv(log, |table, key, _| {
