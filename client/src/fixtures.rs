@@ -22,11 +22,6 @@ impl Rng {
         z ^ (z >> 31)
     }
 
-    /// An integer in [0, n).
-    pub fn below(&mut self, n: u64) -> u64 {
-        self.next_u64() % n
-    }
-
     /// Uniform in [0, 1).
     pub fn unit(&mut self) -> f64 {
         (self.next_u64() >> 11) as f64 / (1u64 << 53) as f64

@@ -47,7 +47,7 @@ fn random_appends_restarts_kills_rebuilds_and_swaps_keep_the_read_model_equal_to
     let mut counts = std::collections::BTreeMap::<&str, usize>::new();
     let mut swaps = 0;
     for i in 0..steps {
-        let step = match rng.below(10) {
+        let step = match rng.range(0, 9) {
             0..=4 => Step::Append,
             5 => Step::Restart,
             6 | 7 => Step::KillMidBatch,
@@ -58,7 +58,7 @@ fn random_appends_restarts_kills_rebuilds_and_swaps_keep_the_read_model_equal_to
         let context = format!("seed {seed}, step {i} ({step:?})");
         match step {
             Step::Append => {
-                let n = (1 + rng.below(600) as usize).min(stream.len() - next);
+                let n = (rng.range(1, 600) as usize).min(stream.len() - next);
                 let reply = admin(&server).append_ndjson("orders", &ndjson(&stream[next..next + n])).unwrap();
                 assert_eq!(reply.status, 200, "{context}: {}", reply.body);
                 model.extend_from_slice(&stream[next..next + n]);
@@ -71,12 +71,12 @@ fn random_appends_restarts_kills_rebuilds_and_swaps_keep_the_read_model_equal_to
             Step::KillMidBatch => {
                 // A large append (durable once answered), then SIGKILL while
                 // the projection is working through it.
-                let n = (400 + rng.below(600) as usize).min(stream.len() - next);
+                let n = (rng.range(400, 999) as usize).min(stream.len() - next);
                 let reply = admin(&server).append_ndjson("orders", &ndjson(&stream[next..next + n])).unwrap();
                 assert_eq!(reply.status, 200, "{context}: {}", reply.body);
                 model.extend_from_slice(&stream[next..next + n]);
                 next += n;
-                std::thread::sleep(Duration::from_millis(rng.below(30)));
+                std::thread::sleep(Duration::from_millis(rng.range(0, 29)));
                 server.kill();
                 server.restart();
             }
@@ -135,13 +135,13 @@ fn random_kills_and_rebuilds_publish_every_derived_event_exactly_once() {
     };
     let mut counts = std::collections::BTreeMap::<String, usize>::new();
     for i in 0..steps {
-        let step = match rng.below(10) {
+        let step = match rng.range(0, 9) {
             0..=3 => EmitStep::Append,
             4 | 5 => EmitStep::KillMidBatch,
             6 | 7 => EmitStep::Rebuild,
             _ => EmitStep::KillInsideSwitch,
         };
-        let projection = ["testkit-chaos", "order-upcaster"][rng.below(2) as usize];
+        let projection = ["testkit-chaos", "order-upcaster"][rng.range(0, 1) as usize];
         let name = match step {
             EmitStep::Rebuild | EmitStep::KillInsideSwitch => format!("{step:?} {projection}"),
             _ => format!("{step:?}"),
@@ -149,10 +149,10 @@ fn random_kills_and_rebuilds_publish_every_derived_event_exactly_once() {
         let context = format!("seed {seed}, step {i} ({name})");
         *counts.entry(name).or_default() += 1;
         match step {
-            EmitStep::Append => append(&server, &mut appended, 1 + rng.below(300) as usize),
+            EmitStep::Append => append(&server, &mut appended, rng.range(1, 300) as usize),
             EmitStep::KillMidBatch => {
-                append(&server, &mut appended, 200 + rng.below(400) as usize);
-                std::thread::sleep(Duration::from_millis(rng.below(30)));
+                append(&server, &mut appended, rng.range(200, 599) as usize);
+                std::thread::sleep(Duration::from_millis(rng.range(0, 29)));
                 server.kill();
                 server.restart();
             }
@@ -162,7 +162,7 @@ fn random_kills_and_rebuilds_publish_every_derived_event_exactly_once() {
                 let reply = admin(&server).post(&path, "application/json", b"").unwrap();
                 assert!([202, 409].contains(&reply.status), "{context}: {}", reply.body);
                 // Events keep arriving while it replays and switches.
-                append(&server, &mut appended, 50 + rng.below(200) as usize);
+                append(&server, &mut appended, rng.range(50, 249) as usize);
                 if step == EmitStep::KillInsideSwitch && reply.status == 202 {
                     let until = std::time::Instant::now() + Duration::from_secs(60);
                     while server.log().matches("holding the switch").count() == held {
@@ -271,7 +271,7 @@ fn random_kills_rebuilds_and_broker_outages_publish_every_derived_event_to_kafka
     let mut counts = std::collections::BTreeMap::<String, usize>::new();
     let mut republished = 0;
     for i in 0..steps {
-        let step = match rng.below(10) {
+        let step = match rng.range(0, 9) {
             0..=2 => KafkaStep::Append,
             3 | 4 => KafkaStep::KillMidBatch,
             5 | 6 => KafkaStep::Rebuild,
@@ -281,10 +281,10 @@ fn random_kills_rebuilds_and_broker_outages_publish_every_derived_event_to_kafka
         *counts.entry(format!("{step:?}")).or_default() += 1;
         let context = format!("seed {seed}, step {i} ({step:?})");
         match step {
-            KafkaStep::Append => append(&server, &mut appended, 1 + rng.below(300) as usize),
+            KafkaStep::Append => append(&server, &mut appended, rng.range(1, 300) as usize),
             KafkaStep::KillMidBatch => {
-                append(&server, &mut appended, 200 + rng.below(400) as usize);
-                std::thread::sleep(Duration::from_millis(rng.below(30)));
+                append(&server, &mut appended, rng.range(200, 599) as usize);
+                std::thread::sleep(Duration::from_millis(rng.range(0, 29)));
                 server.kill();
                 server.restart();
             }
@@ -293,7 +293,7 @@ fn random_kills_rebuilds_and_broker_outages_publish_every_derived_event_to_kafka
                 let reply =
                     admin(&server).post("/v1/projections/testkit-chaos/rebuild", "application/json", b"").unwrap();
                 assert!([202, 409].contains(&reply.status), "{context}: {}", reply.body);
-                append(&server, &mut appended, 50 + rng.below(200) as usize);
+                append(&server, &mut appended, rng.range(50, 249) as usize);
                 if step == KafkaStep::KillInsideSwitch && reply.status == 202 {
                     let until = std::time::Instant::now() + Duration::from_secs(60);
                     while server.log().matches("holding the switch").count() == held {
@@ -307,9 +307,9 @@ fn random_kills_rebuilds_and_broker_outages_publish_every_derived_event_to_kafka
             KafkaStep::BrokerOutage => {
                 // The relay's target is gone while events keep coming.
                 broker.kill();
-                append(&server, &mut appended, 100 + rng.below(300) as usize);
-                std::thread::sleep(Duration::from_millis(rng.below(1500)));
-                if rng.below(2) == 0 {
+                append(&server, &mut appended, rng.range(100, 399) as usize);
+                std::thread::sleep(Duration::from_millis(rng.range(0, 1499)));
+                if rng.range(0, 1) == 0 {
                     server.kill();
                     server.restart();
                 }
