@@ -127,11 +127,10 @@ pub struct Generation {
     pub status: Arc<Mutex<WorkerStatus>>,
     /// High watermarks of the Kafka partitions it reads.
     pub watermarks: Watermarks,
-    /// Where the watcher and the API send its worker commands (a new
-    /// version, dead letters to retry, the end of a pause).
+    /// Where the watcher, the API and a rebuild send its worker commands
+    /// (a new version, dead letters to retry, the end of a pause, which
+    /// events are replayed history, stop).
     pub control: Control,
-    /// Which events its worker treats as replayed history.
-    pub replay: Arc<Mutex<Replay>>,
     pub(crate) manifest: Arc<RwLock<Manifest>>,
     pub(crate) stop: Arc<AtomicBool>,
     pub(crate) threads: Mutex<Vec<JoinHandle<()>>>,
@@ -148,9 +147,15 @@ impl Generation {
         self.read_model.cursor()
     }
 
+    /// Ask its threads to stop after their current batch, without waiting.
+    pub fn ask_to_stop(&self) {
+        self.stop.store(true, Ordering::Relaxed);
+        self.control.stop();
+    }
+
     /// Stop its threads after their current batch, and wait for them.
     pub fn stop(&self) {
-        self.stop.store(true, Ordering::Relaxed);
+        self.ask_to_stop();
         for thread in std::mem::take(&mut *self.threads.lock().expect("threads lock")) {
             let _ = thread.join();
         }
@@ -361,7 +366,7 @@ pub fn monitor(s: Switch<'_>, job: Arc<Rebuild>) {
                 _ => {
                     // Dead letters commit with their checkpoints: read after
                     // them, these are all the live generation's up to the gate.
-                    *new.replay.lock().expect("replay lock") = Replay::Until(l.clone(), failed(&live));
+                    new.control.set_replay(Replay::Until(l.clone(), failed(&live)));
                     gate = Some(l);
                     // It may be there already (nothing more to replay): look again at once.
                     continue;
@@ -407,7 +412,7 @@ pub fn monitor(s: Switch<'_>, job: Arc<Rebuild>) {
     //    as history: nothing it does is published before the switch is
     //    durable (a crash before it leaves the old generation live, and that
     //    one emits for what comes next).
-    *new.replay.lock().expect("replay lock") = Replay::Until(last.clone(), failed(&old));
+    new.control.set_replay(Replay::Until(last.clone(), failed(&old)));
     loop {
         let seen = commits.current();
         if new.checkpoints().is_ok_and(|c| caught_up(&c, &last)) {
@@ -440,7 +445,7 @@ pub fn monitor(s: Switch<'_>, job: Arc<Rebuild>) {
     drop(starting);
     // From here on the new generation is the live one: it emits for every
     // event after the old one's last checkpoints.
-    *new.replay.lock().expect("replay lock") = Replay::Before(last);
+    new.control.set_replay(Replay::Before(last));
     tracing::info!(projection = s.name, generation = new.number, "rebuild finished; the new generation is live");
     // 4. Queries in flight may still hold the old read model; its files go (Linux keeps open ones readable).
     delete(s.root, old.number);

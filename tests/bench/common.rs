@@ -3,7 +3,6 @@
 #![allow(dead_code)] // each bench uses a different part
 
 use std::path::Path;
-use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Instant;
 
@@ -23,7 +22,6 @@ pub(crate) fn run_projector(
     dir: &Path,
 ) -> (f64, Arc<ReadModel>) {
     let read_model = Arc::new(ReadModel::open(&dir.join(format!("{name}.redb"))).unwrap());
-    let stop = Arc::new(AtomicBool::new(false));
     let mut options = BatchOptions::default();
     // `REFRACT_BENCH_CATCH_UP=<factor>`: another `batch.catch-up-factor`.
     if let Some(factor) = std::env::var("REFRACT_BENCH_CATCH_UP").ok().and_then(|f| f.parse().ok()) {
@@ -35,9 +33,9 @@ pub(crate) fn run_projector(
         refract::source::Sources::log(log.clone()),
         options,
         Arc::new(Mutex::new(Default::default())),
-        stop.clone(),
     )
     .unwrap();
+    let control = projector.control();
     let total: u64 = streams.iter().map(|s| log.heads(s).unwrap().iter().sum::<u64>()).sum();
     let started = Instant::now();
     let worker = std::thread::spawn(move || projector.run());
@@ -46,7 +44,7 @@ pub(crate) fn run_projector(
         std::thread::sleep(std::time::Duration::from_millis(1));
     }
     let seconds = started.elapsed().as_secs_f64();
-    stop.store(true, Ordering::Relaxed);
+    control.stop();
     worker.join().unwrap();
     (seconds, read_model)
 }

@@ -27,7 +27,6 @@ mod common;
 #[path = "../support/mod.rs"]
 mod support;
 
-use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -132,11 +131,10 @@ fn projection(bootstrap: &str, n: usize, dir: &std::path::Path, handler: Box<dyn
     .unwrap();
     let log = Arc::new(EventLog::open(&dir.join("log.redb"), LogOptions::default()).unwrap());
     let read_model = Arc::new(ReadModel::open(&dir.join("rm.redb")).unwrap());
-    let stop = Arc::new(AtomicBool::new(false));
     let sources = Sources { log, kafka: Arc::new(kafka) };
     let status = Arc::new(Mutex::new(Default::default()));
-    let projector =
-        Projector::new(handler, read_model.clone(), sources, BatchOptions::default(), status, stop.clone()).unwrap();
+    let projector = Projector::new(handler, read_model.clone(), sources, BatchOptions::default(), status).unwrap();
+    let control = projector.control();
     let started = Instant::now();
     // Named for profiles (`perf report --comm worker-noop`).
     let name = format!("worker-{}", handler_name);
@@ -146,11 +144,10 @@ fn projection(bootstrap: &str, n: usize, dir: &std::path::Path, handler: Box<dyn
         std::thread::sleep(Duration::from_millis(1));
     }
     let seconds = started.elapsed().as_secs_f64();
-    stop.store(true, Ordering::Relaxed);
+    control.stop();
     worker.join().unwrap();
     let counters = read_model.counters().unwrap();
     assert_eq!((counters.events_applied, counters.dead_letters), (n as u64, 0), "every record applied once");
-    let _ = stop;
     seconds
 }
 

@@ -23,6 +23,9 @@ pub(super) struct InFlight {
     pub(super) started: Instant,
     /// The commit, and how long it took.
     pub(super) done: std::thread::JoinHandle<crate::store::Result<Duration>>,
+    /// Closed when the commit is over, however it ended: a worker waits on
+    /// it together with its batches and commands.
+    pub(super) finished: crossbeam_channel::Receiver<()>,
 }
 
 impl Projector {
@@ -90,9 +93,11 @@ impl Projector {
         self.settle()?;
         let (read_model, w, c) = (self.read_model.clone(), writes.clone(), commit.clone());
         let background = self.in_background();
+        let (finishing, finished) = crossbeam_channel::bounded::<()>(0);
         let done = std::thread::Builder::new()
             .name("refract-commit".into())
             .spawn(move || {
+                let _finishing = finishing; // dropped on return or panic
                 if background {
                     set_background(true);
                 }
@@ -100,7 +105,7 @@ impl Projector {
                 read_model.commit(&w, &c).map(|()| t.elapsed())
             })
             .map_err(|e| HandleError::Host(format!("spawning a commit thread: {e}")))?;
-        self.in_flight = Some(InFlight { commit, writes, started, done });
+        self.in_flight = Some(InFlight { commit, writes, started, done, finished });
         Ok(())
     }
 

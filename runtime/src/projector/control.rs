@@ -5,6 +5,7 @@ use std::sync::mpsc;
 
 use serde::Serialize;
 
+use super::replay::Replay;
 use crate::plugin::Handler;
 
 /// What the watcher and the API ask of a worker. The worker waits on these
@@ -18,6 +19,11 @@ pub enum Command {
     RetryDeadLetters(RetryRequest),
     /// End a pause after too many dead letters in a row.
     Resume,
+    /// Treat these events as replayed history from the next batch on (a
+    /// rebuild moving its gate, or switching to live).
+    SetReplay(Replay),
+    /// Settle the commit in flight and stop.
+    Stop,
 }
 
 /// Where to send a worker its [`Command`]s.
@@ -38,6 +44,16 @@ impl Control {
     /// Ask the worker to end its pause.
     pub fn resume(&self) {
         self.send(Command::Resume);
+    }
+
+    /// Ask the worker to treat `replay` as history from the next batch on.
+    pub fn set_replay(&self, replay: Replay) {
+        self.send(Command::SetReplay(replay));
+    }
+
+    /// Ask the worker to stop after its current batch.
+    pub fn stop(&self) {
+        self.send(Command::Stop);
     }
 
     /// A worker that has stopped takes no commands: a swap or a request

@@ -4,8 +4,8 @@
 //! generation, and hands the batch over.
 
 use std::collections::BTreeMap;
+use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use super::replay::Replay;
@@ -21,8 +21,8 @@ use crate::store::ReadModel;
 pub(super) struct ReadAhead {
     pub(super) batches: crossbeam_channel::Receiver<Delivery>,
     thread: std::thread::JoinHandle<()>,
-    /// Stops this reader alone (a resync): it may be idle, never sending, so
-    /// a dropped channel alone would not end it.
+    /// Stops the reader (the worker stopping, or a resync): it may be idle,
+    /// never sending, so a dropped channel alone would not end it.
     stop: Arc<AtomicBool>,
 }
 
@@ -34,22 +34,14 @@ impl ReadAhead {
     }
 }
 
-/// Stops a reader thread: the projector's flag, or the reader's own.
-#[derive(Clone)]
-struct StopEither(Arc<AtomicBool>, Arc<AtomicBool>);
-
-impl StopEither {
-    fn load(&self, order: Ordering) -> bool {
-        self.0.load(order) || self.1.load(order)
-    }
-}
-
 impl Projector {
     /// Start the thread that reads batches ahead, from the durable checkpoints on.
-    pub(super) fn spawn_reader(&self) -> ReadAhead {
+    pub(super) fn spawn_reader(&mut self) -> ReadAhead {
         // One batch in the channel and one being read: enough to keep the worker busy.
         let (tx, rx) = crossbeam_channel::bounded::<Delivery>(1);
         let reader_stop = Arc::new(AtomicBool::new(false));
+        let (replay_tx, replay_updates) = crossbeam_channel::unbounded();
+        self.reader_replay = Some(replay_tx);
         let reader = ReaderThread {
             name: self.name().to_owned(),
             sources: self.sources.clone(),
@@ -64,8 +56,9 @@ impl Projector {
             // Enrichers keep clocks (windows, joins): they get events in event-time order.
             align: self.handler.kind() == crate::plugin::Kind::Enricher,
             replay: self.replay.clone(),
+            replay_updates,
             hungry: self.hungry.clone(),
-            stop: StopEither(self.stop.clone(), reader_stop.clone()),
+            stop: reader_stop.clone(),
             tx,
         };
         std::thread::Builder::new()
@@ -91,9 +84,11 @@ struct ReaderThread {
     background_rebuilds: bool,
     backoff: Duration,
     align: bool,
-    replay: Arc<Mutex<Replay>>,
+    /// The worker's [`Replay`], and where it sends a new one.
+    replay: Replay,
+    replay_updates: crossbeam_channel::Receiver<Replay>,
     hungry: Arc<AtomicBool>,
-    stop: StopEither,
+    stop: Arc<AtomicBool>,
     tx: crossbeam_channel::Sender<Delivery>,
 }
 
@@ -105,6 +100,9 @@ impl ReaderThread {
         let (mut idle, mut behind, mut background) = (false, false, false);
         let mut alignment = Alignment::default();
         while !self.stop.load(Ordering::Relaxed) {
+            while let Ok(replay) = self.replay_updates.try_recv() {
+                self.replay = replay;
+            }
             let wait = if idle { idle_wait } else { Duration::ZERO };
             let mut pending = Pending::new(behind);
             let limit = if behind { self.catch_up_events } else { self.max_events };
@@ -131,16 +129,16 @@ impl ReaderThread {
                 }
                 continue;
             }
-            let (gated, history) = {
-                let replay = self.replay.lock().expect("replay lock");
-                (matches!(*replay, Replay::Until(..)), replay.is_history())
-            };
+            let (gated, history) = (matches!(self.replay, Replay::Until(..)), self.replay.is_history());
             if self.background_rebuilds && history != background {
                 set_background(history);
                 background = history;
             }
             if (self.align || gated) && !self.hold_back(&mut pending, &mut readers, &mut alignment) {
-                std::thread::sleep(idle_wait);
+                // Held back: a rebuild's gate moves, or (aligning) time passes.
+                if let Ok(replay) = self.replay_updates.recv_timeout(idle_wait) {
+                    self.replay = replay;
+                }
                 continue;
             }
             self.cursor.extend(pending.read_to.iter().map(|(k, v)| (k.clone(), *v)));
@@ -193,7 +191,7 @@ impl ReaderThread {
         if self.align {
             align_event_time(pending, &self.sources.log, &self.watermarks, &self.cursor, alignment);
         }
-        if let Replay::Until(limit, _) = &*self.replay.lock().expect("replay lock") {
+        if let Replay::Until(limit, _) = &self.replay {
             pending.hold_back(limit, &self.cursor);
         }
         // What was handed back must be read again (Kafka consumers have moved on).

@@ -2,7 +2,6 @@
 //! counts events and fails on request.
 
 use std::cell::Cell;
-use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -86,10 +85,6 @@ impl Fixture {
     }
 
     fn projector(&self, options: BatchOptions) -> Projector {
-        self.stoppable_projector(options, Arc::new(AtomicBool::new(false)))
-    }
-
-    fn stoppable_projector(&self, options: BatchOptions, stop: Arc<AtomicBool>) -> Projector {
         let handler = Box::new(NativeProjection::new(Counter::manifest(), Counter::handle));
         Projector::new(
             handler,
@@ -97,7 +92,6 @@ impl Fixture {
             crate::source::Sources::log(self.log.clone()),
             options,
             self.status.clone(),
-            stop,
         )
         .unwrap()
     }
@@ -195,22 +189,21 @@ fn a_resumed_rebuild_holds_back_until_its_gate_is_set_and_reads_nothing_twice() 
     f.append(&["Ok"; 20]);
     // A rebuild's worker after a restart: replaying from its checkpoints,
     // the gate at the live generation's checkpoints not set yet.
-    let stop = Arc::new(AtomicBool::new(false));
-    let mut p = f.stoppable_projector(fast(), stop.clone());
+    let mut p = f.projector(fast());
     p.set_replaying(true);
-    let replay = p.replay();
+    let control = p.control();
     let worker = std::thread::spawn(move || p.run());
     std::thread::sleep(Duration::from_millis(300));
     assert_eq!(f.total(), 50, "nothing read past the unset gate, nothing read again");
     let heads: Cursor =
         f.log.heads("s").unwrap().into_iter().enumerate().map(|(p, h)| (("s".to_owned(), p as u32), h)).collect();
-    *replay.lock().unwrap() = Replay::Until(heads.clone(), Failed::default());
+    control.set_replay(Replay::Until(heads.clone(), Failed::default()));
     let until = Instant::now() + Duration::from_secs(10);
     while f.read_model.checkpoints().unwrap().iter().map(|c| c.next_offset).sum::<u64>() < 70 {
         assert!(Instant::now() < until, "the gated worker did not catch up");
         std::thread::sleep(Duration::from_millis(10));
     }
-    stop.store(true, Ordering::Relaxed);
+    control.stop();
     worker.join().unwrap();
     assert_eq!(f.total(), 70, "every event applied once");
     assert_eq!(f.read_model.counters().unwrap().events_applied, 70);
@@ -236,10 +229,9 @@ fn policy_of(name: &str) -> Option<u32> {
 fn a_rebuild_replays_at_idle_priority_and_goes_live_at_normal_priority() {
     let f = Fixture::new();
     f.append(&["Ok"; 20]);
-    let stop = Arc::new(AtomicBool::new(false));
-    let mut p = f.stoppable_projector(fast(), stop.clone());
+    let mut p = f.projector(fast());
     p.set_replaying(true);
-    let replay = p.replay();
+    let control = p.control();
     let worker = std::thread::Builder::new().name("rebuild-test".into()).spawn(move || p.run()).unwrap();
     let wait_for = |policy: u32| {
         let until = Instant::now() + Duration::from_secs(5);
@@ -250,9 +242,9 @@ fn a_rebuild_replays_at_idle_priority_and_goes_live_at_normal_priority() {
     };
     wait_for(libc::SCHED_IDLE as u32);
     // The switch: it handles live events from here on, at normal priority.
-    *replay.lock().unwrap() = Replay::Live;
+    control.set_replay(Replay::Live);
     wait_for(libc::SCHED_OTHER as u32);
-    stop.store(true, Ordering::Relaxed);
+    control.stop();
     worker.join().unwrap();
 }
 
@@ -268,6 +260,34 @@ fn transient_failures_are_retried_with_back_off_not_dead_lettered() {
     let status = f.status.lock().unwrap();
     assert_eq!(status.state, WorkerState::Running);
     assert!(status.last_error.as_deref().unwrap().contains("transient: try again"));
+}
+
+/// Told to stop while it backs off from a failing batch, a worker stops
+/// then, not at the end of the back-off (an hour here); commands sent
+/// during the back-off wait for it and do not wake it.
+#[test]
+fn a_stop_cuts_a_back_off_short() {
+    let f = Fixture::new();
+    f.append(&["Flaky"]);
+    let hour = Duration::from_secs(3600);
+    let p = f.projector(BatchOptions { initial_backoff: hour, max_backoff: hour, ..fast() });
+    let control = p.control();
+    let (stopped, worker_stopped) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        FLAKES_LEFT.set(u32::MAX);
+        p.run();
+        let _ = stopped.send(());
+    });
+    let until = Instant::now() + Duration::from_secs(10);
+    while f.status.lock().unwrap().state != WorkerState::Retrying {
+        assert!(Instant::now() < until, "the batch never failed");
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    control.resume();
+    assert!(worker_stopped.recv_timeout(Duration::from_millis(300)).is_err(), "a resume does not end a back-off");
+    control.stop();
+    assert!(worker_stopped.recv_timeout(Duration::from_secs(30)).is_ok(), "the stop was not taken during the back-off");
+    assert_eq!(f.total(), 0, "the failing batch was not applied");
 }
 
 #[test]
@@ -299,16 +319,16 @@ fn a_projection_that_is_behind_catches_up_in_larger_batches() {
     let batches_for = |catch_up_factor: u32| {
         let f = Fixture::new();
         f.append(&["Ok"; 1000]);
-        let stop = Arc::new(AtomicBool::new(false));
         let options = BatchOptions { max_events: 100, catch_up_factor, ..fast() };
-        let p = f.stoppable_projector(options, stop.clone());
+        let p = f.projector(options);
+        let control = p.control();
         let worker = std::thread::spawn(move || p.run());
         let until = Instant::now() + Duration::from_secs(10);
         while f.read_model.counters().unwrap().events_applied < 1000 {
             assert!(Instant::now() < until, "caught up");
             std::thread::sleep(Duration::from_millis(5));
         }
-        stop.store(true, Ordering::Relaxed);
+        control.stop();
         worker.join().unwrap();
         assert_eq!(f.total(), 1000);
         f.read_model.counters().unwrap().batches
@@ -331,7 +351,8 @@ fn a_batch_behind_grows_while_the_previous_one_is_still_committing() {
         });
         let commit = Commit { checkpoints: Vec::new(), applied: 0, dead_letters: Vec::new(), retired: Vec::new() };
         let writes = Arc::new(p.begin().unwrap().into_writes());
-        p.in_flight = Some(InFlight { commit, writes, started: Instant::now(), done });
+        let (_finishing, finished) = crossbeam_channel::bounded(0);
+        p.in_flight = Some(InFlight { commit, writes, started: Instant::now(), done, finished });
         let (log_streams, _) = p.sources.split(&p.subscriptions);
         let mut pending = Pending::new(true);
         LogReader::new(f.log.clone(), log_streams).read(&p.checkpoints, 800, Duration::ZERO, &mut pending).unwrap();
@@ -364,7 +385,8 @@ fn a_resync_during_a_commit_reads_again_after_that_commit() {
     // Handle the batch; its commit runs on its own thread, not yet settled.
     p.process(&pending);
     assert!(p.in_flight.is_some());
-    let reading = p.read_again(p.spawn_reader());
+    let reading = p.spawn_reader();
+    let reading = p.read_again(reading);
     let until = Instant::now() + Duration::from_millis(500);
     while Instant::now() < until {
         if let Ok(Delivery::Batch(again)) = reading.batches.recv_timeout(Duration::from_millis(50)) {
@@ -405,7 +427,7 @@ fn a_replay_horizon_drops_emits_before_it_and_publishes_those_after() {
     f.append(&["Emit"; 40]);
     let mut p = f.projector(fast());
     let horizon: Cursor = [(("s".to_owned(), 0), 5), (("s".to_owned(), 1), 12)].into();
-    *p.replay().lock().unwrap() = Replay::Before(horizon.clone());
+    p.set_replay(Replay::Before(horizon.clone()));
     f.drain(&mut p);
     let emitted: Vec<String> = f
         .read_model

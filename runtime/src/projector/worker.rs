@@ -2,7 +2,7 @@
 //! and hands each batch to the plugin in calls, in transactions that end at
 //! `max-duration` (see the module docs of [`super`]).
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, VecDeque};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, RwLock};
 use std::time::{Duration, Instant};
@@ -14,7 +14,7 @@ use super::read_ahead::{Alignment, ReadAhead, align_event_time};
 use super::replay::{Failed, Replay};
 use super::set_background;
 use super::status::{WorkerState, WorkerStatus};
-use crate::clock::{now_ms, sleep_unless};
+use crate::clock::now_ms;
 use crate::plugin::{HandleError, Handler, Manifest};
 use crate::source::Sources;
 use crate::source::kafka::Watermarks;
@@ -30,7 +30,8 @@ pub struct Projector {
     pub(super) watermarks: Watermarks,
     pub(super) options: BatchOptions,
     pub(super) status: Arc<Mutex<WorkerStatus>>,
-    pub(super) stop: Arc<AtomicBool>,
+    /// Set by a [`Command::Stop`].
+    pub(super) stopping: bool,
     /// The tables and indexes the plugin declared.
     pub(super) declared: Arc<Declared>,
     pub(super) subscriptions: Subscriptions,
@@ -45,10 +46,15 @@ pub struct Projector {
     /// Set by a [`Command::Resume`] (or a new version) to end a pause.
     pub(super) resume: bool,
     /// Which events replay history (a rebuild): what the plugin emits for them is dropped.
-    pub(super) replay: Arc<Mutex<Replay>>,
+    pub(super) replay: Replay,
+    /// Where the reader thread learns of a new [`Replay`] (it holds a
+    /// rebuild back at the gate in it).
+    pub(super) reader_replay: Option<crossbeam_channel::Sender<Replay>>,
     /// Commands from the watcher and the API, and where to send them.
     pub(super) commands: crossbeam_channel::Receiver<Command>,
     pub(super) control: Control,
+    /// Commands taken while backing off, obeyed once it is over.
+    pub(super) deferred: VecDeque<Command>,
     /// The running version's manifest, shared with the API.
     pub(super) manifest: Arc<RwLock<Manifest>>,
     /// Set while this thread waits for a delivery: a reader in the middle of
@@ -65,7 +71,6 @@ impl Projector {
         sources: Sources,
         options: BatchOptions,
         status: Arc<Mutex<WorkerStatus>>,
-        stop: Arc<AtomicBool>,
     ) -> crate::store::Result<Self> {
         let manifest = handler.manifest().clone();
         let declared = Arc::new(crate::plugin::declared(&*handler).map_err(crate::store::Error::InvalidMapping)?);
@@ -79,7 +84,7 @@ impl Projector {
             watermarks: Watermarks::default(),
             options,
             status,
-            stop,
+            stopping: false,
             declared,
             subscriptions,
             checkpoints,
@@ -87,9 +92,11 @@ impl Projector {
             resync: false,
             dead_in_a_row: 0,
             resume: false,
-            replay: Arc::default(),
+            replay: Replay::default(),
+            reader_replay: None,
             commands,
             control: Control(control),
+            deferred: VecDeque::new(),
             manifest: Arc::new(RwLock::new(manifest.clone())),
             hungry: Arc::default(),
         })
@@ -99,21 +106,29 @@ impl Projector {
         &self.handler.manifest().name
     }
 
-    /// Run until `stop` is set, as a pipeline of three threads: a reader
-    /// reads and decodes the next batch from the log, this thread hands the
-    /// current one to the plugin, and the previous one commits meanwhile.
+    /// Run until told to [`Command::Stop`], as a pipeline of three threads:
+    /// a reader reads and decodes the next batch from the log, this thread
+    /// hands the current one to the plugin, and the previous one commits
+    /// meanwhile. Between batches it blocks on whichever comes first: a
+    /// batch, a command, or the end of the commit in flight.
     pub fn run(mut self) {
         tracing::info!(projection = self.name(), "projector started");
         let mut reading = self.spawn_reader();
         let mut background = false;
-        while !self.stop.load(Ordering::Relaxed) {
+        loop {
+            while let Some(command) = self.deferred.pop_front() {
+                self.obey(command);
+            }
+            while let Ok(command) = self.commands.try_recv() {
+                self.obey(command);
+            }
+            if self.stopping {
+                break;
+            }
             let replaying = self.in_background();
             if replaying != background {
                 set_background(replaying);
                 background = replaying;
-            }
-            while let Ok(command) = self.commands.try_recv() {
-                self.obey(command);
             }
             let commands = self.commands.clone();
             if self.paused() {
@@ -128,19 +143,17 @@ impl Projector {
                     recv(commands) -> command => if let Ok(command) = command {
                         self.obey(command);
                     },
-                    default(Duration::from_millis(25)) => {}
                 }
                 continue;
             }
             if self.resync {
                 reading = self.read_again(reading);
             }
-            // A commit in flight is settled soon after it is done; idle, the
-            // loop comes round for the stop flag.
-            let wait = if self.in_flight.is_some() { Duration::from_millis(2) } else { Duration::from_millis(25) };
+            // The commit in flight is settled as soon as it is done.
+            let committed = self.in_flight.as_ref().map_or_else(crossbeam_channel::never, |f| f.finished.clone());
             self.hungry.store(true, Ordering::Relaxed);
             let delivery = crossbeam_channel::select! {
-                recv(reading.batches) -> delivery => delivery.map_err(|_| crossbeam_channel::RecvTimeoutError::Disconnected),
+                recv(reading.batches) -> delivery => delivery.ok(),
                 recv(commands) -> command => {
                     self.hungry.store(false, Ordering::Relaxed);
                     if let Ok(command) = command {
@@ -148,11 +161,16 @@ impl Projector {
                     }
                     continue;
                 },
-                default(wait) => Err(crossbeam_channel::RecvTimeoutError::Timeout),
+                recv(committed) -> _ => {
+                    self.hungry.store(false, Ordering::Relaxed);
+                    self.settle_or_resync();
+                    continue;
+                },
             };
             self.hungry.store(false, Ordering::Relaxed);
+            let Some(delivery) = delivery else { break };
             match delivery {
-                Ok(Delivery::Batch(pending)) => {
+                Delivery::Batch(pending) => {
                     // What a batch's log lines carry: which plugin version read what.
                     let span = tracing::info_span!(
                         "batch",
@@ -164,17 +182,14 @@ impl Projector {
                     let _enter = span.enter();
                     self.process(&pending);
                 }
-                Ok(Delivery::Failed(e)) => {
+                Delivery::Failed(e) => {
                     tracing::error!(projection = self.name(), error = %e, "reading events failed");
                     self.set_error(&e);
                 }
-                Ok(Delivery::Revoke { ack }) => {
+                Delivery::Revoke { ack } => {
                     self.settle_or_resync();
                     let _ = ack.send(());
                 }
-                // Nothing new: make sure the last commit is settled.
-                Err(crossbeam_channel::RecvTimeoutError::Timeout) => self.settle_or_resync(),
-                Err(crossbeam_channel::RecvTimeoutError::Disconnected) => break,
             }
         }
         self.settle_or_resync();
@@ -197,6 +212,13 @@ impl Projector {
                 let _ = request.reply.send(report);
             }
             Command::Resume => self.resume = true,
+            Command::SetReplay(replay) => {
+                if let Some(reader) = &self.reader_replay {
+                    let _ = reader.send(replay.clone());
+                }
+                self.replay = replay;
+            }
+            Command::Stop => self.stopping = true,
         }
     }
 
@@ -302,13 +324,13 @@ impl Projector {
     /// events the plugin emits are dropped, since they were published when
     /// the history was new.
     pub fn set_replaying(&mut self, replaying: bool) {
-        *self.replay.lock().expect("replay lock") =
-            if replaying { Replay::Until(Cursor::new(), Failed::default()) } else { Replay::Live };
+        self.set_replay(if replaying { Replay::Until(Cursor::new(), Failed::default()) } else { Replay::Live });
     }
 
-    /// The worker's replay mode, to change while it runs (a rebuild's switch).
-    pub fn replay(&self) -> Arc<Mutex<Replay>> {
-        self.replay.clone()
+    /// Which events this worker treats as history, before it runs; while
+    /// it runs, through [`Control::set_replay`].
+    pub fn set_replay(&mut self, replay: Replay) {
+        self.replay = replay;
     }
 
     /// The end of the call starting at `start` (at most `call-events`, not
@@ -316,9 +338,8 @@ impl Projector {
     /// which of the two they do.
     pub(super) fn call(&self, events: &[crate::plugin::Event], start: usize, limit: usize) -> (usize, bool) {
         let end = (start + self.options.call_events).min(limit);
-        let replay = self.replay.lock().expect("replay lock");
-        let first = replay.covers(&events[start]);
-        let same = events[start + 1..end].iter().position(|e| replay.covers(e) != first);
+        let first = self.replay.covers(&events[start]);
+        let same = events[start + 1..end].iter().position(|e| self.replay.covers(e) != first);
         (same.map_or(end, |i| start + 1 + i), first)
     }
 
@@ -392,12 +413,21 @@ impl Projector {
 
     /// Whether this worker's threads should yield the CPU (see [`set_background`]).
     pub(super) fn in_background(&self) -> bool {
-        self.options.background_rebuilds && self.replay.lock().expect("replay lock").is_history()
+        self.options.background_rebuilds && self.replay.is_history()
     }
 
-    /// Sleep for `duration` unless asked to stop; false when stopping.
-    pub(super) fn sleep(&self, duration: Duration) -> bool {
-        sleep_unless(&self.stop, duration)
+    /// Back off for `duration` unless told to stop first; false when
+    /// stopping. Other commands wait until the back-off is over.
+    pub(super) fn sleep(&mut self, duration: Duration) -> bool {
+        let until = Instant::now() + duration;
+        while !self.stopping {
+            match self.commands.recv_deadline(until) {
+                Ok(Command::Stop) => self.stopping = true,
+                Ok(command) => self.deferred.push_back(command),
+                Err(_) => break,
+            }
+        }
+        !self.stopping
     }
 }
 

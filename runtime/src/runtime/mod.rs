@@ -247,15 +247,13 @@ impl Runtime {
         options.kv = resolve_limits(&self.limits, own).1;
         options.kv.max_event_bytes = self.log.max_event_bytes();
         options.pause_after_dead_letters = resolve_pause(&self.limits, own);
-        let mut projector =
-            Projector::new(handler, read_model.clone(), sources, options, status.clone(), stop.clone())?;
+        let mut projector = Projector::new(handler, read_model.clone(), sources, options, status.clone())?;
         projector.set_replaying(replaying);
         let generation = Arc::new(Generation {
             number,
             kind,
             manifest: projector.manifest(),
             control: projector.control(),
-            replay: projector.replay(),
             read_model: read_model.clone(),
             indexes: indexes.clone(),
             status,
@@ -421,7 +419,7 @@ impl Runtime {
         }
         let names: Vec<String> = self.projections.read().expect("projections lock").keys().cloned().collect();
         for p in self.projections() {
-            p.live().stop.store(true, Ordering::Relaxed);
+            p.live().ask_to_stop();
         }
         for name in names {
             self.remove(&name);
