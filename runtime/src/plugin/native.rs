@@ -19,8 +19,8 @@ use crate::wit::{
     EmitError, Event, FieldMapping, FieldType, IndexMapping, KvError, Manifest, Outgoing, SearchError, Subscription,
 };
 
-type HandleFn = fn(Vec<sdk::Event>) -> Result<(), sdk::Failure>;
-type EnrichFn = fn(Vec<sdk::Event>) -> Result<Vec<refract_sdk::NewEvent>, sdk::Failure>;
+type HandleFn = fn(Vec<refract_sdk::Event>) -> Result<(), refract_sdk::Failure>;
+type EnrichFn = fn(Vec<refract_sdk::Event>) -> Result<Vec<refract_sdk::NewEvent>, refract_sdk::Failure>;
 
 /// A native projection: its manifest and the SDK-generated `handle` function.
 pub struct NativeProjection {
@@ -203,20 +203,19 @@ fn run<R>(
     batch: Batch,
     env: &Environment,
     events: &[Event],
-    call: impl FnOnce(Vec<sdk::Event>) -> Result<R, sdk::Failure>,
+    call: impl FnOnce(Vec<refract_sdk::Event>) -> Result<R, refract_sdk::Failure>,
 ) -> (Batch, Result<R, HandleError>) {
     let events = events
         .iter()
-        .map(|e| sdk::Event {
-            stream: e.stream.clone(),
-            partition: e.partition,
-            offset: e.offset,
-            key: e.key.clone(),
-            event_type: e.event_type.clone(),
-            time: e.time,
-            headers: e.headers.clone(),
-            content_type: e.content_type.clone(),
-            data: e.data.clone(),
+        .map(|e| {
+            let mut event = refract_sdk::Event::new(&e.stream, &e.event_type, &e.data);
+            event.partition = e.partition;
+            event.offset = e.offset;
+            event.key.clone_from(&e.key);
+            event.time = e.time;
+            event.headers.clone_from(&e.headers);
+            event.content_type.clone_from(&e.content_type);
+            event
         })
         .collect();
     let backend = BatchBackend { batch, env: env.clone(), host_error: None };
@@ -225,8 +224,8 @@ fn run<R>(
     let outcome = match (backend.host_error, result) {
         (Some(h), _) => Err(HandleError::Host(h)),
         (None, Ok(Ok(r))) => Ok(r),
-        (None, Ok(Err(sdk::Failure::Rejected(m)))) => Err(HandleError::Rejected(m)),
-        (None, Ok(Err(sdk::Failure::Transient(m)))) => Err(HandleError::Transient(m)),
+        (None, Ok(Err(refract_sdk::Failure::Rejected(m)))) => Err(HandleError::Rejected(m)),
+        (None, Ok(Err(refract_sdk::Failure::Transient(m)))) => Err(HandleError::Transient(m)),
         (None, Err(panic)) => {
             let message = panic
                 .downcast_ref::<String>()

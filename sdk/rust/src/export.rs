@@ -54,21 +54,24 @@ macro_rules! export_enricher {
                     <$ty as $crate::Enricher>::manifest().into_wit()
                 }
                 fn enrich(
-                    events: ::std::vec::Vec<$crate::Event>,
+                    events: ::std::vec::Vec<$crate::wit::refract::plugin::types::Event>,
                 ) -> ::std::result::Result<
                     ::std::vec::Vec<$crate::wit::refract::plugin::emit::Outgoing>,
-                    $crate::Failure,
+                    $crate::wit::refract::plugin::types::Failure,
                 > {
                     $crate::__install_panic_hook();
+                    let events = events.into_iter().map($crate::Event::from).collect();
                     $crate::kv::finish_batch(<$ty as $crate::Enricher>::enrich_batch(events))
                         .map(|out| out.into_iter().map($crate::NewEvent::into_wit).collect())
+                        .map_err($crate::Failure::into_wit)
                 }
                 fn enrich_packed(
                     events: ::std::vec::Vec<u8>,
-                ) -> ::std::result::Result<::std::vec::Vec<u8>, $crate::Failure> {
+                ) -> ::std::result::Result<::std::vec::Vec<u8>, $crate::wit::refract::plugin::types::Failure> {
                     $crate::__install_panic_hook();
                     let events = $crate::__unpack(&events);
-                    let out = $crate::kv::finish_batch(<$ty as $crate::Enricher>::enrich_batch(events))?;
+                    let out = $crate::kv::finish_batch(<$ty as $crate::Enricher>::enrich_batch(events))
+                        .map_err($crate::Failure::into_wit)?;
                     let out: ::std::vec::Vec<_> = out.into_iter().map($crate::NewEvent::into_wit).collect();
                     Ok($crate::packed::encode_outputs(&out))
                 }
@@ -94,13 +97,20 @@ macro_rules! export_projection {
                     $crate::__install_panic_hook();
                     <$ty as $crate::Projection>::manifest().into_wit()
                 }
-                fn handle(events: ::std::vec::Vec<$crate::Event>) -> ::std::result::Result<(), $crate::Failure> {
+                fn handle(
+                    events: ::std::vec::Vec<$crate::wit::refract::plugin::types::Event>,
+                ) -> ::std::result::Result<(), $crate::wit::refract::plugin::types::Failure> {
                     $crate::__install_panic_hook();
+                    let events = events.into_iter().map($crate::Event::from).collect();
                     $crate::kv::finish_batch(<$ty as $crate::Projection>::handle(events))
+                        .map_err($crate::Failure::into_wit)
                 }
-                fn handle_packed(events: ::std::vec::Vec<u8>) -> ::std::result::Result<(), $crate::Failure> {
+                fn handle_packed(
+                    events: ::std::vec::Vec<u8>,
+                ) -> ::std::result::Result<(), $crate::wit::refract::plugin::types::Failure> {
                     $crate::__install_panic_hook();
                     $crate::kv::finish_batch(<$ty as $crate::Projection>::handle($crate::__unpack(&events)))
+                        .map_err($crate::Failure::into_wit)
                 }
             }
     $crate::wit::__export_projection_world!(__RefractExport with_types_in $crate::wit);

@@ -12,8 +12,12 @@ pub(crate) use crate::native::{delete, emit, get, log, lookup, put, scan, search
 pub(crate) use crate::wit::refract::plugin::{
     emit::emit,
     kv::{get, scan},
-    log::log,
     lookup::get as lookup,
     search,
     settings::get as setting,
 };
+
+#[cfg(target_arch = "wasm32")]
+pub(crate) fn log(level: crate::Level, message: &str) {
+    crate::wit::refract::plugin::log::log(level.into(), message);
+}

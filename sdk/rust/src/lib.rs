@@ -97,6 +97,7 @@ pub mod testing;
 pub use cache::TableCache;
 pub use emit::{NewEvent, emit};
 pub use enricher::Enricher;
+pub use event::{Event, Failure, FieldType, Level};
 #[doc(hidden)]
 pub use export::{__install_panic_hook, __unpack};
 pub use manifest::Manifest;
@@ -104,10 +105,6 @@ pub use projection::Projection;
 pub use search::{Index, IndexMapping};
 pub use settings::{log, setting, setting_or};
 pub use table::Table;
-pub use wit::refract::plugin::types::{Event, Failure, FieldType};
-
-/// The log level of a message sent with [`log`].
-pub use wit::refract::plugin::log::Level;
 
 #[cfg(any(all(feature = "talc", target_family = "wasm", not(target_feature = "atomics")), test))]
 #[doc(hidden)]

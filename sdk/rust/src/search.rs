@@ -36,7 +36,12 @@ impl IndexMapping {
     /// Add a field of type `ty`; `stored` fields come back in hits, `fast`
     /// fields can be sorted, range-filtered and faceted on.
     pub fn field(mut self, name: &str, ty: FieldType, stored: bool, fast: bool) -> Self {
-        self.fields.push(wit::refract::plugin::types::FieldMapping { name: name.to_owned(), type_: ty, stored, fast });
+        self.fields.push(wit::refract::plugin::types::FieldMapping {
+            name: name.to_owned(),
+            type_: ty.into(),
+            stored,
+            fast,
+        });
         self
     }
 
