@@ -27,7 +27,7 @@ use std::sync::{Arc, Mutex, RwLock};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 
 use crate::clock::{Backoff, now_ms};
 use crate::plugin::Manifest;
@@ -179,7 +179,7 @@ pub struct Rebuild {
 }
 
 /// What the status shows of a rebuild.
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(rename_all = "camelCase")]
 pub struct RebuildStatus {
     pub generation: u64,

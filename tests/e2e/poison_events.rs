@@ -155,6 +155,18 @@ fn dead_letters_can_be_inspected_retried_after_the_cause_is_gone_and_skipped() {
     let one = server.get(&format!("/v1/projections/order-summary/dead-letters/{}", id_of("o-1")));
     assert!(one["error"].as_str().unwrap().contains("unknown order o-1"), "{one}");
     assert_eq!(server.client().get("/v1/projections/order-summary/dead-letters/999").unwrap().status, 404);
+    // The CLI lists them, a line each: id, position, type, error.
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_refract"))
+        .args(["dead-letters", "order-summary", "--url", &server.url])
+        .output()
+        .unwrap();
+    let listed = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success(), "{out:?}");
+    for order in ["o-1", "o-2", "o-3"] {
+        let line = listed.lines().find(|l| l.split_whitespace().next() == Some(&id_of(order).to_string()));
+        let line = line.unwrap_or_else(|| panic!("no line for the letter of {order} in\n{listed}"));
+        assert!(line.contains("PaymentReceived") && line.contains(&format!("unknown order {order}")), "{line}");
+    }
 
     // Retrying needs the admin token; while the orders are still missing, it fails again.
     let path = format!("/v1/projections/order-summary/dead-letters/{}/retry", id_of("o-1"));

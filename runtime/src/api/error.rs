@@ -3,7 +3,6 @@
 use axum::Json;
 use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response};
-use serde_json::json;
 
 /// An API error with a stable machine-readable code.
 #[derive(Debug)]
@@ -76,7 +75,9 @@ impl ApiError {
 
 impl IntoResponse for ApiError {
     fn into_response(self) -> Response {
-        let body = json!({"error": {"code": self.code, "message": self.message}});
+        let body = super::dto::ErrorBody {
+            error: super::dto::ErrorDetail { code: self.code.to_owned(), message: self.message },
+        };
         (self.status, Json(body)).into_response()
     }
 }

@@ -11,6 +11,7 @@
 
 mod auth;
 pub mod consistency;
+pub mod dto;
 mod error;
 mod extract;
 mod guard;
@@ -91,7 +92,7 @@ pub fn operations() -> Vec<(Method, &'static str, MethodRouter<AppState>)> {
     use Method as M;
     vec![
         (M::GET, "/", get(|| async { axum::response::Html(CONSOLE_HTML) })),
-        (M::GET, "/healthz", get(|| async { axum::Json(serde_json::json!({"status": "ok"})) })),
+        (M::GET, "/healthz", get(|| async { axum::Json(dto::Health { status: "ok".into() }) })),
         (M::GET, "/openapi.json", get(|| async { axum::Json(openapi()) })),
         (M::GET, "/metrics", get(metrics)),
         (M::GET, "/v1/streams", get(streams::list)),

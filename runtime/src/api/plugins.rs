@@ -8,9 +8,9 @@ use axum::extract::State;
 
 use super::extract::Path;
 use axum::http::StatusCode;
-use serde_json::{Value, json};
 
 use super::ApiError;
+use super::dto::PluginInstalled;
 use crate::runtime::{InstallError, Runtime};
 
 /// `PUT /v1/plugins/{name}`: check the component (compile, instantiate,
@@ -20,7 +20,7 @@ pub(super) async fn upload(
     State(rt): State<Arc<Runtime>>,
     Path(name): Path<String>,
     body: Bytes,
-) -> Result<(StatusCode, Json<Value>), ApiError> {
+) -> Result<(StatusCode, Json<PluginInstalled>), ApiError> {
     let installing = rt.clone();
     let file = name.clone();
     let manifest = tokio::task::spawn_blocking(move || installing.install_plugin(&file, &body))
@@ -32,11 +32,11 @@ pub(super) async fn upload(
         })?;
     Ok((
         StatusCode::ACCEPTED,
-        Json(json!({
-            "plugin": name,
-            "projection": manifest.name,
-            "version": manifest.version,
-            "schemaVersion": manifest.schema_version,
-        })),
+        Json(PluginInstalled {
+            plugin: name,
+            projection: manifest.name,
+            version: manifest.version,
+            schema_version: manifest.schema_version,
+        }),
     ))
 }

@@ -7,9 +7,12 @@ use axum::extract::State;
 
 use super::extract::{Path, Query};
 use serde::Deserialize;
-use serde_json::{Value, json};
 
 use super::consistency::{self, Consistency};
+use super::dto::{
+    DeadLetterPage, DeadLetterView, Item, Page, ProjectionList, RebuildCancelled, RebuildStarted, Resumed, Retried,
+    Skipped,
+};
 use super::{ApiError, page_limit};
 use crate::runtime::{Projection, Runtime};
 
@@ -30,20 +33,6 @@ fn check_table(p: &Projection, table: &str) -> Result<(), ApiError> {
     }
 }
 
-/// One entry of a table page.
-#[derive(serde::Serialize)]
-pub(super) struct Item {
-    key: String,
-    value: Box<serde_json::value::RawValue>,
-}
-
-/// A page of a table: its entries in key order, and the key to continue after.
-#[derive(serde::Serialize)]
-pub(super) struct Page {
-    items: Vec<Item>,
-    next: Option<String>,
-}
-
 #[derive(Deserialize)]
 #[serde(deny_unknown_fields)]
 pub(super) struct ListParams {
@@ -54,19 +43,22 @@ pub(super) struct ListParams {
 pub(super) async fn list(
     State(rt): State<Arc<Runtime>>,
     Query(params): Query<ListParams>,
-) -> Result<Json<Value>, ApiError> {
+) -> Result<Json<ProjectionList>, ApiError> {
     let statuses = rt
         .projections()
         .iter()
         .map(|p| rt.status(p))
         .filter(|s| s.as_ref().map_or(true, |s| params.kind.is_none_or(|k| s.plugin.kind == k)))
         .collect::<Result<Vec<_>, _>>()?;
-    Ok(Json(json!({ "projections": statuses, "pluginErrors": rt.plugin_errors() })))
+    Ok(Json(ProjectionList { projections: statuses, plugin_errors: rt.plugin_errors() }))
 }
 
-pub(super) async fn status(State(rt): State<Arc<Runtime>>, Path(name): Path<String>) -> Result<Json<Value>, ApiError> {
+pub(super) async fn status(
+    State(rt): State<Arc<Runtime>>,
+    Path(name): Path<String>,
+) -> Result<Json<crate::runtime::ProjectionStatus>, ApiError> {
     let p = find(&rt, &name)?;
-    Ok(Json(serde_json::to_value(rt.status(&p)?).expect("status serializes")))
+    Ok(Json(rt.status(&p)?))
 }
 
 pub(super) async fn get_item(
@@ -121,34 +113,27 @@ pub(super) async fn dead_letters(
     State(rt): State<Arc<Runtime>>,
     Path(name): Path<String>,
     Query(q): Query<DeadLetterParams>,
-) -> Result<Json<Value>, ApiError> {
+) -> Result<Json<DeadLetterPage>, ApiError> {
     let limit = page_limit(q.limit)?;
     let p = find(&rt, &name)?;
     let mut letters = p.live().read_model.dead_letters(q.after, limit + 1)?;
     let more = letters.len() > limit;
     letters.truncate(limit);
     let next = if more { letters.last().map(|(id, _)| *id) } else { None };
-    let items: Vec<Value> = letters.into_iter().map(|(id, letter)| letter_json(id, letter)).collect();
-    Ok(Json(json!({ "deadLetters": items, "next": next })))
+    let dead_letters = letters.into_iter().map(|(id, letter)| DeadLetterView { id, letter }).collect();
+    Ok(Json(DeadLetterPage { dead_letters, next }))
 }
 
 /// `GET /v1/projections/{p}/dead-letters/{id}`: one dead letter.
 pub(super) async fn dead_letter(
     State(rt): State<Arc<Runtime>>,
     Path((name, id)): Path<(String, u64)>,
-) -> Result<Json<Value>, ApiError> {
+) -> Result<Json<DeadLetterView>, ApiError> {
     let p = find(&rt, &name)?;
     let Some(letter) = p.live().read_model.dead_letter(id)? else {
         return Err(no_dead_letter(&name, id));
     };
-    Ok(Json(letter_json(id, letter)))
-}
-
-/// A dead letter as the API shows it: the letter with its id.
-fn letter_json(id: u64, letter: crate::store::DeadLetter) -> Value {
-    let mut v = serde_json::to_value(letter).expect("dead letters serialize");
-    v["id"] = json!(id);
-    v
+    Ok(Json(DeadLetterView { id, letter }))
 }
 
 fn no_dead_letter(projection: &str, id: u64) -> ApiError {
@@ -160,7 +145,7 @@ fn no_dead_letter(projection: &str, id: u64) -> ApiError {
 pub(super) async fn skip_dead_letter(
     State(rt): State<Arc<Runtime>>,
     Path((name, id)): Path<(String, u64)>,
-) -> Result<Json<Value>, ApiError> {
+) -> Result<Json<Skipped>, ApiError> {
     let p = find(&rt, &name)?;
     let read_model = p.live().read_model.clone();
     let removed = tokio::task::spawn_blocking(move || read_model.remove_dead_letter(id))
@@ -169,7 +154,7 @@ pub(super) async fn skip_dead_letter(
     if !removed {
         return Err(no_dead_letter(&name, id));
     }
-    Ok(Json(json!({ "skipped": id })))
+    Ok(Json(Skipped { skipped: id }))
 }
 
 /// `POST /v1/projections/{p}/dead-letters/retry` (every letter) and
@@ -178,18 +163,18 @@ pub(super) async fn skip_dead_letter(
 pub(super) async fn retry_dead_letters(
     State(rt): State<Arc<Runtime>>,
     Path(name): Path<String>,
-) -> Result<Json<Value>, ApiError> {
+) -> Result<Json<Retried>, ApiError> {
     retry(&rt, &name, None).await
 }
 
 pub(super) async fn retry_dead_letter(
     State(rt): State<Arc<Runtime>>,
     Path((name, id)): Path<(String, u64)>,
-) -> Result<Json<Value>, ApiError> {
+) -> Result<Json<Retried>, ApiError> {
     retry(&rt, &name, Some(vec![id])).await
 }
 
-async fn retry(rt: &Runtime, name: &str, ids: Option<Vec<u64>>) -> Result<Json<Value>, ApiError> {
+async fn retry(rt: &Runtime, name: &str, ids: Option<Vec<u64>>) -> Result<Json<Retried>, ApiError> {
     use std::sync::mpsc::RecvTimeoutError;
     use std::time::{Duration, Instant};
     let p = find(rt, name)?;
@@ -231,7 +216,7 @@ async fn retry(rt: &Runtime, name: &str, ids: Option<Vec<u64>>) -> Result<Json<V
         .await
         .map_err(|e| ApiError::internal("retrying dead letters", e))?;
         if let Some(report) = outcome {
-            return Ok(Json(serde_json::to_value(report).expect("reports serialize")));
+            return Ok(Json(report));
         }
         if Arc::ptr_eq(&live, &p.live()) || Instant::now() >= until {
             return Err(ApiError::new(
@@ -253,14 +238,17 @@ async fn retry(rt: &Runtime, name: &str, ids: Option<Vec<u64>>) -> Result<Json<V
 
 /// `POST /v1/projections/{p}/resume`: end a pause after too many dead
 /// letters in a row (admin token required).
-pub(super) async fn resume(State(rt): State<Arc<Runtime>>, Path(name): Path<String>) -> Result<Json<Value>, ApiError> {
+pub(super) async fn resume(
+    State(rt): State<Arc<Runtime>>,
+    Path(name): Path<String>,
+) -> Result<Json<Resumed>, ApiError> {
     let p = find(&rt, &name)?;
     let live = p.live();
     let paused = live.status.lock().expect("status lock").state == crate::projector::WorkerState::Paused;
     if paused {
         live.control.resume();
     }
-    Ok(Json(json!({ "projection": name, "resumed": paused })))
+    Ok(Json(Resumed { projection: name, resumed: paused }))
 }
 
 /// `POST /v1/projections/{p}/rebuild`: replay the projection's streams into a
@@ -268,7 +256,7 @@ pub(super) async fn resume(State(rt): State<Arc<Runtime>>, Path(name): Path<Stri
 pub(super) async fn rebuild(
     State(rt): State<Arc<Runtime>>,
     Path(name): Path<String>,
-) -> Result<(axum::http::StatusCode, Json<Value>), ApiError> {
+) -> Result<(axum::http::StatusCode, Json<RebuildStarted>), ApiError> {
     find(&rt, &name)?;
     let runtime = rt.clone();
     let projection = name.clone();
@@ -276,9 +264,7 @@ pub(super) async fn rebuild(
         .await
         .map_err(|e| ApiError::internal("starting a rebuild", e))?;
     match started {
-        Ok(generation) => {
-            Ok((axum::http::StatusCode::ACCEPTED, Json(json!({"projection": name, "generation": generation}))))
-        }
+        Ok(generation) => Ok((axum::http::StatusCode::ACCEPTED, Json(RebuildStarted { projection: name, generation }))),
         Err(e) => Err(rebuild_error(&name, e)),
     }
 }
@@ -287,10 +273,10 @@ pub(super) async fn rebuild(
 pub(super) async fn cancel_rebuild(
     State(rt): State<Arc<Runtime>>,
     Path(name): Path<String>,
-) -> Result<Json<Value>, ApiError> {
+) -> Result<Json<RebuildCancelled>, ApiError> {
     find(&rt, &name)?;
     match rt.cancel_rebuild(&name) {
-        Ok(generation) => Ok(Json(json!({"projection": name, "cancelled": generation}))),
+        Ok(generation) => Ok(Json(RebuildCancelled { projection: name, cancelled: generation })),
         Err(e) => Err(rebuild_error(&name, e)),
     }
 }

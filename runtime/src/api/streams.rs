@@ -9,15 +9,15 @@ use axum::extract::State;
 use super::extract::{Path, Query};
 use axum::http::HeaderMap;
 use serde::Deserialize;
-use serde_json::{Value, json};
 
+use super::dto::{Appended, StreamList};
 use super::{ApiError, page_limit};
 use crate::runtime::Runtime;
 use crate::source::NewEvent;
 use crate::source::log::Error as LogError;
 
-pub(super) async fn list(State(rt): State<Arc<Runtime>>) -> Json<Value> {
-    Json(json!({ "streams": rt.log.streams() }))
+pub(super) async fn list(State(rt): State<Arc<Runtime>>) -> Json<StreamList> {
+    Json(StreamList { streams: rt.log.streams() })
 }
 
 /// Parse a body holding one event, a JSON array of events, or NDJSON.
@@ -39,7 +39,7 @@ pub(super) async fn append(
     Path(stream): Path<String>,
     headers: HeaderMap,
     body: Bytes,
-) -> Result<Json<Value>, ApiError> {
+) -> Result<Json<Appended>, ApiError> {
     let content_type = headers.get("content-type").and_then(|v| v.to_str().ok()).unwrap_or("application/json");
     if !(content_type.starts_with("application/json")
         || content_type.starts_with("application/x-ndjson")
@@ -66,7 +66,7 @@ pub(super) async fn append(
             other => ApiError::unavailable("appending to the log", other),
         })?;
     let wait_for = super::consistency::token(&stream, &positions);
-    Ok(Json(json!({ "stream": stream, "positions": positions, "waitFor": wait_for })))
+    Ok(Json(Appended { stream, positions, wait_for }))
 }
 
 #[derive(Deserialize)]

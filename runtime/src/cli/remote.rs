@@ -8,8 +8,10 @@ use std::time::{Duration, Instant};
 
 use anyhow::{Context, bail};
 use clap::Subcommand;
-use refract_client::Client;
-use serde_json::Value;
+use refract::api::dto::{DeadLetterPage, ErrorBody, ProjectionList, RebuildCancelled, RebuildStarted, Retried};
+use refract::runtime::ProjectionStatus;
+use refract_client::{Client, Reply};
+use serde::de::DeserializeOwned;
 
 /// Where a running runtime is, and the token to show it.
 #[derive(clap::Args)]
@@ -58,31 +60,24 @@ pub(crate) fn dead_letters(projection: &str, action: Option<DeadLetterAction>, r
     }
     .with_context(|| format!("asking {url}"))?;
     if reply.status != 200 {
-        bail!("{}: {}", reply.status, reply.body["error"]["message"].as_str().unwrap_or(""));
+        bail!("{}: {}", reply.status, error_message(&reply));
     }
     match action {
         None => {
-            let letters = reply.body["deadLetters"].as_array().cloned().unwrap_or_default();
-            if letters.is_empty() {
+            let page: DeadLetterPage = body(reply)?;
+            if page.dead_letters.is_empty() {
                 println!("{projection} holds no dead letters");
             }
-            for l in letters {
-                println!(
-                    "{:>6}  {}/{}@{}  {}  {}",
-                    l["id"],
-                    l["stream"].as_str().unwrap_or(""),
-                    l["partition"],
-                    l["offset"],
-                    l["type"].as_str().unwrap_or(""),
-                    l["error"].as_str().unwrap_or("")
-                );
+            for l in page.dead_letters {
+                let (id, l) = (l.id, l.letter);
+                println!("{id:>6}  {}/{}@{}  {}  {}", l.stream, l.partition, l.offset, l.event_type, l.error);
             }
         }
         Some(DeadLetterAction::Retry { .. }) => {
-            let b = &reply.body;
-            println!("applied: {}; failed again: {}", b["applied"], b["failed"].as_array().map_or(0, Vec::len));
-            for f in b["failed"].as_array().into_iter().flatten() {
-                println!("{:>6}  {}", f["id"], f["error"].as_str().unwrap_or(""));
+            let report: Retried = body(reply)?;
+            println!("applied: {}; failed again: {}", report.applied.len(), report.failed.len());
+            for f in report.failed {
+                println!("{:>6}  {}", f.id, f.error);
             }
         }
         _ => println!("{:#}", reply.body),
@@ -113,7 +108,7 @@ pub(crate) fn produce(stream: &str, file: Option<PathBuf>, batch: usize, remote:
         }
         let reply = client.append_ndjson(stream, body).with_context(|| format!("sending to {url}"))?;
         if reply.status != 200 {
-            let message = reply.body["error"]["message"].as_str().unwrap_or("").to_owned();
+            let message = error_message(&reply);
             bail!(
                 "the runtime refused the events of lines {first_line}.. ({}): {message}; nothing from line {first_line} on was appended",
                 reply.status
@@ -164,35 +159,42 @@ pub(crate) fn rebuild(projection: &str, remote: &Remote, detach: bool, cancel: b
     let reply = if cancel { client.delete(&path) } else { client.post(&path, "application/json", b"") }
         .with_context(|| format!("reaching {url}"))?;
     if reply.status >= 300 {
-        let message = reply.body["error"]["message"].as_str().map_or_else(|| reply.body.to_string(), str::to_owned);
-        anyhow::bail!("{} {}: {message}", reply.status, if cancel { "cancelling" } else { "rebuilding" });
+        anyhow::bail!(
+            "{} {}: {}",
+            reply.status,
+            if cancel { "cancelling" } else { "rebuilding" },
+            error_message(&reply)
+        );
     }
     if cancel {
-        eprintln!("cancelled the rebuild of {projection} (generation {})", reply.body["cancelled"]);
+        let cancelled: RebuildCancelled = body(reply)?;
+        eprintln!("cancelled the rebuild of {projection} (generation {})", cancelled.cancelled);
         return Ok(());
     }
-    let generation = reply.body["generation"].as_u64().unwrap_or(0);
+    let RebuildStarted { generation, .. } = body(reply)?;
     eprintln!("rebuilding {projection} into generation {generation}");
     if detach {
         return Ok(());
     }
     let mut progress = Progress::new("events");
     loop {
-        let status = client.get(&format!("/v1/projections/{projection}"))?.body;
-        if status["generation"].as_u64() == Some(generation) && status["rebuild"].is_null() {
+        let reply = client.get(&format!("/v1/projections/{projection}"))?;
+        if reply.status != 200 {
+            anyhow::bail!("{} reading the status of {projection}: {}", reply.status, error_message(&reply));
+        }
+        let status: ProjectionStatus = body(reply)?;
+        let Some(r) = status.rebuild else {
+            if status.generation != generation {
+                anyhow::bail!(
+                    "the rebuild stopped before switching (cancelled?); generation {} is live",
+                    status.generation
+                );
+            }
             progress.finish();
-            eprintln!("generation {generation} of {projection} is live ({} events)", status["eventsApplied"]);
+            eprintln!("generation {generation} of {projection} is live ({} events)", status.counters.events_applied);
             return Ok(());
-        }
-        if status["rebuild"].is_null() && status["generation"].as_u64() != Some(generation) {
-            anyhow::bail!(
-                "the rebuild stopped before switching (cancelled?); generation {} is live",
-                status["generation"]
-            );
-        }
-        let r = &status["rebuild"];
-        let (done, target) = (r["replayed"].as_u64().unwrap_or(0), r["target"].as_u64().unwrap_or(0).max(1));
-        progress.update(done, target, r["eventsPerSecond"].as_f64().unwrap_or(0.0), r["etaSeconds"].as_f64(), "");
+        };
+        progress.update(r.replayed, r.target.max(1), r.events_per_second, r.eta_seconds, "");
         std::thread::sleep(Duration::from_millis(200));
     }
 }
@@ -250,9 +252,9 @@ pub(crate) fn status(remote: &Remote, watch: bool) -> anyhow::Result<()> {
     loop {
         let reply = client.get("/v1/projections").with_context(|| format!("reaching {url}"))?;
         if reply.status != 200 {
-            let message = reply.body["error"]["message"].as_str().unwrap_or("").to_owned();
-            anyhow::bail!("{}: {message}", reply.status);
+            anyhow::bail!("{}: {}", reply.status, error_message(&reply));
         }
+        let list: ProjectionList = body(reply)?;
         let mut table = comfy_table::Table::new();
         table.load_preset(comfy_table::presets::NOTHING).set_header([
             "NAME",
@@ -267,34 +269,33 @@ pub(crate) fn status(remote: &Remote, watch: bool) -> anyhow::Result<()> {
             "REBUILD",
             "LAST ERROR",
         ]);
-        for p in reply.body["projections"].as_array().into_iter().flatten() {
-            let name = p["name"].as_str().unwrap_or("?").to_owned();
-            let applied = p["eventsApplied"].as_u64().unwrap_or(0);
-            let rate = match previous.insert(name.clone(), (applied, Instant::now())) {
+        for p in list.projections {
+            let applied = p.counters.events_applied;
+            let rate = match previous.insert(p.name.clone(), (applied, Instant::now())) {
                 Some((before, at)) if at.elapsed() > Duration::ZERO => {
                     format!("{:.0}", applied.saturating_sub(before) as f64 / at.elapsed().as_secs_f64())
                 }
                 _ => "-".into(),
             };
-            let index_lag: u64 = p["indexes"].as_array().into_iter().flatten().filter_map(|i| i["lag"].as_u64()).sum();
-            let rebuild = match &p["rebuild"] {
-                Value::Null => "-".into(),
-                r => format!("gen {} {}/{}", r["generation"], r["replayed"], r["target"]),
+            let index_lag: u64 = p.indexes.iter().map(|i| i.lag).sum();
+            let rebuild = match &p.rebuild {
+                None => "-".into(),
+                Some(r) => format!("gen {} {}/{}", r.generation, r.replayed, r.target),
             };
-            let mut error = p["lastError"].as_str().unwrap_or("-").replace('\n', " ");
+            let mut error = p.worker.last_error.as_deref().unwrap_or("-").replace('\n', " ");
             if error.chars().count() > 60 {
                 error = error.chars().take(57).collect::<String>() + "...";
             }
             table.add_row([
-                name,
-                text_of(&p["plugin"]["kind"]),
-                text_of(&p["state"]),
-                p["generation"].to_string(),
+                p.name,
+                text_of(&p.plugin.kind),
+                text_of(&p.worker.state),
+                p.generation.to_string(),
                 applied.to_string(),
                 rate,
-                p["lag"].to_string(),
-                p["deadLetters"].to_string(),
-                if p["indexes"].as_array().is_some_and(|i| !i.is_empty()) { index_lag.to_string() } else { "-".into() },
+                p.lag.to_string(),
+                p.counters.dead_letters.to_string(),
+                if p.indexes.is_empty() { "-".into() } else { index_lag.to_string() },
                 rebuild,
                 error,
             ]);
@@ -305,8 +306,8 @@ pub(crate) fn status(remote: &Remote, watch: bool) -> anyhow::Result<()> {
         }
         out.push_str(&table.trim_fmt());
         out.push('\n');
-        for e in reply.body["pluginErrors"].as_array().into_iter().flatten() {
-            out.push_str(&format!("not loaded: {}: {}\n", text_of(&e["file"]), text_of(&e["error"])));
+        for e in list.plugin_errors {
+            out.push_str(&format!("not loaded: {}: {}\n", e.file, e.error));
         }
         print!("{out}");
         if !watch {
@@ -316,7 +317,20 @@ pub(crate) fn status(remote: &Remote, watch: bool) -> anyhow::Result<()> {
     }
 }
 
-/// A JSON string's text, or any other value as JSON.
-fn text_of(v: &Value) -> String {
-    v.as_str().map_or_else(|| v.to_string(), str::to_owned)
+/// How a value is spelled in the API (`"running"`, `"projection"`), without the quotes.
+fn text_of(v: &impl serde::Serialize) -> String {
+    match serde_json::to_value(v) {
+        Ok(serde_json::Value::String(s)) => s,
+        other => other.map(|v| v.to_string()).unwrap_or_default(),
+    }
+}
+
+/// What an error reply says: the API's message, or the body as it came.
+fn error_message(reply: &Reply) -> String {
+    serde_json::from_value::<ErrorBody>(reply.body.clone()).map_or_else(|_| reply.body.to_string(), |e| e.error.message)
+}
+
+/// A successful reply's body as the API's type for it.
+fn body<T: DeserializeOwned>(reply: Reply) -> anyhow::Result<T> {
+    serde_json::from_value(reply.body).context("the runtime answered in a shape this version of refract does not read")
 }

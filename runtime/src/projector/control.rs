@@ -3,7 +3,7 @@
 
 use std::sync::mpsc;
 
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 
 use super::replay::Replay;
 use crate::plugin::Handler;
@@ -71,7 +71,7 @@ pub struct RetryRequest {
 }
 
 /// What a retry of dead letters did.
-#[derive(Debug, Default, Serialize)]
+#[derive(Debug, Default, Serialize, Deserialize)]
 #[serde(rename_all = "camelCase")]
 pub struct RetryReport {
     /// Letters whose events the plugin has now handled: applied and removed.
@@ -82,7 +82,7 @@ pub struct RetryReport {
     pub missing: Vec<u64>,
 }
 
-#[derive(Debug, Serialize)]
+#[derive(Debug, Serialize, Deserialize)]
 pub struct RetryFailure {
     pub id: u64,
     pub error: String,

@@ -1,9 +1,9 @@
 //! What a worker reports: its state, its last error, what it measured.
 
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 
 /// What a worker is doing.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "kebab-case")]
 pub enum WorkerState {
     Running,
@@ -16,7 +16,7 @@ pub enum WorkerState {
 }
 
 /// A worker's live status, shared with the HTTP API.
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(rename_all = "camelCase")]
 pub struct WorkerStatus {
     pub state: WorkerState,

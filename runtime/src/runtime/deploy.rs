@@ -9,7 +9,7 @@ use std::sync::Arc;
 use std::sync::atomic::Ordering;
 
 use anyhow::Context;
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 
 use super::watcher::Watcher;
 use super::{Projection, Runtime};
@@ -27,7 +27,7 @@ pub(super) enum Change {
 }
 
 /// A plugin file that could not be loaded, and why.
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct PluginError {
     pub file: String,
     pub error: String,

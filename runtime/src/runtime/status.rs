@@ -1,7 +1,7 @@
 //! What `GET /v1/projections/{p}` shows: a projection's plugin, progress
 //! per partition against the heads, search indexes, outbox and counters.
 
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 
 use super::{Projection, Runtime};
 use crate::generation::RebuildStatus;
@@ -11,7 +11,7 @@ use crate::projector::WorkerStatus;
 use crate::store::read_model::Counters;
 
 /// One partition's progress.
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(rename_all = "camelCase")]
 pub struct PartitionStatus {
     pub stream: String,
@@ -24,7 +24,7 @@ pub struct PartitionStatus {
 }
 
 /// What `GET /v1/projections/{p}` shows.
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(rename_all = "camelCase")]
 pub struct ProjectionStatus {
     pub name: String,
@@ -50,7 +50,7 @@ pub struct ProjectionStatus {
 }
 
 /// The emitted-events outbox: committed with the batches, then published.
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(rename_all = "camelCase")]
 pub struct EmitStatus {
     /// Events emitted (and committed) so far.
@@ -61,7 +61,7 @@ pub struct EmitStatus {
 }
 
 /// One search index's progress behind the tables.
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(rename_all = "camelCase")]
 pub struct IndexStatus {
     pub name: String,
@@ -74,7 +74,7 @@ pub struct IndexStatus {
     pub documents: u64,
 }
 
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(rename_all = "camelCase")]
 pub struct PluginInfo {
     pub kind: Kind,
@@ -83,11 +83,11 @@ pub struct PluginInfo {
     pub schema_version: u32,
     pub subscriptions: Vec<SubscriptionInfo>,
     /// An enricher's output streams (from its routes).
-    #[serde(skip_serializing_if = "Vec::is_empty")]
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub outputs: Vec<String>,
 }
 
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(rename_all = "camelCase")]
 pub struct SubscriptionInfo {
     pub stream: String,

@@ -11,7 +11,7 @@ use std::path::Path;
 use std::sync::Arc;
 
 use redb::{Durability, ReadableTable};
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 
 use super::batch::{Batch, BatchWrites, Declared, KvLimits};
 use super::{Error, Result};
@@ -24,14 +24,14 @@ use super::dead_letters::DeadLetter;
 use super::tables::{CHECKPOINTS, COUNTERS, DEAD_LETTERS, EMITTED, OUTBOX, plugin_table, table_definition};
 
 /// Totals kept with the read model.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize)]
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "camelCase")]
 pub struct Counters {
     pub events_applied: u64,
     pub dead_letters: u64,
     pub batches: u64,
     /// Enricher outputs that matched no route (dropped).
-    #[serde(skip_serializing_if = "is_zero")]
+    #[serde(default, skip_serializing_if = "is_zero")]
     pub unrouted_outputs: u64,
 }
 
