@@ -21,6 +21,7 @@ pub mod names;
 pub mod plugin;
 pub mod position;
 pub mod projector;
+pub mod rebuild;
 pub mod runtime;
 pub mod signal;
 pub mod sink;

@@ -76,15 +76,9 @@ fn random_appends_restarts_kills_rebuilds_and_swaps_keep_the_read_model_equal_to
                 assert_eq!(reply.status, 200, "{context}: {}", reply.body);
                 model.extend_from_slice(&stream[next..next + n]);
                 next += n;
-                std::thread::sleep(Duration::from_millis(rng.range(0, 29)));
-                server.kill();
-                server.restart();
+                kill_mid_batch(&mut server, &mut rng);
             }
-            Step::Rebuild => {
-                let reply =
-                    admin(&server).post("/v1/projections/order-summary/rebuild", "application/json", b"").unwrap();
-                assert!([202, 409].contains(&reply.status), "{context}: {}", reply.body);
-            }
+            Step::Rebuild => rebuild(&mut server, "order-summary", &context, false, |_| {}),
             Step::Swap => {
                 let reply = admin(&server).put("/v1/plugins/order_summary", "application/wasm", &wasm).unwrap();
                 assert_eq!(reply.status, 202, "{context}: {}", reply.body);
@@ -152,26 +146,12 @@ fn random_kills_and_rebuilds_publish_every_derived_event_exactly_once() {
             EmitStep::Append => append(&server, &mut appended, rng.range(1, 300) as usize),
             EmitStep::KillMidBatch => {
                 append(&server, &mut appended, rng.range(200, 599) as usize);
-                std::thread::sleep(Duration::from_millis(rng.range(0, 29)));
-                server.kill();
-                server.restart();
+                kill_mid_batch(&mut server, &mut rng);
             }
             EmitStep::Rebuild | EmitStep::KillInsideSwitch => {
-                let held = server.log().matches("holding the switch").count();
-                let path = format!("/v1/projections/{projection}/rebuild");
-                let reply = admin(&server).post(&path, "application/json", b"").unwrap();
-                assert!([202, 409].contains(&reply.status), "{context}: {}", reply.body);
-                // Events keep arriving while it replays and switches.
-                append(&server, &mut appended, rng.range(50, 249) as usize);
-                if step == EmitStep::KillInsideSwitch && reply.status == 202 {
-                    let until = std::time::Instant::now() + Duration::from_secs(60);
-                    while server.log().matches("holding the switch").count() == held {
-                        assert!(std::time::Instant::now() < until, "{context}: the switch was never reached");
-                        std::thread::sleep(Duration::from_millis(10));
-                    }
-                    server.kill();
-                    server.restart();
-                }
+                let n = rng.range(50, 249) as usize;
+                let kill = step == EmitStep::KillInsideSwitch;
+                rebuild(&mut server, projection, &context, kill, |s| append(s, &mut appended, n));
             }
         }
         // Settled in the order events flow: the projection, then the enricher reading what it emitted.
@@ -284,25 +264,12 @@ fn random_kills_rebuilds_and_broker_outages_publish_every_derived_event_to_kafka
             KafkaStep::Append => append(&server, &mut appended, rng.range(1, 300) as usize),
             KafkaStep::KillMidBatch => {
                 append(&server, &mut appended, rng.range(200, 599) as usize);
-                std::thread::sleep(Duration::from_millis(rng.range(0, 29)));
-                server.kill();
-                server.restart();
+                kill_mid_batch(&mut server, &mut rng);
             }
             KafkaStep::Rebuild | KafkaStep::KillInsideSwitch => {
-                let held = server.log().matches("holding the switch").count();
-                let reply =
-                    admin(&server).post("/v1/projections/testkit-chaos/rebuild", "application/json", b"").unwrap();
-                assert!([202, 409].contains(&reply.status), "{context}: {}", reply.body);
-                append(&server, &mut appended, rng.range(50, 249) as usize);
-                if step == KafkaStep::KillInsideSwitch && reply.status == 202 {
-                    let until = std::time::Instant::now() + Duration::from_secs(60);
-                    while server.log().matches("holding the switch").count() == held {
-                        assert!(std::time::Instant::now() < until, "{context}: the switch was never reached");
-                        std::thread::sleep(Duration::from_millis(10));
-                    }
-                    server.kill();
-                    server.restart();
-                }
+                let n = rng.range(50, 249) as usize;
+                let kill = step == KafkaStep::KillInsideSwitch;
+                rebuild(&mut server, "testkit-chaos", &context, kill, |s| append(s, &mut appended, n));
             }
             KafkaStep::BrokerOutage => {
                 // The relay's target is gone while events keep coming.
@@ -328,4 +295,39 @@ fn random_kills_rebuilds_and_broker_outages_publish_every_derived_event_to_kafka
         "Kafka derived-event model test: seed {seed}, {steps} steps {counts:?}, {appended} events, none lost, \
          none emitted twice, {republished} records published again under their emit id"
     );
+}
+
+/// SIGKILL the server a moment (0–29 ms, drawn from `rng`) into handling
+/// what was just appended, and start it again.
+fn kill_mid_batch(server: &mut Server, rng: &mut Rng) {
+    std::thread::sleep(Duration::from_millis(rng.range(0, 29)));
+    server.kill();
+    server.restart();
+}
+
+/// Ask for a rebuild of `projection` (202, or 409 while one runs), and let
+/// `meanwhile` append while it replays and switches. With `kill_in_switch`
+/// (and a rebuild started), SIGKILL the server inside the switch, held open
+/// by `REFRACT_TEST_SWITCH_DELAY_MS`, and start it again.
+fn rebuild(
+    server: &mut Server,
+    projection: &str,
+    context: &str,
+    kill_in_switch: bool,
+    meanwhile: impl FnOnce(&Server),
+) {
+    let held = server.log().matches("holding the switch").count();
+    let path = format!("/v1/projections/{projection}/rebuild");
+    let reply = Client::new(&server.url).with_token(Some(ADMIN)).post(&path, "application/json", b"").unwrap();
+    assert!([202, 409].contains(&reply.status), "{context}: {}", reply.body);
+    meanwhile(server);
+    if kill_in_switch && reply.status == 202 {
+        let until = std::time::Instant::now() + Duration::from_secs(60);
+        while server.log().matches("holding the switch").count() == held {
+            assert!(std::time::Instant::now() < until, "{context}: the switch was never reached");
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        server.kill();
+        server.restart();
+    }
 }

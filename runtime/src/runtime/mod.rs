@@ -26,9 +26,10 @@ use lookup::RuntimeLookup;
 use watcher::{Stamp, Watcher, plugin_files};
 
 use crate::config::{Config, LimitsConfig, PluginConfig, resolve_limits, resolve_pause};
-use crate::generation::{self, Generation, Rebuild};
+use crate::generation::{self, Generation};
 use crate::plugin::{Handler, Manifest};
 use crate::projector::{BatchOptions, Projector, WorkerStatus};
+use crate::rebuild::{self, Rebuild};
 use crate::source::Sources;
 use crate::source::kafka::KafkaConfig;
 use crate::source::log::EventLog;
@@ -359,7 +360,7 @@ impl Runtime {
         let thread = std::thread::Builder::new()
             .name(format!("rebuild-{name}"))
             .spawn(move || {
-                let switch = generation::Switch {
+                let switch = rebuild::Switch {
                     name: &name,
                     root: &p.root,
                     live: &p.live,
@@ -369,7 +370,7 @@ impl Runtime {
                     kafka: &kafka,
                     shutdown: &shutdown,
                 };
-                generation::monitor(switch, job);
+                rebuild::monitor(switch, job);
             })
             .context("spawning a rebuild monitor")?;
         self.workers.lock().expect("workers lock").push(thread);

@@ -4,10 +4,10 @@
 use serde::{Deserialize, Serialize};
 
 use super::{Projection, Runtime};
-use crate::generation::RebuildStatus;
 use crate::plugin::Kind;
 use crate::plugin::route::Routes;
 use crate::projector::WorkerStatus;
+use crate::rebuild::RebuildStatus;
 use crate::store::read_model::Counters;
 
 /// One partition's progress.
