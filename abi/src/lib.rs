@@ -193,7 +193,7 @@ pub fn write_output(
 
 /// Encode a batch of events (the host's side), given as its fields so the
 /// host can use its own event type: appended to `buffer`.
-#[allow(clippy::too_many_arguments)] // the event's fields, in the encoding's order
+#[allow(clippy::too_many_arguments, reason = "the event's fields, in the encoding's order")]
 pub fn write_event(
     w: &mut Writer<'_>,
     stream: &str,

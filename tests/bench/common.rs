@@ -1,6 +1,6 @@
 //! What the benchmarks share: running a handler through the real projector,
 //! medians, CPU time, and a minimal HTTP client.
-#![allow(dead_code)] // each bench uses a different part
+#![allow(dead_code, reason = "each bench uses a different part")]
 
 use std::path::Path;
 use std::sync::{Arc, Mutex};

@@ -1,7 +1,7 @@
 //! Shared by the end-to-end tests and the benchmarks: building the example
 //! plugins, running the real `refract` binary, and reference folds of the
 //! example events computed independently of the plugins.
-#![allow(dead_code)] // each test binary uses a different part
+#![allow(dead_code, reason = "each test binary uses a different part")]
 
 pub(crate) mod kafka;
 pub(crate) mod reference;

@@ -51,7 +51,10 @@ unsafe impl Sync for PluginAllocator {}
 
 #[cfg(all(feature = "talc", target_family = "wasm", not(target_feature = "atomics")))]
 impl PluginAllocator {
-    #[allow(clippy::new_without_default)]
+    #[allow(
+        clippy::new_without_default,
+        reason = "a const fn for the #[global_allocator] static; Default is not const"
+    )]
     pub const fn new() -> Self {
         SmallBlocks::with_large(talc::wasm::new_wasm_dynamic_allocator())
     }
