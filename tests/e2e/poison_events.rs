@@ -175,6 +175,16 @@ fn dead_letters_can_be_inspected_retried_after_the_cause_is_gone_and_skipped() {
     assert_eq!(again.status, 200, "{}", again.body);
     assert_eq!(again.body["applied"], json!([]));
     assert_eq!(again.body["failed"][0]["id"], id_of("o-1"));
+    // The same through the CLI, which reads the report as a type.
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_refract"))
+        .args(["dead-letters", "order-summary", "retry", &id_of("o-2").to_string(), "--url", &server.url])
+        .env("REFRACT_ADMIN_TOKEN", ADMIN)
+        .output()
+        .unwrap();
+    let report = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success(), "{out:?}");
+    assert!(report.starts_with("applied: 0; failed again: 1"), "{report}");
+    assert!(report.contains(&format!("{}  ", id_of("o-2"))) && report.contains("unknown order o-2"), "{report}");
 
     // The orders arrive; o-3's payment is skipped; the rest are retried and applied.
     let orders: Vec<Value> = ["o-1", "o-2", "o-3"]
