@@ -48,6 +48,11 @@
 //!       format: debezium          # json (default) | cloudevents | debezium
 //!       type-field: type          # json: the field holding the event type
 //!       type-header: null         # json: or a header holding it
+//! cluster:                        # membership through Kafka (optional; absent: off)
+//!   advertise-url: null           # how the others reach this instance (default: http://<listen>)
+//!   instance-id: null             # default: generated once, kept in <data-dir>/instance-id
+//!   control-topic: refract.cluster  # compacted; created when missing
+//!   announce-interval-ms: 2000    # an instance silent for 3 intervals is shown as not live
 //! plugins:                        # per plugin, by the name in its manifest (optional)
 //!   orders-payments-join:
 //!     settings: { window-ms: 300000 }   # read by the plugin with the `settings` interface
@@ -86,8 +91,35 @@ pub struct Config {
     pub storage: StorageConfig,
     pub rebuild: RebuildConfig,
     pub kafka: KafkaConfig,
+    /// Membership through Kafka's `kafka.brokers`; `None` (no `cluster:`
+    /// section): this instance announces nothing.
+    pub cluster: Option<ClusterConfig>,
     pub auth: AuthConfig,
     pub plugins: BTreeMap<String, PluginConfig>,
+}
+
+/// How this instance announces itself to the others on the control topic.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(rename_all = "kebab-case", deny_unknown_fields, default)]
+pub struct ClusterConfig {
+    /// The URL the other instances and clients reach this one at.
+    pub advertise_url: Option<String>,
+    /// This instance's id; by default generated once and kept in the data directory.
+    pub instance_id: Option<String>,
+    /// The compacted topic the announcements go to.
+    pub control_topic: String,
+    pub announce_interval_ms: u64,
+}
+
+impl Default for ClusterConfig {
+    fn default() -> Self {
+        ClusterConfig {
+            advertise_url: None,
+            instance_id: None,
+            control_topic: "refract.cluster".into(),
+            announce_interval_ms: 2000,
+        }
+    }
 }
 
 /// Settings and routes of one plugin, keyed by the name in its manifest.
@@ -312,6 +344,7 @@ impl Default for Config {
             storage: StorageConfig::default(),
             rebuild: RebuildConfig::default(),
             kafka: KafkaConfig::default(),
+            cluster: None,
             auth: AuthConfig::default(),
             plugins: BTreeMap::new(),
         }
@@ -412,6 +445,17 @@ impl Config {
         if self.limits.memory_mb == 0 || self.limits.deadline_ms == 0 || self.limits.max_batch_mb == 0 {
             return bad("limits: memory-mb, deadline-ms and max-batch-mb must be at least 1");
         }
+        if let Some(c) = &self.cluster {
+            if c.announce_interval_ms == 0 {
+                return bad("cluster: announce-interval-ms must be at least 1");
+            }
+            if c.control_topic.is_empty() {
+                return bad("cluster: control-topic must not be empty");
+            }
+            if let Some(id) = &c.instance_id {
+                crate::names::validate("cluster instance-id", id).map_err(ConfigError::Invalid)?;
+            }
+        }
         for (stream, topic) in &self.kafka.streams {
             crate::names::validate("stream", stream).map_err(ConfigError::Invalid)?;
             if topic.topic.is_empty() {
@@ -474,6 +518,22 @@ impl Config {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_cluster_section_turns_membership_on_with_defaults_and_a_bad_id_is_refused() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("refract.yaml");
+        std::fs::write(&path, "").unwrap();
+        assert!(Config::load(&path).unwrap().cluster.is_none(), "no section: off");
+        std::fs::write(&path, "cluster: {}\n").unwrap();
+        let c = Config::load(&path).unwrap().cluster.unwrap();
+        assert_eq!((c.control_topic.as_str(), c.announce_interval_ms), ("refract.cluster", 2000));
+        std::fs::write(&path, "cluster:\n  instance-id: a b\n").unwrap();
+        let err = Config::load(&path).unwrap_err().to_string();
+        assert!(err.contains("instance-id"), "{err}");
+        std::fs::write(&path, "cluster:\n  announce-interval-ms: 0\n").unwrap();
+        assert!(Config::load(&path).unwrap_err().to_string().contains("announce-interval-ms"));
+    }
 
     #[test]
     fn an_empty_file_means_defaults_and_typos_are_errors() {

@@ -11,6 +11,7 @@
 pub mod allocator;
 pub mod api;
 pub mod clock;
+pub mod cluster;
 pub mod config;
 pub mod data_dir;
 pub mod db_file;

@@ -12,6 +12,8 @@ mod admin_auth;
 #[cfg(feature = "external")]
 mod api_fuzz;
 #[cfg(feature = "external")]
+mod cluster;
+#[cfg(feature = "external")]
 mod console;
 mod crash_safety;
 mod data_directory;

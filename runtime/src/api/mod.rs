@@ -95,6 +95,7 @@ pub fn operations() -> Vec<(Method, &'static str, MethodRouter<AppState>)> {
         (M::GET, "/healthz", get(|| async { axum::Json(dto::Health { status: "ok".into() }) })),
         (M::GET, "/openapi.json", get(|| async { axum::Json(openapi()) })),
         (M::GET, "/metrics", get(metrics)),
+        (M::GET, "/v1/cluster", get(cluster)),
         (M::GET, "/v1/streams", get(streams::list)),
         (M::GET, "/v1/streams/{stream}/events", get(streams::read)),
         (M::POST, "/v1/streams/{stream}/events", post(streams::append)),
@@ -113,6 +114,19 @@ pub fn operations() -> Vec<(Method, &'static str, MethodRouter<AppState>)> {
         (M::DELETE, "/v1/projections/{projection}/rebuild", delete(projections::cancel_rebuild)),
         (M::PUT, "/v1/plugins/{plugin}", put(plugins::upload)),
     ]
+}
+
+/// `GET /v1/cluster`: the members of the control topic, as this instance last read them.
+async fn cluster(
+    axum::extract::State(state): axum::extract::State<AppState>,
+) -> Result<axum::Json<crate::cluster::ClusterView>, ApiError> {
+    match &state.cluster {
+        Some(cluster) => Ok(axum::Json(cluster.view())),
+        None => Err(ApiError::not_found(
+            "not_in_a_cluster",
+            "this instance is not in a cluster: give its refract.yaml a `cluster:` section (and `kafka.brokers`)",
+        )),
+    }
 }
 
 /// `GET /metrics`: Prometheus' text format.

@@ -6,6 +6,7 @@ use std::sync::Arc;
 
 use axum::extract::FromRef;
 
+use crate::cluster::Cluster;
 use crate::config::{ApiConfig, AuthConfig, Config};
 use crate::runtime::Runtime;
 use crate::telemetry::HttpMetrics;
@@ -15,6 +16,8 @@ use crate::telemetry::HttpMetrics;
 #[derive(Clone)]
 pub struct AppState {
     pub runtime: Arc<Runtime>,
+    /// This instance's membership, when it is in a cluster.
+    pub cluster: Option<Arc<Cluster>>,
     pub(super) http: Arc<Http>,
 }
 
@@ -32,7 +35,13 @@ impl AppState {
     /// The API over `runtime`, set up as `config` says (`auth`, `api`).
     pub fn new(runtime: Arc<Runtime>, config: &Config) -> Self {
         let http = Http { auth: config.auth.resolved(), limits: config.api.clone(), metrics: HttpMetrics::default() };
-        AppState { runtime, http: Arc::new(http) }
+        AppState { runtime, cluster: None, http: Arc::new(http) }
+    }
+
+    /// The API of an instance in a cluster: it answers `GET /v1/cluster`.
+    pub fn with_cluster(mut self, cluster: Arc<Cluster>) -> Self {
+        self.cluster = Some(cluster);
+        self
     }
 
     /// Every metric, as `GET /metrics` serves them.

@@ -1,8 +1,10 @@
 //! `refract run`: start the runtime and serve its HTTP API.
 
 use std::path::PathBuf;
+use std::sync::Arc;
 
 use anyhow::Context;
+use refract::cluster::Cluster;
 use refract::config::Config;
 use refract::runtime::Runtime;
 
@@ -66,11 +68,22 @@ pub(crate) fn run(config: Config, demo: Option<usize>) -> anyhow::Result<()> {
             }
         });
     }
-    let served = tokio.block_on(refract::api::serve(
-        refract::api::AppState::new(runtime.clone(), &config),
-        listener,
-        shutdown_signal(),
-    ));
+    let mut state = refract::api::AppState::new(runtime.clone(), &config);
+    let cluster = match &config.cluster {
+        Some(c) => {
+            let listen = address.to_string();
+            let joined = Cluster::join(c, &config.kafka, &listen, &config.data_dir, runtime.clone())?;
+            Some(Arc::new(joined))
+        }
+        None => None,
+    };
+    if let Some(c) = &cluster {
+        state = state.with_cluster(c.clone());
+    }
+    let served = tokio.block_on(refract::api::serve(state, listener, shutdown_signal()));
+    if let Some(c) = cluster {
+        c.leave();
+    }
     runtime.shutdown();
     served.context("serving HTTP")
 }

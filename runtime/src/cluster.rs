@@ -1,0 +1,347 @@
+//! Membership through Kafka: each instance announces itself on a compacted
+//! control topic (`cluster.control-topic`, `refract.cluster` by default),
+//! keyed by its instance id, and reads everyone's announcements from it. No
+//! other coordination service: the topic is the directory, and an instance
+//! that leaves writes a tombstone. An announcement says where the instance is
+//! (`advertise-url`) and what it holds: each projection's generation and
+//! checkpoints per partition.
+//!
+//! This is the first part of scaling out (`docs/cluster-design.md`): the
+//! directory that routing, standbys and cluster-wide rebuilds will read.
+//! Today it answers `GET /v1/cluster`.
+
+use std::collections::BTreeMap;
+use std::path::Path;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex, RwLock};
+use std::thread::JoinHandle;
+use std::time::Duration;
+
+use anyhow::Context;
+use rdkafka::admin::{AdminClient, AdminOptions, NewTopic, TopicReplication};
+use rdkafka::client::DefaultClientContext;
+use rdkafka::consumer::{BaseConsumer, Consumer};
+use rdkafka::error::RDKafkaErrorCode;
+use rdkafka::message::Message;
+use rdkafka::producer::{BaseProducer, BaseRecord, Producer};
+use rdkafka::{Offset, TopicPartitionList};
+use serde::{Deserialize, Serialize};
+
+use crate::clock::{Backoff, now_ms, sleep_unless};
+use crate::config::ClusterConfig;
+use crate::runtime::{PartitionStatus, Runtime};
+use crate::source::kafka::KafkaConfig;
+
+/// What an instance says about itself on the control topic.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct Announcement {
+    pub instance: String,
+    pub url: String,
+    /// When it was sent, in ms since the Unix epoch (the sender's clock).
+    pub announced_at: i64,
+    /// How often the instance announces itself.
+    pub interval_ms: u64,
+    pub projections: Vec<Held>,
+}
+
+/// A projection an instance holds, and how far it is.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct Held {
+    pub name: String,
+    pub generation: u64,
+    pub events_applied: u64,
+    pub lag: u64,
+    pub partitions: Vec<PartitionStatus>,
+}
+
+/// An instance as this one last heard of it.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct Member {
+    #[serde(flatten)]
+    pub announcement: Announcement,
+    /// Announced within three of its intervals.
+    pub live: bool,
+    /// Since its last announcement (this instance's clock against the
+    /// announcer's: instances are expected to keep NTP time).
+    pub silent_ms: u64,
+}
+
+/// `GET /v1/cluster`.
+#[derive(Debug, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct ClusterView {
+    /// This instance's id.
+    pub instance: String,
+    pub control_topic: String,
+    /// Every instance with an announcement on the control topic, this one included, by id.
+    pub members: Vec<Member>,
+}
+
+/// This instance's membership: the announcer and the reader of the control topic.
+pub struct Cluster {
+    me: String,
+    topic: String,
+    /// By instance id: the last announcement.
+    members: Arc<RwLock<BTreeMap<String, Announcement>>>,
+    producer: Arc<BaseProducer>,
+    stop: Arc<AtomicBool>,
+    threads: Mutex<Vec<JoinHandle<()>>>,
+}
+
+impl Cluster {
+    /// Join: announce this instance every interval and read everyone's
+    /// announcements, creating the control topic if it is missing. A broker
+    /// that cannot be reached yet is retried with back-off (logged), so an
+    /// instance starts whether or not Kafka is up.
+    pub fn join(
+        config: &ClusterConfig,
+        kafka: &KafkaConfig,
+        listen: &str,
+        data_dir: &Path,
+        runtime: Arc<Runtime>,
+    ) -> anyhow::Result<Cluster> {
+        let me = match &config.instance_id {
+            Some(id) => id.clone(),
+            None => instance_id(data_dir)?,
+        };
+        let url = config.advertise_url.clone().unwrap_or_else(|| format!("http://{listen}"));
+        let topic = config.control_topic.clone();
+        let interval = Duration::from_millis(config.announce_interval_ms);
+        let producer: Arc<BaseProducer> =
+            Arc::new(kafka.client_config().create().context("creating the cluster producer")?);
+        let members = Arc::new(RwLock::new(BTreeMap::new()));
+        let stop = Arc::new(AtomicBool::new(false));
+        let reading = {
+            let (kafka, topic, me, members, stop) =
+                (kafka.clone(), topic.clone(), me.clone(), members.clone(), stop.clone());
+            move || {
+                let mut backoff = Backoff::new(Duration::from_millis(200), Duration::from_secs(10));
+                while !stop.load(Ordering::Relaxed) {
+                    let opened = create_topic(&kafka, &topic)
+                        .and_then(|()| Reader::open(&kafka, &topic, &me, members.clone(), stop.clone()));
+                    match opened {
+                        Ok(reader) => return reader.run(),
+                        Err(e) => {
+                            tracing::warn!(error = format!("{e:#}"), "joining the cluster; retrying");
+                            sleep_unless(&stop, backoff.next_delay());
+                        }
+                    }
+                }
+            }
+        };
+        let announcer = Announcer {
+            producer: producer.clone(),
+            topic: topic.clone(),
+            me: me.clone(),
+            url,
+            interval,
+            runtime,
+            stop: stop.clone(),
+        };
+        let threads = vec![
+            std::thread::Builder::new().name("cluster-reader".into()).spawn(reading)?,
+            std::thread::Builder::new().name("cluster-announcer".into()).spawn(move || announcer.run())?,
+        ];
+        tracing::info!(instance = %me, topic = %topic, "joined the cluster");
+        Ok(Cluster { me, topic, members, producer, stop, threads: Mutex::new(threads) })
+    }
+
+    /// Every member this instance has heard of.
+    pub fn view(&self) -> ClusterView {
+        let now = now_ms();
+        let members = self
+            .members
+            .read()
+            .expect("members lock")
+            .values()
+            .map(|a| {
+                let silent_ms = (now - a.announced_at).max(0) as u64;
+                Member { live: silent_ms <= 3 * a.interval_ms, silent_ms, announcement: a.clone() }
+            })
+            .collect();
+        ClusterView { instance: self.me.clone(), control_topic: self.topic.clone(), members }
+    }
+
+    /// Stop announcing and leave: a tombstone under this instance's id, so
+    /// the others drop it at once rather than after three silent intervals.
+    pub fn leave(&self) {
+        self.stop.store(true, Ordering::Relaxed);
+        for t in std::mem::take(&mut *self.threads.lock().expect("threads lock")) {
+            let _ = t.join();
+        }
+        let tombstone = BaseRecord::<str, [u8]>::to(&self.topic).key(self.me.as_str());
+        match self.producer.send(tombstone) {
+            Ok(()) => {
+                if let Err(e) = self.producer.flush(Duration::from_secs(5)) {
+                    tracing::warn!(error = %e, "leaving the cluster: the tombstone was not acknowledged");
+                }
+            }
+            Err((e, _)) => tracing::warn!(error = %e, "leaving the cluster: the tombstone was not sent"),
+        }
+    }
+}
+
+/// The id kept in `<data-dir>/instance-id`, made on first use: the same
+/// instance keeps its identity across restarts.
+fn instance_id(data_dir: &Path) -> anyhow::Result<String> {
+    let path = data_dir.join("instance-id");
+    match std::fs::read_to_string(&path) {
+        Ok(id) if !id.trim().is_empty() => return Ok(id.trim().to_owned()),
+        Ok(_) => {}
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+        Err(e) => return Err(e).with_context(|| format!("reading {}", path.display())),
+    }
+    let nanos = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_nanos());
+    let host = std::fs::read_to_string("/proc/sys/kernel/hostname").unwrap_or_default();
+    let host: String =
+        host.trim().chars().filter(|c| c.is_ascii_alphanumeric() || *c == '-').take(40).collect::<String>();
+    let id =
+        format!("{}-{:x}", if host.is_empty() { "refract" } else { &host }, nanos ^ u128::from(std::process::id()));
+    std::fs::create_dir_all(data_dir).with_context(|| format!("creating {}", data_dir.display()))?;
+    std::fs::write(&path, &id).with_context(|| format!("writing {}", path.display()))?;
+    Ok(id)
+}
+
+/// Create `topic`, compacted, with one partition; an existing one is kept as it is.
+fn create_topic(kafka: &KafkaConfig, topic: &str) -> anyhow::Result<()> {
+    let admin: AdminClient<DefaultClientContext> =
+        kafka.client_config().create().context("creating a Kafka admin client")?;
+    let new = NewTopic::new(topic, 1, TopicReplication::Fixed(1)).set("cleanup.policy", "compact");
+    let options = AdminOptions::new().operation_timeout(Some(Duration::from_secs(10)));
+    let created = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()?
+        .block_on(admin.create_topics([&new], &options))
+        .with_context(|| format!("creating the control topic {topic}"))?;
+    for result in created {
+        match result {
+            Ok(_) | Err((_, RDKafkaErrorCode::TopicAlreadyExists)) => {}
+            Err((_, code)) => anyhow::bail!("creating the control topic {topic}: {code}"),
+        }
+    }
+    Ok(())
+}
+
+/// Sends this instance's announcement every interval.
+struct Announcer {
+    producer: Arc<BaseProducer>,
+    topic: String,
+    me: String,
+    url: String,
+    interval: Duration,
+    runtime: Arc<Runtime>,
+    stop: Arc<AtomicBool>,
+}
+
+impl Announcer {
+    fn run(self) {
+        let mut backoff = Backoff::new(Duration::from_millis(100), self.interval.max(Duration::from_millis(100)));
+        while !self.stop.load(Ordering::Relaxed) {
+            let wait = match self.announce() {
+                Ok(()) => {
+                    backoff.reset();
+                    self.interval
+                }
+                Err(e) => {
+                    tracing::warn!(error = %e, "announcing this instance on the control topic");
+                    backoff.next_delay()
+                }
+            };
+            sleep_unless(&self.stop, wait);
+        }
+    }
+
+    fn announce(&self) -> anyhow::Result<()> {
+        let mut projections = Vec::new();
+        for p in self.runtime.projections() {
+            let status = self.runtime.status(&p)?;
+            projections.push(Held {
+                name: status.name,
+                generation: status.generation,
+                events_applied: status.counters.events_applied,
+                lag: status.lag,
+                partitions: status.partitions,
+            });
+        }
+        let announcement = Announcement {
+            instance: self.me.clone(),
+            url: self.url.clone(),
+            announced_at: now_ms(),
+            interval_ms: self.interval.as_millis() as u64,
+            projections,
+        };
+        let body = serde_json::to_vec(&announcement)?;
+        let record = BaseRecord::<str, [u8]>::to(&self.topic).key(self.me.as_str()).payload(&body);
+        self.producer.send(record).map_err(|(e, _)| e)?;
+        self.producer.flush(self.interval.max(Duration::from_secs(1)))?;
+        Ok(())
+    }
+}
+
+/// Reads the control topic from its beginning and keeps the latest
+/// announcement per instance.
+struct Reader {
+    consumer: BaseConsumer,
+    members: Arc<RwLock<BTreeMap<String, Announcement>>>,
+    stop: Arc<AtomicBool>,
+}
+
+impl Reader {
+    fn open(
+        kafka: &KafkaConfig,
+        topic: &str,
+        me: &str,
+        members: Arc<RwLock<BTreeMap<String, Announcement>>>,
+        stop: Arc<AtomicBool>,
+    ) -> anyhow::Result<Reader> {
+        let consumer: BaseConsumer = kafka
+            .client_config()
+            // Never joins it (partitions are assigned below), but librdkafka wants one.
+            .set("group.id", format!("refract.cluster.{me}"))
+            .set("enable.auto.commit", "false")
+            .set("enable.partition.eof", "false")
+            .create()
+            .context("creating the cluster reader")?;
+        let metadata = consumer
+            .fetch_metadata(Some(topic), Duration::from_secs(10))
+            .with_context(|| format!("reading the metadata of the control topic {topic}"))?;
+        let partitions = metadata.topics().first().map_or(0, |t| t.partitions().len());
+        anyhow::ensure!(partitions > 0, "the control topic {topic} has no partitions");
+        let mut tpl = TopicPartitionList::new();
+        for p in 0..partitions {
+            tpl.add_partition_offset(topic, p as i32, Offset::Beginning)?;
+        }
+        consumer.assign(&tpl).with_context(|| format!("reading the control topic {topic}"))?;
+        Ok(Reader { consumer, members, stop })
+    }
+
+    fn run(self) {
+        while !self.stop.load(Ordering::Relaxed) {
+            let Some(message) = self.consumer.poll(Duration::from_millis(200)) else { continue };
+            let message = match message {
+                Ok(m) => m,
+                Err(e) => {
+                    tracing::warn!(error = %e, "reading the control topic");
+                    continue;
+                }
+            };
+            let Some(Ok(instance)) = message.key().map(std::str::from_utf8) else { continue };
+            let mut members = self.members.write().expect("members lock");
+            match message.payload() {
+                None => {
+                    members.remove(instance);
+                }
+                Some(body) => match serde_json::from_slice::<Announcement>(body) {
+                    Ok(a) if a.instance == instance => {
+                        members.insert(instance.to_owned(), a);
+                    }
+                    Ok(_) => tracing::warn!(instance, "an announcement under another instance's id; ignored"),
+                    Err(e) => tracing::warn!(instance, error = %e, "an announcement that does not decode; ignored"),
+                },
+            }
+        }
+    }
+}
