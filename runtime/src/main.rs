@@ -61,6 +61,10 @@ enum Command {
         /// Redraw every 2 seconds, with throughput, until interrupted.
         #[arg(long)]
         watch: bool,
+        /// The instances of the cluster instead (`GET /v1/cluster`): who is
+        /// live, where, and how far each of its projections is.
+        #[arg(long)]
+        cluster: bool,
         #[command(flatten)]
         remote: Remote,
     },
@@ -105,7 +109,8 @@ fn main() -> anyhow::Result<()> {
         Command::Rebuild { projection, detach, cancel, remote } => {
             cli::remote::rebuild(&projection, &remote, detach, cancel)
         }
-        Command::Status { watch, remote } => cli::remote::status(&remote, watch),
+        Command::Status { watch, cluster: false, remote } => cli::remote::status(&remote, watch),
+        Command::Status { watch, cluster: true, remote } => cli::remote::cluster_status(&remote, watch),
         Command::DeadLetters { projection, action, remote } => cli::remote::dead_letters(&projection, action, &remote),
         Command::Plugin(command) => cli::plugin::plugin_command(command),
         Command::Demo { run, events } => cli::demo::run(run, events),

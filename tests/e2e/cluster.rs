@@ -64,6 +64,20 @@ fn instances_see_each_other_on_the_control_topic_and_see_one_leave_or_go_silent(
         .sum();
     assert_eq!(checkpoints, 20, "b's checkpoints, as a hears them");
 
+    // `refract status --cluster` on either instance: a row each.
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_refract"))
+        .args(["status", "--cluster", "--url", &a.url])
+        .output()
+        .unwrap();
+    let table = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(table.lines().next().unwrap().contains("INSTANCE"), "{table}");
+    let row = |id: &str| table.lines().find(|l| l.split_whitespace().next() == Some(id)).map(str::to_owned);
+    let row_a = row("a").unwrap_or_else(|| panic!("no row for a in\n{table}"));
+    assert!(row_a.contains("(this)") && row_a.contains(&a.url) && row_a.contains("yes"), "{row_a}");
+    let row_b = row("b").unwrap_or_else(|| panic!("no row for b in\n{table}"));
+    assert!(row_b.contains(&b.url) && row_b.contains("order-summary 0 20 0"), "{row_b}");
+
     // A clean stop leaves at once (a tombstone), not after silence.
     b.stop();
     wait_until("b's clean stop did not remove it", || member(&a, "b").is_none());

@@ -9,6 +9,7 @@ use std::time::{Duration, Instant};
 use anyhow::{Context, bail};
 use clap::Subcommand;
 use refract::api::dto::{DeadLetterPage, ErrorBody, ProjectionList, RebuildCancelled, RebuildStarted, Retried};
+use refract::cluster::ClusterView;
 use refract::runtime::ProjectionStatus;
 use refract_client::{Client, Reply};
 use serde::de::DeserializeOwned;
@@ -309,6 +310,53 @@ pub(crate) fn status(remote: &Remote, watch: bool) -> anyhow::Result<()> {
         for e in list.plugin_errors {
             out.push_str(&format!("not loaded: {}: {}\n", e.file, e.error));
         }
+        print!("{out}");
+        if !watch {
+            return Ok(());
+        }
+        std::thread::sleep(Duration::from_secs(2));
+    }
+}
+
+/// `refract status --cluster`: one row per instance on the control topic.
+pub(crate) fn cluster_status(remote: &Remote, watch: bool) -> anyhow::Result<()> {
+    let (client, url) = (remote.client(), &remote.url);
+    loop {
+        let reply = client.get("/v1/cluster").with_context(|| format!("reaching {url}"))?;
+        if reply.status != 200 {
+            anyhow::bail!("{}: {}", reply.status, error_message(&reply));
+        }
+        let view: ClusterView = body(reply)?;
+        let mut table = comfy_table::Table::new();
+        table.load_preset(comfy_table::presets::NOTHING).set_header([
+            "INSTANCE",
+            "URL",
+            "LIVE",
+            "SILENT",
+            "PROJECTIONS (GEN APPLIED LAG)",
+        ]);
+        for m in view.members {
+            let a = m.announcement;
+            let held: Vec<String> = a
+                .projections
+                .iter()
+                .map(|p| format!("{} {} {} {}", p.name, p.generation, p.events_applied, p.lag))
+                .collect();
+            let me = if a.instance == view.instance { " (this)" } else { "" };
+            table.add_row([
+                format!("{}{me}", a.instance),
+                a.url,
+                if m.live { "yes".into() } else { "no".into() },
+                format!("{:.1}s", m.silent_ms as f64 / 1000.0),
+                if held.is_empty() { "-".into() } else { held.join(", ") },
+            ]);
+        }
+        let mut out = String::new();
+        if watch {
+            out.push_str("\x1b[2J\x1b[H"); // clear the terminal
+        }
+        out.push_str(&table.trim_fmt());
+        out.push('\n');
         print!("{out}");
         if !watch {
             return Ok(());
