@@ -52,6 +52,24 @@ fn family(out: &mut String, (name, kind, help): (&str, &str, &str), rows: impl I
     }
 }
 
+/// The members of the control topic as this instance sees them (`cluster:`).
+pub fn cluster(out: &mut String, view: &crate::cluster::ClusterView) {
+    let live = view.members.iter().filter(|m| m.live).count();
+    family(
+        out,
+        ("refract_cluster_members", "gauge", "instances on the control topic, live or silent for three intervals"),
+        [("live=\"true\"".to_owned(), live as f64), ("live=\"false\"".to_owned(), (view.members.len() - live) as f64)]
+            .into_iter(),
+    );
+    family(
+        out,
+        ("refract_cluster_member_silent_seconds", "gauge", "per instance: since its last announcement"),
+        view.members
+            .iter()
+            .map(|m| (format!("instance=\"{}\"", label(&m.announcement.instance)), m.silent_ms as f64 / 1000.0)),
+    );
+}
+
 /// `# HELP` and `# TYPE` lines.
 pub fn header(out: &mut String, name: &str, kind: &str, help: &str) {
     let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} {kind}");

@@ -78,6 +78,12 @@ fn instances_see_each_other_on_the_control_topic_and_see_one_leave_or_go_silent(
     let row_b = row("b").unwrap_or_else(|| panic!("no row for b in\n{table}"));
     assert!(row_b.contains(&b.url) && row_b.contains("order-summary 0 20 0"), "{row_b}");
 
+    // And in the metrics.
+    let metrics = a.client().get("/metrics").unwrap().body;
+    let metrics = metrics.as_str().unwrap();
+    assert!(metrics.contains("refract_cluster_members{live=\"true\"} 2"), "{metrics}");
+    assert!(metrics.contains("refract_cluster_member_silent_seconds{instance=\"b\"}"), "{metrics}");
+
     // A clean stop leaves at once (a tombstone), not after silence.
     b.stop();
     wait_until("b's clean stop did not remove it", || member(&a, "b").is_none());

@@ -46,7 +46,11 @@ impl AppState {
 
     /// Every metric, as `GET /metrics` serves them.
     pub fn metrics(&self) -> String {
-        crate::metrics::render(&self.runtime, &self.http.metrics)
+        let mut text = crate::metrics::render(&self.runtime, &self.http.metrics);
+        if let Some(cluster) = &self.cluster {
+            crate::metrics::cluster(&mut text, &cluster.view());
+        }
+        text
     }
 }
 
