@@ -15,7 +15,7 @@ use std::path::Path;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, RwLock};
 use std::thread::JoinHandle;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use anyhow::Context;
 use rdkafka::admin::{AdminClient, AdminOptions, NewTopic, TopicReplication};
@@ -237,20 +237,29 @@ struct Announcer {
 }
 
 impl Announcer {
+    /// Announce at a fixed rate: the time an announcement takes (the
+    /// broker's acknowledgement) does not stretch the interval the others
+    /// judge liveness by.
     fn run(self) {
         let mut backoff = Backoff::new(Duration::from_millis(100), self.interval.max(Duration::from_millis(100)));
+        let mut next = Instant::now();
         while !self.stop.load(Ordering::Relaxed) {
-            let wait = match self.announce() {
+            match self.announce() {
                 Ok(()) => {
                     backoff.reset();
-                    self.interval
+                    next += self.interval;
                 }
                 Err(e) => {
                     tracing::warn!(error = %e, "announcing this instance on the control topic");
-                    backoff.next_delay()
+                    next = Instant::now() + backoff.next_delay();
                 }
-            };
-            sleep_unless(&self.stop, wait);
+            }
+            let now = Instant::now();
+            if next > now {
+                sleep_unless(&self.stop, next - now);
+            } else {
+                next = now; // fell behind (a slow broker): start the rate again from here
+            }
         }
     }
 
