@@ -68,10 +68,7 @@ fn instances_see_each_other_on_the_control_topic_and_see_one_leave_or_go_silent(
     assert_eq!(checkpoints, 20, "b's checkpoints, as a hears them");
 
     // `refract status --cluster` on either instance: a row each.
-    let out = std::process::Command::new(env!("CARGO_BIN_EXE_refract"))
-        .args(["status", "--cluster", "--url", &a.url])
-        .output()
-        .unwrap();
+    let out = a.cli(&["status", "--cluster"], None);
     let table = String::from_utf8_lossy(&out.stdout);
     assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
     assert!(table.lines().next().unwrap().contains("INSTANCE"), "{table}");

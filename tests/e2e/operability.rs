@@ -127,10 +127,7 @@ fn logs_carry_each_batch_s_projection_version_and_positions_as_text_or_json_and_
     assert_eq!(warning["span"]["version"], "0.1.0", "{warning}");
 
     // `refract status`: a table with a row per projection.
-    let out = std::process::Command::new(env!("CARGO_BIN_EXE_refract"))
-        .args(["status", "--url", &server.url])
-        .output()
-        .unwrap();
+    let out = server.cli(&["status"], None);
     let table = String::from_utf8_lossy(&out.stdout);
     assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
     let mut lines = table.lines();

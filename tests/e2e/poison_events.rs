@@ -156,10 +156,7 @@ fn dead_letters_can_be_inspected_retried_after_the_cause_is_gone_and_skipped() {
     assert!(one["error"].as_str().unwrap().contains("unknown order o-1"), "{one}");
     assert_eq!(server.client().get("/v1/projections/order-summary/dead-letters/999").unwrap().status, 404);
     // The CLI lists them, a line each: id, position, type, error.
-    let out = std::process::Command::new(env!("CARGO_BIN_EXE_refract"))
-        .args(["dead-letters", "order-summary", "--url", &server.url])
-        .output()
-        .unwrap();
+    let out = server.cli(&["dead-letters", "order-summary"], None);
     let listed = String::from_utf8_lossy(&out.stdout);
     assert!(out.status.success(), "{out:?}");
     for order in ["o-1", "o-2", "o-3"] {
@@ -176,11 +173,7 @@ fn dead_letters_can_be_inspected_retried_after_the_cause_is_gone_and_skipped() {
     assert_eq!(again.body["applied"], json!([]));
     assert_eq!(again.body["failed"][0]["id"], id_of("o-1"));
     // The same through the CLI, which reads the report as a type.
-    let out = std::process::Command::new(env!("CARGO_BIN_EXE_refract"))
-        .args(["dead-letters", "order-summary", "retry", &id_of("o-2").to_string(), "--url", &server.url])
-        .env("REFRACT_ADMIN_TOKEN", ADMIN)
-        .output()
-        .unwrap();
+    let out = server.cli(&["dead-letters", "order-summary", "retry", &id_of("o-2").to_string()], Some(ADMIN));
     let report = String::from_utf8_lossy(&out.stdout);
     assert!(out.status.success(), "{out:?}");
     assert!(report.starts_with("applied: 0; failed again: 1"), "{report}");
@@ -209,10 +202,7 @@ fn dead_letters_can_be_inspected_retried_after_the_cause_is_gone_and_skipped() {
     assert!(server.get("/v1/projections/order-summary/dead-letters")["deadLetters"].as_array().unwrap().is_empty());
 
     // The CLI lists what is left.
-    let out = std::process::Command::new(env!("CARGO_BIN_EXE_refract"))
-        .args(["dead-letters", "order-summary", "--url", &server.url])
-        .output()
-        .unwrap();
+    let out = server.cli(&["dead-letters", "order-summary"], None);
     assert!(String::from_utf8_lossy(&out.stdout).contains("holds no dead letters"), "{out:?}");
 }
 

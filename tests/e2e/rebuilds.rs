@@ -147,20 +147,13 @@ fn a_rebuild_resumes_after_a_crash_and_a_cancelled_one_leaves_nothing() {
     server.assert_order_summary_is_the_fold_of(&events);
 
     // The CLI: starts a rebuild and follows it until the new generation is live.
-    let out = std::process::Command::new(env!("CARGO_BIN_EXE_refract"))
-        .args(["rebuild", "order-summary", "--url", &server.url])
-        .env("REFRACT_ADMIN_TOKEN", ADMIN)
-        .output()
-        .unwrap();
+    let out = server.cli(&["rebuild", "order-summary"], Some(ADMIN));
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert!(out.status.success(), "{stderr}");
     assert!(stderr.contains("generation 2 of order-summary is live"), "{stderr}");
     assert_eq!(server.get("/v1/projections/order-summary")["generation"], 2);
     server.assert_order_summary_is_the_fold_of(&events);
-    let refused = std::process::Command::new(env!("CARGO_BIN_EXE_refract"))
-        .args(["rebuild", "order-summary", "--url", &server.url, "--token", "wrong-token-0123456789"])
-        .output()
-        .unwrap();
+    let refused = server.cli(&["rebuild", "order-summary", "--token", "wrong-token-0123456789"], None);
     assert!(!refused.status.success());
     assert!(String::from_utf8_lossy(&refused.stderr).contains("401"));
 }

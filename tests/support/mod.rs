@@ -293,6 +293,17 @@ impl Server {
         }
     }
 
+    /// Run the `refract` CLI against this server (`--url`), with
+    /// `admin_token` as `REFRACT_ADMIN_TOKEN` when given, to completion.
+    pub(crate) fn cli(&self, args: &[&str], admin_token: Option<&str>) -> std::process::Output {
+        let mut command = Command::new(env!("CARGO_BIN_EXE_refract"));
+        command.args(args).args(["--url", &self.url]);
+        if let Some(token) = admin_token {
+            command.env("REFRACT_ADMIN_TOKEN", token);
+        }
+        command.output().expect("running the refract CLI")
+    }
+
     /// The process id of the running server.
     pub(crate) fn pid(&self) -> u32 {
         self.child.as_ref().expect("running").id()

@@ -508,12 +508,7 @@ mod tests {
     /// A Rust plugin gets the whole SDK: every source file of `sdk/rust/src`.
     #[test]
     fn the_scaffolded_rust_sdk_is_every_source_file_of_the_sdk() {
-        let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("../sdk/rust/src");
-        let mut on_disk: Vec<String> = std::fs::read_dir(&dir)
-            .unwrap()
-            .map(|e| format!("sdk/rust/src/{}", e.unwrap().file_name().to_string_lossy()))
-            .collect();
-        on_disk.sort();
+        let on_disk = listing("sdk/rust/src");
         let mut embedded: Vec<String> = sdk_files(Lang::Rust)
             .into_iter()
             .map(|(p, _)| p.to_owned())
@@ -523,15 +518,21 @@ mod tests {
         assert_eq!(embedded, on_disk);
     }
 
+    /// The files of `dir` (relative to the workspace root), as `dir/<name>`, sorted.
+    fn listing(dir: &str) -> Vec<String> {
+        let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("..").join(dir);
+        let mut names: Vec<String> = std::fs::read_dir(&path)
+            .unwrap()
+            .map(|e| format!("{dir}/{}", e.unwrap().file_name().to_string_lossy()))
+            .collect();
+        names.sort();
+        names
+    }
+
     /// A plugin gets the whole WIT package: every file of `wit/`.
     #[test]
     fn the_scaffolded_wit_package_is_every_file_of_wit() {
-        let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("../wit");
-        let mut on_disk: Vec<String> = std::fs::read_dir(&dir)
-            .unwrap()
-            .map(|e| format!("wit/{}", e.unwrap().file_name().to_string_lossy()))
-            .collect();
-        on_disk.sort();
+        let on_disk = listing("wit");
         let mut embedded: Vec<String> = WIT.iter().map(|(path, _)| (*path).to_owned()).collect();
         embedded.sort();
         assert_eq!(embedded, on_disk);

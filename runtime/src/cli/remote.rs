@@ -248,14 +248,8 @@ impl Progress {
 
 /// `refract status`: one row per projection.
 pub(crate) fn status(remote: &Remote, watch: bool) -> anyhow::Result<()> {
-    let (client, url) = (remote.client(), &remote.url);
     let mut previous: BTreeMap<String, (u64, Instant)> = BTreeMap::new();
-    loop {
-        let reply = client.get("/v1/projections").with_context(|| format!("reaching {url}"))?;
-        if reply.status != 200 {
-            anyhow::bail!("{}: {}", reply.status, error_message(&reply));
-        }
-        let list: ProjectionList = body(reply)?;
+    show(remote, "/v1/projections", watch, |list: ProjectionList| {
         let mut table = comfy_table::Table::new();
         table.load_preset(comfy_table::presets::NOTHING).set_header([
             "NAME",
@@ -301,32 +295,18 @@ pub(crate) fn status(remote: &Remote, watch: bool) -> anyhow::Result<()> {
                 error,
             ]);
         }
-        let mut out = String::new();
-        if watch {
-            out.push_str("\x1b[2J\x1b[H"); // clear the terminal
-        }
-        out.push_str(&table.trim_fmt());
+        let mut out = table.trim_fmt();
         out.push('\n');
         for e in list.plugin_errors {
             out.push_str(&format!("not loaded: {}: {}\n", e.file, e.error));
         }
-        print!("{out}");
-        if !watch {
-            return Ok(());
-        }
-        std::thread::sleep(Duration::from_secs(2));
-    }
+        out
+    })
 }
 
 /// `refract status --cluster`: one row per instance on the control topic.
 pub(crate) fn cluster_status(remote: &Remote, watch: bool) -> anyhow::Result<()> {
-    let (client, url) = (remote.client(), &remote.url);
-    loop {
-        let reply = client.get("/v1/cluster").with_context(|| format!("reaching {url}"))?;
-        if reply.status != 200 {
-            anyhow::bail!("{}: {}", reply.status, error_message(&reply));
-        }
-        let view: ClusterView = body(reply)?;
+    show(remote, "/v1/cluster", watch, |view: ClusterView| {
         let mut table = comfy_table::Table::new();
         table.load_preset(comfy_table::presets::NOTHING).set_header([
             "INSTANCE",
@@ -351,13 +331,29 @@ pub(crate) fn cluster_status(remote: &Remote, watch: bool) -> anyhow::Result<()>
                 if held.is_empty() { "-".into() } else { held.join(", ") },
             ]);
         }
-        let mut out = String::new();
-        if watch {
-            out.push_str("\x1b[2J\x1b[H"); // clear the terminal
-        }
-        out.push_str(&table.trim_fmt());
+        let mut out = table.trim_fmt();
         out.push('\n');
-        print!("{out}");
+        out
+    })
+}
+
+/// GET `path` and print what `render` makes of its body; with `watch`,
+/// clear the terminal and do it again every 2 seconds until interrupted.
+fn show<T: DeserializeOwned>(
+    remote: &Remote,
+    path: &str,
+    watch: bool,
+    mut render: impl FnMut(T) -> String,
+) -> anyhow::Result<()> {
+    let (client, url) = (remote.client(), &remote.url);
+    loop {
+        let reply = client.get(path).with_context(|| format!("reaching {url}"))?;
+        if reply.status != 200 {
+            anyhow::bail!("{}: {}", reply.status, error_message(&reply));
+        }
+        let text = render(body(reply)?);
+        // One write per frame, so a redraw does not flicker.
+        print!("{}{text}", if watch { "\x1b[2J\x1b[H" } else { "" });
         if !watch {
             return Ok(());
         }
