@@ -31,6 +31,14 @@ impl Histogram {
         self.counts.iter().sum()
     }
 
+    /// Add `other`'s observations (another shard's, say) to these.
+    pub fn merge(&mut self, other: &Histogram) {
+        for (mine, theirs) in self.counts.iter_mut().zip(other.counts) {
+            *mine += theirs;
+        }
+        self.sum += other.sum;
+    }
+
     /// The sum of the observations, in seconds.
     pub fn sum(&self) -> f64 {
         self.sum
@@ -54,6 +62,15 @@ pub struct BatchMetrics {
     pub plugin_seconds: f64,
     /// Committing to the read model.
     pub storage_seconds: f64,
+}
+
+impl BatchMetrics {
+    /// Add `other`'s measurements (another shard's worker) to these.
+    pub fn merge(&mut self, other: &BatchMetrics) {
+        self.batch_seconds.merge(&other.batch_seconds);
+        self.plugin_seconds += other.plugin_seconds;
+        self.storage_seconds += other.storage_seconds;
+    }
 }
 
 /// Requests and their latency per route template.

@@ -131,7 +131,7 @@ fn projection(bootstrap: &str, n: usize, dir: &std::path::Path, handler: Box<dyn
     .unwrap();
     let log = Arc::new(EventLog::open(&dir.join("log.redb"), LogOptions::default()).unwrap());
     let read_model = Arc::new(ReadModel::open(&dir.join("rm.redb")).unwrap());
-    let sources = Sources { log, kafka: Arc::new(kafka) };
+    let sources = Sources { log, kafka: Arc::new(kafka), shard: None };
     let status = Arc::new(Mutex::new(Default::default()));
     let projector = Projector::new(handler, read_model.clone(), sources, BatchOptions::default(), status).unwrap();
     let control = projector.control();

@@ -72,7 +72,7 @@ fn main() {
     std::fs::write(plugins_dir.join("order_summary.wasm"), &wasm).unwrap();
     let started = Instant::now();
     let runtime = Runtime::start(&config).unwrap();
-    let projection = runtime.projection("order-summary").unwrap();
+    let projection = runtime.projection("order-summary").unwrap().whole().unwrap().clone();
     let consumed = |g: &refract::generation::Generation| g.checkpoints().unwrap().values().sum::<u64>();
     while consumed(&projection.live()) < n as u64 {
         std::thread::sleep(Duration::from_millis(2));

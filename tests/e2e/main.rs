@@ -32,6 +32,8 @@ mod kafka_source;
 mod languages;
 mod model;
 mod operability;
+#[cfg(feature = "external")]
+mod partitioned;
 mod plugin_loading;
 mod poison_events;
 mod query_read_models;

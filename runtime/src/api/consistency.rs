@@ -63,9 +63,13 @@ fn parse(token: &str) -> Result<Wanted, ApiError> {
     Ok(wanted)
 }
 
-/// What is still missing: positions not yet handled, with the checkpoint reached.
+/// What is still missing: positions not yet handled, with the checkpoint
+/// reached. Each shard's checkpoints are those of the partitions it holds.
 fn missing(p: &Projection, wanted: &Wanted) -> Result<Vec<String>, ApiError> {
-    let checkpoints = p.live().read_model.cursor()?;
+    let mut checkpoints = crate::source::reader::Cursor::new();
+    for shard in p.shards() {
+        checkpoints.extend(shard.live().read_model.cursor()?);
+    }
     Ok(wanted
         .iter()
         .filter_map(|(k, offset)| {
@@ -107,6 +111,14 @@ pub async fn wait(rt: &Runtime, p: &Projection, c: &Consistency, search: bool) -
             p.manifest().name
         )));
     }
+    // A partition no shard holds would only ever time out.
+    if let Some((stream, partition)) = wanted.keys().find(|(_, partition)| p.shard_of(*partition).is_none()) {
+        return Err(ApiError::bad_request(format!(
+            "wait_for names partition {partition} of {stream}, and {:?} has {} shards (one per partition)",
+            p.manifest().name,
+            p.shards().len()
+        )));
+    }
     // A position the embedded log has not written would only ever time out.
     for ((stream, partition), offset) in &wanted {
         if kafka.topic(stream).is_some() {
@@ -121,9 +133,10 @@ pub async fn wait(rt: &Runtime, p: &Projection, c: &Consistency, search: bool) -
     }
     let until = Instant::now() + timeout;
     let mut pause = Duration::from_millis(1);
-    let mut documents: Option<u64> = None;
+    // Per shard, the document changes committed once the positions were handled.
+    let mut documents: Option<Vec<u64>> = None;
     loop {
-        let behind = match documents {
+        let behind = match &documents {
             None => {
                 let behind = missing(p, &wanted)?;
                 if behind.is_empty() {
@@ -131,19 +144,32 @@ pub async fn wait(rt: &Runtime, p: &Projection, c: &Consistency, search: bool) -
                         return Ok(());
                     }
                     // Every document change up to now must be searchable.
-                    documents = Some(p.live().read_model.outbox_sequence()?);
+                    let sequences = p.shards().iter().map(|s| s.live().read_model.outbox_sequence());
+                    documents = Some(sequences.collect::<Result<_, _>>()?);
                     continue;
                 }
                 format!("projection {:?} has not handled {}", p.manifest().name, behind.join(", "))
             }
-            Some(sequence) => {
-                let applied = p.live().indexes.applied.load(std::sync::atomic::Ordering::Relaxed);
-                if applied >= sequence {
+            Some(sequences) => {
+                let behind: Vec<String> = p
+                    .shards()
+                    .iter()
+                    .zip(sequences)
+                    .filter_map(|(shard, sequence)| {
+                        let applied = shard.live().indexes.applied.load(std::sync::atomic::Ordering::Relaxed);
+                        (applied < *sequence).then(|| match shard.partition {
+                            Some(n) => format!("{applied} of {sequence} (shard {n})"),
+                            None => format!("{applied} of {sequence}"),
+                        })
+                    })
+                    .collect();
+                if behind.is_empty() {
                     return Ok(());
                 }
                 format!(
-                    "the indexes of {:?} have applied document changes up to {applied} of {sequence}",
-                    p.manifest().name
+                    "the indexes of {:?} have applied document changes up to {}",
+                    p.manifest().name,
+                    behind.join(", ")
                 )
             }
         };

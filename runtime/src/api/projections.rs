@@ -14,7 +14,7 @@ use super::dto::{
     Skipped,
 };
 use super::{ApiError, page_limit};
-use crate::runtime::{Projection, Runtime};
+use crate::runtime::{Projection, Runtime, Shard};
 
 /// The projection called `name`, or a 404.
 pub(super) fn find(rt: &Runtime, name: &str) -> Result<Arc<Projection>, ApiError> {
@@ -69,10 +69,32 @@ pub(super) async fn get_item(
     let p = find(&rt, &name)?;
     check_table(&p, &table)?;
     consistency::wait(&rt, &p, &wait, false).await?;
-    match p.live().read_model.get(&table, &key)? {
+    match get(&p, &table, &key)? {
         Some(bytes) => Ok(Json(super::raw_json(bytes))),
         None => Err(ApiError::not_found("key_not_found", format!("no key {key:?} in table {table:?}"))),
     }
+}
+
+/// The value of `key` in whichever shard holds it: at most one may (a
+/// second holder is reported, never silently picked).
+fn get(p: &Projection, table: &str, key: &str) -> Result<Option<Vec<u8>>, ApiError> {
+    let mut found: Option<(Option<u32>, Vec<u8>)> = None;
+    for shard in p.shards() {
+        let Some(value) = shard.live().read_model.get(table, key)? else { continue };
+        if let Some((other, _)) = &found {
+            return Err(ApiError::new(
+                axum::http::StatusCode::INTERNAL_SERVER_ERROR,
+                "key_in_two_shards",
+                format!(
+                    "key {key:?} of table {table:?} is in shards {} and {}: the projection writes keys that are not partitioned like its events",
+                    other.unwrap_or(0),
+                    shard.partition.unwrap_or(0)
+                ),
+            ));
+        }
+        found = Some((shard.partition, value));
+    }
+    Ok(found.map(|(_, v)| v))
 }
 
 #[derive(Deserialize)]
@@ -93,8 +115,17 @@ pub(super) async fn scan(
     let p = find(&rt, &name)?;
     check_table(&p, &table)?;
     consistency::wait(&rt, &p, &wait, false).await?;
-    // One more than asked tells whether there is a next page.
-    let mut entries = p.live().read_model.scan(&table, &q.prefix, q.after.as_deref(), limit + 1)?;
+    // One more than asked tells whether there is a next page. Each shard
+    // gives its first keys after the cursor; merged in key order, the
+    // first of them are the page's (and its last key the next cursor).
+    let mut entries = Vec::new();
+    for shard in p.shards() {
+        entries.extend(shard.live().read_model.scan(&table, &q.prefix, q.after.as_deref(), limit + 1)?);
+    }
+    if p.shards().len() > 1 {
+        entries.sort_by(|a, b| a.0.cmp(&b.0));
+        entries.truncate(limit + 1);
+    }
     let more = entries.len() > limit;
     entries.truncate(limit);
     let next = if more { entries.last().map(|(k, _)| k.clone()) } else { None };
@@ -116,7 +147,16 @@ pub(super) async fn dead_letters(
 ) -> Result<Json<DeadLetterPage>, ApiError> {
     let limit = page_limit(q.limit)?;
     let p = find(&rt, &name)?;
-    let mut letters = p.live().read_model.dead_letters(q.after, limit + 1)?;
+    // Shard by shard, in id order (the ids say which shard).
+    let mut letters = Vec::new();
+    for shard in p.shards() {
+        let Some(after) = Projection::dead_letters_after(shard, q.after) else { continue };
+        let page = shard.live().read_model.dead_letters(after, limit + 1 - letters.len())?;
+        letters.extend(page.into_iter().map(|(id, letter)| (Projection::dead_letter_id(shard, id), letter)));
+        if letters.len() > limit {
+            break;
+        }
+    }
     let more = letters.len() > limit;
     letters.truncate(limit);
     let next = if more { letters.last().map(|(id, _)| *id) } else { None };
@@ -130,7 +170,8 @@ pub(super) async fn dead_letter(
     Path((name, id)): Path<(String, u64)>,
 ) -> Result<Json<DeadLetterView>, ApiError> {
     let p = find(&rt, &name)?;
-    let Some(letter) = p.live().read_model.dead_letter(id)? else {
+    let Some((shard, local)) = p.locate_dead_letter(id) else { return Err(no_dead_letter(&name, id)) };
+    let Some(letter) = shard.live().read_model.dead_letter(local)? else {
         return Err(no_dead_letter(&name, id));
     };
     Ok(Json(DeadLetterView { id, letter }))
@@ -147,8 +188,9 @@ pub(super) async fn skip_dead_letter(
     Path((name, id)): Path<(String, u64)>,
 ) -> Result<Json<Skipped>, ApiError> {
     let p = find(&rt, &name)?;
-    let read_model = p.live().read_model.clone();
-    let removed = tokio::task::spawn_blocking(move || read_model.remove_dead_letter(id))
+    let Some((shard, local)) = p.locate_dead_letter(id) else { return Err(no_dead_letter(&name, id)) };
+    let read_model = shard.live().read_model.clone();
+    let removed = tokio::task::spawn_blocking(move || read_model.remove_dead_letter(local))
         .await
         .map_err(|e| ApiError::internal("skipping a dead letter", e))??;
     if !removed {
@@ -175,17 +217,48 @@ pub(super) async fn retry_dead_letter(
 }
 
 async fn retry(rt: &Runtime, name: &str, ids: Option<Vec<u64>>) -> Result<Json<Retried>, ApiError> {
+    let p = find(rt, name)?;
+    // Each shard's worker retries its own letters; ids are the API's.
+    let mut asks: Vec<(&Arc<Shard>, Option<Vec<u64>>)> = Vec::new();
+    let mut report = Retried::default();
+    match ids {
+        None => asks.extend(p.shards().iter().map(|s| (s, None))),
+        Some(ids) => {
+            for id in ids {
+                match p.locate_dead_letter(id) {
+                    Some((shard, local)) => match asks.iter_mut().find(|(s, _)| Arc::ptr_eq(s, shard)) {
+                        Some((_, Some(list))) => list.push(local),
+                        _ => asks.push((shard, Some(vec![local]))),
+                    },
+                    None => report.missing.push(id),
+                }
+            }
+        }
+    }
+    for (shard, ids) in asks {
+        let part = retry_in(shard, name, ids).await?;
+        let api = |local| Projection::dead_letter_id(shard, local);
+        report.applied.extend(part.applied.into_iter().map(api));
+        report.missing.extend(part.missing.into_iter().map(api));
+        report
+            .failed
+            .extend(part.failed.into_iter().map(|f| crate::projector::RetryFailure { id: api(f.id), error: f.error }));
+    }
+    Ok(Json(report))
+}
+
+/// Retry `ids` (or every dead letter) of one shard, with its own ids.
+async fn retry_in(shard: &Arc<Shard>, name: &str, ids: Option<Vec<u64>>) -> Result<Retried, ApiError> {
     use std::sync::mpsc::RecvTimeoutError;
     use std::time::{Duration, Instant};
-    let p = find(rt, name)?;
     let until = Instant::now() + Duration::from_secs(120);
     loop {
-        let live = p.live();
+        let live = shard.live();
         let (reply, answer) = std::sync::mpsc::channel();
         live.control.retry(crate::projector::RetryRequest { ids: ids.clone(), reply });
         // The worker takes requests between batches. One that stops first (a
         // rebuild switched generations, the plugin was removed) never answers.
-        let projection = p.clone();
+        let projection = shard.clone();
         let asked = live.clone();
         let outcome = tokio::task::spawn_blocking(move || {
             // A worker stopped for a switch is replaced within moments; one
@@ -216,9 +289,9 @@ async fn retry(rt: &Runtime, name: &str, ids: Option<Vec<u64>>) -> Result<Json<R
         .await
         .map_err(|e| ApiError::internal("retrying dead letters", e))?;
         if let Some(report) = outcome {
-            return Ok(Json(report));
+            return Ok(report);
         }
-        if Arc::ptr_eq(&live, &p.live()) || Instant::now() >= until {
+        if Arc::ptr_eq(&live, &shard.live()) || Instant::now() >= until {
             return Err(ApiError::new(
                 axum::http::StatusCode::SERVICE_UNAVAILABLE,
                 "worker_unavailable",
@@ -243,12 +316,15 @@ pub(super) async fn resume(
     Path(name): Path<String>,
 ) -> Result<Json<Resumed>, ApiError> {
     let p = find(&rt, &name)?;
-    let live = p.live();
-    let paused = live.status.lock().expect("status lock").state == crate::projector::WorkerState::Paused;
-    if paused {
-        live.control.resume();
+    let mut resumed = false;
+    for shard in p.shards() {
+        let live = shard.live();
+        if live.status.lock().expect("status lock").state == crate::projector::WorkerState::Paused {
+            live.control.resume();
+            resumed = true;
+        }
     }
-    Ok(Json(Resumed { projection: name, resumed: paused }))
+    Ok(Json(Resumed { projection: name, resumed }))
 }
 
 /// `POST /v1/projections/{p}/rebuild`: replay the projection's streams into a

@@ -115,6 +115,12 @@ pub trait Handler: Send {
 
     /// Handle `events` against `batch`, handing the batch back for commit or rollback.
     fn handle(&mut self, batch: Batch, events: &[Event]) -> (Batch, Result<(), HandleError>);
+
+    /// A fresh instance of the same plugin version, for another shard of a
+    /// partitioned projection; `None` when this handler cannot make one.
+    fn another(&self) -> Option<Box<dyn Handler>> {
+        None
+    }
 }
 
 /// The tables and compiled index mappings `handler` declared.

@@ -50,6 +50,15 @@ enum Pre {
     Enricher(EnricherPre<HostState>),
 }
 
+impl Clone for Pre {
+    fn clone(&self) -> Self {
+        match self {
+            Pre::Projection(p) => Pre::Projection(p.clone()),
+            Pre::Enricher(e) => Pre::Enricher(e.clone()),
+        }
+    }
+}
+
 /// A live instance of either world, with its `handle-packed` or
 /// `enrich-packed` export when it has one (the `packed-*` worlds).
 enum Instance {
@@ -312,6 +321,24 @@ impl Handler for WasmPlugin {
             Pre::Projection(_) => Kind::Projection,
             Pre::Enricher(_) => Kind::Enricher,
         }
+    }
+
+    /// The same compiled component, limits, settings and routes; its own
+    /// instance, made on its first batch.
+    fn another(&self) -> Option<Box<dyn Handler>> {
+        Some(Box::new(WasmPlugin {
+            engine: self.engine.clone(),
+            pre: self.pre.clone(),
+            name: self.name.clone(),
+            limits: self.limits,
+            env: self.env.clone(),
+            manifest: self.manifest.clone(),
+            indexes: self.indexes.clone(),
+            routes: self.routes.clone(),
+            instance: None,
+            takes_packed: self.takes_packed,
+            packed: Vec::new(),
+        }))
     }
 
     fn handle(&mut self, batch: Batch, events: &[Event]) -> (Batch, Result<(), HandleError>) {

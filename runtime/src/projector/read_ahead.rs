@@ -159,7 +159,7 @@ impl ReaderThread {
         }
         while !kafka_streams.is_empty() {
             let opened = KafkaReader::open(
-                &self.sources.kafka,
+                &self.sources,
                 &self.name,
                 &kafka_streams,
                 self.read_model.clone(),

@@ -191,7 +191,7 @@ impl Runtime {
     /// cannot run. Called with the projection's `starting` lock held.
     fn plan(&self, projection: &Projection, next: &WasmPlugin) -> Result<Change, String> {
         let current = projection.manifest();
-        let live = projection.live();
+        let live = projection.shards()[0].live();
         if next.manifest().name != current.name {
             return Err(format!("the file now provides projection {:?}, not {:?}", next.manifest().name, current.name));
         }
@@ -205,7 +205,7 @@ impl Runtime {
         }
         if next.manifest().schema_version != current.schema_version {
             let change = format!("schema-version {} → {}", current.schema_version, next.manifest().schema_version);
-            if let Some(r) = projection.rebuild() {
+            if let Some(r) = projection.whole().and_then(|s| s.rebuild()) {
                 return Err(format!(
                     "{change} needs a rebuild, and the rebuild to generation {} is still running: wait for it or cancel it",
                     r.generation.number
@@ -237,10 +237,16 @@ impl Runtime {
             },
             Change::Swap => {
                 tracing::info!(plugin = %label, version = %next.manifest().version, "new plugin version loaded; swapping it in");
-                projection.live().control.swap(Box::new(next));
+                // Every shard gets its own instance of the new version.
+                for shard in &projection.shards()[1..] {
+                    if let Some(another) = next.another() {
+                        shard.live().control.swap(another);
+                    }
+                }
+                projection.shards()[0].live().control.swap(Box::new(next));
                 // A rebuild in progress switches to its generation later: it
                 // must run this version too, or the switch would drop it.
-                match projection.rebuild() {
+                match projection.whole().and_then(|s| s.rebuild()) {
                     None => None,
                     Some(rebuild) => match self.loader.get().map(|l| l.load(file)) {
                         Some(Ok(again)) => {

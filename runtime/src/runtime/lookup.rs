@@ -13,11 +13,24 @@ impl Lookup for RuntimeLookup {
             let error = LookupError::UnknownProjection(format!("no projection {projection:?} is running"));
             return Err(LookupFailure::Refused(error));
         };
-        let live = p.live();
-        if !live.manifest.read().expect("manifest lock").tables.iter().any(|t| t == table) {
+        if !p.manifest().tables.iter().any(|t| t == table) {
             let error = LookupError::UnknownTable(format!("{projection} declares no table {table:?}"));
             return Err(LookupFailure::Refused(error));
         }
-        live.read_model.get(table, key).map_err(|e| LookupFailure::Host(format!("lookup in {projection}/{table}: {e}")))
+        // A partitioned projection's key is in at most one of its shards.
+        let mut found = None;
+        for shard in p.shards() {
+            let value = shard.live().read_model.get(table, key);
+            match value.map_err(|e| LookupFailure::Host(format!("lookup in {projection}/{table}: {e}")))? {
+                Some(_) if found.is_some() => {
+                    return Err(LookupFailure::Host(format!(
+                        "lookup in {projection}/{table}: key {key:?} is held by more than one shard"
+                    )));
+                }
+                Some(v) => found = Some(v),
+                None => {}
+            }
+        }
+        Ok(found)
     }
 }

@@ -7,11 +7,15 @@
 
 mod deploy;
 mod lookup;
+mod projection;
 mod status;
 mod watcher;
 
 pub use deploy::{InstallError, PluginError};
-pub use status::{EmitStatus, IndexStatus, PartitionStatus, PluginInfo, ProjectionStatus, SubscriptionInfo};
+pub use projection::{DEAD_LETTER_SHARD_BITS, Projection, Shard};
+pub use status::{
+    EmitStatus, IndexStatus, PartitionStatus, PluginInfo, ProjectionStatus, ShardStatus, SubscriptionInfo,
+};
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
@@ -35,41 +39,6 @@ use crate::source::kafka::KafkaConfig;
 use crate::source::log::EventLog;
 use crate::store::ReadModel;
 use crate::store::search::{Indexer, Indexes};
-
-/// A loaded projection, as the API sees it: its live generation, and the
-/// one being rebuilt, if any.
-pub struct Projection {
-    /// Where the plugin came from: its file, or `native`.
-    pub source: String,
-    /// `projections/<name>/`: where its generations live.
-    root: PathBuf,
-    live: RwLock<Arc<Generation>>,
-    rebuild: Mutex<Option<Arc<Rebuild>>>,
-    /// Held while a rebuild starts: two requests at once must not both see
-    /// none running and build (then switch to) the same generation.
-    starting: Mutex<()>,
-    /// Why the last new version of the plugin file was not swapped in.
-    pub reload_error: Mutex<Option<String>>,
-    /// New versions refused since the start (for `/metrics`).
-    pub reload_failures: std::sync::atomic::AtomicU64,
-}
-
-impl Projection {
-    /// The generation queries are answered from.
-    pub fn live(&self) -> Arc<Generation> {
-        self.live.read().expect("live lock").clone()
-    }
-
-    /// The running version's manifest.
-    pub fn manifest(&self) -> Manifest {
-        self.live().manifest()
-    }
-
-    /// The rebuild in progress, if any.
-    pub fn rebuild(&self) -> Option<Arc<Rebuild>> {
-        self.rebuild.lock().expect("rebuild lock").clone()
-    }
-}
 
 /// The runtime: owns the log and one worker thread per projection.
 pub struct Runtime {
@@ -165,50 +134,66 @@ impl Runtime {
         })
     }
 
-    /// Start a worker for `handler`, resuming from its read model's
-    /// checkpoints (and a rebuild that was in progress, when its plugin can
-    /// be loaded again).
+    /// Start a worker for `handler` (one per shard of a partitioned
+    /// projection), resuming from its read model's checkpoints (and a
+    /// rebuild that was in progress, when its plugin can be loaded again).
     pub fn add(&self, handler: Box<dyn Handler>, source: String) -> anyhow::Result<Arc<Projection>> {
         let manifest = handler.manifest().clone();
         crate::plugin::validate_manifest(&manifest).map_err(anyhow::Error::msg)?;
         anyhow::ensure!(self.projection(&manifest.name).is_none(), "projection {:?} is already running", manifest.name);
         let root = self.data_dir.join("projections").join(&manifest.name);
         std::fs::create_dir_all(&root).with_context(|| format!("creating {}", root.display()))?;
-        let generations = || -> std::io::Result<(u64, Option<u64>)> {
-            generation::clean(&root)?;
-            generation::numbers(&root)
+        let (shards, rebuilding) = match self.shard_count(&manifest, &root)? {
+            None => {
+                let (shard, rebuilding) = self.start_shard(handler, None, &root)?;
+                (vec![shard], rebuilding)
+            }
+            Some(count) => {
+                let mut handlers = vec![handler];
+                while handlers.len() < count as usize {
+                    let another = handlers[0].another().ok_or_else(|| {
+                        anyhow::anyhow!("{} cannot run as several shards (only plugin components can)", source)
+                    })?;
+                    handlers.push(another);
+                }
+                let mut shards = Vec::new();
+                for (n, handler) in (0..count).zip(handlers) {
+                    match self.start_shard(handler, Some(n), &projection::shard_root(&root, n)) {
+                        Ok((shard, _)) => shards.push(shard),
+                        Err(e) => {
+                            for started in shards {
+                                started.live().stop();
+                            }
+                            return Err(e);
+                        }
+                    }
+                }
+                tracing::info!(projection = %manifest.name, shards = count, "partitioned: one shard per partition");
+                (shards, None)
+            }
         };
-        let (live, rebuilding) =
-            generations().with_context(|| format!("finding the generations of {}", manifest.name))?;
-        let live = self.start_generation(handler, &root, live, false)?;
-        let projection = Arc::new(Projection {
-            source,
-            root: root.clone(),
-            live: RwLock::new(live),
-            rebuild: Mutex::new(None),
-            starting: Mutex::new(()),
-            reload_error: Mutex::new(None),
-            reload_failures: Default::default(),
-        });
+        let partitioned = shards[0].partition.is_some();
+        let projection = Arc::new(Projection::new(source, shards, partitioned));
         let mut projections = self.projections.write().expect("projections lock");
         if projections.contains_key(&manifest.name) {
-            projection.live().stop();
+            projection.stop();
             anyhow::bail!("projection {:?} is already running", manifest.name);
         }
         projections.insert(manifest.name.clone(), projection.clone());
         drop(projections);
         if let Some(number) = rebuilding {
+            let shard = &projection.shards()[0];
             match self.loader.get().map(|l| l.load(Path::new(&projection.source))) {
                 Some(Ok(handler)) => {
                     tracing::info!(projection = %manifest.name, generation = number, "resuming a rebuild");
-                    if let Err(e) = self.start_rebuild(&projection, Box::new(handler), number) {
+                    if let Err(e) = self.start_rebuild(&projection, shard, Box::new(handler), number) {
                         tracing::error!(projection = %manifest.name, error = %e, "resuming a rebuild failed");
                     }
                 }
                 _ => {
                     tracing::warn!(projection = %manifest.name, "cannot load the plugin again; dropping the unfinished rebuild");
-                    generation::delete(&root, number);
-                    if let Err(e) = generation::clean(&root) {
+                    generation::delete(&shard.root, number);
+                    if let Err(e) = generation::clean(&shard.root) {
                         tracing::warn!(projection = %manifest.name, error = %e, "cleaning old generations");
                     }
                 }
@@ -217,12 +202,69 @@ impl Runtime {
         Ok(projection)
     }
 
-    /// Open generation `number` of the projection in `root` and start its
+    /// How many shards `manifest`'s projection has: `None` unless it reads
+    /// Kafka in partitioned mode. The brokers say (every topic must have the
+    /// same partition count); when they cannot be reached, the shards already
+    /// on disk do, and the readers retry the brokers.
+    fn shard_count(&self, manifest: &Manifest, root: &Path) -> anyhow::Result<Option<u32>> {
+        if self.kafka.mode != crate::source::kafka::Mode::Partitioned {
+            return Ok(None);
+        }
+        let streams: Vec<&str> = manifest.subscriptions.iter().map(|s| s.stream.as_str()).collect();
+        let (kafka, log): (Vec<&str>, Vec<&str>) = streams.iter().partition(|s| self.kafka.topic(s).is_some());
+        if kafka.is_empty() {
+            return Ok(None);
+        }
+        if !log.is_empty() {
+            anyhow::bail!(
+                "{} is partitioned by its Kafka topics' partitions, and {log:?} is on the embedded log, which this instance alone holds: map it to a Kafka topic",
+                manifest.name
+            );
+        }
+        let on_disk = std::fs::read_dir(root.join("shards"))
+            .map(|dir| dir.flatten().filter(|e| e.file_name().to_string_lossy().parse::<u32>().is_ok()).count() as u32)
+            .unwrap_or(0);
+        match crate::source::kafka::shard_count(&self.kafka, &kafka) {
+            Ok(n) if on_disk != 0 && n != on_disk => anyhow::bail!(
+                "{}'s topics have {n} partitions now, and its read model was split into {on_disk} shards: keys have moved between partitions, so the shards cannot be kept; delete {} to build it again",
+                manifest.name,
+                root.join("shards").display()
+            ),
+            Ok(n) => Ok(Some(n)),
+            Err(e) if on_disk != 0 => {
+                tracing::warn!(projection = %manifest.name, error = %e, shards = on_disk, "cannot reach Kafka; starting the shards on disk");
+                Ok(Some(on_disk))
+            }
+            Err(e) => Err(anyhow::anyhow!("{}: cannot learn how many shards it has: {e}", manifest.name)),
+        }
+    }
+
+    /// Start the live generation of the shard in `root` (after cleaning up
+    /// what a crash left), and say which generation was being rebuilt.
+    fn start_shard(
+        &self,
+        handler: Box<dyn Handler>,
+        partition: Option<u32>,
+        root: &Path,
+    ) -> anyhow::Result<(Arc<Shard>, Option<u64>)> {
+        std::fs::create_dir_all(root).with_context(|| format!("creating {}", root.display()))?;
+        let generations = || -> std::io::Result<(u64, Option<u64>)> {
+            generation::clean(root)?;
+            generation::numbers(root)
+        };
+        let name = handler.manifest().name.clone();
+        let (live, rebuilding) = generations().with_context(|| format!("finding the generations of {name}"))?;
+        let live = self.start_generation(handler, root, partition, live, false)?;
+        Ok((Arc::new(Shard::new(partition, root, live)), rebuilding))
+    }
+
+    /// Open generation `number` of the shard in `root` and start its
     /// worker, indexer and relay.
     fn start_generation(
         &self,
         handler: Box<dyn Handler>,
         root: &Path,
+        partition: Option<u32>,
         number: u64,
         replaying: bool,
     ) -> anyhow::Result<Arc<Generation>> {
@@ -241,7 +283,7 @@ impl Runtime {
                 .with_context(|| format!("opening the search indexes of {}", manifest.name))?,
         );
         let status = Arc::new(Mutex::new(WorkerStatus::default()));
-        let sources = Sources { log: self.log.clone(), kafka: self.kafka.clone() };
+        let sources = Sources { log: self.log.clone(), kafka: self.kafka.clone(), shard: partition };
         let stop = Arc::new(AtomicBool::new(false));
         let mut options = self.batch.clone();
         let own = self.plugin_config.get(&manifest.name).map(|p| &p.limits);
@@ -262,7 +304,12 @@ impl Runtime {
             stop: stop.clone(),
             threads: Mutex::new(Vec::new()),
         });
-        let label = if number == 0 { manifest.name.clone() } else { format!("{}.{number}", manifest.name) };
+        // Shard n publishes as `<name>#<n>`: each shard numbers its own outbox.
+        let publisher = match partition {
+            None => manifest.name.clone(),
+            Some(n) => format!("{}#{n}", manifest.name),
+        };
+        let label = if number == 0 { publisher.clone() } else { format!("{publisher}.{number}") };
         let mut threads = generation.threads.lock().expect("threads lock");
         threads.push(
             std::thread::Builder::new()
@@ -271,7 +318,7 @@ impl Runtime {
                 .context("spawning a projector thread")?,
         );
         let relay = crate::sink::Relay::new(
-            &manifest.name,
+            &publisher,
             number,
             read_model.clone(),
             self.log.clone(),
@@ -313,7 +360,13 @@ impl Runtime {
         p: &Arc<Projection>,
         handler: Option<Box<dyn Handler>>,
     ) -> Result<u64, RebuildError> {
-        if let Some(r) = p.rebuild() {
+        let Some(shard) = p.whole() else {
+            return Err(RebuildError::Invalid(
+                "a partitioned projection is rebuilt shard by shard with a switch of every shard at once, which is not built yet; stop the instance and delete the projection's shards to build it again"
+                    .into(),
+            ));
+        };
+        if let Some(r) = shard.rebuild() {
             return Err(RebuildError::Running(r.generation.number));
         }
         let m = p.manifest();
@@ -332,10 +385,10 @@ impl Runtime {
                 Box::new(loader.load(Path::new(&p.source)).map_err(RebuildError::Invalid)?)
             }
         };
-        let number = p.live().number + 1;
-        generation::delete(&p.root, number);
-        generation::mark_rebuilding(&p.root, number).map_err(|e| RebuildError::Invalid(e.to_string()))?;
-        self.start_rebuild(p, handler, number).map_err(|e| RebuildError::Invalid(format!("{e:#}")))?;
+        let number = shard.live().number + 1;
+        generation::delete(&shard.root, number);
+        generation::mark_rebuilding(&shard.root, number).map_err(|e| RebuildError::Invalid(e.to_string()))?;
+        self.start_rebuild(p, shard, handler, number).map_err(|e| RebuildError::Invalid(format!("{e:#}")))?;
         tracing::info!(projection = %m.name, generation = number, "rebuild started");
         Ok(number)
     }
@@ -343,7 +396,7 @@ impl Runtime {
     /// Stop the rebuild of `name` and delete what it built.
     pub fn cancel_rebuild(&self, name: &str) -> Result<u64, RebuildError> {
         let p = self.projection(name).ok_or(RebuildError::NotFound)?;
-        let job = p.rebuild().ok_or(RebuildError::NotRunning)?;
+        let job = p.whole().and_then(|s| s.rebuild()).ok_or(RebuildError::NotRunning)?;
         if job.switching.load(Ordering::Relaxed) {
             return Err(RebuildError::Switching(job.generation.number));
         }
@@ -351,20 +404,28 @@ impl Runtime {
         Ok(job.generation.number)
     }
 
-    fn start_rebuild(&self, p: &Arc<Projection>, handler: Box<dyn Handler>, number: u64) -> anyhow::Result<()> {
-        let generation = self.start_generation(handler, &p.root, number, true)?;
+    /// Start rebuilding `shard` of `p` into generation `number`.
+    fn start_rebuild(
+        &self,
+        p: &Arc<Projection>,
+        shard: &Arc<Shard>,
+        handler: Box<dyn Handler>,
+        number: u64,
+    ) -> anyhow::Result<()> {
+        let generation = self.start_generation(handler, &shard.root, shard.partition, number, true)?;
         let job = Arc::new(Rebuild::new(generation)?);
-        *p.rebuild.lock().expect("rebuild lock") = Some(job.clone());
-        let (p, log, kafka, shutdown) = (p.clone(), self.log.clone(), self.kafka.clone(), self.stop.clone());
+        *shard.rebuild.lock().expect("rebuild lock") = Some(job.clone());
+        let (p, shard) = (p.clone(), shard.clone());
+        let (log, kafka, shutdown) = (self.log.clone(), self.kafka.clone(), self.stop.clone());
         let name = p.manifest().name;
         let thread = std::thread::Builder::new()
             .name(format!("rebuild-{name}"))
             .spawn(move || {
                 let switch = rebuild::Switch {
                     name: &name,
-                    root: &p.root,
-                    live: &p.live,
-                    rebuild: &p.rebuild,
+                    root: &shard.root,
+                    live: &shard.live,
+                    rebuild: &shard.rebuild,
                     starting: &p.starting,
                     log: &log,
                     kafka: &kafka,
@@ -381,11 +442,7 @@ impl Runtime {
     /// data stays on disk, and adding it again resumes from its checkpoints.
     pub fn remove(&self, name: &str) -> Option<Arc<Projection>> {
         let projection = self.projections.write().expect("projections lock").remove(name)?;
-        if let Some(job) = projection.rebuild() {
-            // Stopped where it is; it resumes when the projection is added again.
-            job.generation.stop();
-        }
-        projection.live().stop();
+        projection.stop();
         tracing::info!(projection = %name, "projection stopped; its data is kept");
         Some(projection)
     }
@@ -420,7 +477,7 @@ impl Runtime {
         }
         let names: Vec<String> = self.projections.read().expect("projections lock").keys().cloned().collect();
         for p in self.projections() {
-            p.live().ask_to_stop();
+            p.ask_to_stop();
         }
         for name in names {
             self.remove(&name);

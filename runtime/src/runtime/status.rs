@@ -3,7 +3,7 @@
 
 use serde::{Deserialize, Serialize};
 
-use super::{Projection, Runtime};
+use super::{Projection, Runtime, Shard};
 use crate::plugin::Kind;
 use crate::plugin::route::Routes;
 use crate::projector::WorkerStatus;
@@ -44,6 +44,27 @@ pub struct ProjectionStatus {
     /// Each search index: how far the indexer has applied the outbox.
     pub indexes: Vec<IndexStatus>,
     /// Events the projection emitted, and how many are published.
+    pub emitted: EmitStatus,
+    #[serde(flatten)]
+    pub counters: Counters,
+    /// A partitioned projection's shards, each on its own (the fields above
+    /// add them up: the worker shown is the one in the worst state).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub shards: Vec<ShardStatus>,
+}
+
+/// One shard of a partitioned projection.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct ShardStatus {
+    /// The partition number it holds.
+    pub shard: u32,
+    pub generation: u64,
+    #[serde(flatten)]
+    pub worker: WorkerStatus,
+    pub partitions: Vec<PartitionStatus>,
+    pub lag: u64,
+    pub indexes: Vec<IndexStatus>,
     pub emitted: EmitStatus,
     #[serde(flatten)]
     pub counters: Counters,
@@ -97,12 +118,59 @@ pub struct SubscriptionInfo {
 impl Runtime {
     /// The status of `projection`: checkpoints against the log's heads, counters, errors.
     pub fn status(&self, p: &Projection) -> crate::store::Result<ProjectionStatus> {
-        let projection = p.live();
-        let m = &projection.manifest();
+        let m = p.manifest();
+        let shards = p.shards().iter().map(|s| self.shard_status(&m, s)).collect::<crate::store::Result<Vec<_>>>()?;
+        let first = &p.shards()[0];
+        let rebuild = match p.whole().and_then(|s| s.rebuild()) {
+            Some(r) => Some(r.status(&first.live())?),
+            None => None,
+        };
+        let kind = first.live().kind;
+        let plugin = PluginInfo {
+            kind,
+            outputs: match kind {
+                Kind::Projection => Vec::new(),
+                Kind::Enricher => {
+                    let routes = self.plugin_config.get(&m.name).map(|c| c.routes.as_slice()).unwrap_or_default();
+                    let routes = Routes::new(&m.name, routes).unwrap_or_else(|_| Routes::to_own_stream(&m.name));
+                    routes.streams().into_iter().map(str::to_owned).collect()
+                }
+            },
+            source: p.source.clone(),
+            version: m.version.clone(),
+            schema_version: m.schema_version,
+            subscriptions: m
+                .subscriptions
+                .iter()
+                .map(|s| SubscriptionInfo { stream: s.stream.clone(), event_types: s.event_types.clone() })
+                .collect(),
+        };
+        let reload_error = p.reload_error.lock().expect("reload error lock").clone();
+        let whole = sum(&shards);
+        Ok(ProjectionStatus {
+            name: m.name.clone(),
+            plugin,
+            tables: m.tables.clone(),
+            worker: whole.worker,
+            reload_error,
+            generation: whole.generation,
+            rebuild,
+            partitions: whole.partitions,
+            lag: whole.lag,
+            indexes: whole.indexes,
+            emitted: whole.emitted,
+            counters: whole.counters,
+            shards: if p.is_partitioned() { shards } else { Vec::new() },
+        })
+    }
+
+    /// One shard's progress against the heads, its indexes, outbox and counters.
+    fn shard_status(&self, m: &crate::plugin::Manifest, shard: &Shard) -> crate::store::Result<ShardStatus> {
+        let projection = shard.live();
         let checkpoints = projection.read_model.cursor()?;
         let mut partitions = Vec::new();
         for s in &m.subscriptions {
-            // Kafka streams: the partitions this instance reads; log streams: all.
+            // Kafka streams: the partitions this shard reads; log streams: all.
             let heads: Vec<(u32, u64)> = if self.kafka.topic(&s.stream).is_some() {
                 let watermarks = projection.watermarks.lock().expect("watermarks lock");
                 watermarks.iter().filter(|((stream, _), _)| *stream == s.stream).map(|((_, p), h)| (*p, *h)).collect()
@@ -141,37 +209,63 @@ impl Runtime {
             })
             .collect();
         let (emitted, published) = projection.read_model.emit_progress()?;
-        Ok(ProjectionStatus {
-            name: m.name.clone(),
-            indexes,
-            emitted: EmitStatus { events: emitted, published, lag: emitted.saturating_sub(published) },
-            plugin: PluginInfo {
-                kind: projection.kind,
-                outputs: match projection.kind {
-                    Kind::Projection => Vec::new(),
-                    Kind::Enricher => {
-                        let routes = self.plugin_config.get(&m.name).map(|c| c.routes.as_slice()).unwrap_or_default();
-                        let routes = Routes::new(&m.name, routes).unwrap_or_else(|_| Routes::to_own_stream(&m.name));
-                        routes.streams().into_iter().map(str::to_owned).collect()
-                    }
-                },
-                source: p.source.clone(),
-                version: m.version.clone(),
-                schema_version: m.schema_version,
-                subscriptions: m
-                    .subscriptions
-                    .iter()
-                    .map(|s| SubscriptionInfo { stream: s.stream.clone(), event_types: s.event_types.clone() })
-                    .collect(),
-            },
-            tables: m.tables.clone(),
-            worker: projection.status.lock().expect("status lock").clone(),
-            reload_error: p.reload_error.lock().expect("reload error lock").clone(),
+        Ok(ShardStatus {
+            shard: shard.partition.unwrap_or(0),
             generation: projection.number,
-            rebuild: p.rebuild().map(|r| r.status(&projection)).transpose()?,
+            worker: projection.status.lock().expect("status lock").clone(),
             lag: partitions.iter().map(|p| p.lag).sum(),
             partitions,
+            indexes,
+            emitted: EmitStatus { events: emitted, published, lag: emitted.saturating_sub(published) },
             counters: projection.read_model.counters()?,
         })
     }
+}
+
+/// A projection's shards added up: partitions side by side; lags, counters,
+/// documents and measurements summed; the worker in the worst state (paused,
+/// then retrying, then stopped) stands for all.
+fn sum(shards: &[ShardStatus]) -> ShardStatus {
+    use crate::projector::WorkerState;
+    let severity = |s: &ShardStatus| match s.worker.state {
+        WorkerState::Paused => 3,
+        WorkerState::Retrying => 2,
+        WorkerState::Stopped => 1,
+        WorkerState::Running => 0,
+    };
+    let worst = shards.iter().max_by_key(|s| severity(s)).expect("a projection has at least one shard");
+    let mut whole = worst.clone();
+    if shards.len() == 1 {
+        return whole;
+    }
+    whole.generation = shards[0].generation;
+    whole.worker.metrics = Default::default();
+    whole.partitions.clear();
+    whole.indexes = shards[0]
+        .indexes
+        .iter()
+        .map(|i| IndexStatus { applied_sequence: 0, outbox_sequence: 0, lag: 0, documents: 0, ..i.clone() })
+        .collect();
+    whole.emitted = EmitStatus { events: 0, published: 0, lag: 0 };
+    whole.counters = Counters::default();
+    for s in shards {
+        whole.worker.metrics.merge(&s.worker.metrics);
+        whole.partitions.extend(s.partitions.iter().cloned());
+        for (sum, i) in whole.indexes.iter_mut().zip(&s.indexes) {
+            sum.applied_sequence += i.applied_sequence;
+            sum.outbox_sequence += i.outbox_sequence;
+            sum.lag += i.lag;
+            sum.documents += i.documents;
+        }
+        whole.emitted.events += s.emitted.events;
+        whole.emitted.published += s.emitted.published;
+        whole.emitted.lag += s.emitted.lag;
+        whole.counters.events_applied += s.counters.events_applied;
+        whole.counters.dead_letters += s.counters.dead_letters;
+        whole.counters.batches += s.counters.batches;
+        whole.counters.unrouted_outputs += s.counters.unrouted_outputs;
+    }
+    whole.partitions.sort_by(|a, b| (&a.stream, a.partition).cmp(&(&b.stream, b.partition)));
+    whole.lag = whole.partitions.iter().map(|p| p.lag).sum();
+    whole
 }

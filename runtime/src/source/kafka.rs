@@ -15,6 +15,10 @@
 //!   next owner starts exactly where it stopped. An instance killed outright
 //!   may have applied events after its last group commit; the next owner
 //!   applies them again to *its* read model (at-least-once across instances).
+//! - `partitioned` mode: a projection's read model is split into shards,
+//!   one per partition number of its co-partitioned topics; each shard's
+//!   reader assigns itself that partition of every topic, from the shard's
+//!   own checkpoints. (On one instance every shard runs locally.)
 
 use std::collections::{BTreeMap, BTreeSet, HashSet};
 use std::sync::{Arc, Mutex, mpsc};
@@ -70,6 +74,9 @@ pub enum Mode {
     Replica,
     /// The instances of a consumer group split the partitions.
     Group,
+    /// The read model is split into shards, one per partition number of the
+    /// projection's topics (which must have the same partition count).
+    Partitioned,
 }
 
 /// One stream backed by a Kafka topic.
@@ -277,10 +284,56 @@ impl Context {
     }
 }
 
+/// The partition count of each of `topics` (0: the topic does not exist yet).
+pub fn partition_counts<C: ConsumerContext>(
+    client: &impl Consumer<C>,
+    topics: &[&str],
+) -> Result<BTreeMap<String, u32>, String> {
+    let mut counts = BTreeMap::new();
+    for topic in topics {
+        let metadata = client
+            .fetch_metadata(Some(topic), Duration::from_secs(5))
+            .map_err(|e| format!("reading the metadata of topic {topic:?}: {e}"))?;
+        let partitions = metadata.topics().first().map_or(0, |t| t.partitions().len() as u32);
+        counts.insert((*topic).to_owned(), partitions);
+    }
+    Ok(counts)
+}
+
+/// The one partition count every topic of a partitioned projection has, the
+/// number of its shards: partition *n* of each topic goes to shard *n*, so
+/// topics with different counts cannot be read as one (as Kafka Streams
+/// refuses topics that are not co-partitioned).
+pub fn co_partitioned(counts: &BTreeMap<String, u32>) -> Result<u32, String> {
+    let mut distinct: Vec<u32> = counts.values().copied().collect();
+    distinct.sort_unstable();
+    distinct.dedup();
+    match distinct.as_slice() {
+        [] => Err("no Kafka topic to partition by".into()),
+        [0] => Err(format!("the topics {:?} do not exist yet (no partitions)", counts.keys().collect::<Vec<_>>())),
+        [n] => Ok(*n),
+        _ => Err(format!(
+            "a partitioned projection needs topics with the same number of partitions (co-partitioned), and these differ: {}",
+            counts.iter().map(|(t, n)| format!("{t} has {n}")).collect::<Vec<_>>().join(", ")
+        )),
+    }
+}
+
+/// The partition count shared by the Kafka topics behind `streams`, read
+/// from the brokers: how many shards a partitioned projection has.
+pub fn shard_count(config: &KafkaConfig, streams: &[&str]) -> Result<u32, String> {
+    let topics: Vec<&str> = streams.iter().filter_map(|s| config.topic(s)).map(|t| t.topic.as_str()).collect();
+    let consumer: BaseConsumer =
+        config.client_config().create().map_err(|e| format!("creating a Kafka client: {e}"))?;
+    co_partitioned(&partition_counts(&consumer, &topics)?)
+}
+
 /// Reads a projection's Kafka streams.
 pub struct KafkaReader {
     consumer: BaseConsumer<Context>,
     mode: Mode,
+    /// Partitioned mode: the one partition number this shard reads.
+    shard: Option<u32>,
     routes: BTreeMap<String, Route>, // by topic
     /// Replica mode: the partitions assigned, by topic.
     assigned: BTreeMap<String, u32>,
@@ -304,9 +357,10 @@ pub struct Handover {
 const REFRESH: Duration = Duration::from_secs(1);
 
 impl KafkaReader {
-    /// A consumer for the Kafka streams among `subscriptions`; `None` when there are none.
+    /// A consumer for the Kafka streams among `subscriptions` (of one shard
+    /// when `sources` name one); `None` when there are none.
     pub fn open(
-        config: &KafkaConfig,
+        sources: &super::Sources,
         projection: &str,
         subscriptions: &[(String, HashSet<String>)],
         checkpoints: Arc<dyn CheckpointStore>,
@@ -314,6 +368,7 @@ impl KafkaReader {
         deliveries: crossbeam_channel::Sender<Delivery>,
         handover: Handover,
     ) -> Result<Option<KafkaReader>, String> {
+        let (config, shard) = (&*sources.kafka, sources.shard);
         let routes: BTreeMap<String, Route> = subscriptions
             .iter()
             .filter_map(|(stream, types)| {
@@ -353,6 +408,7 @@ impl KafkaReader {
         Ok(Some(KafkaReader {
             consumer,
             mode: config.mode,
+            shard,
             routes,
             assigned: BTreeMap::new(),
             next_refresh: Instant::now(),
@@ -361,8 +417,8 @@ impl KafkaReader {
         }))
     }
 
-    /// Once a second: assign new partitions (replica mode), commit durable
-    /// checkpoints to the group (group mode).
+    /// Once a second: assign new partitions (replica and partitioned
+    /// modes), commit durable checkpoints to the group (group mode).
     fn refresh(&mut self, cursor: &Cursor) -> Result<(), String> {
         if Instant::now() < self.next_refresh {
             return Ok(());
@@ -370,18 +426,23 @@ impl KafkaReader {
         self.next_refresh = Instant::now() + REFRESH;
         let context = self.consumer.context().clone();
         match self.mode {
-            Mode::Replica => {
-                let mut counts = BTreeMap::new();
-                for topic in self.routes.keys() {
-                    let metadata = self
-                        .consumer
-                        .fetch_metadata(Some(topic), Duration::from_secs(5))
-                        .map_err(|e| format!("reading the metadata of topic {topic:?}: {e}"))?;
-                    let partitions = metadata.topics().first().map_or(0, |t| t.partitions().len() as u32);
-                    if partitions == 0 {
+            Mode::Replica | Mode::Partitioned => {
+                let topics: Vec<&str> = self.routes.keys().map(String::as_str).collect();
+                let counts = partition_counts(&self.consumer, &topics)?;
+                for (topic, n) in &counts {
+                    if *n == 0 {
                         tracing::warn!(projection = %context.projection, topic, "topic has no partitions yet (does it exist?)");
                     }
-                    counts.insert(topic.clone(), partitions);
+                }
+                if let Some(shard) = self.shard {
+                    // Partition counts can grow under a running shard: it
+                    // must not go on reading a partitioning that no longer holds.
+                    let n = co_partitioned(&counts)?;
+                    if shard >= n && n > 0 {
+                        return Err(format!(
+                            "shard {shard} has no partition to read: the topics have {n} partitions now"
+                        ));
+                    }
                 }
                 if counts != self.assigned {
                     self.assign(&counts, cursor)?;
@@ -407,7 +468,7 @@ impl KafkaReader {
         let mut tpl = TopicPartitionList::new();
         for (topic, n) in counts {
             let stream = &self.routes[topic].stream;
-            for p in 0..*n {
+            for p in (0..*n).filter(|p| self.shard.is_none_or(|s| s == *p)) {
                 let offset = match cursor.get(&(stream.clone(), p)) {
                     Some(o) => Offset::Offset(*o as i64),
                     None => Offset::Beginning,
@@ -417,7 +478,10 @@ impl KafkaReader {
         }
         self.consumer.assign(&tpl).map_err(|e| format!("assigning partitions: {e}"))?;
         self.consumer.context().set_assigned(&tpl);
-        tracing::info!(assignment = ?counts, "reading every partition (replica mode)");
+        match self.shard {
+            None => tracing::info!(assignment = ?counts, "reading every partition (replica mode)"),
+            Some(shard) => tracing::info!(assignment = ?counts, shard, "reading one partition of each topic (a shard)"),
+        }
         self.assigned = counts.clone();
         Ok(())
     }
@@ -581,7 +645,7 @@ impl Reader for KafkaReader {
                 self.consumer.seek(&topic, *partition as i32, Offset::Offset(*offset as i64), Duration::from_secs(5));
             if let Err(e) = seek {
                 tracing::warn!(topic, partition, offset, error = %e, "seeking back failed; assigning again");
-                if matches!(self.mode, Mode::Replica) {
+                if matches!(self.mode, Mode::Replica | Mode::Partitioned) {
                     self.assigned.clear();
                     self.next_refresh = Instant::now();
                 }
@@ -640,5 +704,21 @@ impl Reader for KafkaReader {
             }
             None => Ok(()),
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn shards_are_the_one_partition_count_of_every_topic() {
+        let counts = |c: &[(&str, u32)]| c.iter().map(|(t, n)| ((*t).to_owned(), *n)).collect();
+        assert_eq!(co_partitioned(&counts(&[("orders", 4), ("payments", 4)])), Ok(4));
+        let error = co_partitioned(&counts(&[("orders", 4), ("payments", 6)])).unwrap_err();
+        assert!(error.contains("orders has 4, payments has 6"), "{error}");
+        let error = co_partitioned(&counts(&[("orders", 0)])).unwrap_err();
+        assert!(error.contains("do not exist yet"), "{error}");
+        assert!(co_partitioned(&counts(&[])).is_err());
     }
 }

@@ -69,12 +69,15 @@ pub struct Position {
 pub struct Sources {
     pub log: Arc<log::EventLog>,
     pub kafka: Arc<kafka::KafkaConfig>,
+    /// A shard of a partitioned projection reads only this partition number
+    /// of its Kafka topics; `None` reads every partition.
+    pub shard: Option<u32>,
 }
 
 impl Sources {
     /// Only the embedded log.
     pub fn log(log: Arc<log::EventLog>) -> Self {
-        Sources { log, kafka: Arc::default() }
+        Sources { log, kafka: Arc::default(), shard: None }
     }
 
     /// `subscriptions` split into (embedded log streams, Kafka streams).

@@ -27,7 +27,9 @@ mod schema;
 
 pub use index::{Indexes, OpenIndex, SearchError};
 pub use indexer::Indexer;
-pub use query::{MAX_FACETS, MAX_QUERY_BYTES, MAX_QUERY_DEPTH, QueryError, SearchHit, SearchRequest, SearchResponse};
+pub use query::{
+    MAX_FACETS, MAX_QUERY_BYTES, MAX_QUERY_DEPTH, QueryError, SearchHit, SearchRequest, SearchResponse, merge,
+};
 pub use schema::{FieldMapping, FieldType, ID_FIELD, IndexMapping, IndexSchema, SOURCE_FIELD, mapping_change};
 
 #[cfg(test)]

@@ -48,6 +48,78 @@ pub struct SearchHit {
     pub document: Option<Box<serde_json::value::RawValue>>,
 }
 
+/// Several shards' answers to one request, as one. Each shard was asked for
+/// its first `request.offset + limit` hits (from offset 0): the page is
+/// among them. Hits merge by score (highest first) or by the sort value in
+/// the sort's direction, ties in shard order; totals and facet counts add
+/// up. Scores are each shard's own (its term statistics), as in
+/// Elasticsearch's default `query_then_fetch`.
+pub fn merge(request: &SearchRequest, limit: usize, shards: Vec<SearchResponse>) -> SearchResponse {
+    use std::cmp::Ordering;
+    let descending = match request.sort.trim() {
+        "" | "_score" => true,
+        sort => sort.ends_with(":desc"),
+    };
+    let by_value = |a: &SearchHit, b: &SearchHit| match (&a.score, &b.score) {
+        (Some(x), Some(y)) => x.partial_cmp(y).unwrap_or(Ordering::Equal),
+        _ => compare_json(a.sort.as_ref(), b.sort.as_ref()),
+    };
+    let total = shards.iter().map(|r| r.total).sum();
+    let mut facets: Map<String, Value> = Map::new();
+    let mut counts: Vec<(String, Vec<(Value, u64)>)> = Vec::new();
+    let mut hits: Vec<(usize, usize, SearchHit)> = Vec::new();
+    for (shard, response) in shards.into_iter().enumerate() {
+        hits.extend(response.hits.into_iter().enumerate().map(|(rank, hit)| (shard, rank, hit)));
+        for (name, buckets) in response.facets {
+            let at = match counts.iter().position(|(n, _)| *n == name) {
+                Some(at) => at,
+                None => {
+                    counts.push((name, Vec::new()));
+                    counts.len() - 1
+                }
+            };
+            for bucket in buckets.as_array().into_iter().flatten() {
+                let (value, count) = (bucket["value"].clone(), bucket["count"].as_u64().unwrap_or(0));
+                match counts[at].1.iter_mut().find(|(v, _)| *v == value) {
+                    Some((_, c)) => *c += count,
+                    None => counts[at].1.push((value, count)),
+                }
+            }
+        }
+    }
+    hits.sort_by(|(sa, ra, a), (sb, rb, b)| {
+        let order = by_value(a, b);
+        let order = if descending { order.reverse() } else { order };
+        order.then((sa, ra).cmp(&(sb, rb)))
+    });
+    let hits = hits.into_iter().skip(request.offset).take(limit).map(|(_, _, hit)| hit).collect();
+    for (name, mut buckets) in counts {
+        // As a terms aggregation orders them: most documents first.
+        buckets.sort_by(|(va, ca), (vb, cb)| cb.cmp(ca).then_with(|| compare_json(Some(va), Some(vb))));
+        let buckets = buckets.into_iter().map(|(value, count)| serde_json::json!({"value": value, "count": count}));
+        facets.insert(name, Value::Array(buckets.collect()));
+    }
+    SearchResponse { total, hits, facets }
+}
+
+/// Sort values in order: missing first, then numbers, then strings.
+fn compare_json(a: Option<&Value>, b: Option<&Value>) -> std::cmp::Ordering {
+    use std::cmp::Ordering;
+    let rank = |v: Option<&Value>| match v {
+        None | Some(Value::Null) => 0,
+        Some(Value::Number(_)) => 1,
+        _ => 2,
+    };
+    match (a, b) {
+        (Some(Value::Number(x)), Some(Value::Number(y))) => match (x.as_i64(), y.as_i64()) {
+            (Some(x), Some(y)) => x.cmp(&y),
+            _ => x.as_f64().partial_cmp(&y.as_f64()).unwrap_or(Ordering::Equal),
+        },
+        (Some(Value::String(x)), Some(Value::String(y))) => x.cmp(y),
+        _ => rank(a).cmp(&rank(b)),
+    }
+}
+
 /// The longest `q` or `filter`, in bytes: room for any question a person or
 /// a form asks, and a bound on the parser's and the query's work.
 pub const MAX_QUERY_BYTES: usize = 4096;

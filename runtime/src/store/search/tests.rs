@@ -120,3 +120,71 @@ fn only_stored_fields_come_back_in_the_source() {
     let source = doc.get_first(schema.source).and_then(|v| v.as_bytes().map(<[u8]>::to_vec)).unwrap();
     assert_eq!(source, br#"{"status":"paid"}"#);
 }
+
+/// Three shards' answers merged are the answer of one index holding every
+/// document: the same page (by sort value), total and facet counts.
+#[test]
+fn shards_merged_answer_as_one_index_holding_everything() {
+    let dir = tempfile::tempdir().unwrap();
+    let open = |name: &str| OpenIndex::open(&dir.path().join(name), orders()).unwrap();
+    let all = open("all");
+    let shards = [open("s0"), open("s1"), open("s2")];
+    let add = |index: &OpenIndex, id: &str, doc: &str| {
+        let object = index.schema.parse(doc.as_bytes()).unwrap();
+        let document = index.schema.to_tantivy(id, &object, doc.as_bytes());
+        index.writer.lock().unwrap().add_document(document).unwrap();
+    };
+    for i in 0..60usize {
+        let doc = format!(
+            r#"{{"status": "{}", "total": {}, "count": {}, "description": "{}"}}"#,
+            ["paid", "open", "shipped", "paid"][i % 4],
+            (i * 37 % 61) as f64 / 2.0,
+            i * 7 % 13,
+            if i % 5 == 0 { "gift wrap" } else { "plain box" }
+        );
+        let id = format!("o-{i}");
+        add(&all, &id, &doc);
+        add(&shards[i * 7 % 3], &id, &doc);
+    }
+    for index in shards.iter().chain([&all]) {
+        index.writer.lock().unwrap().commit().unwrap();
+        index.reader.reload().unwrap();
+    }
+    let request = |sort: &str, q: &str, offset: usize| SearchRequest {
+        q: q.into(),
+        sort: sort.into(),
+        offset,
+        facets: "status".into(),
+        ..Default::default()
+    };
+    let limit = 10;
+    for r in [
+        request("total:desc", "", 5),
+        request("total:asc", "", 0),
+        request("count:asc", "", 12),
+        request("status:desc", "", 30),
+        request("", "gift", 2),
+    ] {
+        let one = all.search(&r, limit).unwrap();
+        let each = SearchRequest { offset: 0, ..r.clone() };
+        let answers = shards.iter().map(|s| s.search(&each, r.offset + limit).unwrap()).collect();
+        let merged = merge(&r, limit, answers);
+        assert_eq!(merged.total, one.total, "{:?}", r.sort);
+        assert_eq!(merged.facets, one.facets, "{:?}", r.sort);
+        assert_eq!(merged.hits.len(), one.hits.len(), "{:?}", r.sort);
+        if r.q.is_empty() {
+            // By sort value: equal values may come in another order across shards.
+            let values = |hits: &[SearchHit]| hits.iter().map(|h| h.sort.clone()).collect::<Vec<_>>();
+            assert_eq!(values(&merged.hits), values(&one.hits), "{:?}", r.sort);
+        } else {
+            // Scores are each shard's own: highest first, every hit a match.
+            let scores: Vec<f32> = merged.hits.iter().map(|h| h.score.unwrap()).collect();
+            assert!(scores.windows(2).all(|w| w[0] >= w[1]), "{scores:?}");
+        }
+        if r.sort == "total:desc" {
+            // Unique values: the very same documents.
+            let ids = |hits: &[SearchHit]| hits.iter().map(|h| h.id.clone()).collect::<Vec<_>>();
+            assert_eq!(ids(&merged.hits), ids(&one.hits));
+        }
+    }
+}

@@ -1,0 +1,174 @@
+//! `kafka.mode: partitioned` on one instance: a projection's read model split
+//! into one shard per partition number, each with its own files and worker,
+//! answering every query as the whole read model (replica mode) does.
+
+use std::time::Duration;
+
+use serde_json::Value;
+
+use crate::support::kafka::{Broker, Out};
+use crate::support::{Server, plugins};
+
+/// A fixture order event as a plain JSON record keyed by its order id.
+fn plain(e: &Value) -> Out {
+    Out {
+        key: e["key"].as_str().map(str::to_owned),
+        value: Some(e["data"].to_string().into_bytes()),
+        headers: vec![("event-type".into(), e["type"].as_str().unwrap().into())],
+        timestamp: e["time"].as_i64(),
+        ..Out::default()
+    }
+}
+
+const ADMIN: &str = "partitioned-admin";
+
+fn config(broker: &Broker, mode: &str) -> String {
+    format!(
+        "kafka:\n  brokers: {}\n  mode: {mode}\n  streams:\n    orders: {{ topic: shop.orders, format: json, type-header: event-type }}\n    payments: {{ topic: shop.payments, format: json, type-header: event-type }}\n",
+        broker.address()
+    )
+}
+
+fn wait_searchable(server: &Server) {
+    for _ in 0..400 {
+        let status = server.get("/v1/projections/order-search");
+        if status["lag"] == 0 && status["indexes"].as_array().unwrap().iter().all(|i| i["lag"] == 0) {
+            return;
+        }
+        std::thread::sleep(Duration::from_millis(25));
+    }
+    panic!("the index did not catch up: {}", server.get("/v1/projections/order-search"));
+}
+
+#[test]
+fn a_partitioned_projection_answers_as_the_whole_read_model_does() {
+    let broker = Broker::start();
+    broker.create_topic("shop.orders", 4);
+    broker.create_topic("shop.payments", 6);
+    let all = refract_client::fixtures::orders(6000, 61, 0.01);
+    let events = &all[..4000];
+    broker.producer().send_all("shop.orders", &events.iter().map(plain).collect::<Vec<_>>());
+
+    let plugins = plugins();
+    let (whole_dir, sharded_dir) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
+    let whole =
+        Server::start(whole_dir.path(), &[&plugins.order_summary, &plugins.order_search], &config(&broker, "replica"));
+    let mut sharded = Server::start(
+        sharded_dir.path(),
+        &[&plugins.order_summary, &plugins.order_search, &plugins.orders_payments_join],
+        &format!("{}auth:\n  admin-token: {ADMIN}\n", config(&broker, "partitioned")),
+    );
+
+    // Topics with different partition counts cannot be split alike: the
+    // join (orders and payments) is refused, and says why.
+    let list = sharded.get("/v1/projections");
+    let errors = list["pluginErrors"].as_array().unwrap();
+    let refused = errors.iter().find(|e| e["file"].as_str().unwrap().contains("orders_payments_join")).expect("{list}");
+    let error = refused["error"].as_str().unwrap();
+    assert!(error.contains("shop.orders has 4, shop.payments has 6"), "{error}");
+
+    let status = sharded.wait_checkpoints("order-summary", events.len() as u64);
+    whole.wait_checkpoints("order-summary", events.len() as u64);
+    sharded.assert_order_summary_is_the_fold_of(events);
+    whole.assert_order_summary_is_the_fold_of(events);
+
+    // One shard per partition, each with its own files and its own partition.
+    let shards = status["shards"].as_array().unwrap();
+    assert_eq!(shards.len(), 4, "{status}");
+    let mut applied = 0;
+    for (n, shard) in shards.iter().enumerate() {
+        assert_eq!(shard["shard"], n);
+        let partitions: Vec<u64> =
+            shard["partitions"].as_array().unwrap().iter().map(|p| p["partition"].as_u64().unwrap()).collect();
+        assert!(partitions.iter().all(|p| *p == n as u64), "shard {n} reads {partitions:?}");
+        applied += shard["eventsApplied"].as_u64().unwrap();
+        let file = sharded_dir.path().join(format!("data/projections/order-summary/shards/{n}/read-model.redb"));
+        assert!(file.exists(), "{} is missing", file.display());
+    }
+    assert_eq!(status["eventsApplied"], applied, "the projection adds its shards up");
+    assert!(!sharded_dir.path().join("data/projections/order-summary/read-model.redb").exists());
+
+    // Lookups find a key in whichever shard holds it.
+    let (key, value) = whole.table("order-summary", "orders").into_iter().nth(17).unwrap();
+    assert_eq!(sharded.get(&format!("/v1/projections/order-summary/tables/orders/items/{key}")), value);
+    assert_eq!(sharded.client().get("/v1/projections/order-summary/tables/orders/items/nope").unwrap().status, 404);
+    // Pages of a prefix merge in key order under one cursor.
+    let page = |server: &Server, after: &str| {
+        server.get(&format!("/v1/projections/order-summary/tables/customer-orders/items?prefix=c-1&limit=7{after}"))
+    };
+    let (mut a, mut b) = (page(&whole, ""), page(&sharded, ""));
+    for _ in 0..5 {
+        assert_eq!(a, b);
+        let Some(next) = a["next"].as_str().map(|n| format!("&after={}", crate::support::encode(n))) else { break };
+        (a, b) = (page(&whole, &next), page(&sharded, &next));
+    }
+
+    // Searches merge hits, totals and facets across shards.
+    wait_searchable(&whole);
+    wait_searchable(&sharded);
+    for params in [
+        "sort=total:desc&limit=15&offset=10&facets=status",
+        "sort=updatedAt:asc&limit=20&facets=status,customer",
+        "filter=status:paid&sort=total:asc&limit=5&offset=3",
+        "q=wireless&limit=10&facets=status",
+    ] {
+        let path = format!("/v1/projections/order-search/indexes/orders/search?{params}");
+        let (one, merged) = (whole.get(&path), sharded.get(&path));
+        assert_eq!(merged["total"], one["total"], "{params}");
+        assert_eq!(merged["facets"], one["facets"], "{params}");
+        let by = if params.contains("sort=") { "sort" } else { "id" };
+        let values = |r: &Value| r["hits"].as_array().unwrap().iter().map(|h| h[by].clone()).collect::<Vec<_>>();
+        if by == "sort" {
+            assert_eq!(values(&merged), values(&one), "{params}");
+        } else {
+            // Scores are each shard's own: the same number of hits, best first.
+            assert_eq!(values(&merged).len(), values(&one).len(), "{params}");
+        }
+    }
+
+    // Read-your-writes names partitions; each shard waits for its own.
+    let p3 = status["partitions"].as_array().unwrap().iter().find(|p| p["partition"] == 3).unwrap().clone();
+    let last = p3["checkpoint"].as_u64().unwrap() - 1;
+    let ok = format!("/v1/projections/order-summary/tables/orders/items?limit=1&wait_for=shop.orders:3:{last}");
+    assert_eq!(sharded.client().get(&ok).unwrap().status, 200);
+    let ahead =
+        format!("/v1/projections/order-summary/tables/orders/items?wait_for=orders:3:{}&timeout_ms=50", last + 1);
+    assert_eq!(sharded.client().get(&ahead).unwrap().status, 504);
+    let nowhere =
+        sharded.client().get("/v1/projections/order-summary/tables/orders/items?wait_for=orders:9:0").unwrap();
+    assert_eq!(nowhere.status, 400, "{}", nowhere.body);
+
+    // Dead letters of every shard, under ids that name their shard.
+    let letters = sharded.get("/v1/projections/order-summary/dead-letters?limit=1000");
+    let letters = letters["deadLetters"].as_array().unwrap();
+    assert_eq!(letters.len() as u64, status["deadLetters"].as_u64().unwrap());
+    for letter in letters {
+        let id = letter["id"].as_u64().unwrap();
+        assert_eq!(id >> 40, letter["partition"].as_u64().unwrap(), "{letter}");
+        assert_eq!(&sharded.get(&format!("/v1/projections/order-summary/dead-letters/{id}")), letter);
+    }
+    let mut paged = Vec::new();
+    let mut after = 0;
+    loop {
+        let page = sharded.get(&format!("/v1/projections/order-summary/dead-letters?limit=3&after={after}"));
+        paged.extend(page["deadLetters"].as_array().unwrap().iter().cloned());
+        match page["next"].as_u64() {
+            Some(next) => after = next,
+            None => break,
+        }
+    }
+    assert_eq!(&paged, letters, "paging goes through every shard once");
+    let id = letters.last().unwrap()["id"].as_u64().unwrap();
+    let admin = sharded.client().with_token(Some(ADMIN));
+    let retried =
+        admin.post(&format!("/v1/projections/order-summary/dead-letters/{id}/retry"), "application/json", b"").unwrap();
+    assert_eq!(retried.status, 200, "{}", retried.body);
+    assert_eq!(retried.body["failed"][0]["id"], id, "the same plugin rejects it again: {}", retried.body);
+
+    // More events after a restart: each shard resumes from its checkpoints.
+    sharded.stop();
+    sharded.restart();
+    broker.producer().send_all("shop.orders", &all[4000..].iter().map(plain).collect::<Vec<_>>());
+    sharded.wait_checkpoints("order-summary", all.len() as u64);
+    sharded.assert_order_summary_is_the_fold_of(&all);
+}
