@@ -54,6 +54,20 @@ pub struct Held {
     pub events_applied: u64,
     pub lag: u64,
     pub partitions: Vec<PartitionStatus>,
+    /// A partitioned projection's shards this instance is active for.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub shards: Vec<HeldShard>,
+}
+
+/// A shard an instance is active for.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct HeldShard {
+    pub shard: u32,
+    /// It answers queries (it is not being restored).
+    pub ready: bool,
+    pub generation: u64,
+    pub lag: u64,
 }
 
 /// An instance as this one last heard of it.
@@ -165,6 +179,24 @@ impl Cluster {
         ClusterView { instance: self.me.clone(), control_topic: self.topic.clone(), members }
     }
 
+    /// The URL of a live instance other than this one that is active for
+    /// shard `n` of `projection` and ready to answer (the most recently
+    /// announced, should two claim it during a hand-over).
+    pub fn owner(&self, projection: &str, n: u32) -> Option<String> {
+        let view = self.view();
+        view.members
+            .iter()
+            .filter(|m| m.live && m.announcement.instance != self.me)
+            .filter(|m| {
+                m.announcement
+                    .projections
+                    .iter()
+                    .any(|p| p.name == projection && p.shards.iter().any(|s| s.shard == n && s.ready))
+            })
+            .max_by_key(|m| m.announcement.announced_at)
+            .map(|m| m.announcement.url.clone())
+    }
+
     /// Stop announcing and leave: a tombstone under this instance's id, so
     /// the others drop it at once rather than after three silent intervals.
     pub fn leave(&self) {
@@ -256,7 +288,18 @@ impl Announcer {
             }
             let now = Instant::now();
             if next > now {
-                sleep_unless(&self.stop, next - now);
+                // A shard taken on or let go is announced at once, on top of the fixed rate.
+                let roles = &self.runtime.roles_changed;
+                let seen = roles.current();
+                while !self.stop.load(Ordering::Relaxed) && Instant::now() < next && roles.current() == seen {
+                    roles.wait(seen, (next - Instant::now()).min(Duration::from_millis(50)));
+                }
+                if roles.current() != seen && !self.stop.load(Ordering::Relaxed) {
+                    // Give a shard taken on a moment to say whether it is ready.
+                    if let Err(e) = self.announce() {
+                        tracing::warn!(error = %e, "announcing a change of shards");
+                    }
+                }
             } else {
                 next = now; // fell behind (a slow broker): start the rate again from here
             }
@@ -267,12 +310,18 @@ impl Announcer {
         let mut projections = Vec::new();
         for p in self.runtime.projections() {
             let status = self.runtime.status(&p)?;
+            let shards = status
+                .shards
+                .iter()
+                .map(|s| HeldShard { shard: s.shard, ready: s.ready, generation: s.generation, lag: s.lag })
+                .collect();
             projections.push(Held {
                 name: status.name,
                 generation: status.generation,
                 events_applied: status.counters.events_applied,
                 lag: status.lag,
                 partitions: status.partitions,
+                shards,
             });
         }
         let announcement = Announcement {

@@ -172,3 +172,135 @@ fn a_partitioned_projection_answers_as_the_whole_read_model_does() {
     sharded.wait_checkpoints("order-summary", all.len() as u64);
     sharded.assert_order_summary_is_the_fold_of(&all);
 }
+
+/// A table read whole through one instance, or the status and body it refused with.
+fn read_table(server: &Server, table: &str) -> Result<Vec<(String, Value)>, (u16, Value)> {
+    let mut out = Vec::new();
+    let mut after: Option<String> = None;
+    loop {
+        let mut path = format!("/v1/projections/order-summary/tables/{table}/items?limit=1000");
+        if let Some(a) = &after {
+            path.push_str(&format!("&after={}", crate::support::encode(a)));
+        }
+        let reply = server.client().get(&path).unwrap();
+        if reply.status != 200 {
+            return Err((reply.status, reply.body));
+        }
+        for item in reply.body["items"].as_array().unwrap() {
+            out.push((item["key"].as_str().unwrap().to_owned(), item["value"].clone()));
+        }
+        match reply.body["next"].as_str() {
+            Some(next) => after = Some(next.to_owned()),
+            None => return Ok(out),
+        }
+    }
+}
+
+/// A refusal the API documents while a shard moves: 503 `shard_unavailable`
+/// or `shard_not_here`, with `Retry-After`.
+fn assert_documented_refusal(status: u16, body: &Value, what: &str) {
+    let code = body["error"]["code"].as_str().unwrap_or_default();
+    assert!(status == 503 && code.starts_with("shard_"), "{what}: {status} {body}");
+}
+
+/// Wait until `server` answers for the whole read model, equal to `expected`.
+fn wait_whole(server: &Server, expected: &[(String, Value)], what: &str) {
+    let until = std::time::Instant::now() + Duration::from_secs(120);
+    loop {
+        match read_table(server, "orders") {
+            Ok(got) if got == expected => return,
+            Ok(got) => assert!(
+                got.len() < expected.len() || std::time::Instant::now() < until,
+                "{what}: {} orders, expected {}",
+                got.len(),
+                expected.len()
+            ),
+            Err((status, body)) => assert_documented_refusal(status, &body, what),
+        }
+        assert!(std::time::Instant::now() < until, "{what}: never whole");
+        std::thread::sleep(Duration::from_millis(200));
+    }
+}
+
+/// Three instances share four shards through a consumer group; any of them
+/// answers for all of them (forwarding to the others); one killed outright
+/// and one stopped cleanly hand their shards over, and the new owners
+/// answer only once they have restored them: every answer on the way is the
+/// reference fold or a documented 503, never a partial or older one.
+#[test]
+fn instances_share_shards_answer_for_all_of_them_and_hand_them_over() {
+    let broker = Broker::start();
+    broker.create_topic("shop.orders", 4);
+    let all = refract_client::fixtures::orders(6000, 67, 0.01);
+    let (first, second) = all.split_at(4000);
+    broker.producer().send_all("shop.orders", &first.iter().map(plain).collect::<Vec<_>>());
+    let expected = |events: &[Value]| crate::support::reference::orders(events).orders.into_iter().collect::<Vec<_>>();
+    let (before, after) = (expected(first), expected(&all));
+
+    let config = |id: &str| {
+        format!(
+            "kafka:\n  brokers: {}\n  mode: partitioned\n  group-id: cluster-test\n  properties: {{ session.timeout.ms: \"6000\", heartbeat.interval.ms: \"500\" }}\n  streams:\n    orders: {{ topic: shop.orders, format: json, type-header: event-type }}\ncluster:\n  instance-id: {id}\n  announce-interval-ms: 1000\n",
+            broker.address()
+        )
+    };
+    let dirs = [tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap()];
+    let plugins = plugins();
+    let mut servers: Vec<Server> = ["a", "b", "c"]
+        .iter()
+        .zip(&dirs)
+        .map(|(id, dir)| Server::start(dir.path(), &[&plugins.order_summary], &config(id)))
+        .collect();
+    for (server, id) in servers.iter().zip(["a", "b", "c"]) {
+        wait_whole(server, &before, &format!("{id} before any kill"));
+    }
+    // The shards are spread: no instance runs them all.
+    let held = |server: &Server| server.get("/v1/projections/order-summary")["shards"].as_array().map_or(0, Vec::len);
+    assert_eq!(servers.iter().map(held).sum::<usize>(), 4, "each shard runs on one instance");
+    assert!(servers.iter().all(|s| held(s) < 4), "the group spread the shards");
+    // Lookups and searches through any instance, for keys of every shard.
+    for (key, value) in before.iter().step_by(97) {
+        for server in &servers {
+            assert_eq!(&server.get(&format!("/v1/projections/order-summary/tables/orders/items/{key}")), value);
+        }
+    }
+
+    // b is killed: until its shards are restored elsewhere, the others
+    // answer whole and right, or with a documented 503.
+    servers[1].kill();
+    let until = std::time::Instant::now() + Duration::from_secs(90);
+    let mut refused = 0;
+    loop {
+        let mut whole = true;
+        for server in [&servers[0], &servers[2]] {
+            match read_table(server, "orders") {
+                Ok(got) => {
+                    assert!(got == before, "a partial or wrong answer after b was killed ({} orders)", got.len())
+                }
+                Err((status, body)) => {
+                    assert_documented_refusal(status, &body, "after b was killed");
+                    refused += 1;
+                    whole = false;
+                }
+            }
+        }
+        if whole && held(&servers[0]) + held(&servers[2]) == 4 {
+            break;
+        }
+        assert!(std::time::Instant::now() < until, "b's shards were never taken over");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    eprintln!("answers refused with a documented 503 while b's shards moved: {refused}");
+
+    // More events; b comes back and takes some shards on again from its own copies.
+    broker.producer().send_all("shop.orders", &second.iter().map(plain).collect::<Vec<_>>());
+    servers[1].restart();
+    for (server, id) in servers.iter().zip(["a", "b", "c"]) {
+        wait_whole(server, &after, &format!("{id} after b came back"));
+    }
+    // c stops cleanly: it leaves the group, and a and b take its shards on.
+    servers[2].stop();
+    for (server, id) in servers[..2].iter().zip(["a", "b"]) {
+        wait_whole(server, &after, &format!("{id} after c stopped"));
+    }
+    assert_eq!(held(&servers[0]) + held(&servers[1]), 4, "a and b run every shard");
+}

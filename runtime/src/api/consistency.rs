@@ -10,13 +10,13 @@
 //! expires first, the reply is a 504 naming how far the projection got.
 
 use std::collections::BTreeMap;
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use serde::Deserialize;
 
 use super::ApiError;
-use crate::runtime::Projection;
-use crate::runtime::Runtime;
+use crate::runtime::{Projection, Runtime, Shard};
 use crate::source::Position;
 
 /// How long a query waits when it names no `timeout_ms`, and the most it may ask for.
@@ -65,9 +65,9 @@ fn parse(token: &str) -> Result<Wanted, ApiError> {
 
 /// What is still missing: positions not yet handled, with the checkpoint
 /// reached. Each shard's checkpoints are those of the partitions it holds.
-fn missing(p: &Projection, wanted: &Wanted) -> Result<Vec<String>, ApiError> {
+fn missing(shards: &[Arc<Shard>], wanted: &Wanted) -> Result<Vec<String>, ApiError> {
     let mut checkpoints = crate::source::reader::Cursor::new();
-    for shard in p.shards() {
+    for shard in shards {
         checkpoints.extend(shard.live().read_model.cursor()?);
     }
     Ok(wanted
@@ -79,9 +79,16 @@ fn missing(p: &Projection, wanted: &Wanted) -> Result<Vec<String>, ApiError> {
         .collect())
 }
 
-/// Wait until `p` has handled what `c` names (and, with `search`, until its
-/// indexes have applied the document changes committed by then).
-pub async fn wait(rt: &Runtime, p: &Projection, c: &Consistency, search: bool) -> Result<(), ApiError> {
+/// Wait until `shards` of `p` have handled what `c` names of their
+/// partitions (and, with `search`, until their indexes have applied the
+/// document changes committed by then). Other instances wait for the rest.
+pub async fn wait(
+    rt: &Runtime,
+    p: &Projection,
+    shards: &[Arc<Shard>],
+    c: &Consistency,
+    search: bool,
+) -> Result<(), ApiError> {
     let kafka = &rt.kafka;
     let timeout = match c.timeout_ms {
         None => DEFAULT_TIMEOUT,
@@ -112,12 +119,16 @@ pub async fn wait(rt: &Runtime, p: &Projection, c: &Consistency, search: bool) -
         )));
     }
     // A partition no shard holds would only ever time out.
-    if let Some((stream, partition)) = wanted.keys().find(|(_, partition)| p.shard_of(*partition).is_none()) {
+    let count = p.shard_count();
+    if let Some((stream, partition)) = wanted.keys().find(|(_, n)| p.is_partitioned() && *n >= count) {
         return Err(ApiError::bad_request(format!(
-            "wait_for names partition {partition} of {stream}, and {:?} has {} shards (one per partition)",
+            "wait_for names partition {partition} of {stream}, and {:?} has {count} shards (one per partition)",
             p.manifest().name,
-            p.shards().len()
         )));
+    }
+    // Each shard waits for the partition it holds.
+    if p.is_partitioned() {
+        wanted.retain(|(_, n), _| shards.iter().any(|s| s.number() == *n));
     }
     // A position the embedded log has not written would only ever time out.
     for ((stream, partition), offset) in &wanted {
@@ -138,21 +149,20 @@ pub async fn wait(rt: &Runtime, p: &Projection, c: &Consistency, search: bool) -
     loop {
         let behind = match &documents {
             None => {
-                let behind = missing(p, &wanted)?;
+                let behind = missing(shards, &wanted)?;
                 if behind.is_empty() {
                     if !search {
                         return Ok(());
                     }
                     // Every document change up to now must be searchable.
-                    let sequences = p.shards().iter().map(|s| s.live().read_model.outbox_sequence());
+                    let sequences = shards.iter().map(|s| s.live().read_model.outbox_sequence());
                     documents = Some(sequences.collect::<Result<_, _>>()?);
                     continue;
                 }
                 format!("projection {:?} has not handled {}", p.manifest().name, behind.join(", "))
             }
             Some(sequences) => {
-                let behind: Vec<String> = p
-                    .shards()
+                let behind: Vec<String> = shards
                     .iter()
                     .zip(sequences)
                     .filter_map(|(shard, sequence)| {

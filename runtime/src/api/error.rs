@@ -1,5 +1,7 @@
 //! The one error type of the HTTP API: `{"error": {"code", "message"}}`.
 
+use std::borrow::Cow;
+
 use axum::Json;
 use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response};
@@ -8,64 +10,70 @@ use axum::response::{IntoResponse, Response};
 #[derive(Debug)]
 pub struct ApiError {
     status: StatusCode,
-    code: &'static str,
+    code: Cow<'static, str>,
     message: String,
+    /// Seconds after which the request may succeed (`Retry-After`).
+    retry_after: Option<u32>,
 }
 
 impl ApiError {
     /// Any status, with a stable code.
     pub fn new(status: StatusCode, code: &'static str, message: impl Into<String>) -> Self {
-        ApiError { status, code, message: message.into() }
+        ApiError { status, code: Cow::Borrowed(code), message: message.into(), retry_after: None }
     }
 
     /// The request was malformed or named invalid things (400).
     pub fn bad_request(message: impl Into<String>) -> Self {
-        ApiError { status: StatusCode::BAD_REQUEST, code: "bad_request", message: message.into() }
+        ApiError::new(StatusCode::BAD_REQUEST, "bad_request", message)
     }
 
     /// What the request names does not exist (404).
     pub fn not_found(code: &'static str, message: impl Into<String>) -> Self {
-        ApiError { status: StatusCode::NOT_FOUND, code, message: message.into() }
+        ApiError::new(StatusCode::NOT_FOUND, code, message)
     }
 
     /// The request conflicts with how the server is set up (409).
     pub fn conflict(code: &'static str, message: impl Into<String>) -> Self {
-        ApiError { status: StatusCode::CONFLICT, code, message: message.into() }
+        ApiError::new(StatusCode::CONFLICT, code, message)
     }
 
     /// The request lacks the bearer token the route needs (401).
     pub fn unauthorized(message: impl Into<String>) -> Self {
-        ApiError { status: StatusCode::UNAUTHORIZED, code: "unauthorized", message: message.into() }
+        ApiError::new(StatusCode::UNAUTHORIZED, "unauthorized", message)
     }
 
     /// The route is switched off by configuration (403).
     pub fn forbidden(code: &'static str, message: impl Into<String>) -> Self {
-        ApiError { status: StatusCode::FORBIDDEN, code, message: message.into() }
+        ApiError::new(StatusCode::FORBIDDEN, code, message)
     }
 
     /// A query's `wait_for` positions were not reached in time (504).
     pub fn timeout(message: impl Into<String>) -> Self {
-        ApiError { status: StatusCode::GATEWAY_TIMEOUT, code: "wait_timeout", message: message.into() }
+        ApiError::new(StatusCode::GATEWAY_TIMEOUT, "wait_timeout", message)
     }
 
     /// The server failed: logged in full, reported briefly (500 or 503).
     pub fn internal(context: &str, error: impl std::fmt::Display) -> Self {
         tracing::error!(%error, "{context}");
-        ApiError {
-            status: StatusCode::INTERNAL_SERVER_ERROR,
-            code: "internal",
-            message: format!("{context} failed; see the server log"),
-        }
+        ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, "internal", format!("{context} failed; see the server log"))
     }
 
     /// Storage refused a write (disk full, I/O error): try again later (503).
     pub fn unavailable(context: &str, error: impl std::fmt::Display) -> Self {
         tracing::error!(%error, "{context}");
-        ApiError {
-            status: StatusCode::SERVICE_UNAVAILABLE,
-            code: "storage_unavailable",
-            message: format!("{context}: {error}"),
-        }
+        ApiError::new(StatusCode::SERVICE_UNAVAILABLE, "storage_unavailable", format!("{context}: {error}"))
+    }
+
+    /// A shard of a partitioned projection cannot answer now (it is being
+    /// restored, or its instance cannot be reached): 503 with `Retry-After`,
+    /// never a partial answer presented as whole.
+    pub fn shard_unavailable(code: &'static str, message: impl Into<String>) -> Self {
+        ApiError { retry_after: Some(1), ..ApiError::new(StatusCode::SERVICE_UNAVAILABLE, code, message) }
+    }
+
+    /// The error another instance answered a forwarded request with, passed on.
+    pub fn relayed(status: StatusCode, code: String, message: String, retry_after: Option<u32>) -> Self {
+        ApiError { status, code: Cow::Owned(code), message, retry_after }
     }
 
     pub fn status(&self) -> StatusCode {
@@ -76,9 +84,13 @@ impl ApiError {
 impl IntoResponse for ApiError {
     fn into_response(self) -> Response {
         let body = super::dto::ErrorBody {
-            error: super::dto::ErrorDetail { code: self.code.to_owned(), message: self.message },
+            error: super::dto::ErrorDetail { code: self.code.into_owned(), message: self.message },
         };
-        (self.status, Json(body)).into_response()
+        let mut response = (self.status, Json(body)).into_response();
+        if let Some(seconds) = self.retry_after {
+            response.headers_mut().insert(axum::http::header::RETRY_AFTER, seconds.into());
+        }
+        response
     }
 }
 

@@ -18,6 +18,7 @@ mod guard;
 mod plugins;
 mod projections;
 mod search;
+mod shards;
 mod state;
 mod streams;
 

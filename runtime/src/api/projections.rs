@@ -13,7 +13,8 @@ use super::dto::{
     DeadLetterPage, DeadLetterView, Item, Page, ProjectionList, RebuildCancelled, RebuildStarted, Resumed, Retried,
     Skipped,
 };
-use super::{ApiError, page_limit};
+use super::shards::{Incoming, Plan};
+use super::{ApiError, AppState, page_limit};
 use crate::runtime::{Projection, Runtime, Shard};
 
 /// The projection called `name`, or a 404.
@@ -62,39 +63,50 @@ pub(super) async fn status(
 }
 
 pub(super) async fn get_item(
-    State(rt): State<Arc<Runtime>>,
+    State(state): State<AppState>,
     Path((name, table, key)): Path<(String, String, String)>,
     Query(wait): Query<Consistency>,
+    request: Incoming,
 ) -> Result<Json<Box<serde_json::value::RawValue>>, ApiError> {
-    let p = find(&rt, &name)?;
+    let p = find(&state.runtime, &name)?;
     check_table(&p, &table)?;
-    consistency::wait(&rt, &p, &wait, false).await?;
-    match get(&p, &table, &key)? {
-        Some(bytes) => Ok(Json(super::raw_json(bytes))),
+    let plan = Plan::new(&state, &p, &request)?;
+    let (waited, parts) =
+        tokio::join!(consistency::wait(&state.runtime, &p, &plan.local, &wait, false), plan.ask(&state, &request));
+    waited?;
+    // At most one shard may hold the key: a second holder is reported, never silently picked.
+    let two = || {
+        ApiError::new(
+            axum::http::StatusCode::INTERNAL_SERVER_ERROR,
+            "key_in_two_shards",
+            format!(
+                "key {key:?} of table {table:?} is in more than one shard: the projection writes keys that are not partitioned like its events"
+            ),
+        )
+    };
+    let mut found: Option<Box<serde_json::value::RawValue>> = None;
+    for shard in &plan.local {
+        if let Some(value) = shard.live().read_model.get(&table, &key)?
+            && found.replace(super::raw_json(value)).is_some()
+        {
+            return Err(two());
+        }
+    }
+    for part in parts? {
+        match part.status {
+            axum::http::StatusCode::OK => {
+                if found.replace(part.decode()?).is_some() {
+                    return Err(two());
+                }
+            }
+            axum::http::StatusCode::NOT_FOUND => {}
+            _ => return Err(part.error()),
+        }
+    }
+    match found {
+        Some(value) => Ok(Json(value)),
         None => Err(ApiError::not_found("key_not_found", format!("no key {key:?} in table {table:?}"))),
     }
-}
-
-/// The value of `key` in whichever shard holds it: at most one may (a
-/// second holder is reported, never silently picked).
-fn get(p: &Projection, table: &str, key: &str) -> Result<Option<Vec<u8>>, ApiError> {
-    let mut found: Option<(Option<u32>, Vec<u8>)> = None;
-    for shard in p.shards() {
-        let Some(value) = shard.live().read_model.get(table, key)? else { continue };
-        if let Some((other, _)) = &found {
-            return Err(ApiError::new(
-                axum::http::StatusCode::INTERNAL_SERVER_ERROR,
-                "key_in_two_shards",
-                format!(
-                    "key {key:?} of table {table:?} is in shards {} and {}: the projection writes keys that are not partitioned like its events",
-                    other.unwrap_or(0),
-                    shard.partition.unwrap_or(0)
-                ),
-            ));
-        }
-        found = Some((shard.partition, value));
-    }
-    Ok(found.map(|(_, v)| v))
 }
 
 #[derive(Deserialize)]
@@ -106,30 +118,43 @@ pub(super) struct ScanParams {
 }
 
 pub(super) async fn scan(
-    State(rt): State<Arc<Runtime>>,
+    State(state): State<AppState>,
     Path((name, table)): Path<(String, String)>,
     Query(q): Query<ScanParams>,
     Query(wait): Query<Consistency>,
+    request: Incoming,
 ) -> Result<Json<Page>, ApiError> {
     let limit = page_limit(q.limit)?;
-    let p = find(&rt, &name)?;
+    let p = find(&state.runtime, &name)?;
     check_table(&p, &table)?;
-    consistency::wait(&rt, &p, &wait, false).await?;
+    let plan = Plan::new(&state, &p, &request)?;
+    let (waited, parts) =
+        tokio::join!(consistency::wait(&state.runtime, &p, &plan.local, &wait, false), plan.ask(&state, &request));
+    waited?;
     // One more than asked tells whether there is a next page. Each shard
-    // gives its first keys after the cursor; merged in key order, the
-    // first of them are the page's (and its last key the next cursor).
-    let mut entries = Vec::new();
-    for shard in p.shards() {
-        entries.extend(shard.live().read_model.scan(&table, &q.prefix, q.after.as_deref(), limit + 1)?);
+    // gives its first keys after the cursor (another instance, a page of
+    // its shards'); merged in key order, the first of them are the page's,
+    // and its last key the next cursor.
+    let mut items = Vec::new();
+    let mut more = false;
+    for shard in &plan.local {
+        let entries = shard.live().read_model.scan(&table, &q.prefix, q.after.as_deref(), limit + 1)?;
+        items.extend(entries.into_iter().map(|(key, v)| Item { key, value: super::raw_json(v) }));
     }
-    if p.shards().len() > 1 {
-        entries.sort_by(|a, b| a.0.cmp(&b.0));
-        entries.truncate(limit + 1);
+    for part in parts? {
+        if part.status != axum::http::StatusCode::OK {
+            return Err(part.error());
+        }
+        let page: Page = part.decode()?;
+        more |= page.next.is_some();
+        items.extend(page.items);
     }
-    let more = entries.len() > limit;
-    entries.truncate(limit);
-    let next = if more { entries.last().map(|(k, _)| k.clone()) } else { None };
-    let items = entries.into_iter().map(|(key, v)| Item { key, value: super::raw_json(v) }).collect();
+    if plan.merges() {
+        items.sort_by(|a, b| a.key.cmp(&b.key));
+    }
+    more |= items.len() > limit;
+    items.truncate(limit);
+    let next = if more { items.last().map(|i| i.key.clone()) } else { None };
     Ok(Json(Page { items, next }))
 }
 
@@ -141,36 +166,64 @@ pub(super) struct DeadLetterParams {
 }
 
 pub(super) async fn dead_letters(
-    State(rt): State<Arc<Runtime>>,
+    State(state): State<AppState>,
     Path(name): Path<String>,
     Query(q): Query<DeadLetterParams>,
+    request: Incoming,
 ) -> Result<Json<DeadLetterPage>, ApiError> {
     let limit = page_limit(q.limit)?;
-    let p = find(&rt, &name)?;
+    let p = find(&state.runtime, &name)?;
+    let plan = Plan::new(&state, &p, &request)?;
+    let parts = plan.ask(&state, &request).await?;
     // Shard by shard, in id order (the ids say which shard).
     let mut letters = Vec::new();
-    for shard in p.shards() {
+    for shard in &plan.local {
         let Some(after) = Projection::dead_letters_after(shard, q.after) else { continue };
-        let page = shard.live().read_model.dead_letters(after, limit + 1 - letters.len())?;
-        letters.extend(page.into_iter().map(|(id, letter)| (Projection::dead_letter_id(shard, id), letter)));
-        if letters.len() > limit {
-            break;
-        }
+        let page = shard.live().read_model.dead_letters(after, limit + 1)?;
+        letters.extend(
+            page.into_iter().map(|(id, letter)| DeadLetterView { id: Projection::dead_letter_id(shard, id), letter }),
+        );
     }
-    let more = letters.len() > limit;
+    let mut more = false;
+    for part in parts {
+        if part.status != axum::http::StatusCode::OK {
+            return Err(part.error());
+        }
+        let page: DeadLetterPage = part.decode()?;
+        more |= page.next.is_some();
+        letters.extend(page.dead_letters);
+    }
+    letters.sort_by_key(|l| l.id);
+    more |= letters.len() > limit;
     letters.truncate(limit);
-    let next = if more { letters.last().map(|(id, _)| *id) } else { None };
-    let dead_letters = letters.into_iter().map(|(id, letter)| DeadLetterView { id, letter }).collect();
-    Ok(Json(DeadLetterPage { dead_letters, next }))
+    let next = if more { letters.last().map(|l| l.id) } else { None };
+    Ok(Json(DeadLetterPage { dead_letters: letters, next }))
+}
+
+/// The one answer of the instance running shard `plan` names, passed on.
+fn relay<T: serde::de::DeserializeOwned>(parts: Vec<super::shards::Part>) -> Result<Json<T>, ApiError> {
+    let part = parts.into_iter().next().ok_or_else(|| ApiError::internal("forwarding", "no instance was asked"))?;
+    match part.status {
+        axum::http::StatusCode::OK => Ok(Json(part.decode()?)),
+        _ => Err(part.error()),
+    }
+}
+
+/// The shard holding the dead letter the API calls `id`, and its id there.
+fn locate(p: &Projection, name: &str, id: u64) -> Result<(u32, u64), ApiError> {
+    Projection::dead_letter_shard(id).filter(|(n, _)| *n < p.shard_count()).ok_or_else(|| no_dead_letter(name, id))
 }
 
 /// `GET /v1/projections/{p}/dead-letters/{id}`: one dead letter.
 pub(super) async fn dead_letter(
-    State(rt): State<Arc<Runtime>>,
+    State(state): State<AppState>,
     Path((name, id)): Path<(String, u64)>,
+    request: Incoming,
 ) -> Result<Json<DeadLetterView>, ApiError> {
-    let p = find(&rt, &name)?;
-    let Some((shard, local)) = p.locate_dead_letter(id) else { return Err(no_dead_letter(&name, id)) };
+    let p = find(&state.runtime, &name)?;
+    let (n, local) = locate(&p, &name, id)?;
+    let plan = Plan::one(&state, &p, &request, n)?;
+    let Some(shard) = plan.local.first() else { return relay(plan.ask(&state, &request).await?) };
     let Some(letter) = shard.live().read_model.dead_letter(local)? else {
         return Err(no_dead_letter(&name, id));
     };
@@ -184,11 +237,14 @@ fn no_dead_letter(projection: &str, id: u64) -> ApiError {
 /// `DELETE /v1/projections/{p}/dead-letters/{id}`: skip it — drop the letter,
 /// leaving its event unapplied (admin token required).
 pub(super) async fn skip_dead_letter(
-    State(rt): State<Arc<Runtime>>,
+    State(state): State<AppState>,
     Path((name, id)): Path<(String, u64)>,
+    request: Incoming,
 ) -> Result<Json<Skipped>, ApiError> {
-    let p = find(&rt, &name)?;
-    let Some((shard, local)) = p.locate_dead_letter(id) else { return Err(no_dead_letter(&name, id)) };
+    let p = find(&state.runtime, &name)?;
+    let (n, local) = locate(&p, &name, id)?;
+    let plan = Plan::one(&state, &p, &request, n)?;
+    let Some(shard) = plan.local.first() else { return relay(plan.ask(&state, &request).await?) };
     let read_model = shard.live().read_model.clone();
     let removed = tokio::task::spawn_blocking(move || read_model.remove_dead_letter(local))
         .await
@@ -203,46 +259,50 @@ pub(super) async fn skip_dead_letter(
 /// `…/dead-letters/{id}/retry`: hand the events to the plugin again, as it is
 /// now (after a fix). Answers what was applied and what failed again.
 pub(super) async fn retry_dead_letters(
-    State(rt): State<Arc<Runtime>>,
+    State(state): State<AppState>,
     Path(name): Path<String>,
+    request: Incoming,
 ) -> Result<Json<Retried>, ApiError> {
-    retry(&rt, &name, None).await
+    retry(&state, &name, None, &request).await
 }
 
 pub(super) async fn retry_dead_letter(
-    State(rt): State<Arc<Runtime>>,
+    State(state): State<AppState>,
     Path((name, id)): Path<(String, u64)>,
+    request: Incoming,
 ) -> Result<Json<Retried>, ApiError> {
-    retry(&rt, &name, Some(vec![id])).await
+    retry(&state, &name, Some(id), &request).await
 }
 
-async fn retry(rt: &Runtime, name: &str, ids: Option<Vec<u64>>) -> Result<Json<Retried>, ApiError> {
-    let p = find(rt, name)?;
+async fn retry(state: &AppState, name: &str, id: Option<u64>, request: &Incoming) -> Result<Json<Retried>, ApiError> {
+    let p = find(&state.runtime, name)?;
+    let (plan, one) = match id {
+        None => (Plan::new(state, &p, request)?, None),
+        Some(id) => match locate(&p, name, id) {
+            Ok((n, local)) => (Plan::one(state, &p, request, n)?, Some(local)),
+            Err(_) => return Ok(Json(Retried { missing: vec![id], ..Retried::default() })),
+        },
+    };
+    let parts = plan.ask(state, request).await?;
     // Each shard's worker retries its own letters; ids are the API's.
-    let mut asks: Vec<(&Arc<Shard>, Option<Vec<u64>>)> = Vec::new();
     let mut report = Retried::default();
-    match ids {
-        None => asks.extend(p.shards().iter().map(|s| (s, None))),
-        Some(ids) => {
-            for id in ids {
-                match p.locate_dead_letter(id) {
-                    Some((shard, local)) => match asks.iter_mut().find(|(s, _)| Arc::ptr_eq(s, shard)) {
-                        Some((_, Some(list))) => list.push(local),
-                        _ => asks.push((shard, Some(vec![local]))),
-                    },
-                    None => report.missing.push(id),
-                }
-            }
-        }
-    }
-    for (shard, ids) in asks {
-        let part = retry_in(shard, name, ids).await?;
+    for shard in &plan.local {
+        let part = retry_in(shard, name, one.map(|local| vec![local])).await?;
         let api = |local| Projection::dead_letter_id(shard, local);
         report.applied.extend(part.applied.into_iter().map(api));
         report.missing.extend(part.missing.into_iter().map(api));
         report
             .failed
             .extend(part.failed.into_iter().map(|f| crate::projector::RetryFailure { id: api(f.id), error: f.error }));
+    }
+    for part in parts {
+        if part.status != axum::http::StatusCode::OK {
+            return Err(part.error());
+        }
+        let other: Retried = part.decode()?;
+        report.applied.extend(other.applied);
+        report.missing.extend(other.missing);
+        report.failed.extend(other.failed);
     }
     Ok(Json(report))
 }
@@ -312,12 +372,20 @@ async fn retry_in(shard: &Arc<Shard>, name: &str, ids: Option<Vec<u64>>) -> Resu
 /// `POST /v1/projections/{p}/resume`: end a pause after too many dead
 /// letters in a row (admin token required).
 pub(super) async fn resume(
-    State(rt): State<Arc<Runtime>>,
+    State(state): State<AppState>,
     Path(name): Path<String>,
+    request: Incoming,
 ) -> Result<Json<Resumed>, ApiError> {
-    let p = find(&rt, &name)?;
+    let p = find(&state.runtime, &name)?;
+    let plan = Plan::new(&state, &p, &request)?;
     let mut resumed = false;
-    for shard in p.shards() {
+    for part in plan.ask(&state, &request).await? {
+        if part.status != axum::http::StatusCode::OK {
+            return Err(part.error());
+        }
+        resumed |= part.decode::<Resumed>()?.resumed;
+    }
+    for shard in &plan.local {
         let live = shard.live();
         if live.status.lock().expect("status lock").state == crate::projector::WorkerState::Paused {
             live.control.resume();

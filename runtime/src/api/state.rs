@@ -29,12 +29,19 @@ pub(super) struct Http {
     pub(super) limits: ApiConfig,
     /// Requests per route, for `/metrics`.
     pub(super) metrics: HttpMetrics,
+    /// Asks the other instances of a cluster for their shards' parts of an answer.
+    pub(super) peers: ureq::Agent,
 }
 
 impl AppState {
     /// The API over `runtime`, set up as `config` says (`auth`, `api`).
     pub fn new(runtime: Arc<Runtime>, config: &Config) -> Self {
-        let http = Http { auth: config.auth.resolved(), limits: config.api.clone(), metrics: HttpMetrics::default() };
+        let http = Http {
+            auth: config.auth.resolved(),
+            limits: config.api.clone(),
+            metrics: HttpMetrics::default(),
+            peers: super::shards::peers_agent(),
+        };
         AppState { runtime, cluster: None, http: Arc::new(http) }
     }
 
@@ -42,6 +49,11 @@ impl AppState {
     pub fn with_cluster(mut self, cluster: Arc<Cluster>) -> Self {
         self.cluster = Some(cluster);
         self
+    }
+
+    /// The client other instances are asked with.
+    pub(super) fn peers(&self) -> ureq::Agent {
+        self.http.peers.clone()
     }
 
     /// Every metric, as `GET /metrics` serves them.

@@ -320,7 +320,18 @@ pub(crate) fn cluster_status(remote: &Remote, watch: bool) -> anyhow::Result<()>
             let held: Vec<String> = a
                 .projections
                 .iter()
-                .map(|p| format!("{} {} {} {}", p.name, p.generation, p.events_applied, p.lag))
+                .map(|p| {
+                    let mut held = format!("{} {} {} {}", p.name, p.generation, p.events_applied, p.lag);
+                    if !p.shards.is_empty() {
+                        let shards: Vec<String> = p
+                            .shards
+                            .iter()
+                            .map(|s| if s.ready { s.shard.to_string() } else { format!("{}(restoring)", s.shard) })
+                            .collect();
+                        held.push_str(&format!(" shards {}", shards.join(",")));
+                    }
+                    held
+                })
                 .collect();
             let me = if a.instance == view.instance { " (this)" } else { "" };
             table.add_row([

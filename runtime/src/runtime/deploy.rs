@@ -191,16 +191,16 @@ impl Runtime {
     /// cannot run. Called with the projection's `starting` lock held.
     fn plan(&self, projection: &Projection, next: &WasmPlugin) -> Result<Change, String> {
         let current = projection.manifest();
-        let live = projection.shards()[0].live();
+        let kind = projection.kind();
         if next.manifest().name != current.name {
             return Err(format!("the file now provides projection {:?}, not {:?}", next.manifest().name, current.name));
         }
-        if next.kind() != live.kind {
+        if next.kind() != kind {
             return Err(format!(
                 "the file now provides {:?} as {:?}, not {:?}: remove it and add it again",
                 current.name,
                 next.kind(),
-                live.kind
+                kind
             ));
         }
         if next.manifest().schema_version != current.schema_version {
@@ -213,7 +213,8 @@ impl Runtime {
             }
             return Ok(Change::Rebuild(change));
         }
-        let old: Vec<&IndexMapping> = live.indexes.open.values().map(|i| &i.schema.mapping).collect();
+        let old = projection.index_mappings();
+        let old: Vec<&IndexMapping> = old.iter().collect();
         if let Some(change) = crate::store::search::mapping_change(&old, next.indexes()) {
             return Err(format!(
                 "{change}: the indexes are built with the old mapping; declare a new schema-version to rebuild them"
@@ -237,13 +238,18 @@ impl Runtime {
             },
             Change::Swap => {
                 tracing::info!(plugin = %label, version = %next.manifest().version, "new plugin version loaded; swapping it in");
-                // Every shard gets its own instance of the new version.
-                for shard in &projection.shards()[1..] {
-                    if let Some(another) = next.another() {
-                        shard.live().control.swap(another);
+                if projection.is_partitioned() {
+                    // Every shard gets its own instance of the new version,
+                    // and so will the shards this instance takes on later.
+                    for shard in projection.shards() {
+                        if let Some(another) = next.another() {
+                            shard.live().control.swap(another);
+                        }
                     }
+                    projection.set_template(Box::new(next));
+                } else if let Some(whole) = projection.whole() {
+                    whole.live().control.swap(Box::new(next));
                 }
-                projection.shards()[0].live().control.swap(Box::new(next));
                 // A rebuild in progress switches to its generation later: it
                 // must run this version too, or the switch would drop it.
                 match projection.whole().and_then(|s| s.rebuild()) {

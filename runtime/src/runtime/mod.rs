@@ -5,6 +5,7 @@
 //! uploaded; `status` is what the status API shows; `lookup` serves
 //! plugins' reads of other projections.
 
+mod activity;
 mod deploy;
 mod lookup;
 mod projection;
@@ -62,6 +63,14 @@ pub struct Runtime {
     plugin_errors: Mutex<Vec<PluginError>>,
     stop: Arc<AtomicBool>,
     workers: Mutex<Vec<JoinHandle<()>>>,
+    /// In a cluster, a consumer group decides which shards of a partitioned
+    /// projection this instance runs (`activity`); otherwise it runs all.
+    shards_by_group: bool,
+    /// This runtime, for the threads that take shards on (set by [`Runtime::start`]).
+    me: OnceLock<std::sync::Weak<Runtime>>,
+    /// Notified when this instance takes a shard on or lets one go, so that
+    /// it announces the change at once.
+    pub roles_changed: crate::signal::Signal,
 }
 
 impl Runtime {
@@ -69,6 +78,7 @@ impl Runtime {
     /// and watch the directory for new versions and new plugins.
     pub fn start(config: &Config) -> anyhow::Result<Arc<Runtime>> {
         let runtime = Arc::new(Runtime::open(config)?);
+        let _ = runtime.me.set(Arc::downgrade(&runtime));
         let lookup = Arc::new(RuntimeLookup(Arc::downgrade(&runtime)));
         let loader = Arc::new(Loader::new(config, lookup)?);
         let _ = runtime.loader.set(loader.clone());
@@ -131,6 +141,9 @@ impl Runtime {
             plugin_errors: Mutex::new(Vec::new()),
             stop: Arc::new(AtomicBool::new(false)),
             workers: Mutex::new(Vec::new()),
+            shards_by_group: config.cluster.is_some() && config.kafka.mode == crate::source::kafka::Mode::Partitioned,
+            me: OnceLock::new(),
+            roles_changed: Default::default(),
         })
     }
 
@@ -146,9 +159,26 @@ impl Runtime {
         let (shards, rebuilding) = match self.shard_count(&manifest, &root)? {
             None => {
                 let (shard, rebuilding) = self.start_shard(handler, None, &root)?;
-                (vec![shard], rebuilding)
+                (Projection::new(source, 1, false, vec![Arc::new(shard)], None), rebuilding)
+            }
+            Some(count) if self.shards_by_group && self.me.get().is_some() => {
+                // The group hands shards to this instance (`activity`).
+                let template = handler.another().ok_or_else(|| {
+                    anyhow::anyhow!("{} cannot run as several shards (only plugin components can)", source)
+                })?;
+                drop(handler);
+                let projection = Arc::new(Projection::new(source, count, true, Vec::new(), Some(template)));
+                self.insert(&manifest.name, &projection)?;
+                let me = self.me.get().expect("checked above").clone();
+                let thread = activity::spawn(me, projection.clone(), &manifest, &self.kafka, self.stop.clone())?;
+                self.workers.lock().expect("workers lock").push(thread);
+                tracing::info!(projection = %manifest.name, shards = count, "partitioned: the group decides which shards run here");
+                return Ok(projection);
             }
             Some(count) => {
+                let template = handler.another().ok_or_else(|| {
+                    anyhow::anyhow!("{} cannot run as several shards (only plugin components can)", source)
+                })?;
                 let mut handlers = vec![handler];
                 while handlers.len() < count as usize {
                     let another = handlers[0].another().ok_or_else(|| {
@@ -159,7 +189,7 @@ impl Runtime {
                 let mut shards = Vec::new();
                 for (n, handler) in (0..count).zip(handlers) {
                     match self.start_shard(handler, Some(n), &projection::shard_root(&root, n)) {
-                        Ok((shard, _)) => shards.push(shard),
+                        Ok((shard, _)) => shards.push(Arc::new(shard)),
                         Err(e) => {
                             for started in shards {
                                 started.live().stop();
@@ -169,24 +199,17 @@ impl Runtime {
                     }
                 }
                 tracing::info!(projection = %manifest.name, shards = count, "partitioned: one shard per partition");
-                (shards, None)
+                (Projection::new(source, count, true, shards, Some(template)), None)
             }
         };
-        let partitioned = shards[0].partition.is_some();
-        let projection = Arc::new(Projection::new(source, shards, partitioned));
-        let mut projections = self.projections.write().expect("projections lock");
-        if projections.contains_key(&manifest.name) {
-            projection.stop();
-            anyhow::bail!("projection {:?} is already running", manifest.name);
-        }
-        projections.insert(manifest.name.clone(), projection.clone());
-        drop(projections);
+        let projection = Arc::new(shards);
+        self.insert(&manifest.name, &projection)?;
         if let Some(number) = rebuilding {
-            let shard = &projection.shards()[0];
+            let shard = projection.shards()[0].clone();
             match self.loader.get().map(|l| l.load(Path::new(&projection.source))) {
                 Some(Ok(handler)) => {
                     tracing::info!(projection = %manifest.name, generation = number, "resuming a rebuild");
-                    if let Err(e) = self.start_rebuild(&projection, shard, Box::new(handler), number) {
+                    if let Err(e) = self.start_rebuild(&projection, &shard, Box::new(handler), number) {
                         tracing::error!(projection = %manifest.name, error = %e, "resuming a rebuild failed");
                     }
                 }
@@ -200,6 +223,47 @@ impl Runtime {
             }
         }
         Ok(projection)
+    }
+
+    /// Make `projection` one of the runtime's, unless one of that name runs already.
+    fn insert(&self, name: &str, projection: &Arc<Projection>) -> anyhow::Result<()> {
+        let mut projections = self.projections.write().expect("projections lock");
+        if projections.contains_key(name) {
+            projection.stop();
+            anyhow::bail!("projection {name:?} is already running");
+        }
+        projections.insert(name.to_owned(), projection.clone());
+        Ok(())
+    }
+
+    /// Run shard `n` of `p` here: the group made this instance active for
+    /// it. It starts from its copy on disk (a fresh one when there is none)
+    /// and answers queries once it has caught up to `heads`.
+    pub(super) fn take_on(&self, p: &Projection, n: u32, heads: crate::source::reader::Cursor) -> anyhow::Result<()> {
+        let _starting = p.starting.lock().expect("starting lock");
+        if p.shard_of(n).is_some() {
+            return Ok(());
+        }
+        let handler = p.another_handler().context("no plugin instance to run the shard with")?;
+        let name = handler.manifest().name.clone();
+        let root = projection::shard_root(&self.data_dir.join("projections").join(&name), n);
+        let (shard, _) = self.start_shard(handler, Some(n), &root)?;
+        let shard = shard.restoring(heads);
+        tracing::info!(projection = %name, shard = n, "shard taken on");
+        p.insert_shard(Arc::new(shard));
+        self.roles_changed.notify();
+        Ok(())
+    }
+
+    /// Stop running shard `n` of `p` here (the group moved it away); its
+    /// files stay, a copy that catches up from its checkpoints if it comes back.
+    pub(super) fn let_go(&self, p: &Projection, n: u32) {
+        let _starting = p.starting.lock().expect("starting lock");
+        if let Some(shard) = p.remove_shard(n) {
+            shard.live().stop();
+            tracing::info!(projection = %p.manifest().name, shard = n, "shard let go");
+            self.roles_changed.notify();
+        }
     }
 
     /// How many shards `manifest`'s projection has: `None` unless it reads
@@ -221,16 +285,30 @@ impl Runtime {
                 manifest.name
             );
         }
-        let on_disk = std::fs::read_dir(root.join("shards"))
-            .map(|dir| dir.flatten().filter(|e| e.file_name().to_string_lossy().parse::<u32>().is_ok()).count() as u32)
-            .unwrap_or(0);
+        // The count the read model was split into, recorded when it was first split.
+        let count_file = root.join("shards").join("count");
+        let on_disk = match std::fs::read_to_string(&count_file) {
+            Ok(text) => {
+                text.trim().parse::<u32>().with_context(|| format!("{} holds {text:?}", count_file.display()))?
+            }
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => 0,
+            Err(e) => return Err(e).with_context(|| format!("reading {}", count_file.display())),
+        };
+        let record = |n: u32| -> anyhow::Result<Option<u32>> {
+            if on_disk == 0 {
+                std::fs::create_dir_all(root.join("shards"))?;
+                crate::data_dir::replace_durably(&count_file, n.to_string().as_bytes())
+                    .with_context(|| format!("writing {}", count_file.display()))?;
+            }
+            Ok(Some(n))
+        };
         match crate::source::kafka::shard_count(&self.kafka, &kafka) {
             Ok(n) if on_disk != 0 && n != on_disk => anyhow::bail!(
                 "{}'s topics have {n} partitions now, and its read model was split into {on_disk} shards: keys have moved between partitions, so the shards cannot be kept; delete {} to build it again",
                 manifest.name,
                 root.join("shards").display()
             ),
-            Ok(n) => Ok(Some(n)),
+            Ok(n) => record(n),
             Err(e) if on_disk != 0 => {
                 tracing::warn!(projection = %manifest.name, error = %e, shards = on_disk, "cannot reach Kafka; starting the shards on disk");
                 Ok(Some(on_disk))
@@ -246,7 +324,7 @@ impl Runtime {
         handler: Box<dyn Handler>,
         partition: Option<u32>,
         root: &Path,
-    ) -> anyhow::Result<(Arc<Shard>, Option<u64>)> {
+    ) -> anyhow::Result<(Shard, Option<u64>)> {
         std::fs::create_dir_all(root).with_context(|| format!("creating {}", root.display()))?;
         let generations = || -> std::io::Result<(u64, Option<u64>)> {
             generation::clean(root)?;
@@ -255,7 +333,7 @@ impl Runtime {
         let name = handler.manifest().name.clone();
         let (live, rebuilding) = generations().with_context(|| format!("finding the generations of {name}"))?;
         let live = self.start_generation(handler, root, partition, live, false)?;
-        Ok((Arc::new(Shard::new(partition, root, live)), rebuilding))
+        Ok((Shard::new(partition, root, live), rebuilding))
     }
 
     /// Open generation `number` of the shard in `root` and start its
@@ -388,7 +466,7 @@ impl Runtime {
         let number = shard.live().number + 1;
         generation::delete(&shard.root, number);
         generation::mark_rebuilding(&shard.root, number).map_err(|e| RebuildError::Invalid(e.to_string()))?;
-        self.start_rebuild(p, shard, handler, number).map_err(|e| RebuildError::Invalid(format!("{e:#}")))?;
+        self.start_rebuild(p, &shard, handler, number).map_err(|e| RebuildError::Invalid(format!("{e:#}")))?;
         tracing::info!(projection = %m.name, generation = number, "rebuild started");
         Ok(number)
     }

@@ -5,34 +5,47 @@
 //! partition number of its (co-partitioned) topics, shard *n* in
 //! `projections/<name>/shards/<n>/`, each with its own generations, redb
 //! file, indexes, checkpoints, outbox and dead letters, so that exactly-once
-//! holds per shard whoever applies it. The API reads through the shards:
-//! [`Projection::shards`] for what fans out, [`Projection::whole`] for what
-//! only an unpartitioned projection does (rebuilds).
+//! holds per shard whoever applies it. An instance runs every shard, or in
+//! a cluster those the consumer group gives it (`activity`): shards come
+//! and go, and one taken on answers only once it has caught up. The API
+//! reads through [`Projection::shards`] (and asks other instances for the
+//! rest); [`Projection::whole`] is for what only an unpartitioned
+//! projection does (rebuilds).
 
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, RwLock};
 
 use crate::generation::Generation;
-use crate::plugin::Manifest;
+use crate::plugin::{Handler, Manifest};
 use crate::rebuild::Rebuild;
+use crate::source::reader::Cursor;
 
 /// A loaded projection, as the API sees it.
 pub struct Projection {
     /// Where the plugin came from: its file, or `native`.
     pub source: String,
-    /// One shard, or one per partition number (in partition order).
-    shards: Vec<Arc<Shard>>,
+    /// How many shards its read model has: 1, or its topics' partition count.
+    count: u32,
     /// Split by partition (`kafka.mode: partitioned`).
     partitioned: bool,
-    /// Held while a rebuild starts or a new version is deployed: two
-    /// requests at once must not both see none running and build (then
-    /// switch to) the same generation, and a new version must reach
-    /// whichever generation is live after a switch.
+    /// The shards this instance runs, in partition order: all of them,
+    /// unless a consumer group spreads them over the instances of a cluster.
+    shards: RwLock<Vec<Arc<Shard>>>,
+    /// A partitioned projection's plugin as last deployed, which the shards
+    /// this instance takes on later are made from (`Handler::another`).
+    template: Mutex<Option<Box<dyn Handler>>>,
+    /// Held while a rebuild starts, a new version is deployed or shards
+    /// come and go: two requests at once must not both see none running
+    /// and build (then switch to) the same generation, and a new version
+    /// must reach whichever generations and shards run after it.
     pub(super) starting: Mutex<()>,
     /// Why the last new version of the plugin file was not swapped in.
     pub reload_error: Mutex<Option<String>>,
     /// New versions refused since the start (for `/metrics`).
     pub reload_failures: std::sync::atomic::AtomicU64,
+    /// Stopped for good (its plugin removed, or the runtime shut down).
+    removed: AtomicBool,
 }
 
 /// One part of a projection's read model: its live generation, and the one
@@ -44,11 +57,30 @@ pub struct Shard {
     pub(super) root: PathBuf,
     pub(super) live: RwLock<Arc<Generation>>,
     pub(super) rebuild: Mutex<Option<Arc<Rebuild>>>,
+    /// Taken on from another instance: it answers queries only once its
+    /// checkpoints reach `restore_to`, the heads when it was taken on, so
+    /// that no query sees a shard with missing history.
+    restore_to: Mutex<Option<Cursor>>,
+    ready: AtomicBool,
 }
 
 impl Shard {
     pub(super) fn new(partition: Option<u32>, root: &Path, live: Arc<Generation>) -> Shard {
-        Shard { partition, root: root.to_owned(), live: RwLock::new(live), rebuild: Mutex::new(None) }
+        Shard {
+            partition,
+            root: root.to_owned(),
+            live: RwLock::new(live),
+            rebuild: Mutex::new(None),
+            restore_to: Mutex::new(None),
+            ready: AtomicBool::new(true),
+        }
+    }
+
+    /// A shard that answers only once it has caught up to `heads`.
+    pub(super) fn restoring(self, heads: Cursor) -> Shard {
+        *self.restore_to.lock().expect("restore lock") = Some(heads);
+        self.ready.store(false, Ordering::Relaxed);
+        self
     }
 
     /// The generation queries are answered from.
@@ -59,6 +91,36 @@ impl Shard {
     /// The rebuild in progress, if any.
     pub fn rebuild(&self) -> Option<Arc<Rebuild>> {
         self.rebuild.lock().expect("rebuild lock").clone()
+    }
+
+    /// Its partition number (0 for the one shard of an unpartitioned projection).
+    pub fn number(&self) -> u32 {
+        self.partition.unwrap_or(0)
+    }
+
+    /// Whether it may answer queries: not restoring, or restored (its
+    /// checkpoints have reached the heads it was taken on at).
+    pub fn is_ready(&self) -> bool {
+        if self.ready.load(Ordering::Relaxed) {
+            return true;
+        }
+        let mut target = self.restore_to.lock().expect("restore lock");
+        let Some(heads) = target.as_ref() else { return true };
+        let Ok(at) = self.live().checkpoints() else { return false };
+        if heads.iter().all(|(k, head)| at.get(k).copied().unwrap_or(0) >= *head) {
+            *target = None;
+            self.ready.store(true, Ordering::Relaxed);
+            return true;
+        }
+        false
+    }
+
+    /// (events restored, events to restore) while restoring.
+    pub fn restore_progress(&self) -> Option<(u64, u64)> {
+        let target = self.restore_to.lock().expect("restore lock").clone()?;
+        let at = self.live().checkpoints().unwrap_or_default();
+        let done = target.iter().map(|(k, head)| at.get(k).copied().unwrap_or(0).min(*head)).sum();
+        Some((done, target.values().sum()))
     }
 }
 
@@ -85,21 +147,41 @@ fn split_dead_letter_id(id: u64) -> Option<(u32, u64)> {
 }
 
 impl Projection {
-    pub(super) fn new(source: String, shards: Vec<Arc<Shard>>, partitioned: bool) -> Projection {
-        assert!(!shards.is_empty(), "a projection has at least one shard");
+    pub(super) fn new(
+        source: String,
+        count: u32,
+        partitioned: bool,
+        shards: Vec<Arc<Shard>>,
+        template: Option<Box<dyn Handler>>,
+    ) -> Projection {
+        assert!(partitioned || shards.len() == 1, "an unpartitioned projection has one shard");
         Projection {
             source,
-            shards,
+            count,
             partitioned,
+            shards: RwLock::new(shards),
+            template: Mutex::new(template),
             starting: Mutex::new(()),
             reload_error: Mutex::new(None),
             reload_failures: Default::default(),
+            removed: AtomicBool::new(false),
         }
     }
 
-    /// Its shards, in partition order (one when it is not partitioned).
-    pub fn shards(&self) -> &[Arc<Shard>] {
-        &self.shards
+    /// Stopped for good: no shard is taken on any more.
+    pub fn is_removed(&self) -> bool {
+        self.removed.load(Ordering::Relaxed)
+    }
+
+    /// The shards this instance runs, in partition order (the one shard
+    /// when it is not partitioned).
+    pub fn shards(&self) -> Vec<Arc<Shard>> {
+        self.shards.read().expect("shards lock").clone()
+    }
+
+    /// How many shards its read model has, here and elsewhere.
+    pub fn shard_count(&self) -> u32 {
+        self.count
     }
 
     /// Split by partition (`kafka.mode: partitioned`)?
@@ -108,23 +190,80 @@ impl Projection {
     }
 
     /// The one shard of a projection that is not partitioned.
-    pub fn whole(&self) -> Option<&Arc<Shard>> {
-        (!self.partitioned).then(|| &self.shards[0])
+    pub fn whole(&self) -> Option<Arc<Shard>> {
+        if self.partitioned { None } else { self.shards().into_iter().next() }
     }
 
     /// The running version's manifest (every shard runs the same version).
     pub fn manifest(&self) -> Manifest {
-        self.shards[0].live().manifest()
+        match self.shards().first() {
+            Some(shard) => shard.live().manifest(),
+            None => self.template.lock().expect("template lock").as_ref().expect("a template").manifest().clone(),
+        }
     }
 
-    /// The shard holding `partition` of the projection's streams: the one
-    /// shard of an unpartitioned projection.
-    pub fn shard_of(&self, partition: u32) -> Option<&Arc<Shard>> {
-        if self.partitioned {
-            self.shards.iter().find(|s| s.partition == Some(partition))
-        } else {
-            Some(&self.shards[0])
+    /// A projection or an enricher.
+    pub fn kind(&self) -> crate::plugin::Kind {
+        match self.shards().first() {
+            Some(shard) => shard.live().kind,
+            None => self.template.lock().expect("template lock").as_ref().expect("a template").kind(),
         }
+    }
+
+    /// Its search indexes' mappings.
+    pub fn index_mappings(&self) -> Vec<crate::store::search::IndexMapping> {
+        match self.shards().first() {
+            Some(shard) => shard.live().indexes.open.values().map(|i| i.schema.mapping.clone()).collect(),
+            None => self.template.lock().expect("template lock").as_ref().expect("a template").indexes().to_vec(),
+        }
+    }
+
+    /// Its search indexes' names.
+    pub fn index_names(&self) -> Vec<String> {
+        match self.shards().first() {
+            Some(shard) => shard.live().indexes.open.keys().cloned().collect(),
+            None => {
+                let template = self.template.lock().expect("template lock");
+                template.as_ref().expect("a template").indexes().iter().map(|i| i.name.clone()).collect()
+            }
+        }
+    }
+
+    /// The shard of this instance holding `partition` of the projection's
+    /// streams: the one shard of an unpartitioned projection.
+    pub fn shard_of(&self, partition: u32) -> Option<Arc<Shard>> {
+        let shards = self.shards();
+        if self.partitioned {
+            shards.into_iter().find(|s| s.partition == Some(partition))
+        } else {
+            shards.into_iter().next()
+        }
+    }
+
+    /// A fresh instance of the plugin for a shard taken on, from the version last deployed.
+    pub(super) fn another_handler(&self) -> Option<Box<dyn Handler>> {
+        self.template.lock().expect("template lock").as_ref().and_then(|t| t.another())
+    }
+
+    /// Keep `handler` as the version new shards are made from.
+    pub(super) fn set_template(&self, handler: Box<dyn Handler>) {
+        *self.template.lock().expect("template lock") = Some(handler);
+    }
+
+    /// Run `shard` here too (it was taken on).
+    pub(super) fn insert_shard(&self, shard: Arc<Shard>) {
+        let mut shards = self.shards.write().expect("shards lock");
+        shards.retain(|s| s.partition != shard.partition);
+        shards.push(shard);
+        shards.sort_by_key(|s| s.partition);
+    }
+
+    /// Stop running shard `n` here (it moved away); its files stay, a copy
+    /// that catches up if it comes back.
+    pub(super) fn remove_shard(&self, n: u32) -> Option<Arc<Shard>> {
+        let mut shards = self.shards.write().expect("shards lock");
+        let at = shards.iter().position(|s| s.partition == Some(n))?;
+        Some(shards.remove(at))
     }
 
     /// The id the API shows for dead letter `local` of `shard`.
@@ -141,19 +280,16 @@ impl Projection {
         (after < last).then(|| after.saturating_sub(first))
     }
 
-    /// The shard holding the dead letter the API calls `id`, and its id there.
-    pub fn locate_dead_letter(&self, id: u64) -> Option<(&Arc<Shard>, u64)> {
-        let (shard, local) = split_dead_letter_id(id)?;
-        if self.partitioned {
-            self.shard_of(shard).map(|s| (s, local))
-        } else {
-            (shard == 0).then(|| (&self.shards[0], local))
-        }
+    /// The shard number of the dead letter the API calls `id`, and its id there.
+    pub fn dead_letter_shard(id: u64) -> Option<(u32, u64)> {
+        split_dead_letter_id(id)
     }
 
     /// Stop every shard's generations after their current batch, and wait for them.
     pub(super) fn stop(&self) {
-        for shard in &self.shards {
+        self.removed.store(true, Ordering::Relaxed);
+        let _starting = self.starting.lock().expect("starting lock");
+        for shard in self.shards() {
             if let Some(job) = shard.rebuild() {
                 // Stopped where it is; it resumes when the projection is added again.
                 job.generation.stop();
@@ -164,7 +300,7 @@ impl Projection {
 
     /// Ask every shard's live generation to stop, without waiting.
     pub(super) fn ask_to_stop(&self) {
-        for shard in &self.shards {
+        for shard in self.shards() {
             shard.live().ask_to_stop();
         }
     }

@@ -59,6 +59,12 @@ pub struct ProjectionStatus {
 pub struct ShardStatus {
     /// The partition number it holds.
     pub shard: u32,
+    /// It answers queries: it is not being restored after it was taken on.
+    pub ready: bool,
+    /// While it is restored: events handled of those it must have handled
+    /// before it answers.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub restoring: Option<Restoring>,
     pub generation: u64,
     #[serde(flatten)]
     pub worker: WorkerStatus,
@@ -68,6 +74,14 @@ pub struct ShardStatus {
     pub emitted: EmitStatus,
     #[serde(flatten)]
     pub counters: Counters,
+}
+
+/// How far a shard taken on from another instance is restored.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct Restoring {
+    pub restored: u64,
+    pub total: u64,
 }
 
 /// The emitted-events outbox: committed with the batches, then published.
@@ -120,12 +134,11 @@ impl Runtime {
     pub fn status(&self, p: &Projection) -> crate::store::Result<ProjectionStatus> {
         let m = p.manifest();
         let shards = p.shards().iter().map(|s| self.shard_status(&m, s)).collect::<crate::store::Result<Vec<_>>>()?;
-        let first = &p.shards()[0];
-        let rebuild = match p.whole().and_then(|s| s.rebuild()) {
-            Some(r) => Some(r.status(&first.live())?),
+        let rebuild = match p.whole() {
+            Some(whole) => whole.rebuild().map(|r| r.status(&whole.live())).transpose()?,
             None => None,
         };
-        let kind = first.live().kind;
+        let kind = p.kind();
         let plugin = PluginInfo {
             kind,
             outputs: match kind {
@@ -210,7 +223,9 @@ impl Runtime {
             .collect();
         let (emitted, published) = projection.read_model.emit_progress()?;
         Ok(ShardStatus {
-            shard: shard.partition.unwrap_or(0),
+            shard: shard.number(),
+            ready: shard.is_ready(),
+            restoring: shard.restore_progress().map(|(restored, total)| Restoring { restored, total }),
             generation: projection.number,
             worker: projection.status.lock().expect("status lock").clone(),
             lag: partitions.iter().map(|p| p.lag).sum(),
@@ -233,7 +248,21 @@ fn sum(shards: &[ShardStatus]) -> ShardStatus {
         WorkerState::Stopped => 1,
         WorkerState::Running => 0,
     };
-    let worst = shards.iter().max_by_key(|s| severity(s)).expect("a projection has at least one shard");
+    let Some(worst) = shards.iter().max_by_key(|s| severity(s)) else {
+        // No shard of it runs here (the group gave them all to other instances).
+        return ShardStatus {
+            shard: 0,
+            ready: true,
+            restoring: None,
+            generation: 0,
+            worker: WorkerStatus::default(),
+            partitions: Vec::new(),
+            lag: 0,
+            indexes: Vec::new(),
+            emitted: EmitStatus { events: 0, published: 0, lag: 0 },
+            counters: Counters::default(),
+        };
+    };
     let mut whole = worst.clone();
     if shards.len() == 1 {
         return whole;

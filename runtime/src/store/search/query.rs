@@ -27,7 +27,7 @@ pub struct SearchRequest {
 }
 
 /// A page of hits, the total, and facet counts.
-#[derive(Debug, Clone, serde::Serialize)]
+#[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
 pub struct SearchResponse {
     pub total: usize,
     pub hits: Vec<SearchHit>,
@@ -36,7 +36,7 @@ pub struct SearchResponse {
 
 /// One hit: the document as the projection stored it, and its score or the
 /// value it was sorted by.
-#[derive(Debug, Clone, serde::Serialize)]
+#[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
 pub struct SearchHit {
     pub id: Option<String>,
     #[serde(skip_serializing_if = "Option::is_none")]

@@ -1,0 +1,203 @@
+//! Answering for a partitioned projection whose shards are spread over the
+//! instances of a cluster: which shards this instance answers from (those it
+//! runs and has restored), and the same request sent to the instances active
+//! for the others (found on the control topic), each for its shards. The
+//! handlers merge the parts as they merge their own shards. A shard that no
+//! live instance can answer for makes the request a 503 with `Retry-After`:
+//! never a partial answer presented as whole.
+//!
+//! A forwarded request carries the caller's `Authorization` (the instances
+//! of a cluster share their tokens) and names its shards in the
+//! `Refract-Shards` header; the instance asked answers from exactly those,
+//! or 503 `shard_not_here` when it no longer runs one of them.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use axum::http::{HeaderMap, Method, StatusCode, Uri};
+
+use super::{ApiError, AppState};
+use crate::runtime::{Projection, Shard};
+
+/// The header naming the shards a forwarded request reads (`1,3`).
+pub(super) const SHARDS_HEADER: &str = "refract-shards";
+
+/// What a handler needs to send its request on: method, URI and headers.
+pub(super) struct Incoming {
+    pub method: Method,
+    pub uri: Uri,
+    pub headers: HeaderMap,
+}
+
+impl<S: Send + Sync> axum::extract::FromRequestParts<S> for Incoming {
+    type Rejection = std::convert::Infallible;
+
+    async fn from_request_parts(parts: &mut axum::http::request::Parts, _: &S) -> Result<Self, Self::Rejection> {
+        Ok(Incoming { method: parts.method.clone(), uri: parts.uri.clone(), headers: parts.headers.clone() })
+    }
+}
+
+/// Where a request's shards are answered from.
+pub(super) struct Plan {
+    /// Shards of this instance to read.
+    pub local: Vec<Arc<Shard>>,
+    /// Other instances (URL) and the shards each answers for.
+    remote: Vec<(String, Vec<u32>)>,
+    /// The request named its shards: it is a part of another instance's fan-out.
+    pub part: bool,
+}
+
+/// What one instance answered for its shards.
+pub(super) struct Part {
+    pub status: StatusCode,
+    pub body: Vec<u8>,
+}
+
+impl Part {
+    /// The body, as the type the route answers with.
+    pub(super) fn decode<T: serde::de::DeserializeOwned>(&self) -> Result<T, ApiError> {
+        serde_json::from_slice(&self.body).map_err(|e| ApiError::internal("reading another instance's answer", e))
+    }
+
+    /// The error it answered, passed on as it is.
+    pub(super) fn error(&self) -> ApiError {
+        let body: serde_json::Value = serde_json::from_slice(&self.body).unwrap_or_default();
+        let code = body["error"]["code"].as_str().unwrap_or("internal").to_owned();
+        let message = body["error"]["message"].as_str().unwrap_or("another instance failed").to_owned();
+        let retry = (self.status == StatusCode::SERVICE_UNAVAILABLE).then_some(1);
+        ApiError::relayed(self.status, code, message, retry)
+    }
+}
+
+fn named(value: &axum::http::HeaderValue) -> Result<Vec<u32>, ApiError> {
+    let text = value.to_str().unwrap_or_default();
+    text.split(',')
+        .map(|n| n.trim().parse())
+        .collect::<Result<_, _>>()
+        .map_err(|_| ApiError::bad_request(format!("{SHARDS_HEADER}: {text:?} is not a list of shard numbers")))
+}
+
+impl Plan {
+    /// Which shards answer `request` for `p`: every shard.
+    pub(super) fn new(state: &AppState, p: &Projection, request: &Incoming) -> Result<Plan, ApiError> {
+        Plan::of(state, p, &request.headers, None)
+    }
+
+    /// Which instance answers `request` for shard `n` of `p` (a request about one dead letter).
+    pub(super) fn one(state: &AppState, p: &Projection, request: &Incoming, n: u32) -> Result<Plan, ApiError> {
+        Plan::of(state, p, &request.headers, Some(n))
+    }
+
+    fn of(state: &AppState, p: &Projection, headers: &HeaderMap, only: Option<u32>) -> Result<Plan, ApiError> {
+        let here = p.shards();
+        let name = || p.manifest().name;
+        if let Some(value) = headers.get(SHARDS_HEADER) {
+            let mut local = Vec::new();
+            for n in named(value)? {
+                match here.iter().find(|s| s.number() == n && s.is_ready()) {
+                    Some(shard) => local.push(shard.clone()),
+                    None => {
+                        return Err(ApiError::shard_unavailable(
+                            "shard_not_here",
+                            format!("this instance does not answer for shard {n} of {} (any more)", name()),
+                        ));
+                    }
+                }
+            }
+            return Ok(Plan { local, remote: Vec::new(), part: true });
+        }
+        if !p.is_partitioned() {
+            return Ok(Plan { local: here, remote: Vec::new(), part: false });
+        }
+        let (mut local, mut remote) = (Vec::new(), Vec::<(String, Vec<u32>)>::new());
+        for n in (0..p.shard_count()).filter(|n| only.is_none_or(|o| o == *n)) {
+            let mine = here.iter().find(|s| s.number() == n);
+            if let Some(shard) = mine.filter(|s| s.is_ready()) {
+                local.push(shard.clone());
+                continue;
+            }
+            match state.cluster.as_ref().and_then(|c| c.owner(&name(), n)) {
+                Some(url) => match remote.iter_mut().find(|(u, _)| *u == url) {
+                    Some((_, shards)) => shards.push(n),
+                    None => remote.push((url, vec![n])),
+                },
+                None => {
+                    let why = match mine.and_then(|s| s.restore_progress()) {
+                        Some((done, total)) => {
+                            format!("shard {n} of {} is being restored here ({done} of {total} events)", name())
+                        }
+                        None => format!("no live instance answers for shard {n} of {} right now", name()),
+                    };
+                    return Err(ApiError::shard_unavailable("shard_unavailable", why));
+                }
+            }
+        }
+        Ok(Plan { local, remote, part: false })
+    }
+
+    /// Whether other instances answer for some of the shards.
+    pub(super) fn has_remote(&self) -> bool {
+        !self.remote.is_empty()
+    }
+
+    /// Several shards answer (here or elsewhere), or this is a part: the
+    /// answer is a merge.
+    pub(super) fn merges(&self) -> bool {
+        self.part || self.has_remote() || self.local.len() > 1
+    }
+
+    /// Send this request (`method`, `uri`) to the other instances, each for
+    /// its shards, and wait for all of them. An instance that cannot be
+    /// reached makes it a 503 with `Retry-After`.
+    pub(super) async fn ask(&self, state: &AppState, request: &Incoming) -> Result<Vec<Part>, ApiError> {
+        let (method, uri, headers) = (&request.method, &request.uri, &request.headers);
+        let path = uri.path_and_query().map_or(uri.path(), |p| p.as_str()).to_owned();
+        let auth = headers.get(axum::http::header::AUTHORIZATION).and_then(|v| v.to_str().ok()).map(str::to_owned);
+        let mut asks = Vec::new();
+        for (url, shards) in &self.remote {
+            let (agent, method, url) = (state.peers(), method.clone(), url.clone());
+            let (target, auth) = (format!("{url}{path}"), auth.clone());
+            let shards = shards.iter().map(u32::to_string).collect::<Vec<_>>().join(",");
+            asks.push((
+                url,
+                tokio::task::spawn_blocking(move || -> Result<Part, ureq::Error> {
+                    let mut request = ureq::http::Request::builder().method(method).uri(&target);
+                    request = request.header(SHARDS_HEADER, shards);
+                    if let Some(auth) = auth {
+                        request = request.header(axum::http::header::AUTHORIZATION, auth);
+                    }
+                    let request = request.body(()).map_err(|e| ureq::Error::BadUri(e.to_string()))?;
+                    let mut response = agent.run(request)?;
+                    let status = StatusCode::from_u16(response.status().as_u16()).unwrap_or(StatusCode::BAD_GATEWAY);
+                    let body = response.body_mut().with_config().limit(256 << 20).read_to_vec()?;
+                    Ok(Part { status, body })
+                }),
+            ));
+        }
+        let mut parts = Vec::new();
+        for (url, ask) in asks {
+            match ask.await.map_err(|e| ApiError::internal("asking another instance", e))? {
+                Ok(part) => parts.push(part),
+                Err(e) => {
+                    return Err(ApiError::shard_unavailable(
+                        "shard_unavailable",
+                        format!("the instance at {url} answering for some shards cannot be reached: {e}"),
+                    ));
+                }
+            }
+        }
+        Ok(parts)
+    }
+}
+
+/// The client other instances are asked with: kept-alive connections, a
+/// short connect timeout (an instance that is gone fails fast), room for the
+/// longest `wait_for`.
+pub(super) fn peers_agent() -> ureq::Agent {
+    ureq::Agent::config_builder()
+        .http_status_as_error(false)
+        .timeout_connect(Some(Duration::from_secs(2)))
+        .timeout_global(Some(super::consistency::MAX_TIMEOUT + Duration::from_secs(10)))
+        .build()
+        .into()
+}
