@@ -29,7 +29,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::clock::{Backoff, now_ms, sleep_unless};
 use crate::config::ClusterConfig;
-use crate::runtime::{PartitionStatus, Runtime};
+use crate::runtime::{PartitionStatus, Runtime, ShardRole};
 use crate::source::kafka::KafkaConfig;
 
 /// What an instance says about itself on the control topic.
@@ -54,16 +54,19 @@ pub struct Held {
     pub events_applied: u64,
     pub lag: u64,
     pub partitions: Vec<PartitionStatus>,
-    /// A partitioned projection's shards this instance is active for.
+    /// A partitioned projection's shards this instance runs, active or standby.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub shards: Vec<HeldShard>,
 }
 
-/// A shard an instance is active for.
+/// A shard an instance runs.
 #[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(rename_all = "camelCase")]
 pub struct HeldShard {
     pub shard: u32,
+    /// Active (it answers and emits) or a standby copy.
+    #[serde(default)]
+    pub role: ShardRole,
     /// It answers queries (it is not being restored).
     pub ready: bool,
     pub generation: u64,
@@ -188,10 +191,10 @@ impl Cluster {
             .iter()
             .filter(|m| m.live && m.announcement.instance != self.me)
             .filter(|m| {
-                m.announcement
-                    .projections
-                    .iter()
-                    .any(|p| p.name == projection && p.shards.iter().any(|s| s.shard == n && s.ready))
+                m.announcement.projections.iter().any(|p| {
+                    p.name == projection
+                        && p.shards.iter().any(|s| s.shard == n && s.ready && s.role == ShardRole::Active)
+                })
             })
             .max_by_key(|m| m.announcement.announced_at)
             .map(|m| m.announcement.url.clone())
@@ -213,6 +216,28 @@ impl Cluster {
             }
             Err((e, _)) => tracing::warn!(error = %e, "leaving the cluster: the tombstone was not sent"),
         }
+    }
+}
+
+/// What the runtime needs of the membership to choose standbys.
+impl crate::runtime::Membership for Cluster {
+    fn me(&self) -> String {
+        self.me.clone()
+    }
+
+    fn live(&self) -> Vec<String> {
+        self.view().members.into_iter().filter(|m| m.live).map(|m| m.announcement.instance).collect()
+    }
+
+    fn active(&self, projection: &str, n: u32) -> Option<String> {
+        let view = self.view();
+        let holders = view.members.into_iter().filter(|m| m.live).filter(|m| {
+            m.announcement
+                .projections
+                .iter()
+                .any(|p| p.name == projection && p.shards.iter().any(|s| s.shard == n && s.role == ShardRole::Active))
+        });
+        holders.max_by_key(|m| m.announcement.announced_at).map(|m| m.announcement.instance)
     }
 }
 
@@ -313,7 +338,13 @@ impl Announcer {
             let shards = status
                 .shards
                 .iter()
-                .map(|s| HeldShard { shard: s.shard, ready: s.ready, generation: s.generation, lag: s.lag })
+                .map(|s| HeldShard {
+                    shard: s.shard,
+                    role: s.role,
+                    ready: s.ready,
+                    generation: s.generation,
+                    lag: s.lag,
+                })
                 .collect();
             projections.push(Held {
                 name: status.name,

@@ -188,6 +188,44 @@ pub fn render(rt: &crate::runtime::Runtime, http_metrics: &HttpMetrics) -> Strin
         ("refract_partition_checkpoint", "gauge", "per partition: the next offset to handle"),
         partitions().map(|(l, p)| (l, p.checkpoint as f64)),
     );
+    // Shards of partitioned projections that run here.
+    let shards = || {
+        statuses.iter().flat_map(|(_, s)| {
+            s.shards.iter().map(move |sh| {
+                let role = match sh.role {
+                    crate::runtime::ShardRole::Active => "active",
+                    crate::runtime::ShardRole::Standby => "standby",
+                };
+                (format!("projection=\"{}\",shard=\"{}\",role=\"{role}\"", label(&s.name), sh.shard), sh)
+            })
+        })
+    };
+    if shards().next().is_some() {
+        family(
+            &mut out,
+            (
+                "refract_shard_ready",
+                "gauge",
+                "per shard running here: 1 once it answers queries, 0 while it is restored",
+            ),
+            shards().map(|(l, sh)| (l, if sh.ready { 1.0 } else { 0.0 })),
+        );
+        family(
+            &mut out,
+            ("refract_shard_lag_events", "gauge", "per shard running here: events in its partitions not yet handled"),
+            shards().map(|(l, sh)| (l, sh.lag as f64)),
+        );
+        family(
+            &mut out,
+            (
+                "refract_shard_restore_remaining_events",
+                "gauge",
+                "per shard being restored: events left before it answers",
+            ),
+            shards()
+                .filter_map(|(l, sh)| sh.restoring.as_ref().map(|r| (l, r.total.saturating_sub(r.restored) as f64))),
+        );
+    }
     let indexes = || {
         statuses.iter().flat_map(|(_, s)| {
             s.indexes

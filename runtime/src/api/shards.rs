@@ -45,6 +45,8 @@ pub(super) struct Plan {
     remote: Vec<(String, Vec<u32>)>,
     /// The request named its shards: it is a part of another instance's fan-out.
     pub part: bool,
+    /// The projection's name, to find its shards' owners.
+    projection: String,
 }
 
 /// What one instance answered for its shards.
@@ -104,10 +106,10 @@ impl Plan {
                     }
                 }
             }
-            return Ok(Plan { local, remote: Vec::new(), part: true });
+            return Ok(Plan { local, remote: Vec::new(), part: true, projection: name() });
         }
         if !p.is_partitioned() {
-            return Ok(Plan { local: here, remote: Vec::new(), part: false });
+            return Ok(Plan { local: here, remote: Vec::new(), part: false, projection: name() });
         }
         let (mut local, mut remote) = (Vec::new(), Vec::<(String, Vec<u32>)>::new());
         for n in (0..p.shard_count()).filter(|n| only.is_none_or(|o| o == *n)) {
@@ -132,7 +134,7 @@ impl Plan {
                 }
             }
         }
-        Ok(Plan { local, remote, part: false })
+        Ok(Plan { local, remote, part: false, projection: name() })
     }
 
     /// Whether other instances answer for some of the shards.
@@ -146,48 +148,114 @@ impl Plan {
         self.part || self.has_remote() || self.local.len() > 1
     }
 
-    /// Send this request (`method`, `uri`) to the other instances, each for
-    /// its shards, and wait for all of them. An instance that cannot be
-    /// reached makes it a 503 with `Retry-After`.
+    /// Send this request to the other instances, each for its shards, and
+    /// wait for all of them. An instance that cannot be reached, or answers
+    /// that it no longer runs a shard, is asked again through the shard's
+    /// new owner once the control topic names one (within [`MOVE_WAIT`]);
+    /// otherwise the answer is a 503 with `Retry-After`.
     pub(super) async fn ask(&self, state: &AppState, request: &Incoming) -> Result<Vec<Part>, ApiError> {
-        let (method, uri, headers) = (&request.method, &request.uri, &request.headers);
-        let path = uri.path_and_query().map_or(uri.path(), |p| p.as_str()).to_owned();
-        let auth = headers.get(axum::http::header::AUTHORIZATION).and_then(|v| v.to_str().ok()).map(str::to_owned);
-        let mut asks = Vec::new();
-        for (url, shards) in &self.remote {
-            let (agent, method, url) = (state.peers(), method.clone(), url.clone());
-            let (target, auth) = (format!("{url}{path}"), auth.clone());
-            let shards = shards.iter().map(u32::to_string).collect::<Vec<_>>().join(",");
-            asks.push((
-                url,
-                tokio::task::spawn_blocking(move || -> Result<Part, ureq::Error> {
-                    let mut request = ureq::http::Request::builder().method(method).uri(&target);
-                    request = request.header(SHARDS_HEADER, shards);
-                    if let Some(auth) = auth {
-                        request = request.header(axum::http::header::AUTHORIZATION, auth);
-                    }
-                    let request = request.body(()).map_err(|e| ureq::Error::BadUri(e.to_string()))?;
-                    let mut response = agent.run(request)?;
-                    let status = StatusCode::from_u16(response.status().as_u16()).unwrap_or(StatusCode::BAD_GATEWAY);
-                    let body = response.body_mut().with_config().limit(256 << 20).read_to_vec()?;
-                    Ok(Part { status, body })
-                }),
-            ));
-        }
         let mut parts = Vec::new();
-        for (url, ask) in asks {
-            match ask.await.map_err(|e| ApiError::internal("asking another instance", e))? {
-                Ok(part) => parts.push(part),
-                Err(e) => {
-                    return Err(ApiError::shard_unavailable(
-                        "shard_unavailable",
-                        format!("the instance at {url} answering for some shards cannot be reached: {e}"),
-                    ));
+        for ((url, shards), sent) in self.remote.iter().zip(send(state, request, &self.remote).await?) {
+            let moved = match sent {
+                Ok(part) if !part.moved() => {
+                    parts.push(part);
+                    continue;
+                }
+                Ok(part) => part.error(),
+                Err(e) => ApiError::shard_unavailable(
+                    "shard_unavailable",
+                    format!("the instance at {url} answering for shards {shards:?} cannot be reached: {e}"),
+                ),
+            };
+            let Some(owners) = self.new_owners(state, url, shards).await else { return Err(moved) };
+            for (url, sent) in owners.iter().map(|(u, _)| u).zip(send(state, request, &owners).await?) {
+                match sent {
+                    Ok(part) => parts.push(part),
+                    Err(e) => {
+                        return Err(ApiError::shard_unavailable(
+                            "shard_unavailable",
+                            format!("the instance at {url} answering for some shards cannot be reached: {e}"),
+                        ));
+                    }
                 }
             }
         }
         Ok(parts)
     }
+
+    /// The instances other than `gone` that the control topic names for
+    /// `shards`, once it names one for each (waiting up to [`MOVE_WAIT`]).
+    async fn new_owners(&self, state: &AppState, gone: &str, shards: &[u32]) -> Option<Vec<(String, Vec<u32>)>> {
+        let cluster = state.cluster.as_ref()?;
+        let until = std::time::Instant::now() + MOVE_WAIT;
+        loop {
+            let mut owners: Vec<(String, Vec<u32>)> = Vec::new();
+            for n in shards {
+                match cluster.owner(&self.projection, *n).filter(|url| url != gone) {
+                    Some(url) => match owners.iter_mut().find(|(u, _)| *u == url) {
+                        Some((_, list)) => list.push(*n),
+                        None => owners.push((url, vec![*n])),
+                    },
+                    None => break,
+                }
+            }
+            if owners.iter().map(|(_, l)| l.len()).sum::<usize>() == shards.len() {
+                return Some(owners);
+            }
+            if std::time::Instant::now() >= until {
+                return None;
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+}
+
+/// How long a request waits for the control topic to name the new owner of
+/// a shard whose instance let it go or cannot be reached: a clean hand-over
+/// is announced at once; a killed instance's shards move only after the
+/// group's session timeout, and the client is told to retry.
+const MOVE_WAIT: Duration = Duration::from_secs(3);
+
+impl Part {
+    /// The instance no longer runs the shards it was asked for.
+    fn moved(&self) -> bool {
+        self.status == StatusCode::SERVICE_UNAVAILABLE
+            && serde_json::from_slice::<serde_json::Value>(&self.body)
+                .is_ok_and(|b| b["error"]["code"] == "shard_not_here")
+    }
+}
+
+/// Send `request` to each instance of `to` for its shards, all at once.
+async fn send(
+    state: &AppState,
+    request: &Incoming,
+    to: &[(String, Vec<u32>)],
+) -> Result<Vec<Result<Part, ureq::Error>>, ApiError> {
+    let path = request.uri.path_and_query().map_or(request.uri.path(), |p| p.as_str()).to_owned();
+    let auth = request.headers.get(axum::http::header::AUTHORIZATION).and_then(|v| v.to_str().ok()).map(str::to_owned);
+    let mut asks = Vec::new();
+    for (url, shards) in to {
+        let (agent, method) = (state.peers(), request.method.clone());
+        let (target, auth) = (format!("{url}{path}"), auth.clone());
+        let shards = shards.iter().map(u32::to_string).collect::<Vec<_>>().join(",");
+        asks.push(tokio::task::spawn_blocking(move || -> Result<Part, ureq::Error> {
+            let mut request = ureq::http::Request::builder().method(method).uri(&target);
+            request = request.header(SHARDS_HEADER, shards);
+            if let Some(auth) = auth {
+                request = request.header(axum::http::header::AUTHORIZATION, auth);
+            }
+            let request = request.body(()).map_err(|e| ureq::Error::BadUri(e.to_string()))?;
+            let mut response = agent.run(request)?;
+            let status = StatusCode::from_u16(response.status().as_u16()).unwrap_or(StatusCode::BAD_GATEWAY);
+            let body = response.body_mut().with_config().limit(256 << 20).read_to_vec()?;
+            Ok(Part { status, body })
+        }));
+    }
+    let mut sent = Vec::new();
+    for ask in asks {
+        sent.push(ask.await.map_err(|e| ApiError::internal("asking another instance", e))?);
+    }
+    Ok(sent)
 }
 
 /// The client other instances are asked with: kept-alive connections, a

@@ -10,7 +10,7 @@ use anyhow::{Context, bail};
 use clap::Subcommand;
 use refract::api::dto::{DeadLetterPage, ErrorBody, ProjectionList, RebuildCancelled, RebuildStarted, Retried};
 use refract::cluster::ClusterView;
-use refract::runtime::ProjectionStatus;
+use refract::runtime::{ProjectionStatus, ShardRole};
 use refract_client::{Client, Reply};
 use serde::de::DeserializeOwned;
 
@@ -322,13 +322,19 @@ pub(crate) fn cluster_status(remote: &Remote, watch: bool) -> anyhow::Result<()>
                 .iter()
                 .map(|p| {
                     let mut held = format!("{} {} {} {}", p.name, p.generation, p.events_applied, p.lag);
-                    if !p.shards.is_empty() {
-                        let shards: Vec<String> = p
-                            .shards
-                            .iter()
-                            .map(|s| if s.ready { s.shard.to_string() } else { format!("{}(restoring)", s.shard) })
-                            .collect();
-                        held.push_str(&format!(" shards {}", shards.join(",")));
+                    let list = |role| {
+                        let shards = p.shards.iter().filter(|s| s.role == role);
+                        let shards = shards.map(|s| match s.ready {
+                            true => s.shard.to_string(),
+                            false => format!("{}(restoring)", s.shard),
+                        });
+                        shards.collect::<Vec<_>>().join(",")
+                    };
+                    for (role, what) in [(ShardRole::Active, "shards"), (ShardRole::Standby, "standby")] {
+                        let shards = list(role);
+                        if !shards.is_empty() {
+                            held.push_str(&format!(" {what} {shards}"));
+                        }
                     }
                     held
                 })

@@ -79,6 +79,8 @@ pub(crate) fn run(config: Config, demo: Option<usize>) -> anyhow::Result<()> {
     };
     if let Some(c) = &cluster {
         state = state.with_cluster(c.clone());
+        // Standbys are chosen among the members the control topic lists.
+        runtime.set_membership(c.clone());
     }
     let served = tokio.block_on(refract::api::serve(state, listener, shutdown_signal()));
     if let Some(c) = cluster {

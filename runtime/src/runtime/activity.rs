@@ -8,6 +8,18 @@
 //! every topic's partition *n* itself, from the shard's own checkpoints.
 //! Cooperative rebalancing moves only the partitions that must move, so
 //! shards that stay keep running through a rebalance.
+//!
+//! Standbys (`kafka.standby-replicas`): every second, each instance works
+//! out from the control topic which instances keep a warm copy of each
+//! shard: the live instances other than its active one, ranked by a hash
+//! of (projection, shard, instance), the first `standby-replicas` of them.
+//! Every instance computes the same ranking, so no one coordinates. A
+//! standby runs the shard's worker with everything as history (it emits
+//! nothing) and answers no query; taken on, it catches up the last events
+//! and answers. The group does not know about standbys (librdkafka has no
+//! pluggable assignor), so a shard's new owner holds a warm copy when the
+//! group happens to pick one of its standbys: always, with
+//! `standby-replicas` one less than the instances.
 
 use std::collections::HashSet;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -23,6 +35,40 @@ use super::{Projection, Runtime};
 use crate::plugin::Manifest;
 use crate::source::kafka::KafkaConfig;
 use crate::source::reader::Cursor;
+
+/// What the activity thread knows of the cluster, to choose standbys.
+pub trait Membership: Send + Sync {
+    /// This instance's id.
+    fn me(&self) -> String;
+    /// The ids of the live instances, this one included.
+    fn live(&self) -> Vec<String>;
+    /// The instance that announces itself active for shard `n` of `projection`.
+    fn active(&self, projection: &str, n: u32) -> Option<String>;
+}
+
+/// The instances that keep standby copies of shard `n` of `projection`:
+/// the first `replicas` of the live ones other than its active one, ranked
+/// by a hash every instance computes alike (rendezvous hashing).
+pub(super) fn standbys_of(
+    projection: &str,
+    n: u32,
+    live: &[String],
+    active: Option<&str>,
+    replicas: u32,
+) -> Vec<String> {
+    let mut candidates: Vec<(u64, &String)> = live
+        .iter()
+        .filter(|i| Some(i.as_str()) != active)
+        .map(|i| (fnv1a(format!("{projection}\u{0}{n}\u{0}{i}").as_bytes()), i))
+        .collect();
+    candidates.sort_by(|a, b| b.cmp(a));
+    candidates.into_iter().take(replicas as usize).map(|(_, i)| i.clone()).collect()
+}
+
+/// 64-bit FNV-1a: the same on every instance, build and platform.
+fn fnv1a(bytes: &[u8]) -> u64 {
+    bytes.iter().fold(0xcbf2_9ce4_8422_2325, |h, b| (h ^ u64::from(*b)).wrapping_mul(0x0000_0100_0000_01b3))
+}
 
 /// What the group changed during a poll.
 enum Change {
@@ -93,9 +139,17 @@ pub(super) fn spawn(
     let consumer: BaseConsumer<Roles> =
         client.create_with_context(roles).context("creating the shard group's consumer")?;
     consumer.subscribe(&[&topic]).with_context(|| format!("joining the shard group of {name}"))?;
+    let (count, replicas) = (projection.shard_count(), kafka.standby_replicas);
     let thread = std::thread::Builder::new().name(format!("shards-{name}")).spawn(move || {
         let mut running: HashSet<u32> = HashSet::new();
+        let mut next_choice = std::time::Instant::now();
         while !stop.load(Ordering::Relaxed) && !projection.is_removed() {
+            if std::time::Instant::now() >= next_choice
+                && let Some(runtime) = runtime.upgrade()
+            {
+                next_choice = std::time::Instant::now() + Duration::from_secs(1);
+                choose_standbys(&runtime, &projection, &name, count, replicas, &running);
+            }
             if let Some(Err(e)) = consumer.poll(Duration::from_millis(100)) {
                 tracing::warn!(projection = %name, error = %e, "the shard group");
             }
@@ -131,6 +185,30 @@ pub(super) fn spawn(
     Ok(thread)
 }
 
+/// Keep standby copies of the shards this instance is chosen for (and not
+/// active for), and stop those it is no longer chosen for.
+fn choose_standbys(
+    runtime: &Runtime,
+    projection: &Projection,
+    name: &str,
+    count: u32,
+    replicas: u32,
+    running: &HashSet<u32>,
+) {
+    let Some(membership) = runtime.membership.get() else { return };
+    let (me, live) = (membership.me(), membership.live());
+    for n in (0..count).filter(|n| !running.contains(n)) {
+        let active = membership.active(name, n);
+        if standbys_of(name, n, &live, active.as_deref(), replicas).contains(&me) {
+            if let Err(e) = runtime.keep_standby(projection, n) {
+                tracing::warn!(projection = %name, shard = n, error = format!("{e:#}"), "keeping a standby copy");
+            }
+        } else {
+            runtime.drop_standby(projection, n);
+        }
+    }
+}
+
 /// Where partition `n` of each of `streams` ends now: what a shard taken on
 /// must have handled before it answers queries. A head that cannot be read
 /// is left out (the shard then answers once it has caught up to the rest).
@@ -145,4 +223,30 @@ fn heads(consumer: &BaseConsumer<Roles>, streams: &[(String, String)], n: u32) -
         }
     }
     heads
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn standbys_are_chosen_alike_everywhere_never_the_active_one_and_spread() {
+        let live: Vec<String> = ["a", "b", "c", "d"].iter().map(|s| s.to_string()).collect();
+        let chosen = standbys_of("orders", 2, &live, Some("b"), 2);
+        assert_eq!(chosen.len(), 2);
+        assert!(!chosen.contains(&"b".to_owned()), "the active instance is no standby");
+        let mut shuffled = live.clone();
+        shuffled.reverse();
+        assert_eq!(standbys_of("orders", 2, &shuffled, Some("b"), 2), chosen, "the order of the list does not matter");
+        // Across many shards every instance keeps some standbys.
+        let mut counts = std::collections::BTreeMap::new();
+        for n in 0..64 {
+            for i in standbys_of("orders", n, &live, None, 1) {
+                *counts.entry(i).or_insert(0) += 1;
+            }
+        }
+        assert_eq!(counts.len(), 4, "{counts:?}");
+        assert!(counts.values().all(|c| *c >= 8), "{counts:?}");
+        assert_eq!(standbys_of("orders", 0, &live, None, 9).len(), 4, "no more standbys than instances");
+    }
 }

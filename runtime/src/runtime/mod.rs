@@ -12,10 +12,11 @@ mod projection;
 mod status;
 mod watcher;
 
+pub use activity::Membership;
 pub use deploy::{InstallError, PluginError};
 pub use projection::{DEAD_LETTER_SHARD_BITS, Projection, Shard};
 pub use status::{
-    EmitStatus, IndexStatus, PartitionStatus, PluginInfo, ProjectionStatus, ShardStatus, SubscriptionInfo,
+    EmitStatus, IndexStatus, PartitionStatus, PluginInfo, ProjectionStatus, ShardRole, ShardStatus, SubscriptionInfo,
 };
 
 use std::collections::BTreeMap;
@@ -33,7 +34,7 @@ use watcher::{Stamp, Watcher, plugin_files};
 use crate::config::{Config, LimitsConfig, PluginConfig, resolve_limits, resolve_pause};
 use crate::generation::{self, Generation};
 use crate::plugin::{Handler, Manifest};
-use crate::projector::{BatchOptions, Projector, WorkerStatus};
+use crate::projector::{BatchOptions, Projector, Replay, WorkerStatus};
 use crate::rebuild::{self, Rebuild};
 use crate::source::Sources;
 use crate::source::kafka::KafkaConfig;
@@ -68,6 +69,8 @@ pub struct Runtime {
     shards_by_group: bool,
     /// This runtime, for the threads that take shards on (set by [`Runtime::start`]).
     me: OnceLock<std::sync::Weak<Runtime>>,
+    /// The cluster's members, to choose standbys (set once it has joined).
+    membership: OnceLock<Arc<dyn activity::Membership>>,
     /// Notified when this instance takes a shard on or lets one go, so that
     /// it announces the change at once.
     pub roles_changed: crate::signal::Signal,
@@ -143,6 +146,7 @@ impl Runtime {
             workers: Mutex::new(Vec::new()),
             shards_by_group: config.cluster.is_some() && config.kafka.mode == crate::source::kafka::Mode::Partitioned,
             me: OnceLock::new(),
+            membership: OnceLock::new(),
             roles_changed: Default::default(),
         })
     }
@@ -158,7 +162,7 @@ impl Runtime {
         std::fs::create_dir_all(&root).with_context(|| format!("creating {}", root.display()))?;
         let (shards, rebuilding) = match self.shard_count(&manifest, &root)? {
             None => {
-                let (shard, rebuilding) = self.start_shard(handler, None, &root)?;
+                let (shard, rebuilding) = self.start_shard(handler, None, &root, Replay::Live)?;
                 (Projection::new(source, 1, false, vec![Arc::new(shard)], None), rebuilding)
             }
             Some(count) if self.shards_by_group && self.me.get().is_some() => {
@@ -188,7 +192,7 @@ impl Runtime {
                 }
                 let mut shards = Vec::new();
                 for (n, handler) in (0..count).zip(handlers) {
-                    match self.start_shard(handler, Some(n), &projection::shard_root(&root, n)) {
+                    match self.start_shard(handler, Some(n), &projection::shard_root(&root, n), Replay::Live) {
                         Ok((shard, _)) => shards.push(Arc::new(shard)),
                         Err(e) => {
                             for started in shards {
@@ -237,33 +241,82 @@ impl Runtime {
     }
 
     /// Run shard `n` of `p` here: the group made this instance active for
-    /// it. It starts from its copy on disk (a fresh one when there is none)
-    /// and answers queries once it has caught up to `heads`.
+    /// it. A standby copy kept here becomes the active one (it starts
+    /// emitting); otherwise it starts from its copy on disk (a fresh one
+    /// when there is none). Either way it answers queries once it has caught
+    /// up to `heads`.
     pub(super) fn take_on(&self, p: &Projection, n: u32, heads: crate::source::reader::Cursor) -> anyhow::Result<()> {
         let _starting = p.starting.lock().expect("starting lock");
         if p.shard_of(n).is_some() {
             return Ok(());
         }
-        let handler = p.another_handler().context("no plugin instance to run the shard with")?;
-        let name = handler.manifest().name.clone();
-        let root = projection::shard_root(&self.data_dir.join("projections").join(&name), n);
-        let (shard, _) = self.start_shard(handler, Some(n), &root)?;
-        let shard = shard.restoring(heads);
-        tracing::info!(projection = %name, shard = n, "shard taken on");
-        p.insert_shard(Arc::new(shard));
+        let name = p.manifest().name;
+        let shard = match p.remove_standby(n) {
+            Some(standby) => {
+                standby.live().control.set_replay(crate::projector::Replay::Live);
+                tracing::info!(projection = %name, shard = n, "shard taken on from its standby copy");
+                standby
+            }
+            None => {
+                let handler = p.another_handler().context("no plugin instance to run the shard with")?;
+                let root = projection::shard_root(&self.data_dir.join("projections").join(&name), n);
+                let (shard, _) = self.start_shard(handler, Some(n), &root, Replay::Live)?;
+                tracing::info!(projection = %name, shard = n, "shard taken on; restoring it by replay");
+                Arc::new(shard)
+            }
+        };
+        shard.restore_to(heads);
+        p.insert_shard(shard);
         self.roles_changed.notify();
         Ok(())
     }
 
-    /// Stop running shard `n` of `p` here (the group moved it away); its
-    /// files stay, a copy that catches up from its checkpoints if it comes back.
+    /// Stop being active for shard `n` of `p` (the group moved it away).
+    /// It stays a standby copy (emitting nothing) until the next choice of
+    /// standbys says otherwise; its files stay in any case, a copy that
+    /// catches up from its checkpoints if it comes back.
     pub(super) fn let_go(&self, p: &Projection, n: u32) {
         let _starting = p.starting.lock().expect("starting lock");
         if let Some(shard) = p.remove_shard(n) {
-            shard.live().stop();
-            tracing::info!(projection = %p.manifest().name, shard = n, "shard let go");
+            shard.live().control.set_replay(crate::projector::Replay::All);
+            p.insert_standby(shard);
+            tracing::info!(projection = %p.manifest().name, shard = n, "shard let go; kept as a standby for now");
             self.roles_changed.notify();
         }
+    }
+
+    /// Keep a standby copy of shard `n` of `p` here: the shard's worker
+    /// reads and applies its partitions as the active one does, as history
+    /// (emitting nothing), and answers no query.
+    pub(super) fn keep_standby(&self, p: &Projection, n: u32) -> anyhow::Result<()> {
+        let _starting = p.starting.lock().expect("starting lock");
+        if p.shard_of(n).is_some() || p.standbys().iter().any(|s| s.number() == n) {
+            return Ok(());
+        }
+        let handler = p.another_handler().context("no plugin instance to run the standby with")?;
+        let name = handler.manifest().name.clone();
+        let root = projection::shard_root(&self.data_dir.join("projections").join(&name), n);
+        let (shard, _) = self.start_shard(handler, Some(n), &root, Replay::All)?;
+        tracing::info!(projection = %name, shard = n, "keeping a standby copy");
+        p.insert_standby(Arc::new(shard));
+        self.roles_changed.notify();
+        Ok(())
+    }
+
+    /// Stop keeping a standby copy of shard `n` of `p` (its files stay).
+    pub(super) fn drop_standby(&self, p: &Projection, n: u32) {
+        let _starting = p.starting.lock().expect("starting lock");
+        if let Some(shard) = p.remove_standby(n) {
+            shard.live().stop();
+            tracing::info!(projection = %p.manifest().name, shard = n, "standby copy stopped");
+            self.roles_changed.notify();
+        }
+    }
+
+    /// How this instance learns the cluster's members, to choose standbys
+    /// (set once the instance has joined the cluster).
+    pub fn set_membership(&self, membership: Arc<dyn activity::Membership>) {
+        let _ = self.membership.set(membership);
     }
 
     /// How many shards `manifest`'s projection has: `None` unless it reads
@@ -302,7 +355,23 @@ impl Runtime {
             }
             Ok(Some(n))
         };
-        match crate::source::kafka::shard_count(&self.kafka, &kafka) {
+        // A partitioned projection can do nothing before it knows its count:
+        // a broker slow to answer (busy, or starting) is asked again for a
+        // minute; one that still cannot answer leaves it unloaded, saying why.
+        let mut backoff = crate::clock::Backoff::new(Duration::from_millis(200), Duration::from_secs(5));
+        let until = std::time::Instant::now() + Duration::from_secs(60);
+        let counted = loop {
+            match crate::source::kafka::shard_count(&self.kafka, &kafka) {
+                Err(crate::source::kafka::ShardCountError::NotYet(e))
+                    if on_disk == 0 && std::time::Instant::now() < until && !self.stop.load(Ordering::Relaxed) =>
+                {
+                    tracing::warn!(projection = %manifest.name, error = %e, "reading the partition count; retrying");
+                    std::thread::sleep(backoff.next_delay());
+                }
+                counted => break counted,
+            }
+        };
+        match counted {
             Ok(n) if on_disk != 0 && n != on_disk => anyhow::bail!(
                 "{}'s topics have {n} partitions now, and its read model was split into {on_disk} shards: keys have moved between partitions, so the shards cannot be kept; delete {} to build it again",
                 manifest.name,
@@ -324,6 +393,7 @@ impl Runtime {
         handler: Box<dyn Handler>,
         partition: Option<u32>,
         root: &Path,
+        replay: Replay,
     ) -> anyhow::Result<(Shard, Option<u64>)> {
         std::fs::create_dir_all(root).with_context(|| format!("creating {}", root.display()))?;
         let generations = || -> std::io::Result<(u64, Option<u64>)> {
@@ -332,7 +402,7 @@ impl Runtime {
         };
         let name = handler.manifest().name.clone();
         let (live, rebuilding) = generations().with_context(|| format!("finding the generations of {name}"))?;
-        let live = self.start_generation(handler, root, partition, live, false)?;
+        let live = self.start_generation(handler, root, partition, live, replay)?;
         Ok((Shard::new(partition, root, live), rebuilding))
     }
 
@@ -344,7 +414,7 @@ impl Runtime {
         root: &Path,
         partition: Option<u32>,
         number: u64,
-        replaying: bool,
+        replay: Replay,
     ) -> anyhow::Result<Arc<Generation>> {
         let manifest = handler.manifest().clone();
         let kind = handler.kind();
@@ -369,7 +439,7 @@ impl Runtime {
         options.kv.max_event_bytes = self.log.max_event_bytes();
         options.pause_after_dead_letters = resolve_pause(&self.limits, own);
         let mut projector = Projector::new(handler, read_model.clone(), sources, options, status.clone())?;
-        projector.set_replaying(replaying);
+        projector.set_replay(replay);
         let generation = Arc::new(Generation {
             number,
             kind,
@@ -490,7 +560,9 @@ impl Runtime {
         handler: Box<dyn Handler>,
         number: u64,
     ) -> anyhow::Result<()> {
-        let generation = self.start_generation(handler, &shard.root, shard.partition, number, true)?;
+        // Gated at nothing until the rebuild monitor opens the gate.
+        let gate = Replay::Until(Default::default(), Default::default());
+        let generation = self.start_generation(handler, &shard.root, shard.partition, number, gate)?;
         let job = Arc::new(Rebuild::new(generation)?);
         *shard.rebuild.lock().expect("rebuild lock") = Some(job.clone());
         let (p, shard) = (p.clone(), shard.clone());

@@ -32,6 +32,9 @@ pub struct Projection {
     /// The shards this instance runs, in partition order: all of them,
     /// unless a consumer group spreads them over the instances of a cluster.
     shards: RwLock<Vec<Arc<Shard>>>,
+    /// Shards this instance keeps warm for others (standbys): they read and
+    /// apply as an active shard does, emit nothing and answer no query.
+    standbys: RwLock<Vec<Arc<Shard>>>,
     /// A partitioned projection's plugin as last deployed, which the shards
     /// this instance takes on later are made from (`Handler::another`).
     template: Mutex<Option<Box<dyn Handler>>>,
@@ -76,11 +79,10 @@ impl Shard {
         }
     }
 
-    /// A shard that answers only once it has caught up to `heads`.
-    pub(super) fn restoring(self, heads: Cursor) -> Shard {
+    /// From now on it answers only once it has caught up to `heads`.
+    pub(super) fn restore_to(&self, heads: Cursor) {
         *self.restore_to.lock().expect("restore lock") = Some(heads);
         self.ready.store(false, Ordering::Relaxed);
-        self
     }
 
     /// The generation queries are answered from.
@@ -160,6 +162,7 @@ impl Projection {
             count,
             partitioned,
             shards: RwLock::new(shards),
+            standbys: RwLock::new(Vec::new()),
             template: Mutex::new(template),
             starting: Mutex::new(()),
             reload_error: Mutex::new(None),
@@ -266,6 +269,24 @@ impl Projection {
         Some(shards.remove(at))
     }
 
+    /// The shards this instance keeps warm for others, in partition order.
+    pub fn standbys(&self) -> Vec<Arc<Shard>> {
+        self.standbys.read().expect("standbys lock").clone()
+    }
+
+    pub(super) fn insert_standby(&self, shard: Arc<Shard>) {
+        let mut standbys = self.standbys.write().expect("standbys lock");
+        standbys.retain(|s| s.partition != shard.partition);
+        standbys.push(shard);
+        standbys.sort_by_key(|s| s.partition);
+    }
+
+    pub(super) fn remove_standby(&self, n: u32) -> Option<Arc<Shard>> {
+        let mut standbys = self.standbys.write().expect("standbys lock");
+        let at = standbys.iter().position(|s| s.partition == Some(n))?;
+        Some(standbys.remove(at))
+    }
+
     /// The id the API shows for dead letter `local` of `shard`.
     pub fn dead_letter_id(shard: &Shard, local: u64) -> u64 {
         dead_letter_id(shard.partition, local)
@@ -289,6 +310,9 @@ impl Projection {
     pub(super) fn stop(&self) {
         self.removed.store(true, Ordering::Relaxed);
         let _starting = self.starting.lock().expect("starting lock");
+        for shard in self.standbys() {
+            shard.live().stop();
+        }
         for shard in self.shards() {
             if let Some(job) = shard.rebuild() {
                 // Stopped where it is; it resumes when the projection is added again.
@@ -300,7 +324,7 @@ impl Projection {
 
     /// Ask every shard's live generation to stop, without waiting.
     pub(super) fn ask_to_stop(&self) {
-        for shard in self.shards() {
+        for shard in self.shards().into_iter().chain(self.standbys()) {
             shard.live().ask_to_stop();
         }
     }

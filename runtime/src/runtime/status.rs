@@ -59,6 +59,8 @@ pub struct ProjectionStatus {
 pub struct ShardStatus {
     /// The partition number it holds.
     pub shard: u32,
+    /// Active (it answers and emits) or a standby copy kept warm.
+    pub role: ShardRole,
     /// It answers queries: it is not being restored after it was taken on.
     pub ready: bool,
     /// While it is restored: events handled of those it must have handled
@@ -74,6 +76,17 @@ pub struct ShardStatus {
     pub emitted: EmitStatus,
     #[serde(flatten)]
     pub counters: Counters,
+}
+
+/// What a shard running here is for.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum ShardRole {
+    /// It answers queries and emits.
+    #[default]
+    Active,
+    /// A warm copy for another instance's shard: it emits nothing and answers no query.
+    Standby,
 }
 
 /// How far a shard taken on from another instance is restored.
@@ -134,6 +147,8 @@ impl Runtime {
     pub fn status(&self, p: &Projection) -> crate::store::Result<ProjectionStatus> {
         let m = p.manifest();
         let shards = p.shards().iter().map(|s| self.shard_status(&m, s)).collect::<crate::store::Result<Vec<_>>>()?;
+        let standbys =
+            p.standbys().iter().map(|s| self.shard_status(&m, s)).collect::<crate::store::Result<Vec<_>>>()?;
         let rebuild = match p.whole() {
             Some(whole) => whole.rebuild().map(|r| r.status(&whole.live())).transpose()?,
             None => None,
@@ -173,7 +188,14 @@ impl Runtime {
             indexes: whole.indexes,
             emitted: whole.emitted,
             counters: whole.counters,
-            shards: if p.is_partitioned() { shards } else { Vec::new() },
+            shards: if p.is_partitioned() {
+                shards
+                    .into_iter()
+                    .chain(standbys.into_iter().map(|s| ShardStatus { role: ShardRole::Standby, ..s }))
+                    .collect()
+            } else {
+                Vec::new()
+            },
         })
     }
 
@@ -224,6 +246,7 @@ impl Runtime {
         let (emitted, published) = projection.read_model.emit_progress()?;
         Ok(ShardStatus {
             shard: shard.number(),
+            role: ShardRole::Active,
             ready: shard.is_ready(),
             restoring: shard.restore_progress().map(|(restored, total)| Restoring { restored, total }),
             generation: projection.number,
@@ -252,6 +275,7 @@ fn sum(shards: &[ShardStatus]) -> ShardStatus {
         // No shard of it runs here (the group gave them all to other instances).
         return ShardStatus {
             shard: 0,
+            role: ShardRole::Active,
             ready: true,
             restoring: None,
             generation: 0,

@@ -44,8 +44,12 @@ pub struct KafkaConfig {
     /// `bootstrap.servers`: `host:port[,host:port…]`.
     pub brokers: String,
     pub mode: Mode,
-    /// Group mode: projection `p` consumes in the group `<group-id>.<p>`.
+    /// Group mode: projection `p` consumes in the group `<group-id>.<p>`
+    /// (partitioned mode in a cluster: decides who runs which shard).
     pub group_id: String,
+    /// Partitioned mode in a cluster: how many other instances keep a warm
+    /// copy of each shard (a standby), to take it on without a replay.
+    pub standby_replicas: u32,
     /// librdkafka client properties, passed through as given (security:
     /// `security.protocol`, `sasl.*`, `ssl.*`; tuning: `fetch.*`, …).
     pub properties: BTreeMap<String, String>,
@@ -59,6 +63,7 @@ impl Default for KafkaConfig {
             brokers: "127.0.0.1:9092".into(),
             mode: Mode::Replica,
             group_id: "refract".into(),
+            standby_replicas: 1,
             properties: BTreeMap::new(),
             streams: BTreeMap::new(),
         }
@@ -319,13 +324,30 @@ pub fn co_partitioned(counts: &BTreeMap<String, u32>) -> Result<u32, String> {
     }
 }
 
+/// Why the shard count of a partitioned projection is not known.
+#[derive(Debug, thiserror::Error)]
+pub enum ShardCountError {
+    /// The brokers did not answer, or the topics do not exist yet: worth asking again.
+    #[error("{0}")]
+    NotYet(String),
+    /// The topics cannot be split alike: asking again will not help.
+    #[error("{0}")]
+    NotCoPartitioned(String),
+}
+
 /// The partition count shared by the Kafka topics behind `streams`, read
 /// from the brokers: how many shards a partitioned projection has.
-pub fn shard_count(config: &KafkaConfig, streams: &[&str]) -> Result<u32, String> {
+pub fn shard_count(config: &KafkaConfig, streams: &[&str]) -> Result<u32, ShardCountError> {
     let topics: Vec<&str> = streams.iter().filter_map(|s| config.topic(s)).map(|t| t.topic.as_str()).collect();
-    let consumer: BaseConsumer =
-        config.client_config().create().map_err(|e| format!("creating a Kafka client: {e}"))?;
-    co_partitioned(&partition_counts(&consumer, &topics)?)
+    let consumer: BaseConsumer = config
+        .client_config()
+        .create()
+        .map_err(|e| ShardCountError::NotYet(format!("creating a Kafka client: {e}")))?;
+    let counts = partition_counts(&consumer, &topics).map_err(ShardCountError::NotYet)?;
+    co_partitioned(&counts).map_err(|e| match counts.values().any(|n| *n == 0) {
+        true => ShardCountError::NotYet(e),
+        false => ShardCountError::NotCoPartitioned(e),
+    })
 }
 
 /// Reads a projection's Kafka streams.
