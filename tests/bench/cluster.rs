@@ -70,13 +70,15 @@ fn config(broker: &Broker, round: usize, id: Option<&str>, standbys: u32) -> Str
     yaml
 }
 
-/// Events applied or dead-lettered by `projection` on `server`'s shards, and how many of its shards are ready there.
+/// Events read by `projection`'s active shards on `server`, and how many of them are ready there.
 fn progress(server: &Server, projection: &str) -> (u64, usize) {
     let reply = server.client().get(&format!("/v1/projections/{projection}")).unwrap();
     assert_eq!(reply.status, 200, "{}\n{}", server.get("/v1/projections"), server.log());
     let status = reply.body;
     let read: u64 = status["partitions"].as_array().unwrap().iter().map(|p| p["checkpoint"].as_u64().unwrap()).sum();
-    let ready = status["shards"].as_array().map_or(0, |s| s.iter().filter(|s| s["ready"] == true).count());
+    let ready = status["shards"]
+        .as_array()
+        .map_or(0, |s| s.iter().filter(|s| s["role"] == "active" && s["ready"] == true).count());
     (read, ready)
 }
 
@@ -268,9 +270,21 @@ fn main() {
         }
         killed_warm.push(started.elapsed().as_secs_f64());
         drop(three);
+        let p50 = |v: &[Vec<Vec<f64>>; 2], i: usize| quantile(&v[i][round], 0.5);
         eprintln!(
-            "round {round}: ingest {:.1} s / {:.1} s, kill → whole {:.1} s (standbys: {:.1} s), stop → whole {:.1} s",
-            ingest[0][round], ingest[1][round], killed[round], killed_warm[round], stopped[round]
+            "round {round}: ingest {:.1} s / {:.1} s (CPU {:.1} / {:.1} s), lookup p50 {:.2} / {:.2} ms, search p50 {:.2} / {:.2} ms, \
+             kill → whole {:.1} s (standbys: {:.1} s), stop → whole {:.1} s",
+            ingest[0][round],
+            ingest[1][round],
+            cpu[0][round],
+            cpu[1][round],
+            p50(&lookup_ms, 0),
+            p50(&lookup_ms, 1),
+            p50(&search_ms, 0),
+            p50(&search_ms, 1),
+            killed[round],
+            killed_warm[round],
+            stopped[round]
         );
     }
 

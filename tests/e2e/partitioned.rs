@@ -349,3 +349,58 @@ fn instances_share_shards_answer_for_all_of_them_and_hand_them_over() {
     }
     wait_whole(&servers[0], &after, "a at the end");
 }
+
+/// With no standby copy (`standby-replicas: 0`), the new owner of a killed
+/// instance's shards restores them by replaying their partitions from the
+/// beginning: the status shows the restore while it runs, queries wait for
+/// it (503), and then the shards answer with the whole history.
+#[test]
+fn a_shard_without_a_standby_is_restored_by_replay_and_shows_it() {
+    let broker = Broker::start();
+    broker.create_topic("shop.orders", 4);
+    let events = refract_client::fixtures::orders(16_000, 71, 0.0);
+    broker.producer().send_all("shop.orders", &events.iter().map(plain).collect::<Vec<_>>());
+    let expected = crate::support::reference::orders(&events).orders.into_iter().collect::<Vec<_>>();
+    let config = |id: &str| {
+        format!(
+            "batch:\n  max-events: 20\n  call-events: 20\n  catch-up-factor: 1\nkafka:\n  brokers: {}\n  mode: partitioned\n  group-id: restore-test\n  standby-replicas: 0\n  properties: {{ session.timeout.ms: \"6000\", heartbeat.interval.ms: \"500\" }}\n  streams:\n    orders: {{ topic: shop.orders, format: json, type-header: event-type }}\ncluster:\n  instance-id: {id}\n  announce-interval-ms: 1000\n",
+            broker.address()
+        )
+    };
+    // Small batches (each a durable commit) make the restore last long enough to watch.
+    let (dir_a, dir_b) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
+    let a = Server::start(dir_a.path(), &[&plugins().order_summary], &config("a"));
+    let mut b = Server::start(dir_b.path(), &[&plugins().order_summary], &config("b"));
+    wait_whole(&a, &expected, "a before the kill");
+    wait_whole(&b, &expected, "b before the kill");
+    let shards = |server: &Server| {
+        let status = server.get("/v1/projections/order-summary");
+        status["shards"].as_array().cloned().unwrap_or_default()
+    };
+    assert!(shards(&a).iter().all(|s| s["role"] == "active"), "no standbys: {:?}", shards(&a));
+    let from_b: Vec<Value> = shards(&b).iter().map(|s| s["shard"].clone()).collect();
+    assert!(!from_b.is_empty(), "b runs some shards");
+    let logged = a.log().len();
+
+    b.kill();
+    // The restore shows in a's status while it runs: progress towards the heads.
+    let until = std::time::Instant::now() + Duration::from_secs(90);
+    let mut seen = None;
+    while seen.is_none() {
+        seen = shards(&a).into_iter().find(|s| s["ready"] == false && s["restoring"]["total"].as_u64() > Some(0));
+        assert!(std::time::Instant::now() < until, "no restore ever showed: {:?}", shards(&a));
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let seen = seen.unwrap();
+    assert!(from_b.contains(&seen["shard"]), "the shard restored was b's: {seen}");
+    assert!(seen["restoring"]["restored"].as_u64() <= seen["restoring"]["total"].as_u64(), "{seen}");
+    // Meanwhile a query is a documented 503, then the whole history.
+    match read_table(&a, "orders") {
+        Ok(got) => assert!(got == expected, "an answer during the restore must be whole ({} orders)", got.len()),
+        Err((status, body)) => assert_documented_refusal(status, &body, "during the restore"),
+    }
+    wait_whole(&a, &expected, "a after restoring b's shards");
+    assert!(shards(&a).iter().all(|s| s["ready"] == true && s["restoring"].is_null()), "{:?}", shards(&a));
+    let since = a.log()[logged..].to_owned();
+    assert!(since.contains("restoring it by replay"), "{since}");
+}
