@@ -174,10 +174,7 @@ impl Cluster {
             .read()
             .expect("members lock")
             .values()
-            .map(|a| {
-                let silent_ms = (now - a.announced_at).max(0) as u64;
-                Member { live: silent_ms <= 3 * a.interval_ms, silent_ms, announcement: a.clone() }
-            })
+            .map(|a| Member { live: is_live(a, now), silent_ms: silent_ms(a, now), announcement: a.clone() })
             .collect();
         ClusterView { instance: self.me.clone(), control_topic: self.topic.clone(), members }
     }
@@ -186,18 +183,27 @@ impl Cluster {
     /// shard `n` of `projection` and ready to answer (the most recently
     /// announced, should two claim it during a hand-over).
     pub fn owner(&self, projection: &str, n: u32) -> Option<String> {
-        let view = self.view();
-        view.members
-            .iter()
-            .filter(|m| m.live && m.announcement.instance != self.me)
-            .filter(|m| {
-                m.announcement.projections.iter().any(|p| {
-                    p.name == projection
-                        && p.shards.iter().any(|s| s.shard == n && s.ready && s.role == ShardRole::Active)
-                })
-            })
-            .max_by_key(|m| m.announcement.announced_at)
-            .map(|m| m.announcement.url.clone())
+        self.active_holder(projection, n, |a, s| a.instance != self.me && s.ready, |a| a.url.clone())
+    }
+
+    /// What `pick` takes of the live instance most recently announcing
+    /// itself active for shard `n` of `projection` (and passing `accept`),
+    /// read under the lock, copying nothing else: queries ask this for
+    /// every shard they forward.
+    fn active_holder<T>(
+        &self,
+        projection: &str,
+        n: u32,
+        accept: impl Fn(&Announcement, &HeldShard) -> bool,
+        pick: impl FnOnce(&Announcement) -> T,
+    ) -> Option<T> {
+        let now = now_ms();
+        let members = self.members.read().expect("members lock");
+        let holds = |a: &Announcement| {
+            let shards = a.projections.iter().filter(|p| p.name == projection).flat_map(|p| &p.shards);
+            shards.into_iter().any(|s| s.shard == n && s.role == ShardRole::Active && accept(a, s))
+        };
+        members.values().filter(|a| is_live(a, now) && holds(a)).max_by_key(|a| a.announced_at).map(pick)
     }
 
     /// Stop announcing and leave: a tombstone under this instance's id, so
@@ -226,19 +232,24 @@ impl crate::runtime::Membership for Cluster {
     }
 
     fn live(&self) -> Vec<String> {
-        self.view().members.into_iter().filter(|m| m.live).map(|m| m.announcement.instance).collect()
+        let now = now_ms();
+        let members = self.members.read().expect("members lock");
+        members.values().filter(|a| is_live(a, now)).map(|a| a.instance.clone()).collect()
     }
 
     fn active(&self, projection: &str, n: u32) -> Option<String> {
-        let view = self.view();
-        let holders = view.members.into_iter().filter(|m| m.live).filter(|m| {
-            m.announcement
-                .projections
-                .iter()
-                .any(|p| p.name == projection && p.shards.iter().any(|s| s.shard == n && s.role == ShardRole::Active))
-        });
-        holders.max_by_key(|m| m.announcement.announced_at).map(|m| m.announcement.instance)
+        self.active_holder(projection, n, |_, _| true, |a| a.instance.clone())
     }
+}
+
+/// Since `a` was sent, by this instance's clock (instances keep NTP time).
+fn silent_ms(a: &Announcement, now: i64) -> u64 {
+    (now - a.announced_at).max(0) as u64
+}
+
+/// Announced within three of its intervals.
+fn is_live(a: &Announcement, now: i64) -> bool {
+    silent_ms(a, now) <= 3 * a.interval_ms
 }
 
 /// The id kept in `<data-dir>/instance-id`, made on first use: the same

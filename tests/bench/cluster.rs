@@ -36,16 +36,6 @@ use support::{Server, plugins};
 
 const PARTITIONS: u32 = 4;
 
-fn plain(e: &Value) -> Out {
-    Out {
-        key: e["key"].as_str().map(str::to_owned),
-        value: Some(e["data"].to_string().into_bytes()),
-        headers: vec![("event-type".into(), e["type"].as_str().unwrap().into())],
-        timestamp: e["time"].as_i64(),
-        ..Out::default()
-    }
-}
-
 /// CPU seconds (user and system) the process `pid` has used.
 fn cpu_seconds(pid: u32) -> f64 {
     let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap();
@@ -151,20 +141,11 @@ fn main() {
     broker.create_topic("bench.orders", PARTITIONS);
     let events = refract_client::fixtures::orders(n, 42, 0.0);
     eprintln!("producing {n} order events to tansu …");
-    broker.producer().send_all("bench.orders", &events.iter().map(plain).collect::<Vec<_>>());
+    broker.producer().send_all("bench.orders", &events.iter().map(Out::plain).collect::<Vec<_>>());
     let plugins = plugins();
     let wasm: [&std::path::Path; 2] = [&plugins.order_summary, &plugins.order_search];
 
-    let mut keys: Vec<String> = events
-        .iter()
-        .filter(|e| e["type"] == "OrderPlaced")
-        .map(|e| e["data"]["orderId"].as_str().unwrap().to_owned())
-        .collect();
-    let mut state = 42u64;
-    for i in (1..keys.len()).rev() {
-        state = state.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
-        keys.swap(i, (state >> 33) as usize % (i + 1));
-    }
+    let keys = common::scattered_order_ids(&events);
     let lookups: Vec<String> = keys
         .iter()
         .cycle()

@@ -85,17 +85,7 @@ fn main() {
     while projection.read_model.checkpoints().unwrap().iter().map(|c| c.next_offset).sum::<u64>() < total {
         std::thread::sleep(Duration::from_millis(10));
     }
-    // Existing keys in a scattered order, so lookups do not walk the B-tree in sequence.
-    let mut keys: Vec<String> = events
-        .iter()
-        .filter(|e| e["type"] == "OrderPlaced")
-        .map(|e| e["data"]["orderId"].as_str().unwrap().to_owned())
-        .collect();
-    let mut state = 42u64;
-    for i in (1..keys.len()).rev() {
-        state = state.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
-        keys.swap(i, (state >> 33) as usize % (i + 1));
-    }
+    let keys = common::scattered_order_ids(&events);
     let lookups: Vec<String> =
         keys.iter().map(|k| format!("/v1/projections/order-summary/tables/orders/items/{k}")).collect();
     let hellos = vec!["/hello".to_owned()];

@@ -9,18 +9,6 @@ use serde_json::{Value, json};
 use crate::support::kafka::{Broker, Out, TestProducer, append_commit_marker};
 use crate::support::{Server, plugins};
 
-/// A fixture order event as a plain JSON record: the data as the value, the
-/// type in a header, the order id as key, the event time as timestamp.
-fn plain(e: &Value) -> Out {
-    Out {
-        key: e["key"].as_str().map(str::to_owned),
-        value: Some(e["data"].to_string().into_bytes()),
-        headers: vec![("event-type".into(), e["type"].as_str().unwrap().into())],
-        timestamp: e["time"].as_i64(),
-        ..Out::default()
-    }
-}
-
 fn kafka_config(broker: &Broker, streams: &str) -> String {
     format!("kafka:\n  brokers: {}\n  streams:\n{streams}", broker.address())
 }
@@ -32,7 +20,7 @@ fn records_produced_to_kafka_fold_into_the_reference_read_model() {
     let broker = Broker::start();
     broker.create_topic("shop.orders", 4);
     let events = refract_client::fixtures::orders(5000, 41, 0.01);
-    let records: Vec<Out> = events.iter().map(plain).collect();
+    let records: Vec<Out> = events.iter().map(Out::plain).collect();
     broker.producer().send_all("shop.orders", &records);
 
     let dir = tempfile::tempdir().unwrap();
@@ -86,7 +74,7 @@ fn transaction_markers_are_stepped_over_so_lag_reaches_zero() {
     cluster.create_topic("shop.orders", 1, 1).unwrap();
     let bootstrap = cluster.bootstrap_servers();
     let events = refract_client::fixtures::orders(60, 43, 0.0);
-    let records: Vec<Out> = events.iter().map(|e| Out { partition: Some(0), ..plain(e) }).collect();
+    let records: Vec<Out> = events.iter().map(|e| Out { partition: Some(0), ..Out::plain(e) }).collect();
     let producer = TestProducer::new(&bootstrap);
     for half in records.chunks(30) {
         producer.send_all("shop.orders", half);
@@ -128,7 +116,7 @@ fn sigkills_and_a_broker_restart_lose_and_double_nothing() {
     let chunks: Vec<&[Value]> = events.chunks(2500).collect();
     let mut kills_mid_batch = 0;
     for (i, chunk) in chunks.iter().enumerate() {
-        let records: Vec<Out> = chunk.iter().map(plain).collect();
+        let records: Vec<Out> = chunk.iter().map(Out::plain).collect();
         if i == 3 {
             producer.send_all("shop.orders", &records);
             // The broker goes away while the projection reads, and comes back with its data.

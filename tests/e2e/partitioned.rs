@@ -9,17 +9,6 @@ use serde_json::Value;
 use crate::support::kafka::{Broker, Out};
 use crate::support::{Server, plugins};
 
-/// A fixture order event as a plain JSON record keyed by its order id.
-fn plain(e: &Value) -> Out {
-    Out {
-        key: e["key"].as_str().map(str::to_owned),
-        value: Some(e["data"].to_string().into_bytes()),
-        headers: vec![("event-type".into(), e["type"].as_str().unwrap().into())],
-        timestamp: e["time"].as_i64(),
-        ..Out::default()
-    }
-}
-
 const ADMIN: &str = "partitioned-admin";
 
 fn config(broker: &Broker, mode: &str) -> String {
@@ -47,7 +36,7 @@ fn a_partitioned_projection_answers_as_the_whole_read_model_does() {
     broker.create_topic("shop.payments", 6);
     let all = refract_client::fixtures::orders(6000, 61, 0.01);
     let events = &all[..4000];
-    broker.producer().send_all("shop.orders", &events.iter().map(plain).collect::<Vec<_>>());
+    broker.producer().send_all("shop.orders", &events.iter().map(Out::plain).collect::<Vec<_>>());
 
     let plugins = plugins();
     let (whole_dir, sharded_dir) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
@@ -176,7 +165,7 @@ fn a_partitioned_projection_answers_as_the_whole_read_model_does() {
     // More events after a restart: each shard resumes from its checkpoints.
     sharded.stop();
     sharded.restart();
-    broker.producer().send_all("shop.orders", &all[4000..].iter().map(plain).collect::<Vec<_>>());
+    broker.producer().send_all("shop.orders", &all[4000..].iter().map(Out::plain).collect::<Vec<_>>());
     sharded.wait_checkpoints("order-summary", all.len() as u64);
     sharded.assert_order_summary_is_the_fold_of(&all);
 }
@@ -241,7 +230,7 @@ fn instances_share_shards_answer_for_all_of_them_and_hand_them_over() {
     broker.create_topic("shop.orders", 4);
     let all = refract_client::fixtures::orders(6000, 67, 0.01);
     let (first, second) = all.split_at(4000);
-    broker.producer().send_all("shop.orders", &first.iter().map(plain).collect::<Vec<_>>());
+    broker.producer().send_all("shop.orders", &first.iter().map(Out::plain).collect::<Vec<_>>());
     let expected = |events: &[Value]| crate::support::reference::orders(events).orders.into_iter().collect::<Vec<_>>();
     let (before, after) = (expected(first), expected(&all));
 
@@ -330,7 +319,7 @@ fn instances_share_shards_answer_for_all_of_them_and_hand_them_over() {
     assert!(!since.contains("restoring it by replay"), "{since}");
 
     // More events; b comes back and takes some shards on again from its own copies.
-    broker.producer().send_all("shop.orders", &second.iter().map(plain).collect::<Vec<_>>());
+    broker.producer().send_all("shop.orders", &second.iter().map(Out::plain).collect::<Vec<_>>());
     servers[1].restart();
     for (server, id) in servers.iter().zip(["a", "b", "c"]) {
         wait_whole(server, &after, &format!("{id} after b came back"));
@@ -359,7 +348,7 @@ fn a_shard_without_a_standby_is_restored_by_replay_and_shows_it() {
     let broker = Broker::start();
     broker.create_topic("shop.orders", 4);
     let events = refract_client::fixtures::orders(16_000, 71, 0.0);
-    broker.producer().send_all("shop.orders", &events.iter().map(plain).collect::<Vec<_>>());
+    broker.producer().send_all("shop.orders", &events.iter().map(Out::plain).collect::<Vec<_>>());
     let expected = crate::support::reference::orders(&events).orders.into_iter().collect::<Vec<_>>();
     let config = |id: &str| {
         format!(

@@ -159,6 +159,21 @@ pub(crate) struct Out {
     pub timestamp: Option<i64>,
 }
 
+impl Out {
+    /// A fixture event (`{"type", "key", "time", "data"}`) as a plain JSON
+    /// record: the data as the value, the type in an `event-type` header, the
+    /// key as the record key, the event time as the timestamp.
+    pub(crate) fn plain(e: &serde_json::Value) -> Out {
+        Out {
+            key: e["key"].as_str().map(str::to_owned),
+            value: Some(e["data"].to_string().into_bytes()),
+            headers: vec![("event-type".into(), e["type"].as_str().unwrap().into())],
+            timestamp: e["time"].as_i64(),
+            ..Out::default()
+        }
+    }
+}
+
 pub(crate) struct TestProducer {
     producer: BaseProducer<Failures>,
     failures: Arc<AtomicUsize>,

@@ -93,14 +93,12 @@ pub(super) async fn get_item(
         }
     }
     for part in parts? {
-        match part.status {
-            axum::http::StatusCode::OK => {
-                if found.replace(part.decode()?).is_some() {
-                    return Err(two());
-                }
-            }
-            axum::http::StatusCode::NOT_FOUND => {}
-            _ => return Err(part.error()),
+        // Not in that instance's shards; any other error (it has no such projection, say) is passed on.
+        if part.code().as_deref() == Some("key_not_found") {
+            continue;
+        }
+        if found.replace(part.answer()?).is_some() {
+            return Err(two());
         }
     }
     match found {
@@ -142,10 +140,7 @@ pub(super) async fn scan(
         items.extend(entries.into_iter().map(|(key, v)| Item { key, value: super::raw_json(v) }));
     }
     for part in parts? {
-        if part.status != axum::http::StatusCode::OK {
-            return Err(part.error());
-        }
-        let page: Page = part.decode()?;
+        let page: Page = part.answer()?;
         more |= page.next.is_some();
         items.extend(page.items);
     }
@@ -186,10 +181,7 @@ pub(super) async fn dead_letters(
     }
     let mut more = false;
     for part in parts {
-        if part.status != axum::http::StatusCode::OK {
-            return Err(part.error());
-        }
-        let page: DeadLetterPage = part.decode()?;
+        let page: DeadLetterPage = part.answer()?;
         more |= page.next.is_some();
         letters.extend(page.dead_letters);
     }
@@ -203,10 +195,7 @@ pub(super) async fn dead_letters(
 /// The one answer of the instance running shard `plan` names, passed on.
 fn relay<T: serde::de::DeserializeOwned>(parts: Vec<super::shards::Part>) -> Result<Json<T>, ApiError> {
     let part = parts.into_iter().next().ok_or_else(|| ApiError::internal("forwarding", "no instance was asked"))?;
-    match part.status {
-        axum::http::StatusCode::OK => Ok(Json(part.decode()?)),
-        _ => Err(part.error()),
-    }
+    part.answer().map(Json)
 }
 
 /// The shard holding the dead letter the API calls `id`, and its id there.
@@ -296,10 +285,7 @@ async fn retry(state: &AppState, name: &str, id: Option<u64>, request: &Incoming
             .extend(part.failed.into_iter().map(|f| crate::projector::RetryFailure { id: api(f.id), error: f.error }));
     }
     for part in parts {
-        if part.status != axum::http::StatusCode::OK {
-            return Err(part.error());
-        }
-        let other: Retried = part.decode()?;
+        let other: Retried = part.answer()?;
         report.applied.extend(other.applied);
         report.missing.extend(other.missing);
         report.failed.extend(other.failed);
@@ -380,10 +366,7 @@ pub(super) async fn resume(
     let plan = Plan::new(&state, &p, &request)?;
     let mut resumed = false;
     for part in plan.ask(&state, &request).await? {
-        if part.status != axum::http::StatusCode::OK {
-            return Err(part.error());
-        }
-        resumed |= part.decode::<Resumed>()?.resumed;
+        resumed |= part.answer::<Resumed>()?.resumed;
     }
     for shard in &plan.local {
         let live = shard.live();

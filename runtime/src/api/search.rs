@@ -42,10 +42,7 @@ pub(super) async fn search(
     // hold the page; a part of another instance's search answers just those.
     let mut answers = Vec::new();
     for part in parts? {
-        if part.status != axum::http::StatusCode::OK {
-            return Err(part.error());
-        }
-        answers.push(part.decode::<SearchResponse>()?);
+        answers.push(part.answer::<SearchResponse>()?);
     }
     let shards: Vec<_> = plan.local.iter().map(|s| s.live()).collect();
     let (merges, part) = (plan.merges(), plan.part);

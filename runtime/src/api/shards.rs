@@ -56,18 +56,33 @@ pub(super) struct Part {
 }
 
 impl Part {
-    /// The body, as the type the route answers with.
-    pub(super) fn decode<T: serde::de::DeserializeOwned>(&self) -> Result<T, ApiError> {
+    /// The answer, as the type the route answers with; the error it
+    /// answered instead, passed on as it is.
+    pub(super) fn answer<T: serde::de::DeserializeOwned>(&self) -> Result<T, ApiError> {
+        if self.status != StatusCode::OK {
+            return Err(self.error());
+        }
         serde_json::from_slice(&self.body).map_err(|e| ApiError::internal("reading another instance's answer", e))
     }
 
+    /// The error code it answered with, if it answered an error.
+    pub(super) fn code(&self) -> Option<String> {
+        let body: serde_json::Value = serde_json::from_slice(&self.body).ok()?;
+        body["error"]["code"].as_str().map(str::to_owned)
+    }
+
     /// The error it answered, passed on as it is.
-    pub(super) fn error(&self) -> ApiError {
+    fn error(&self) -> ApiError {
         let body: serde_json::Value = serde_json::from_slice(&self.body).unwrap_or_default();
         let code = body["error"]["code"].as_str().unwrap_or("internal").to_owned();
         let message = body["error"]["message"].as_str().unwrap_or("another instance failed").to_owned();
         let retry = (self.status == StatusCode::SERVICE_UNAVAILABLE).then_some(1);
         ApiError::relayed(self.status, code, message, retry)
+    }
+
+    /// The instance no longer runs the shards it was asked for.
+    fn moved(&self) -> bool {
+        self.status == StatusCode::SERVICE_UNAVAILABLE && self.code().as_deref() == Some("shard_not_here")
     }
 }
 
@@ -91,8 +106,7 @@ impl Plan {
     }
 
     fn of(state: &AppState, p: &Projection, headers: &HeaderMap, only: Option<u32>) -> Result<Plan, ApiError> {
-        let here = p.shards();
-        let name = || p.manifest().name;
+        let (here, name) = (p.shards(), p.manifest().name);
         if let Some(value) = headers.get(SHARDS_HEADER) {
             let mut local = Vec::new();
             for n in named(value)? {
@@ -101,15 +115,15 @@ impl Plan {
                     None => {
                         return Err(ApiError::shard_unavailable(
                             "shard_not_here",
-                            format!("this instance does not answer for shard {n} of {} (any more)", name()),
+                            format!("this instance does not answer for shard {n} of {name} (any more)"),
                         ));
                     }
                 }
             }
-            return Ok(Plan { local, remote: Vec::new(), part: true, projection: name() });
+            return Ok(Plan { local, remote: Vec::new(), part: true, projection: name });
         }
         if !p.is_partitioned() {
-            return Ok(Plan { local: here, remote: Vec::new(), part: false, projection: name() });
+            return Ok(Plan { local: here, remote: Vec::new(), part: false, projection: name });
         }
         let (mut local, mut remote) = (Vec::new(), Vec::<(String, Vec<u32>)>::new());
         for n in (0..p.shard_count()).filter(|n| only.is_none_or(|o| o == *n)) {
@@ -118,7 +132,7 @@ impl Plan {
                 local.push(shard.clone());
                 continue;
             }
-            match state.cluster.as_ref().and_then(|c| c.owner(&name(), n)) {
+            match state.cluster.as_ref().and_then(|c| c.owner(&name, n)) {
                 Some(url) => match remote.iter_mut().find(|(u, _)| *u == url) {
                     Some((_, shards)) => shards.push(n),
                     None => remote.push((url, vec![n])),
@@ -126,15 +140,15 @@ impl Plan {
                 None => {
                     let why = match mine.and_then(|s| s.restore_progress()) {
                         Some((done, total)) => {
-                            format!("shard {n} of {} is being restored here ({done} of {total} events)", name())
+                            format!("shard {n} of {name} is being restored here ({done} of {total} events)")
                         }
-                        None => format!("no live instance answers for shard {n} of {} right now", name()),
+                        None => format!("no live instance answers for shard {n} of {name} right now"),
                     };
                     return Err(ApiError::shard_unavailable("shard_unavailable", why));
                 }
             }
         }
-        Ok(Plan { local, remote, part: false, projection: name() })
+        Ok(Plan { local, remote, part: false, projection: name })
     }
 
     /// Whether other instances answer for some of the shards.
@@ -162,22 +176,11 @@ impl Plan {
                     continue;
                 }
                 Ok(part) => part.error(),
-                Err(e) => ApiError::shard_unavailable(
-                    "shard_unavailable",
-                    format!("the instance at {url} answering for shards {shards:?} cannot be reached: {e}"),
-                ),
+                Err(e) => unreachable(url, &e),
             };
             let Some(owners) = self.new_owners(state, url, shards).await else { return Err(moved) };
             for (url, sent) in owners.iter().map(|(u, _)| u).zip(send(state, request, &owners).await?) {
-                match sent {
-                    Ok(part) => parts.push(part),
-                    Err(e) => {
-                        return Err(ApiError::shard_unavailable(
-                            "shard_unavailable",
-                            format!("the instance at {url} answering for some shards cannot be reached: {e}"),
-                        ));
-                    }
-                }
+                parts.push(sent.map_err(|e| unreachable(url, &e))?);
             }
         }
         Ok(parts)
@@ -216,13 +219,11 @@ impl Plan {
 /// group's session timeout, and the client is told to retry.
 const MOVE_WAIT: Duration = Duration::from_secs(3);
 
-impl Part {
-    /// The instance no longer runs the shards it was asked for.
-    fn moved(&self) -> bool {
-        self.status == StatusCode::SERVICE_UNAVAILABLE
-            && serde_json::from_slice::<serde_json::Value>(&self.body)
-                .is_ok_and(|b| b["error"]["code"] == "shard_not_here")
-    }
+fn unreachable(url: &str, error: &ureq::Error) -> ApiError {
+    ApiError::shard_unavailable(
+        "shard_unavailable",
+        format!("the instance at {url} answering for shards cannot be reached: {error}"),
+    )
 }
 
 /// Send `request` to each instance of `to` for its shards, all at once.

@@ -160,39 +160,26 @@ impl Runtime {
         anyhow::ensure!(self.projection(&manifest.name).is_none(), "projection {:?} is already running", manifest.name);
         let root = self.data_dir.join("projections").join(&manifest.name);
         std::fs::create_dir_all(&root).with_context(|| format!("creating {}", root.display()))?;
-        let (shards, rebuilding) = match self.shard_count(&manifest, &root)? {
+        // In a cluster, a consumer group hands a partitioned projection's shards to this instance (`activity`).
+        let by_group = self.shards_by_group && self.me.get().is_some();
+        let (projection, rebuilding) = match self.shard_count(&manifest, &root)? {
             None => {
                 let (shard, rebuilding) = self.start_shard(handler, None, &root, Replay::Live)?;
                 (Projection::new(source, 1, false, vec![Arc::new(shard)], None), rebuilding)
             }
-            Some(count) if self.shards_by_group && self.me.get().is_some() => {
-                // The group hands shards to this instance (`activity`).
-                let template = handler.another().ok_or_else(|| {
-                    anyhow::anyhow!("{} cannot run as several shards (only plugin components can)", source)
-                })?;
-                drop(handler);
-                let projection = Arc::new(Projection::new(source, count, true, Vec::new(), Some(template)));
-                self.insert(&manifest.name, &projection)?;
-                let me = self.me.get().expect("checked above").clone();
-                let thread = activity::spawn(me, projection.clone(), &manifest, &self.kafka, self.stop.clone())?;
-                self.workers.lock().expect("workers lock").push(thread);
-                tracing::info!(projection = %manifest.name, shards = count, "partitioned: the group decides which shards run here");
-                return Ok(projection);
-            }
             Some(count) => {
-                let template = handler.another().ok_or_else(|| {
-                    anyhow::anyhow!("{} cannot run as several shards (only plugin components can)", source)
-                })?;
-                let mut handlers = vec![handler];
-                while handlers.len() < count as usize {
-                    let another = handlers[0].another().ok_or_else(|| {
-                        anyhow::anyhow!("{} cannot run as several shards (only plugin components can)", source)
-                    })?;
-                    handlers.push(another);
-                }
+                // Every shard runs its own instance of the plugin, made from
+                // `handler`, which stays to make those of shards taken on later.
+                let another = || {
+                    let another = handler.another();
+                    another.ok_or_else(|| {
+                        anyhow::anyhow!("{source} cannot run as several shards (only plugin components can)")
+                    })
+                };
                 let mut shards = Vec::new();
-                for (n, handler) in (0..count).zip(handlers) {
-                    match self.start_shard(handler, Some(n), &projection::shard_root(&root, n), Replay::Live) {
+                for n in (0..count).filter(|_| !by_group) {
+                    let root = projection::shard_root(&root, n);
+                    match another().and_then(|h| self.start_shard(h, Some(n), &root, Replay::Live)) {
                         Ok((shard, _)) => shards.push(Arc::new(shard)),
                         Err(e) => {
                             for started in shards {
@@ -202,12 +189,22 @@ impl Runtime {
                         }
                     }
                 }
-                tracing::info!(projection = %manifest.name, shards = count, "partitioned: one shard per partition");
-                (Projection::new(source, count, true, shards, Some(template)), None)
+                if by_group {
+                    another()?;
+                    tracing::info!(projection = %manifest.name, shards = count, "partitioned: the group decides which shards run here");
+                } else {
+                    tracing::info!(projection = %manifest.name, shards = count, "partitioned: one shard per partition");
+                }
+                (Projection::new(source, count, true, shards, Some(handler)), None)
             }
         };
-        let projection = Arc::new(shards);
+        let projection = Arc::new(projection);
         self.insert(&manifest.name, &projection)?;
+        if projection.is_partitioned() && by_group {
+            let me = self.me.get().expect("checked above").clone();
+            let thread = activity::spawn(me, projection.clone(), &manifest, &self.kafka, self.stop.clone())?;
+            self.workers.lock().expect("workers lock").push(thread);
+        }
         if let Some(number) = rebuilding {
             let shard = projection.shards()[0].clone();
             match self.loader.get().map(|l| l.load(Path::new(&projection.source))) {

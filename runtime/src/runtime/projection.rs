@@ -148,6 +148,21 @@ fn split_dead_letter_id(id: u64) -> Option<(u32, u64)> {
     Some((shard, id & ((1 << DEAD_LETTER_SHARD_BITS) - 1)))
 }
 
+/// Put `shard` in `list`, in partition order, in place of one for the same partition.
+fn insert(list: &RwLock<Vec<Arc<Shard>>>, shard: Arc<Shard>) {
+    let mut list = list.write().expect("shards lock");
+    list.retain(|s| s.partition != shard.partition);
+    list.push(shard);
+    list.sort_by_key(|s| s.partition);
+}
+
+/// Take the shard of partition `n` out of `list`.
+fn remove(list: &RwLock<Vec<Arc<Shard>>>, n: u32) -> Option<Arc<Shard>> {
+    let mut list = list.write().expect("shards lock");
+    let at = list.iter().position(|s| s.partition == Some(n))?;
+    Some(list.remove(at))
+}
+
 impl Projection {
     pub(super) fn new(
         source: String,
@@ -197,39 +212,40 @@ impl Projection {
         if self.partitioned { None } else { self.shards().into_iter().next() }
     }
 
+    /// What the first shard running here says, or when none runs here
+    /// (a cluster's group gave them all to others) what the plugin new
+    /// shards are made from declares.
+    fn described<T>(&self, running: impl FnOnce(&Generation) -> T, declared: impl FnOnce(&dyn Handler) -> T) -> T {
+        match self.shards().first() {
+            Some(shard) => running(&shard.live()),
+            None => {
+                let template = self.template.lock().expect("template lock");
+                declared(template.as_deref().expect("a projection without shards here has a template"))
+            }
+        }
+    }
+
     /// The running version's manifest (every shard runs the same version).
     pub fn manifest(&self) -> Manifest {
-        match self.shards().first() {
-            Some(shard) => shard.live().manifest(),
-            None => self.template.lock().expect("template lock").as_ref().expect("a template").manifest().clone(),
-        }
+        self.described(Generation::manifest, |h| h.manifest().clone())
     }
 
     /// A projection or an enricher.
     pub fn kind(&self) -> crate::plugin::Kind {
-        match self.shards().first() {
-            Some(shard) => shard.live().kind,
-            None => self.template.lock().expect("template lock").as_ref().expect("a template").kind(),
-        }
+        self.described(|g| g.kind, |h| h.kind())
     }
 
     /// Its search indexes' mappings.
     pub fn index_mappings(&self) -> Vec<crate::store::search::IndexMapping> {
-        match self.shards().first() {
-            Some(shard) => shard.live().indexes.open.values().map(|i| i.schema.mapping.clone()).collect(),
-            None => self.template.lock().expect("template lock").as_ref().expect("a template").indexes().to_vec(),
-        }
+        self.described(
+            |g| g.indexes.open.values().map(|i| i.schema.mapping.clone()).collect(),
+            |h| h.indexes().to_vec(),
+        )
     }
 
     /// Its search indexes' names.
     pub fn index_names(&self) -> Vec<String> {
-        match self.shards().first() {
-            Some(shard) => shard.live().indexes.open.keys().cloned().collect(),
-            None => {
-                let template = self.template.lock().expect("template lock");
-                template.as_ref().expect("a template").indexes().iter().map(|i| i.name.clone()).collect()
-            }
-        }
+        self.index_mappings().into_iter().map(|m| m.name).collect()
     }
 
     /// The shard of this instance holding `partition` of the projection's
@@ -255,18 +271,13 @@ impl Projection {
 
     /// Run `shard` here too (it was taken on).
     pub(super) fn insert_shard(&self, shard: Arc<Shard>) {
-        let mut shards = self.shards.write().expect("shards lock");
-        shards.retain(|s| s.partition != shard.partition);
-        shards.push(shard);
-        shards.sort_by_key(|s| s.partition);
+        insert(&self.shards, shard);
     }
 
     /// Stop running shard `n` here (it moved away); its files stay, a copy
     /// that catches up if it comes back.
     pub(super) fn remove_shard(&self, n: u32) -> Option<Arc<Shard>> {
-        let mut shards = self.shards.write().expect("shards lock");
-        let at = shards.iter().position(|s| s.partition == Some(n))?;
-        Some(shards.remove(at))
+        remove(&self.shards, n)
     }
 
     /// The shards this instance keeps warm for others, in partition order.
@@ -275,16 +286,11 @@ impl Projection {
     }
 
     pub(super) fn insert_standby(&self, shard: Arc<Shard>) {
-        let mut standbys = self.standbys.write().expect("standbys lock");
-        standbys.retain(|s| s.partition != shard.partition);
-        standbys.push(shard);
-        standbys.sort_by_key(|s| s.partition);
+        insert(&self.standbys, shard);
     }
 
     pub(super) fn remove_standby(&self, n: u32) -> Option<Arc<Shard>> {
-        let mut standbys = self.standbys.write().expect("standbys lock");
-        let at = standbys.iter().position(|s| s.partition == Some(n))?;
-        Some(standbys.remove(at))
+        remove(&self.standbys, n)
     }
 
     /// The id the API shows for dead letter `local` of `shard`.
