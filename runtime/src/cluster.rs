@@ -30,6 +30,7 @@ use serde::{Deserialize, Serialize};
 use crate::clock::{Backoff, now_ms, sleep_unless};
 use crate::config::ClusterConfig;
 use crate::runtime::{PartitionStatus, Runtime, ShardRole};
+use crate::sink::handover::{Publication, Publications};
 use crate::source::kafka::KafkaConfig;
 
 /// What an instance says about itself on the control topic.
@@ -103,6 +104,8 @@ pub struct Cluster {
     topic: String,
     /// By instance id: the last announcement.
     members: Arc<RwLock<BTreeMap<String, Announcement>>>,
+    /// By (projection, shard): what its active copy last said it published.
+    publications: Arc<RwLock<ByShard>>,
     producer: Arc<BaseProducer>,
     stop: Arc<AtomicBool>,
     threads: Mutex<Vec<JoinHandle<()>>>,
@@ -130,15 +133,16 @@ impl Cluster {
         let producer: Arc<BaseProducer> =
             Arc::new(kafka.client_config().create().context("creating the cluster producer")?);
         let members = Arc::new(RwLock::new(BTreeMap::new()));
+        let publications = Arc::new(RwLock::new(BTreeMap::new()));
         let stop = Arc::new(AtomicBool::new(false));
         let reading = {
-            let (kafka, topic, me, members, stop) =
-                (kafka.clone(), topic.clone(), me.clone(), members.clone(), stop.clone());
+            let (kafka, topic, me, stop) = (kafka.clone(), topic.clone(), me.clone(), stop.clone());
+            let directory = Directory { members: members.clone(), publications: publications.clone() };
             move || {
                 let mut backoff = Backoff::new(Duration::from_millis(200), Duration::from_secs(10));
                 while !stop.load(Ordering::Relaxed) {
                     let opened = create_topic(&kafka, &topic)
-                        .and_then(|()| Reader::open(&kafka, &topic, &me, members.clone(), stop.clone()));
+                        .and_then(|()| Reader::open(&kafka, &topic, &me, directory.clone(), stop.clone()));
                     match opened {
                         Ok(reader) => return reader.run(),
                         Err(e) => {
@@ -163,7 +167,7 @@ impl Cluster {
             std::thread::Builder::new().name("cluster-announcer".into()).spawn(move || announcer.run())?,
         ];
         tracing::info!(instance = %me, topic = %topic, "joined the cluster");
-        Ok(Cluster { me, topic, members, producer, stop, threads: Mutex::new(threads) })
+        Ok(Cluster { me, topic, members, publications, producer, stop, threads: Mutex::new(threads) })
     }
 
     /// Every member this instance has heard of.
@@ -240,6 +244,46 @@ impl crate::runtime::Membership for Cluster {
     fn active(&self, projection: &str, n: u32) -> Option<String> {
         self.active_holder(projection, n, |_, _| true, |a| a.instance.clone())
     }
+}
+
+/// Where shards record what they published: `publication/<projection>/<shard>`
+/// on the control topic, never deleted (it outlives the instance that wrote it).
+impl Publications for Cluster {
+    fn instance(&self) -> String {
+        self.me.clone()
+    }
+
+    fn publication(&self, projection: &str, n: u32) -> Option<(Publication, bool)> {
+        let publication =
+            self.publications.read().expect("publications lock").get(&(projection.to_owned(), n))?.clone();
+        let members = self.members.read().expect("members lock");
+        let live = members.get(&publication.instance).is_some_and(|a| is_live(a, now_ms()));
+        Some((publication, live))
+    }
+
+    fn record(&self, projection: &str, n: u32, publication: &Publication) -> Result<(), String> {
+        let key = format!("{PUBLICATION}{projection}/{n}");
+        let body = serde_json::to_vec(publication).map_err(|e| e.to_string())?;
+        let record = BaseRecord::<str, [u8]>::to(&self.topic).key(key.as_str()).payload(&body);
+        self.producer.send(record).map_err(|(e, _)| format!("recording a publication: {e}"))?;
+        self.producer.flush(Duration::from_secs(5)).map_err(|e| format!("recording a publication: {e}"))?;
+        // Known here at once, without waiting for the reader to read it back.
+        self.publications.write().expect("publications lock").insert((projection.to_owned(), n), publication.clone());
+        Ok(())
+    }
+}
+
+/// The key prefix of publications on the control topic (instance ids are the other keys).
+const PUBLICATION: &str = "publication/";
+
+/// By (projection, shard): the last publication.
+type ByShard = BTreeMap<(String, u32), Publication>;
+
+/// What the reader of the control topic keeps up to date.
+#[derive(Clone)]
+struct Directory {
+    members: Arc<RwLock<BTreeMap<String, Announcement>>>,
+    publications: Arc<RwLock<ByShard>>,
 }
 
 /// Since `a` was sent, by this instance's clock (instances keep NTP time).
@@ -382,10 +426,11 @@ impl Announcer {
 }
 
 /// Reads the control topic from its beginning and keeps the latest
-/// announcement per instance.
+/// announcement per instance and publication per shard.
 struct Reader {
     consumer: BaseConsumer,
-    members: Arc<RwLock<BTreeMap<String, Announcement>>>,
+    me: String,
+    directory: Directory,
     stop: Arc<AtomicBool>,
 }
 
@@ -394,7 +439,7 @@ impl Reader {
         kafka: &KafkaConfig,
         topic: &str,
         me: &str,
-        members: Arc<RwLock<BTreeMap<String, Announcement>>>,
+        directory: Directory,
         stop: Arc<AtomicBool>,
     ) -> anyhow::Result<Reader> {
         let consumer: BaseConsumer = kafka
@@ -415,7 +460,7 @@ impl Reader {
             tpl.add_partition_offset(topic, p as i32, Offset::Beginning)?;
         }
         consumer.assign(&tpl).with_context(|| format!("reading the control topic {topic}"))?;
-        Ok(Reader { consumer, members, stop })
+        Ok(Reader { consumer, me: me.to_owned(), directory, stop })
     }
 
     fn run(self) {
@@ -428,8 +473,13 @@ impl Reader {
                     continue;
                 }
             };
-            let Some(Ok(instance)) = message.key().map(std::str::from_utf8) else { continue };
-            let mut members = self.members.write().expect("members lock");
+            let Some(Ok(key)) = message.key().map(std::str::from_utf8) else { continue };
+            if let Some(shard) = key.strip_prefix(PUBLICATION) {
+                self.read_publication(shard, message.payload());
+                continue;
+            }
+            let instance = key;
+            let mut members = self.directory.members.write().expect("members lock");
             match message.payload() {
                 None => {
                     members.remove(instance);
@@ -442,6 +492,29 @@ impl Reader {
                     Err(e) => tracing::warn!(instance, error = %e, "an announcement that does not decode; ignored"),
                 },
             }
+        }
+    }
+
+    /// Keep the publication of `shard` (`<projection>/<n>`): the latest on
+    /// the topic, unless this instance recorded one since (kept at once,
+    /// before this reader reaches it).
+    fn read_publication(&self, shard: &str, body: Option<&[u8]>) {
+        let Some((projection, Ok(n))) = shard.rsplit_once('/').map(|(p, n)| (p, n.parse::<u32>())) else {
+            tracing::warn!(key = shard, "a publication under a key that names no shard; ignored");
+            return;
+        };
+        let key = (projection.to_owned(), n);
+        let mut publications = self.directory.publications.write().expect("publications lock");
+        match body.map(serde_json::from_slice::<Publication>) {
+            None => {
+                publications.remove(&key);
+            }
+            Some(Ok(p)) => {
+                if publications.get(&key).is_none_or(|known| known.instance != self.me || known.at <= p.at) {
+                    publications.insert(key, p);
+                }
+            }
+            Some(Err(e)) => tracing::warn!(key = shard, error = %e, "a publication that does not decode; ignored"),
         }
     }
 }

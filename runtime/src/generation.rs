@@ -128,6 +128,9 @@ pub struct Generation {
     pub(crate) manifest: Arc<RwLock<Manifest>>,
     pub(crate) stop: Arc<AtomicBool>,
     pub(crate) threads: Mutex<Vec<JoinHandle<()>>>,
+    /// A partitioned projection's shard in a cluster: whether its relay
+    /// publishes (the active copy) or holds what it emits (a standby).
+    pub(crate) handover: Option<Arc<crate::sink::handover::Handover>>,
 }
 
 impl Generation {
@@ -139,6 +142,17 @@ impl Generation {
     /// Its durable checkpoints.
     pub fn checkpoints(&self) -> crate::store::Result<Cursor> {
         self.read_model.cursor()
+    }
+
+    /// Make this shard's copy the active one (it publishes what it emits,
+    /// after taking the publishing over) or a standby (it keeps what it
+    /// emits until the active copy has published it).
+    pub fn set_active(&self, active: bool) {
+        use crate::projector::Replay;
+        self.control.set_replay(if active { Replay::Live } else { Replay::Standby });
+        if let Some(h) = &self.handover {
+            h.set_active(active);
+        }
     }
 
     /// Ask its threads to stop after their current batch, without waiting.

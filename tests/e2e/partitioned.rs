@@ -393,3 +393,152 @@ fn a_shard_without_a_standby_is_restored_by_replay_and_shows_it() {
     let since = a.log()[logged..].to_owned();
     assert!(since.contains("restoring it by replay"), "{since}");
 }
+
+/// Derived events across hand-overs: `testkit-chaos` echoes every `Emit`
+/// event to `chaos.echoes` (Kafka) from three instances sharing its four
+/// shards with one standby each. One instance is SIGKILLed while it
+/// publishes a burst of 5,000 echoes of one event (so it has published
+/// some since it last recorded how far it got) and restarted later; another
+/// is stopped cleanly: every echo reaches the topic exactly once, each under
+/// its own emit id.
+#[test]
+fn derived_events_are_published_once_across_hand_overs_and_a_kill() {
+    const EVENTS: usize = 6000;
+    const BURST: u64 = 5_000;
+    let broker = Broker::start();
+    broker.create_topic("chaos.in", 4);
+    broker.create_topic("chaos.echoes", 2);
+    let events: Vec<Out> = crate::emitted_events::emits(0..EVENTS, "echoes").iter().map(Out::plain).collect();
+    let config = |id: &str| {
+        format!(
+            "kafka:\n  brokers: {}\n  mode: partitioned\n  group-id: emit-test\n  standby-replicas: 1\n  properties: {{ session.timeout.ms: \"6000\", heartbeat.interval.ms: \"500\" }}\n  streams:\n    chaos: {{ topic: chaos.in, format: json, type-header: event-type }}\n    echoes: {{ topic: chaos.echoes }}\ncluster:\n  instance-id: {id}\n  announce-interval-ms: 1000\n",
+            broker.address()
+        )
+    };
+    let producer = broker.producer();
+    producer.send_all("chaos.in", &events[..1500]);
+    let dirs = [tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap()];
+    let plugins = plugins();
+    let mut servers: Vec<Server> = ["a", "b", "c"]
+        .iter()
+        .zip(&dirs)
+        .map(|(id, dir)| Server::start(dir.path(), &[&plugins.chaos], &config(id)))
+        .collect();
+    let echoes = Echoes::new(&broker);
+    echoes.wait_for(1500, 0, "before the kill");
+
+    // b is killed while it publishes the burst, which a shard of its own
+    // emits (once the group has given every instance its shards).
+    let active = |server: &Server| {
+        let status = server.get("/v1/projections/testkit-chaos");
+        let shards = status["shards"].as_array().cloned().unwrap_or_default();
+        shards.iter().filter(|s| s["role"] == "active").map(|s| s["shard"].as_i64().unwrap() as i32).collect::<Vec<_>>()
+    };
+    let until = std::time::Instant::now() + Duration::from_secs(60);
+    while servers.iter().map(|s| active(s).len()).sum::<usize>() != 4 || active(&servers[1]).is_empty() {
+        assert!(std::time::Instant::now() < until, "the group never gave each instance its shards");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    let shard = active(&servers[1])[0];
+    let burst = serde_json::json!({"type": "EmitMany", "key": "burst", "data": {"to": "echoes", "count": BURST}});
+    producer.send_all("chaos.in", &[Out { partition: Some(shard), ..Out::plain(&burst) }]);
+    echoes.wait_for(1500, 1500, "while b publishes the burst");
+    servers[1].kill();
+    producer.send_all("chaos.in", &events[1500..4500]);
+    echoes.wait_for(4500, BURST as usize, "after b was killed");
+    // b comes back; c stops cleanly.
+    servers[1].restart();
+    producer.send_all("chaos.in", &events[4500..5200]);
+    servers[2].stop();
+    producer.send_all("chaos.in", &events[5200..]);
+    echoes.wait_for(EVENTS, BURST as usize, "at the end");
+    // A repeat would come late: read on until nothing has arrived for a while.
+    let got = echoes.settle();
+
+    let mut per_echo = std::collections::BTreeMap::<(bool, u64), usize>::new();
+    let mut ids = std::collections::BTreeSet::new();
+    for (echo, id) in &got {
+        *per_echo.entry(*echo).or_default() += 1;
+        assert!(ids.insert(id.clone()), "emit id {id} published twice");
+    }
+    let repeated: Vec<_> = per_echo.iter().filter(|(_, c)| **c > 1).take(10).collect();
+    assert!(repeated.is_empty(), "echoes published more than once: {repeated:?}");
+    assert_eq!(per_echo.len(), EVENTS + BURST as usize, "every echo reached the topic");
+    assert!(ids.iter().all(|id| id.starts_with("testkit-chaos/chaos/")), "{:?}", ids.first());
+    let logs: String = servers.iter().map(|s| s.log()).collect();
+    assert!(logs.contains("publishing the shard's emitted events"), "no shard ever took the publishing over");
+    let read_back = logs.lines().filter(|l| l.contains("not sent again")).count();
+    eprintln!("take-overs that found emits published after the last record: {read_back}");
+}
+
+/// What `testkit-chaos` echoed to `chaos.echoes`: per record, which echo it
+/// is (`(false, n)` for an `Emit` event's, `(true, i)` for the burst's
+/// `i`-th) and its emit id.
+struct Echoes {
+    consumer: rdkafka::consumer::BaseConsumer,
+    got: std::cell::RefCell<Vec<((bool, u64), String)>>,
+}
+
+impl Echoes {
+    fn new(broker: &Broker) -> Echoes {
+        use rdkafka::consumer::Consumer;
+        let consumer: rdkafka::consumer::BaseConsumer = rdkafka::config::ClientConfig::new()
+            .set("bootstrap.servers", broker.address())
+            .set("group.id", "echo-reader")
+            .set("enable.auto.commit", "false")
+            .create()
+            .unwrap();
+        let mut tpl = rdkafka::TopicPartitionList::new();
+        for p in 0..2 {
+            tpl.add_partition_offset("chaos.echoes", p, rdkafka::Offset::Beginning).unwrap();
+        }
+        consumer.assign(&tpl).unwrap();
+        Echoes { consumer, got: Default::default() }
+    }
+
+    /// Read what arrives within `wait`; whether anything did.
+    fn read(&self, wait: Duration) -> bool {
+        use rdkafka::message::{Headers, Message};
+        let until = std::time::Instant::now() + wait;
+        let mut any = false;
+        while std::time::Instant::now() < until {
+            let Some(message) = self.consumer.poll(Duration::from_millis(100)) else { continue };
+            let message = message.unwrap();
+            let value: Value = serde_json::from_slice(message.payload().unwrap()).unwrap();
+            let echo = match value["i"].as_u64() {
+                Some(i) => (true, i),
+                None => (false, value["n"].as_u64().unwrap()),
+            };
+            let id = message.headers().unwrap().iter().find(|h| h.key == "refract-emit-id").unwrap().value.unwrap();
+            self.got.borrow_mut().push((echo, String::from_utf8(id.to_vec()).unwrap()));
+            any = true;
+        }
+        any
+    }
+
+    /// Wait until the echoes of `events` distinct events and `burst`
+    /// distinct ones of the burst have arrived (3 minutes at most).
+    fn wait_for(&self, events: usize, burst: usize, when: &str) {
+        let until = std::time::Instant::now() + Duration::from_secs(180);
+        loop {
+            let distinct: std::collections::BTreeSet<(bool, u64)> =
+                self.got.borrow().iter().map(|(echo, _)| *echo).collect();
+            let of_burst = distinct.iter().filter(|(b, _)| *b).count();
+            if distinct.len() - of_burst >= events && of_burst >= burst {
+                return;
+            }
+            assert!(
+                std::time::Instant::now() < until,
+                "{when}: {} of {events} echoes and {of_burst} of {burst} of the burst arrived",
+                distinct.len() - of_burst
+            );
+            self.read(Duration::from_millis(100));
+        }
+    }
+
+    /// Read on until nothing arrived for 5 s.
+    fn settle(&self) -> Vec<((bool, u64), String)> {
+        while self.read(Duration::from_secs(5)) {}
+        self.got.borrow().clone()
+    }
+}

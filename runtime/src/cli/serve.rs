@@ -83,10 +83,13 @@ pub(crate) fn run(config: Config, demo: Option<usize>) -> anyhow::Result<()> {
         runtime.set_membership(c.clone());
     }
     let served = tokio.block_on(refract::api::serve(state, listener, shutdown_signal()));
+    // The shards stop first, while this instance is still a member: each
+    // records, as it stops publishing, what it published, and their next
+    // owners wait for that record while the instance is live.
+    runtime.shutdown();
     if let Some(c) = cluster {
         c.leave();
     }
-    runtime.shutdown();
     served.context("serving HTTP")
 }
 

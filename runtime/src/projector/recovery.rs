@@ -77,8 +77,7 @@ impl Projector {
         let mut batch = self.begin().map_err(|e| HandleError::Host(e.to_string()))?;
         let mut start = lo;
         while start < hi {
-            let (end, replaying) = self.call(&pending.events, start, hi);
-            batch.set_replaying(replaying);
+            let end = self.call(&mut batch, &pending.events, start, hi);
             let (b, result) = self.handle_timed(batch, &pending.events[start..end]);
             batch = b;
             result?;

@@ -26,6 +26,11 @@ pub enum Replay {
     /// dead-lettered (the second field): nothing was ever emitted for them,
     /// so what the new version emits for them is published.
     Until(Cursor, Failed),
+    /// A standby copy of a shard: every event is another copy's to publish
+    /// for, so what the plugin emits is kept, but the relay holds it
+    /// (`sink::handover`) until the active copy has published it or this
+    /// copy takes the shard on. Like history, it runs in the background.
+    Standby,
 }
 
 /// Positions (stream, partition, offset) of the live generation's dead letters.
@@ -34,12 +39,12 @@ pub type Failed = Arc<std::collections::BTreeSet<(String, u32, u64)>>;
 impl Replay {
     /// Replaying history up to a gate (a rebuild before its switch).
     pub(super) fn is_history(&self) -> bool {
-        matches!(self, Replay::All | Replay::Until(..))
+        matches!(self, Replay::All | Replay::Until(..) | Replay::Standby)
     }
 
     pub(super) fn covers(&self, e: &crate::plugin::Event) -> bool {
         match self {
-            Replay::Live => false,
+            Replay::Live | Replay::Standby => false,
             Replay::All => true,
             Replay::Until(_, failed) => {
                 failed.is_empty() || !failed.contains(&(e.stream.clone(), e.partition, e.offset))

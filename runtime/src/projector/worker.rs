@@ -333,14 +333,23 @@ impl Projector {
         self.replay = replay;
     }
 
-    /// The end of the call starting at `start` (at most `call-events`, not
-    /// past `limit`) over events that all replay history or all do not, and
-    /// which of the two they do.
-    pub(super) fn call(&self, events: &[crate::plugin::Event], start: usize, limit: usize) -> (usize, bool) {
+    /// Ready `batch` for the call starting at `start`, and say where it
+    /// ends: at most `call-events`, not past `limit`, over events that all
+    /// replay history or all do not (what they emit is dropped or kept).
+    /// A shard's call handles the events of one partition, so that what it
+    /// emits is numbered among that partition's emits.
+    pub(super) fn call(&self, batch: &mut Batch, events: &[crate::plugin::Event], start: usize, limit: usize) -> usize {
         let end = (start + self.options.call_events).min(limit);
-        let first = self.replay.covers(&events[start]);
-        let same = events[start + 1..end].iter().position(|e| self.replay.covers(e) != first);
-        (same.map_or(end, |i| start + 1 + i), first)
+        let first = &events[start];
+        let replaying = self.replay.covers(first);
+        let per_partition = self.sources.shard.is_some();
+        let differs = |e: &crate::plugin::Event| {
+            self.replay.covers(e) != replaying
+                || (per_partition && (e.partition != first.partition || e.stream != first.stream))
+        };
+        batch.set_replaying(replaying);
+        batch.set_source(per_partition.then_some((first.stream.as_str(), first.partition)));
+        events[start + 1..end].iter().position(differs).map_or(end, |i| start + 1 + i)
     }
 
     /// Handle every event of `pending`. A transaction ends once it has run
@@ -374,8 +383,7 @@ impl Projector {
             };
             let mut end = done;
             while end < n {
-                let (call_end, replaying) = self.call(&pending.events, end, n);
-                batch.set_replaying(replaying);
+                let call_end = self.call(&mut batch, &pending.events, end, n);
                 let (b, result) = self.handle_timed(batch, &pending.events[end..call_end]);
                 batch = b;
                 if let Err(e) = result {

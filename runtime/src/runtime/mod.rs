@@ -36,6 +36,7 @@ use crate::generation::{self, Generation};
 use crate::plugin::{Handler, Manifest};
 use crate::projector::{BatchOptions, Projector, Replay, WorkerStatus};
 use crate::rebuild::{self, Rebuild};
+use crate::sink::handover::{Handover, Publications};
 use crate::source::Sources;
 use crate::source::kafka::KafkaConfig;
 use crate::source::log::EventLog;
@@ -71,6 +72,9 @@ pub struct Runtime {
     me: OnceLock<std::sync::Weak<Runtime>>,
     /// The cluster's members, to choose standbys (set once it has joined).
     membership: OnceLock<Arc<dyn activity::Membership>>,
+    /// Where shards record what they published, for their next owners
+    /// (the same control topic; set once it has joined).
+    publications: Arc<OnceLock<Arc<dyn Publications>>>,
     /// Notified when this instance takes a shard on or lets one go, so that
     /// it announces the change at once.
     pub roles_changed: crate::signal::Signal,
@@ -147,6 +151,7 @@ impl Runtime {
             shards_by_group: config.cluster.is_some() && config.kafka.mode == crate::source::kafka::Mode::Partitioned,
             me: OnceLock::new(),
             membership: OnceLock::new(),
+            publications: Arc::default(),
             roles_changed: Default::default(),
         })
     }
@@ -250,7 +255,7 @@ impl Runtime {
         let name = p.manifest().name;
         let shard = match p.remove_standby(n) {
             Some(standby) => {
-                standby.live().control.set_replay(crate::projector::Replay::Live);
+                standby.live().set_active(true);
                 tracing::info!(projection = %name, shard = n, "shard taken on from its standby copy");
                 standby
             }
@@ -275,7 +280,7 @@ impl Runtime {
     pub(super) fn let_go(&self, p: &Projection, n: u32) {
         let _starting = p.starting.lock().expect("starting lock");
         if let Some(shard) = p.remove_shard(n) {
-            shard.live().control.set_replay(crate::projector::Replay::All);
+            shard.live().set_active(false);
             p.insert_standby(shard);
             tracing::info!(projection = %p.manifest().name, shard = n, "shard let go; kept as a standby for now");
             self.roles_changed.notify();
@@ -293,7 +298,7 @@ impl Runtime {
         let handler = p.another_handler().context("no plugin instance to run the standby with")?;
         let name = handler.manifest().name.clone();
         let root = projection::shard_root(&self.data_dir.join("projections").join(&name), n);
-        let (shard, _) = self.start_shard(handler, Some(n), &root, Replay::All)?;
+        let (shard, _) = self.start_shard(handler, Some(n), &root, Replay::Standby)?;
         tracing::info!(projection = %name, shard = n, "keeping a standby copy");
         p.insert_standby(Arc::new(shard));
         self.roles_changed.notify();
@@ -311,8 +316,10 @@ impl Runtime {
     }
 
     /// How this instance learns the cluster's members, to choose standbys
-    /// (set once the instance has joined the cluster).
-    pub fn set_membership(&self, membership: Arc<dyn activity::Membership>) {
+    /// and hand emitted events over (set once the instance has joined the
+    /// cluster).
+    pub fn set_membership<M: activity::Membership + Publications + 'static>(&self, membership: Arc<M>) {
+        let _ = self.publications.set(membership.clone());
         let _ = self.membership.set(membership);
     }
 
@@ -435,6 +442,10 @@ impl Runtime {
         options.kv = resolve_limits(&self.limits, own).1;
         options.kv.max_event_bytes = self.log.max_event_bytes();
         options.pause_after_dead_letters = resolve_pause(&self.limits, own);
+        // In a cluster, a shard's relay publishes only while its copy is active.
+        let handover = partition
+            .filter(|_| self.shards_by_group)
+            .map(|n| Arc::new(Handover::new(&manifest.name, n, replay != Replay::Standby, self.publications.clone())));
         let mut projector = Projector::new(handler, read_model.clone(), sources, options, status.clone())?;
         projector.set_replay(replay);
         let generation = Arc::new(Generation {
@@ -448,13 +459,13 @@ impl Runtime {
             watermarks: projector.watermarks(),
             stop: stop.clone(),
             threads: Mutex::new(Vec::new()),
+            handover: handover.clone(),
         });
-        // Shard n publishes as `<name>#<n>`: each shard numbers its own outbox.
-        let publisher = match partition {
+        let label = match partition {
             None => manifest.name.clone(),
             Some(n) => format!("{}#{n}", manifest.name),
         };
-        let label = if number == 0 { publisher.clone() } else { format!("{publisher}.{number}") };
+        let label = if number == 0 { label } else { format!("{label}.{number}") };
         let mut threads = generation.threads.lock().expect("threads lock");
         threads.push(
             std::thread::Builder::new()
@@ -462,14 +473,17 @@ impl Runtime {
                 .spawn(move || projector.run())
                 .context("spawning a projector thread")?,
         );
-        let relay = crate::sink::Relay::new(
-            &publisher,
+        let mut relay = crate::sink::Relay::new(
+            &manifest.name,
             number,
             read_model.clone(),
             self.log.clone(),
             self.kafka.clone(),
             stop.clone(),
         );
+        if let Some(n) = partition {
+            relay = relay.for_shard(n, handover);
+        }
         threads.push(
             std::thread::Builder::new()
                 .name(format!("relay-{label}"))

@@ -61,6 +61,23 @@ pub struct Emitted {
     pub headers: Vec<(String, String)>,
     /// The payload, a JSON document.
     pub data: Box<RawValue>,
+    /// Which partition's events emitted it, and its place among everything
+    /// they emitted: set for a partitioned projection's shards, whose calls
+    /// never mix partitions. Every copy of a shard numbers its emits alike
+    /// (for a plugin whose emits follow from its partition's events), so
+    /// the new owner of a shard knows which of its emits the old one
+    /// published (`sink::handover`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub origin: Option<Origin>,
+}
+
+/// Where an emitted event comes from: the `ordinal`-th event emitted for
+/// the events of `stream`'s partition `partition` (from 1, assigned at commit).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Origin {
+    pub stream: String,
+    pub partition: u32,
+    pub ordinal: u64,
 }
 
 /// One layer of a scan: (key, value or deletion) in key order.
@@ -191,6 +208,9 @@ pub struct Batch {
     /// Replaying history: emitted events are dropped (they were published
     /// when the history was new).
     replaying: bool,
+    /// The partition whose events the current call handles, when emits
+    /// are numbered per partition (a shard's).
+    source: Option<(String, u32)>,
     /// Bytes this batch holds in writes, documents and emitted events.
     held: usize,
     /// Set once a write would take `held` past `max_batch_bytes`: the batch
@@ -216,6 +236,7 @@ impl Batch {
             emitted: Vec::new(),
             unrouted: 0,
             replaying: false,
+            source: None,
             held: 0,
             over_budget: None,
         }
@@ -254,6 +275,12 @@ impl Batch {
     /// Drop what this batch emits: it replays history.
     pub fn set_replaying(&mut self, replaying: bool) {
         self.replaying = replaying;
+    }
+
+    /// Number what the next call emits among the emits of `source`'s
+    /// events (`None`: not numbered).
+    pub fn set_source(&mut self, source: Option<(&str, u32)>) {
+        self.source = source.map(|(s, p)| (s.to_owned(), p));
     }
 
     /// Count an enricher output that no route took.
@@ -305,6 +332,7 @@ impl Batch {
                 time: event.time,
                 headers: event.headers,
                 data,
+                origin: self.source.as_ref().map(|(s, p)| Origin { stream: s.clone(), partition: *p, ordinal: 0 }),
             });
         }
         Ok(())

@@ -13,7 +13,7 @@ pub mod read_model;
 pub mod search;
 mod tables;
 
-pub use batch::{Batch, BatchWrites, Declared, Emitted, KvLimits, Writes};
+pub use batch::{Batch, BatchWrites, Declared, Emitted, KvLimits, Origin, Writes};
 pub use dead_letters::DeadLetter;
 pub use read_model::{Checkpoint, ReadModel};
 

@@ -97,6 +97,34 @@ impl ReadModel {
         Ok(())
     }
 
+    /// Forget the emitted events another copy of this shard published:
+    /// those numbered at most `published` for their partition (a standby
+    /// keeps its shard's emits until the active copy says it published
+    /// them, to publish them itself should it take the shard on first).
+    pub fn trim_emitted_published(&self, published: &std::collections::BTreeMap<(String, u32), u64>) -> Result<usize> {
+        let tx = self.db.begin_write()?;
+        let mut trimmed = 0;
+        {
+            let mut table = tx.open_table(EMITTED)?;
+            let mut last = 0;
+            table.retain(|sequence, bytes| {
+                let origin = serde_json::from_slice::<Emitted>(bytes).ok().and_then(|e| e.origin);
+                let done = origin
+                    .is_some_and(|o| published.get(&(o.stream, o.partition)).is_some_and(|upto| o.ordinal <= *upto));
+                if done {
+                    trimmed += 1;
+                    last = sequence;
+                }
+                !done
+            })?;
+            let mut counters = tx.open_table(COUNTERS)?;
+            let before = counters.get("emit-published")?.map_or(0, |v| v.value());
+            counters.insert("emit-published", before.max(last))?;
+        }
+        tx.commit()?;
+        Ok(trimmed)
+    }
+
     /// (sequence of the last event emitted, sequence of the last one published).
     pub fn emit_progress(&self) -> Result<(u64, u64)> {
         let tx = self.db.begin_read()?;

@@ -13,7 +13,7 @@ use std::sync::Arc;
 use redb::{Durability, ReadableTable};
 use serde::{Deserialize, Serialize};
 
-use super::batch::{Batch, BatchWrites, Declared, KvLimits};
+use super::batch::{Batch, BatchWrites, Declared, Emitted, KvLimits};
 use super::{Error, Result};
 use crate::db_file::DbFile;
 pub use crate::position::Checkpoint;
@@ -21,7 +21,9 @@ use crate::position::CheckpointStore;
 use crate::signal::Signal;
 
 use super::dead_letters::DeadLetter;
-use super::tables::{CHECKPOINTS, COUNTERS, DEAD_LETTERS, EMITTED, OUTBOX, plugin_table, table_definition};
+use super::tables::{
+    CHECKPOINTS, COUNTERS, DEAD_LETTERS, EMIT_ORDINALS, EMITTED, OUTBOX, plugin_table, table_definition,
+};
 
 /// Totals kept with the read model.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
@@ -76,6 +78,7 @@ impl ReadModel {
         tx.open_table(COUNTERS)?;
         tx.open_table(OUTBOX)?;
         tx.open_table(EMITTED)?;
+        tx.open_table(EMIT_ORDINALS)?;
         tx.commit()?;
         Ok(ReadModel { db, emitted: Signal::default(), committed: Signal::default() })
     }
@@ -148,9 +151,19 @@ impl ReadModel {
             let mut counters = tx.open_table(COUNTERS)?;
             let mut sequence = counters.get("emit-sequence")?.map_or(0, |v| v.value());
             let mut emitted = tx.open_table(EMITTED)?;
+            let mut ordinals = tx.open_table(EMIT_ORDINALS)?;
             for event in &writes.emitted {
                 sequence += 1;
-                let bytes = serde_json::to_vec(event).expect("emitted events serialize");
+                let bytes = match &event.origin {
+                    None => serde_json::to_vec(event),
+                    Some(o) => {
+                        let ordinal = ordinals.get((o.stream.as_str(), o.partition))?.map_or(0, |v| v.value()) + 1;
+                        ordinals.insert((o.stream.as_str(), o.partition), ordinal)?;
+                        let origin = Some(super::batch::Origin { ordinal, ..o.clone() });
+                        serde_json::to_vec(&Emitted { origin, ..event.clone() })
+                    }
+                }
+                .expect("emitted events serialize");
                 emitted.insert(sequence, bytes.as_slice())?;
             }
             counters.insert("emit-sequence", sequence)?;

@@ -19,6 +19,10 @@ pub(super) const OUTBOX: TableDefinition<u64, &[u8]> = TableDefinition::new("out
 /// Emitted events waiting to be published: sequence → [`super::Emitted`] as JSON.
 pub(super) const EMITTED: TableDefinition<u64, &[u8]> = TableDefinition::new("emitted");
 
+/// (stream, partition) → how many events its events emitted (a shard's
+/// emits are numbered per partition: [`super::batch::Origin`]).
+pub(super) const EMIT_ORDINALS: TableDefinition<(&str, u32), u64> = TableDefinition::new("emit-ordinals");
+
 pub(super) fn table_definition(name: &str) -> TableDefinition<'_, &'static str, &'static [u8]> {
     TableDefinition::new(name)
 }
