@@ -34,6 +34,8 @@ mod model;
 mod operability;
 #[cfg(feature = "external")]
 mod partitioned;
+#[cfg(feature = "external")]
+mod partitioned_client;
 mod plugin_loading;
 mod poison_events;
 mod query_read_models;

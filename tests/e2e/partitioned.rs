@@ -201,7 +201,7 @@ fn assert_documented_refusal(status: u16, body: &Value, what: &str) {
 }
 
 /// Wait until `server` answers for the whole read model, equal to `expected`.
-fn wait_whole(server: &Server, expected: &[(String, Value)], what: &str) {
+pub(crate) fn wait_whole(server: &Server, expected: &[(String, Value)], what: &str) {
     let until = std::time::Instant::now() + Duration::from_secs(120);
     loop {
         match read_table(server, "orders") {
