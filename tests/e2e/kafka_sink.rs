@@ -5,10 +5,7 @@
 use std::collections::BTreeSet;
 use std::time::{Duration, Instant};
 
-use rdkafka::config::ClientConfig;
-use rdkafka::consumer::{BaseConsumer, Consumer};
 use rdkafka::message::{Headers, Message};
-use rdkafka::{Offset, TopicPartitionList};
 use serde_json::Value;
 
 use crate::emitted_events::{emits, wait_published};
@@ -32,7 +29,7 @@ fn emitted_events_can_go_to_a_kafka_topic() {
     let refused = server.client().append_ndjson("echoes", &ndjson(&emits(0..1, "x"))).unwrap();
     assert_eq!((refused.status, refused.body["error"]["code"].as_str()), (409, Some("stream_on_kafka")));
 
-    let consumer = reader(&broker, "chaos.echoes");
+    let consumer = broker.reader("chaos.echoes", 2);
     let (mut sources, mut ids) = (BTreeSet::new(), BTreeSet::new());
     let until = Instant::now() + Duration::from_secs(60);
     while sources.len() < EVENTS && Instant::now() < until {
@@ -57,26 +54,10 @@ fn emitted_events_can_go_to_a_kafka_topic() {
     assert!(ids.iter().all(|id| id.starts_with("testkit-chaos/")));
 }
 
-/// A consumer of `topic`'s 2 partitions from their beginning.
-fn reader(broker: &Broker, topic: &str) -> BaseConsumer {
-    let consumer: BaseConsumer = ClientConfig::new()
-        .set("bootstrap.servers", broker.address())
-        .set("group.id", "test-reader")
-        .set("enable.auto.commit", "false")
-        .create()
-        .unwrap();
-    let mut tpl = TopicPartitionList::new();
-    for p in 0..2 {
-        tpl.add_partition_offset(topic, p, Offset::Beginning).unwrap();
-    }
-    consumer.assign(&tpl).unwrap();
-    consumer
-}
-
 /// Every `source` of the Echo events on `topic` (2 partitions), read until
 /// `expected` distinct ones arrived or a minute passed.
 fn sources_on(broker: &Broker, topic: &str, expected: usize) -> BTreeSet<String> {
-    let consumer = reader(broker, topic);
+    let consumer = broker.reader(topic, 2);
     let mut sources = BTreeSet::new();
     let until = Instant::now() + Duration::from_secs(60);
     while sources.len() < expected && Instant::now() < until {

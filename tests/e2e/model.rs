@@ -190,9 +190,7 @@ enum KafkaStep {
 /// and no event is missing from the topic.
 #[test]
 fn random_kills_rebuilds_and_broker_outages_publish_every_derived_event_to_kafka() {
-    use rdkafka::consumer::{BaseConsumer, Consumer};
     use rdkafka::message::{Headers, Message};
-    use rdkafka::{Offset, TopicPartitionList};
 
     let seed: u64 = std::env::var("REFRACT_MODEL_SEED").ok().and_then(|s| s.parse().ok()).unwrap_or(4);
     let steps: usize = std::env::var("REFRACT_MODEL_STEPS").ok().and_then(|s| s.parse().ok()).unwrap_or(20);
@@ -218,17 +216,7 @@ fn random_kills_rebuilds_and_broker_outages_publish_every_derived_event_to_kafka
     };
     // Every record on the topic: emit id → n.
     let topic = |broker: &crate::support::kafka::Broker, expected: usize| {
-        let consumer: BaseConsumer = rdkafka::config::ClientConfig::new()
-            .set("bootstrap.servers", broker.address())
-            .set("group.id", "model-reader")
-            .set("enable.auto.commit", "false")
-            .create()
-            .unwrap();
-        let mut tpl = TopicPartitionList::new();
-        for p in 0..2 {
-            tpl.add_partition_offset("chaos.echoes", p, Offset::Beginning).unwrap();
-        }
-        consumer.assign(&tpl).unwrap();
+        let consumer = broker.reader("chaos.echoes", 2);
         let (mut records, mut ids) = (0usize, std::collections::BTreeMap::<String, u64>::new());
         let until = std::time::Instant::now() + Duration::from_secs(60);
         let mut quiet = 0;

@@ -170,6 +170,20 @@ fn a_partitioned_projection_answers_as_the_whole_read_model_does() {
     sharded.assert_order_summary_is_the_fold_of(&all);
 }
 
+/// The `kafka:` and `cluster:` sections of instance `id` of a cluster on
+/// `broker` whose partitioned projections' shards the consumer group
+/// `group` hands out, with `standbys` standby copies and `streams` (the
+/// lines under `kafka.streams`), noticing a dead member within 6 s.
+pub(crate) fn cluster_config(broker: &Broker, id: &str, group: &str, standbys: u32, streams: &str) -> String {
+    format!(
+        "kafka:\n  brokers: {}\n  mode: partitioned\n  group-id: {group}\n  standby-replicas: {standbys}\n  properties: {{ session.timeout.ms: \"6000\", heartbeat.interval.ms: \"500\" }}\n  streams:\n{streams}cluster:\n  instance-id: {id}\n  announce-interval-ms: 1000\n",
+        broker.address()
+    )
+}
+
+/// The `kafka.streams` line of the `orders` stream on the topic `shop.orders`.
+pub(crate) const ORDERS_STREAM: &str = "    orders: { topic: shop.orders, format: json, type-header: event-type }\n";
+
 /// A table read whole through one instance, or the status and body it refused with.
 fn read_table(server: &Server, table: &str) -> Result<Vec<(String, Value)>, (u16, Value)> {
     let mut out = Vec::new();
@@ -234,12 +248,7 @@ fn instances_share_shards_answer_for_all_of_them_and_hand_them_over() {
     let expected = |events: &[Value]| crate::support::reference::orders(events).orders.into_iter().collect::<Vec<_>>();
     let (before, after) = (expected(first), expected(&all));
 
-    let config = |id: &str| {
-        format!(
-            "kafka:\n  brokers: {}\n  mode: partitioned\n  group-id: cluster-test\n  standby-replicas: 2\n  properties: {{ session.timeout.ms: \"6000\", heartbeat.interval.ms: \"500\" }}\n  streams:\n    orders: {{ topic: shop.orders, format: json, type-header: event-type }}\ncluster:\n  instance-id: {id}\n  announce-interval-ms: 1000\n",
-            broker.address()
-        )
-    };
+    let config = |id: &str| cluster_config(&broker, id, "cluster-test", 2, ORDERS_STREAM);
     let dirs = [tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap()];
     let plugins = plugins();
     let mut servers: Vec<Server> = ["a", "b", "c"]
@@ -351,10 +360,8 @@ fn a_shard_without_a_standby_is_restored_by_replay_and_shows_it() {
     broker.producer().send_all("shop.orders", &events.iter().map(Out::plain).collect::<Vec<_>>());
     let expected = crate::support::reference::orders(&events).orders.into_iter().collect::<Vec<_>>();
     let config = |id: &str| {
-        format!(
-            "batch:\n  max-events: 20\n  call-events: 20\n  catch-up-factor: 1\nkafka:\n  brokers: {}\n  mode: partitioned\n  group-id: restore-test\n  standby-replicas: 0\n  properties: {{ session.timeout.ms: \"6000\", heartbeat.interval.ms: \"500\" }}\n  streams:\n    orders: {{ topic: shop.orders, format: json, type-header: event-type }}\ncluster:\n  instance-id: {id}\n  announce-interval-ms: 1000\n",
-            broker.address()
-        )
+        let batches = "batch:\n  max-events: 20\n  call-events: 20\n  catch-up-factor: 1\n";
+        format!("{batches}{}", cluster_config(&broker, id, "restore-test", 0, ORDERS_STREAM))
     };
     // Small batches (each a durable commit) make the restore last long enough to watch.
     let (dir_a, dir_b) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
@@ -409,12 +416,9 @@ fn derived_events_are_published_once_across_hand_overs_and_a_kill() {
     broker.create_topic("chaos.in", 4);
     broker.create_topic("chaos.echoes", 2);
     let events: Vec<Out> = crate::emitted_events::emits(0..EVENTS, "echoes").iter().map(Out::plain).collect();
-    let config = |id: &str| {
-        format!(
-            "kafka:\n  brokers: {}\n  mode: partitioned\n  group-id: emit-test\n  standby-replicas: 1\n  properties: {{ session.timeout.ms: \"6000\", heartbeat.interval.ms: \"500\" }}\n  streams:\n    chaos: {{ topic: chaos.in, format: json, type-header: event-type }}\n    echoes: {{ topic: chaos.echoes }}\ncluster:\n  instance-id: {id}\n  announce-interval-ms: 1000\n",
-            broker.address()
-        )
-    };
+    let streams =
+        "    chaos: { topic: chaos.in, format: json, type-header: event-type }\n    echoes: { topic: chaos.echoes }\n";
+    let config = |id: &str| cluster_config(&broker, id, "emit-test", 1, streams);
     let producer = broker.producer();
     producer.send_all("chaos.in", &events[..1500]);
     let dirs = [tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap()];
@@ -481,19 +485,7 @@ struct Echoes {
 
 impl Echoes {
     fn new(broker: &Broker) -> Echoes {
-        use rdkafka::consumer::Consumer;
-        let consumer: rdkafka::consumer::BaseConsumer = rdkafka::config::ClientConfig::new()
-            .set("bootstrap.servers", broker.address())
-            .set("group.id", "echo-reader")
-            .set("enable.auto.commit", "false")
-            .create()
-            .unwrap();
-        let mut tpl = rdkafka::TopicPartitionList::new();
-        for p in 0..2 {
-            tpl.add_partition_offset("chaos.echoes", p, rdkafka::Offset::Beginning).unwrap();
-        }
-        consumer.assign(&tpl).unwrap();
-        Echoes { consumer, got: Default::default() }
+        Echoes { consumer: broker.reader("chaos.echoes", 2), got: Default::default() }
     }
 
     /// Read what arrives within `wait`; whether anything did.

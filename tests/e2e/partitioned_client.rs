@@ -15,6 +15,7 @@ use std::time::{Duration, Instant};
 use rdkafka::consumer::{BaseConsumer, Consumer};
 use serde_json::Value;
 
+use crate::partitioned::{ORDERS_STREAM, cluster_config};
 use crate::support::kafka::{Broker, Out};
 use crate::support::{Server, encode, plugins};
 
@@ -48,12 +49,7 @@ fn a_client_querying_every_instance_during_a_kill_and_a_stop_gets_right_answers_
     let broker = Broker::start_in_memory();
     broker.create_topic("shop.orders", 4);
     let events = refract_client::fixtures::orders(n, 71, 0.01);
-    let config = |id: &str| {
-        format!(
-            "kafka:\n  brokers: {}\n  mode: partitioned\n  group-id: client-test\n  standby-replicas: 1\n  properties: {{ session.timeout.ms: \"6000\", heartbeat.interval.ms: \"500\" }}\n  streams:\n    orders: {{ topic: shop.orders, format: json, type-header: event-type }}\ncluster:\n  instance-id: {id}\n  announce-interval-ms: 1000\n",
-            broker.address()
-        )
-    };
+    let config = |id: &str| cluster_config(&broker, id, "client-test", 1, ORDERS_STREAM);
     let dirs = [tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap()];
     let plugins = plugins();
     let mut servers: Vec<Server> = ["a", "b", "c"]
@@ -136,21 +132,12 @@ fn a_client_querying_every_instance_during_a_kill_and_a_stop_gets_right_answers_
                     }
                     eprintln!("dead letters by error: {why:#?}");
                 }
-                let watermarks: BaseConsumer = rdkafka::config::ClientConfig::new()
-                    .set("bootstrap.servers", broker.address())
-                    .set("group.id", "watermarks")
-                    .create()
-                    .unwrap();
                 // What the broker holds: a lost record would explain a fold that differs.
-                let mut tpl = rdkafka::TopicPartitionList::new();
-                for p in 0..4 {
-                    tpl.add_partition_offset("shop.orders", p, rdkafka::Offset::Beginning).unwrap();
-                }
-                watermarks.assign(&tpl).unwrap();
+                let reader = broker.reader("shop.orders", 4);
                 let mut held = [0usize; 4];
                 let quiet = Instant::now() + Duration::from_secs(20);
                 while Instant::now() < quiet {
-                    if let Some(Ok(m)) = watermarks.poll(Duration::from_millis(500)) {
+                    if let Some(Ok(m)) = reader.poll(Duration::from_millis(500)) {
                         use rdkafka::message::Message;
                         held[m.partition() as usize] += 1;
                     }

@@ -99,6 +99,24 @@ impl Broker {
         }
     }
 
+    /// A consumer of `topic`'s first `partitions` partitions from their
+    /// beginning (assigned, in no group), to read what reached the topic.
+    pub(crate) fn reader(&self, topic: &str, partitions: i32) -> rdkafka::consumer::BaseConsumer {
+        use rdkafka::consumer::Consumer;
+        let consumer: rdkafka::consumer::BaseConsumer = ClientConfig::new()
+            .set("bootstrap.servers", self.address())
+            .set("group.id", "test-reader")
+            .set("enable.auto.commit", "false")
+            .create()
+            .unwrap();
+        let mut tpl = rdkafka::TopicPartitionList::new();
+        for p in 0..partitions {
+            tpl.add_partition_offset(topic, p, rdkafka::Offset::Beginning).unwrap();
+        }
+        consumer.assign(&tpl).unwrap();
+        consumer
+    }
+
     pub(crate) fn kill(&mut self) {
         if let Some(mut child) = self.child.take() {
             let _ = child.kill();

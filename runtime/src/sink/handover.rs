@@ -71,6 +71,31 @@ pub type Ordinals = BTreeMap<(String, u32), u64>;
 pub type Offsets = BTreeMap<(String, i32), i64>;
 
 impl Publication {
+    /// What `instance` says it published (`released`: and that it stopped).
+    pub fn new(instance: String, released: bool, published: &Ordinals, from: &Offsets) -> Publication {
+        Publication {
+            instance,
+            released,
+            published: published
+                .iter()
+                .map(|((stream, partition), ordinal)| Published {
+                    stream: stream.clone(),
+                    partition: *partition,
+                    ordinal: *ordinal,
+                })
+                .collect(),
+            from: from
+                .iter()
+                .map(|((topic, partition), offset)| Mark {
+                    topic: topic.clone(),
+                    partition: *partition,
+                    offset: *offset,
+                })
+                .collect(),
+            at: crate::clock::now_ms(),
+        }
+    }
+
     pub fn ordinals(&self) -> Ordinals {
         self.published.iter().map(|p| ((p.stream.clone(), p.partition), p.ordinal)).collect()
     }
@@ -125,13 +150,13 @@ const RELEASE_WAIT: Duration = Duration::from_secs(15);
 /// How often the active copy records its publication while it publishes.
 pub(super) const RECORD_INTERVAL: Duration = Duration::from_secs(1);
 
-/// What a shard's relay knows of the publishing it has taken over.
+/// What a shard's relay knows of the publishing it has taken over. (Where
+/// to read a target topic back from is the relay's own `from` for it, which
+/// starts as the last publication's and moves only once the topic is read.)
 #[derive(Debug, Default)]
 pub(super) struct Takeover {
     /// Emits the previous owners published, by the last publication.
     pub covered: Ordinals,
-    /// Where to read each target partition from for emits published after it.
-    pub from: Offsets,
     /// Target topics already read.
     pub read: HashSet<String>,
     /// Emit ids found on them: published already, not to be sent again.

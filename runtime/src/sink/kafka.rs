@@ -30,8 +30,7 @@ impl ProducerContext for Deliveries {
         match result {
             Ok(m) => {
                 let mut landed = self.landed.lock().expect("landed lock");
-                let after = landed.entry((m.topic().to_owned(), m.partition())).or_insert(0);
-                *after = (*after).max(m.offset() + 1);
+                super::raise(&mut landed, (m.topic().to_owned(), m.partition()), m.offset() + 1);
             }
             Err((e, _)) => {
                 tracing::warn!(error = %e, "a Kafka delivery failed");

@@ -26,9 +26,9 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
-use self::handover::{Handover, Mark, Offsets, Ordinals, Publication, Published, Takeover};
+use self::handover::{Handover, Offsets, Ordinals, Publication, Takeover};
 use self::kafka::KafkaSink;
-use crate::clock::{Backoff, now_ms};
+use crate::clock::Backoff;
 use crate::source::NewEvent;
 use crate::source::kafka::KafkaConfig;
 use crate::source::log::EventLog;
@@ -184,7 +184,7 @@ impl Relay {
         tracing::info!(projection = %h.projection, shard = h.shard, from = %last.instance, "publishing the shard's emitted events");
         self.published = last.ordinals();
         self.from = last.offsets();
-        self.takeover = Some(Takeover { covered: last.ordinals(), from: last.offsets(), ..Takeover::default() });
+        self.takeover = Some(Takeover { covered: last.ordinals(), ..Takeover::default() });
         self.record(false);
     }
 
@@ -216,29 +216,7 @@ impl Relay {
     fn record(&mut self, released: bool) {
         let Some(h) = &self.handover else { return };
         let Some(publications) = h.publications() else { return };
-        let publication = Publication {
-            instance: publications.instance(),
-            released,
-            published: self
-                .published
-                .iter()
-                .map(|((stream, partition), ordinal)| Published {
-                    stream: stream.clone(),
-                    partition: *partition,
-                    ordinal: *ordinal,
-                })
-                .collect(),
-            from: self
-                .from
-                .iter()
-                .map(|((topic, partition), offset)| Mark {
-                    topic: topic.clone(),
-                    partition: *partition,
-                    offset: *offset,
-                })
-                .collect(),
-            at: now_ms(),
-        };
+        let publication = Publication::new(publications.instance(), released, &self.published, &self.from);
         match publications.record(&h.projection, h.shard, &publication) {
             Ok(()) => {
                 self.recorded = Some(Instant::now());
@@ -266,7 +244,7 @@ impl Relay {
             return Ok(());
         }
         let from: BTreeMap<i32, i64> =
-            takeover.from.iter().filter(|((t, _), _)| t == topic).map(|((_, p), o)| (*p, *o)).collect();
+            self.from.iter().filter(|((t, _), _)| t == topic).map(|((_, p), o)| (*p, *o)).collect();
         let (ids, ends) = kafka::emit_ids(&self.kafka, topic, &from, mine, &self.stop)?;
         if !ids.is_empty() {
             tracing::info!(projection = %self.projection, shard = self.shard, topic, published = ids.len(), "emits the previous owner published after its last record; not sent again");
@@ -275,8 +253,7 @@ impl Relay {
         takeover.seen.extend(ids);
         takeover.read.insert(topic.to_owned());
         for (p, end) in ends {
-            let at = self.from.entry((topic.to_owned(), p)).or_insert(end);
-            *at = (*at).max(end);
+            raise(&mut self.from, (topic.to_owned(), p), end);
         }
         Ok(())
     }
@@ -322,8 +299,7 @@ impl Relay {
             match sink.send(&to_kafka) {
                 Ok(landed) => {
                     for (at, after) in landed {
-                        let from = self.from.entry(at).or_insert(after);
-                        *from = (*from).max(after);
+                        raise(&mut self.from, at, after);
                     }
                 }
                 Err(e) => {
@@ -339,8 +315,7 @@ impl Relay {
         }
         self.read_model.trim_emitted(last).map_err(|e| e.to_string())?;
         for o in entries.iter().filter_map(|(_, e)| e.origin.as_ref()) {
-            let published = self.published.entry((o.stream.clone(), o.partition)).or_insert(0);
-            *published = (*published).max(o.ordinal);
+            raise(&mut self.published, (o.stream.clone(), o.partition), o.ordinal);
         }
         if self.takeover.is_some() {
             self.unrecorded = true;
@@ -356,6 +331,12 @@ impl Relay {
         let (Some(takeover), Some(o)) = (&mut self.takeover, &event.origin) else { return false };
         takeover.covers(&o.stream, o.partition, o.ordinal) || takeover.seen.remove(id)
     }
+}
+
+/// Set `map[key]` to `value` unless it holds more already.
+fn raise<K: Ord, V: Ord + Copy>(map: &mut BTreeMap<K, V>, key: K, value: V) {
+    let at = map.entry(key).or_insert(value);
+    *at = (*at).max(value);
 }
 
 fn new_event(e: &Emitted) -> NewEvent {
@@ -455,29 +436,22 @@ mod tests {
             batch.emit("echoes", echo(99)).unwrap();
             read_model.commit(&batch.into_writes(), &Commit::default()).unwrap();
         }
-        let origins: Vec<Option<(String, u64)>> = read_model
-            .emitted_after(0, 100)
-            .unwrap()
-            .into_iter()
-            .map(|(_, e)| e.origin.map(|o| (o.stream, o.ordinal)))
-            .collect();
+        // What is in the outbox: (stream, ordinal) per event.
+        let origins = || -> Vec<Option<(String, u64)>> {
+            let left = read_model.emitted_after(0, 100).unwrap();
+            left.into_iter().map(|(_, e)| e.origin.map(|o| (o.stream, o.ordinal))).collect()
+        };
         let o = |s: &str, n: u64| Some((s.to_owned(), n));
         #[rustfmt::skip]
-        assert_eq!(origins, vec![
+        assert_eq!(origins(), vec![
             o("orders", 1), o("orders", 2), o("orders", 3), o("payments", 1), o("payments", 2), o("orders", 4), None,
             o("orders", 5), o("orders", 6), o("orders", 7), o("payments", 3), o("payments", 4), o("orders", 8), None,
         ]);
 
         let published = [(("orders".to_owned(), 0), 6), (("payments".to_owned(), 0), 1)].into_iter().collect();
         assert_eq!(read_model.trim_emitted_published(&published).unwrap(), 7);
-        let left: Vec<Option<(String, u64)>> = read_model
-            .emitted_after(0, 100)
-            .unwrap()
-            .into_iter()
-            .map(|(_, e)| e.origin.map(|o| (o.stream, o.ordinal)))
-            .collect();
         assert_eq!(
-            left,
+            origins(),
             vec![o("payments", 2), None, o("orders", 7), o("payments", 3), o("payments", 4), o("orders", 8), None]
         );
     }
