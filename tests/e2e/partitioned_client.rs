@@ -15,7 +15,7 @@ use std::time::{Duration, Instant};
 use rdkafka::consumer::{BaseConsumer, Consumer};
 use serde_json::Value;
 
-use crate::partitioned::{ORDERS_STREAM, cluster_config};
+use crate::partitioned::{ORDERS_STREAM, cluster_config, start_cluster};
 use crate::support::kafka::{Broker, Out};
 use crate::support::{Server, encode, plugins};
 
@@ -52,11 +52,10 @@ fn a_client_querying_every_instance_during_a_kill_and_a_stop_gets_right_answers_
     let config = |id: &str| cluster_config(&broker, id, "client-test", 1, ORDERS_STREAM);
     let dirs = [tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap()];
     let plugins = plugins();
-    let mut servers: Vec<Server> = ["a", "b", "c"]
-        .iter()
-        .zip(&dirs)
-        .map(|(id, dir)| Server::start(dir.path(), &[&plugins.order_summary, &plugins.order_search], &config(id)))
-        .collect();
+    let ids = ["a", "b", "c"];
+    let mut servers = start_cluster(3, &["order-summary", "order-search"], 4, |i| {
+        Server::start(dirs[i].path(), &[&plugins.order_summary, &plugins.order_search], &config(ids[i]))
+    });
     let urls: Vec<String> = servers.iter().map(|s| s.url.clone()).collect();
 
     // The instances the client may ask: one is taken out (under the write

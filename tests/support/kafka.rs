@@ -58,6 +58,13 @@ impl Broker {
     /// instances reading 100,000 records, tansu's SQLite engine answered
     /// offset lookups and fetches only after 10 s timeouts, so the tests
     /// producing that much use this.
+    ///
+    /// tansu 0.6.0's memory engine answers a fetch from an offset inside a
+    /// stored batch with the batches *after* it, skipping the rest of that
+    /// one (`dynostore.rs` splits its batch index at the fetch offset;
+    /// fixed upstream later): a consumer resuming from a checkpoint in the
+    /// middle of a batch silently misses records. Its [`Broker::producer`]
+    /// therefore sends one record per batch, so every offset starts one.
     pub(crate) fn start_in_memory() -> Broker {
         Broker::start_with("memory://tansu/")
     }
@@ -139,22 +146,30 @@ impl Broker {
 
     /// A producer (librdkafka, like any Kafka client) for this broker.
     pub(crate) fn producer(&self) -> TestProducer {
-        TestProducer::new(&self.address())
+        TestProducer::with(&self.address(), self.storage.starts_with("memory"))
     }
 }
 
 impl TestProducer {
     /// A producer for the cluster at `bootstrap` (`host:port,…`).
     pub(crate) fn new(bootstrap: &str) -> TestProducer {
+        TestProducer::with(bootstrap, false)
+    }
+
+    /// `one_per_batch`: a batch per record (see [`Broker::start_in_memory`]).
+    fn with(bootstrap: &str, one_per_batch: bool) -> TestProducer {
         let failures = Arc::new(AtomicUsize::new(0));
-        let producer = ClientConfig::new()
+        let mut config = ClientConfig::new();
+        config
             .set("bootstrap.servers", bootstrap)
             .set("linger.ms", "5")
             // Kafka's Java client partitioning, like the embedded log's.
             .set("partitioner", "murmur2_random")
-            .set("message.timeout.ms", "60000")
-            .create_with_context(Failures(failures.clone()))
-            .expect("creating a producer");
+            .set("message.timeout.ms", "60000");
+        if one_per_batch {
+            config.set("batch.num.messages", "1");
+        }
+        let producer = config.create_with_context(Failures(failures.clone())).expect("creating a producer");
         TestProducer { producer, failures }
     }
 }

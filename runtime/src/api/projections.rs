@@ -70,7 +70,7 @@ pub(super) async fn get_item(
 ) -> Result<Json<Box<serde_json::value::RawValue>>, ApiError> {
     let p = find(&state.runtime, &name)?;
     check_table(&p, &table)?;
-    let plan = Plan::new(&state, &p, &request)?;
+    let plan = Plan::new(&state, &p, &request).await?;
     let (waited, parts) =
         tokio::join!(consistency::wait(&state.runtime, &p, &plan.local, &wait, false), plan.ask(&state, &request));
     waited?;
@@ -125,7 +125,7 @@ pub(super) async fn scan(
     let limit = page_limit(q.limit)?;
     let p = find(&state.runtime, &name)?;
     check_table(&p, &table)?;
-    let plan = Plan::new(&state, &p, &request)?;
+    let plan = Plan::new(&state, &p, &request).await?;
     let (waited, parts) =
         tokio::join!(consistency::wait(&state.runtime, &p, &plan.local, &wait, false), plan.ask(&state, &request));
     waited?;
@@ -168,7 +168,7 @@ pub(super) async fn dead_letters(
 ) -> Result<Json<DeadLetterPage>, ApiError> {
     let limit = page_limit(q.limit)?;
     let p = find(&state.runtime, &name)?;
-    let plan = Plan::new(&state, &p, &request)?;
+    let plan = Plan::new(&state, &p, &request).await?;
     let parts = plan.ask(&state, &request).await?;
     // Shard by shard, in id order (the ids say which shard).
     let mut letters = Vec::new();
@@ -211,7 +211,7 @@ pub(super) async fn dead_letter(
 ) -> Result<Json<DeadLetterView>, ApiError> {
     let p = find(&state.runtime, &name)?;
     let (n, local) = locate(&p, &name, id)?;
-    let plan = Plan::one(&state, &p, &request, n)?;
+    let plan = Plan::one(&state, &p, &request, n).await?;
     let Some(shard) = plan.local.first() else { return relay(plan.ask(&state, &request).await?) };
     let Some(letter) = shard.live().read_model.dead_letter(local)? else {
         return Err(no_dead_letter(&name, id));
@@ -232,7 +232,7 @@ pub(super) async fn skip_dead_letter(
 ) -> Result<Json<Skipped>, ApiError> {
     let p = find(&state.runtime, &name)?;
     let (n, local) = locate(&p, &name, id)?;
-    let plan = Plan::one(&state, &p, &request, n)?;
+    let plan = Plan::one(&state, &p, &request, n).await?;
     let Some(shard) = plan.local.first() else { return relay(plan.ask(&state, &request).await?) };
     let read_model = shard.live().read_model.clone();
     let removed = tokio::task::spawn_blocking(move || read_model.remove_dead_letter(local))
@@ -266,9 +266,9 @@ pub(super) async fn retry_dead_letter(
 async fn retry(state: &AppState, name: &str, id: Option<u64>, request: &Incoming) -> Result<Json<Retried>, ApiError> {
     let p = find(&state.runtime, name)?;
     let (plan, one) = match id {
-        None => (Plan::new(state, &p, request)?, None),
+        None => (Plan::new(state, &p, request).await?, None),
         Some(id) => match locate(&p, name, id) {
-            Ok((n, local)) => (Plan::one(state, &p, request, n)?, Some(local)),
+            Ok((n, local)) => (Plan::one(state, &p, request, n).await?, Some(local)),
             Err(_) => return Ok(Json(Retried { missing: vec![id], ..Retried::default() })),
         },
     };
@@ -363,7 +363,7 @@ pub(super) async fn resume(
     request: Incoming,
 ) -> Result<Json<Resumed>, ApiError> {
     let p = find(&state.runtime, &name)?;
-    let plan = Plan::new(&state, &p, &request)?;
+    let plan = Plan::new(&state, &p, &request).await?;
     let mut resumed = false;
     for part in plan.ask(&state, &request).await? {
         resumed |= part.answer::<Resumed>()?.resumed;

@@ -32,7 +32,7 @@ pub(super) async fn search(
             format!("projection {name:?} has no index {index:?}; it has {known:?}"),
         ));
     }
-    let plan = Plan::new(&state, &projection, &incoming)?;
+    let plan = Plan::new(&state, &projection, &incoming).await?;
     let (waited, parts) = tokio::join!(
         consistency::wait(&state.runtime, &projection, &plan.local, &wait, true),
         plan.ask(&state, &incoming)

@@ -49,6 +49,14 @@ pub(super) struct Plan {
     projection: String,
 }
 
+/// Why a plan cannot be made now.
+enum Unplanned {
+    /// No instance answers for a shard: it may be moving, worth waiting for.
+    Moving(ApiError),
+    /// An answer that waiting would not change.
+    Refused(ApiError),
+}
+
 /// What one instance answered for its shards.
 pub(super) struct Part {
     pub status: StatusCode,
@@ -96,27 +104,46 @@ fn named(value: &axum::http::HeaderValue) -> Result<Vec<u32>, ApiError> {
 
 impl Plan {
     /// Which shards answer `request` for `p`: every shard.
-    pub(super) fn new(state: &AppState, p: &Projection, request: &Incoming) -> Result<Plan, ApiError> {
-        Plan::of(state, p, &request.headers, None)
+    pub(super) async fn new(state: &AppState, p: &Projection, request: &Incoming) -> Result<Plan, ApiError> {
+        Plan::of(state, p, &request.headers, None).await
     }
 
     /// Which instance answers `request` for shard `n` of `p` (a request about one dead letter).
-    pub(super) fn one(state: &AppState, p: &Projection, request: &Incoming, n: u32) -> Result<Plan, ApiError> {
-        Plan::of(state, p, &request.headers, Some(n))
+    pub(super) async fn one(state: &AppState, p: &Projection, request: &Incoming, n: u32) -> Result<Plan, ApiError> {
+        Plan::of(state, p, &request.headers, Some(n)).await
     }
 
-    fn of(state: &AppState, p: &Projection, headers: &HeaderMap, only: Option<u32>) -> Result<Plan, ApiError> {
+    /// The plan, once every shard has an instance that answers for it: a
+    /// shard in the middle of a hand-over (let go by one instance, not yet
+    /// caught up by the next) is waited for up to [`MOVE_WAIT`], so a client
+    /// sees a 503 only when the move takes longer, or the shard is being
+    /// restored here (which the 503 says at once, with its progress).
+    async fn of(state: &AppState, p: &Projection, headers: &HeaderMap, only: Option<u32>) -> Result<Plan, ApiError> {
+        let until = std::time::Instant::now() + MOVE_WAIT;
+        loop {
+            match Plan::now(state, p, headers, only) {
+                Err(Unplanned::Moving(_)) if std::time::Instant::now() < until => {
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                }
+                Err(Unplanned::Moving(error) | Unplanned::Refused(error)) => return Err(error),
+                Ok(plan) => return Ok(plan),
+            }
+        }
+    }
+
+    /// The plan from what this instance runs and the control topic says now.
+    fn now(state: &AppState, p: &Projection, headers: &HeaderMap, only: Option<u32>) -> Result<Plan, Unplanned> {
         let (here, name) = (p.shards(), p.manifest().name);
         if let Some(value) = headers.get(SHARDS_HEADER) {
             let mut local = Vec::new();
-            for n in named(value)? {
+            for n in named(value).map_err(Unplanned::Refused)? {
                 match here.iter().find(|s| s.number() == n && s.is_ready()) {
                     Some(shard) => local.push(shard.clone()),
                     None => {
-                        return Err(ApiError::shard_unavailable(
+                        return Err(Unplanned::Refused(ApiError::shard_unavailable(
                             "shard_not_here",
                             format!("this instance does not answer for shard {n} of {name} (any more)"),
-                        ));
+                        )));
                     }
                 }
             }
@@ -138,13 +165,16 @@ impl Plan {
                     None => remote.push((url, vec![n])),
                 },
                 None => {
-                    let why = match mine.and_then(|s| s.restore_progress()) {
-                        Some((done, total)) => {
-                            format!("shard {n} of {name} is being restored here ({done} of {total} events)")
-                        }
-                        None => format!("no live instance answers for shard {n} of {name} right now"),
-                    };
-                    return Err(ApiError::shard_unavailable("shard_unavailable", why));
+                    return Err(match mine.and_then(|s| s.restore_progress()) {
+                        Some((done, total)) => Unplanned::Refused(ApiError::shard_unavailable(
+                            "shard_unavailable",
+                            format!("shard {n} of {name} is being restored here ({done} of {total} events)"),
+                        )),
+                        None => Unplanned::Moving(ApiError::shard_unavailable(
+                            "shard_unavailable",
+                            format!("no live instance answers for shard {n} of {name} right now"),
+                        )),
+                    });
                 }
             }
         }
@@ -215,8 +245,9 @@ impl Plan {
 
 /// How long a request waits for the control topic to name the new owner of
 /// a shard whose instance let it go or cannot be reached: a clean hand-over
-/// is announced at once; a killed instance's shards move only after the
-/// group's session timeout, and the client is told to retry.
+/// from a standby copy takes about a second (one announcement); a killed
+/// instance's shards move only after the group's session timeout, and the
+/// client is told to retry.
 const MOVE_WAIT: Duration = Duration::from_secs(3);
 
 fn unreachable(url: &str, error: &ureq::Error) -> ApiError {
