@@ -43,6 +43,10 @@ pub struct Announcement {
     pub announced_at: i64,
     /// How often the instance announces itself.
     pub interval_ms: u64,
+    /// When this run of the instance joined, in ms since the Unix epoch: a
+    /// record it wrote before then was written by a run that is gone.
+    #[serde(default)]
+    pub started_at: i64,
     pub projections: Vec<Held>,
 }
 
@@ -106,6 +110,8 @@ pub struct Cluster {
     members: Arc<RwLock<BTreeMap<String, Announcement>>>,
     /// By (projection, shard): what its active copy last said it published.
     publications: Arc<RwLock<ByShard>>,
+    /// By partition of the control topic: the offset after the last record read.
+    read: Arc<Mutex<BTreeMap<i32, i64>>>,
     producer: Arc<BaseProducer>,
     stop: Arc<AtomicBool>,
     threads: Mutex<Vec<JoinHandle<()>>>,
@@ -134,10 +140,12 @@ impl Cluster {
             Arc::new(kafka.client_config().create().context("creating the cluster producer")?);
         let members = Arc::new(RwLock::new(BTreeMap::new()));
         let publications = Arc::new(RwLock::new(BTreeMap::new()));
+        let read = Arc::new(Mutex::new(BTreeMap::new()));
         let stop = Arc::new(AtomicBool::new(false));
         let reading = {
             let (kafka, topic, me, stop) = (kafka.clone(), topic.clone(), me.clone(), stop.clone());
-            let directory = Directory { members: members.clone(), publications: publications.clone() };
+            let directory =
+                Directory { members: members.clone(), publications: publications.clone(), read: read.clone() };
             move || {
                 let mut backoff = Backoff::new(Duration::from_millis(200), Duration::from_secs(10));
                 while !stop.load(Ordering::Relaxed) {
@@ -159,6 +167,7 @@ impl Cluster {
             me: me.clone(),
             url,
             interval,
+            started_at: now_ms(),
             runtime,
             stop: stop.clone(),
         };
@@ -167,7 +176,7 @@ impl Cluster {
             std::thread::Builder::new().name("cluster-announcer".into()).spawn(move || announcer.run())?,
         ];
         tracing::info!(instance = %me, topic = %topic, "joined the cluster");
-        Ok(Cluster { me, topic, members, publications, producer, stop, threads: Mutex::new(threads) })
+        Ok(Cluster { me, topic, members, publications, read, producer, stop, threads: Mutex::new(threads) })
     }
 
     /// Every member this instance has heard of.
@@ -257,8 +266,32 @@ impl Publications for Cluster {
         let publication =
             self.publications.read().expect("publications lock").get(&(projection.to_owned(), n))?.clone();
         let members = self.members.read().expect("members lock");
-        let live = members.get(&publication.instance).is_some_and(|a| is_live(a, now_ms()));
+        // Live, and the same run that wrote it (a restarted instance's
+        // earlier run is gone, and publishes nothing more).
+        let live =
+            members.get(&publication.instance).is_some_and(|a| is_live(a, now_ms()) && a.started_at <= publication.at);
         Some((publication, live))
+    }
+
+    fn read_up_to_now(&self, within: Duration) -> bool {
+        let until = Instant::now() + within;
+        let client = self.producer.client();
+        let Ok(metadata) = client.fetch_metadata(Some(&self.topic), within) else { return false };
+        let partitions = metadata.topics().first().map_or(0, |t| t.partitions().len()) as i32;
+        for p in 0..partitions {
+            let left = until.saturating_duration_since(Instant::now());
+            let Ok((low, high)) = client.fetch_watermarks(&self.topic, p, left) else { return false };
+            loop {
+                if self.read.lock().expect("read lock").get(&p).copied().unwrap_or(low) >= high {
+                    break;
+                }
+                if Instant::now() >= until {
+                    return false;
+                }
+                std::thread::sleep(Duration::from_millis(20));
+            }
+        }
+        true
     }
 
     fn record(&self, projection: &str, n: u32, publication: &Publication) -> Result<(), String> {
@@ -284,6 +317,8 @@ type ByShard = BTreeMap<(String, u32), Publication>;
 struct Directory {
     members: Arc<RwLock<BTreeMap<String, Announcement>>>,
     publications: Arc<RwLock<ByShard>>,
+    /// By partition: the offset after the last record read.
+    read: Arc<Mutex<BTreeMap<i32, i64>>>,
 }
 
 /// Since `a` was sent, by this instance's clock (instances keep NTP time).
@@ -344,6 +379,7 @@ struct Announcer {
     me: String,
     url: String,
     interval: Duration,
+    started_at: i64,
     runtime: Arc<Runtime>,
     stop: Arc<AtomicBool>,
 }
@@ -415,6 +451,7 @@ impl Announcer {
             url: self.url.clone(),
             announced_at: now_ms(),
             interval_ms: self.interval.as_millis() as u64,
+            started_at: self.started_at,
             projections,
         };
         let body = serde_json::to_vec(&announcement)?;
@@ -473,25 +510,31 @@ impl Reader {
                     continue;
                 }
             };
-            let Some(Ok(key)) = message.key().map(std::str::from_utf8) else { continue };
-            if let Some(shard) = key.strip_prefix(PUBLICATION) {
-                self.read_publication(shard, message.payload());
-                continue;
+            self.read(&message);
+            self.directory.read.lock().expect("read lock").insert(message.partition(), message.offset() + 1);
+        }
+    }
+
+    /// Keep what `message` says: an instance's announcement, or a shard's publication.
+    fn read(&self, message: &rdkafka::message::BorrowedMessage<'_>) {
+        let Some(Ok(key)) = message.key().map(std::str::from_utf8) else { return };
+        if let Some(shard) = key.strip_prefix(PUBLICATION) {
+            self.read_publication(shard, message.payload());
+            return;
+        }
+        let instance = key;
+        let mut members = self.directory.members.write().expect("members lock");
+        match message.payload() {
+            None => {
+                members.remove(instance);
             }
-            let instance = key;
-            let mut members = self.directory.members.write().expect("members lock");
-            match message.payload() {
-                None => {
-                    members.remove(instance);
+            Some(body) => match serde_json::from_slice::<Announcement>(body) {
+                Ok(a) if a.instance == instance => {
+                    members.insert(instance.to_owned(), a);
                 }
-                Some(body) => match serde_json::from_slice::<Announcement>(body) {
-                    Ok(a) if a.instance == instance => {
-                        members.insert(instance.to_owned(), a);
-                    }
-                    Ok(_) => tracing::warn!(instance, "an announcement under another instance's id; ignored"),
-                    Err(e) => tracing::warn!(instance, error = %e, "an announcement that does not decode; ignored"),
-                },
-            }
+                Ok(_) => tracing::warn!(instance, "an announcement under another instance's id; ignored"),
+                Err(e) => tracing::warn!(instance, error = %e, "an announcement that does not decode; ignored"),
+            },
         }
     }
 

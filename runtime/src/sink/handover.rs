@@ -110,8 +110,12 @@ pub trait Publications: Send + Sync {
     /// This instance's id.
     fn instance(&self) -> String;
     /// The last publication of shard `n` of `projection`, and whether its
-    /// writer is still live.
+    /// writer (the run of the instance that wrote it) is still live.
     fn publication(&self, projection: &str, n: u32) -> Option<(Publication, bool)>;
+    /// Wait until every record written before this call has been read, so
+    /// that [`Publications::publication`] misses none of them (at most
+    /// `within`); whether it has.
+    fn read_up_to_now(&self, within: Duration) -> bool;
     /// Record `publication` for shard `n` of `projection` (sent and acknowledged).
     fn record(&self, projection: &str, n: u32, publication: &Publication) -> Result<(), String>;
 }
@@ -175,6 +179,7 @@ impl Takeover {
 /// when the wait was cut short: the shard was let go, or `stop` set.
 pub(super) fn take_over(h: &Handover, stop: &AtomicBool) -> Option<Publication> {
     let waited = Instant::now();
+    let mut read_up = false;
     loop {
         if stop.load(Ordering::Relaxed) || !h.is_active() {
             return None;
@@ -183,6 +188,19 @@ pub(super) fn take_over(h: &Handover, stop: &AtomicBool) -> Option<Publication> 
             std::thread::sleep(Duration::from_millis(100));
             continue;
         };
+        // Decide on every record written so far: a view that missed the
+        // last owner's would let two instances publish at once.
+        if !read_up {
+            read_up = publications.read_up_to_now(Duration::from_secs(5));
+            if !read_up && waited.elapsed() < RELEASE_WAIT {
+                std::thread::sleep(Duration::from_millis(100));
+                continue;
+            }
+            if !read_up {
+                tracing::warn!(projection = %h.projection, shard = h.shard, "the control topic could not be read to its end; deciding on what was read");
+                read_up = true;
+            }
+        }
         let me = publications.instance();
         match publications.publication(&h.projection, h.shard) {
             None => return Some(Publication::default()),
@@ -211,6 +229,9 @@ mod tests {
         }
         fn publication(&self, projection: &str, n: u32) -> Option<(Publication, bool)> {
             self.0.lock().unwrap().get(&(projection.to_owned(), n)).cloned()
+        }
+        fn read_up_to_now(&self, _: Duration) -> bool {
+            true
         }
         fn record(&self, projection: &str, n: u32, publication: &Publication) -> Result<(), String> {
             self.0.lock().unwrap().insert((projection.to_owned(), n), (publication.clone(), true));

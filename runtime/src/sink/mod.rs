@@ -140,8 +140,10 @@ impl Relay {
             if let Some(h) = self.handover.clone() {
                 match (h.is_active(), self.takeover.is_some()) {
                     (true, false) => {
-                        if let Some(last) = handover::take_over(&h, &self.stop) {
-                            self.start_publishing(&h, last);
+                        if let Some(last) = handover::take_over(&h, &self.stop)
+                            && !self.start_publishing(&h, last)
+                        {
+                            std::thread::sleep(backoff.next_delay());
                         }
                         continue;
                     }
@@ -179,13 +181,21 @@ impl Relay {
         }
     }
 
-    /// Take the publishing over from `last`, the last publication recorded.
-    fn start_publishing(&mut self, h: &Handover, last: Publication) {
-        tracing::info!(projection = %h.projection, shard = h.shard, from = %last.instance, "publishing the shard's emitted events");
+    /// Take the publishing over from `last`, the last publication recorded,
+    /// once this instance's first record is written: the next owner must
+    /// know of it (and wait for its release) even if nothing is published.
+    /// Whether it took over.
+    fn start_publishing(&mut self, h: &Handover, last: Publication) -> bool {
         self.published = last.ordinals();
         self.from = last.offsets();
         self.takeover = Some(Takeover { covered: last.ordinals(), ..Takeover::default() });
         self.record(false);
+        if self.unrecorded {
+            self.takeover = None;
+            return false;
+        }
+        tracing::info!(projection = %h.projection, shard = h.shard, from = %last.instance, "publishing the shard's emitted events");
+        true
     }
 
     /// Stop publishing (the shard was let go) and say so, with what was published.
@@ -307,8 +317,12 @@ impl Relay {
                     // deliveries an idempotent one may be stuck on sequence
                     // numbers the broker refuses, or fatally failed (librdkafka
                     // then wants it recreated). The chunk goes again under the
-                    // same emit ids.
+                    // same emit ids; a shard in a cluster first reads its
+                    // topics back for those that landed.
                     self.producer = None;
+                    if let Some(takeover) = &mut self.takeover {
+                        takeover.read.clear();
+                    }
                     return Err(e);
                 }
             }
