@@ -417,8 +417,7 @@ fn a_shard_without_a_standby_is_restored_by_replay_and_shows_it() {
     wait_whole(&a, &expected, "a before the kill");
     wait_whole(&b, &expected, "b before the kill");
     assert!(shards(&a).iter().all(|s| s["role"] == "active"), "no standbys: {:?}", shards(&a));
-    let from_b: Vec<Value> =
-        shards(&b).iter().filter(|s| s["role"] == "active").map(|s| s["shard"].clone()).collect();
+    let from_b: Vec<Value> = shards(&b).iter().filter(|s| s["role"] == "active").map(|s| s["shard"].clone()).collect();
     assert!(!from_b.is_empty(), "b runs some shards");
     let logged = a.log().len();
 
@@ -504,7 +503,8 @@ fn derived_events_are_published_once_across_hand_overs_and_a_kill() {
     // On a failure, what each instance said about handing the publishing over.
     let hand_overs = || -> String {
         let said = ["shard taken", "shard let go", "publishing", "published", "previous owner", "not sent again"];
-        let lines = |s: &Server| s.log().lines().filter(|l| said.iter().any(|w| l.contains(w))).collect::<Vec<_>>().join("\n");
+        let lines =
+            |s: &Server| s.log().lines().filter(|l| said.iter().any(|w| l.contains(w))).collect::<Vec<_>>().join("\n");
         servers.iter().zip(ids).map(|(s, id)| format!("--- {id}:\n{}\n", lines(s))).collect()
     };
     let mut per_echo = std::collections::BTreeMap::<(bool, u64), usize>::new();
