@@ -43,7 +43,7 @@ struct Tally {
 }
 
 #[test]
-#[ignore = "fails at 100,000 events (issue 26, session 16): an item older than its wait_for once, and shards that skip events after hand-overs; see docs/cluster-design.md, \"Open problems\""]
+#[ignore = "about 200 s on tansu 0.6.0, whose memory engine needs one record per batch (it skips records when fetching from inside a batch) and whose SQLite engine times out at 100,000 events; see docs/cluster-design.md, \"Open problems\""]
 fn a_client_querying_every_instance_during_a_kill_and_a_stop_gets_right_answers_or_documented_503s() {
     let n = event_count();
     let broker = Broker::start_in_memory();

@@ -165,7 +165,7 @@ pub(super) fn spawn(
                     }
                     Change::Assigned(shards) => {
                         for n in shards {
-                            let heads = heads(&consumer, &streams, n);
+                            let Some(heads) = heads(&consumer, &streams, n, &stop) else { return };
                             match runtime.take_on(&projection, n, heads) {
                                 Ok(()) => {
                                     running.insert(n);
@@ -210,19 +210,29 @@ fn choose_standbys(
 }
 
 /// Where partition `n` of each of `streams` ends now: what a shard taken on
-/// must have handled before it answers queries. A head that cannot be read
-/// is left out (the shard then answers once it has caught up to the rest).
-fn heads(consumer: &BaseConsumer<Roles>, streams: &[(String, String)], n: u32) -> Cursor {
+/// must have handled before it answers queries. Read until every head is
+/// known (a shard taken on with a head missing would answer before it has
+/// caught up: a busy broker can take longer than one attempt's 5 s); `None`
+/// once `stop` is set.
+fn heads(consumer: &BaseConsumer<Roles>, streams: &[(String, String)], n: u32, stop: &AtomicBool) -> Option<Cursor> {
     let mut heads = Cursor::new();
     for (stream, topic) in streams {
-        match consumer.fetch_watermarks(topic, n as i32, Duration::from_secs(5)) {
-            Ok((_, high)) => {
-                heads.insert((stream.clone(), n), high.max(0) as u64);
+        loop {
+            if stop.load(Ordering::Relaxed) {
+                return None;
             }
-            Err(e) => tracing::warn!(topic, partition = n, error = %e, "reading a head for a shard taken on"),
+            match consumer.fetch_watermarks(topic, n as i32, Duration::from_secs(5)) {
+                Ok((_, high)) => {
+                    heads.insert((stream.clone(), n), high.max(0) as u64);
+                    break;
+                }
+                Err(e) => {
+                    tracing::warn!(topic, partition = n, error = %e, "reading a head for a shard taken on; retrying")
+                }
+            }
         }
     }
-    heads
+    Some(heads)
 }
 
 #[cfg(test)]
