@@ -112,6 +112,10 @@ pub struct Cluster {
     publications: Arc<RwLock<ByShard>>,
     /// By partition of the control topic: the offset after the last record read.
     read: Arc<Mutex<BTreeMap<i32, i64>>>,
+    /// How long a member that wrote a publication must have been silent
+    /// to count as gone: the group's session timeout (the group gives its
+    /// shards away no sooner), at least three announcement intervals.
+    gone_after_ms: u64,
     producer: Arc<BaseProducer>,
     stop: Arc<AtomicBool>,
     threads: Mutex<Vec<JoinHandle<()>>>,
@@ -176,7 +180,19 @@ impl Cluster {
             std::thread::Builder::new().name("cluster-announcer".into()).spawn(move || announcer.run())?,
         ];
         tracing::info!(instance = %me, topic = %topic, "joined the cluster");
-        Ok(Cluster { me, topic, members, publications, read, producer, stop, threads: Mutex::new(threads) })
+        let session_ms = kafka.properties.get("session.timeout.ms").and_then(|v| v.parse().ok()).unwrap_or(45_000);
+        let gone_after_ms = (3 * config.announce_interval_ms).max(session_ms);
+        Ok(Cluster {
+            me,
+            topic,
+            members,
+            publications,
+            read,
+            gone_after_ms,
+            producer,
+            stop,
+            threads: Mutex::new(threads),
+        })
     }
 
     /// Every member this instance has heard of.
@@ -266,10 +282,14 @@ impl Publications for Cluster {
         let publication =
             self.publications.read().expect("publications lock").get(&(projection.to_owned(), n))?.clone();
         let members = self.members.read().expect("members lock");
-        // Live, and the same run that wrote it (a restarted instance's
-        // earlier run is gone, and publishes nothing more).
-        let live =
-            members.get(&publication.instance).is_some_and(|a| is_live(a, now_ms()) && a.started_at <= publication.at);
+        // Not gone: announced within the group's session timeout (a member
+        // merely slow to announce under load may still be publishing; one
+        // that was killed has been silent that long before the group gives
+        // its shards away), by the same run that wrote it (a restarted
+        // instance's earlier run is gone, and publishes nothing more).
+        let live = members
+            .get(&publication.instance)
+            .is_some_and(|a| silent_ms(a, now_ms()) < self.gone_after_ms && a.started_at <= publication.at);
         Some((publication, live))
     }
 

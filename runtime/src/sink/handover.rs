@@ -149,8 +149,9 @@ impl Handover {
 }
 
 /// How long a new owner waits for the old one, still live, to let the
-/// shard go before it takes the publishing over regardless.
-const RELEASE_WAIT: Duration = Duration::from_secs(15);
+/// shard go before it takes the publishing over regardless (the old one
+/// finishes the chunk it is sending first: seconds on a busy broker).
+const RELEASE_WAIT: Duration = Duration::from_secs(30);
 /// How often the active copy records its publication while it publishes.
 pub(super) const RECORD_INTERVAL: Duration = Duration::from_secs(1);
 
@@ -165,9 +166,28 @@ pub(super) struct Takeover {
     pub read: HashSet<String>,
     /// Emit ids found on them: published already, not to be sent again.
     pub seen: HashSet<String>,
+    /// Where each read back started: while some of `seen` are still ahead
+    /// of this relay's outbox (not yet covered by its ordinals), its
+    /// records say their targets must be read back from here, or the next
+    /// owner would miss them and send them again.
+    pub read_from: Offsets,
 }
 
 impl Takeover {
+    /// `from` as this relay's record must state it: no further on than
+    /// where its read backs started while emits found there are not yet
+    /// covered by its ordinals.
+    pub(super) fn recorded_from(&self, from: &Offsets) -> Offsets {
+        let mut from = from.clone();
+        if !self.seen.is_empty() {
+            for (at, start) in &self.read_from {
+                let offset = from.entry(at.clone()).or_insert(*start);
+                *offset = (*offset).min(*start);
+            }
+        }
+        from
+    }
+
     /// Whether `ordinal` of `(stream, partition)` was published by a previous owner, as far as the record says.
     pub(super) fn covers(&self, stream: &str, partition: u32, ordinal: u64) -> bool {
         self.covered.get(&(stream.to_owned(), partition)).is_some_and(|upto| ordinal <= *upto)
@@ -237,6 +257,21 @@ mod tests {
             self.0.lock().unwrap().insert((projection.to_owned(), n), (publication.clone(), true));
             Ok(())
         }
+    }
+
+    #[test]
+    fn a_record_points_back_to_emits_read_back_until_its_ordinals_cover_them() {
+        let mut takeover = Takeover::default();
+        takeover.read_from.insert(("t".into(), 0), 2300);
+        let from: Offsets = [(("t".to_owned(), 0), 4022), (("t".to_owned(), 1), 10)].into();
+        // Nothing found ahead: the relay's own offsets.
+        assert_eq!(takeover.recorded_from(&from), from);
+        // Emits the previous owner published, not yet passed by the outbox:
+        // the next owner must read them back too.
+        takeover.seen.insert("p/s/0/4383".into());
+        let recorded = takeover.recorded_from(&from);
+        assert_eq!(recorded[&("t".to_owned(), 0)], 2300);
+        assert_eq!(recorded[&("t".to_owned(), 1)], 10);
     }
 
     #[test]

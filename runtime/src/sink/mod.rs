@@ -194,15 +194,15 @@ impl Relay {
             self.takeover = None;
             return false;
         }
-        tracing::info!(projection = %h.projection, shard = h.shard, from = %last.instance, "publishing the shard's emitted events");
+        tracing::info!(projection = %h.projection, shard = h.shard, from = %last.instance, covered = ?self.published, read_back_from = ?self.from, "publishing the shard's emitted events");
         true
     }
 
     /// Stop publishing (the shard was let go) and say so, with what was published.
     fn release(&mut self, h: &Handover) {
-        self.takeover = None;
         self.record(true);
-        tracing::info!(projection = %h.projection, shard = h.shard, "stopped publishing the shard's emitted events");
+        self.takeover = None;
+        tracing::info!(projection = %h.projection, shard = h.shard, published = ?self.published, landed_before = ?self.from, "stopped publishing the shard's emitted events");
     }
 
     /// A standby: forget what the active copy has published (when it has
@@ -226,7 +226,11 @@ impl Relay {
     fn record(&mut self, released: bool) {
         let Some(h) = &self.handover else { return };
         let Some(publications) = h.publications() else { return };
-        let publication = Publication::new(publications.instance(), released, &self.published, &self.from);
+        let from = match &self.takeover {
+            Some(takeover) => takeover.recorded_from(&self.from),
+            None => self.from.clone(),
+        };
+        let publication = Publication::new(publications.instance(), released, &self.published, &from);
         match publications.record(&h.projection, h.shard, &publication) {
             Ok(()) => {
                 self.recorded = Some(Instant::now());
@@ -255,14 +259,29 @@ impl Relay {
         }
         let from: BTreeMap<i32, i64> =
             self.from.iter().filter(|((t, _), _)| t == topic).map(|((_, p), o)| (*p, *o)).collect();
-        let (ids, ends) = kafka::emit_ids(&self.kafka, topic, &from, mine, &self.stop)?;
+        let (mut ids, ends) = kafka::emit_ids(&self.kafka, topic, &from, mine, &self.stop)?;
+        let (takeover, published) = (self.takeover.as_mut().expect("checked above"), &self.published);
+        // Those the ordinals cover need no remembering (a read back may
+        // start before the last record's end).
+        ids.retain(|id| {
+            let mut parts = id.strip_prefix(prefix.as_str()).unwrap_or_default().rsplitn(3, '/');
+            let (ordinal, partition, stream) = (parts.next(), parts.next(), parts.next());
+            match (stream, partition.and_then(|p| p.parse::<u32>().ok()), ordinal.and_then(|o| o.parse::<u64>().ok())) {
+                (Some(stream), Some(partition), Some(ordinal)) => {
+                    published.get(&(stream.to_owned(), partition)).is_none_or(|upto| ordinal > *upto)
+                }
+                _ => true,
+            }
+        });
         if !ids.is_empty() {
             tracing::info!(projection = %self.projection, shard = self.shard, topic, published = ids.len(), "emits the previous owner published after its last record; not sent again");
         }
-        let takeover = self.takeover.as_mut().expect("checked above");
         takeover.seen.extend(ids);
         takeover.read.insert(topic.to_owned());
         for (p, end) in ends {
+            let start = from.get(&p).copied().unwrap_or(0);
+            let at = takeover.read_from.entry((topic.to_owned(), p)).or_insert(start);
+            *at = (*at).min(start);
             raise(&mut self.from, (topic.to_owned(), p), end);
         }
         Ok(())
