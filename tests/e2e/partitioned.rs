@@ -278,6 +278,30 @@ fn read_table(server: &Server, table: &str) -> Result<Vec<(String, Value)>, (u16
     }
 }
 
+/// A table read whole through one instance with `partial=true`: the items
+/// of the shards that answered, and every shard a page left out.
+fn read_partial(server: &Server) -> (Vec<(String, Value)>, Vec<u32>) {
+    let (mut out, mut missing) = (Vec::new(), std::collections::BTreeSet::new());
+    let mut after: Option<String> = None;
+    loop {
+        let mut path = "/v1/projections/order-summary/tables/orders/items?limit=1000&partial=true".to_owned();
+        if let Some(a) = &after {
+            path.push_str(&format!("&after={}", crate::support::encode(a)));
+        }
+        let page = server.get(&path);
+        for item in page["items"].as_array().unwrap() {
+            out.push((item["key"].as_str().unwrap().to_owned(), item["value"].clone()));
+        }
+        for n in page["missingShards"].as_array().into_iter().flatten() {
+            missing.insert(n.as_u64().unwrap() as u32);
+        }
+        match page["next"].as_str() {
+            Some(next) => after = Some(next.to_owned()),
+            None => return (out, missing.into_iter().collect()),
+        }
+    }
+}
+
 /// A refusal the API documents while a shard moves: 503 `shard_unavailable`
 /// or `shard_not_here`, with `Retry-After`.
 fn assert_documented_refusal(status: u16, body: &Value, what: &str) {
@@ -487,6 +511,39 @@ fn a_shard_is_restored_once() {
     let seen = seen.unwrap();
     assert!(from_b.contains(&seen["shard"]), "the shard restored was b's: {seen}");
     assert!(seen["restoring"]["restored"].as_u64() <= seen["restoring"]["total"].as_u64(), "{seen}");
+    // A client that asks for a partial answer gets the shards that can
+    // answer, each right, and is told which were left out.
+    let (got, missing) = read_partial(&a);
+    let restoring = seen["shard"].as_u64().unwrap() as u32;
+    let still = shards(&a).iter().any(|s| s["shard"] == seen["shard"] && s["ready"] == false);
+    assert!(!still || missing.contains(&restoring), "shard {restoring} was restoring throughout, missing {missing:?}");
+    assert!(missing.iter().all(|n| from_b.contains(&Value::from(*n))), "only b's shards can be missing: {missing:?}");
+    eprintln!(
+        "a partial answer during the restore: {} of {} orders, shards {missing:?} left out",
+        got.len(),
+        expected.len()
+    );
+    let reference: std::collections::BTreeMap<_, _> = expected.iter().cloned().collect();
+    for (key, value) in &got {
+        assert_eq!(Some(value), reference.get(key), "{key} in a partial answer");
+    }
+    if missing.is_empty() {
+        assert_eq!(got, expected, "a partial answer that leaves nothing out is whole");
+    } else {
+        assert!(
+            got.len() < expected.len(),
+            "{} of {} orders while shards {missing:?} were left out",
+            got.len(),
+            expected.len()
+        );
+        let url = format!("{}/v1/projections/order-summary/tables/orders/items?limit=1&partial=true", a.url);
+        let reply = ureq::get(&url).call().unwrap();
+        let header = reply.headers().get("refract-missing-shards").map(|v| v.to_str().unwrap().to_owned());
+        assert!(
+            header.is_some() || !shards(&a).iter().any(|s| s["ready"] == false),
+            "no Refract-Missing-Shards header"
+        );
+    }
     // Meanwhile a query is a documented 503, then the whole history.
     match read_table(&a, "orders") {
         Ok(got) => assert!(got == expected, "an answer during the restore must be whole ({} orders)", got.len()),

@@ -68,6 +68,9 @@ pub struct Item {
 pub struct Page {
     pub items: Vec<Item>,
     pub next: Option<String>,
+    /// Shards a partial answer (`partial=true`) left out: they could not answer.
+    #[serde(default, rename = "missingShards", skip_serializing_if = "Vec::is_empty")]
+    pub missing_shards: Vec<u32>,
 }
 
 /// A dead letter as the API shows it: the letter with its id.

@@ -4,6 +4,7 @@ use std::sync::Arc;
 
 use axum::Json;
 use axum::extract::State;
+use axum::http::HeaderMap;
 
 use super::extract::{Path, Query};
 use serde::Deserialize;
@@ -67,10 +68,10 @@ pub(super) async fn get_item(
     Path((name, table, key)): Path<(String, String, String)>,
     Query(wait): Query<Consistency>,
     request: Incoming,
-) -> Result<Json<Box<serde_json::value::RawValue>>, ApiError> {
+) -> Result<(HeaderMap, Json<Box<serde_json::value::RawValue>>), ApiError> {
     let p = find(&state.runtime, &name)?;
     check_table(&p, &table)?;
-    let plan = Plan::new(&state, &p, &request).await?;
+    let plan = Plan::allowing_partial(&state, &p, &request).await?;
     let (waited, parts) =
         tokio::join!(consistency::wait(&state.runtime, &p, &plan.local, &wait, false), plan.ask(&state, &request));
     waited?;
@@ -102,9 +103,25 @@ pub(super) async fn get_item(
         }
     }
     match found {
-        Some(value) => Ok(Json(value)),
+        Some(value) => Ok((missing_header(&plan), Json(value))),
+        // The key may be in a shard that did not answer.
+        None if !plan.missing().is_empty() => Err(ApiError::shard_unavailable(
+            "shard_unavailable",
+            format!("no key {key:?} in the shards that answered; shards {:?} did not", plan.missing()),
+        )),
         None => Err(ApiError::not_found("key_not_found", format!("no key {key:?} in table {table:?}"))),
     }
+}
+
+/// `Refract-Missing-Shards` when `plan` left shards out of a partial answer.
+pub(super) fn missing_header(plan: &Plan) -> HeaderMap {
+    let mut headers = HeaderMap::new();
+    if let Some((name, value)) = plan.missing_header()
+        && let Ok(value) = value.parse()
+    {
+        headers.insert(name, value);
+    }
+    headers
 }
 
 #[derive(Deserialize)]
@@ -121,11 +138,11 @@ pub(super) async fn scan(
     Query(q): Query<ScanParams>,
     Query(wait): Query<Consistency>,
     request: Incoming,
-) -> Result<Json<Page>, ApiError> {
+) -> Result<(HeaderMap, Json<Page>), ApiError> {
     let limit = page_limit(q.limit)?;
     let p = find(&state.runtime, &name)?;
     check_table(&p, &table)?;
-    let plan = Plan::new(&state, &p, &request).await?;
+    let plan = Plan::allowing_partial(&state, &p, &request).await?;
     let (waited, parts) =
         tokio::join!(consistency::wait(&state.runtime, &p, &plan.local, &wait, false), plan.ask(&state, &request));
     waited?;
@@ -150,7 +167,7 @@ pub(super) async fn scan(
     more |= items.len() > limit;
     items.truncate(limit);
     let next = if more { items.last().map(|i| i.key.clone()) } else { None };
-    Ok(Json(Page { items, next }))
+    Ok((missing_header(&plan), Json(Page { items, next, missing_shards: plan.missing() })))
 }
 
 #[derive(Deserialize)]

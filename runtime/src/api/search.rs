@@ -19,7 +19,7 @@ pub(super) async fn search(
     Query(request): Query<SearchRequest>,
     Query(wait): Query<Consistency>,
     incoming: Incoming,
-) -> Result<Json<SearchResponse>, ApiError> {
+) -> Result<(axum::http::HeaderMap, Json<SearchResponse>), ApiError> {
     let limit = page_limit(request.limit)?;
     if request.offset + limit > MAX_WINDOW {
         return Err(ApiError::bad_request(format!("offset + limit must be at most {MAX_WINDOW}")));
@@ -32,7 +32,7 @@ pub(super) async fn search(
             format!("projection {name:?} has no index {index:?}; it has {known:?}"),
         ));
     }
-    let plan = Plan::new(&state, &projection, &incoming).await?;
+    let plan = Plan::allowing_partial(&state, &projection, &incoming).await?;
     let (waited, parts) = tokio::join!(
         consistency::wait(&state.runtime, &projection, &plan.local, &wait, true),
         plan.ask(&state, &incoming)
@@ -61,5 +61,6 @@ pub(super) async fn search(
         QueryError::Invalid(m) => ApiError::bad_request(m),
         other => ApiError::internal("searching", other),
     })?;
-    Ok(Json(response))
+    let missing = plan.missing();
+    Ok((super::projections::missing_header(&plan), Json(SearchResponse { missing_shards: missing, ..response })))
 }

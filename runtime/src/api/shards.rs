@@ -47,7 +47,15 @@ pub(super) struct Plan {
     pub part: bool,
     /// The projection's name, to find its shards' owners.
     projection: String,
+    /// The client asked for a partial answer (`partial=true`): shards no
+    /// instance answers for are left out and named, instead of a 503.
+    partial: bool,
+    /// Shards left out of a partial answer.
+    missing: std::sync::Mutex<Vec<u32>>,
 }
+
+/// The header naming the shards a partial answer leaves out (`1,3`).
+pub(super) const MISSING_SHARDS_HEADER: &str = "refract-missing-shards";
 
 /// Why a plan cannot be made now.
 enum Unplanned {
@@ -105,12 +113,38 @@ fn named(value: &axum::http::HeaderValue) -> Result<Vec<u32>, ApiError> {
 impl Plan {
     /// Which shards answer `request` for `p`: every shard.
     pub(super) async fn new(state: &AppState, p: &Projection, request: &Incoming) -> Result<Plan, ApiError> {
-        Plan::of(state, p, &request.headers, None).await
+        Plan::of(state, p, &request.headers, None, false).await
+    }
+
+    /// Which shards answer `request` for `p`: every shard, or those that
+    /// can when the client asked for a partial answer (`partial=true`; the
+    /// route marks what it leaves out, see [`Plan::missing`]).
+    pub(super) async fn allowing_partial(
+        state: &AppState,
+        p: &Projection,
+        request: &Incoming,
+    ) -> Result<Plan, ApiError> {
+        let partial = request.uri.query().is_some_and(|q| q.split('&').any(|kv| kv == "partial=true"));
+        Plan::of(state, p, &request.headers, None, partial).await
     }
 
     /// Which instance answers `request` for shard `n` of `p` (a request about one dead letter).
     pub(super) async fn one(state: &AppState, p: &Projection, request: &Incoming, n: u32) -> Result<Plan, ApiError> {
-        Plan::of(state, p, &request.headers, Some(n)).await
+        Plan::of(state, p, &request.headers, Some(n), false).await
+    }
+
+    /// The shards a partial answer leaves out, in order (none for a whole one).
+    pub(super) fn missing(&self) -> Vec<u32> {
+        let mut missing = self.missing.lock().expect("missing lock").clone();
+        missing.sort_unstable();
+        missing
+    }
+
+    /// `Refract-Missing-Shards` for a partial answer that left shards out.
+    pub(super) fn missing_header(&self) -> Option<(&'static str, String)> {
+        let missing = self.missing();
+        (!missing.is_empty())
+            .then(|| (MISSING_SHARDS_HEADER, missing.iter().map(u32::to_string).collect::<Vec<_>>().join(",")))
     }
 
     /// The plan, once every shard has an instance that answers for it: a
@@ -118,10 +152,16 @@ impl Plan {
     /// caught up by the next) is waited for up to [`MOVE_WAIT`], so a client
     /// sees a 503 only when the move takes longer, or the shard is being
     /// restored here (which the 503 says at once, with its progress).
-    async fn of(state: &AppState, p: &Projection, headers: &HeaderMap, only: Option<u32>) -> Result<Plan, ApiError> {
+    async fn of(
+        state: &AppState,
+        p: &Projection,
+        headers: &HeaderMap,
+        only: Option<u32>,
+        partial: bool,
+    ) -> Result<Plan, ApiError> {
         let until = std::time::Instant::now() + MOVE_WAIT;
         loop {
-            match Plan::now(state, p, headers, only) {
+            match Plan::now(state, p, headers, only, partial) {
                 Err(Unplanned::Moving(_)) if std::time::Instant::now() < until => {
                     tokio::time::sleep(Duration::from_millis(50)).await;
                 }
@@ -132,7 +172,21 @@ impl Plan {
     }
 
     /// The plan from what this instance runs and the control topic says now.
-    fn now(state: &AppState, p: &Projection, headers: &HeaderMap, only: Option<u32>) -> Result<Plan, Unplanned> {
+    fn now(
+        state: &AppState,
+        p: &Projection,
+        headers: &HeaderMap,
+        only: Option<u32>,
+        partial: bool,
+    ) -> Result<Plan, Unplanned> {
+        let plan = |local, remote, part, projection, missing| Plan {
+            local,
+            remote,
+            part,
+            projection,
+            partial,
+            missing: std::sync::Mutex::new(missing),
+        };
         let (here, name) = (p.shards(), p.manifest().name);
         if let Some(value) = headers.get(SHARDS_HEADER) {
             let mut local = Vec::new();
@@ -147,12 +201,12 @@ impl Plan {
                     }
                 }
             }
-            return Ok(Plan { local, remote: Vec::new(), part: true, projection: name });
+            return Ok(plan(local, Vec::new(), true, name, Vec::new()));
         }
         if !p.is_partitioned() {
-            return Ok(Plan { local: here, remote: Vec::new(), part: false, projection: name });
+            return Ok(plan(here, Vec::new(), false, name, Vec::new()));
         }
-        let (mut local, mut remote) = (Vec::new(), Vec::<(String, Vec<u32>)>::new());
+        let (mut local, mut remote, mut missing) = (Vec::new(), Vec::<(String, Vec<u32>)>::new(), Vec::new());
         for n in (0..p.shard_count()).filter(|n| only.is_none_or(|o| o == *n)) {
             let mine = here.iter().find(|s| s.number() == n);
             if let Some(shard) = mine.filter(|s| s.is_ready()) {
@@ -164,6 +218,7 @@ impl Plan {
                     Some((_, shards)) => shards.push(n),
                     None => remote.push((url, vec![n])),
                 },
+                None if partial => missing.push(n),
                 None => {
                     return Err(match mine.and_then(|s| s.restore_progress()) {
                         Some((done, total)) => Unplanned::Refused(ApiError::shard_unavailable(
@@ -178,7 +233,7 @@ impl Plan {
                 }
             }
         }
-        Ok(Plan { local, remote, part: false, projection: name })
+        Ok(plan(local, remote, false, name, missing))
     }
 
     /// Whether other instances answer for some of the shards.
@@ -197,8 +252,18 @@ impl Plan {
     /// that it no longer runs a shard, is asked again through the shard's
     /// new owner once the control topic names one (within [`MOVE_WAIT`]);
     /// otherwise the answer is a 503 with `Retry-After`.
+    ///
+    /// For a partial answer, the shards of an instance that cannot answer
+    /// are left out instead ([`Plan::missing`]).
     pub(super) async fn ask(&self, state: &AppState, request: &Incoming) -> Result<Vec<Part>, ApiError> {
         let mut parts = Vec::new();
+        let leave_out = |shards: &[u32], error: ApiError| {
+            if !self.partial {
+                return Err(error);
+            }
+            self.missing.lock().expect("missing lock").extend_from_slice(shards);
+            Ok(())
+        };
         for ((url, shards), sent) in self.remote.iter().zip(send(state, request, &self.remote).await?) {
             let moved = match sent {
                 Ok(part) if !part.moved() => {
@@ -208,9 +273,16 @@ impl Plan {
                 Ok(part) => part.error(),
                 Err(e) => unreachable(url, &e),
             };
-            let Some(owners) = self.new_owners(state, url, shards).await else { return Err(moved) };
-            for (url, sent) in owners.iter().map(|(u, _)| u).zip(send(state, request, &owners).await?) {
-                parts.push(sent.map_err(|e| unreachable(url, &e))?);
+            let Some(owners) = self.new_owners(state, url, shards).await else {
+                leave_out(shards, moved)?;
+                continue;
+            };
+            for ((url, shards), sent) in owners.iter().zip(send(state, request, &owners).await?) {
+                match sent {
+                    Ok(part) if part.status.is_success() || !part.moved() => parts.push(part),
+                    Ok(part) => leave_out(shards, part.error())?,
+                    Err(e) => leave_out(shards, unreachable(url, &e))?,
+                }
             }
         }
         Ok(parts)

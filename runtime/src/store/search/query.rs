@@ -32,6 +32,10 @@ pub struct SearchResponse {
     pub total: usize,
     pub hits: Vec<SearchHit>,
     pub facets: Map<String, Value>,
+    /// Shards a partial answer (`partial=true`) left out: the total, hits
+    /// and facets are those of the others.
+    #[serde(default, rename = "missingShards", skip_serializing_if = "Vec::is_empty")]
+    pub missing_shards: Vec<u32>,
 }
 
 /// One hit: the document as the projection stored it, and its score or the
@@ -99,7 +103,7 @@ pub fn merge(request: &SearchRequest, limit: usize, shards: Vec<SearchResponse>)
         let buckets = buckets.into_iter().map(|(value, count)| serde_json::json!({"value": value, "count": count}));
         facets.insert(name, Value::Array(buckets.collect()));
     }
-    SearchResponse { total, hits, facets }
+    SearchResponse { total, hits, facets, missing_shards: Vec::new() }
 }
 
 /// Sort values in order: missing first, then numbers, then strings.
@@ -327,6 +331,6 @@ impl OpenIndex {
                 facets.insert(name.to_owned(), Value::Array(buckets));
             }
         }
-        Ok(SearchResponse { total, hits: out, facets })
+        Ok(SearchResponse { total, hits: out, facets, missing_shards: Vec::new() })
     }
 }
