@@ -124,8 +124,22 @@ impl Plan {
         p: &Projection,
         request: &Incoming,
     ) -> Result<Plan, ApiError> {
-        let partial = request.uri.query().is_some_and(|q| q.split('&').any(|kv| kv == "partial=true"));
-        Plan::of(state, p, &request.headers, None, partial).await
+        let mut partial = None;
+        for kv in request.uri.query().unwrap_or_default().split('&') {
+            let given = match kv.split_once('=') {
+                Some(("partial", "true")) => true,
+                Some(("partial", "false")) => false,
+                Some(("partial", other)) => {
+                    return Err(ApiError::bad_request(format!("partial: {other:?} is neither true nor false")));
+                }
+                _ if kv == "partial" => return Err(ApiError::bad_request("partial: true or false")),
+                _ => continue,
+            };
+            if partial.replace(given).is_some() {
+                return Err(ApiError::bad_request("partial is given more than once"));
+            }
+        }
+        Plan::of(state, p, &request.headers, None, partial.unwrap_or(false)).await
     }
 
     /// Which instance answers `request` for shard `n` of `p` (a request about one dead letter).
