@@ -14,7 +14,7 @@ use super::dto::{
     DeadLetterPage, DeadLetterView, Item, Page, ProjectionList, RebuildCancelled, RebuildStarted, Resumed, Retried,
     Skipped,
 };
-use super::shards::{Incoming, Plan};
+use super::shards::{Incoming, Partial, Plan};
 use super::{ApiError, AppState, page_limit};
 use crate::runtime::{Projection, Runtime, Shard};
 
@@ -67,11 +67,12 @@ pub(super) async fn get_item(
     State(state): State<AppState>,
     Path((name, table, key)): Path<(String, String, String)>,
     Query(wait): Query<Consistency>,
+    Query(partial): Query<Partial>,
     request: Incoming,
 ) -> Result<(HeaderMap, Json<Box<serde_json::value::RawValue>>), ApiError> {
     let p = find(&state.runtime, &name)?;
     check_table(&p, &table)?;
-    let plan = Plan::allowing_partial(&state, &p, &request).await?;
+    let plan = Plan::allowing_partial(&state, &p, &request, &partial).await?;
     let (waited, parts) =
         tokio::join!(consistency::wait(&state.runtime, &p, &plan.local, &wait, false), plan.ask(&state, &request));
     waited?;
@@ -103,7 +104,7 @@ pub(super) async fn get_item(
         }
     }
     match found {
-        Some(value) => Ok((missing_header(&plan), Json(value))),
+        Some(value) => Ok((plan.missing_headers(), Json(value))),
         // The key may be in a shard that did not answer.
         None if !plan.missing().is_empty() => Err(ApiError::shard_unavailable(
             "shard_unavailable",
@@ -111,17 +112,6 @@ pub(super) async fn get_item(
         )),
         None => Err(ApiError::not_found("key_not_found", format!("no key {key:?} in table {table:?}"))),
     }
-}
-
-/// `Refract-Missing-Shards` when `plan` left shards out of a partial answer.
-pub(super) fn missing_header(plan: &Plan) -> HeaderMap {
-    let mut headers = HeaderMap::new();
-    if let Some((name, value)) = plan.missing_header()
-        && let Ok(value) = value.parse()
-    {
-        headers.insert(name, value);
-    }
-    headers
 }
 
 #[derive(Deserialize)]
@@ -137,12 +127,13 @@ pub(super) async fn scan(
     Path((name, table)): Path<(String, String)>,
     Query(q): Query<ScanParams>,
     Query(wait): Query<Consistency>,
+    Query(partial): Query<Partial>,
     request: Incoming,
 ) -> Result<(HeaderMap, Json<Page>), ApiError> {
     let limit = page_limit(q.limit)?;
     let p = find(&state.runtime, &name)?;
     check_table(&p, &table)?;
-    let plan = Plan::allowing_partial(&state, &p, &request).await?;
+    let plan = Plan::allowing_partial(&state, &p, &request, &partial).await?;
     let (waited, parts) =
         tokio::join!(consistency::wait(&state.runtime, &p, &plan.local, &wait, false), plan.ask(&state, &request));
     waited?;
@@ -167,7 +158,7 @@ pub(super) async fn scan(
     more |= items.len() > limit;
     items.truncate(limit);
     let next = if more { items.last().map(|i| i.key.clone()) } else { None };
-    Ok((missing_header(&plan), Json(Page { items, next, missing_shards: plan.missing() })))
+    Ok((plan.missing_headers(), Json(Page { items, next, missing_shards: plan.missing() })))
 }
 
 #[derive(Deserialize)]

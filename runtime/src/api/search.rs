@@ -6,7 +6,7 @@ use axum::extract::State;
 use super::extract::{Path, Query};
 
 use super::consistency::{self, Consistency};
-use super::shards::{Incoming, Plan};
+use super::shards::{Incoming, Partial, Plan};
 use super::{ApiError, AppState, page_limit};
 use crate::store::search::{QueryError, SearchRequest, SearchResponse, merge};
 
@@ -18,6 +18,7 @@ pub(super) async fn search(
     Path((name, index)): Path<(String, String)>,
     Query(request): Query<SearchRequest>,
     Query(wait): Query<Consistency>,
+    Query(partial): Query<Partial>,
     incoming: Incoming,
 ) -> Result<(axum::http::HeaderMap, Json<SearchResponse>), ApiError> {
     let limit = page_limit(request.limit)?;
@@ -32,7 +33,7 @@ pub(super) async fn search(
             format!("projection {name:?} has no index {index:?}; it has {known:?}"),
         ));
     }
-    let plan = Plan::allowing_partial(&state, &projection, &incoming).await?;
+    let plan = Plan::allowing_partial(&state, &projection, &incoming, &partial).await?;
     let (waited, parts) = tokio::join!(
         consistency::wait(&state.runtime, &projection, &plan.local, &wait, true),
         plan.ask(&state, &incoming)
@@ -61,6 +62,5 @@ pub(super) async fn search(
         QueryError::Invalid(m) => ApiError::bad_request(m),
         other => ApiError::internal("searching", other),
     })?;
-    let missing = plan.missing();
-    Ok((super::projections::missing_header(&plan), Json(SearchResponse { missing_shards: missing, ..response })))
+    Ok((plan.missing_headers(), Json(SearchResponse { missing_shards: plan.missing(), ..response })))
 }

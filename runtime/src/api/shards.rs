@@ -55,7 +55,15 @@ pub(super) struct Plan {
 }
 
 /// The header naming the shards a partial answer leaves out (`1,3`).
-pub(super) const MISSING_SHARDS_HEADER: &str = "refract-missing-shards";
+const MISSING_SHARDS_HEADER: &str = "refract-missing-shards";
+
+/// The query parameter of the routes that may answer in part.
+#[derive(Debug, Default, serde::Deserialize)]
+pub(super) struct Partial {
+    /// Leave out the shards that cannot answer now, and name them.
+    #[serde(default)]
+    pub partial: bool,
+}
 
 /// Why a plan cannot be made now.
 enum Unplanned {
@@ -123,23 +131,9 @@ impl Plan {
         state: &AppState,
         p: &Projection,
         request: &Incoming,
+        partial: &Partial,
     ) -> Result<Plan, ApiError> {
-        let mut partial = None;
-        for kv in request.uri.query().unwrap_or_default().split('&') {
-            let given = match kv.split_once('=') {
-                Some(("partial", "true")) => true,
-                Some(("partial", "false")) => false,
-                Some(("partial", other)) => {
-                    return Err(ApiError::bad_request(format!("partial: {other:?} is neither true nor false")));
-                }
-                _ if kv == "partial" => return Err(ApiError::bad_request("partial: true or false")),
-                _ => continue,
-            };
-            if partial.replace(given).is_some() {
-                return Err(ApiError::bad_request("partial is given more than once"));
-            }
-        }
-        Plan::of(state, p, &request.headers, None, partial.unwrap_or(false)).await
+        Plan::of(state, p, &request.headers, None, partial.partial).await
     }
 
     /// Which instance answers `request` for shard `n` of `p` (a request about one dead letter).
@@ -155,10 +149,14 @@ impl Plan {
     }
 
     /// `Refract-Missing-Shards` for a partial answer that left shards out.
-    pub(super) fn missing_header(&self) -> Option<(&'static str, String)> {
+    pub(super) fn missing_headers(&self) -> HeaderMap {
+        let mut headers = HeaderMap::new();
         let missing = self.missing();
-        (!missing.is_empty())
-            .then(|| (MISSING_SHARDS_HEADER, missing.iter().map(u32::to_string).collect::<Vec<_>>().join(",")))
+        if !missing.is_empty() {
+            let names = missing.iter().map(u32::to_string).collect::<Vec<_>>().join(",");
+            headers.insert(MISSING_SHARDS_HEADER, names.parse().expect("digits and commas are a header value"));
+        }
+        headers
     }
 
     /// The plan, once every shard has an instance that answers for it: a

@@ -210,17 +210,14 @@ pub(super) fn take_over(h: &Handover, stop: &AtomicBool) -> Option<Publication> 
         };
         // Decide on every record written so far: a view that missed the
         // last owner's would let two instances publish at once.
-        if !read_up {
-            read_up = publications.read_up_to_now(Duration::from_secs(5));
-            if !read_up && waited.elapsed() < RELEASE_WAIT {
+        if !read_up && !publications.read_up_to_now(Duration::from_secs(5)) {
+            if waited.elapsed() < RELEASE_WAIT {
                 std::thread::sleep(Duration::from_millis(100));
                 continue;
             }
-            if !read_up {
-                tracing::warn!(projection = %h.projection, shard = h.shard, "the control topic could not be read to its end; deciding on what was read");
-                read_up = true;
-            }
+            tracing::warn!(projection = %h.projection, shard = h.shard, "the control topic could not be read to its end; deciding on what was read");
         }
+        read_up = true;
         let me = publications.instance();
         match publications.publication(&h.projection, h.shard) {
             None => return Some(Publication::default()),

@@ -132,6 +132,15 @@ impl Relay {
         }
     }
 
+    /// (stream, partition, ordinal) of an emit id [`Relay::emit_id`] gave
+    /// an emit of this projection's generation; `None` for any other id.
+    fn origin_of<'i>(&self, id: &'i str) -> Option<(&'i str, u32, u64)> {
+        let rest = id.strip_prefix(self.id_prefix().as_str())?.strip_prefix('/')?;
+        let mut parts = rest.rsplitn(3, '/');
+        let (ordinal, partition, stream) = (parts.next()?, parts.next()?, parts.next()?);
+        Some((stream, partition.parse().ok()?, ordinal.parse().ok()?))
+    }
+
     /// Publish until `stop` is set. A shard in a cluster publishes only
     /// while its copy is active, and takes the publishing over first.
     pub fn run(mut self) {
@@ -246,13 +255,8 @@ impl Relay {
     /// Read `topic` back for the emit ids published after the last
     /// publication, once per takeover.
     fn read_back(&mut self, topic: &str) -> Result<(), String> {
-        let prefix = format!("{}/", self.id_prefix());
-        let shard = self.shard.map(|n| n.to_string());
-        // This shard's ids: `<prefix><stream>/<partition n>/<ordinal>`.
-        let mine = |id: &str| {
-            let mut parts = id.strip_prefix(prefix.as_str()).map(|rest| rest.rsplitn(3, '/'));
-            parts.as_mut().is_some_and(|p| p.nth(1) == shard.as_deref())
-        };
+        // This shard's ids: `<prefix>/<stream>/<partition n>/<ordinal>`.
+        let mine = |id: &str| self.origin_of(id).is_some_and(|(_, partition, _)| Some(partition) == self.shard);
         let Some(takeover) = &self.takeover else { return Ok(()) };
         if takeover.read.contains(topic) {
             return Ok(());
@@ -260,19 +264,14 @@ impl Relay {
         let from: BTreeMap<i32, i64> =
             self.from.iter().filter(|((t, _), _)| t == topic).map(|((_, p), o)| (*p, *o)).collect();
         let (mut ids, ends) = kafka::emit_ids(&self.kafka, topic, &from, mine, &self.stop)?;
-        let (takeover, published) = (self.takeover.as_mut().expect("checked above"), &self.published);
         // Those the ordinals cover need no remembering (a read back may
         // start before the last record's end).
         ids.retain(|id| {
-            let mut parts = id.strip_prefix(prefix.as_str()).unwrap_or_default().rsplitn(3, '/');
-            let (ordinal, partition, stream) = (parts.next(), parts.next(), parts.next());
-            match (stream, partition.and_then(|p| p.parse::<u32>().ok()), ordinal.and_then(|o| o.parse::<u64>().ok())) {
-                (Some(stream), Some(partition), Some(ordinal)) => {
-                    published.get(&(stream.to_owned(), partition)).is_none_or(|upto| ordinal > *upto)
-                }
-                _ => true,
-            }
+            self.origin_of(id).is_none_or(|(stream, partition, ordinal)| {
+                self.published.get(&(stream.to_owned(), partition)).is_none_or(|upto| ordinal > *upto)
+            })
         });
+        let takeover = self.takeover.as_mut().expect("checked above");
         if !ids.is_empty() {
             tracing::info!(projection = %self.projection, shard = self.shard, topic, published = ids.len(), "emits the previous owner published after its last record; not sent again");
         }
