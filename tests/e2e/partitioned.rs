@@ -193,17 +193,20 @@ pub(crate) fn start_cluster(
     let first = start(0);
     let until = std::time::Instant::now() + Duration::from_secs(60);
     for projection in projections {
-        loop {
+        while active_shards(&first, projection).len() != shards {
             let status = first.get(&format!("/v1/projections/{projection}"));
-            let shards_held = status["shards"].as_array();
-            if shards_held.map_or(0, |s| s.iter().filter(|s| s["role"] == "active").count()) == shards {
-                break;
-            }
             assert!(std::time::Instant::now() < until, "the first instance never ran every shard: {status}");
             std::thread::sleep(Duration::from_millis(50));
         }
     }
     std::iter::once(first).chain((1..count).map(start)).collect()
+}
+
+/// The shards of `projection` that `server` is active for.
+pub(crate) fn active_shards(server: &Server, projection: &str) -> Vec<u64> {
+    let status = server.get(&format!("/v1/projections/{projection}"));
+    let shards = status["shards"].as_array().into_iter().flatten();
+    shards.filter(|s| s["role"] == "active").map(|s| s["shard"].as_u64().unwrap()).collect()
 }
 
 /// What a test panics with when tansu's consumer group has stopped
@@ -217,10 +220,7 @@ pub(crate) const GROUP_WEDGED: &str = "tansu's consumer group stopped assigning 
 /// Whether none of `live` is active for any shard of `projection`: the
 /// group has stopped assigning (see [`GROUP_WEDGED`]).
 pub(crate) fn group_wedged(live: &[&Server], projection: &str) -> bool {
-    live.iter().all(|server| {
-        let status = server.get(&format!("/v1/projections/{projection}"));
-        status["shards"].as_array().is_none_or(|s| s.iter().all(|s| s["role"] != "active"))
-    })
+    live.iter().all(|server| active_shards(server, projection).is_empty())
 }
 
 /// Fail with `why`, naming the broker's fault when the group has stopped
@@ -358,10 +358,7 @@ fn instances_share_shards_once() {
         wait_whole(server, &before, &format!("{id} before any kill"));
     }
     // How many shards an instance is active for.
-    let held = |server: &Server| {
-        let status = server.get("/v1/projections/order-summary");
-        status["shards"].as_array().map_or(0, |s| s.iter().filter(|s| s["role"] == "active").count())
-    };
+    let held = |server: &Server| active_shards(server, "order-summary").len();
 
     // With two standbys, every other instance keeps a warm copy of each shard.
     let until = std::time::Instant::now() + Duration::from_secs(60);
@@ -471,8 +468,8 @@ fn a_shard_is_restored_once() {
         let status = server.get("/v1/projections/order-summary");
         status["shards"].as_array().cloned().unwrap_or_default()
     };
-    let held = |server: &Server| shards(server).iter().filter(|s| s["role"] == "active").count();
-    // a leads the group; b takes some shards from it before any event is
+    let held = |server: &Server| active_shards(server, "order-summary").len();
+    // a starts alone; b takes some shards from it before any event is
     // produced, so a never holds events of b's shards: taken on, they are
     // restored from nothing (a copy a had once kept would be restored from
     // its own files, at once). Small batches (each a durable commit) make
@@ -493,7 +490,7 @@ fn a_shard_is_restored_once() {
     wait_whole(&a, &expected, "a before the kill");
     wait_whole(&b, &expected, "b before the kill");
     assert!(shards(&a).iter().all(|s| s["role"] == "active"), "no standbys: {:?}", shards(&a));
-    let from_b: Vec<Value> = shards(&b).iter().filter(|s| s["role"] == "active").map(|s| s["shard"].clone()).collect();
+    let from_b = active_shards(&b, "order-summary");
     assert!(!from_b.is_empty(), "b runs some shards");
     let logged = a.log().len();
 
@@ -509,7 +506,7 @@ fn a_shard_is_restored_once() {
         std::thread::sleep(Duration::from_millis(20));
     }
     let seen = seen.unwrap();
-    assert!(from_b.contains(&seen["shard"]), "the shard restored was b's: {seen}");
+    assert!(seen["shard"].as_u64().is_some_and(|n| from_b.contains(&n)), "the shard restored was b's: {seen}");
     assert!(seen["restoring"]["restored"].as_u64() <= seen["restoring"]["total"].as_u64(), "{seen}");
     // A client that asks for a partial answer gets the shards that can
     // answer, each right, and is told which were left out.
@@ -517,7 +514,7 @@ fn a_shard_is_restored_once() {
     let restoring = seen["shard"].as_u64().unwrap() as u32;
     let still = shards(&a).iter().any(|s| s["shard"] == seen["shard"] && s["ready"] == false);
     assert!(!still || missing.contains(&restoring), "shard {restoring} was restoring throughout, missing {missing:?}");
-    assert!(missing.iter().all(|n| from_b.contains(&Value::from(*n))), "only b's shards can be missing: {missing:?}");
+    assert!(missing.iter().all(|n| from_b.contains(&u64::from(*n))), "only b's shards can be missing: {missing:?}");
     eprintln!(
         "a partial answer during the restore: {} of {} orders, shards {missing:?} left out",
         got.len(),
@@ -589,17 +586,13 @@ fn derived_events_once() {
 
     // b is killed while it publishes the burst, which a shard of its own
     // emits (once the group has given every instance its shards).
-    let active = |server: &Server| {
-        let status = server.get("/v1/projections/testkit-chaos");
-        let shards = status["shards"].as_array().cloned().unwrap_or_default();
-        shards.iter().filter(|s| s["role"] == "active").map(|s| s["shard"].as_i64().unwrap() as i32).collect::<Vec<_>>()
-    };
+    let active = |server: &Server| active_shards(server, "testkit-chaos");
     let until = std::time::Instant::now() + Duration::from_secs(60);
     while servers.iter().map(|s| active(s).len()).sum::<usize>() != 4 || active(&servers[1]).is_empty() {
         assert!(std::time::Instant::now() < until, "the group never gave each instance its shards");
         std::thread::sleep(Duration::from_millis(100));
     }
-    let shard = active(&servers[1])[0];
+    let shard = active(&servers[1])[0] as i32;
     let burst = serde_json::json!({"type": "EmitMany", "key": "burst", "data": {"to": "echoes", "count": BURST}});
     producer.send_all("chaos.in", &[Out { partition: Some(shard), ..Out::plain(&burst) }]);
     echoes.wait_for(1500, 1500, "while b publishes the burst").unwrap();

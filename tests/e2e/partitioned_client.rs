@@ -15,7 +15,7 @@ use std::time::{Duration, Instant};
 use rdkafka::consumer::{BaseConsumer, Consumer};
 use serde_json::Value;
 
-use crate::partitioned::{ORDERS_STREAM, cluster_config, start_cluster};
+use crate::partitioned::{ORDERS_STREAM, active_shards, cluster_config, start_cluster};
 use crate::support::kafka::{Broker, Out};
 use crate::support::{Server, encode, plugins};
 
@@ -172,13 +172,7 @@ fn wait_active(servers: &[&Server]) {
     let until = Instant::now() + Duration::from_secs(120);
     for projection in ["order-summary", "order-search"] {
         loop {
-            let active: usize = servers
-                .iter()
-                .map(|s| {
-                    let status = s.get(&format!("/v1/projections/{projection}"));
-                    status["shards"].as_array().map_or(0, |s| s.iter().filter(|s| s["role"] == "active").count())
-                })
-                .sum();
+            let active: usize = servers.iter().map(|s| active_shards(s, projection).len()).sum();
             if active == 4 {
                 break;
             }
