@@ -4,7 +4,10 @@
 //! so that a restart resumes it) with its own worker replaying every
 //! subscribed stream from the beginning, emission off, while the live
 //! generation keeps consuming and answering queries. Once the new one has
-//! reached the live one's checkpoints, the [`monitor`] switches:
+//! reached the live one's checkpoints, the [`monitor`] switches (a
+//! partitioned projection's shards each build their own, and switch only
+//! once every shard's has caught up, so that no query reads two
+//! generations at once: the [`SwitchBarrier`]):
 //! 1. the live worker stops after its batch (its checkpoints are final) and
 //!    its emitted events are published, all of them (retried while the
 //!    target fails: its outbox is deleted with it);
@@ -65,6 +68,28 @@ pub struct RebuildStatus {
     pub waiting_for: Option<String>,
 }
 
+impl RebuildStatus {
+    /// One status for the rebuilds of a projection's shards (one for each):
+    /// their sums, the slowest one's time left, switching once one is.
+    pub fn combined(shards: Vec<RebuildStatus>) -> Option<RebuildStatus> {
+        let mut shards = shards.into_iter();
+        let mut whole = shards.next()?;
+        for s in shards {
+            whole.replayed += s.replayed;
+            whole.target += s.target;
+            whole.events_per_second += s.events_per_second;
+            whole.eta_seconds = match (whole.eta_seconds, s.eta_seconds) {
+                (Some(a), Some(b)) => Some(a.max(b)),
+                _ => None,
+            };
+            whole.started_at = whole.started_at.min(s.started_at);
+            whole.switching |= s.switching;
+            whole.waiting_for = whole.waiting_for.or(s.waiting_for);
+        }
+        Some(whole)
+    }
+}
+
 fn total(c: &Cursor) -> u64 {
     c.values().sum()
 }
@@ -112,9 +137,61 @@ impl Rebuild {
     }
 }
 
+/// When a new generation that has caught up may switch (a barrier). A projection in
+/// one shard switches at once; the shards of a partitioned one wait until
+/// every shard's new generation has caught up ([`AllShards`]), then all
+/// switch, so that a query merging shards never meets two generations for
+/// longer than the switches take (and retries then: `api::shards`).
+pub trait SwitchBarrier: Send + Sync {
+    /// Shard `n`'s new generation has caught up with its live one (and
+    /// keeps following it while it waits).
+    fn ready(&self, n: u32);
+    /// Whether the shards may switch; once it says so, it keeps saying so.
+    fn open(&self) -> bool;
+}
+
+/// The gate of a projection in one shard: open as soon as it is ready.
+pub struct Alone;
+
+impl SwitchBarrier for Alone {
+    fn ready(&self, _: u32) {}
+
+    fn open(&self) -> bool {
+        true
+    }
+}
+
+/// The gate of a partitioned projection whose shards all run here: open
+/// once each of them is ready.
+pub struct AllShards {
+    waiting: Mutex<std::collections::BTreeSet<u32>>,
+}
+
+impl AllShards {
+    /// A gate waiting for `shards` (those already switched, after a crash in
+    /// the middle of a switch, are not waited for).
+    pub fn new(shards: impl IntoIterator<Item = u32>) -> Self {
+        AllShards { waiting: Mutex::new(shards.into_iter().collect()) }
+    }
+}
+
+impl SwitchBarrier for AllShards {
+    fn ready(&self, n: u32) {
+        self.waiting.lock().expect("barrier lock").remove(&n);
+    }
+
+    fn open(&self) -> bool {
+        self.waiting.lock().expect("barrier lock").is_empty()
+    }
+}
+
 /// What the monitor needs of the projection it switches.
 pub struct Switch<'a> {
     pub name: &'a str,
+    /// The shard it switches (`None`: the projection's only one).
+    pub partition: Option<u32>,
+    /// When it may switch.
+    pub barrier: &'a dyn SwitchBarrier,
     pub root: &'a Path,
     pub live: &'a RwLock<Arc<Generation>>,
     pub rebuild: &'a Mutex<Option<Arc<Rebuild>>>,
@@ -190,6 +267,10 @@ fn retry(s: &Switch<'_>, job: &Rebuild, what: &str, mut step: impl FnMut() -> Re
 /// looks at the flags no commit announces (shutdown, a removed projection).
 const FLAG_CHECK: Duration = Duration::from_millis(250);
 
+/// How often a shard that is ready looks whether the others are: the
+/// shards of a projection switch within about this much of each other.
+const GATE_CHECK: Duration = Duration::from_millis(20);
+
 /// Watch `job` until it is cancelled, the runtime stops, or it has caught
 /// up with the live generation, then switch (see the module docs). The
 /// monitor wakes when the new generation commits (or a cancel comes), not
@@ -221,9 +302,22 @@ pub fn monitor(s: Switch<'_>, job: Arc<Rebuild>) {
         // an event the live one has not handled (and emitted for). Each time
         // it reaches the gate, the gate moves up to the live checkpoints; once
         // they are close, the switch begins.
+        let mut wait = FLAG_CHECK;
         match (new.checkpoints(), live.checkpoints()) {
             (Ok(n), Ok(l)) => match &gate {
-                Some(g) if caught_up(&n, g) && behind(g, &l) <= SWITCH_WITHIN => break,
+                Some(g) if caught_up(&n, g) && behind(g, &l) <= SWITCH_WITHIN => {
+                    s.barrier.ready(s.partition.unwrap_or(0));
+                    if s.barrier.open() {
+                        break;
+                    }
+                    // Other shards are not there yet: follow the live
+                    // generation meanwhile, and look at the gate often.
+                    wait = GATE_CHECK;
+                    if behind(g, &l) > 0 {
+                        new.control.set_replay(Replay::Until(l.clone(), failed(&live)));
+                        gate = Some(l);
+                    }
+                }
                 Some(g) if !caught_up(&n, g) => {}
                 _ => {
                     // Dead letters commit with their checkpoints: read after
@@ -237,8 +331,8 @@ pub fn monitor(s: Switch<'_>, job: Arc<Rebuild>) {
             (Err(e), _) | (_, Err(e)) => tracing::warn!(projection = s.name, error = %e, "checking a rebuild"),
         }
         // Not at the gate (or the gate just moved): only a commit of the new
-        // generation can change that.
-        commits.wait(seen, FLAG_CHECK);
+        // generation can change that (or, once it is ready, the other shards).
+        commits.wait(seen, wait);
     }
     let old = s.live.read().expect("live lock").clone();
     job.switching.store(true, Ordering::Relaxed);
@@ -253,6 +347,9 @@ pub fn monitor(s: Switch<'_>, job: Arc<Rebuild>) {
         s.kafka.clone(),
         Arc::default(),
     );
+    if let Some(n) = s.partition {
+        relay = relay.for_shard(n, None);
+    }
     let drained = retry(&s, &job, "publishing the old generation's emitted events", || match relay.publish_some() {
         Ok(0) => Ok(true),
         Ok(_) => Ok(false),
@@ -311,4 +408,46 @@ pub fn monitor(s: Switch<'_>, job: Arc<Rebuild>) {
     tracing::info!(projection = s.name, generation = new.number, "rebuild finished; the new generation is live");
     // 4. Queries in flight may still hold the old read model; its files go (Linux keeps open ones readable).
     generation::delete(s.root, old.number);
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_shards_switch_once_every_one_is_ready_and_then_stay_allowed() {
+        let barrier = AllShards::new([0, 1, 2]);
+        barrier.ready(0);
+        barrier.ready(2);
+        assert!(!barrier.open(), "shard 1 is not ready");
+        barrier.ready(1);
+        assert!(barrier.open());
+        barrier.ready(1);
+        assert!(barrier.open(), "it stays open");
+        // After a crash in the middle of a switch, only the shards not yet switched are waited for.
+        assert!(AllShards::new([]).open());
+        assert!(Alone.open());
+    }
+
+    #[test]
+    fn a_partitioned_rebuild_shows_its_shards_added_up() {
+        let shard = |replayed, target, eta: Option<f64>, started_at, switching| RebuildStatus {
+            generation: 3,
+            replayed,
+            target,
+            events_per_second: 100.0,
+            eta_seconds: eta,
+            started_at,
+            switching,
+            waiting_for: None,
+        };
+        let whole =
+            RebuildStatus::combined(vec![shard(10, 40, Some(0.3), 7, false), shard(30, 50, Some(0.2), 5, true)])
+                .unwrap();
+        assert_eq!((whole.replayed, whole.target, whole.started_at), (40, 90, 5));
+        assert_eq!((whole.events_per_second, whole.eta_seconds, whole.switching), (200.0, Some(0.3), true));
+        let unknown = RebuildStatus::combined(vec![shard(1, 2, None, 1, false), shard(1, 2, Some(1.0), 1, false)]);
+        assert_eq!(unknown.unwrap().eta_seconds, None, "the slowest shard's time left is not known yet");
+        assert!(RebuildStatus::combined(Vec::new()).is_none());
+    }
 }

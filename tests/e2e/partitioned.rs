@@ -170,6 +170,158 @@ fn a_partitioned_projection_answers_as_the_whole_read_model_does() {
     sharded.assert_order_summary_is_the_fold_of(&all);
 }
 
+/// `Stamp` events `from..to` of `testkit-chaos`, keyed so that they spread
+/// over the partitions.
+fn stamps(from: u64, to: u64) -> Vec<Out> {
+    (from..to)
+        .map(|n| Out {
+            key: Some(format!("k{n}")),
+            value: Some(serde_json::json!({"n": n}).to_string().into_bytes()),
+            headers: vec![("event-type".into(), "Stamp".into())],
+            ..Out::default()
+        })
+        .collect()
+}
+
+/// What a client querying pages and searches that merge every shard saw.
+#[derive(Default, Debug)]
+struct Seen {
+    /// Answers read from one version (index 1 and 2), and from both.
+    versions: [usize; 3],
+    /// Answers that were not 200, with their bodies.
+    refused: Vec<Value>,
+}
+
+/// Query `testkit-chaos` on `url` until `stop`: pages of `stamp/` keys from
+/// random places (each spans every shard) and searches faceted by the
+/// version's tag, noting which versions each answer holds.
+fn query_versions(url: String, stop: &std::sync::atomic::AtomicBool) -> Seen {
+    let client = refract_client::Client::new(&url);
+    let mut seen = Seen::default();
+    let mut n = 0u64;
+    while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+        n = (n + 7919) % 16_000;
+        let page =
+            format!("/v1/projections/testkit-chaos/tables/applied/items?prefix=stamp/&limit=40&after=stamp/{n:08}");
+        let search = "/v1/projections/testkit-chaos/indexes/docs/search?facets=tag&limit=1";
+        for path in [page.as_str(), search] {
+            let Ok(answer) = client.get(path) else { continue };
+            if answer.status != 200 {
+                seen.refused.push(answer.body);
+                continue;
+            }
+            let versions: std::collections::BTreeSet<String> = match answer.body.get("items") {
+                Some(items) => items.as_array().unwrap().iter().map(|i| i["value"]["version"].to_string()).collect(),
+                None => match &answer.body["facets"]["tag"] {
+                    Value::Object(buckets) => buckets.keys().cloned().collect(),
+                    Value::Array(buckets) => buckets.iter().map(|b| b["value"].to_string()).collect(),
+                    other => panic!("facets of tag: {other}"),
+                },
+            };
+            match versions.len() {
+                0 => {}
+                1 if versions.iter().any(|v| v.contains('2')) => seen.versions[2] += 1,
+                1 => seen.versions[1] += 1,
+                _ => seen.versions[0] += 1,
+            }
+        }
+    }
+    seen
+}
+
+/// A new schema-version dropped on an instance running a partitioned
+/// projection rebuilds every shard beside the live one, and they switch
+/// together: a client merging every shard (pages, searches) never reads
+/// two generations at once, before, during or after the switch. A kill in
+/// the middle of the rebuild resumes it on every shard.
+#[test]
+fn a_partitioned_projection_is_rebuilt_with_its_shards_switching_together() {
+    const FIRST: u64 = 16_000;
+    let broker = Broker::start();
+    broker.create_topic("shop.chaos", 4);
+    broker.producer().send_all("shop.chaos", &stamps(0, FIRST));
+    let dir = tempfile::tempdir().unwrap();
+    let p = plugins();
+    let config = format!(
+        "kafka:\n  brokers: {}\n  mode: partitioned\n  streams:\n    chaos: {{ topic: shop.chaos, format: json, type-header: event-type }}\nauth:\n  admin-token: {ADMIN}\n",
+        broker.address()
+    );
+    let mut server = Server::start(dir.path(), &[&p.chaos], &config);
+    server.wait_checkpoints("testkit-chaos", FIRST);
+    let query = |server: &Server| {
+        let (stop, url) = (std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false)), server.url.clone());
+        let flag = stop.clone();
+        (stop, std::thread::spawn(move || query_versions(url, &flag)))
+    };
+    let (stop, client) = query(&server);
+
+    // Version 2 of the plugin declares schema-version 2: every shard rebuilds.
+    // (No events arrive until the switch: after the restart below the live
+    // generation would run version 2 too, which is how a restart during a
+    // rebuild for a new schema-version behaves.)
+    let file = dir.path().join("plugins").join(p.chaos.file_name().unwrap());
+    let tmp = file.with_extension("tmp");
+    std::fs::copy(&p.chaos_v2, &tmp).unwrap();
+    std::fs::rename(&tmp, &file).unwrap();
+    let until = std::time::Instant::now() + Duration::from_secs(60);
+    loop {
+        let status = server.get("/v1/projections/testkit-chaos");
+        if status["rebuild"]["replayed"].as_u64().unwrap_or(0) > 0 {
+            break;
+        }
+        assert!(status["generation"] == 0, "the rebuild finished before the kill: {status}");
+        assert!(std::time::Instant::now() < until, "no rebuild: {status}");
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    let before = client.join().unwrap();
+    server.kill();
+    server.restart();
+    let status = server.get("/v1/projections/testkit-chaos");
+    assert_eq!(status["generation"], 0, "the live generation is untouched: {status}");
+    assert_eq!(status["rebuild"]["generation"], 1, "the rebuild resumed: {status}");
+    for n in 0..4 {
+        let marked = dir.path().join(format!("data/projections/testkit-chaos/shards/{n}/rebuilding"));
+        assert!(marked.exists(), "shard {n} does not rebuild");
+    }
+
+    // A client merging shards throughout the rest of the rebuild and the switch.
+    let (stop, client) = query(&server);
+    let until = std::time::Instant::now() + Duration::from_secs(180);
+    let status = loop {
+        let status = server.get("/v1/projections/testkit-chaos");
+        if status["generation"] == 1 && status["rebuild"].is_null() {
+            break status;
+        }
+        assert!(std::time::Instant::now() < until, "no switch: {status}");
+        std::thread::sleep(Duration::from_millis(50));
+    };
+    let shards = status["shards"].as_array().unwrap();
+    assert!(shards.iter().all(|s| s["generation"] == 1), "{status}");
+    // The new generation goes on with the events after the switch.
+    broker.producer().send_all("shop.chaos", &stamps(FIRST, FIRST + 4000));
+    server.wait_checkpoints("testkit-chaos", FIRST + 4000);
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    let after = client.join().unwrap();
+    eprintln!("before {before:?} after {after:?}");
+    for seen in [&before, &after] {
+        assert_eq!(seen.versions[0], 0, "answers that merged two generations: {seen:?}");
+        assert!(seen.refused.is_empty(), "refused answers: {seen:?}");
+    }
+    assert!(before.versions[1] > 0, "{before:?}");
+    assert!(after.versions[1] > 0 && after.versions[2] > 0, "the client saw no switch: {after:?}");
+
+    let table = server.table("testkit-chaos", "applied");
+    let stamped: Vec<&Value> = table.iter().filter(|(k, _)| k.starts_with("stamp/")).map(|(_, v)| v).collect();
+    assert_eq!(stamped.len() as u64, FIRST + 4000);
+    assert!(stamped.iter().all(|v| v["version"] == 2), "the new generation holds version 2's writes");
+    for n in 0..4 {
+        let shard = dir.path().join(format!("data/projections/testkit-chaos/shards/{n}"));
+        assert!(!shard.join("rebuilding").exists() && !shard.join("read-model.redb").exists(), "shard {n}");
+        assert!(shard.join("gen-1/read-model.redb").exists(), "shard {n}");
+    }
+}
+
 /// The `kafka:` and `cluster:` sections of instance `id` of a cluster on
 /// `broker` whose partitioned projections' shards the consumer group
 /// `group` hands out, with `standbys` standby copies and `streams` (the

@@ -22,6 +22,8 @@
 //!   events to `data.to`): past the batch's byte budget the host must trap;
 //! - `Recurse`: recurses `data.depth` calls deep (a deep one must trap on the
 //!   wasm stack limit, not overflow the host's stack);
+//! - `Stamp`: stores `stamp/<data.n>` = `{"version": 1}` (2 when built as
+//!   `v2`) and indexes it with `tag: "v1"` (`"v2"`);
 //! - `EmitMany`: emits `data.count` `Echo` events to `data.to` (more than the
 //!   plugin's `max-emits` must be refused);
 //! - `Swallow`: stores its data under `swallowed/<offset>` too, then reads a
@@ -125,6 +127,14 @@ impl Projection for Chaos {
             let _ = APPLIED.get("probe"); // sends the pending writes; an error is ignored
             return APPLIED
                 .put(&format!("{}/{:020}", event.partition, event.offset), &serde_json::json!({"n": data["n"]}));
+        }
+        if event.event_type == "Stamp" {
+            // Which version wrote it, in the table and the index: a query
+            // that merges shards shows whether it read one generation.
+            let version = if option_env!("TESTKIT_VARIANT") == Some("v2") { 2 } else { 1 };
+            let id = format!("{:08}", data["n"].as_u64().unwrap_or(0));
+            DOCS.upsert(&id, &serde_json::json!({"n": data["n"], "tag": format!("v{version}")}))?;
+            return APPLIED.put(&format!("stamp/{id}"), &serde_json::json!({"version": version}));
         }
         if event.event_type == "EmitIfV2" && option_env!("TESTKIT_VARIANT") != Some("v2") {
             return Err(Failure::rejected(format!("version 1 cannot handle offset {}", event.offset)));

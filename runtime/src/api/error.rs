@@ -79,6 +79,11 @@ impl ApiError {
     pub fn status(&self) -> StatusCode {
         self.status
     }
+
+    /// The machine-readable code of the error.
+    pub fn code(&self) -> &str {
+        &self.code
+    }
 }
 
 impl IntoResponse for ApiError {

@@ -73,9 +73,6 @@ pub(super) async fn get_item(
     let p = find(&state.runtime, &name)?;
     check_table(&p, &table)?;
     let plan = Plan::allowing_partial(&state, &p, &request, &partial).await?;
-    let (waited, parts) =
-        tokio::join!(consistency::wait(&state.runtime, &p, &plan.local, &wait, false), plan.ask(&state, &request));
-    waited?;
     // At most one shard may hold the key: a second holder is reported, never silently picked.
     let two = || {
         ApiError::new(
@@ -86,25 +83,34 @@ pub(super) async fn get_item(
             ),
         )
     };
-    let mut found: Option<Box<serde_json::value::RawValue>> = None;
-    for shard in &plan.local {
-        if let Some(value) = shard.live().read_model.get(&table, &key)?
-            && found.replace(super::raw_json(value)).is_some()
-        {
-            return Err(two());
-        }
-    }
-    for part in parts? {
-        // Not in that instance's shards; any other error (it has no such projection, say) is passed on.
-        if part.code().as_deref() == Some("key_not_found") {
-            continue;
-        }
-        if found.replace(part.answer()?).is_some() {
-            return Err(two());
-        }
-    }
+    let (state, p, plan, wait, request, table, key) = (&state, &p, &plan, &wait, &request, &table, &key);
+    let (found, generation) = plan
+        .in_one_generation(|| async move {
+            let (waited, parts) =
+                tokio::join!(consistency::wait(&state.runtime, p, &plan.local, wait, false), plan.ask(state, request));
+            waited?;
+            let mut found: Option<Box<serde_json::value::RawValue>> = None;
+            for shard in &plan.local {
+                if let Some(value) = shard.live().read_model.get(table, key)?
+                    && found.replace(super::raw_json(value)).is_some()
+                {
+                    return Err(two());
+                }
+            }
+            for part in parts? {
+                // Not in that instance's shards; any other error (it has no such projection, say) is passed on.
+                if part.code().as_deref() == Some("key_not_found") {
+                    continue;
+                }
+                if found.replace(part.answer()?).is_some() {
+                    return Err(two());
+                }
+            }
+            Ok(found)
+        })
+        .await?;
     match found {
-        Some(value) => Ok((plan.missing_headers(), Json(value))),
+        Some(value) => Ok((plan.headers(generation), Json(value))),
         // The key may be in a shard that did not answer.
         None if !plan.missing().is_empty() => Err(ApiError::shard_unavailable(
             "shard_unavailable",
@@ -134,31 +140,37 @@ pub(super) async fn scan(
     let p = find(&state.runtime, &name)?;
     check_table(&p, &table)?;
     let plan = Plan::allowing_partial(&state, &p, &request, &partial).await?;
-    let (waited, parts) =
-        tokio::join!(consistency::wait(&state.runtime, &p, &plan.local, &wait, false), plan.ask(&state, &request));
-    waited?;
     // One more than asked tells whether there is a next page. Each shard
     // gives its first keys after the cursor (another instance, a page of
     // its shards'); merged in key order, the first of them are the page's,
     // and its last key the next cursor.
-    let mut items = Vec::new();
-    let mut more = false;
-    for shard in &plan.local {
-        let entries = shard.live().read_model.scan(&table, &q.prefix, q.after.as_deref(), limit + 1)?;
-        items.extend(entries.into_iter().map(|(key, v)| Item { key, value: super::raw_json(v) }));
-    }
-    for part in parts? {
-        let page: Page = part.answer()?;
-        more |= page.next.is_some();
-        items.extend(page.items);
-    }
+    let (state, p, plan, wait, request, table, q) = (&state, &p, &plan, &wait, &request, &table, &q);
+    let ((mut items, mut more), generation) = plan
+        .in_one_generation(|| async move {
+            let (waited, parts) =
+                tokio::join!(consistency::wait(&state.runtime, p, &plan.local, wait, false), plan.ask(state, request));
+            waited?;
+            let mut items = Vec::new();
+            let mut more = false;
+            for shard in &plan.local {
+                let entries = shard.live().read_model.scan(table, &q.prefix, q.after.as_deref(), limit + 1)?;
+                items.extend(entries.into_iter().map(|(key, v)| Item { key, value: super::raw_json(v) }));
+            }
+            for part in parts? {
+                let page: Page = part.answer()?;
+                more |= page.next.is_some();
+                items.extend(page.items);
+            }
+            Ok((items, more))
+        })
+        .await?;
     if plan.merges() {
         items.sort_by(|a, b| a.key.cmp(&b.key));
     }
     more |= items.len() > limit;
     items.truncate(limit);
     let next = if more { items.last().map(|i| i.key.clone()) } else { None };
-    Ok((plan.missing_headers(), Json(Page { items, next, missing_shards: plan.missing() })))
+    Ok((plan.headers(generation), Json(Page { items, next, missing_shards: plan.missing() })))
 }
 
 #[derive(Deserialize)]

@@ -34,33 +34,39 @@ pub(super) async fn search(
         ));
     }
     let plan = Plan::allowing_partial(&state, &projection, &incoming, &partial).await?;
-    let (waited, parts) = tokio::join!(
-        consistency::wait(&state.runtime, &projection, &plan.local, &wait, true),
-        plan.ask(&state, &incoming)
-    );
-    waited?;
-    // Every shard's (and every other instance's) first offset + limit hits
-    // hold the page; a part of another instance's search answers just those.
-    let mut answers = Vec::new();
-    for part in parts? {
-        answers.push(part.answer::<SearchResponse>()?);
-    }
-    let shards: Vec<_> = plan.local.iter().map(|s| s.live()).collect();
-    let (merges, part) = (plan.merges(), plan.part);
-    let response = super::run_blocking("searching", move || {
-        if !merges && let [one] = shards.as_slice() {
-            return one.indexes.open[&index].search(&request, limit);
-        }
-        let each = SearchRequest { offset: 0, ..request.clone() };
-        for shard in &shards {
-            answers.push(shard.indexes.open[&index].search(&each, request.offset + limit)?);
-        }
-        Ok(if part { merge(&each, request.offset + limit, answers) } else { merge(&request, limit, answers) })
-    })
-    .await?
-    .map_err(|e| match e {
-        QueryError::Invalid(m) => ApiError::bad_request(m),
-        other => ApiError::internal("searching", other),
-    })?;
-    Ok((plan.missing_headers(), Json(SearchResponse { missing_shards: plan.missing(), ..response })))
+    let (state, projection, plan, wait, incoming, request, index) =
+        (&state, &projection, &plan, &wait, &incoming, &request, &index);
+    let (response, generation) = plan
+        .in_one_generation(|| async move {
+            let (waited, parts) = tokio::join!(
+                consistency::wait(&state.runtime, projection, &plan.local, wait, true),
+                plan.ask(state, incoming)
+            );
+            waited?;
+            // Every shard's (and every other instance's) first offset + limit hits
+            // hold the page; a part of another instance's search answers just those.
+            let mut answers = Vec::new();
+            for part in parts? {
+                answers.push(part.answer::<SearchResponse>()?);
+            }
+            let shards: Vec<_> = plan.local.iter().map(|s| s.live()).collect();
+            let (merges, part, request, index) = (plan.merges(), plan.part, request.clone(), index.clone());
+            super::run_blocking("searching", move || {
+                if !merges && let [one] = shards.as_slice() {
+                    return one.indexes.open[&index].search(&request, limit);
+                }
+                let each = SearchRequest { offset: 0, ..request.clone() };
+                for shard in &shards {
+                    answers.push(shard.indexes.open[&index].search(&each, request.offset + limit)?);
+                }
+                Ok(if part { merge(&each, request.offset + limit, answers) } else { merge(&request, limit, answers) })
+            })
+            .await?
+            .map_err(|e| match e {
+                QueryError::Invalid(m) => ApiError::bad_request(m),
+                other => ApiError::internal("searching", other),
+            })
+        })
+        .await?;
+    Ok((plan.headers(generation), Json(SearchResponse { missing_shards: plan.missing(), ..response })))
 }

@@ -6,6 +6,12 @@
 //! live instance can answer for makes the request a 503 with `Retry-After`:
 //! never a partial answer presented as whole.
 //!
+//! A query that merges shards reads them all from one generation: during a
+//! rebuild's switch, shards move to the new generation a moment apart, and
+//! a merge that meets two is read again ([`Plan::in_one_generation`]); a
+//! part of another instance's fan-out names its generation in the
+//! `Refract-Generation` header.
+//!
 //! A forwarded request carries the caller's `Authorization` (the instances
 //! of a cluster share their tokens) and names its shards in the
 //! `Refract-Shards` header; the instance asked answers from exactly those,
@@ -52,7 +58,22 @@ pub(super) struct Plan {
     partial: bool,
     /// Shards left out of a partial answer.
     missing: std::sync::Mutex<Vec<u32>>,
+    /// The generations the other instances' parts answered from, since
+    /// the last read began.
+    generations: std::sync::Mutex<Vec<u64>>,
 }
+
+/// The header naming the generation a part of a fan-out answered from.
+const GENERATION_HEADER: &str = "refract-generation";
+
+/// The error of a merge that met two generations for longer than a switch takes.
+const GENERATIONS_SWITCHING: &str = "generations_switching";
+
+/// How long a query merging shards waits for a rebuild's switch to reach
+/// every shard once it meets two generations: each shard's switch stops
+/// its old generation, lets the new one replay the last events (at most
+/// 2,000) and writes a file, so they land well within this.
+const SWITCH_WAIT: Duration = Duration::from_secs(5);
 
 /// The header naming the shards a partial answer leaves out (`1,3`).
 const MISSING_SHARDS_HEADER: &str = "refract-missing-shards";
@@ -77,6 +98,8 @@ enum Unplanned {
 pub(super) struct Part {
     pub status: StatusCode,
     pub body: Vec<u8>,
+    /// The generation its shards answered from (`Refract-Generation`).
+    generation: Option<u64>,
 }
 
 impl Part {
@@ -148,15 +171,71 @@ impl Plan {
         missing
     }
 
-    /// `Refract-Missing-Shards` for a partial answer that left shards out.
-    pub(super) fn missing_headers(&self) -> HeaderMap {
+    /// The headers of an answer read from `generation`:
+    /// `Refract-Missing-Shards` for a partial answer that left shards out,
+    /// `Refract-Generation` for a part of another instance's fan-out.
+    pub(super) fn headers(&self, generation: Option<u64>) -> HeaderMap {
         let mut headers = HeaderMap::new();
         let missing = self.missing();
         if !missing.is_empty() {
             let names = missing.iter().map(u32::to_string).collect::<Vec<_>>().join(",");
             headers.insert(MISSING_SHARDS_HEADER, names.parse().expect("digits and commas are a header value"));
         }
+        if let Some(g) = generation.filter(|_| self.part) {
+            headers.insert(GENERATION_HEADER, g.into());
+        }
         headers
+    }
+
+    /// The generations this instance's shards answer from now.
+    fn local_generations(&self) -> Vec<u64> {
+        self.local.iter().map(|s| s.live().number).collect()
+    }
+
+    /// Run `read` (which reads this instance's shards and [`Plan::ask`]s
+    /// the others) until every shard it read answered from one generation,
+    /// and say which. Two generations meet only while a rebuild switches:
+    /// it is read again for up to [`SWITCH_WAIT`], then answered with a
+    /// 503. A part of another instance's fan-out is not read again: the
+    /// instance merging it does that.
+    pub(super) async fn in_one_generation<T, Read>(
+        &self,
+        mut read: impl FnMut() -> Read,
+    ) -> Result<(T, Option<u64>), ApiError>
+    where
+        Read: Future<Output = Result<T, ApiError>>,
+    {
+        let until = std::time::Instant::now() + if self.part { Duration::ZERO } else { SWITCH_WAIT };
+        loop {
+            self.generations.lock().expect("generations lock").clear();
+            let before = self.local_generations();
+            let answer = read().await;
+            // Read after the shards were: a switch during the read shows as a change.
+            let mut seen = self.local_generations();
+            seen.extend(before);
+            seen.extend(self.generations.lock().expect("generations lock").drain(..));
+            seen.sort_unstable();
+            seen.dedup();
+            let mixed = match &answer {
+                Err(e) => e.code() == GENERATIONS_SWITCHING,
+                Ok(_) => seen.len() > 1 && self.merges(),
+            };
+            if !mixed {
+                return answer.map(|a| (a, seen.last().copied()));
+            }
+            if std::time::Instant::now() >= until {
+                return Err(answer.err().unwrap_or_else(|| {
+                    ApiError::shard_unavailable(
+                        GENERATIONS_SWITCHING,
+                        format!(
+                            "the shards answer from generations {seen:?}: a rebuild is switching them, which took longer than {}s",
+                            SWITCH_WAIT.as_secs()
+                        ),
+                    )
+                }));
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
     }
 
     /// The plan, once every shard has an instance that answers for it: a
@@ -198,6 +277,7 @@ impl Plan {
             projection,
             partial,
             missing: std::sync::Mutex::new(missing),
+            generations: Default::default(),
         };
         let (here, name) = (p.shards(), p.manifest().name);
         if let Some(value) = headers.get(SHARDS_HEADER) {
@@ -297,6 +377,8 @@ impl Plan {
                 }
             }
         }
+        let generations = parts.iter().filter_map(|p| p.generation);
+        self.generations.lock().expect("generations lock").extend(generations);
         Ok(parts)
     }
 
@@ -363,8 +445,9 @@ async fn send(
             let request = request.body(()).map_err(|e| ureq::Error::BadUri(e.to_string()))?;
             let mut response = agent.run(request)?;
             let status = StatusCode::from_u16(response.status().as_u16()).unwrap_or(StatusCode::BAD_GATEWAY);
+            let generation = response.headers().get(GENERATION_HEADER).and_then(|v| v.to_str().ok()?.parse().ok());
             let body = response.body_mut().with_config().limit(256 << 20).read_to_vec()?;
-            Ok(Part { status, body })
+            Ok(Part { status, body, generation })
         }));
     }
     let mut sent = Vec::new();

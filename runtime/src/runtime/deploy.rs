@@ -205,7 +205,7 @@ impl Runtime {
         }
         if next.manifest().schema_version != current.schema_version {
             let change = format!("schema-version {} → {}", current.schema_version, next.manifest().schema_version);
-            if let Some(r) = projection.whole().and_then(|s| s.rebuild()) {
+            if let Some(r) = projection.rebuilding() {
                 return Err(format!(
                     "{change} needs a rebuild, and the rebuild to generation {} is still running: wait for it or cancel it",
                     r.generation.number
@@ -251,18 +251,17 @@ impl Runtime {
                     whole.live().control.swap(Box::new(next));
                 }
                 // A rebuild in progress switches to its generation later: it
-                // must run this version too, or the switch would drop it.
-                match projection.whole().and_then(|s| s.rebuild()) {
-                    None => None,
-                    Some(rebuild) => match self.loader.get().map(|l| l.load(file)) {
-                        Some(Ok(again)) => {
-                            rebuild.generation.control.swap(Box::new(again));
-                            None
-                        }
-                        Some(Err(e)) => Some(format!("the rebuilding generation keeps its version: {e}")),
-                        None => None,
-                    },
+                // must run this version too, or the switch would drop it
+                // (each shard's rebuild gets its own instance).
+                let mut outcome = None;
+                for rebuild in projection.rebuilds() {
+                    match self.loader.get().map(|l| l.load(file)) {
+                        Some(Ok(again)) => rebuild.generation.control.swap(Box::new(again)),
+                        Some(Err(e)) => outcome = Some(format!("the rebuilding generation keeps its version: {e}")),
+                        None => {}
+                    }
                 }
+                outcome
             }
         };
         if let Some(error) = &outcome {

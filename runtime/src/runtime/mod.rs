@@ -181,11 +181,14 @@ impl Runtime {
                         anyhow::anyhow!("{source} cannot run as several shards (only plugin components can)")
                     })
                 };
-                let mut shards = Vec::new();
+                let (mut shards, mut rebuilding) = (Vec::new(), None);
                 for n in (0..count).filter(|_| !by_group) {
                     let root = projection::shard_root(&root, n);
                     match another().and_then(|h| self.start_shard(h, Some(n), &root, Replay::Live)) {
-                        Ok((shard, _)) => shards.push(Arc::new(shard)),
+                        Ok((shard, number)) => {
+                            shards.push(Arc::new(shard));
+                            rebuilding = rebuilding.max(number);
+                        }
                         Err(e) => {
                             for started in shards {
                                 started.live().stop();
@@ -200,7 +203,7 @@ impl Runtime {
                 } else {
                     tracing::info!(projection = %manifest.name, shards = count, "partitioned: one shard per partition");
                 }
-                (Projection::new(source, count, true, shards, Some(handler)), None)
+                (Projection::new(source, count, true, shards, Some(handler)), rebuilding)
             }
         };
         let projection = Arc::new(projection);
@@ -211,24 +214,57 @@ impl Runtime {
             self.workers.lock().expect("workers lock").push(thread);
         }
         if let Some(number) = rebuilding {
-            let shard = projection.shards()[0].clone();
-            match self.loader.get().map(|l| l.load(Path::new(&projection.source))) {
-                Some(Ok(handler)) => {
-                    tracing::info!(projection = %manifest.name, generation = number, "resuming a rebuild");
-                    if let Err(e) = self.start_rebuild(&projection, &shard, Box::new(handler), number) {
-                        tracing::error!(projection = %manifest.name, error = %e, "resuming a rebuild failed");
-                    }
-                }
-                _ => {
-                    tracing::warn!(projection = %manifest.name, "cannot load the plugin again; dropping the unfinished rebuild");
-                    generation::delete(&shard.root, number);
-                    if let Err(e) = generation::clean(&shard.root) {
-                        tracing::warn!(projection = %manifest.name, error = %e, "cleaning old generations");
-                    }
-                }
-            }
+            self.resume_rebuild(&projection, number);
         }
         Ok(projection)
+    }
+
+    /// Carry on rebuilding `p` into generation `number` after a restart:
+    /// every shard not yet switched to it rebuilds (a crash in the middle of
+    /// starting or switching a partitioned projection's rebuild leaves
+    /// some shards marked and others not, or some switched).
+    fn resume_rebuild(&self, p: &Arc<Projection>, number: u64) {
+        let name = p.manifest().name;
+        let behind: Vec<Arc<Shard>> = p.shards().into_iter().filter(|s| s.live().number < number).collect();
+        let barrier: Arc<dyn rebuild::SwitchBarrier> = match p.is_partitioned() {
+            true => Arc::new(rebuild::AllShards::new(behind.iter().map(|s| s.number()))),
+            false => Arc::new(rebuild::Alone),
+        };
+        let loaded = self.loader.get().map(|l| l.load(Path::new(&p.source)));
+        let handlers = match loaded {
+            Some(Ok(handler)) => {
+                let handler: Box<dyn Handler> = Box::new(handler);
+                let others: Option<Vec<_>> = (1..behind.len()).map(|_| handler.another()).collect();
+                others.map(|mut others| {
+                    others.push(handler);
+                    others
+                })
+            }
+            _ => None,
+        };
+        let Some(handlers) = handlers else {
+            tracing::warn!(projection = %name, "cannot load the plugin again; dropping the unfinished rebuild");
+            if behind.len() < p.shards().len() {
+                tracing::error!(projection = %name, generation = number, "some shards switched to the rebuilt generation before the crash and the others cannot follow: queries merging shards answer 503 until the projection is rebuilt");
+            }
+            for shard in &behind {
+                generation::delete(&shard.root, number);
+                generation::unmark_rebuilding(&shard.root);
+                if let Err(e) = generation::clean(&shard.root) {
+                    tracing::warn!(projection = %name, error = %e, "cleaning old generations");
+                }
+            }
+            return;
+        };
+        tracing::info!(projection = %name, generation = number, shards = behind.len(), "resuming a rebuild");
+        for (shard, handler) in behind.iter().zip(handlers) {
+            let started = generation::mark_rebuilding(&shard.root, number)
+                .map_err(anyhow::Error::from)
+                .and_then(|()| self.start_rebuild(p, shard, handler, number, barrier.clone()));
+            if let Err(e) = started {
+                tracing::error!(projection = %name, shard = shard.number(), error = %e, "resuming a rebuild failed");
+            }
+        }
     }
 
     /// Make `projection` one of the runtime's, unless one of that name runs already.
@@ -519,13 +555,13 @@ impl Runtime {
         p: &Arc<Projection>,
         handler: Option<Box<dyn Handler>>,
     ) -> Result<u64, RebuildError> {
-        let Some(shard) = p.whole() else {
+        if p.is_partitioned() && self.shards_by_group {
             return Err(RebuildError::Invalid(
-                "a partitioned projection is rebuilt shard by shard with a switch of every shard at once, which is not built yet; stop the instance and delete the projection's shards to build it again"
+                "a partitioned projection spread over a cluster is rebuilt with a switch of every instance's shards at once, which is not built yet; stop the instances and delete the projection's shards to build it again"
                     .into(),
             ));
-        };
-        if let Some(r) = shard.rebuild() {
+        }
+        if let Some(r) = p.rebuilding() {
             return Err(RebuildError::Running(r.generation.number));
         }
         let m = p.manifest();
@@ -544,22 +580,53 @@ impl Runtime {
                 Box::new(loader.load(Path::new(&p.source)).map_err(RebuildError::Invalid)?)
             }
         };
-        let number = shard.live().number + 1;
-        generation::delete(&shard.root, number);
-        generation::mark_rebuilding(&shard.root, number).map_err(|e| RebuildError::Invalid(e.to_string()))?;
-        self.start_rebuild(p, &shard, handler, number).map_err(|e| RebuildError::Invalid(format!("{e:#}")))?;
-        tracing::info!(projection = %m.name, generation = number, "rebuild started");
+        // Every shard builds the same next generation (they are all at the
+        // same one: they switch together), each with its own instance of the plugin.
+        let shards = p.shards();
+        let number = shards.iter().map(|s| s.live().number).max().unwrap_or(0) + 1;
+        let mut handlers = Vec::new();
+        for _ in 1..shards.len() {
+            let another = handler.another().ok_or_else(|| {
+                RebuildError::Invalid(format!("{} cannot run as several shards (only plugin components can)", p.source))
+            })?;
+            handlers.push(another);
+        }
+        handlers.push(handler);
+        let barrier: Arc<dyn rebuild::SwitchBarrier> = match p.is_partitioned() {
+            true => Arc::new(rebuild::AllShards::new(shards.iter().map(|s| s.number()))),
+            false => Arc::new(rebuild::Alone),
+        };
+        for (shard, handler) in shards.iter().zip(handlers) {
+            generation::delete(&shard.root, number);
+            let started = generation::mark_rebuilding(&shard.root, number)
+                .map_err(anyhow::Error::from)
+                .and_then(|()| self.start_rebuild(p, shard, handler, number, barrier.clone()));
+            if let Err(e) = started {
+                // All shards or none: those started are cancelled (and delete what they built).
+                for job in p.rebuilds() {
+                    job.cancel();
+                }
+                generation::unmark_rebuilding(&shard.root);
+                return Err(RebuildError::Invalid(format!("{e:#}")));
+            }
+        }
+        tracing::info!(projection = %m.name, generation = number, shards = shards.len(), "rebuild started");
         Ok(number)
     }
 
     /// Stop the rebuild of `name` and delete what it built.
     pub fn cancel_rebuild(&self, name: &str) -> Result<u64, RebuildError> {
         let p = self.projection(name).ok_or(RebuildError::NotFound)?;
-        let job = p.whole().and_then(|s| s.rebuild()).ok_or(RebuildError::NotRunning)?;
-        if job.switching.load(Ordering::Relaxed) {
-            return Err(RebuildError::Switching(job.generation.number));
+        let _starting = p.starting.lock().expect("starting lock");
+        let jobs = p.rebuilds();
+        let job = jobs.first().ok_or(RebuildError::NotRunning)?;
+        // Once one shard switches, all do: no query may read two generations for good.
+        if let Some(switching) = jobs.iter().find(|j| j.switching.load(Ordering::Relaxed)) {
+            return Err(RebuildError::Switching(switching.generation.number));
         }
-        job.cancel();
+        for job in &jobs {
+            job.cancel();
+        }
         Ok(job.generation.number)
     }
 
@@ -570,6 +637,7 @@ impl Runtime {
         shard: &Arc<Shard>,
         handler: Box<dyn Handler>,
         number: u64,
+        barrier: Arc<dyn rebuild::SwitchBarrier>,
     ) -> anyhow::Result<()> {
         // Gated at nothing until the rebuild monitor opens the gate.
         let gate = Replay::Until(Default::default(), Default::default());
@@ -579,11 +647,17 @@ impl Runtime {
         let (p, shard) = (p.clone(), shard.clone());
         let (log, kafka, shutdown) = (self.log.clone(), self.kafka.clone(), self.stop.clone());
         let name = p.manifest().name;
+        let label = match shard.partition {
+            None => format!("rebuild-{name}"),
+            Some(n) => format!("rebuild-{name}#{n}"),
+        };
         let thread = std::thread::Builder::new()
-            .name(format!("rebuild-{name}"))
+            .name(label)
             .spawn(move || {
                 let switch = rebuild::Switch {
                     name: &name,
+                    partition: shard.partition,
+                    barrier: &*barrier,
                     root: &shard.root,
                     live: &shard.live,
                     rebuild: &shard.rebuild,

@@ -10,7 +10,7 @@
 //! and go, and one taken on answers only once it has caught up. The API
 //! reads through [`Projection::shards`] (and asks other instances for the
 //! rest); [`Projection::whole`] is for what only an unpartitioned
-//! projection does (rebuilds).
+//! projection has.
 
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -205,6 +205,16 @@ impl Projection {
     /// Split by partition (`kafka.mode: partitioned`)?
     pub fn is_partitioned(&self) -> bool {
         self.partitioned
+    }
+
+    /// The rebuilds in progress here, one per shard being rebuilt.
+    pub fn rebuilds(&self) -> Vec<Arc<Rebuild>> {
+        self.shards().iter().filter_map(|s| s.rebuild()).collect()
+    }
+
+    /// A rebuild in progress here (any shard's: they build the same generation).
+    pub fn rebuilding(&self) -> Option<Arc<Rebuild>> {
+        self.shards().iter().find_map(|s| s.rebuild())
     }
 
     /// The one shard of a projection that is not partitioned.

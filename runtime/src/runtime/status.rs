@@ -149,10 +149,9 @@ impl Runtime {
         let shards = p.shards().iter().map(|s| self.shard_status(&m, s)).collect::<crate::store::Result<Vec<_>>>()?;
         let standbys =
             p.standbys().iter().map(|s| self.shard_status(&m, s)).collect::<crate::store::Result<Vec<_>>>()?;
-        let rebuild = match p.whole() {
-            Some(whole) => whole.rebuild().map(|r| r.status(&whole.live())).transpose()?,
-            None => None,
-        };
+        let rebuilds: crate::store::Result<Vec<_>> =
+            p.shards().iter().filter_map(|s| s.rebuild().map(|r| r.status(&s.live()))).collect();
+        let rebuild = crate::rebuild::RebuildStatus::combined(rebuilds?);
         let kind = p.kind();
         let plugin = PluginInfo {
             kind,
