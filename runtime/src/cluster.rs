@@ -4,11 +4,14 @@
 //! other coordination service: the topic is the directory, and an instance
 //! that leaves writes a tombstone. An announcement says where the instance is
 //! (`advertise-url`) and what it holds: each projection's generation and
-//! checkpoints per partition.
+//! checkpoints per partition, and the shards it runs (role, readiness, a
+//! rebuild's progress). Other keys: `publication/<p>/<n>` (what a shard's
+//! active copy published: `sink::handover`), `rebuild/<p>` (a rebuild
+//! asked of every instance) and `switch/<p>` (the generation every shard
+//! switches to): `runtime::Runtime::follow_cluster_rebuild`.
 //!
-//! This is the first part of scaling out (`docs/cluster-design.md`): the
-//! directory that routing, standbys and cluster-wide rebuilds will read.
-//! Today it answers `GET /v1/cluster`.
+//! Routing (`api::shards`), standbys (`runtime::activity`), hand-overs and
+//! cluster-wide rebuilds read it, and it answers `GET /v1/cluster`.
 
 use std::collections::BTreeMap;
 use std::path::Path;
@@ -29,6 +32,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::clock::{Backoff, now_ms, sleep_unless};
 use crate::config::ClusterConfig;
+use crate::rebuild::ClusterRebuild;
 use crate::runtime::{PartitionStatus, Runtime, ShardRole};
 use crate::sink::handover::{Publication, Publications};
 use crate::source::kafka::KafkaConfig;
@@ -76,6 +80,9 @@ pub struct HeldShard {
     pub ready: bool,
     pub generation: u64,
     pub lag: u64,
+    /// The generation being rebuilt beside it, and whether it has caught up.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub rebuild: Option<crate::runtime::ShardRebuild>,
 }
 
 /// An instance as this one last heard of it.
@@ -110,6 +117,8 @@ pub struct Cluster {
     members: Arc<RwLock<BTreeMap<String, Announcement>>>,
     /// By (projection, shard): what its active copy last said it published.
     publications: Arc<RwLock<ByShard>>,
+    /// By projection: the last rebuild asked for, and the generation switched to.
+    rebuilds: Arc<RwLock<Rebuilds>>,
     /// By partition of the control topic: the offset after the last record read.
     read: Arc<Mutex<BTreeMap<i32, i64>>>,
     /// How long a member that wrote a publication must have been silent
@@ -144,12 +153,17 @@ impl Cluster {
             Arc::new(kafka.client_config().create().context("creating the cluster producer")?);
         let members = Arc::new(RwLock::new(BTreeMap::new()));
         let publications = Arc::new(RwLock::new(BTreeMap::new()));
+        let rebuilds = Arc::new(RwLock::new(Rebuilds::default()));
         let read = Arc::new(Mutex::new(BTreeMap::new()));
         let stop = Arc::new(AtomicBool::new(false));
         let reading = {
             let (kafka, topic, me, stop) = (kafka.clone(), topic.clone(), me.clone(), stop.clone());
-            let directory =
-                Directory { members: members.clone(), publications: publications.clone(), read: read.clone() };
+            let directory = Directory {
+                members: members.clone(),
+                publications: publications.clone(),
+                rebuilds: rebuilds.clone(),
+                read: read.clone(),
+            };
             move || {
                 let mut backoff = Backoff::new(Duration::from_millis(200), Duration::from_secs(10));
                 while !stop.load(Ordering::Relaxed) {
@@ -187,6 +201,7 @@ impl Cluster {
             topic,
             members,
             publications,
+            rebuilds,
             read,
             gone_after_ms,
             producer,
@@ -269,6 +284,48 @@ impl crate::runtime::Membership for Cluster {
     fn active(&self, projection: &str, n: u32) -> Option<String> {
         self.active_holder(projection, n, |_, _| true, |a| a.instance.clone())
     }
+
+    fn rebuild(&self, projection: &str) -> Option<ClusterRebuild> {
+        self.rebuilds.read().expect("rebuilds lock").asked.get(projection).cloned()
+    }
+
+    fn request_rebuild(&self, projection: &str, rebuild: &ClusterRebuild) -> Result<(), String> {
+        self.write(&format!("{REBUILD}{projection}"), rebuild)?;
+        // Known here at once, without waiting for the reader to read it back.
+        self.rebuilds.write().expect("rebuilds lock").asked.insert(projection.to_owned(), rebuild.clone());
+        Ok(())
+    }
+
+    fn switch(&self, projection: &str, generation: u64) -> Result<(), String> {
+        self.write(&format!("{SWITCH}{projection}"), &Switched { generation, at: now_ms() })?;
+        let mut rebuilds = self.rebuilds.write().expect("rebuilds lock");
+        let switched = rebuilds.switched.entry(projection.to_owned()).or_default();
+        *switched = (*switched).max(generation);
+        Ok(())
+    }
+
+    fn caught_up(&self, projection: &str, n: u32, generation: u64) -> bool {
+        let ready = |_: &Announcement, s: &HeldShard| {
+            s.generation >= generation || s.rebuild.is_some_and(|r| r.generation == generation && r.caught_up)
+        };
+        self.active_holder(projection, n, ready, |_| ()).is_some()
+    }
+}
+
+impl crate::rebuild::ClusterSwitches for Cluster {
+    fn switched(&self, projection: &str) -> u64 {
+        self.rebuilds.read().expect("rebuilds lock").switched.get(projection).copied().unwrap_or(0)
+    }
+}
+
+impl Cluster {
+    /// Write `value` under `key` on the control topic, and wait until the broker has it.
+    fn write(&self, key: &str, value: &impl Serialize) -> Result<(), String> {
+        let body = serde_json::to_vec(value).map_err(|e| e.to_string())?;
+        let record = BaseRecord::<str, [u8]>::to(&self.topic).key(key).payload(&body);
+        self.producer.send(record).map_err(|(e, _)| format!("writing {key} on the control topic: {e}"))?;
+        self.producer.flush(Duration::from_secs(5)).map_err(|e| format!("writing {key} on the control topic: {e}"))
+    }
 }
 
 /// Where shards record what they published: `publication/<projection>/<shard>`
@@ -326,8 +383,27 @@ impl Publications for Cluster {
     }
 }
 
-/// The key prefix of publications on the control topic (instance ids are the other keys).
+/// The key prefixes of the control topic's records other than instances'
+/// announcements (keyed by instance id): a shard's publication, a
+/// projection's rebuild asked for, and the generation it switched to.
 const PUBLICATION: &str = "publication/";
+const REBUILD: &str = "rebuild/";
+const SWITCH: &str = "switch/";
+
+/// `switch/<projection>`: every shard switches to `generation`.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+struct Switched {
+    generation: u64,
+    at: i64,
+}
+
+/// What the control topic says of rebuilds, by projection.
+#[derive(Debug, Default)]
+struct Rebuilds {
+    asked: BTreeMap<String, ClusterRebuild>,
+    switched: BTreeMap<String, u64>,
+}
 
 /// By (projection, shard): the last publication.
 type ByShard = BTreeMap<(String, u32), Publication>;
@@ -337,6 +413,7 @@ type ByShard = BTreeMap<(String, u32), Publication>;
 struct Directory {
     members: Arc<RwLock<BTreeMap<String, Announcement>>>,
     publications: Arc<RwLock<ByShard>>,
+    rebuilds: Arc<RwLock<Rebuilds>>,
     /// By partition: the offset after the last record read.
     read: Arc<Mutex<BTreeMap<i32, i64>>>,
 }
@@ -455,6 +532,7 @@ impl Announcer {
                     ready: s.ready,
                     generation: s.generation,
                     lag: s.lag,
+                    rebuild: s.rebuild,
                 })
                 .collect();
             projections.push(Held {
@@ -540,6 +618,35 @@ impl Reader {
         let Some(Ok(key)) = message.key().map(std::str::from_utf8) else { return };
         if let Some(shard) = key.strip_prefix(PUBLICATION) {
             self.read_publication(shard, message.payload());
+            return;
+        }
+        if let Some(projection) = key.strip_prefix(REBUILD) {
+            let mut rebuilds = self.directory.rebuilds.write().expect("rebuilds lock");
+            match message.payload().map(serde_json::from_slice::<ClusterRebuild>) {
+                None => {
+                    rebuilds.asked.remove(projection);
+                }
+                // Never back to an older one (this instance may have written a newer one since).
+                Some(Ok(r)) => {
+                    let known = rebuilds.asked.get(projection);
+                    if known.is_none_or(|k| (k.generation, k.cancelled, k.at) <= (r.generation, r.cancelled, r.at)) {
+                        rebuilds.asked.insert(projection.to_owned(), r);
+                    }
+                }
+                Some(Err(e)) => tracing::warn!(key, error = %e, "a rebuild that does not decode; ignored"),
+            }
+            return;
+        }
+        if let Some(projection) = key.strip_prefix(SWITCH) {
+            match message.payload().map(serde_json::from_slice::<Switched>) {
+                Some(Ok(s)) => {
+                    let mut rebuilds = self.directory.rebuilds.write().expect("rebuilds lock");
+                    let switched = rebuilds.switched.entry(projection.to_owned()).or_default();
+                    *switched = (*switched).max(s.generation);
+                }
+                None => {}
+                Some(Err(e)) => tracing::warn!(key, error = %e, "a switch that does not decode; ignored"),
+            }
             return;
         }
         let instance = key;

@@ -46,6 +46,9 @@ pub struct Rebuild {
     pub(crate) switching: AtomicBool,
     /// What the switch is waiting for, when it cannot go on (shown in the status).
     waiting_for: Mutex<Option<String>>,
+    /// It has caught up with the live generation (and follows it) and waits
+    /// for the others to switch (shown in a cluster's announcements).
+    pub(crate) caught_up: AtomicBool,
 }
 
 /// What the status shows of a rebuild.
@@ -105,7 +108,13 @@ impl Rebuild {
             cancel: AtomicBool::new(false),
             switching: AtomicBool::new(false),
             waiting_for: Mutex::new(None),
+            caught_up: AtomicBool::new(false),
         })
+    }
+
+    /// Whether it has caught up and waits to switch.
+    pub fn is_caught_up(&self) -> bool {
+        self.caught_up.load(Ordering::Relaxed)
     }
 
     /// Ask the monitor to stop the rebuild and delete what it built; it
@@ -182,6 +191,51 @@ impl SwitchBarrier for AllShards {
 
     fn open(&self) -> bool {
         self.waiting.lock().expect("barrier lock").is_empty()
+    }
+}
+
+/// A rebuild of a partitioned projection across a cluster, as asked for on
+/// the control topic (`rebuild/<projection>`): every instance rebuilds the
+/// copies of its shards (active and standby) into `generation`, and they
+/// all switch once the control topic says so (`switch/<projection>`),
+/// which any instance writes once every shard's active copy has caught up.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct ClusterRebuild {
+    pub generation: u64,
+    /// The schema-version it is built with: an instance whose plugin file
+    /// declares another waits for the new one (a new version dropped on
+    /// the instances one after the other).
+    pub schema_version: u32,
+    /// Cancelled: every instance deletes what it built.
+    #[serde(default)]
+    pub cancelled: bool,
+    /// The instance that asked.
+    pub by: String,
+    /// When, in ms since the Unix epoch.
+    pub at: i64,
+}
+
+/// What the switch of a cluster's rebuild waits on: the control topic.
+pub trait ClusterSwitches: Send + Sync {
+    /// The generation every shard of `projection` has been told to switch to (0: none).
+    fn switched(&self, projection: &str) -> u64;
+}
+
+/// The barrier of a shard's copy in a cluster: open once the control topic
+/// says that every shard switches to `generation` (readiness travels in
+/// this instance's announcements, from the rebuild's status).
+pub struct ClusterSwitch {
+    pub switches: Arc<dyn ClusterSwitches>,
+    pub projection: String,
+    pub generation: u64,
+}
+
+impl SwitchBarrier for ClusterSwitch {
+    fn ready(&self, _: u32) {}
+
+    fn open(&self) -> bool {
+        self.switches.switched(&self.projection) >= self.generation
     }
 }
 
@@ -306,6 +360,7 @@ pub fn monitor(s: Switch<'_>, job: Arc<Rebuild>) {
         match (new.checkpoints(), live.checkpoints()) {
             (Ok(n), Ok(l)) => match &gate {
                 Some(g) if caught_up(&n, g) && behind(g, &l) <= SWITCH_WITHIN => {
+                    job.caught_up.store(true, Ordering::Relaxed);
                     s.barrier.ready(s.partition.unwrap_or(0));
                     if s.barrier.open() {
                         break;
@@ -338,7 +393,10 @@ pub fn monitor(s: Switch<'_>, job: Arc<Rebuild>) {
     job.switching.store(true, Ordering::Relaxed);
     // 1. The live generation stops where it is, and publishes everything it
     //    emitted: its outbox goes with its files, so it must be empty first.
+    //    (A standby copy of a shard in a cluster publishes nothing: what it
+    //    holds is the active copy's to publish.)
     old.stop();
+    let publishes = old.handover.as_ref().is_none_or(|h| h.is_active());
     let mut relay = crate::sink::Relay::new(
         s.name,
         old.number,
@@ -350,11 +408,12 @@ pub fn monitor(s: Switch<'_>, job: Arc<Rebuild>) {
     if let Some(n) = s.partition {
         relay = relay.for_shard(n, None);
     }
-    let drained = retry(&s, &job, "publishing the old generation's emitted events", || match relay.publish_some() {
-        Ok(0) => Ok(true),
-        Ok(_) => Ok(false),
-        Err(e) => Err(e),
-    });
+    let drained = !publishes
+        || retry(&s, &job, "publishing the old generation's emitted events", || match relay.publish_some() {
+            Ok(0) => Ok(true),
+            Ok(_) => Ok(false),
+            Err(e) => Err(e),
+        });
     if !drained {
         return;
     }
@@ -401,10 +460,23 @@ pub fn monitor(s: Switch<'_>, job: Arc<Rebuild>) {
     let starting = s.starting.lock().expect("starting lock");
     *s.live.write().expect("live lock") = new.clone();
     *s.rebuild.lock().expect("rebuild lock") = None;
-    drop(starting);
     // From here on the new generation is the live one: it emits for every
-    // event after the old one's last checkpoints.
-    new.control.set_replay(Replay::Before(last));
+    // event after the old one's last checkpoints. A shard's copy in a
+    // cluster takes the old one's role (read under the lock that taking a
+    // shard on or letting it go holds): the active copy publishes, a
+    // standby keeps what it emits for the active copy to publish.
+    match &new.handover {
+        Some(h) if !old.handover.as_ref().is_some_and(|h| h.is_active()) => {
+            h.set_active(false);
+            new.control.set_replay(Replay::Standby);
+        }
+        Some(h) => {
+            new.control.set_replay(Replay::Before(last));
+            h.set_active(true);
+        }
+        None => new.control.set_replay(Replay::Before(last)),
+    }
+    drop(starting);
     tracing::info!(projection = s.name, generation = new.number, "rebuild finished; the new generation is live");
     // 4. Queries in flight may still hold the old read model; its files go (Linux keeps open ones readable).
     generation::delete(s.root, old.number);

@@ -229,6 +229,22 @@ fn query_versions(url: String, stop: &std::sync::atomic::AtomicBool) -> Seen {
     seen
 }
 
+/// A client running [`query_versions`] against `server`: the flag that stops it, and its thread.
+fn query(server: &Server) -> (std::sync::Arc<std::sync::atomic::AtomicBool>, std::thread::JoinHandle<Seen>) {
+    let (stop, url) = (std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false)), server.url.clone());
+    let flag = stop.clone();
+    (stop, std::thread::spawn(move || query_versions(url, &flag)))
+}
+
+/// Put version 2 of `testkit-chaos` (schema-version 2) in the plugins directory under `dir`.
+fn install_chaos_v2(dir: &std::path::Path) {
+    let p = plugins();
+    let file = dir.join("plugins").join(p.chaos.file_name().unwrap());
+    let tmp = file.with_extension("tmp");
+    std::fs::copy(&p.chaos_v2, &tmp).unwrap();
+    std::fs::rename(&tmp, &file).unwrap();
+}
+
 /// A new schema-version dropped on an instance running a partitioned
 /// projection rebuilds every shard beside the live one, and they switch
 /// together: a client merging every shard (pages, searches) never reads
@@ -248,21 +264,13 @@ fn a_partitioned_projection_is_rebuilt_with_its_shards_switching_together() {
     );
     let mut server = Server::start(dir.path(), &[&p.chaos], &config);
     server.wait_checkpoints("testkit-chaos", FIRST);
-    let query = |server: &Server| {
-        let (stop, url) = (std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false)), server.url.clone());
-        let flag = stop.clone();
-        (stop, std::thread::spawn(move || query_versions(url, &flag)))
-    };
     let (stop, client) = query(&server);
 
     // Version 2 of the plugin declares schema-version 2: every shard rebuilds.
     // (No events arrive until the switch: after the restart below the live
     // generation would run version 2 too, which is how a restart during a
     // rebuild for a new schema-version behaves.)
-    let file = dir.path().join("plugins").join(p.chaos.file_name().unwrap());
-    let tmp = file.with_extension("tmp");
-    std::fs::copy(&p.chaos_v2, &tmp).unwrap();
-    std::fs::rename(&tmp, &file).unwrap();
+    install_chaos_v2(dir.path());
     let until = std::time::Instant::now() + Duration::from_secs(60);
     loop {
         let status = server.get("/v1/projections/testkit-chaos");
@@ -319,6 +327,158 @@ fn a_partitioned_projection_is_rebuilt_with_its_shards_switching_together() {
         let shard = dir.path().join(format!("data/projections/testkit-chaos/shards/{n}"));
         assert!(!shard.join("rebuilding").exists() && !shard.join("read-model.redb").exists(), "shard {n}");
         assert!(shard.join("gen-1/read-model.redb").exists(), "shard {n}");
+    }
+}
+
+/// Across a cluster: version 2 of the plugin (a new schema-version) dropped
+/// on the three instances one after the other rebuilds every copy of every
+/// shard (active and standby) beside its live one; one instance leaves in
+/// the middle (its shards are handed over, to a standby copy or restored,
+/// and their rebuild goes on), and
+/// the shards of every instance switch together, once the control topic
+/// says that every shard has caught up. Clients querying each instance
+/// throughout never see an answer that merges two generations. The
+/// instance that left comes back after the switch with copies of the old
+/// generation, and restores them at the new one.
+#[test]
+fn a_rebuild_across_the_cluster_switches_every_instances_shards_together() {
+    again_if_the_group_wedged(a_cluster_rebuild_once);
+}
+
+fn a_cluster_rebuild_once() {
+    // Each instance rebuilds every copy it holds beside its live one while
+    // the others do: more events or standbys overload the test broker.
+    const FIRST: u64 = 6_000;
+    let broker = Broker::start();
+    broker.create_topic("shop.chaos", 4);
+    broker.producer().send_all("shop.chaos", &stamps(0, FIRST));
+    let p = plugins();
+    let dirs: Vec<_> = (0..3).map(|_| tempfile::tempdir().unwrap()).collect();
+    let stream = "    chaos: { topic: shop.chaos, format: json, type-header: event-type }\n";
+    let start = |i: usize| {
+        let config = cluster_config(&broker, ["a", "b", "c"][i], "rebuild", 1, stream);
+        Server::start(dirs[i].path(), &[&p.chaos], &format!("{config}auth:\n  admin-token: {ADMIN}\n"))
+    };
+    let mut servers = start_cluster(3, &["testkit-chaos"], 4, start);
+    for server in &servers {
+        wait_stamps(&servers.iter().collect::<Vec<_>>(), server, FIRST, 1);
+    }
+    let mut clients: Vec<_> = servers.iter().map(query).collect();
+
+    // Dropped on a: a asks every instance for the rebuild; b and c wait
+    // until their own plugin file declares the new schema-version.
+    install_chaos_v2(dirs[0].path());
+    let rebuilding = |server: &Server| {
+        let status = server.get("/v1/projections/testkit-chaos");
+        status["shards"].as_array().into_iter().flatten().filter(|s| s["rebuild"]["generation"] == 1).count()
+    };
+    let until = std::time::Instant::now() + Duration::from_secs(30);
+    while rebuilding(&servers[0]) == 0 {
+        assert!(std::time::Instant::now() < until, "a does not rebuild");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    std::thread::sleep(Duration::from_secs(2));
+    assert_eq!(rebuilding(&servers[1]), 0, "b rebuilt with the old version of the plugin");
+    install_chaos_v2(dirs[1].path());
+    install_chaos_v2(dirs[2].path());
+
+    // c leaves while its copies rebuild: the others take its shards on and go on.
+    let until = std::time::Instant::now() + Duration::from_secs(30);
+    while rebuilding(&servers[2]) == 0 {
+        assert!(std::time::Instant::now() < until, "c does not rebuild");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let (stop, client) = clients.pop().unwrap();
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    let mut seen = vec![client.join().unwrap()];
+    servers[2].stop();
+    let live: Vec<&Server> = servers[..2].iter().collect();
+    let until = std::time::Instant::now() + Duration::from_secs(180);
+    for server in &live {
+        loop {
+            let status = server.get("/v1/projections/testkit-chaos");
+            let shards = status["shards"].as_array().cloned().unwrap_or_default();
+            if !shards.is_empty() && shards.iter().all(|s| s["generation"] == 1 && s["rebuild"].is_null()) {
+                break;
+            }
+            if std::time::Instant::now() >= until {
+                fail(&live, "testkit-chaos", &format!("no switch to generation 1: {status}"));
+            }
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    }
+    // The new generation goes on with new events.
+    broker.producer().send_all("shop.chaos", &stamps(FIRST, FIRST + 2000));
+    for server in &live {
+        wait_stamps(&live, server, FIRST + 2000, 2);
+    }
+    // c comes back: its copies, of the old generation, are restored at the new one.
+    servers[2].restart();
+    let all: Vec<&Server> = servers.iter().collect();
+    wait_stamps(&all, &servers[2], FIRST + 2000, 2);
+
+    // Asked of one instance, cancelled through another: nothing is left of it anywhere.
+    let admin = |server: &Server| server.client().with_token(Some(ADMIN));
+    let asked = admin(&servers[1]).post("/v1/projections/testkit-chaos/rebuild", "application/json", b"").unwrap();
+    assert_eq!((asked.status, asked.body["generation"].as_u64()), (202, Some(2)), "{}", asked.body);
+    let cancelled = admin(&servers[0]).delete("/v1/projections/testkit-chaos/rebuild").unwrap();
+    assert_eq!((cancelled.status, cancelled.body["cancelled"].as_u64()), (200, Some(2)), "{}", cancelled.body);
+    let until = std::time::Instant::now() + Duration::from_secs(30);
+    for (server, dir) in servers.iter().zip(&dirs) {
+        let shards = dir.path().join("data/projections/testkit-chaos/shards");
+        let built = || (0..4).any(|n| shards.join(format!("{n}/gen-2")).exists());
+        while server.get("/v1/projections/testkit-chaos")["rebuild"].is_object() || built() {
+            assert!(std::time::Instant::now() < until, "the cancelled rebuild stays on {}", server.url);
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    }
+    // The CLI asks one instance and follows until every shard has switched.
+    let out = servers[2].cli(&["rebuild", "testkit-chaos"], Some(ADMIN));
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{stderr}");
+    assert!(stderr.contains("generation 3 of testkit-chaos is live"), "{stderr}");
+    for server in &servers {
+        wait_stamps(&all, server, FIRST + 2000, 2);
+    }
+    for (stop, client) in clients {
+        stop.store(true, std::sync::atomic::Ordering::Relaxed);
+        seen.push(client.join().unwrap());
+    }
+    for s in &seen {
+        assert_eq!(s.versions[0], 0, "answers that merged two generations: {s:?}");
+        for body in &s.refused {
+            let code = body["error"]["code"].as_str().unwrap_or_default();
+            assert!(code.starts_with("shard_") || code == "generations_switching", "{body}");
+        }
+    }
+    let (v1, v2): (usize, usize) =
+        seen.iter().map(|s| (s.versions[1], s.versions[2])).fold((0, 0), |a, b| (a.0 + b.0, a.1 + b.1));
+    assert!(v1 > 0 && v2 > 0, "the clients saw no switch: {seen:?}");
+}
+
+/// Wait until `server` answers with `count` stamps, all of `version`
+/// (pages merging every shard), refused meanwhile only as documented.
+fn wait_stamps(live: &[&Server], server: &Server, count: u64, version: u64) {
+    let until = std::time::Instant::now() + Duration::from_secs(120);
+    loop {
+        let last =
+            match read_items(server, "/v1/projections/testkit-chaos/tables/applied/items?prefix=stamp/&limit=1000") {
+                Ok(items) if items.len() as u64 == count && items.iter().all(|(_, v)| v["version"] == version) => {
+                    return;
+                }
+                Ok(items) => {
+                    let other = items.iter().filter(|(_, v)| v["version"] != version).count();
+                    format!("{} stamps, {other} of another version", items.len())
+                }
+                Err((status, body)) => {
+                    assert_documented_refusal(status, &body, "waiting for the stamps");
+                    body.to_string()
+                }
+            };
+        if std::time::Instant::now() >= until {
+            fail(live, "testkit-chaos", &format!("{}: never {count} stamps of version {version}: {last}", server.url));
+        }
+        std::thread::sleep(Duration::from_millis(200));
     }
 }
 
@@ -409,10 +569,16 @@ pub(crate) const ORDERS_STREAM: &str = "    orders: { topic: shop.orders, format
 
 /// A table read whole through one instance, or the status and body it refused with.
 fn read_table(server: &Server, table: &str) -> Result<Vec<(String, Value)>, (u16, Value)> {
+    read_items(server, &format!("/v1/projections/order-summary/tables/{table}/items?limit=1000"))
+}
+
+/// Every item of the pages from `first` on (a table's, under a prefix), or
+/// the status and body a page was refused with.
+fn read_items(server: &Server, first: &str) -> Result<Vec<(String, Value)>, (u16, Value)> {
     let mut out = Vec::new();
     let mut after: Option<String> = None;
     loop {
-        let mut path = format!("/v1/projections/order-summary/tables/{table}/items?limit=1000");
+        let mut path = first.to_owned();
         if let Some(a) = &after {
             path.push_str(&format!("&after={}", crate::support::encode(a)));
         }
@@ -454,11 +620,13 @@ fn read_partial(server: &Server) -> (Vec<(String, Value)>, Vec<u32>) {
     }
 }
 
-/// A refusal the API documents while a shard moves: 503 `shard_unavailable`
-/// or `shard_not_here`, with `Retry-After`.
+/// A refusal the API documents while a shard moves or a rebuild switches:
+/// 503 `shard_unavailable`, `shard_not_here` or `generations_switching`,
+/// with `Retry-After`.
 fn assert_documented_refusal(status: u16, body: &Value, what: &str) {
     let code = body["error"]["code"].as_str().unwrap_or_default();
-    assert!(status == 503 && code.starts_with("shard_"), "{what}: {status} {body}");
+    let documented = code.starts_with("shard_") || code == "generations_switching";
+    assert!(status == 503 && documented, "{what}: {status} {body}");
 }
 
 /// Wait until `server` answers for the whole read model, equal to `expected`.

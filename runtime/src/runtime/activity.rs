@@ -33,17 +33,28 @@ use rdkafka::{ClientContext, TopicPartitionList};
 
 use super::{Projection, Runtime};
 use crate::plugin::Manifest;
+use crate::rebuild::{ClusterRebuild, ClusterSwitches};
 use crate::source::kafka::KafkaConfig;
 use crate::source::reader::Cursor;
 
-/// What the activity thread knows of the cluster, to choose standbys.
-pub trait Membership: Send + Sync {
+/// What the activity thread knows of the cluster, to choose standbys and
+/// carry out rebuilds (the control topic).
+pub trait Membership: ClusterSwitches {
     /// This instance's id.
     fn me(&self) -> String;
     /// The ids of the live instances, this one included.
     fn live(&self) -> Vec<String>;
     /// The instance that announces itself active for shard `n` of `projection`.
     fn active(&self, projection: &str, n: u32) -> Option<String>;
+    /// The last rebuild asked for `projection` across the cluster.
+    fn rebuild(&self, projection: &str) -> Option<ClusterRebuild>;
+    /// Ask every instance to rebuild `projection` (or cancel that).
+    fn request_rebuild(&self, projection: &str, rebuild: &ClusterRebuild) -> Result<(), String>;
+    /// Tell every shard of `projection` to switch to `generation`.
+    fn switch(&self, projection: &str, generation: u64) -> Result<(), String>;
+    /// Whether the live instance active for shard `n` of `projection`
+    /// announces its copy of `generation` caught up (or switched to it).
+    fn caught_up(&self, projection: &str, n: u32, generation: u64) -> bool;
 }
 
 /// The instances that keep standby copies of shard `n` of `projection`:
@@ -142,12 +153,20 @@ pub(super) fn spawn(
     let (count, replicas) = (projection.shard_count(), kafka.standby_replicas);
     let thread = std::thread::Builder::new().name(format!("shards-{name}")).spawn(move || {
         let mut running: HashSet<u32> = HashSet::new();
+        // Assigned here, but taking them on failed: tried again every second
+        // (the group will not assign them again by itself).
+        let mut failed: HashSet<u32> = HashSet::new();
         let mut next_choice = std::time::Instant::now();
         while !stop.load(Ordering::Relaxed) && !projection.is_removed() {
             if std::time::Instant::now() >= next_choice
                 && let Some(runtime) = runtime.upgrade()
             {
                 next_choice = std::time::Instant::now() + Duration::from_secs(1);
+                runtime.follow_cluster_rebuild(&projection);
+                if !failed.is_empty() {
+                    let again = Change::Assigned(failed.drain().collect());
+                    consumer.context().changes.lock().expect("changes lock").push(again);
+                }
                 choose_standbys(&runtime, &projection, &name, count, replicas, &running);
             }
             if let Some(Err(e)) = consumer.poll(Duration::from_millis(100)) {
@@ -161,6 +180,7 @@ pub(super) fn spawn(
                         for n in shards {
                             runtime.let_go(&projection, n);
                             running.remove(&n);
+                            failed.remove(&n);
                         }
                     }
                     Change::Assigned(shards) => {
@@ -171,7 +191,8 @@ pub(super) fn spawn(
                                     running.insert(n);
                                 }
                                 Err(e) => {
-                                    tracing::error!(projection = %name, shard = n, error = format!("{e:#}"), "taking a shard on")
+                                    tracing::error!(projection = %name, shard = n, error = format!("{e:#}"), "taking a shard on; trying again in a second");
+                                    failed.insert(n);
                                 }
                             }
                         }

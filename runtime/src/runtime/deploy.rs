@@ -205,7 +205,10 @@ impl Runtime {
         }
         if next.manifest().schema_version != current.schema_version {
             let change = format!("schema-version {} → {}", current.schema_version, next.manifest().schema_version);
-            if let Some(r) = projection.rebuilding() {
+            // (Across a cluster, the rebuild asked for decides: a new
+            // version dropped on each instance joins the one asked for.)
+            if let Some(r) = projection.rebuilding().filter(|_| !(projection.is_partitioned() && self.shards_by_group))
+            {
                 return Err(format!(
                     "{change} needs a rebuild, and the rebuild to generation {} is still running: wait for it or cancel it",
                     r.generation.number

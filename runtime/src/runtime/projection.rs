@@ -38,6 +38,9 @@ pub struct Projection {
     /// A partitioned projection's plugin as last deployed, which the shards
     /// this instance takes on later are made from (`Handler::another`).
     template: Mutex<Option<Box<dyn Handler>>>,
+    /// In a cluster, the plugin a rebuild builds its generation with: the
+    /// template once every shard has switched to it.
+    next_template: Mutex<Option<(u64, Box<dyn Handler>)>>,
     /// Held while a rebuild starts, a new version is deployed or shards
     /// come and go: two requests at once must not both see none running
     /// and build (then switch to) the same generation, and a new version
@@ -179,6 +182,7 @@ impl Projection {
             shards: RwLock::new(shards),
             standbys: RwLock::new(Vec::new()),
             template: Mutex::new(template),
+            next_template: Mutex::new(None),
             starting: Mutex::new(()),
             reload_error: Mutex::new(None),
             reload_failures: Default::default(),
@@ -277,6 +281,32 @@ impl Projection {
     /// Keep `handler` as the version new shards are made from.
     pub(super) fn set_template(&self, handler: Box<dyn Handler>) {
         *self.template.lock().expect("template lock") = Some(handler);
+    }
+
+    /// The schema-version of the plugin new shards are made from.
+    pub(super) fn template_schema_version(&self) -> Option<u32> {
+        self.template.lock().expect("template lock").as_ref().map(|t| t.manifest().schema_version)
+    }
+
+    /// Keep `handler` as the version new shards are made from once
+    /// generation `number` is live.
+    pub(super) fn set_next_template(&self, number: u64, handler: Box<dyn Handler>) {
+        *self.next_template.lock().expect("template lock") = Some((number, handler));
+    }
+
+    /// Whether the version generation `number` is built with is kept here.
+    pub(super) fn has_next_template(&self, number: u64) -> bool {
+        self.next_template.lock().expect("template lock").as_ref().is_some_and(|(n, _)| *n == number)
+    }
+
+    /// Generation `switched` is live everywhere: the version it was built
+    /// with becomes the one new shards are made from.
+    pub(super) fn switched_to(&self, switched: u64) {
+        let mut next = self.next_template.lock().expect("template lock");
+        if next.as_ref().is_some_and(|(n, _)| *n <= switched) {
+            let (_, handler) = next.take().expect("checked above");
+            self.set_template(handler);
+        }
     }
 
     /// Run `shard` here too (it was taken on).

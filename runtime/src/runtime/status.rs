@@ -68,6 +68,9 @@ pub struct ShardStatus {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub restoring: Option<Restoring>,
     pub generation: u64,
+    /// The next generation being rebuilt beside it, if any.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub rebuild: Option<ShardRebuild>,
     #[serde(flatten)]
     pub worker: WorkerStatus,
     pub partitions: Vec<PartitionStatus>,
@@ -76,6 +79,15 @@ pub struct ShardStatus {
     pub emitted: EmitStatus,
     #[serde(flatten)]
     pub counters: Counters,
+}
+
+/// A shard's rebuild, as its status (and a cluster's announcements) show it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct ShardRebuild {
+    pub generation: u64,
+    /// It has caught up with the live generation and waits for the switch.
+    pub caught_up: bool,
 }
 
 /// What a shard running here is for.
@@ -151,7 +163,7 @@ impl Runtime {
             p.standbys().iter().map(|s| self.shard_status(&m, s)).collect::<crate::store::Result<Vec<_>>>()?;
         let rebuilds: crate::store::Result<Vec<_>> =
             p.shards().iter().filter_map(|s| s.rebuild().map(|r| r.status(&s.live()))).collect();
-        let rebuild = crate::rebuild::RebuildStatus::combined(rebuilds?);
+        let rebuild = crate::rebuild::RebuildStatus::combined(rebuilds?).or_else(|| self.asked_rebuild(p, &m));
         let kind = p.kind();
         let plugin = PluginInfo {
             kind,
@@ -180,7 +192,11 @@ impl Runtime {
             tables: m.tables.clone(),
             worker: whole.worker,
             reload_error,
-            generation: whole.generation,
+            // With no shard here, the generation the cluster switched to.
+            generation: match (shards.is_empty(), self.membership.get()) {
+                (true, Some(cluster)) if p.is_partitioned() && self.shards_by_group => cluster.switched(&m.name),
+                _ => whole.generation,
+            },
             rebuild,
             partitions: whole.partitions,
             lag: whole.lag,
@@ -199,6 +215,28 @@ impl Runtime {
     }
 
     /// One shard's progress against the heads, its indexes, outbox and counters.
+    /// A rebuild asked of the cluster that no copy here has started yet
+    /// (this instance's plugin file does not declare its schema-version
+    /// yet, or the activity thread is about to start them).
+    fn asked_rebuild(&self, p: &super::Projection, m: &crate::plugin::Manifest) -> Option<RebuildStatus> {
+        let cluster = self.membership.get().filter(|_| p.is_partitioned() && self.shards_by_group)?;
+        let asked = cluster.rebuild(&m.name).filter(|r| !r.cancelled && r.generation > cluster.switched(&m.name))?;
+        let waiting_for = match asked.schema_version == m.schema_version {
+            true => "the copies here to start".to_owned(),
+            false => format!("this instance's plugin to declare schema-version {}", asked.schema_version),
+        };
+        Some(RebuildStatus {
+            generation: asked.generation,
+            replayed: 0,
+            target: 0,
+            events_per_second: 0.0,
+            eta_seconds: None,
+            started_at: asked.at,
+            switching: false,
+            waiting_for: Some(waiting_for),
+        })
+    }
+
     fn shard_status(&self, m: &crate::plugin::Manifest, shard: &Shard) -> crate::store::Result<ShardStatus> {
         let projection = shard.live();
         let checkpoints = projection.read_model.cursor()?;
@@ -249,6 +287,9 @@ impl Runtime {
             ready: shard.is_ready(),
             restoring: shard.restore_progress().map(|(restored, total)| Restoring { restored, total }),
             generation: projection.number,
+            rebuild: shard
+                .rebuild()
+                .map(|r| ShardRebuild { generation: r.generation.number, caught_up: r.is_caught_up() }),
             worker: projection.status.lock().expect("status lock").clone(),
             lag: partitions.iter().map(|p| p.lag).sum(),
             partitions,
@@ -278,6 +319,7 @@ fn sum(shards: &[ShardStatus]) -> ShardStatus {
             ready: true,
             restoring: None,
             generation: 0,
+            rebuild: None,
             worker: WorkerStatus::default(),
             partitions: Vec::new(),
             lag: 0,

@@ -17,6 +17,11 @@
 //!   what the record covers, and reads each target partition from the
 //!   recorded offset to its end: emit ids found there were published after
 //!   the record, and are not sent again.
+//! - A rebuilt generation numbers its emits afresh (under its own id
+//!   prefix), counting those of the history it replayed, so every copy
+//!   numbers alike although each switched at its own point. When it takes
+//!   over from the previous generation's record, what its outbox does not
+//!   hold is done (history), and the rest is its to publish.
 //!
 //! The guarantee: exactly once on the target topics, for a plugin whose
 //! emits follow from the events of their partition (the same events in the
@@ -40,6 +45,11 @@ use serde::{Deserialize, Serialize};
 pub struct Publication {
     /// The instance that wrote it.
     pub instance: String,
+    /// The generation of the shard it speaks of: a rebuilt generation
+    /// numbers its emits afresh, so an older generation's ordinals say
+    /// nothing of its emits.
+    #[serde(default)]
+    pub generation: u64,
     /// It let the shard go: it publishes nothing more for it.
     pub released: bool,
     /// Per source partition: every emit numbered up to `ordinal` is published.
@@ -72,9 +82,10 @@ pub type Offsets = BTreeMap<(String, i32), i64>;
 
 impl Publication {
     /// What `instance` says it published (`released`: and that it stopped).
-    pub fn new(instance: String, released: bool, published: &Ordinals, from: &Offsets) -> Publication {
+    pub fn new(instance: String, generation: u64, released: bool, published: &Ordinals, from: &Offsets) -> Publication {
         Publication {
             instance,
+            generation,
             released,
             published: published
                 .iter()

@@ -195,9 +195,22 @@ impl Relay {
     /// know of it (and wait for its release) even if nothing is published.
     /// Whether it took over.
     fn start_publishing(&mut self, h: &Handover, last: Publication) -> bool {
-        self.published = last.ordinals();
+        // The last record is an older generation's (this one was just
+        // rebuilt): its ordinals number other emits. What this
+        // generation's outbox does not hold is history, or published.
+        let covered = match last.generation == self.generation {
+            true => last.ordinals(),
+            false => match self.read_model.emitted_before_outbox() {
+                Ok(done) => done,
+                Err(e) => {
+                    tracing::warn!(projection = %h.projection, shard = h.shard, error = %e, "reading a new generation's emitted events");
+                    return false;
+                }
+            },
+        };
+        self.published = covered.clone();
         self.from = last.offsets();
-        self.takeover = Some(Takeover { covered: last.ordinals(), ..Takeover::default() });
+        self.takeover = Some(Takeover { covered, ..Takeover::default() });
         self.record(false);
         if self.unrecorded {
             self.takeover = None;
@@ -218,6 +231,10 @@ impl Relay {
     /// published more, or this copy emitted more, since the last look).
     fn hold(&mut self, h: &Handover) {
         let Some((last, _)) = h.publications().and_then(|p| p.publication(&h.projection, h.shard)) else { return };
+        if last.generation != self.generation {
+            // Another generation's ordinals: they number other emits.
+            return;
+        }
         let looked = (last.at, self.read_model.emitted_signal().current());
         if self.held == Some(looked) {
             return;
@@ -239,7 +256,7 @@ impl Relay {
             Some(takeover) => takeover.recorded_from(&self.from),
             None => self.from.clone(),
         };
-        let publication = Publication::new(publications.instance(), released, &self.published, &from);
+        let publication = Publication::new(publications.instance(), self.generation, released, &self.published, &from);
         match publications.record(&h.projection, h.shard, &publication) {
             Ok(()) => {
                 self.recorded = Some(Instant::now());

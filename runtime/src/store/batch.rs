@@ -176,6 +176,11 @@ pub struct BatchWrites {
     pub docs: Writes,
     /// Events to publish, in the order they were emitted.
     pub emitted: Vec<Emitted>,
+    /// Per source partition, emits of replayed history: dropped, but
+    /// numbered (they come before the partition's emits in `emitted`), so
+    /// that a generation numbers its emits alike whichever event it started
+    /// emitting at (copies of a shard switch generations at different points).
+    pub history_emits: BTreeMap<(String, u32), u64>,
     /// Enricher outputs no route took.
     pub unrouted: u64,
 }
@@ -203,6 +208,8 @@ pub struct Batch {
     docs: Writes,
     /// This batch's emitted events.
     emitted: Vec<Emitted>,
+    /// Emits of history dropped, per source partition (see [`BatchWrites`]).
+    history_emits: BTreeMap<(String, u32), u64>,
     /// Enricher outputs no route took.
     unrouted: u64,
     /// Replaying history: emitted events are dropped (they were published
@@ -234,6 +241,7 @@ impl Batch {
             writes: BTreeMap::new(),
             docs: BTreeMap::new(),
             emitted: Vec::new(),
+            history_emits: BTreeMap::new(),
             unrouted: 0,
             replaying: false,
             source: None,
@@ -269,7 +277,13 @@ impl Batch {
 
     /// The batch's writes, to commit.
     pub fn into_writes(self) -> BatchWrites {
-        BatchWrites { kv: self.writes, docs: self.docs, emitted: self.emitted, unrouted: self.unrouted }
+        BatchWrites {
+            kv: self.writes,
+            docs: self.docs,
+            emitted: self.emitted,
+            history_emits: self.history_emits,
+            unrouted: self.unrouted,
+        }
     }
 
     /// Drop what this batch emits: it replays history.
@@ -323,7 +337,11 @@ impl Batch {
             .ok()
             .and_then(|text| RawValue::from_string(text).ok())
             .ok_or_else(|| EmitError::InvalidEvent("event data must be a JSON document".into()))?;
-        if !self.replaying {
+        if self.replaying {
+            if let Some(source) = &self.source {
+                *self.history_emits.entry(source.clone()).or_default() += 1;
+            }
+        } else {
             self.hold(size as isize);
             self.emitted.push(Emitted {
                 stream: stream.to_owned(),

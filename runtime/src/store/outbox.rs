@@ -125,6 +125,32 @@ impl ReadModel {
         Ok(trimmed)
     }
 
+    /// Per source partition, the ordinals numbered before the first emit
+    /// still in the outbox (all of them when none is): emits of history, or
+    /// already published. What a generation that has just switched in
+    /// takes over as done, where the last publication is an older
+    /// generation's (whose ordinals number other emits).
+    pub fn emitted_before_outbox(&self) -> Result<std::collections::BTreeMap<(String, u32), u64>> {
+        let tx = self.db.begin_read()?;
+        let mut done = std::collections::BTreeMap::new();
+        for entry in tx.open_table(super::tables::EMIT_ORDINALS)?.iter()? {
+            let (key, ordinal) = entry?;
+            let (stream, partition) = key.value();
+            done.insert((stream.to_owned(), partition), ordinal.value());
+        }
+        for entry in tx.open_table(EMITTED)?.iter()? {
+            let (sequence, bytes) = entry?;
+            let event: Emitted = serde_json::from_slice(bytes.value())
+                .map_err(|e| Error::Corrupt(format!("emitted event {}: {e}", sequence.value())))?;
+            if let Some(o) = event.origin
+                && let Some(upto) = done.get_mut(&(o.stream, o.partition))
+            {
+                *upto = (*upto).min(o.ordinal.saturating_sub(1));
+            }
+        }
+        Ok(done)
+    }
+
     /// (sequence of the last event emitted, sequence of the last one published).
     pub fn emit_progress(&self) -> Result<(u64, u64)> {
         let tx = self.db.begin_read()?;

@@ -147,6 +147,14 @@ impl ReadModel {
             }
             counters.insert("outbox-sequence", sequence)?;
         }
+        if !writes.history_emits.is_empty() {
+            // History first: in a partition's order, it comes before what is emitted live.
+            let mut ordinals = tx.open_table(EMIT_ORDINALS)?;
+            for ((stream, partition), count) in &writes.history_emits {
+                let ordinal = ordinals.get((stream.as_str(), *partition))?.map_or(0, |v| v.value()) + count;
+                ordinals.insert((stream.as_str(), *partition), ordinal)?;
+            }
+        }
         if !writes.emitted.is_empty() {
             let mut counters = tx.open_table(COUNTERS)?;
             let mut sequence = counters.get("emit-sequence")?.map_or(0, |v| v.value());
@@ -335,6 +343,39 @@ mod tests {
         rm.commit(&third.into_writes(), &Commit::default()).unwrap();
         let stored: Vec<(String, Vec<u8>)> = rm.scan("t", "", None, 10).unwrap();
         assert_eq!(stored, [("b".to_owned(), b"2".to_vec()), ("d".to_owned(), b"3".to_vec())]);
+    }
+
+    /// A rebuilt generation numbers its emits counting the history it
+    /// replayed (so copies that switched at different points agree), and
+    /// takes what its outbox does not hold as done.
+    #[test]
+    fn emits_of_history_are_numbered_and_what_the_outbox_lacks_is_done() {
+        let dir = tempfile::tempdir().unwrap();
+        let rm = ReadModel::open(&dir.path().join("rm.redb")).unwrap();
+        let emit = |n: u32| Emitted {
+            stream: "out".into(),
+            event_type: "Echo".into(),
+            key: None,
+            time: 0,
+            headers: Vec::new(),
+            data: serde_json::value::RawValue::from_string(format!("{{\"n\":{n}}}")).unwrap(),
+            origin: Some(super::super::batch::Origin { stream: "in".into(), partition: 3, ordinal: 0 }),
+        };
+        let history = BatchWrites { history_emits: [(("in".to_owned(), 3), 5)].into(), ..BatchWrites::default() };
+        rm.commit(&history, &Commit::default()).unwrap();
+        assert_eq!(rm.emitted_before_outbox().unwrap()[&("in".to_owned(), 3)], 5, "history is done");
+        let live = BatchWrites {
+            history_emits: [(("in".to_owned(), 3), 2)].into(),
+            emitted: vec![emit(1), emit(2)],
+            ..BatchWrites::default()
+        };
+        rm.commit(&live, &Commit::default()).unwrap();
+        let ordinals: Vec<u64> =
+            rm.emitted_after(0, 10).unwrap().into_iter().map(|(_, e)| e.origin.unwrap().ordinal).collect();
+        assert_eq!(ordinals, [8, 9], "after the 7 emits of history");
+        assert_eq!(rm.emitted_before_outbox().unwrap()[&("in".to_owned(), 3)], 7, "the outbox holds 8 and 9");
+        rm.trim_emitted(1).unwrap();
+        assert_eq!(rm.emitted_before_outbox().unwrap()[&("in".to_owned(), 3)], 8);
     }
 
     #[test]
