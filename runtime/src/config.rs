@@ -39,8 +39,8 @@
 //!   query-token: null             # queries, when set
 //! kafka:                          # streams read from Kafka topics (optional)
 //!   brokers: 127.0.0.1:9092
-//!   mode: replica                 # replica: every instance reads all partitions; group: split them
-//!   group-id: refract             # group mode: projection p joins group <group-id>.<p>
+//!   mode: replica                 # replica: every instance reads all partitions; partitioned: one shard per partition
+//!   group-id: refract             # partitioned, in a cluster: projection p's shards are spread by group <group-id>.<p>
 //!   properties: {}                # librdkafka properties, passed through (security.protocol, sasl.*, ssl.*)
 //!   streams:
 //!     orders-cdc:                 # the stream name projections subscribe to
@@ -533,6 +533,23 @@ mod tests {
         assert!(err.contains("instance-id"), "{err}");
         std::fs::write(&path, "cluster:\n  announce-interval-ms: 0\n").unwrap();
         assert!(Config::load(&path).unwrap_err().to_string().contains("announce-interval-ms"));
+    }
+
+    /// `mode: group` is gone (a new owner of a partition started without
+    /// its earlier state): a config that asks for it is refused, saying what
+    /// replaces it.
+    #[test]
+    fn group_mode_is_refused_with_what_replaces_it() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("refract.yaml");
+        std::fs::write(&path, "kafka:\n  mode: group\n").unwrap();
+        let err = Config::load(&path).unwrap_err().to_string();
+        assert!(err.contains("`group` was replaced by `partitioned`"), "{err}");
+        std::fs::write(&path, "kafka:\n  mode: sharded\n").unwrap();
+        let err = Config::load(&path).unwrap_err().to_string();
+        assert!(err.contains("must be `replica` or `partitioned`"), "{err}");
+        std::fs::write(&path, "kafka:\n  mode: partitioned\n").unwrap();
+        assert_eq!(Config::load(&path).unwrap().kafka.mode, crate::source::kafka::Mode::Partitioned);
     }
 
     #[test]

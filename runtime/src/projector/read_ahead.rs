@@ -15,7 +15,6 @@ use crate::source::Sources;
 use crate::source::kafka::{Handover, KafkaReader, Watermarks};
 use crate::source::log::EventLog;
 use crate::source::reader::{Cursor, Delivery, LogReader, Pending, Reader, Subscriptions, hand_over};
-use crate::store::ReadModel;
 
 /// The thread reading batches ahead of the worker.
 pub(super) struct ReadAhead {
@@ -46,7 +45,6 @@ impl Projector {
             name: self.name().to_owned(),
             sources: self.sources.clone(),
             subscriptions: self.subscriptions.clone(),
-            read_model: self.read_model.clone(),
             watermarks: self.watermarks.clone(),
             cursor: self.checkpoints.clone(),
             max_events: self.options.max_events,
@@ -74,7 +72,6 @@ struct ReaderThread {
     name: String,
     sources: Sources,
     subscriptions: Subscriptions,
-    read_model: Arc<ReadModel>,
     watermarks: Watermarks,
     /// Where the next read starts: the durable checkpoints, then moved as
     /// batches are handed over.
@@ -142,8 +139,7 @@ impl ReaderThread {
                 continue;
             }
             self.cursor.extend(pending.read_to.iter().map(|(k, v)| (k.clone(), *v)));
-            let stop = &self.stop;
-            if !hand_over(&self.tx, pending, &mut readers, &mut self.cursor, &|| stop.load(Ordering::Relaxed)) {
+            if !hand_over(&self.tx, pending) {
                 return;
             }
         }
@@ -162,9 +158,7 @@ impl ReaderThread {
                 &self.sources,
                 &self.name,
                 &kafka_streams,
-                self.read_model.clone(),
                 self.watermarks.clone(),
-                self.tx.clone(),
                 Handover { hungry: self.hungry.clone(), after: self.max_events },
             );
             match opened {

@@ -132,17 +132,10 @@ impl Projector {
             }
             let commands = self.commands.clone();
             if self.paused() {
-                // Take no batches; read again from the durable checkpoints once
-                // resumed. A Kafka group handing partitions over still gets its
-                // answer: nothing is in flight, the checkpoints are final.
+                // Take no batches; read again from the durable checkpoints once resumed.
                 self.resync = true;
-                crossbeam_channel::select! {
-                    recv(reading.batches) -> delivery => if let Ok(Delivery::Revoke { ack }) = delivery {
-                        let _ = ack.send(());
-                    },
-                    recv(commands) -> command => if let Ok(command) = command {
-                        self.obey(command);
-                    },
+                if let Ok(command) = commands.recv() {
+                    self.obey(command);
                 }
                 continue;
             }
@@ -185,10 +178,6 @@ impl Projector {
                 Delivery::Failed(e) => {
                     tracing::error!(projection = self.name(), error = %e, "reading events failed");
                     self.set_error(&e);
-                }
-                Delivery::Revoke { ack } => {
-                    self.settle_or_resync();
-                    let _ = ack.send(());
                 }
             }
         }

@@ -8,24 +8,20 @@
 //! - `replica` mode (the default): each instance assigns itself every
 //!   partition of the topic, from its own checkpoints, and holds a full read
 //!   model. Effects are exactly-once per instance, crashes included.
-//! - `group` mode: the instances of a consumer group (one group per
-//!   projection) split the partitions. Each instance commits its durable
-//!   checkpoints to the group, and before a partition leaves it (rebalance,
-//!   shutdown) it makes everything it handled durable and commits it, so the
-//!   next owner starts exactly where it stopped. An instance killed outright
-//!   may have applied events after its last group commit; the next owner
-//!   applies them again to *its* read model (at-least-once across instances).
 //! - `partitioned` mode: a projection's read model is split into shards,
 //!   one per partition number of its co-partitioned topics; each shard's
 //!   reader assigns itself that partition of every topic, from the shard's
-//!   own checkpoints. (On one instance every shard runs locally.)
+//!   own checkpoints. On one instance every shard runs locally; in a
+//!   cluster a consumer group decides which instance runs which
+//!   (`runtime::activity`). It replaced `group` mode, whose new owner of a
+//!   partition started without that partition's earlier state.
 
 use std::collections::{BTreeMap, BTreeSet, HashSet};
-use std::sync::{Arc, Mutex, mpsc};
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use rdkafka::config::{ClientConfig, RDKafkaLogLevel};
-use rdkafka::consumer::{BaseConsumer, CommitMode, Consumer, ConsumerContext, Rebalance};
+use rdkafka::consumer::{BaseConsumer, Consumer, ConsumerContext};
 use rdkafka::error::KafkaError;
 use rdkafka::message::{Headers, Message};
 use rdkafka::{ClientContext, Offset, TopicPartitionList};
@@ -34,8 +30,7 @@ use serde::{Deserialize, Serialize};
 use super::Event;
 use super::decode::{Decoder, Format, Record};
 use super::reader::Undecodable;
-use super::reader::{Cursor, Delivery, Pending, READ_BYTES, Reader};
-use crate::position::CheckpointStore;
+use super::reader::{Cursor, Pending, READ_BYTES, Reader};
 
 /// The `kafka:` section of `refract.yaml`.
 #[derive(Debug, Clone, Deserialize)]
@@ -44,8 +39,8 @@ pub struct KafkaConfig {
     /// `bootstrap.servers`: `host:port[,host:port…]`.
     pub brokers: String,
     pub mode: Mode,
-    /// Group mode: projection `p` consumes in the group `<group-id>.<p>`
-    /// (partitioned mode in a cluster: decides who runs which shard).
+    /// Partitioned mode in a cluster: the consumer group `<group-id>.<p>`
+    /// decides which instance runs which shard of projection `p`.
     pub group_id: String,
     /// Partitioned mode in a cluster: how many other instances keep a warm
     /// copy of each shard (a standby), to take it on without a replay.
@@ -72,16 +67,27 @@ impl Default for KafkaConfig {
 
 /// How the instances of a deployment share a topic's partitions.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize, Serialize)]
-#[serde(rename_all = "kebab-case")]
+#[serde(rename_all = "kebab-case", try_from = "String")]
 pub enum Mode {
     /// Every instance reads every partition and holds a full read model.
     #[default]
     Replica,
-    /// The instances of a consumer group split the partitions.
-    Group,
     /// The read model is split into shards, one per partition number of the
     /// projection's topics (which must have the same partition count).
     Partitioned,
+}
+
+impl TryFrom<String> for Mode {
+    type Error = String;
+
+    fn try_from(mode: String) -> Result<Mode, String> {
+        match mode.as_str() {
+            "replica" => Ok(Mode::Replica),
+            "partitioned" => Ok(Mode::Partitioned),
+            "group" => Err("kafka.mode `group` was replaced by `partitioned`: the read model is split into one shard per partition, and with a `cluster:` section a consumer group spreads the shards over the instances, each shard keeping its whole history across hand-overs (README, \"Running a cluster\")".into()),
+            other => Err(format!("kafka.mode must be `replica` or `partitioned`, not {other:?}")),
+        }
+    }
 }
 
 /// One stream backed by a Kafka topic.
@@ -154,19 +160,11 @@ struct Progress<'r> {
     latest: Option<i64>,
 }
 
-/// How long a rebalance waits for the worker to settle what it handled.
-const REVOKE_WAIT: Duration = Duration::from_secs(10);
-
 /// Shared between the reader and librdkafka's callbacks (which run inside `poll`).
 struct Context {
     projection: String,
     routes: BTreeMap<String, String>, // topic → stream
-    checkpoints: Arc<dyn CheckpointStore>,
-    deliveries: crossbeam_channel::Sender<Delivery>,
     watermarks: Watermarks,
-    /// Partitions revoked during the last `poll`: what was read from them
-    /// but not handed over yet is dropped.
-    revoked: Mutex<Vec<(String, u32)>>,
     /// The (topic, partition)s this instance reads now.
     assigned: Mutex<BTreeSet<(String, i32)>>,
 }
@@ -208,84 +206,12 @@ impl ClientContext for Context {
     }
 }
 
-impl ConsumerContext for Context {
-    fn post_rebalance(&self, _: &BaseConsumer<Self>, rebalance: &Rebalance<'_>) {
-        if let Rebalance::Assign(tpl) = rebalance {
-            tracing::info!(projection = %self.projection, partitions = tpl.count(), "partitions assigned by the group");
-            self.set_assigned(tpl);
-        }
-    }
-
-    fn pre_rebalance(&self, consumer: &BaseConsumer<Self>, rebalance: &Rebalance<'_>) {
-        let Rebalance::Revoke(tpl) = rebalance else { return };
-        let partitions: Vec<(String, u32)> = tpl
-            .elements()
-            .iter()
-            .filter_map(|e| self.routes.get(e.topic()).map(|s| (s.clone(), e.partition() as u32)))
-            .collect();
-        tracing::info!(projection = %self.projection, ?partitions, "partitions revoked; handing over");
-        self.revoked.lock().expect("revoked lock").extend(partitions.iter().cloned());
-        // Let the worker make what it handled durable. If it is gone it
-        // settled before letting go of the channel, so the checkpoints are
-        // final. A worker that cannot answer in time (retrying a failing
-        // batch) must not stall the whole group: after REVOKE_WAIT the
-        // durable checkpoints are handed over as they are.
-        let (ack, acked) = mpsc::channel();
-        let until = Instant::now() + REVOKE_WAIT;
-        let mut revoke = Delivery::Revoke { ack };
-        let sent = loop {
-            match self.deliveries.try_send(revoke) {
-                Ok(()) => break true,
-                Err(crossbeam_channel::TrySendError::Full(back)) if Instant::now() < until => {
-                    revoke = back;
-                    std::thread::sleep(Duration::from_millis(10));
-                }
-                Err(_) => break false,
-            }
-        };
-        if sent && acked.recv_timeout(until.saturating_duration_since(Instant::now())).is_err() {
-            tracing::warn!(projection = %self.projection, ?partitions, "the worker did not settle in time; handing over its durable checkpoints");
-        }
-        if let Err(e) = self.commit(consumer, &partitions, CommitMode::Sync) {
-            tracing::warn!(projection = %self.projection, error = %e, "committing checkpoints to the group failed");
-        }
-        let mut watermarks = self.watermarks.lock().expect("watermarks lock");
-        for p in &partitions {
-            watermarks.remove(p);
-        }
-        let mut assigned = self.assigned.lock().expect("assigned lock");
-        for e in tpl.elements() {
-            assigned.remove(&(e.topic().to_owned(), e.partition()));
-        }
-    }
-}
+impl ConsumerContext for Context {}
 
 impl Context {
     fn set_assigned(&self, tpl: &TopicPartitionList) {
         *self.assigned.lock().expect("assigned lock") =
             tpl.elements().iter().map(|e| (e.topic().to_owned(), e.partition())).collect();
-    }
-
-    /// Commit the durable checkpoints of `partitions` to the consumer group.
-    fn commit(
-        &self,
-        consumer: &BaseConsumer<Self>,
-        partitions: &[(String, u32)],
-        mode: CommitMode,
-    ) -> Result<(), String> {
-        let checkpoints = self.checkpoints.durable_checkpoints()?;
-        let mut tpl = TopicPartitionList::new();
-        for c in checkpoints {
-            let Some(topic) = self.routes.iter().find(|(_, s)| **s == c.stream).map(|(t, _)| t) else { continue };
-            if partitions.iter().any(|(s, p)| *s == c.stream && *p == c.partition) {
-                tpl.add_partition_offset(topic, c.partition as i32, Offset::Offset(c.next_offset as i64))
-                    .map_err(|e| e.to_string())?;
-            }
-        }
-        if tpl.count() == 0 {
-            return Ok(());
-        }
-        consumer.commit(&tpl, mode).map_err(|e| e.to_string())
     }
 }
 
@@ -353,17 +279,13 @@ pub fn shard_count(config: &KafkaConfig, streams: &[&str]) -> Result<u32, ShardC
 /// Reads a projection's Kafka streams.
 pub struct KafkaReader {
     consumer: BaseConsumer<Context>,
-    mode: Mode,
     /// Partitioned mode: the one partition number this shard reads.
     shard: Option<u32>,
     routes: BTreeMap<String, Route>, // by topic
-    /// Replica mode: the partitions assigned, by topic.
+    /// The partition count assigned, by topic.
     assigned: BTreeMap<String, u32>,
     next_refresh: Instant,
     handover: Handover,
-    /// Fetching is paused while the worker has no room (group mode, see
-    /// [`Reader::keep_alive`]).
-    paused: bool,
 }
 
 /// When a read ends early. librdkafka fetches far ahead, so a catch-up read
@@ -385,9 +307,7 @@ impl KafkaReader {
         sources: &super::Sources,
         projection: &str,
         subscriptions: &[(String, HashSet<String>)],
-        checkpoints: Arc<dyn CheckpointStore>,
         watermarks: Watermarks,
-        deliveries: crossbeam_channel::Sender<Delivery>,
         handover: Handover,
     ) -> Result<Option<KafkaReader>, String> {
         let (config, shard) = (&*sources.kafka, sources.shard);
@@ -409,78 +329,51 @@ impl KafkaReader {
             .set("auto.offset.reset", "earliest")
             .set("enable.partition.eof", "false")
             .set("statistics.interval.ms", "1000");
-        // Replica mode never joins the group (it assigns partitions itself and
+        // The reader never joins the group (it assigns partitions itself and
         // commits nothing), but librdkafka wants a group id for `assign`.
         client.set("group.id", format!("{}.{projection}", config.group_id));
         let context = Context {
             projection: projection.to_owned(),
             routes: routes.iter().map(|(t, r)| (t.clone(), r.stream.clone())).collect(),
-            checkpoints,
-            deliveries,
             watermarks,
-            revoked: Mutex::new(Vec::new()),
             assigned: Mutex::new(BTreeSet::new()),
         };
         let consumer: BaseConsumer<Context> =
             client.create_with_context(context).map_err(|e| format!("creating a Kafka consumer: {e}"))?;
-        if config.mode == Mode::Group {
-            let topics: Vec<&str> = routes.keys().map(String::as_str).collect();
-            consumer.subscribe(&topics).map_err(|e| format!("subscribing to {topics:?}: {e}"))?;
-        }
         Ok(Some(KafkaReader {
             consumer,
-            mode: config.mode,
             shard,
             routes,
             assigned: BTreeMap::new(),
             next_refresh: Instant::now(),
             handover,
-            paused: false,
         }))
     }
 
-    /// Once a second: assign new partitions (replica and partitioned
-    /// modes), commit durable checkpoints to the group (group mode).
+    /// Once a second: assign the partitions (new ones, when a topic grows).
     fn refresh(&mut self, cursor: &Cursor) -> Result<(), String> {
         if Instant::now() < self.next_refresh {
             return Ok(());
         }
         self.next_refresh = Instant::now() + REFRESH;
-        let context = self.consumer.context().clone();
-        match self.mode {
-            Mode::Replica | Mode::Partitioned => {
-                let topics: Vec<&str> = self.routes.keys().map(String::as_str).collect();
-                let counts = partition_counts(&self.consumer, &topics)?;
-                for (topic, n) in &counts {
-                    if *n == 0 {
-                        tracing::warn!(projection = %context.projection, topic, "topic has no partitions yet (does it exist?)");
-                    }
-                }
-                if let Some(shard) = self.shard {
-                    // Partition counts can grow under a running shard: it
-                    // must not go on reading a partitioning that no longer holds.
-                    let n = co_partitioned(&counts)?;
-                    if shard >= n && n > 0 {
-                        return Err(format!(
-                            "shard {shard} has no partition to read: the topics have {n} partitions now"
-                        ));
-                    }
-                }
-                if counts != self.assigned {
-                    self.assign(&counts, cursor)?;
-                }
+        let projection = self.consumer.context().projection.clone();
+        let topics: Vec<&str> = self.routes.keys().map(String::as_str).collect();
+        let counts = partition_counts(&self.consumer, &topics)?;
+        for (topic, n) in &counts {
+            if *n == 0 {
+                tracing::warn!(projection = %projection, topic, "topic has no partitions yet (does it exist?)");
             }
-            Mode::Group => {
-                let assignment = self.consumer.assignment().map_err(|e| format!("reading the assignment: {e}"))?;
-                let partitions: Vec<(String, u32)> = assignment
-                    .elements()
-                    .iter()
-                    .filter_map(|e| context.routes.get(e.topic()).map(|s| (s.clone(), e.partition() as u32)))
-                    .collect();
-                if let Err(e) = context.commit(&self.consumer, &partitions, CommitMode::Async) {
-                    tracing::debug!(projection = %context.projection, error = %e, "committing checkpoints to the group");
-                }
+        }
+        if let Some(shard) = self.shard {
+            // Partition counts can grow under a running shard: it
+            // must not go on reading a partitioning that no longer holds.
+            let n = co_partitioned(&counts)?;
+            if shard >= n && n > 0 {
+                return Err(format!("shard {shard} has no partition to read: the topics have {n} partitions now"));
             }
+        }
+        if counts != self.assigned {
+            self.assign(&counts, cursor)?;
         }
         Ok(())
     }
@@ -618,46 +511,8 @@ impl KafkaReader {
 }
 
 impl Reader for KafkaReader {
-    fn needs_keep_alive(&self) -> bool {
-        self.mode == Mode::Group
-    }
-
-    /// Poll with every partition paused: the group's rebalances are served
-    /// (and a revoke answered, see `pre_rebalance`) while nothing is read.
-    fn keep_alive(&mut self, wait: Duration) -> Vec<(String, u32)> {
-        if !self.paused {
-            match self.consumer.assignment().and_then(|a| self.consumer.pause(&a)) {
-                Ok(()) => self.paused = true,
-                Err(e) => tracing::warn!(error = %e, "pausing the Kafka partitions"),
-            }
-        }
-        let polled = match self.consumer.poll(wait) {
-            Some(Ok(m)) => Some((m.topic().to_owned(), m.partition(), m.offset())),
-            _ => None,
-        };
-        // A partition assigned since the pause: pause it too, and read that record again later.
-        if let Some((topic, partition, offset)) = polled {
-            let mut tpl = TopicPartitionList::new();
-            tpl.add_partition(&topic, partition);
-            let paused = self.consumer.pause(&tpl);
-            let seek = self.consumer.seek(&topic, partition, Offset::Offset(offset), Duration::from_secs(5));
-            if let Err(e) = paused.and(seek) {
-                tracing::warn!(topic, partition, offset, error = %e, "handing back a record read while paused");
-            }
-        }
-        std::mem::take(&mut *self.consumer.context().revoked.lock().expect("revoked lock"))
-    }
-
-    fn room(&mut self) {
-        if std::mem::take(&mut self.paused)
-            && let Err(e) = self.consumer.assignment().and_then(|a| self.consumer.resume(&a))
-        {
-            tracing::warn!(error = %e, "resuming the Kafka partitions");
-        }
-    }
-
-    /// Seek back to records handed back; a seek that fails (in replica mode)
-    /// makes the next read assign every partition again from the cursor.
+    /// Seek back to records handed back; a seek that fails makes the next
+    /// read assign every partition again from the cursor.
     fn rewind(&mut self, to: &Cursor) -> Result<(), String> {
         for ((stream, partition), offset) in to {
             let Some(topic) = self.routes.iter().find(|(_, r)| r.stream == *stream).map(|(t, _)| t.clone()) else {
@@ -667,10 +522,8 @@ impl Reader for KafkaReader {
                 self.consumer.seek(&topic, *partition as i32, Offset::Offset(*offset as i64), Duration::from_secs(5));
             if let Err(e) = seek {
                 tracing::warn!(topic, partition, offset, error = %e, "seeking back failed; assigning again");
-                if matches!(self.mode, Mode::Replica | Mode::Partitioned) {
-                    self.assigned.clear();
-                    self.next_refresh = Instant::now();
-                }
+                self.assigned.clear();
+                self.next_refresh = Instant::now();
             }
         }
         Ok(())
@@ -714,10 +567,6 @@ impl Reader for KafkaReader {
             into.read_to.insert((p.stream.to_owned(), p.partition), p.next);
         }
         self.step_over_markers(cursor, into);
-        let revoked = std::mem::take(&mut *self.consumer.context().revoked.lock().expect("revoked lock"));
-        if !revoked.is_empty() {
-            into.drop_partitions(&revoked);
-        }
         match failure {
             Some(e) if into.events.len() + into.undecodable.len() == start => Err(e),
             Some(e) => {

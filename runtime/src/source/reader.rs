@@ -8,8 +8,7 @@
 
 use std::collections::{BTreeMap, HashSet};
 use std::sync::Arc;
-use std::sync::mpsc;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use super::Event;
 use super::log::EventLog;
@@ -227,14 +226,6 @@ impl Pending {
             }
         }
     }
-
-    /// Forget what was read from `partitions` (revoked from this instance).
-    pub fn drop_partitions(&mut self, partitions: &[(String, u32)]) {
-        let gone = |stream: &str, partition: u32| partitions.iter().any(|(s, p)| s == stream && *p == partition);
-        self.events.retain(|e| !gone(&e.stream, e.partition));
-        self.undecodable.retain(|l| !gone(&l.stream, l.partition));
-        self.read_to.retain(|(s, p), _| !gone(s, *p));
-    }
 }
 
 /// What a reader thread hands its worker.
@@ -242,12 +233,6 @@ pub enum Delivery {
     Batch(Pending),
     /// Reading failed; the reader retries after a pause.
     Failed(String),
-    /// Kafka is taking partitions away from this instance: the worker makes
-    /// everything it has handled durable, then acknowledges, so that the
-    /// reader can publish the checkpoints before the partitions move.
-    Revoke {
-        ack: mpsc::Sender<()>,
-    },
 }
 
 /// The most event data one read takes into memory, whatever its event
@@ -266,81 +251,11 @@ pub trait Reader: Send {
     fn rewind(&mut self, _to: &Cursor) -> Result<(), String> {
         Ok(())
     }
-
-    /// Whether this reader must keep talking to its source while the worker
-    /// has no room for the next batch (see [`Reader::keep_alive`]).
-    fn needs_keep_alive(&self) -> bool {
-        false
-    }
-
-    /// The worker has no room for the next batch yet: keep the source's
-    /// session alive for about `wait` without reading, and return the
-    /// partitions taken away from this reader meanwhile. A Kafka group
-    /// member's rebalances are served only while it polls: a reader blocked
-    /// behind a stuck worker would stall the whole group.
-    fn keep_alive(&mut self, wait: Duration) -> Vec<(String, u32)> {
-        std::thread::sleep(wait);
-        Vec::new()
-    }
-
-    /// The worker took the batch: read again (after [`Reader::keep_alive`]).
-    fn room(&mut self) {}
 }
 
-/// Hand `pending` to the worker through `tx`; false once the worker is gone
-/// or `stop` is set. While the worker has no room, readers that must keep
-/// their source's session alive do (see [`Reader::keep_alive`]), and what
-/// they lose to a rebalance leaves both the batch and `cursor`: the
-/// partition's next owner starts from the group's committed offset.
-pub fn hand_over(
-    tx: &crossbeam_channel::Sender<Delivery>,
-    pending: Pending,
-    readers: &mut [Box<dyn Reader>],
-    cursor: &mut Cursor,
-    stop: &dyn Fn() -> bool,
-) -> bool {
-    if !readers.iter().any(|r| r.needs_keep_alive()) {
-        return tx.send(Delivery::Batch(pending)).is_ok();
-    }
-    // A rebalance can wait this long; a worker busy with the previous batch
-    // usually takes the next one sooner, and the readers need not pause.
-    let patience = Instant::now() + Duration::from_millis(200);
-    let mut delivery = Delivery::Batch(pending);
-    let mut kept_alive = false;
-    let sent = loop {
-        match tx.try_send(delivery) {
-            Ok(()) => break true,
-            Err(crossbeam_channel::TrySendError::Disconnected(_)) => break false,
-            Err(crossbeam_channel::TrySendError::Full(back)) => delivery = back,
-        }
-        if stop() {
-            break false;
-        }
-        if Instant::now() < patience {
-            std::thread::sleep(Duration::from_millis(1));
-            continue;
-        }
-        kept_alive = true;
-        let mut revoked = Vec::new();
-        for r in readers.iter_mut().filter(|r| r.needs_keep_alive()) {
-            revoked.extend(r.keep_alive(Duration::from_millis(20)));
-        }
-        if !revoked.is_empty() {
-            cursor.retain(|(s, p), _| !revoked.iter().any(|(rs, rp)| rs == s && rp == p));
-            if let Delivery::Batch(pending) = &mut delivery {
-                pending.drop_partitions(&revoked);
-                if pending.events.is_empty() && pending.undecodable.is_empty() && pending.read_to.is_empty() {
-                    break true; // nothing left to hand over
-                }
-            }
-        }
-    };
-    if kept_alive {
-        for r in readers.iter_mut() {
-            r.room();
-        }
-    }
-    sent
+/// Hand `pending` to the worker through `tx`; false once the worker is gone.
+pub fn hand_over(tx: &crossbeam_channel::Sender<Delivery>, pending: Pending) -> bool {
+    tx.send(Delivery::Batch(pending)).is_ok()
 }
 
 /// Reads subscribed streams of the embedded log.
