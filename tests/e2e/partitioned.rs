@@ -956,6 +956,72 @@ fn derived_events_once() {
     eprintln!("take-overs that found emits published after the last record: {read_back}");
 }
 
+/// Derived events across a rebuild of a cluster: the old generation
+/// publishes what it emitted up to its switch, the new one what follows
+/// (under its own emit ids), and no event's echo reaches the topic twice or
+/// goes missing, although each copy of a shard switches at its own point.
+#[test]
+fn derived_events_are_published_once_across_a_cluster_rebuild() {
+    again_if_the_group_wedged(derived_events_across_a_rebuild_once);
+}
+
+fn derived_events_across_a_rebuild_once() {
+    const EVENTS: usize = 4500;
+    let broker = Broker::start();
+    broker.create_topic("chaos.in", 4);
+    broker.create_topic("chaos.echoes", 2);
+    let events: Vec<Out> = crate::emitted_events::emits(0..EVENTS, "echoes").iter().map(Out::plain).collect();
+    let streams =
+        "    chaos: { topic: chaos.in, format: json, type-header: event-type }\n    echoes: { topic: chaos.echoes }\n";
+    let dirs = [tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap()];
+    let p = plugins();
+    let start = |i: usize| {
+        let config = cluster_config(&broker, ["a", "b", "c"][i], "rebuild-emits", 1, streams);
+        Server::start(dirs[i].path(), &[&p.chaos], &format!("{config}auth:\n  admin-token: {ADMIN}\n"))
+    };
+    let servers = start_cluster(3, &["testkit-chaos"], 4, start);
+    let live: Vec<&Server> = servers.iter().collect();
+    let producer = broker.producer();
+    producer.send_all("chaos.in", &events[..1500]);
+    let echoes = Echoes::new(&broker);
+    echoes.wait_for(1500, 0, "before the rebuild").unwrap_or_else(|why| fail(&live, "testkit-chaos", &why));
+
+    // Events keep coming while every copy rebuilds.
+    let admin = servers[0].client().with_token(Some(ADMIN));
+    let asked = admin.post("/v1/projections/testkit-chaos/rebuild", "application/json", b"").unwrap();
+    assert_eq!(asked.status, 202, "{}", asked.body);
+    producer.send_all("chaos.in", &events[1500..3000]);
+    let until = std::time::Instant::now() + Duration::from_secs(180);
+    for server in &servers {
+        loop {
+            let status = server.get("/v1/projections/testkit-chaos");
+            let shards = status["shards"].as_array().cloned().unwrap_or_default();
+            if !shards.is_empty() && shards.iter().all(|s| s["generation"] == 1 && s["rebuild"].is_null()) {
+                break;
+            }
+            if std::time::Instant::now() >= until {
+                fail(&live, "testkit-chaos", &format!("no switch to generation 1: {status}"));
+            }
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    }
+    producer.send_all("chaos.in", &events[3000..]);
+    echoes.wait_for(EVENTS, 0, "after the switch").unwrap_or_else(|why| fail(&live, "testkit-chaos", &why));
+    let got = echoes.settle();
+
+    let mut per_echo = std::collections::BTreeMap::<u64, Vec<&str>>::new();
+    for ((_, n), id) in &got {
+        per_echo.entry(*n).or_default().push(id);
+    }
+    let repeated: Vec<_> = per_echo.iter().filter(|(_, ids)| ids.len() > 1).take(10).collect();
+    assert!(repeated.is_empty(), "echoes published more than once: {repeated:?}");
+    assert_eq!(per_echo.len(), EVENTS, "every echo reached the topic");
+    // The last events' echoes are the new generation's.
+    let last = per_echo.range(EVENTS as u64 - 100..).flat_map(|(_, ids)| ids);
+    assert!(last.into_iter().all(|id| id.starts_with("testkit-chaos@1/")), "{:?}", per_echo.last_key_value());
+    assert!(per_echo[&0].iter().all(|id| id.starts_with("testkit-chaos/")), "{:?}", per_echo[&0]);
+}
+
 /// What `testkit-chaos` echoed to `chaos.echoes`: per record, which echo it
 /// is (`(false, n)` for an `Emit` event's, `(true, i)` for the burst's
 /// `i`-th) and its emit id.
