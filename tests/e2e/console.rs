@@ -1,5 +1,6 @@
 //! The web console, in headless Chromium: it shows the projections, runs a
-//! search, browses a table and retries a dead letter whose cause is gone.
+//! search, browses a table and retries a dead letter whose cause is gone;
+//! in a cluster, it shows who runs each shard.
 //! Screenshots of each step go to `$CARGO_TARGET_DIR/console-screenshots/`.
 
 use std::path::PathBuf;
@@ -76,4 +77,70 @@ fn the_console_shows_projections_searches_and_retries_a_dead_letter() {
         assert!(shots.join(format!("{step}.png")).metadata().unwrap().len() > 1000, "{step}.png");
     }
     eprintln!("screenshots in {}", shots.display());
+}
+
+/// In a cluster, the console shows the members and, for each shard, the
+/// instance active for it and its standbys: what `GET /v1/cluster` says.
+#[test]
+fn the_console_shows_who_runs_each_shard_of_a_cluster() {
+    use crate::partitioned::{ORDERS_STREAM, active_shards, cluster_config, start_cluster};
+    use crate::support::kafka::{Broker, Out};
+    let playwright = cache().join("browser/node_modules/playwright-core");
+    assert!(playwright.exists(), "playwright-core is not installed: run scripts/install-tools");
+
+    let broker = Broker::start();
+    broker.create_topic("shop.orders", 4);
+    let events = refract_client::fixtures::orders(2_000, 62, 0.0);
+    broker.producer().send_all("shop.orders", &events.iter().map(Out::plain).collect::<Vec<_>>());
+    let dirs = [tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap()];
+    let p = plugins();
+    let start = |i: usize| {
+        let config = cluster_config(&broker, ["a", "b"][i], "console", 1, ORDERS_STREAM);
+        Server::start(dirs[i].path(), &[&p.order_summary], &format!("{config}auth:\n  admin-token: {ADMIN}\n"))
+    };
+    let servers = start_cluster(2, &["order-summary"], 4, start);
+    let until = std::time::Instant::now() + std::time::Duration::from_secs(60);
+    while servers.iter().any(|s| active_shards(s, "order-summary").is_empty()) {
+        assert!(std::time::Instant::now() < until, "the group never gave both instances shards");
+        std::thread::sleep(std::time::Duration::from_millis(100));
+    }
+
+    let shots = PathBuf::from(std::env::var("CARGO_TARGET_DIR").unwrap_or_else(|_| "target".into()))
+        .join("console-screenshots");
+    std::fs::create_dir_all(&shots).unwrap();
+    let script = concat!(env!("CARGO_MANIFEST_DIR"), "/../tests/console/cluster.cjs");
+    let out = Command::new("node")
+        .arg(script)
+        .args([&servers[0].url, ADMIN, "4", shots.to_str().unwrap()])
+        .env("PLAYWRIGHT_CORE", &playwright)
+        .output()
+        .expect("running node");
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success(), "the browser run failed:\n{stdout}\n{}", String::from_utf8_lossy(&out.stderr));
+    let seen: Value = serde_json::from_str(stdout.lines().last().unwrap()).unwrap();
+
+    assert_eq!(seen["errors"], json!([]), "the page logged errors: {seen}");
+    assert_eq!(seen["members"], json!(["a (this)", "b"]), "{seen}");
+    assert!(seen["summary"].as_str().unwrap().starts_with("2 of 2 instances live; this is a"), "{seen}");
+    let rows = seen["rows"].as_array().unwrap();
+    let shown: Vec<(String, String, String)> = rows
+        .iter()
+        .map(|r| {
+            (
+                r["shard"].as_str().unwrap().into(),
+                r["active"].as_str().unwrap().into(),
+                r["standbys"].as_str().unwrap().into(),
+            )
+        })
+        .collect();
+    // What each instance says it is active for, now (the group settled before the page read it).
+    let (by_a, by_b) = (active_shards(&servers[0], "order-summary"), active_shards(&servers[1], "order-summary"));
+    for (n, (shard, active, standbys)) in shown.iter().enumerate() {
+        assert_eq!(shard, &format!("order-summary/{n}"), "{seen}");
+        let (owner, other) = if by_a.contains(&(n as u64)) { ("a", "b") } else { ("b", "a") };
+        assert!(by_a.contains(&(n as u64)) != by_b.contains(&(n as u64)), "shard {n}: a {by_a:?}, b {by_b:?}");
+        assert_eq!((active.as_str(), standbys.as_str()), (owner, other), "shard {n}: {seen}");
+    }
+    assert!(rows.iter().all(|r| r["state"].as_str().unwrap().starts_with("ready")), "{seen}");
+    assert!(shots.join("6-cluster.png").metadata().unwrap().len() > 1000);
 }

@@ -92,7 +92,7 @@ fn openapi() -> &'static serde_json::Value {
 pub fn operations() -> Vec<(Method, &'static str, MethodRouter<AppState>)> {
     use Method as M;
     vec![
-        (M::GET, "/", get(|| async { axum::response::Html(CONSOLE_HTML) })),
+        (M::GET, "/", get(console)),
         (M::GET, "/healthz", get(|| async { axum::Json(dto::Health { status: "ok".into() }) })),
         (M::GET, "/openapi.json", get(|| async { axum::Json(openapi()) })),
         (M::GET, "/metrics", get(metrics)),
@@ -115,6 +115,13 @@ pub fn operations() -> Vec<(Method, &'static str, MethodRouter<AppState>)> {
         (M::DELETE, "/v1/projections/{projection}/rebuild", delete(projections::cancel_rebuild)),
         (M::PUT, "/v1/plugins/{plugin}", put(plugins::upload)),
     ]
+}
+
+/// `GET /`: the console; in a cluster, marked so that it shows the cluster
+/// (and asks nothing of `/v1/cluster` otherwise).
+async fn console(axum::extract::State(state): axum::extract::State<AppState>) -> axum::response::Html<String> {
+    let mode = if state.cluster.is_some() { "on" } else { "off" };
+    axum::response::Html(CONSOLE_HTML.replacen("<body>", &format!("<body data-cluster=\"{mode}\">"), 1))
 }
 
 /// `GET /v1/cluster`: the members of the control topic, as this instance last read them.
