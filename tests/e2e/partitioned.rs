@@ -377,6 +377,18 @@ fn a_cluster_rebuild_once() {
         assert!(std::time::Instant::now() < until, "a does not rebuild");
         std::thread::sleep(Duration::from_millis(50));
     }
+    // `refract status --cluster` shows a's copies rebuilding (or caught up, waiting for the others).
+    let until = std::time::Instant::now() + Duration::from_secs(10);
+    loop {
+        let out = servers[1].cli(&["status", "--cluster"], None);
+        let shown = String::from_utf8_lossy(&out.stdout).into_owned();
+        let a_row = shown.lines().find(|l| l.trim_start().starts_with("a ")).unwrap_or_default().to_owned();
+        if a_row.contains("gen 1 rebuilding") || a_row.contains("gen 1 caught up") {
+            break;
+        }
+        assert!(std::time::Instant::now() < until, "no rebuild in `refract status --cluster`:\n{shown}");
+        std::thread::sleep(Duration::from_millis(200));
+    }
     std::thread::sleep(Duration::from_secs(2));
     assert_eq!(rebuilding(&servers[1]), 0, "b rebuilt with the old version of the plugin");
     install_chaos_v2(dirs[1].path());

@@ -324,9 +324,19 @@ pub(crate) fn cluster_status(remote: &Remote, watch: bool) -> anyhow::Result<()>
                     let mut held = format!("{} {} {} {}", p.name, p.generation, p.events_applied, p.lag);
                     let list = |role| {
                         let shards = p.shards.iter().filter(|s| s.role == role);
-                        let shards = shards.map(|s| match s.ready {
-                            true => s.shard.to_string(),
-                            false => format!("{}(restoring)", s.shard),
+                        let shards = shards.map(|s| {
+                            let mut notes = Vec::new();
+                            if !s.ready {
+                                notes.push("restoring".to_owned());
+                            }
+                            if let Some(r) = s.rebuild {
+                                let how = if r.caught_up { "caught up" } else { "rebuilding" };
+                                notes.push(format!("gen {} {how}", r.generation));
+                            }
+                            match notes.is_empty() {
+                                true => s.shard.to_string(),
+                                false => format!("{}({})", s.shard, notes.join("; ")),
+                            }
                         });
                         shards.collect::<Vec<_>>().join(",")
                     };
