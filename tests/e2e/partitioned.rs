@@ -433,6 +433,8 @@ fn a_cluster_rebuild_once() {
     let admin = |server: &Server| server.client().with_token(Some(ADMIN));
     let asked = admin(&servers[1]).post("/v1/projections/testkit-chaos/rebuild", "application/json", b"").unwrap();
     assert_eq!((asked.status, asked.body["generation"].as_u64()), (202, Some(2)), "{}", asked.body);
+    let again = admin(&servers[2]).post("/v1/projections/testkit-chaos/rebuild", "application/json", b"").unwrap();
+    assert_eq!((again.status, again.body["error"]["code"].as_str()), (409, Some("rebuild_running")), "{}", again.body);
     let cancelled = admin(&servers[0]).delete("/v1/projections/testkit-chaos/rebuild").unwrap();
     assert_eq!((cancelled.status, cancelled.body["cancelled"].as_u64()), (200, Some(2)), "{}", cancelled.body);
     let until = std::time::Instant::now() + Duration::from_secs(30);

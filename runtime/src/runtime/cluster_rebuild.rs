@@ -23,15 +23,15 @@ impl Runtime {
     /// Ask every instance of the cluster to rebuild `p` into its next
     /// generation, with the plugin of `schema_version` (default: the one
     /// running). The instances' activity threads carry it out
-    /// ([`Runtime::follow_cluster_rebuild`]). A request for the
-    /// schema-version of the rebuild already asked for joins it: a new
-    /// version dropped on each instance asks for the same rebuild.
+    /// ([`Runtime::follow_cluster_rebuild`]). A new version of the plugin
+    /// (`schema_version` given) joins the rebuild already asked for with
+    /// its schema-version: it is dropped on each instance, and each asks;
+    /// any other request while one runs is refused, as on one instance.
     pub(super) fn ask_cluster_rebuild(&self, p: &Projection, schema_version: Option<u32>) -> Result<u64, RebuildError> {
         let cluster = self.membership.get().ok_or_else(|| {
             RebuildError::Invalid("this instance has not joined the cluster yet; try again in a moment".into())
         })?;
         let m = p.manifest();
-        let schema_version = schema_version.unwrap_or(m.schema_version);
         self.read_control_topic();
         let switched = cluster.switched(&m.name);
         let asked = cluster.rebuild(&m.name);
@@ -39,11 +39,12 @@ impl Runtime {
             && !r.cancelled
             && r.generation > switched
         {
-            return match r.schema_version == schema_version {
+            return match schema_version == Some(r.schema_version) {
                 true => Ok(r.generation),
                 false => Err(RebuildError::Running(r.generation)),
             };
         }
+        let schema_version = schema_version.unwrap_or(m.schema_version);
         let generation = asked.map_or(0, |r| r.generation).max(switched) + 1;
         let request =
             rebuild::ClusterRebuild { generation, schema_version, cancelled: false, by: cluster.me(), at: now_ms() };
