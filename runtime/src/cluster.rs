@@ -298,9 +298,7 @@ impl crate::runtime::Membership for Cluster {
 
     fn switch(&self, projection: &str, generation: u64) -> Result<(), String> {
         self.write(&format!("{SWITCH}{projection}"), &Switched { generation, at: now_ms() })?;
-        let mut rebuilds = self.rebuilds.write().expect("rebuilds lock");
-        let switched = rebuilds.switched.entry(projection.to_owned()).or_default();
-        *switched = (*switched).max(generation);
+        self.rebuilds.write().expect("rebuilds lock").switched_to(projection, generation);
         Ok(())
     }
 
@@ -372,11 +370,7 @@ impl Publications for Cluster {
     }
 
     fn record(&self, projection: &str, n: u32, publication: &Publication) -> Result<(), String> {
-        let key = format!("{PUBLICATION}{projection}/{n}");
-        let body = serde_json::to_vec(publication).map_err(|e| e.to_string())?;
-        let record = BaseRecord::<str, [u8]>::to(&self.topic).key(key.as_str()).payload(&body);
-        self.producer.send(record).map_err(|(e, _)| format!("recording a publication: {e}"))?;
-        self.producer.flush(Duration::from_secs(5)).map_err(|e| format!("recording a publication: {e}"))?;
+        self.write(&format!("{PUBLICATION}{projection}/{n}"), publication)?;
         // Known here at once, without waiting for the reader to read it back.
         self.publications.write().expect("publications lock").insert((projection.to_owned(), n), publication.clone());
         Ok(())
@@ -403,6 +397,15 @@ struct Switched {
 struct Rebuilds {
     asked: BTreeMap<String, ClusterRebuild>,
     switched: BTreeMap<String, u64>,
+}
+
+impl Rebuilds {
+    /// `projection` switched to `generation`: never back to an older one
+    /// (this instance may have written a newer one before reading this).
+    fn switched_to(&mut self, projection: &str, generation: u64) {
+        let switched = self.switched.entry(projection.to_owned()).or_default();
+        *switched = (*switched).max(generation);
+    }
 }
 
 /// By (projection, shard): the last publication.
@@ -640,9 +643,7 @@ impl Reader {
         if let Some(projection) = key.strip_prefix(SWITCH) {
             match message.payload().map(serde_json::from_slice::<Switched>) {
                 Some(Ok(s)) => {
-                    let mut rebuilds = self.directory.rebuilds.write().expect("rebuilds lock");
-                    let switched = rebuilds.switched.entry(projection.to_owned()).or_default();
-                    *switched = (*switched).max(s.generation);
+                    self.directory.rebuilds.write().expect("rebuilds lock").switched_to(projection, s.generation)
                 }
                 None => {}
                 Some(Err(e)) => tracing::warn!(key, error = %e, "a switch that does not decode; ignored"),

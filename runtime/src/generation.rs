@@ -58,6 +58,12 @@ pub(crate) fn unmark_rebuilding(root: &Path) {
     let _ = std::fs::remove_file(root.join(REBUILD_FILE));
 }
 
+/// Give up the rebuild of generation `number`: its files and its mark go.
+pub(crate) fn abandon_rebuild(root: &Path, number: u64) {
+    delete(root, number);
+    unmark_rebuilding(root);
+}
+
 /// Make generation `number` the live one: the switch, atomic on disk.
 pub(crate) fn make_live(root: &Path, number: u64) -> std::io::Result<()> {
     write_number(root, LIVE_FILE, number)

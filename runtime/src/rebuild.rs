@@ -338,8 +338,7 @@ pub fn monitor(s: Switch<'_>, job: Arc<Rebuild>) {
         let seen = commits.current();
         if job.cancel.load(Ordering::Relaxed) {
             new.stop();
-            generation::delete(s.root, new.number);
-            generation::unmark_rebuilding(s.root);
+            generation::abandon_rebuild(s.root, new.number);
             *s.rebuild.lock().expect("rebuild lock") = None;
             tracing::info!(projection = s.name, generation = new.number, "rebuild cancelled");
             return;

@@ -48,6 +48,10 @@ pub trait Membership: ClusterSwitches {
     fn active(&self, projection: &str, n: u32) -> Option<String>;
     /// The last rebuild asked for `projection` across the cluster.
     fn rebuild(&self, projection: &str) -> Option<ClusterRebuild>;
+    /// The rebuild of `projection` asked for and neither cancelled nor switched to yet.
+    fn pending_rebuild(&self, projection: &str) -> Option<ClusterRebuild> {
+        self.rebuild(projection).filter(|r| !r.cancelled && r.generation > self.switched(projection))
+    }
     /// Ask every instance to rebuild `projection` (or cancel that).
     fn request_rebuild(&self, projection: &str, rebuild: &ClusterRebuild) -> Result<(), String>;
     /// Tell every shard of `projection` to switch to `generation`.

@@ -13,7 +13,7 @@ use std::time::Duration;
 
 use anyhow::Context;
 
-use super::{Projection, RebuildError, Runtime, Shard, projection};
+use super::{Projection, RebuildError, Runtime, Shard};
 use crate::clock::now_ms;
 use crate::generation;
 use crate::plugin::Handler;
@@ -33,19 +33,16 @@ impl Runtime {
         })?;
         let m = p.manifest();
         self.read_control_topic();
-        let switched = cluster.switched(&m.name);
-        let asked = cluster.rebuild(&m.name);
-        if let Some(r) = &asked
-            && !r.cancelled
-            && r.generation > switched
-        {
+        if let Some(r) = cluster.pending_rebuild(&m.name) {
             return match schema_version == Some(r.schema_version) {
                 true => Ok(r.generation),
                 false => Err(RebuildError::Running(r.generation)),
             };
         }
         let schema_version = schema_version.unwrap_or(m.schema_version);
-        let generation = asked.map_or(0, |r| r.generation).max(switched) + 1;
+        // Past any cancelled one too: its files may still be on a stopped copy.
+        let asked = cluster.rebuild(&m.name).map_or(0, |r| r.generation);
+        let generation = asked.max(cluster.switched(&m.name)) + 1;
         let request =
             rebuild::ClusterRebuild { generation, schema_version, cancelled: false, by: cluster.me(), at: now_ms() };
         cluster.request_rebuild(&m.name, &request).map_err(RebuildError::Invalid)?;
@@ -91,12 +88,11 @@ impl Runtime {
                     // A copy not rebuilding here now (stopped while it
                     // rebuilt: a standby dropped, an instance stopped): what it built goes.
                     None => {
-                        let root = projection::shard_root(&self.data_dir.join("projections").join(&name), n);
+                        let root = self.shard_root(&name, n);
                         if let Ok((_, Some(r))) = generation::numbers(&root)
                             && r == asked.generation
                         {
-                            generation::delete(&root, r);
-                            generation::unmark_rebuilding(&root);
+                            generation::abandon_rebuild(&root, r);
                         }
                     }
                 }
@@ -140,10 +136,7 @@ impl Runtime {
                 if !resumed {
                     generation::delete(&shard.root, asked.generation);
                 }
-                let started = generation::mark_rebuilding(&shard.root, asked.generation)
-                    .map_err(anyhow::Error::from)
-                    .and_then(|()| self.start_rebuild(p, shard, handler, asked.generation, barrier));
-                match started {
+                match self.start_rebuild(p, shard, handler, asked.generation, barrier) {
                     Ok(()) => {
                         tracing::info!(projection = %name, shard = shard.number(), generation = asked.generation, resumed, "rebuilding this copy of the shard")
                     }
@@ -227,9 +220,7 @@ impl Runtime {
         let cluster = self.membership.get().ok_or(RebuildError::NotRunning)?;
         let name = p.manifest().name;
         self.read_control_topic();
-        let switched = cluster.switched(&name);
-        let asked = cluster.rebuild(&name).filter(|r| !r.cancelled && r.generation > switched);
-        let Some(asked) = asked else {
+        let Some(asked) = cluster.pending_rebuild(&name) else {
             return match p.rebuilding() {
                 Some(job) => Err(RebuildError::Switching(job.generation.number)),
                 None => Err(RebuildError::NotRunning),

@@ -177,16 +177,10 @@ impl Runtime {
             Some(count) => {
                 // Every shard runs its own instance of the plugin, made from
                 // `handler`, which stays to make those of shards taken on later.
-                let another = || {
-                    let another = handler.another();
-                    another.ok_or_else(|| {
-                        anyhow::anyhow!("{source} cannot run as several shards (only plugin components can)")
-                    })
-                };
                 let (mut shards, mut rebuilding) = (Vec::new(), None);
                 for n in (0..count).filter(|_| !by_group) {
                     let root = projection::shard_root(&root, n);
-                    match another().and_then(|h| self.start_shard(h, Some(n), &root, Replay::Live)) {
+                    match another(&*handler, &source).and_then(|h| self.start_shard(h, Some(n), &root, Replay::Live)) {
                         Ok((shard, number)) => {
                             shards.push(Arc::new(shard));
                             rebuilding = rebuilding.max(number);
@@ -200,7 +194,7 @@ impl Runtime {
                     }
                 }
                 if by_group {
-                    another()?;
+                    another(&*handler, &source)?;
                     tracing::info!(projection = %manifest.name, shards = count, "partitioned: the group decides which shards run here");
                 } else {
                     tracing::info!(projection = %manifest.name, shards = count, "partitioned: one shard per partition");
@@ -228,20 +222,10 @@ impl Runtime {
     fn resume_rebuild(&self, p: &Arc<Projection>, number: u64) {
         let name = p.manifest().name;
         let behind: Vec<Arc<Shard>> = p.shards().into_iter().filter(|s| s.live().number < number).collect();
-        let barrier: Arc<dyn rebuild::SwitchBarrier> = match p.is_partitioned() {
-            true => Arc::new(rebuild::AllShards::new(behind.iter().map(|s| s.number()))),
-            false => Arc::new(rebuild::Alone),
-        };
+        let barrier = barrier_of(p, &behind);
         let loaded = self.loader.get().map(|l| l.load(Path::new(&p.source)));
         let handlers = match loaded {
-            Some(Ok(handler)) => {
-                let handler: Box<dyn Handler> = Box::new(handler);
-                let others: Option<Vec<_>> = (1..behind.len()).map(|_| handler.another()).collect();
-                others.map(|mut others| {
-                    others.push(handler);
-                    others
-                })
-            }
+            Some(Ok(handler)) => instances(Box::new(handler), behind.len(), &p.source).ok(),
             _ => None,
         };
         let Some(handlers) = handlers else {
@@ -250,8 +234,7 @@ impl Runtime {
                 tracing::error!(projection = %name, generation = number, "some shards switched to the rebuilt generation before the crash and the others cannot follow: queries merging shards answer 503 until the projection is rebuilt");
             }
             for shard in &behind {
-                generation::delete(&shard.root, number);
-                generation::unmark_rebuilding(&shard.root);
+                generation::abandon_rebuild(&shard.root, number);
                 if let Err(e) = generation::clean(&shard.root) {
                     tracing::warn!(projection = %name, error = %e, "cleaning old generations");
                 }
@@ -260,13 +243,15 @@ impl Runtime {
         };
         tracing::info!(projection = %name, generation = number, shards = behind.len(), "resuming a rebuild");
         for (shard, handler) in behind.iter().zip(handlers) {
-            let started = generation::mark_rebuilding(&shard.root, number)
-                .map_err(anyhow::Error::from)
-                .and_then(|()| self.start_rebuild(p, shard, handler, number, barrier.clone()));
-            if let Err(e) = started {
+            if let Err(e) = self.start_rebuild(p, shard, handler, number, barrier.clone()) {
                 tracing::error!(projection = %name, shard = shard.number(), error = %e, "resuming a rebuild failed");
             }
         }
+    }
+
+    /// Where shard `n` of projection `name` keeps its generations.
+    fn shard_root(&self, name: &str, n: u32) -> PathBuf {
+        projection::shard_root(&self.data_dir.join("projections").join(name), n)
     }
 
     /// Make `projection` one of the runtime's, unless one of that name runs already.
@@ -298,7 +283,7 @@ impl Runtime {
                 standby
             }
             None => {
-                let root = projection::shard_root(&self.data_dir.join("projections").join(&name), n);
+                let root = self.shard_root(&name, n);
                 self.align_with_cluster(p, &root)?;
                 let handler = p.another_handler().context("no plugin instance to run the shard with")?;
                 let (shard, _) = self.start_shard(handler, Some(n), &root, Replay::Live)?;
@@ -335,7 +320,7 @@ impl Runtime {
             return Ok(());
         }
         let name = p.manifest().name;
-        let root = projection::shard_root(&self.data_dir.join("projections").join(&name), n);
+        let root = self.shard_root(&name, n);
         self.align_with_cluster(p, &root)?;
         let handler = p.another_handler().context("no plugin instance to run the standby with")?;
         let (shard, _) = self.start_shard(handler, Some(n), &root, Replay::Standby)?;
@@ -579,24 +564,11 @@ impl Runtime {
         // same one: they switch together), each with its own instance of the plugin.
         let shards = p.shards();
         let number = shards.iter().map(|s| s.live().number).max().unwrap_or(0) + 1;
-        let mut handlers = Vec::new();
-        for _ in 1..shards.len() {
-            let another = handler.another().ok_or_else(|| {
-                RebuildError::Invalid(format!("{} cannot run as several shards (only plugin components can)", p.source))
-            })?;
-            handlers.push(another);
-        }
-        handlers.push(handler);
-        let barrier: Arc<dyn rebuild::SwitchBarrier> = match p.is_partitioned() {
-            true => Arc::new(rebuild::AllShards::new(shards.iter().map(|s| s.number()))),
-            false => Arc::new(rebuild::Alone),
-        };
+        let handlers = instances(handler, shards.len(), &p.source).map_err(|e| RebuildError::Invalid(e.to_string()))?;
+        let barrier = barrier_of(p, &shards);
         for (shard, handler) in shards.iter().zip(handlers) {
             generation::delete(&shard.root, number);
-            let started = generation::mark_rebuilding(&shard.root, number)
-                .map_err(anyhow::Error::from)
-                .and_then(|()| self.start_rebuild(p, shard, handler, number, barrier.clone()));
-            if let Err(e) = started {
+            if let Err(e) = self.start_rebuild(p, shard, handler, number, barrier.clone()) {
                 // All shards or none: those started are cancelled (and delete what they built).
                 for job in p.rebuilds() {
                     job.cancel();
@@ -628,7 +600,8 @@ impl Runtime {
         Ok(job.generation.number)
     }
 
-    /// Start rebuilding `shard` of `p` into generation `number`.
+    /// Start rebuilding `shard` of `p` into generation `number` (recorded
+    /// in its `rebuilding` file, so that a restart resumes it).
     fn start_rebuild(
         &self,
         p: &Arc<Projection>,
@@ -637,6 +610,8 @@ impl Runtime {
         number: u64,
         barrier: Arc<dyn rebuild::SwitchBarrier>,
     ) -> anyhow::Result<()> {
+        generation::mark_rebuilding(&shard.root, number)
+            .with_context(|| format!("recording the rebuild in {}", shard.root.display()))?;
         // Gated at nothing until the rebuild monitor opens the gate.
         let gate = Replay::Until(Default::default(), Default::default());
         let generation = self.start_generation(handler, &shard.root, shard.partition, number, gate)?;
@@ -715,6 +690,30 @@ impl Runtime {
         for name in names {
             self.remove(&name);
         }
+    }
+}
+
+/// Another instance of `handler`, for one more shard: only plugin
+/// components can make one (`source` names the plugin in the error).
+fn another(handler: &dyn Handler, source: &str) -> anyhow::Result<Box<dyn Handler>> {
+    handler
+        .another()
+        .ok_or_else(|| anyhow::anyhow!("{source} cannot run as several shards (only plugin components can)"))
+}
+
+/// `handler` and `count - 1` more instances of it: one for each shard.
+fn instances(handler: Box<dyn Handler>, count: usize, source: &str) -> anyhow::Result<Vec<Box<dyn Handler>>> {
+    let mut handlers = (1..count).map(|_| another(&*handler, source)).collect::<anyhow::Result<Vec<_>>>()?;
+    handlers.push(handler);
+    Ok(handlers)
+}
+
+/// What the rebuilds of `shards` of `p` (all running here) wait on before
+/// they switch: each other, for a partitioned projection.
+fn barrier_of(p: &Projection, shards: &[Arc<Shard>]) -> Arc<dyn rebuild::SwitchBarrier> {
+    match p.is_partitioned() {
+        true => Arc::new(rebuild::AllShards::new(shards.iter().map(|s| s.number()))),
+        false => Arc::new(rebuild::Alone),
     }
 }
 

@@ -220,7 +220,7 @@ impl Runtime {
     /// yet, or the activity thread is about to start them).
     fn asked_rebuild(&self, p: &super::Projection, m: &crate::plugin::Manifest) -> Option<RebuildStatus> {
         let cluster = self.membership.get().filter(|_| p.is_partitioned() && self.shards_by_group)?;
-        let asked = cluster.rebuild(&m.name).filter(|r| !r.cancelled && r.generation > cluster.switched(&m.name))?;
+        let asked = cluster.pending_rebuild(&m.name)?;
         let waiting_for = match asked.schema_version == m.schema_version {
             true => "the copies here to start".to_owned(),
             false => format!("this instance's plugin to declare schema-version {}", asked.schema_version),
