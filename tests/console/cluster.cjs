@@ -1,25 +1,16 @@
 // Opens the web console of an instance in a cluster in headless Chromium
 // (playwright-core) and reads its Cluster section once every shard has a
-// live active instance that is ready, and a standby; saves a screenshot. Run by tests/e2e/console.rs:
+// live active instance that is ready, and a standby; saves a screenshot.
+// Run by tests/e2e/console.rs:
 //   node cluster.cjs <url> <token> <shards> <screenshot dir>
-// with PLAYWRIGHT_CORE pointing at the installed playwright-core package.
+// with PLAYWRIGHT_CORE pointing at the installed playwright-core package
+// (see browser.cjs).
 "use strict";
 const [url, token, shards, shots] = process.argv.slice(2);
-const { chromium } = require(process.env.PLAYWRIGHT_CORE);
+const { openConsole, run } = require("./browser.cjs");
 
-(async () => {
-  const browser = await chromium.launch({
-    executablePath: process.env.CHROMIUM || "/usr/bin/chromium",
-    args: ["--no-sandbox"],
-  });
-  const page = await browser.newPage({ viewport: { width: 1400, height: 1000 } });
-  const errors = [];
-  page.on("pageerror", (e) => errors.push(e.message));
-  page.on("console", (m) => m.type() === "error" && errors.push(m.text()));
-
-  await page.goto(url);
-  await page.fill("#token", token);
-  await page.dispatchEvent("#token", "change");
+run(async () => {
+  const { browser, page, errors } = await openConsole(url, token);
   await page.waitForFunction((n) => {
     const rows = [...document.querySelectorAll("#cluster-shards tr.shard")];
     const held = (r) => r.querySelector("td.active").textContent !== "none"
@@ -39,7 +30,4 @@ const { chromium } = require(process.env.PLAYWRIGHT_CORE);
 
   console.log(JSON.stringify({ rows, members, summary, errors }));
   await browser.close();
-})().catch((e) => {
-  console.error(e);
-  process.exit(1);
 });

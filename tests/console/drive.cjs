@@ -2,25 +2,15 @@
 // projections, run a search, browse a table, retry a dead letter; saves a
 // screenshot of each step. Run by tests/e2e/console.rs:
 //   node drive.cjs <url> <token> <dead letter id> <screenshot dir>
-// with PLAYWRIGHT_CORE pointing at the installed playwright-core package.
+// with PLAYWRIGHT_CORE pointing at the installed playwright-core package
+// (see browser.cjs).
 "use strict";
 const [url, token, letterId, shots] = process.argv.slice(2);
-const { chromium } = require(process.env.PLAYWRIGHT_CORE);
+const { openConsole, run } = require("./browser.cjs");
 
-(async () => {
-  const browser = await chromium.launch({
-    executablePath: process.env.CHROMIUM || "/usr/bin/chromium",
-    args: ["--no-sandbox"],
-  });
-  const page = await browser.newPage({ viewport: { width: 1400, height: 1000 } });
-  const errors = [];
-  page.on("pageerror", (e) => errors.push(e.message));
-  page.on("console", (m) => m.type() === "error" && errors.push(m.text()));
+run(async () => {
+  const { browser, page, errors } = await openConsole(url, token);
   const shot = (name) => page.screenshot({ path: `${shots}/${name}.png`, fullPage: true });
-
-  await page.goto(url);
-  await page.fill("#token", token);
-  await page.dispatchEvent("#token", "change");
   const row = 'tr[data-projection="order-summary"]';
   await page.waitForSelector(row);
   const lag = (await page.textContent(`${row} td.lag`)).trim();
@@ -53,7 +43,4 @@ const { chromium } = require(process.env.PLAYWRIGHT_CORE);
 
   console.log(JSON.stringify({ lag, state, searched, items, retried, errors }));
   await browser.close();
-})().catch((e) => {
-  console.error(e);
-  process.exit(1);
 });

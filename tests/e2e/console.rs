@@ -16,12 +16,30 @@ fn cache() -> PathBuf {
     PathBuf::from(std::env::var("HOME").unwrap()).join(".cache/refract")
 }
 
-#[test]
-fn the_console_shows_projections_searches_and_retries_a_dead_letter() {
+/// Where the console tests put their screenshots.
+fn screenshots() -> PathBuf {
+    let shots = PathBuf::from(std::env::var("CARGO_TARGET_DIR").unwrap_or_else(|_| "target".into()))
+        .join("console-screenshots");
+    std::fs::create_dir_all(&shots).unwrap();
+    shots
+}
+
+/// Run `tests/console/<script>` with `args` in headless Chromium, and what
+/// it printed last (its findings, as JSON).
+fn in_chromium(script: &str, args: &[&str]) -> Value {
     let playwright = cache().join("browser/node_modules/playwright-core");
     assert!(playwright.exists(), "playwright-core is not installed: run scripts/install-tools");
     assert!(PathBuf::from("/usr/bin/chromium").exists(), "chromium is not installed: run scripts/install-tools");
+    let script = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../tests/console").join(script);
+    let out =
+        Command::new("node").arg(script).args(args).env("PLAYWRIGHT_CORE", &playwright).output().expect("running node");
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success(), "the browser run failed:\n{stdout}\n{}", String::from_utf8_lossy(&out.stderr));
+    serde_json::from_str(stdout.lines().last().unwrap()).unwrap()
+}
 
+#[test]
+fn the_console_shows_projections_searches_and_retries_a_dead_letter() {
     let dir = tempfile::tempdir().unwrap();
     let p = plugins();
     let config = format!("auth:\n  admin-token: {ADMIN}\n");
@@ -46,19 +64,8 @@ fn the_console_shows_projections_searches_and_retries_a_dead_letter() {
     assert_eq!(admin.append_ndjson("orders", &ndjson(&[placed])).unwrap().status, 200);
     admin.wait_caught_up(std::time::Duration::from_secs(60)).unwrap();
 
-    let shots = PathBuf::from(std::env::var("CARGO_TARGET_DIR").unwrap_or_else(|_| "target".into()))
-        .join("console-screenshots");
-    std::fs::create_dir_all(&shots).unwrap();
-    let script = concat!(env!("CARGO_MANIFEST_DIR"), "/../tests/console/drive.cjs");
-    let out = Command::new("node")
-        .arg(script)
-        .args([&server.url, ADMIN, &letter["id"].to_string(), shots.to_str().unwrap()])
-        .env("PLAYWRIGHT_CORE", &playwright)
-        .output()
-        .expect("running node");
-    let stdout = String::from_utf8_lossy(&out.stdout);
-    assert!(out.status.success(), "the browser run failed:\n{stdout}\n{}", String::from_utf8_lossy(&out.stderr));
-    let seen: Value = serde_json::from_str(stdout.lines().last().unwrap()).unwrap();
+    let shots = screenshots();
+    let seen = in_chromium("drive.cjs", &[&server.url, ADMIN, &letter["id"].to_string(), shots.to_str().unwrap()]);
 
     assert_eq!((seen["state"].as_str(), seen["lag"].as_str()), (Some("running"), Some("0")), "{seen}");
     let total =
@@ -85,9 +92,6 @@ fn the_console_shows_projections_searches_and_retries_a_dead_letter() {
 fn the_console_shows_who_runs_each_shard_of_a_cluster() {
     use crate::partitioned::{ORDERS_STREAM, active_shards, cluster_config, start_cluster};
     use crate::support::kafka::{Broker, Out};
-    let playwright = cache().join("browser/node_modules/playwright-core");
-    assert!(playwright.exists(), "playwright-core is not installed: run scripts/install-tools");
-
     let broker = Broker::start();
     broker.create_topic("shop.orders", 4);
     let events = refract_client::fixtures::orders(2_000, 62, 0.0);
@@ -105,19 +109,8 @@ fn the_console_shows_who_runs_each_shard_of_a_cluster() {
         std::thread::sleep(std::time::Duration::from_millis(100));
     }
 
-    let shots = PathBuf::from(std::env::var("CARGO_TARGET_DIR").unwrap_or_else(|_| "target".into()))
-        .join("console-screenshots");
-    std::fs::create_dir_all(&shots).unwrap();
-    let script = concat!(env!("CARGO_MANIFEST_DIR"), "/../tests/console/cluster.cjs");
-    let out = Command::new("node")
-        .arg(script)
-        .args([&servers[0].url, ADMIN, "4", shots.to_str().unwrap()])
-        .env("PLAYWRIGHT_CORE", &playwright)
-        .output()
-        .expect("running node");
-    let stdout = String::from_utf8_lossy(&out.stdout);
-    assert!(out.status.success(), "the browser run failed:\n{stdout}\n{}", String::from_utf8_lossy(&out.stderr));
-    let seen: Value = serde_json::from_str(stdout.lines().last().unwrap()).unwrap();
+    let shots = screenshots();
+    let seen = in_chromium("cluster.cjs", &[&servers[0].url, ADMIN, "4", shots.to_str().unwrap()]);
 
     assert_eq!(seen["errors"], json!([]), "the page logged errors: {seen}");
     assert_eq!(seen["members"], json!(["a (this)", "b"]), "{seen}");

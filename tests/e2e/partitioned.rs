@@ -405,20 +405,7 @@ fn a_cluster_rebuild_once() {
     let mut seen = vec![client.join().unwrap()];
     servers[2].stop();
     let live: Vec<&Server> = servers[..2].iter().collect();
-    let until = std::time::Instant::now() + Duration::from_secs(180);
-    for server in &live {
-        loop {
-            let status = server.get("/v1/projections/testkit-chaos");
-            let shards = status["shards"].as_array().cloned().unwrap_or_default();
-            if !shards.is_empty() && shards.iter().all(|s| s["generation"] == 1 && s["rebuild"].is_null()) {
-                break;
-            }
-            if std::time::Instant::now() >= until {
-                fail(&live, "testkit-chaos", &format!("no switch to generation 1: {status}"));
-            }
-            std::thread::sleep(Duration::from_millis(100));
-        }
-    }
+    wait_switched(&live, 1);
     // The new generation goes on with new events.
     broker.producer().send_all("shop.chaos", &stamps(FIRST, FIRST + 2000));
     for server in &live {
@@ -468,6 +455,26 @@ fn a_cluster_rebuild_once() {
     let (v1, v2): (usize, usize) =
         seen.iter().map(|s| (s.versions[1], s.versions[2])).fold((0, 0), |a, b| (a.0 + b.0, a.1 + b.1));
     assert!(v1 > 0 && v2 > 0, "the clients saw no switch: {seen:?}");
+}
+
+/// Wait until every shard copy each of the `live` instances runs of
+/// `testkit-chaos` (there must be some) is on `generation`, with no rebuild
+/// left (3 minutes at most).
+fn wait_switched(live: &[&Server], generation: u64) {
+    let until = std::time::Instant::now() + Duration::from_secs(180);
+    for server in live {
+        loop {
+            let status = server.get("/v1/projections/testkit-chaos");
+            let shards = status["shards"].as_array().cloned().unwrap_or_default();
+            if !shards.is_empty() && shards.iter().all(|s| s["generation"] == generation && s["rebuild"].is_null()) {
+                break;
+            }
+            if std::time::Instant::now() >= until {
+                fail(live, "testkit-chaos", &format!("no switch to generation {generation}: {status}"));
+            }
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    }
 }
 
 /// Wait until `server` answers with `count` stamps, all of `version`
@@ -1005,20 +1012,7 @@ fn derived_events_across_a_rebuild_once() {
     let asked = admin.post("/v1/projections/testkit-chaos/rebuild", "application/json", b"").unwrap();
     assert_eq!(asked.status, 202, "{}", asked.body);
     producer.send_all("chaos.in", &events[1500..3000]);
-    let until = std::time::Instant::now() + Duration::from_secs(180);
-    for server in &servers {
-        loop {
-            let status = server.get("/v1/projections/testkit-chaos");
-            let shards = status["shards"].as_array().cloned().unwrap_or_default();
-            if !shards.is_empty() && shards.iter().all(|s| s["generation"] == 1 && s["rebuild"].is_null()) {
-                break;
-            }
-            if std::time::Instant::now() >= until {
-                fail(&live, "testkit-chaos", &format!("no switch to generation 1: {status}"));
-            }
-            std::thread::sleep(Duration::from_millis(100));
-        }
-    }
+    wait_switched(&live, 1);
     producer.send_all("chaos.in", &events[3000..]);
     echoes.wait_for(EVENTS, 0, "after the switch").unwrap_or_else(|why| fail(&live, "testkit-chaos", &why));
     let got = echoes.settle();
