@@ -12,7 +12,7 @@ const ORDERS = new Table('orders');
 const CUSTOMER_ORDERS = new Table('customer-orders');
 
 export const { manifest, handle, indexes } = projection({
-  manifest: new Manifest('order-summary', '0.1.0').subscribe('orders', EVENT_TYPES).table(ORDERS).table(CUSTOMER_ORDERS),
+  manifest: new Manifest('order-summary', '0.1.0').subscribe('orders', EVENT_TYPES).keyedTable(ORDERS).table(CUSTOMER_ORDERS),
 
   apply(event) {
     const order = nextOrder(event, ORDERS);

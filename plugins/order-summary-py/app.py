@@ -17,7 +17,7 @@ CUSTOMER_ORDERS = Table("customer-orders")
 class WitWorld(Projection):
     MANIFEST = (Manifest("order-summary", "0.1.0")
                 .subscribe("orders", order_events.EVENT_TYPES)
-                .table(ORDERS)
+                .keyed_table(ORDERS)
                 .table(CUSTOMER_ORDERS))
 
     def apply(self, event):

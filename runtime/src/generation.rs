@@ -132,6 +132,8 @@ pub struct Generation {
     /// events are replayed history, stop).
     pub control: Control,
     pub(crate) manifest: Arc<RwLock<Manifest>>,
+    /// The running version's tables keyed like its events.
+    pub(crate) keyed: Arc<RwLock<crate::plugin::keyed::KeyedTables>>,
     pub(crate) stop: Arc<AtomicBool>,
     pub(crate) threads: Mutex<Vec<JoinHandle<()>>>,
     /// A partitioned projection's shard in a cluster: whether its relay
@@ -143,6 +145,11 @@ impl Generation {
     /// The running plugin version's manifest.
     pub fn manifest(&self) -> Manifest {
         self.manifest.read().expect("manifest lock").clone()
+    }
+
+    /// The running version's tables keyed like its events.
+    pub fn keyed(&self) -> crate::plugin::keyed::KeyedTables {
+        self.keyed.read().expect("keyed lock").clone()
     }
 
     /// Its durable checkpoints.

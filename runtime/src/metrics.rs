@@ -37,6 +37,23 @@ fn http(out: &mut String, metrics: &HttpMetrics) {
     }
 }
 
+/// Key lookups of partitioned projections, by how their shard was found.
+pub fn lookups(out: &mut String, lookups: &crate::telemetry::LookupMetrics) {
+    header(
+        out,
+        "refract_key_lookups_total",
+        "counter",
+        "key lookups of partitioned projections: asked the key's shard (owner), every shard, or the key's shard then every shard (misrouted: another shard held it)",
+    );
+    for ((projection, table, route), n) in lookups.counts() {
+        let (projection, table, route) = (label(&projection), label(&table), route.label());
+        let _ = writeln!(
+            out,
+            "refract_key_lookups_total{{projection=\"{projection}\",table=\"{table}\",route=\"{route}\"}} {n}"
+        );
+    }
+}
+
 fn compile_cache(out: &mut String, (hits, misses): (u64, u64)) {
     header(out, "refract_compile_cache_hits_total", "counter", "components loaded from the compile cache");
     let _ = writeln!(out, "refract_compile_cache_hits_total {hits}");

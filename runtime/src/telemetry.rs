@@ -99,6 +99,51 @@ impl HttpMetrics {
     }
 }
 
+/// How a key lookup of a partitioned projection found its shard.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
+pub enum LookupRoute {
+    /// The table is keyed like the events: only the shard of the key's
+    /// partition was asked, and held it.
+    Owner,
+    /// The table is not keyed: every shard was asked.
+    EveryShard,
+    /// The key's shard did not hold it, so every shard was asked; none did.
+    OwnerThenEveryShard,
+    /// The key's shard did not hold it and another did: the table is not
+    /// keyed as declared, or the producer partitions by another hash.
+    Misrouted,
+}
+
+impl LookupRoute {
+    pub fn label(self) -> &'static str {
+        match self {
+            LookupRoute::Owner => "owner",
+            LookupRoute::EveryShard => "every_shard",
+            LookupRoute::OwnerThenEveryShard => "owner_then_every_shard",
+            LookupRoute::Misrouted => "misrouted",
+        }
+    }
+}
+
+/// Key lookups of partitioned projections, by projection, table and route.
+#[derive(Default)]
+pub struct LookupMetrics(Mutex<BTreeMap<(String, String, LookupRoute), u64>>);
+
+impl LookupMetrics {
+    /// Count one lookup; returns how many `route` took for that table so far.
+    pub fn record(&self, projection: &str, table: &str, route: LookupRoute) -> u64 {
+        let mut counts = self.0.lock().expect("metrics lock");
+        let n = counts.entry((projection.to_owned(), table.to_owned(), route)).or_default();
+        *n += 1;
+        *n
+    }
+
+    /// (projection, table, route) → lookups, so far.
+    pub fn counts(&self) -> BTreeMap<(String, String, LookupRoute), u64> {
+        self.0.lock().expect("metrics lock").clone()
+    }
+}
+
 /// Lookups in a compile cache.
 #[derive(Debug, Default)]
 pub struct CacheCounters {

@@ -51,5 +51,5 @@ pub use generated::refract::plugin::kv_packed::{PackedError, RefusedWrite};
 pub use generated::refract::plugin::lookup::LookupError;
 pub use generated::refract::plugin::search::SearchError;
 pub use generated::refract::plugin::types::{
-    Event, Failure, FieldMapping, FieldType, IndexMapping, Manifest, Subscription,
+    Event, Failure, FieldMapping, FieldType, IndexMapping, KeyedTable, Manifest, Subscription,
 };

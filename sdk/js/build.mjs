@@ -47,15 +47,33 @@ try {
   let sdk = await readFile(join(here, 'refract-sdk.js'), 'utf8');
   if (world.endsWith('/enricher')) {
     for (const [name, iface] of [['search', 'search'], ['emitter', 'emit']]) {
-      const line = `import * as ${name} from 'refract:plugin/${iface}@0.1.0';`;
+      const line = `import * as ${name} from 'refract:plugin/${iface}@0.1.1';`;
       if (!sdk.includes(line)) throw new Error(`refract-sdk.js no longer has: ${line}`);
       const stand_in = `const ${name} = new Proxy({}, { get: () => () => { throw new Error('${iface} is not available to enrichers'); } });`;
       sdk = sdk.replace(line, stand_in);
     }
   }
   await writeFile(join(work, 'refract-sdk.js'), sdk);
+  // A projection's exports, with `keyedTables` (WIT 0.1.1) taken from its
+  // manifest when app.js does not export it, so sources written before it
+  // build unchanged.
+  let entry = 'app.js';
+  if (!world.endsWith('/enricher')) {
+    entry = '__refract_entry.js';
+    await writeFile(
+      join(work, entry),
+      [
+        "import * as app from './app.js';",
+        'export const manifest = app.manifest;',
+        'export const handle = app.handle;',
+        'export const indexes = app.indexes ?? (() => []);',
+        'export const keyedTables = app.keyedTables ?? (() => app.manifest().keyedTables ?? []);',
+        '',
+      ].join('\n'),
+    );
+  }
   const { component } = await componentize({
-    sourcePath: join(work, 'app.js'),
+    sourcePath: join(work, entry),
     witPath: resolve(wit),
     worldName: world,
     disableFeatures: ['http', 'fetch-event'],

@@ -1,5 +1,5 @@
 // TypeScript declarations for refract-sdk.js and the records of the
-// refract:plugin@0.1.0 WIT interfaces it wraps (written by hand: `jco types`
+// refract:plugin@0.1.1 WIT interfaces it wraps (written by hand: `jco types`
 // could not read WIT files on the machines this was built on).
 
 /** An event as the host delivers it (WIT `types.event`). */
@@ -95,6 +95,14 @@ export class Manifest {
   constructor(name: string, version: string, schemaVersion?: number);
   subscribe(stream: string, eventTypes?: string[]): this;
   table(table: Table): this;
+  /** A table whose keys are its events' keys (or start with them and `separator`): lookups go to one shard. */
+  keyedTable(table: Table, separator?: string): this;
+}
+
+/** WIT 0.1.1's `keyed-table`. */
+export interface KeyedTable {
+  table: string;
+  separator?: string;
 }
 
 export class NewEvent {
@@ -113,7 +121,7 @@ export function projection(options: {
   apply?: (event: Event) => void;
   handleBatch?: (events: Event[]) => void;
   indexes?: IndexMapping[];
-}): { manifest(): Manifest; indexes(): IndexMapping[]; handle(events: WitEvent[]): void };
+}): { manifest(): Manifest; indexes(): IndexMapping[]; keyedTables(): KeyedTable[]; handle(events: WitEvent[]): void };
 
 export function enricher(options: {
   manifest: Manifest;

@@ -21,12 +21,12 @@
 // handled (a dead letter) and `new Transient(reason)` for a condition worth
 // retrying. Any other exception rejects the event with its message.
 
-import * as kv from 'refract:plugin/kv@0.1.0';
-import * as search from 'refract:plugin/search@0.1.0';
-import * as emitter from 'refract:plugin/emit@0.1.0';
-import * as lookups from 'refract:plugin/lookup@0.1.0';
-import * as settings from 'refract:plugin/settings@0.1.0';
-import * as logger from 'refract:plugin/log@0.1.0';
+import * as kv from 'refract:plugin/kv@0.1.1';
+import * as search from 'refract:plugin/search@0.1.1';
+import * as emitter from 'refract:plugin/emit@0.1.1';
+import * as lookups from 'refract:plugin/lookup@0.1.1';
+import * as settings from 'refract:plugin/settings@0.1.1';
+import * as logger from 'refract:plugin/log@0.1.1';
 
 /** An event that can never be handled: it becomes a dead letter. */
 export class Rejected extends Error {}
@@ -206,6 +206,7 @@ export class Manifest {
     this.schemaVersion = schemaVersion;
     this.subscriptions = [];
     this.tables = [];
+    this.keyedTables = [];
   }
   /** Read `stream`, only `eventTypes` of it (every type when empty). */
   subscribe(stream, eventTypes = []) {
@@ -216,6 +217,15 @@ export class Manifest {
   table(table) {
     this.tables.push(table.name);
     return this;
+  }
+  /**
+   * Declare a table whose every key is the key of the events it is written
+   * for (or that key, `separator` and more). On a partitioned projection a
+   * lookup of one key then asks the one shard that can hold it.
+   */
+  keyedTable(table, separator = undefined) {
+    this.keyedTables.push({ table: table.name, separator });
+    return this.table(table);
   }
 }
 
@@ -291,7 +301,7 @@ function failure(e) {
 }
 
 /**
- * The exports of a projection: `{ manifest, handle, indexes }`. Give
+ * The exports of a projection: `{ manifest, handle, indexes, keyedTables }`. Give
  * `manifest` and `apply(event)` (or `handleBatch(events)`), and `indexes`
  * (IndexMappings) for search.
  */
@@ -300,6 +310,7 @@ export function projection({ manifest, apply, handleBatch, indexes = [] }) {
   return {
     manifest: () => manifest,
     indexes: () => indexes,
+    keyedTables: () => manifest.keyedTables,
     handle(events) {
       try {
         batch(events.map((raw) => new Event(raw)));

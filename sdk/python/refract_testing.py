@@ -120,7 +120,12 @@ def _install() -> None:
         subscriptions: List[Subscription]
         tables: List[str]
 
-    for cls in (Event, Subscription, FieldType, FieldMapping, IndexMapping, Manifest):
+    @dataclass
+    class KeyedTable:
+        table: str
+        separator: Optional[str]
+
+    for cls in (Event, Subscription, FieldType, FieldMapping, IndexMapping, Manifest, KeyedTable):
         setattr(types, cls.__name__, cls)
     types.Failure_Rejected = _variant("Failure_Rejected")
     types.Failure_Transient = _variant("Failure_Transient")

@@ -9,8 +9,12 @@
 //!   instances from when they serve (`/proc/<pid>/stat`; compiling the
 //!   plugins at start is left out), as events per CPU second;
 //! - **lookups and searches**: the same requests through one instance of
-//!   the three (its own shards, and one forwarded request to each of the
-//!   other two) and at the instance running every shard: p50 and p99;
+//!   the three (a lookup in `orders`, keyed like the events, asks the
+//!   key's shard: here or one forwarded request; a search asks its own
+//!   shards and each of the other two) and at the instance running every
+//!   shard: p50 and p99; and the lookups of keys whose shard runs
+//!   elsewhere, routed through that instance against each asked at its
+//!   shard's owner;
 //! - **hand-over**: from a SIGKILL of one of the three to the other two
 //!   answering whole again (the group's `session.timeout.ms`, 6 s here,
 //!   then the restore), without standbys (a replay from the beginning) and
@@ -93,6 +97,13 @@ fn wait_caught_up(servers: &[&Server], n: u64) {
     }
 }
 
+/// The shards of `projection` that `server` is active for.
+fn active_shards(server: &Server, projection: &str) -> Vec<u64> {
+    let status = server.get(&format!("/v1/projections/{projection}"));
+    let shards = status["shards"].as_array().into_iter().flatten();
+    shards.filter(|s| s["role"] == "active").map(|s| s["shard"].as_u64().unwrap()).collect()
+}
+
 /// Every order, read in pages through `server`, or `None` when it refuses (503 while a shard moves).
 fn orders(server: &Server) -> Option<Vec<Value>> {
     let mut out = Vec::new();
@@ -166,6 +177,8 @@ fn main() {
 
     let (mut ingest, mut cpu) = ([Vec::new(), Vec::new()], [Vec::new(), Vec::new()]);
     let (mut lookup_ms, mut search_ms) = ([Vec::new(), Vec::new()], [Vec::new(), Vec::new()]);
+    // Lookups of keys whose shard runs elsewhere: at their owner (0), routed through another instance (1).
+    let mut routed_ms: [Vec<Vec<f64>>; 2] = [Vec::new(), Vec::new()];
     let (mut killed, mut killed_warm, mut stopped) = (Vec::new(), Vec::new(), Vec::new());
     for round in 0..rounds {
         // One instance running every shard.
@@ -205,6 +218,32 @@ fn main() {
             lookup_ms[variant].push(latencies(server, &lookups));
             search_ms[variant].push(latencies(server, &searches));
         }
+        // `orders` is keyed like the events: a lookup through an instance
+        // that does not run the key's shard is one request to its owner.
+        // Those keys through `asked`, then each at its owner.
+        let owners: Vec<Vec<u64>> = three.iter().map(|s| active_shards(s, "order-summary")).collect();
+        let owner_of = |key: &str| {
+            let shard = refract::source::partition::for_key(key, PARTITIONS) as u64;
+            owners.iter().position(|held| held.contains(&shard)).expect("every shard has an owner")
+        };
+        let elsewhere: Vec<&String> = keys.iter().filter(|k| owner_of(k) != asked).collect();
+        let path = |k: &str| format!("/v1/projections/order-summary/tables/orders/items/{k}");
+        let routed: Vec<String> = elsewhere.iter().cycle().take(requests).map(|k| path(k)).collect();
+        routed_ms[1].push(latencies(&three[asked], &routed));
+        let mut at_owner = Vec::new();
+        for (i, server) in three.iter().enumerate() {
+            let mine: Vec<String> = routed
+                .iter()
+                .zip(elsewhere.iter().cycle())
+                .filter(|(_, k)| owner_of(k) == i)
+                .map(|(p, _)| p.clone())
+                .collect();
+            if !mine.is_empty() {
+                at_owner.extend(latencies(server, &mine));
+            }
+        }
+        at_owner.sort_by(f64::total_cmp);
+        routed_ms[0].push(at_owner);
 
         // Hand-overs: a SIGKILL, then a clean stop.
         let survivors: Vec<usize> = (0..3).filter(|i| *i != 2).collect();
@@ -289,6 +328,16 @@ fn main() {
     row("events applied per CPU second", &per_cpu(&cpu[0]), &per_cpu(&cpu[1]), "");
     row("lookup p50", &per(&lookup_ms[0], 0.5), &per(&lookup_ms[1], 0.5), "ms");
     row("lookup p99", &per(&lookup_ms[0], 0.99), &per(&lookup_ms[1], 0.99), "ms");
+    println!(
+        "| routed lookup p50 (at the owner → through another instance) | {:.2} ms | {:.2} ms | |",
+        common::median(&per(&routed_ms[0], 0.5)),
+        common::median(&per(&routed_ms[1], 0.5))
+    );
+    println!(
+        "| routed lookup p99 (at the owner → through another instance) | {:.2} ms | {:.2} ms | |",
+        common::median(&per(&routed_ms[0], 0.99)),
+        common::median(&per(&routed_ms[1], 0.99))
+    );
     row("search p50", &per(&search_ms[0], 0.5), &per(&search_ms[1], 0.5), "ms");
     row("search p99", &per(&search_ms[0], 0.99), &per(&search_ms[1], 0.99), "ms");
     let added = |v: &[Vec<Vec<f64>>; 2], q: f64| {
@@ -301,6 +350,11 @@ fn main() {
         added(&lookup_ms, 0.99),
         added(&search_ms, 0.5),
         added(&search_ms, 0.99)
+    );
+    println!(
+        "routing a lookup to its shard's owner adds (median over rounds): {:.2} ms at p50, {:.2} ms at p99",
+        added(&routed_ms, 0.5),
+        added(&routed_ms, 0.99)
     );
     println!(
         "hand-over, to answering whole again (session.timeout.ms 6 s): after a SIGKILL, no standby {:.1} s (median; {}), \

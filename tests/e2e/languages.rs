@@ -113,6 +113,12 @@ fn order_summary_and_order_search_in_rust_python_and_javascript_build_identical_
     assert!(rust.dead.len() > 90, "{} dead letters", rust.dead.len());
     assert_same("python", &rust, &project(&lang.order_summary_py, "order-summary", &summary, &events));
     assert_same("javascript", &rust, &project(&lang.order_summary_js, "order-summary", &summary, &events));
+    // Each SDK declares `orders` keyed like the events (WIT 0.1.1's `keyed-tables`).
+    for plugin in [&plugins().order_summary, &lang.order_summary_py, &lang.order_summary_js] {
+        let out = Command::new(env!("CARGO_BIN_EXE_refract")).args(["plugin", "check", "--json"]).arg(plugin).output();
+        let checked: Value = serde_json::from_slice(&out.unwrap().stdout).unwrap();
+        assert_eq!(checked["keyedTables"], json!([{"table": "orders", "separator": null}]), "{}", plugin.display());
+    }
 
     let rust = project(&plugins().order_search, "order-search", &["orders"], &events);
     assert!(rust.documents.len() > 3_000, "{} search documents", rust.documents.len());

@@ -1095,3 +1095,90 @@ impl Echoes {
         self.got.borrow().clone()
     }
 }
+
+/// The lookups of `table` through `server` so far that found their shard by `route`.
+fn lookups(server: &Server, table: &str, route: &str) -> u64 {
+    let series =
+        format!("refract_key_lookups_total{{projection=\"order-summary\",table=\"{table}\",route=\"{route}\"}} ");
+    let metrics = server.client().get("/metrics").unwrap();
+    let text = metrics.body.as_str().expect("metrics are text");
+    text.lines().find_map(|l| l.strip_prefix(series.as_str())).map_or(0, |n| n.parse().unwrap())
+}
+
+/// `order-summary` declares its `orders` table keyed like its events (an
+/// order's summary under the order id, its events' key): a lookup through
+/// any instance asks only the shard of the key's partition (by Kafka's
+/// murmur2, as the producer hashed it), and answers as a fan-out would. A
+/// key the producer put in another partition than its hash says is still
+/// found (asking every shard once its own does not hold it) and reported;
+/// a key nobody holds is a 404 after every shard was asked.
+#[test]
+fn lookups_of_a_keyed_table_ask_only_the_shard_of_the_key() {
+    let broker = Broker::start();
+    broker.create_topic("shop.orders", 4);
+    let mut events = refract_client::fixtures::orders(2000, 71, 0.0);
+    // An order placed in another partition than its key's hash: a producer
+    // partitioning by another hash (librdkafka's default CRC32, say).
+    let misplaced = "o-misplaced";
+    let hashed = refract::source::partition::for_key(misplaced, 4);
+    let placed = serde_json::json!({"type": "OrderPlaced", "key": misplaced, "time": 1_700_000_000_000i64,
+        "data": {"orderId": misplaced, "customerId": "c-1", "total": 12.5, "items": [], "description": "elsewhere"}});
+    let mut records: Vec<Out> = events.iter().map(Out::plain).collect();
+    records.push(Out { partition: Some(((hashed + 1) % 4) as i32), ..Out::plain(&placed) });
+    events.push(placed);
+    broker.producer().send_all("shop.orders", &records);
+    let expected: Vec<(String, Value)> = crate::support::reference::orders(&events).orders.into_iter().collect();
+
+    let config = |id: &str| cluster_config(&broker, id, "keyed-test", 0, ORDERS_STREAM);
+    let dirs = [tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap()];
+    let plugins = plugins();
+    let ids = ["a", "b"];
+    let servers = start_cluster(2, &["order-summary"], 4, |i| {
+        Server::start(dirs[i].path(), &[&plugins.order_summary], &config(ids[i]))
+    });
+    for (server, id) in servers.iter().zip(ids) {
+        wait_whole(server, &expected, id);
+    }
+    // Wait until both instances run shards, so that lookups are forwarded too.
+    let until = std::time::Instant::now() + Duration::from_secs(60);
+    while servers.iter().any(|s| active_shards(s, "order-summary").is_empty()) {
+        assert!(std::time::Instant::now() < until, "the group never gave b a shard");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+
+    // Every order through both instances: the shard of its key answers.
+    let keys: Vec<&(String, Value)> = expected.iter().filter(|(key, _)| key != misplaced).collect();
+    for (key, value) in &keys {
+        for server in &servers {
+            assert_eq!(&server.get(&format!("/v1/projections/order-summary/tables/orders/items/{key}")), value);
+        }
+    }
+    let routed: u64 = servers.iter().map(|s| lookups(s, "orders", "owner")).sum();
+    assert_eq!(routed, 2 * keys.len() as u64, "every lookup asked the key's shard alone");
+    for route in ["every_shard", "owner_then_every_shard", "misrouted"] {
+        assert_eq!(servers.iter().map(|s| lookups(s, "orders", route)).sum::<u64>(), 0, "{route}");
+    }
+
+    // The misplaced order is found, and said to be misplaced.
+    let want = &expected.iter().find(|(key, _)| key == misplaced).unwrap().1;
+    for server in &servers {
+        assert_eq!(&server.get(&format!("/v1/projections/order-summary/tables/orders/items/{misplaced}")), want);
+        assert_eq!(lookups(server, "orders", "misrouted"), 1);
+        assert!(server.log().contains("was not in the shard of its partition"), "{}", server.log());
+    }
+    // A key no shard holds: every shard was asked before the 404.
+    for server in &servers {
+        let reply = server.client().get("/v1/projections/order-summary/tables/orders/items/o-nobody").unwrap();
+        assert_eq!(reply.status, 404, "{}", reply.body);
+        assert_eq!(reply.body["error"]["code"], "key_not_found");
+        assert_eq!(lookups(server, "orders", "owner_then_every_shard"), 1);
+    }
+    // A table not declared keyed (`customer-orders`, keyed by customer) asks every shard.
+    let (customer_key, _) = read_table(&servers[0], "customer-orders").unwrap().into_iter().next().unwrap();
+    for server in &servers {
+        let reply =
+            server.client().get(&format!("/v1/projections/order-summary/tables/customer-orders/items/{customer_key}"));
+        assert_eq!(reply.unwrap().status, 200);
+        assert_eq!(lookups(server, "customer-orders", "every_shard"), 1);
+    }
+}

@@ -72,6 +72,10 @@ fn plugin_check_reports_the_world_and_manifest_and_refuses_what_is_not_a_plugin(
     assert_eq!(checked["batches"], "packed", "the Rust SDK's components take packed batches");
     assert_eq!(checked["name"], "order-search");
     assert_eq!(checked["indexes"], json!(["orders"]));
+    assert_eq!(checked["keyedTables"], json!([]));
+    let out = Command::new(refract).args(["plugin", "check", "--json"]).arg(&plugins().order_summary).output().unwrap();
+    let checked: Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(checked["keyedTables"], json!([{"table": "orders", "separator": null}]), "{checked}");
     let out = Command::new(refract)
         .args(["plugin", "check", "--json"])
         .arg(&plugins().orders_payments_join)

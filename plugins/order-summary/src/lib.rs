@@ -45,7 +45,8 @@ impl Projection for OrderSummary {
     fn manifest() -> Manifest {
         Manifest::new("order-summary", env!("CARGO_PKG_VERSION"))
             .subscribe("orders", &order_events::EVENT_TYPES)
-            .table(&ORDERS)
+            // An order's summary is stored under its events' key, the order id.
+            .keyed_table(&ORDERS)
             .table(&CUSTOMER_ORDERS)
     }
 

@@ -17,6 +17,7 @@ use super::dto::{
 use super::shards::{Incoming, Partial, Plan};
 use super::{ApiError, AppState, page_limit};
 use crate::runtime::{Projection, Runtime, Shard};
+use crate::telemetry::LookupRoute;
 
 /// The projection called `name`, or a 404.
 pub(super) fn find(rt: &Runtime, name: &str) -> Result<Arc<Projection>, ApiError> {
@@ -72,20 +73,83 @@ pub(super) async fn get_item(
 ) -> Result<(HeaderMap, Json<Box<serde_json::value::RawValue>>), ApiError> {
     let p = find(&state.runtime, &name)?;
     check_table(&p, &table)?;
+    let lookup = Lookup { state: &state, p: &p, wait: &wait, request: &request, table: &table, key: &key };
+    let not_found = || ApiError::not_found("key_not_found", format!("no key {key:?} in table {table:?}"));
+    // A table keyed like the events: ask the shard of the key's partition alone.
+    let routed = p.shard_for_key(&table, &key);
+    if let Some(n) = routed {
+        let plan = Plan::one(&state, &p, &request, n).await?;
+        match lookup.read(&plan).await? {
+            (Some(value), generation) => {
+                if !plan.part {
+                    state.http.lookups.record(&name, &table, LookupRoute::Owner);
+                }
+                return Ok((plan.headers(generation), Json(value)));
+            }
+            // A part of another instance's lookup answers for its shard alone.
+            (None, _) if plan.part => return Err(not_found()),
+            // Not there: a wrong declaration, or a producer hashing keys
+            // otherwise, must cost time, never a wrong 404. Ask every shard.
+            (None, _) => {}
+        }
+    }
     let plan = Plan::allowing_partial(&state, &p, &request, &partial).await?;
-    // At most one shard may hold the key: a second holder is reported, never silently picked.
-    let two = || {
-        ApiError::new(
-            axum::http::StatusCode::INTERNAL_SERVER_ERROR,
-            "key_in_two_shards",
-            format!(
-                "key {key:?} of table {table:?} is in more than one shard: the projection writes keys that are not partitioned like its events"
-            ),
-        )
-    };
-    let (state, p, plan, wait, request, table, key) = (&state, &p, &plan, &wait, &request, &table, &key);
-    let (found, generation) = plan
-        .in_one_generation(|| async move {
+    let (found, generation) = lookup.read(&plan).await?;
+    if p.is_partitioned() && !plan.part {
+        let route = match (routed, &found) {
+            (None, _) => LookupRoute::EveryShard,
+            (Some(_), None) => LookupRoute::OwnerThenEveryShard,
+            (Some(_), Some(_)) => LookupRoute::Misrouted,
+        };
+        let times = state.http.lookups.record(&name, &table, route);
+        if route == LookupRoute::Misrouted && (times == 1 || times.is_multiple_of(1000)) {
+            tracing::warn!(
+                projection = %name,
+                %table,
+                %key,
+                shard = routed,
+                times,
+                "a key of a table declared keyed like the events was not in the shard of its partition but in another: the table's keys do not start with their events' keys, or the producer does not partition by Kafka's murmur2 (librdkafka's default is CRC32: set partitioner=murmur2_random); its lookups ask every shard when the key's own does not hold it"
+            );
+        }
+    }
+    match found {
+        Some(value) => Ok((plan.headers(generation), Json(value))),
+        // The key may be in a shard that did not answer.
+        None if !plan.missing().is_empty() => Err(ApiError::shard_unavailable(
+            "shard_unavailable",
+            format!("no key {key:?} in the shards that answered; shards {:?} did not", plan.missing()),
+        )),
+        None => Err(not_found()),
+    }
+}
+
+/// One key lookup: what each plan it is read with needs.
+struct Lookup<'a> {
+    state: &'a AppState,
+    p: &'a Projection,
+    wait: &'a Consistency,
+    request: &'a Incoming,
+    table: &'a str,
+    key: &'a str,
+}
+
+impl Lookup<'_> {
+    /// The value under the key in the shards of `plan`, read from one
+    /// generation, and that generation. At most one shard may hold the key:
+    /// a second holder is reported, never silently picked.
+    async fn read(&self, plan: &Plan) -> Result<(Option<Box<serde_json::value::RawValue>>, Option<u64>), ApiError> {
+        let Lookup { state, p, wait, request, table, key } = *self;
+        let two = || {
+            ApiError::new(
+                axum::http::StatusCode::INTERNAL_SERVER_ERROR,
+                "key_in_two_shards",
+                format!(
+                    "key {key:?} of table {table:?} is in more than one shard: the projection writes keys that are not partitioned like its events"
+                ),
+            )
+        };
+        plan.in_one_generation(|| async move {
             let (waited, parts) =
                 tokio::join!(consistency::wait(&state.runtime, p, &plan.local, wait, false), plan.ask(state, request));
             waited?;
@@ -108,15 +172,7 @@ pub(super) async fn get_item(
             }
             Ok(found)
         })
-        .await?;
-    match found {
-        Some(value) => Ok((plan.headers(generation), Json(value))),
-        // The key may be in a shard that did not answer.
-        None if !plan.missing().is_empty() => Err(ApiError::shard_unavailable(
-            "shard_unavailable",
-            format!("no key {key:?} in the shards that answered; shards {:?} did not", plan.missing()),
-        )),
-        None => Err(ApiError::not_found("key_not_found", format!("no key {key:?} in table {table:?}"))),
+        .await
     }
 }
 

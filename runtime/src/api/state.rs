@@ -29,6 +29,8 @@ pub(super) struct Http {
     pub(super) limits: ApiConfig,
     /// Requests per route, for `/metrics`.
     pub(super) metrics: HttpMetrics,
+    /// Key lookups of partitioned projections, by how their shard was found.
+    pub(super) lookups: crate::telemetry::LookupMetrics,
     /// Asks the other instances of a cluster for their shards' parts of an answer.
     pub(super) peers: ureq::Agent,
 }
@@ -40,6 +42,7 @@ impl AppState {
             auth: config.auth.resolved(),
             limits: config.api.clone(),
             metrics: HttpMetrics::default(),
+            lookups: Default::default(),
             peers: super::shards::peers_agent(),
         };
         AppState { runtime, cluster: None, http: Arc::new(http) }
@@ -59,6 +62,7 @@ impl AppState {
     /// Every metric, as `GET /metrics` serves them.
     pub fn metrics(&self) -> String {
         let mut text = crate::metrics::render(&self.runtime, &self.http.metrics);
+        crate::metrics::lookups(&mut text, &self.http.lookups);
         if let Some(cluster) = &self.cluster {
             crate::metrics::cluster(&mut text, &cluster.view());
         }

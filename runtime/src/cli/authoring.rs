@@ -461,6 +461,8 @@ pub(crate) struct Checked {
     pub packed: bool,
     pub manifest: refract::plugin::Manifest,
     pub indexes: Vec<refract::plugin::IndexMapping>,
+    /// The tables it declares keyed like its events (WIT 0.1.1).
+    pub keyed_tables: Vec<refract::plugin::KeyedTable>,
 }
 
 /// `refract plugin check`: compile `file`, instantiate it against the host's
@@ -483,6 +485,7 @@ pub(crate) fn check(file: &Path) -> anyhow::Result<Checked> {
         packed: plugin.takes_packed_batches(),
         manifest: plugin.manifest().clone(),
         indexes: plugin.indexes().to_vec(),
+        keyed_tables: plugin.keyed_tables().to_vec(),
     })
 }
 

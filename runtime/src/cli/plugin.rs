@@ -78,8 +78,11 @@ fn print_checked(file: &Path, c: &authoring::Checked, json: bool) {
             .collect();
         let indexes: Vec<_> = c.indexes.iter().map(|i| i.name.clone()).collect();
         let batches = if c.packed { "packed" } else { "typed" };
+        let keyed: Vec<_> =
+            c.keyed_tables.iter().map(|k| serde_json::json!({"table": k.table, "separator": k.separator})).collect();
         let out = serde_json::json!({"file": file, "kind": c.kind, "batches": batches, "name": m.name, "version": m.version,
-            "schemaVersion": m.schema_version, "subscriptions": subscriptions, "tables": m.tables, "indexes": indexes});
+            "schemaVersion": m.schema_version, "subscriptions": subscriptions, "tables": m.tables, "keyedTables": keyed,
+            "indexes": indexes});
         println!("{out:#}");
         return;
     }
@@ -103,6 +106,12 @@ fn print_checked(file: &Path, c: &authoring::Checked, json: bool) {
         println!("  reads           {} ({types})", s.stream);
     }
     println!("  tables          {}", if m.tables.is_empty() { "none".to_owned() } else { m.tables.join(", ") });
+    for k in &c.keyed_tables {
+        match &k.separator {
+            None => println!("  keyed table     {} (keys are the events' keys)", k.table),
+            Some(s) => println!("  keyed table     {} (keys are the events' keys, then {s:?} and more)", k.table),
+        }
+    }
     for i in &c.indexes {
         let fields: Vec<String> = i.fields.iter().map(|f| format!("{}:{:?}", f.name, f.type_)).collect();
         println!("  index           {} ({})", i.name, fields.join(", "));

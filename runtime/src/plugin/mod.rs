@@ -10,6 +10,7 @@
 pub mod cache;
 pub mod engine;
 pub mod host;
+pub mod keyed;
 #[cfg(any(test, feature = "native"))]
 pub mod native;
 pub mod route;
@@ -18,7 +19,7 @@ pub mod wasm;
 use std::collections::BTreeMap;
 use std::sync::Arc;
 
-pub use crate::wit::{Event, IndexMapping, LookupError, Manifest};
+pub use crate::wit::{Event, IndexMapping, KeyedTable, LookupError, Manifest};
 
 use crate::store::Batch;
 
@@ -113,6 +114,12 @@ pub trait Handler: Send {
         &[]
     }
 
+    /// The tables the plugin declared keyed like its events (none for a
+    /// component built before WIT 0.1.1).
+    fn keyed_tables(&self) -> &[KeyedTable] {
+        &[]
+    }
+
     /// Handle `events` against `batch`, handing the batch back for commit or rollback.
     fn handle(&mut self, batch: Batch, events: &[Event]) -> (Batch, Result<(), HandleError>);
 
@@ -132,6 +139,7 @@ pub fn declared(handler: &dyn Handler) -> Result<crate::store::Declared, String>
             return Err(format!("index {:?} is declared twice", mapping.name));
         }
     }
+    keyed::KeyedTables::new(handler.manifest(), handler.keyed_tables())?;
     Ok(crate::store::Declared { tables: handler.manifest().tables.iter().cloned().collect(), indexes })
 }
 

@@ -16,7 +16,8 @@ use super::route::{self, Routes};
 use super::{Environment, HandleError, Handler, Kind, LookupError, LookupFailure};
 use crate::store::Batch;
 use crate::wit::{
-    EmitError, Event, FieldMapping, FieldType, IndexMapping, KvError, Manifest, Outgoing, SearchError, Subscription,
+    EmitError, Event, FieldMapping, FieldType, IndexMapping, KeyedTable, KvError, Manifest, Outgoing, SearchError,
+    Subscription,
 };
 
 type HandleFn = fn(Vec<refract_sdk::Event>) -> Result<(), refract_sdk::Failure>;
@@ -26,6 +27,7 @@ type EnrichFn = fn(Vec<refract_sdk::Event>) -> Result<Vec<refract_sdk::NewEvent>
 pub struct NativeProjection {
     manifest: Manifest,
     indexes: Vec<IndexMapping>,
+    keyed_tables: Vec<KeyedTable>,
     handle: HandleFn,
     env: Environment,
 }
@@ -97,7 +99,18 @@ impl NativeProjection {
                 IndexMapping { name: i.name, fields }
             })
             .collect();
-        NativeProjection { manifest: host_manifest(manifest), indexes, handle, env: Environment::default() }
+        let keyed_tables = manifest
+            .keyed_into_wit()
+            .into_iter()
+            .map(|k| KeyedTable { table: k.table, separator: k.separator })
+            .collect();
+        NativeProjection {
+            manifest: host_manifest(manifest),
+            indexes,
+            keyed_tables,
+            handle,
+            env: Environment::default(),
+        }
     }
 }
 
@@ -245,6 +258,10 @@ impl Handler for NativeProjection {
 
     fn indexes(&self) -> &[IndexMapping] {
         &self.indexes
+    }
+
+    fn keyed_tables(&self) -> &[KeyedTable] {
+        &self.keyed_tables
     }
 
     fn handle(&mut self, batch: Batch, events: &[Event]) -> (Batch, Result<(), HandleError>) {

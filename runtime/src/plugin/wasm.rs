@@ -12,7 +12,7 @@ use super::route::{self, Routes};
 use super::{Environment, HandleError, Handler, Kind};
 use crate::store::Batch;
 use crate::wit::worlds::{Enricher, EnricherPre, Projection, ProjectionPre};
-use crate::wit::{Event, Failure, IndexMapping, Manifest, Outgoing};
+use crate::wit::{Event, Failure, IndexMapping, KeyedTable, Manifest, Outgoing};
 
 /// Resource limits of one plugin instance.
 #[derive(Debug, Clone, Copy)]
@@ -79,6 +79,7 @@ pub struct WasmPlugin {
     env: Environment,
     manifest: Manifest,
     indexes: Vec<IndexMapping>,
+    keyed_tables: Vec<KeyedTable>,
     /// Where an enricher's outputs go (see [`WasmPlugin::configure`]).
     routes: Routes,
     instance: Option<(Store<HostState>, Instance)>,
@@ -146,6 +147,7 @@ impl WasmPlugin {
                 tables: Vec::new(),
             },
             indexes: Vec::new(),
+            keyed_tables: Vec::new(),
             instance: None,
             takes_packed,
             packed: Vec::new(),
@@ -167,6 +169,15 @@ impl WasmPlugin {
                 .call(&mut store, ())
                 .map_err(|e| LoadError::Manifest(describe_trap(&e, &limits, store.data_mut().last_error_log.take())))?;
             this.indexes = mappings;
+        }
+        // WIT 0.1.1's `keyed-tables`; components built before it lack it.
+        if let (Instance::Projection(..), Ok(keyed)) =
+            (&instance, raw.get_typed_func::<(), (Vec<KeyedTable>,)>(&mut store, "keyed-tables"))
+        {
+            let (tables,) = keyed
+                .call(&mut store, ())
+                .map_err(|e| LoadError::Manifest(describe_trap(&e, &limits, store.data_mut().last_error_log.take())))?;
+            this.keyed_tables = tables;
         }
         this.name = Arc::from(manifest.name.as_str());
         this.routes = Routes::to_own_stream(&manifest.name);
@@ -316,6 +327,10 @@ impl Handler for WasmPlugin {
         &self.indexes
     }
 
+    fn keyed_tables(&self) -> &[KeyedTable] {
+        &self.keyed_tables
+    }
+
     fn kind(&self) -> Kind {
         match self.pre {
             Pre::Projection(_) => Kind::Projection,
@@ -334,6 +349,7 @@ impl Handler for WasmPlugin {
             env: self.env.clone(),
             manifest: self.manifest.clone(),
             indexes: self.indexes.clone(),
+            keyed_tables: self.keyed_tables.clone(),
             routes: self.routes.clone(),
             instance: None,
             takes_packed: self.takes_packed,

@@ -15,6 +15,7 @@ use super::replay::{Failed, Replay};
 use super::set_background;
 use super::status::{WorkerState, WorkerStatus};
 use crate::clock::now_ms;
+use crate::plugin::keyed::KeyedTables;
 use crate::plugin::{HandleError, Handler, Manifest};
 use crate::source::Sources;
 use crate::source::kafka::Watermarks;
@@ -57,6 +58,8 @@ pub struct Projector {
     pub(super) deferred: VecDeque<Command>,
     /// The running version's manifest, shared with the API.
     pub(super) manifest: Arc<RwLock<Manifest>>,
+    /// The running version's keyed tables, shared with the API (which routes lookups by them).
+    pub(super) keyed: Arc<RwLock<KeyedTables>>,
     /// Set while this thread waits for a delivery: a reader in the middle of
     /// a long catch-up read from Kafka then hands over what it has, so that
     /// reading and handling overlap instead of taking turns.
@@ -74,6 +77,7 @@ impl Projector {
     ) -> crate::store::Result<Self> {
         let manifest = handler.manifest().clone();
         let declared = Arc::new(crate::plugin::declared(&*handler).map_err(crate::store::Error::InvalidMapping)?);
+        let keyed = KeyedTables::new(&manifest, handler.keyed_tables()).map_err(crate::store::Error::InvalidMapping)?;
         let subscriptions = subscriptions(&manifest);
         let checkpoints = read_model.cursor()?;
         let (control, commands) = crossbeam_channel::unbounded();
@@ -98,6 +102,7 @@ impl Projector {
             control: Control(control),
             deferred: VecDeque::new(),
             manifest: Arc::new(RwLock::new(manifest.clone())),
+            keyed: Arc::new(RwLock::new(keyed)),
             hungry: Arc::default(),
         })
     }
@@ -216,6 +221,11 @@ impl Projector {
         self.manifest.clone()
     }
 
+    /// The running version's keyed tables, updated with its manifest.
+    pub fn keyed(&self) -> Arc<RwLock<KeyedTables>> {
+        self.keyed.clone()
+    }
+
     /// Whether the worker is paused; a resume request, or a new plugin
     /// version (see [`Projector::swap`]), ends the pause.
     pub(super) fn paused(&mut self) -> bool {
@@ -241,6 +251,10 @@ impl Projector {
             Err(e) => return self.set_error(&format!("the new plugin version was not swapped in: {e}")),
         };
         let m = next.manifest().clone();
+        let keyed = match KeyedTables::new(&m, next.keyed_tables()) {
+            Ok(keyed) => keyed,
+            Err(e) => return self.set_error(&format!("the new plugin version was not swapped in: {e}")),
+        };
         let subscriptions = subscriptions(&m);
         if subscriptions != self.subscriptions {
             // Read again from the durable checkpoints with the new subscriptions.
@@ -251,6 +265,7 @@ impl Projector {
         self.declared = declared;
         self.handler = next;
         *self.manifest.write().expect("manifest lock") = m;
+        *self.keyed.write().expect("keyed lock") = keyed;
         let mut status = self.status.lock().expect("status lock");
         status.reloads += 1;
         if status.state == WorkerState::Paused {

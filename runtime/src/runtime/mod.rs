@@ -479,6 +479,7 @@ impl Runtime {
             number,
             kind,
             manifest: projector.manifest(),
+            keyed: projector.keyed(),
             control: projector.control(),
             read_model: read_model.clone(),
             indexes: indexes.clone(),

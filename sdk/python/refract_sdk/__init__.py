@@ -186,6 +186,7 @@ class Manifest:
         self.name, self.version, self.schema_version = name, version, schema_version
         self.subscriptions: List[types.Subscription] = []
         self.tables: List[str] = []
+        self.keyed: List[Tuple[str, Optional[str]]] = []
 
     def subscribe(self, stream: str, event_types: Iterable[str] = ()) -> "Manifest":
         """Read ``stream``, delivering only ``event_types`` (every type when empty)."""
@@ -196,6 +197,16 @@ class Manifest:
         """Declare a table the plugin writes."""
         self.tables.append(table.name)
         return self
+
+    def keyed_table(self, table: Table, separator: Optional[str] = None) -> "Manifest":
+        """Declare a table whose every key is the key of the events it is written for
+        (or that key, ``separator`` and more). On a partitioned projection a lookup of
+        one key then asks the one shard that can hold it instead of every shard."""
+        self.keyed.append((table.name, separator))
+        return self.table(table)
+
+    def keyed_to_wit(self) -> List["types.KeyedTable"]:
+        return [types.KeyedTable(table, separator) for table, separator in self.keyed]
 
     def to_wit(self) -> "types.Manifest":
         return types.Manifest(self.name, self.version, self.schema_version, list(self.subscriptions), list(self.tables))
@@ -276,6 +287,9 @@ class Projection:
 
     def indexes(self) -> List["types.IndexMapping"]:
         return [mapping.to_wit() for mapping in self.INDEXES]
+
+    def keyed_tables(self) -> List["types.KeyedTable"]:
+        return self.MANIFEST.keyed_to_wit()
 
     def apply(self, event: "types.Event") -> None:
         raise NotImplementedError("implement apply(event) or handle_batch(events)")

@@ -97,6 +97,10 @@ macro_rules! export_projection {
                     $crate::__install_panic_hook();
                     <$ty as $crate::Projection>::manifest().into_wit()
                 }
+                fn keyed_tables() -> ::std::vec::Vec<$crate::wit::refract::plugin::types::KeyedTable> {
+                    $crate::__install_panic_hook();
+                    <$ty as $crate::Projection>::manifest().keyed_into_wit()
+                }
                 fn handle(
                     events: ::std::vec::Vec<$crate::wit::refract::plugin::types::Event>,
                 ) -> ::std::result::Result<(), $crate::wit::refract::plugin::types::Failure> {

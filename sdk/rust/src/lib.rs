@@ -63,13 +63,13 @@ pub mod wit {
             export_macro_name: "__export_enricher_world",
             default_bindings_module: "refract_sdk::wit::enricher",
             with: {
-                "refract:plugin/types@0.1.0": crate::wit::refract::plugin::types,
-                "refract:plugin/kv@0.1.0": crate::wit::refract::plugin::kv,
-                "refract:plugin/kv-packed@0.1.0": crate::wit::refract::plugin::kv_packed,
-                "refract:plugin/emit@0.1.0": crate::wit::refract::plugin::emit,
-                "refract:plugin/lookup@0.1.0": crate::wit::refract::plugin::lookup,
-                "refract:plugin/settings@0.1.0": crate::wit::refract::plugin::settings,
-                "refract:plugin/log@0.1.0": crate::wit::refract::plugin::log,
+                "refract:plugin/types@0.1.1": crate::wit::refract::plugin::types,
+                "refract:plugin/kv@0.1.1": crate::wit::refract::plugin::kv,
+                "refract:plugin/kv-packed@0.1.1": crate::wit::refract::plugin::kv_packed,
+                "refract:plugin/emit@0.1.1": crate::wit::refract::plugin::emit,
+                "refract:plugin/lookup@0.1.1": crate::wit::refract::plugin::lookup,
+                "refract:plugin/settings@0.1.1": crate::wit::refract::plugin::settings,
+                "refract:plugin/log@0.1.1": crate::wit::refract::plugin::log,
             },
         });
     }

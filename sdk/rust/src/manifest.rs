@@ -11,6 +11,8 @@ pub struct Manifest {
     schema_version: u32,
     subscriptions: Vec<(String, Vec<String>)>,
     tables: Vec<String>,
+    /// Tables keyed like the events, and the separator that ends the event key.
+    keyed: Vec<(String, Option<String>)>,
 }
 
 impl Manifest {
@@ -23,6 +25,7 @@ impl Manifest {
             schema_version: 1,
             subscriptions: Vec::new(),
             tables: Vec::new(),
+            keyed: Vec::new(),
         }
     }
 
@@ -44,6 +47,33 @@ impl Manifest {
     pub fn table<V>(mut self, table: &Table<V>) -> Self {
         self.tables.push(table.name().to_owned());
         self
+    }
+
+    /// Declare a table whose every key is the key of the events it is
+    /// written for (an order's summary under the order's key). On a
+    /// partitioned projection (`kafka.mode: partitioned`), a lookup of one
+    /// key then asks the one shard that can hold it instead of every shard.
+    pub fn keyed_table<V>(self, table: &Table<V>) -> Self {
+        self.declare_keyed(table, None)
+    }
+
+    /// Declare a table whose every key is the key of the events it is
+    /// written for, then `separator`, then anything (`o-17/line-2` for the
+    /// events keyed `o-17`, with `"/"`): lookups are routed as for
+    /// [`Manifest::keyed_table`].
+    pub fn keyed_table_with_separator<V>(self, table: &Table<V>, separator: &str) -> Self {
+        self.declare_keyed(table, Some(separator.to_owned()))
+    }
+
+    fn declare_keyed<V>(mut self, table: &Table<V>, separator: Option<String>) -> Self {
+        self.keyed.push((table.name().to_owned(), separator));
+        self.table(table)
+    }
+
+    #[doc(hidden)]
+    pub fn keyed_into_wit(&self) -> Vec<wit::refract::plugin::types::KeyedTable> {
+        let keyed = self.keyed.iter().cloned();
+        keyed.map(|(table, separator)| wit::refract::plugin::types::KeyedTable { table, separator }).collect()
     }
 
     #[doc(hidden)]
