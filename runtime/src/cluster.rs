@@ -290,7 +290,10 @@ impl crate::runtime::Membership for Cluster {
     }
 
     fn request_rebuild(&self, projection: &str, rebuild: &ClusterRebuild) -> Result<(), String> {
-        self.write(&format!("{REBUILD}{projection}"), rebuild)?;
+        // An operator's request, answered once it is written: a broker slow
+        // under load is waited for, rather than leaving the request's fate
+        // unknown (a record whose flush timed out may still land).
+        self.write_within(&format!("{REBUILD}{projection}"), rebuild, ADMIN_WRITE_WAIT)?;
         // Known here at once, without waiting for the reader to read it back.
         self.rebuilds.write().expect("rebuilds lock").asked.insert(projection.to_owned(), rebuild.clone());
         Ok(())
@@ -310,6 +313,10 @@ impl crate::runtime::Membership for Cluster {
     }
 }
 
+/// How long an operator's rebuild request or cancel waits for the broker
+/// to take its record on the control topic.
+const ADMIN_WRITE_WAIT: Duration = Duration::from_secs(30);
+
 impl crate::rebuild::ClusterSwitches for Cluster {
     fn switched(&self, projection: &str) -> u64 {
         self.rebuilds.read().expect("rebuilds lock").switched.get(projection).copied().unwrap_or(0)
@@ -319,10 +326,15 @@ impl crate::rebuild::ClusterSwitches for Cluster {
 impl Cluster {
     /// Write `value` under `key` on the control topic, and wait until the broker has it.
     fn write(&self, key: &str, value: &impl Serialize) -> Result<(), String> {
+        self.write_within(key, value, Duration::from_secs(5))
+    }
+
+    /// Write `value` under `key`, waiting up to `wait` for the broker to take it.
+    fn write_within(&self, key: &str, value: &impl Serialize, wait: Duration) -> Result<(), String> {
         let body = serde_json::to_vec(value).map_err(|e| e.to_string())?;
         let record = BaseRecord::<str, [u8]>::to(&self.topic).key(key).payload(&body);
         self.producer.send(record).map_err(|(e, _)| format!("writing {key} on the control topic: {e}"))?;
-        self.producer.flush(Duration::from_secs(5)).map_err(|e| format!("writing {key} on the control topic: {e}"))
+        self.producer.flush(wait).map_err(|e| format!("writing {key} on the control topic: {e}"))
     }
 }
 

@@ -99,7 +99,18 @@ pub(super) async fn get_item(
         let route = match (routed, &found) {
             (None, _) => LookupRoute::EveryShard,
             (Some(_), None) => LookupRoute::OwnerThenEveryShard,
-            (Some(_), Some(_)) => LookupRoute::Misrouted,
+            // Written to its own shard between the two reads, or held by another?
+            (Some(n), Some(_)) => {
+                let again = match Plan::one(&state, &p, &request, n).await {
+                    Ok(own) => lookup.read(&own).await.ok(),
+                    Err(_) => None,
+                };
+                if again.is_some_and(|(value, _)| value.is_some()) {
+                    LookupRoute::Owner
+                } else {
+                    LookupRoute::Misrouted
+                }
+            }
         };
         let times = state.http.lookups.record(&name, &table, route);
         if route == LookupRoute::Misrouted && (times == 1 || times.is_multiple_of(1000)) {
@@ -492,5 +503,6 @@ fn rebuild_error(name: &str, e: crate::runtime::RebuildError) -> ApiError {
         RebuildError::NotRunning => ApiError::not_found("no_rebuild", format!("{name}: {e}")),
         RebuildError::Switching(_) => ApiError::conflict("rebuild_switching", format!("{name}: {e}")),
         RebuildError::Invalid(m) => ApiError::bad_request(format!("{name}: {m}")),
+        RebuildError::Unavailable(m) => ApiError::shard_unavailable("cluster_unavailable", format!("{name}: {m}")),
     }
 }

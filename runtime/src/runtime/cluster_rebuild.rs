@@ -29,7 +29,7 @@ impl Runtime {
     /// any other request while one runs is refused, as on one instance.
     pub(super) fn ask_cluster_rebuild(&self, p: &Projection, schema_version: Option<u32>) -> Result<u64, RebuildError> {
         let cluster = self.membership.get().ok_or_else(|| {
-            RebuildError::Invalid("this instance has not joined the cluster yet; try again in a moment".into())
+            RebuildError::Unavailable("this instance has not joined the cluster yet; try again in a moment".into())
         })?;
         let m = p.manifest();
         self.read_control_topic();
@@ -45,7 +45,7 @@ impl Runtime {
         let generation = asked.max(cluster.switched(&m.name)) + 1;
         let request =
             rebuild::ClusterRebuild { generation, schema_version, cancelled: false, by: cluster.me(), at: now_ms() };
-        cluster.request_rebuild(&m.name, &request).map_err(RebuildError::Invalid)?;
+        cluster.request_rebuild(&m.name, &request).map_err(RebuildError::Unavailable)?;
         tracing::info!(projection = %m.name, generation, schema_version, "rebuild asked of every instance of the cluster");
         Ok(generation)
     }
@@ -227,7 +227,7 @@ impl Runtime {
             };
         };
         let cancel = rebuild::ClusterRebuild { cancelled: true, at: now_ms(), by: cluster.me(), ..asked };
-        cluster.request_rebuild(&name, &cancel).map_err(RebuildError::Invalid)?;
+        cluster.request_rebuild(&name, &cancel).map_err(RebuildError::Unavailable)?;
         self.follow_cluster_rebuild(p);
         Ok(cancel.generation)
     }

@@ -731,4 +731,8 @@ pub enum RebuildError {
     Switching(u64),
     #[error("{0}")]
     Invalid(String),
+    /// The cluster cannot take the request now (the control topic cannot
+    /// be written, the instance has not joined yet): worth retrying.
+    #[error("{0}")]
+    Unavailable(String),
 }
