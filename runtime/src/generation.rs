@@ -147,11 +147,6 @@ impl Generation {
         self.manifest.read().expect("manifest lock").clone()
     }
 
-    /// The running version's tables keyed like its events.
-    pub fn keyed(&self) -> crate::plugin::keyed::KeyedTables {
-        self.keyed.read().expect("keyed lock").clone()
-    }
-
     /// Its durable checkpoints.
     pub fn checkpoints(&self) -> crate::store::Result<Cursor> {
         self.read_model.cursor()

@@ -112,6 +112,25 @@ fn describe_trap(e: &wasmtime::Error, limits: &PluginLimits, last_error_log: Opt
     }
 }
 
+/// Call the export `name` of `raw` that takes nothing, when the component
+/// has it: exports a later world added are looked up by name, and a
+/// component built against an earlier one lacks them.
+fn call_optional<T>(
+    raw: &wasmtime::component::Instance,
+    store: &mut Store<HostState>,
+    name: &str,
+    limits: &PluginLimits,
+) -> Result<Option<T>, LoadError>
+where
+    (T,): ComponentNamedList + Lift + Send + Sync + 'static,
+{
+    let Ok(export) = raw.get_typed_func::<(), (T,)>(&mut *store, name) else { return Ok(None) };
+    let (value,) = export
+        .call(&mut *store, ())
+        .map_err(|e| LoadError::Manifest(describe_trap(&e, limits, store.data_mut().last_error_log.take())))?;
+    Ok(Some(value))
+}
+
 impl WasmPlugin {
     /// Link `component`, instantiate it once and ask for its manifest. It is
     /// an enricher if it exports `enrich`, else a projection.
@@ -161,23 +180,11 @@ impl WasmPlugin {
         }
         .map_err(|e| LoadError::Manifest(describe_trap(&e, &limits, store.data_mut().last_error_log.take())))?;
         super::validate_manifest(&manifest).map_err(LoadError::InvalidManifest)?;
-        // The `search-projection` world adds an `indexes` export; plain projections lack it.
-        if let (Instance::Projection(..), Ok(indexes)) =
-            (&instance, raw.get_typed_func::<(), (Vec<IndexMapping>,)>(&mut store, "indexes"))
-        {
-            let (mappings,) = indexes
-                .call(&mut store, ())
-                .map_err(|e| LoadError::Manifest(describe_trap(&e, &limits, store.data_mut().last_error_log.take())))?;
-            this.indexes = mappings;
-        }
-        // WIT 0.1.1's `keyed-tables`; components built before it lack it.
-        if let (Instance::Projection(..), Ok(keyed)) =
-            (&instance, raw.get_typed_func::<(), (Vec<KeyedTable>,)>(&mut store, "keyed-tables"))
-        {
-            let (tables,) = keyed
-                .call(&mut store, ())
-                .map_err(|e| LoadError::Manifest(describe_trap(&e, &limits, store.data_mut().last_error_log.take())))?;
-            this.keyed_tables = tables;
+        if let Instance::Projection(..) = &instance {
+            // The `search-projection` world adds an `indexes` export; plain projections lack it.
+            this.indexes = call_optional(&raw, &mut store, "indexes", &limits)?.unwrap_or_default();
+            // WIT 0.1.1's `keyed-tables`; components built before it lack it.
+            this.keyed_tables = call_optional(&raw, &mut store, "keyed-tables", &limits)?.unwrap_or_default();
         }
         this.name = Arc::from(manifest.name.as_str());
         this.routes = Routes::to_own_stream(&manifest.name);

@@ -257,20 +257,18 @@ impl Projection {
         )
     }
 
-    /// Its tables keyed like its events.
-    fn keyed(&self) -> crate::plugin::keyed::KeyedTables {
-        self.described(Generation::keyed, |h| {
-            crate::plugin::keyed::KeyedTables::new(h.manifest(), h.keyed_tables()).unwrap_or_default()
-        })
-    }
-
     /// The one shard that can hold `key` of `table`: the partition of its
     /// event key, by Kafka's murmur2 as the producer's default partitioner
     /// computes it, when the projection is partitioned and the table keyed
     /// like its events; `None` when any shard may hold it.
     pub fn shard_for_key(&self, table: &str, key: &str) -> Option<u32> {
-        let keyed = self.keyed();
-        let event_key = keyed.event_key(table, key).filter(|_| self.partitioned)?;
+        if !self.partitioned {
+            return None;
+        }
+        let event_key = self.described(
+            |g| g.keyed.read().expect("keyed lock").event_key(table, key),
+            |h| crate::plugin::keyed::KeyedTables::new(h.manifest(), h.keyed_tables()).ok()?.event_key(table, key),
+        )?;
         Some(crate::source::partition::for_key(event_key, self.count))
     }
 
