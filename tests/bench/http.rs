@@ -80,7 +80,9 @@ fn main() {
         runtime.log.append("orders", &chunk).unwrap();
     }
     let handler = NativeProjection::new(OrderSummary::manifest(), OrderSummary::handle);
-    let projection = runtime.add(Box::new(handler), "bench".into()).unwrap().shards()[0].live();
+    let projection =
+        runtime.add(Box::new(handler), "bench".into()).unwrap().expect("one read model, not partitioned").shards()[0]
+            .live();
     let total: u64 = runtime.log.heads("orders").unwrap().iter().sum();
     while projection.read_model.checkpoints().unwrap().iter().map(|c| c.next_offset).sum::<u64>() < total {
         std::thread::sleep(Duration::from_millis(10));

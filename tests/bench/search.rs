@@ -133,7 +133,10 @@ fn main() {
         }
         let plugin = WasmPlugin::load(&engine, &linker, &component, "order-search", PluginLimits::default()).unwrap();
         let started = Instant::now();
-        let projection = runtime.add(Box::new(plugin), "bench".into()).unwrap().shards()[0].live();
+        let projection =
+            runtime.add(Box::new(plugin), "bench".into()).unwrap().expect("one read model, not partitioned").shards()
+                [0]
+            .live();
         let total: u64 = runtime.log.heads("orders").unwrap().iter().sum();
         let mut tables_done = None;
         let (resident_before, mut resident_peak) = (resident_bytes(), 0);

@@ -170,6 +170,59 @@ fn a_partitioned_projection_answers_as_the_whole_read_model_does() {
     sharded.assert_order_summary_is_the_fold_of(&all);
 }
 
+/// A partitioned projection whose topics do not exist when it is loaded
+/// waits for them, without holding up the server or the projections on the
+/// embedded log, is a documented 503 meanwhile, and starts once they exist
+/// (it used to be given up on after a minute, until a restart).
+#[test]
+fn a_partitioned_projection_waits_for_its_topics_and_starts_once_they_exist() {
+    let broker = Broker::start();
+    let plugins = plugins();
+    let dir = tempfile::tempdir().unwrap();
+    // (Transfers touch two accounts: one partition for `accounts`.)
+    let extra = format!("{}streams:\n  partitions: {{ accounts: 1 }}\n", config(&broker, "partitioned"));
+    let server = Server::start(dir.path(), &[&plugins.order_summary, &plugins.account_balance], &extra);
+
+    let list = server.get("/v1/projections");
+    let errors = list["pluginErrors"].as_array().unwrap();
+    let waiting = errors.iter().find(|e| e["projection"] == "order-summary").unwrap_or_else(|| panic!("{list}"));
+    assert_eq!(waiting["retrying"], true, "{waiting}");
+    let why = waiting["error"].as_str().unwrap();
+    assert!(why.contains("waits for its Kafka brokers") && why.contains("do not exist yet"), "{why}");
+    let query = server.client().get("/v1/projections/order-summary/tables/orders/items?limit=1").unwrap();
+    assert_eq!(
+        (query.status, query.body["error"]["code"].as_str()),
+        (503, Some("projection_not_started")),
+        "{}",
+        query.body
+    );
+
+    // The projection on the embedded log runs meanwhile.
+    let accounts = refract_client::fixtures::accounts(300, 5, 0.0);
+    assert_eq!(server.client().append_ndjson("accounts", &crate::support::ndjson(&accounts)).unwrap().status, 200);
+    server.wait_checkpoints("account-balance", accounts.len() as u64);
+    let (balances, _) = crate::support::reference::balances(&accounts);
+    assert!(server.table("account-balance", "balances") == balances.into_iter().collect::<Vec<_>>());
+
+    // Long after the first attempt (several retries), the topic appears.
+    std::thread::sleep(Duration::from_secs(4));
+    broker.create_topic("shop.orders", 4);
+    let events = refract_client::fixtures::orders(1500, 67, 0.01);
+    broker.producer().send_all("shop.orders", &events.iter().map(Out::plain).collect::<Vec<_>>());
+    crate::support::wait_status(
+        &server.client(),
+        "/v1/projections/order-summary",
+        200,
+        Duration::from_secs(60),
+        "order-summary never started",
+    );
+    let status = server.wait_checkpoints("order-summary", events.len() as u64);
+    assert_eq!(status["shards"].as_array().unwrap().len(), 4, "{status}");
+    server.assert_order_summary_is_the_fold_of(&events);
+    assert_eq!(server.get("/v1/projections")["pluginErrors"], serde_json::json!([]));
+    assert!(server.log().contains("its brokers answered; projection started"), "{}", server.log());
+}
+
 /// `Stamp` events `from..to` of `testkit-chaos`, keyed so that they spread
 /// over the partitions.
 fn stamps(from: u64, to: u64) -> Vec<Out> {

@@ -71,6 +71,16 @@ impl ApiError {
         ApiError { retry_after: Some(1), ..ApiError::new(StatusCode::SERVICE_UNAVAILABLE, code, message) }
     }
 
+    /// The projection asked for has not started yet: a partitioned one
+    /// waits for its brokers to say how many shards it has (503 with
+    /// `Retry-After`).
+    pub fn not_started(message: impl Into<String>) -> Self {
+        ApiError {
+            retry_after: Some(5),
+            ..ApiError::new(StatusCode::SERVICE_UNAVAILABLE, "projection_not_started", message)
+        }
+    }
+
     /// The error another instance answered a forwarded request with, passed on.
     pub fn relayed(status: StatusCode, code: String, message: String, retry_after: Option<u32>) -> Self {
         ApiError { status, code: Cow::Owned(code), message, retry_after }

@@ -19,9 +19,13 @@ use super::{ApiError, AppState, page_limit};
 use crate::runtime::{Projection, Runtime, Shard};
 use crate::telemetry::LookupRoute;
 
-/// The projection called `name`, or a 404.
+/// The projection called `name`; a 503 while it waits for its brokers
+/// before it starts, a 404 when there is none.
 pub(super) fn find(rt: &Runtime, name: &str) -> Result<Arc<Projection>, ApiError> {
-    rt.projection(name).ok_or_else(|| ApiError::not_found("projection_not_found", format!("no projection {name:?}")))
+    rt.projection(name).ok_or_else(|| match rt.waiting_for_brokers(name) {
+        Some(why) => ApiError::not_started(why),
+        None => ApiError::not_found("projection_not_found", format!("no projection {name:?}")),
+    })
 }
 
 fn check_table(p: &Projection, table: &str) -> Result<(), ApiError> {

@@ -298,7 +298,8 @@ pub(crate) fn status(remote: &Remote, watch: bool) -> anyhow::Result<()> {
         let mut out = table.trim_fmt();
         out.push('\n');
         for e in list.plugin_errors {
-            out.push_str(&format!("not loaded: {}: {}\n", e.file, e.error));
+            let state = if e.retrying { "waiting" } else { "not loaded" };
+            out.push_str(&format!("{state}: {}: {}\n", e.file, e.error));
         }
         out
     })

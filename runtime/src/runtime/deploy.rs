@@ -28,9 +28,17 @@ pub(super) enum Change {
 
 /// A plugin file that could not be loaded, and why.
 #[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
 pub struct PluginError {
     pub file: String,
     pub error: String,
+    /// The projection the file provides, when it loaded that far.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub projection: Option<String>,
+    /// The runtime tries again by itself (a partitioned projection waiting
+    /// for its brokers); otherwise only a new version of the file is tried.
+    #[serde(default)]
+    pub retrying: bool,
 }
 
 /// Why an upload was not installed. Nothing was written either way.
@@ -157,24 +165,32 @@ impl Runtime {
     /// projection's `reloadError`, and the running one stays.
     pub(super) fn deploy(self: &Arc<Self>, file: &Path, loaded: Result<WasmPlugin, String>) {
         let label = file.display().to_string();
+        // Under the waits' lock, so that a projection waiting for its
+        // brokers does not start between this look and the add below.
+        let mut waits = self.waits.lock().expect("waits lock");
         let owner = self.projections().into_iter().find(|p| p.source == label);
         let Some(projection) = owner else {
             // A new plugin file: a new projection, without a restart.
             match loaded {
                 Ok(p) => {
                     let name = p.manifest().name.clone();
-                    match self.add(Box::new(p), label.clone()) {
-                        Ok(_) => {
+                    match self.add_locked(&mut waits, Box::new(p), label.clone()) {
+                        Ok(Some(_)) => {
                             tracing::info!(plugin = %label, projection = %name, "new plugin loaded");
                             self.plugin_errors.lock().expect("plugin errors lock").retain(|e| e.file != label);
                         }
+                        Ok(None) => {} // it waits for its brokers, and says so in its plugin error
                         Err(e) => self.plugin_error(label, format!("{e:#}")),
                     }
                 }
-                Err(error) => self.plugin_error(label, error),
+                Err(error) => {
+                    waits.end(&label);
+                    self.plugin_error(label, error);
+                }
             }
             return;
         };
+        drop(waits);
         let _starting = projection.starting.lock().expect("starting lock");
         let planned = loaded.and_then(|next| self.plan(&projection, &next).map(|change| (next, change)));
         match planned {
@@ -276,8 +292,13 @@ impl Runtime {
 
     pub(super) fn plugin_error(&self, file: String, error: String) {
         tracing::error!(plugin = %file, %error, "plugin not loaded");
+        self.report_plugin_error(PluginError { file, error, projection: None, retrying: false });
+    }
+
+    /// Make `error` its file's one plugin error.
+    pub(super) fn report_plugin_error(&self, error: PluginError) {
         let mut errors = self.plugin_errors.lock().expect("plugin errors lock");
-        errors.retain(|e| e.file != file);
-        errors.push(PluginError { file, error });
+        errors.retain(|e| e.file != error.file);
+        errors.push(error);
     }
 }

@@ -10,6 +10,7 @@ mod cluster_rebuild;
 mod deploy;
 mod lookup;
 mod projection;
+mod shard_count;
 mod status;
 mod watcher;
 
@@ -31,11 +32,12 @@ use std::time::Duration;
 use anyhow::Context;
 use deploy::Loader;
 use lookup::RuntimeLookup;
+use shard_count::{ShardCount, Waits};
 use watcher::{Stamp, Watcher, plugin_files};
 
 use crate::config::{Config, LimitsConfig, PluginConfig, resolve_limits, resolve_pause};
 use crate::generation::{self, Generation};
-use crate::plugin::{Handler, Manifest};
+use crate::plugin::Handler;
 use crate::projector::{BatchOptions, Projector, Replay, WorkerStatus};
 use crate::rebuild::{self, Rebuild};
 use crate::sink::handover::{Handover, Publications};
@@ -65,6 +67,10 @@ pub struct Runtime {
     read_model_cache_bytes: usize,
     projections: RwLock<BTreeMap<String, Arc<Projection>>>,
     plugin_errors: Mutex<Vec<PluginError>>,
+    /// Plugins waiting for their brokers to say how many shards they have;
+    /// held while a projection is added, so that adds and waits ending go
+    /// one at a time.
+    waits: Mutex<Waits>,
     stop: Arc<AtomicBool>,
     workers: Mutex<Vec<JoinHandle<()>>>,
     /// In a cluster, a consumer group decides which shards of a partitioned
@@ -148,6 +154,7 @@ impl Runtime {
             read_model_cache_bytes: config.storage.cache_bytes(),
             projections: RwLock::new(BTreeMap::new()),
             plugin_errors: Mutex::new(Vec::new()),
+            waits: Mutex::default(),
             stop: Arc::new(AtomicBool::new(false)),
             workers: Mutex::new(Vec::new()),
             shards_by_group: config.cluster.is_some() && config.kafka.mode == crate::source::kafka::Mode::Partitioned,
@@ -161,7 +168,22 @@ impl Runtime {
     /// Start a worker for `handler` (one per shard of a partitioned
     /// projection), resuming from its read model's checkpoints (and a
     /// rebuild that was in progress, when its plugin can be loaded again).
-    pub fn add(&self, handler: Box<dyn Handler>, source: String) -> anyhow::Result<Arc<Projection>> {
+    /// `None` when it waits for its brokers to say how many shards it has:
+    /// it starts by itself once they do (`shard_count`).
+    pub fn add(&self, handler: Box<dyn Handler>, source: String) -> anyhow::Result<Option<Arc<Projection>>> {
+        let mut waits = self.waits.lock().expect("waits lock");
+        self.add_locked(&mut waits, handler, source)
+    }
+
+    /// [`Runtime::add`], with the waits' lock held.
+    fn add_locked(
+        &self,
+        waits: &mut Waits,
+        handler: Box<dyn Handler>,
+        source: String,
+    ) -> anyhow::Result<Option<Arc<Projection>>> {
+        // This load of `source` supersedes an earlier one still waiting.
+        waits.end(&source);
         let manifest = handler.manifest().clone();
         crate::plugin::validate_manifest(&manifest).map_err(anyhow::Error::msg)?;
         anyhow::ensure!(self.projection(&manifest.name).is_none(), "projection {:?} is already running", manifest.name);
@@ -169,7 +191,15 @@ impl Runtime {
         std::fs::create_dir_all(&root).with_context(|| format!("creating {}", root.display()))?;
         // In a cluster, a consumer group hands a partitioned projection's shards to this instance (`activity`).
         let by_group = self.shards_by_group && self.me.get().is_some();
-        let (projection, rebuilding) = match self.shard_count(&manifest, &root)? {
+        let count = match self.shard_count(&manifest, &root)? {
+            ShardCount::NotYet(why) => {
+                self.wait_for_shard_count(waits, handler, source, why)?;
+                return Ok(None);
+            }
+            ShardCount::Whole => None,
+            ShardCount::Shards(n) => Some(n),
+        };
+        let (projection, rebuilding) = match count {
             None => {
                 let (shard, rebuilding) = self.start_shard(handler, None, &root, Replay::Live)?;
                 (Projection::new(source, 1, false, vec![Arc::new(shard)], None), rebuilding)
@@ -212,7 +242,7 @@ impl Runtime {
         if let Some(number) = rebuilding {
             self.resume_rebuild(&projection, number);
         }
-        Ok(projection)
+        Ok(Some(projection))
     }
 
     /// Carry on rebuilding `p` into generation `number` after a restart:
@@ -346,73 +376,6 @@ impl Runtime {
     pub fn set_membership<M: activity::Membership + Publications + 'static>(&self, membership: Arc<M>) {
         let _ = self.publications.set(membership.clone());
         let _ = self.membership.set(membership);
-    }
-
-    /// How many shards `manifest`'s projection has: `None` unless it reads
-    /// Kafka in partitioned mode. The brokers say (every topic must have the
-    /// same partition count); when they cannot be reached, the shards already
-    /// on disk do, and the readers retry the brokers.
-    fn shard_count(&self, manifest: &Manifest, root: &Path) -> anyhow::Result<Option<u32>> {
-        if self.kafka.mode != crate::source::kafka::Mode::Partitioned {
-            return Ok(None);
-        }
-        let streams: Vec<&str> = manifest.subscriptions.iter().map(|s| s.stream.as_str()).collect();
-        let (kafka, log): (Vec<&str>, Vec<&str>) = streams.iter().partition(|s| self.kafka.topic(s).is_some());
-        if kafka.is_empty() {
-            return Ok(None);
-        }
-        if !log.is_empty() {
-            anyhow::bail!(
-                "{} is partitioned by its Kafka topics' partitions, and {log:?} is on the embedded log, which this instance alone holds: map it to a Kafka topic",
-                manifest.name
-            );
-        }
-        // The count the read model was split into, recorded when it was first split.
-        let count_file = root.join("shards").join("count");
-        let on_disk = match std::fs::read_to_string(&count_file) {
-            Ok(text) => {
-                text.trim().parse::<u32>().with_context(|| format!("{} holds {text:?}", count_file.display()))?
-            }
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => 0,
-            Err(e) => return Err(e).with_context(|| format!("reading {}", count_file.display())),
-        };
-        let record = |n: u32| -> anyhow::Result<Option<u32>> {
-            if on_disk == 0 {
-                std::fs::create_dir_all(root.join("shards"))?;
-                crate::data_dir::replace_durably(&count_file, n.to_string().as_bytes())
-                    .with_context(|| format!("writing {}", count_file.display()))?;
-            }
-            Ok(Some(n))
-        };
-        // A partitioned projection can do nothing before it knows its count:
-        // a broker slow to answer (busy, or starting) is asked again for a
-        // minute; one that still cannot answer leaves it unloaded, saying why.
-        let mut backoff = crate::clock::Backoff::new(Duration::from_millis(200), Duration::from_secs(5));
-        let until = std::time::Instant::now() + Duration::from_secs(60);
-        let counted = loop {
-            match crate::source::kafka::shard_count(&self.kafka, &kafka) {
-                Err(crate::source::kafka::ShardCountError::NotYet(e))
-                    if on_disk == 0 && std::time::Instant::now() < until && !self.stop.load(Ordering::Relaxed) =>
-                {
-                    tracing::warn!(projection = %manifest.name, error = %e, "reading the partition count; retrying");
-                    std::thread::sleep(backoff.next_delay());
-                }
-                counted => break counted,
-            }
-        };
-        match counted {
-            Ok(n) if on_disk != 0 && n != on_disk => anyhow::bail!(
-                "{}'s topics have {n} partitions now, and its read model was split into {on_disk} shards: keys have moved between partitions, so the shards cannot be kept; delete {} to build it again",
-                manifest.name,
-                root.join("shards").display()
-            ),
-            Ok(n) => record(n),
-            Err(e) if on_disk != 0 => {
-                tracing::warn!(projection = %manifest.name, error = %e, shards = on_disk, "cannot reach Kafka; starting the shards on disk");
-                Ok(Some(on_disk))
-            }
-            Err(e) => Err(anyhow::anyhow!("{}: cannot learn how many shards it has: {e}", manifest.name)),
-        }
     }
 
     /// Start the live generation of the shard in `root` (after cleaning up

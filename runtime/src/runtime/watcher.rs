@@ -112,6 +112,7 @@ impl Watcher {
                 tracing::info!(plugin = %label, projection = %p.manifest().name, "plugin file removed; stopping its projection");
                 runtime.remove(&p.manifest().name);
             }
+            runtime.waits.lock().expect("waits lock").end(&label);
             runtime.plugin_errors.lock().expect("plugin errors lock").retain(|e| e.file != label);
         }
         for file in files {
