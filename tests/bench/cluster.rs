@@ -132,8 +132,8 @@ fn latencies(server: &Server, paths: &[String]) -> Vec<f64> {
         .iter()
         .map(|path| {
             let started = Instant::now();
-            let (status, _) = connection.get_bytes(path);
-            assert_eq!(status, 200, "{path}");
+            let (status, body) = connection.get_bytes(path);
+            assert_eq!(status, 200, "{path}: {}", String::from_utf8_lossy(&body));
             started.elapsed().as_secs_f64() * 1000.0
         })
         .collect();
