@@ -17,6 +17,7 @@ pub mod data_dir;
 pub mod db_file;
 pub mod event;
 pub mod generation;
+pub mod harness;
 pub mod metrics;
 pub mod names;
 pub mod plugin;

@@ -1,6 +1,7 @@
 //! Plugins in any language: the same projection in Rust, Python and
 //! JavaScript builds the same read model, and `refract plugin new` +
-//! `refract plugin build` give a plugin a running runtime loads, for each.
+//! `refract plugin build` + `refract plugin test` give a plugin a running
+//! runtime loads, for each.
 
 use std::path::Path;
 use std::process::Command;
@@ -126,8 +127,20 @@ fn order_summary_and_order_search_in_rust_python_and_javascript_build_identical_
     assert_same("javascript", &rust, &project(&lang.order_search_js, "order-search", &["orders"], &events));
 }
 
-/// Run `program args` in `dir`, asserting it succeeds.
-fn run(dir: &Path, program: &str, args: &[&str], env: &[(&str, &Path)]) {
+/// Run `program args` in `dir`, asserting it succeeds; its standard output.
+fn run(dir: &Path, program: &str, args: &[&str], env: &[(&str, &Path)]) -> String {
+    let output = command(dir, program, args, env);
+    assert!(
+        output.status.success(),
+        "{program} {args:?} failed:\n{}\n{}",
+        String::from_utf8_lossy(&output.stdout),
+        String::from_utf8_lossy(&output.stderr)
+    );
+    String::from_utf8(output.stdout).unwrap()
+}
+
+/// Run `program args` in `dir` to its end.
+fn command(dir: &Path, program: &str, args: &[&str], env: &[(&str, &Path)]) -> std::process::Output {
     let mut command = Command::new(program);
     command.current_dir(dir).args(args);
     // The nested cargo of a Rust plugin must not inherit this build's flags.
@@ -137,13 +150,7 @@ fn run(dir: &Path, program: &str, args: &[&str], env: &[(&str, &Path)]) {
     for (k, v) in env {
         command.env(k, v);
     }
-    let output = command.output().unwrap_or_else(|e| panic!("running {program}: {e}"));
-    assert!(
-        output.status.success(),
-        "{program} {args:?} failed:\n{}\n{}",
-        String::from_utf8_lossy(&output.stdout),
-        String::from_utf8_lossy(&output.stderr)
-    );
+    command.output().unwrap_or_else(|e| panic!("running {program}: {e}"))
 }
 
 #[test]
@@ -159,6 +166,7 @@ fn plugin_new_and_build_give_a_plugin_the_runtime_loads_in_each_language() {
     let plugins = [
         ("counts-rs", "rust", "projection"),
         ("counts-py", "python", "projection"),
+        ("counts-js", "js", "projection"),
         ("big-js", "js", "enricher"),
         ("big-py", "python", "enricher"),
     ];
@@ -167,15 +175,67 @@ fn plugin_new_and_build_give_a_plugin_the_runtime_loads_in_each_language() {
         let dir = work.path().join(name);
         let target = [("CARGO_TARGET_DIR", rust_target.as_path())];
         // The unit test the template comes with passes, natively.
-        match lang {
+        let _ = match lang {
             "rust" => run(&dir, "cargo", &["test", "-q"], &target),
             "python" => {
                 run(&dir, "python3", &["-m", "unittest", "-q"], &[("PYTHONPATH", Path::new(".refract/sdk/python"))])
             }
             _ => run(&dir, "node", &["--import", "./.refract/sdk/js/testing.mjs", "--test"], &[]),
-        }
+        };
         run(&dir, refract, &["plugin", "build"], &target);
         assert!(dir.join(format!("{}.wasm", name.replace('-', "_"))).is_file(), "{name}: no component");
+        // The events and expectation the template comes with pass, in the real engine.
+        let trace = run(&dir, refract, &["plugin", "test"], &[]);
+        assert!(trace.contains("3 events in") && trace.contains("0 failed"), "{name}:\n{trace}");
+        let lines: Vec<Value> = run(&dir, refract, &["plugin", "test", "--json"], &[])
+            .lines()
+            .map(|l| serde_json::from_str(l).unwrap())
+            .collect();
+        let last = lines.last().unwrap();
+        assert_eq!(last["differences"], json!([]), "{name}: {last}");
+        if kind == "projection" {
+            // Each event's reads and writes: the first read its count (none yet) and wrote it.
+            let first = &lines[0];
+            assert_eq!(first["event"]["type"], "OrderPlaced", "{name}: {first}");
+            let got = first["calls"].as_array().unwrap().iter().find(|c| c["call"] == "get");
+            assert_eq!(
+                got,
+                Some(&json!({"call": "get", "table": "counts", "key": "OrderPlaced", "value": null})),
+                "{name}: {first}"
+            );
+            assert_eq!(first["writes"], json!({"counts": {"OrderPlaced": {"n": 1, "last": 10}}}), "{name}: {first}");
+            assert_eq!(last["final"]["tables"]["counts"]["OrderShipped"], json!({"n": 1, "last": 30}), "{name}");
+        } else {
+            assert_eq!(lines.len(), 3, "one line per OrderPlaced, then the end: {lines:?}");
+            assert_eq!(lines[0]["emitted"][0]["type"], "LargeOrderPlaced", "{name}: {}", lines[0]);
+            assert_eq!(lines[1]["emitted"], json!([]), "{name}: below the threshold");
+        }
+    }
+
+    // A deliberately wrong projection fails its expectation, naming the key and field.
+    let wrong = [
+        ("counts-rs", "src/lib.rs", "count.n += 1;"),
+        ("counts-py", "app.py", "count[\"n\"] += 1"),
+        ("counts-js", "app.js", "count.n += 1;"),
+    ];
+    for (name, file, line) in wrong {
+        let dir = work.path().join(name);
+        let source = std::fs::read_to_string(dir.join(file)).unwrap();
+        assert!(source.contains(line), "{name}'s template has changed: {source}");
+        std::fs::write(dir.join(file), source.replace(line, &line.replace("1", "2"))).unwrap();
+        let built = dir.join("wrong.wasm");
+        run(
+            &dir,
+            refract,
+            &["plugin", "build", "--out", built.to_str().unwrap()],
+            &[("CARGO_TARGET_DIR", rust_target.as_path())],
+        );
+        let output = command(&dir, refract, &["plugin", "test", "wrong.wasm", "--quiet"], &[]);
+        let stderr = String::from_utf8_lossy(&output.stderr);
+        assert!(!output.status.success(), "{name}: a wrong plugin passed:\n{stderr}");
+        assert!(stderr.contains(r#"counts["OrderPlaced"].n: expected 2, got 4"#), "{name}:\n{stderr}");
+        assert!(stderr.contains(r#"counts["OrderShipped"].n: expected 1, got 2"#), "{name}:\n{stderr}");
+        std::fs::write(dir.join(file), source).unwrap();
     }
 
     let dir = tempfile::tempdir().unwrap();
@@ -192,10 +252,10 @@ fn plugin_new_and_build_give_a_plugin_the_runtime_loads_in_each_language() {
         json!({"type": "OrderShipped", "key": "o-1", "time": 30, "data": {"orderId": "o-1"}}),
     ];
     assert_eq!(server.client().append_ndjson("orders", &ndjson(&orders)).unwrap().status, 200);
-    for name in ["counts-rs", "counts-py", "big-js", "big-py"] {
+    for name in ["counts-rs", "counts-py", "counts-js", "big-js", "big-py"] {
         server.wait_checkpoints(name, 3);
     }
-    for name in ["counts-rs", "counts-py"] {
+    for name in ["counts-rs", "counts-py", "counts-js"] {
         let counts: Vec<(String, Value)> = server.table(name, "counts");
         assert_eq!(
             counts,

@@ -11,6 +11,7 @@ mod support;
 mod admin_auth;
 #[cfg(feature = "external")]
 mod api_fuzz;
+mod authoring_loop;
 #[cfg(feature = "external")]
 mod cluster;
 #[cfg(feature = "external")]

@@ -173,8 +173,23 @@ fn sdk_files(lang: Lang) -> Vec<(&'static str, std::borrow::Cow<'static, str>)> 
     files
 }
 
-/// (file name, template) of a new plugin.
+/// (file name, template) of a new plugin: its source and unit test, and
+/// the events and expectation `refract plugin test` runs.
 fn template(lang: Lang, kind: Kind) -> Vec<(&'static str, &'static str)> {
+    let mut files = vec![(
+        "expected.json",
+        match kind {
+            Kind::Projection => include_str!("../../../sdk/templates/expected-projection.json"),
+            Kind::Enricher => include_str!("../../../sdk/templates/expected-enricher.json"),
+        },
+    )];
+    files.push(("events.ndjson", include_str!("../../../sdk/templates/events.ndjson")));
+    files.extend(source_template(lang, kind));
+    files
+}
+
+/// (file name, template) of a new plugin's source and unit test.
+fn source_template(lang: Lang, kind: Kind) -> Vec<(&'static str, &'static str)> {
     match (lang, kind) {
         (Lang::Rust, Kind::Projection) => vec![
             ("Cargo.toml", include_str!("../../../sdk/templates/rust/Cargo.toml")),
@@ -256,7 +271,7 @@ pub(crate) fn new(parent: &Path, name: &str, lang: Lang, kind: Kind) -> anyhow::
         Kind::Enricher => "enricher",
     };
     let readme = format!(
-        "# {name}\n\nA Refract {kind_name} ({lang:?}).\n\n```sh\n{build}      # → {file}\n{test}\nrefract plugin check {file}\ncp {file} <plugins-dir>/   # a running runtime picks it up within a second\n```\n\n`.refract/` holds the WIT package and the SDK this plugin builds against;\n`refract plugin build` refreshes it from the runtime.\n",
+        "# {name}\n\nA Refract {kind_name} ({lang:?}).\n\n```sh\n{build}      # → {file}\nrefract plugin test       # events.ndjson through {file}, checked against expected.json\n{test}\nrefract plugin check {file}\ncp {file} <plugins-dir>/   # a running runtime picks it up within a second\n```\n\n`refract plugin test` runs the component in the real engine on a scratch\nread model and prints what each event read and wrote; `--json` prints it\nas JSON lines (its last line's `final` is an `expected.json`), `--quiet`\nonly the outcome. Add events to `events.ndjson` (one per line, as\nappended) and what they must build to `expected.json`.\n\n`.refract/` holds the WIT package and the SDK this plugin builds against;\n`refract plugin build` refreshes it from the runtime.\n",
         file = output_name(&dir),
     );
     std::fs::write(dir.join("README.md"), readme)?;
@@ -279,7 +294,7 @@ pub(crate) fn detect(dir: &Path) -> anyhow::Result<Lang> {
 }
 
 /// The component file `build` writes by default: `<dir>/<name with _>.wasm`.
-fn output_name(dir: &Path) -> String {
+pub(crate) fn output_name(dir: &Path) -> String {
     let name = dir.file_name().map(|n| n.to_string_lossy().replace('-', "_")).unwrap_or_else(|| "plugin".into());
     format!("{name}.wasm")
 }
@@ -469,6 +484,19 @@ pub(crate) struct Checked {
 /// interfaces and ask for its manifest, as the runtime would.
 pub(crate) fn check(file: &Path) -> anyhow::Result<Checked> {
     use refract::plugin::Handler;
+    let plugin = load(file)?;
+    Ok(Checked {
+        kind: plugin.kind(),
+        packed: plugin.takes_packed_batches(),
+        manifest: plugin.manifest().clone(),
+        indexes: plugin.indexes().to_vec(),
+        keyed_tables: plugin.keyed_tables().to_vec(),
+    })
+}
+
+/// Compile the component in `file` and load it as the runtime would (its
+/// manifest, indexes and keyed tables checked), with the default limits.
+pub(crate) fn load(file: &Path) -> anyhow::Result<WasmPlugin> {
     let bytes = std::fs::read(file).with_context(|| format!("reading {}", file.display()))?;
     let engine = refract::plugin::engine::new_engine().map_err(|e| anyhow::anyhow!("creating the engine: {e}"))?;
     if bytes.len() > 4 << 20 {
@@ -480,13 +508,7 @@ pub(crate) fn check(file: &Path) -> anyhow::Result<Checked> {
     let plugin = WasmPlugin::load(&engine, &linker, &component, &file.display().to_string(), PluginLimits::default())
         .map_err(|e| anyhow::anyhow!("{}: {e}", file.display()))?;
     refract::plugin::declared(&plugin).map_err(|e| anyhow::anyhow!("{}: {e}", file.display()))?;
-    Ok(Checked {
-        kind: plugin.kind(),
-        packed: plugin.takes_packed_batches(),
-        manifest: plugin.manifest().clone(),
-        indexes: plugin.indexes().to_vec(),
-        keyed_tables: plugin.keyed_tables().to_vec(),
-    })
+    Ok(plugin)
 }
 
 #[cfg(test)]

@@ -1,10 +1,11 @@
 //! The `refract` command's work, a file per group of commands: [`serve`]
 //! (`run`), [`demo`], [`remote`] (`produce`, `rebuild`, `status`,
 //! `dead-letters`: a running runtime over HTTP), [`plugin`] (`plugin new |
-//! build | check`, over [`authoring`]).
+//! build | test | check`, over [`authoring`] and [`plugin_test`]).
 
 pub(crate) mod authoring;
 pub(crate) mod demo;
 pub(crate) mod plugin;
+pub(crate) mod plugin_test;
 pub(crate) mod remote;
 pub(crate) mod serve;

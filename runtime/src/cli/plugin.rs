@@ -1,11 +1,11 @@
-//! `refract plugin new | build | check`: the plugin author's commands
-//! (the work is in [`super::authoring`]).
+//! `refract plugin new | build | test | check`: the plugin author's commands
+//! (the work is in [`super::authoring`] and [`super::plugin_test`]).
 
 use std::path::{Path, PathBuf};
 
 use clap::Subcommand;
 
-use super::authoring;
+use super::{authoring, plugin_test};
 
 #[derive(Subcommand)]
 pub(crate) enum PluginCommand {
@@ -27,6 +27,37 @@ pub(crate) enum PluginCommand {
         /// Python/JavaScript: the world, when the source does not say (default: from the source).
         #[arg(long, value_enum)]
         kind: Option<PluginKind>,
+    },
+    /// Run a plugin on events from a file, offline, in the real engine on a
+    /// scratch read model: print what each event read and wrote (searches
+    /// indexed, events emitted, log lines, failures), then the final tables;
+    /// with an expectation, exit 1 on any difference, naming the key.
+    Test {
+        /// The component, or the plugin's directory (default: .): its built
+        /// component, with `events.ndjson` and `expected.json` when there.
+        target: Option<PathBuf>,
+        /// NDJSON events, one per line as appended (`{"type", "key"?, "time"?,
+        /// "headers"?, "data"}`), each with an optional `"stream"`.
+        #[arg(long)]
+        events: Option<PathBuf>,
+        /// The tables to start from: `{"tables": {table: {key: value}}}`.
+        #[arg(long)]
+        state: Option<PathBuf>,
+        /// What the run must end with: `{"tables"?, "documents"?, "emitted"?, "failed"?}`.
+        #[arg(long)]
+        expect: Option<PathBuf>,
+        /// The stream of the events that name none (default: the first the plugin reads).
+        #[arg(long)]
+        stream: Option<String>,
+        /// A setting, as `plugins.<name>.settings` would give it (repeatable).
+        #[arg(long = "setting", value_name = "NAME=VALUE")]
+        settings: Vec<String>,
+        /// Print the trace as JSON lines: one per event, then the final state.
+        #[arg(long)]
+        json: bool,
+        /// No trace: events go in batches as on a server; only failures and the end are printed.
+        #[arg(long, short)]
+        quiet: bool,
     },
     /// Check that a component fits a Refract world, and print its manifest.
     Check {
@@ -56,12 +87,20 @@ pub(crate) fn plugin_command(command: PluginCommand) -> anyhow::Result<()> {
     match command {
         PluginCommand::New { name, lang, kind } => {
             let dir = authoring::new(Path::new("."), &name, lang, kind.into())?;
-            println!("created {}; next: cd {} && refract plugin build", dir.display(), dir.display());
+            println!(
+                "created {}; next: cd {} && refract plugin build && refract plugin test",
+                dir.display(),
+                dir.display()
+            );
         }
         PluginCommand::Build { dir, out, kind } => {
             let dir = dir.unwrap_or_else(|| PathBuf::from("."));
             let file = authoring::build(&dir, out, kind.map(Into::into))?;
             print_checked(&file, &authoring::check(&file)?, false);
+        }
+        PluginCommand::Test { target, events, state, expect, stream, settings, json, quiet } => {
+            let target = target.unwrap_or_else(|| PathBuf::from("."));
+            plugin_test::test(plugin_test::TestArgs { target, events, state, expect, stream, settings, json, quiet })?;
         }
         PluginCommand::Check { file, json } => print_checked(&file, &authoring::check(&file)?, json),
     }

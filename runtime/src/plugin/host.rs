@@ -15,6 +15,7 @@ use wasmtime::ResourceLimiter;
 use wasmtime::component::ResourceTable;
 use wasmtime_wasi::{HostMonotonicClock, HostWallClock, WasiCtx, WasiCtxBuilder, WasiCtxView, WasiView};
 
+use super::trace::{self, HostCall, shown};
 use super::{Environment, LookupFailure};
 use crate::store::Batch;
 use crate::wit::worlds::{emit, kv, kv_packed, log, lookup, search, settings, types};
@@ -42,6 +43,9 @@ pub struct HostState {
     /// rejects the batch whatever the plugin returns: the writes after it in
     /// the same log were never applied, so the batch must not commit.
     pub(super) refused_write: Option<String>,
+    /// The calls the plugin made during this call, when tracing
+    /// (`refract plugin test`); `None` otherwise, and nothing is recorded.
+    pub(super) trace: Option<Vec<HostCall>>,
 }
 
 struct FrozenClock;
@@ -218,6 +222,14 @@ impl HostState {
             host_error: None,
             last_error_log: None,
             refused_write: None,
+            trace: None,
+        }
+    }
+
+    /// Record the call `call` describes, when tracing.
+    fn record(&mut self, call: impl FnOnce() -> HostCall) {
+        if let Some(trace) = &mut self.trace {
+            trace.push(call());
         }
     }
 
@@ -253,7 +265,15 @@ impl types::Host for HostState {}
 impl kv::Host for HostState {
     fn get(&mut self, table: String, key: String) -> wasmtime::Result<Result<Option<Vec<u8>>, KvError>> {
         match self.batch()?.get(&table, &key) {
-            Ok(result) => Ok(result),
+            Ok(result) => {
+                self.record(|| HostCall::Get {
+                    value: result.as_ref().ok().and_then(|v| v.as_deref().map(shown)),
+                    error: result.as_ref().err().map(|e| kv_error_message(e).to_owned()),
+                    table,
+                    key,
+                });
+                Ok(result)
+            }
             Err(e) => Err(self.host_failure(e)),
         }
     }
@@ -276,7 +296,21 @@ impl kv::Host for HostState {
         limit: u32,
     ) -> wasmtime::Result<Result<Vec<Entry>, KvError>> {
         match self.batch()?.scan(&table, &prefix, start_after.as_deref(), limit) {
-            Ok(result) => Ok(result),
+            Ok(result) => {
+                self.record(|| HostCall::Scan {
+                    entries: result
+                        .iter()
+                        .flatten()
+                        .map(|e| trace::Entry { key: e.key.clone(), value: shown(&e.value) })
+                        .collect(),
+                    error: result.as_ref().err().map(|e| kv_error_message(e).to_owned()),
+                    table,
+                    prefix,
+                    after: start_after,
+                    limit,
+                });
+                Ok(result)
+            }
             Err(e) => Err(self.host_failure(e)),
         }
     }
@@ -357,8 +391,23 @@ impl lookup::Host for HostState {
         key: String,
     ) -> wasmtime::Result<Result<Option<Vec<u8>>, LookupError>> {
         match self.env.lookup.get(&projection, &table, &key) {
-            Ok(value) => Ok(Ok(value)),
-            Err(LookupFailure::Refused(error)) => Ok(Err(error)),
+            Ok(value) => {
+                self.record(|| HostCall::Lookup {
+                    value: value.as_deref().map(shown),
+                    error: None,
+                    projection,
+                    table,
+                    key,
+                });
+                Ok(Ok(value))
+            }
+            Err(LookupFailure::Refused(error)) => {
+                let message = match &error {
+                    LookupError::UnknownProjection(m) | LookupError::UnknownTable(m) => m.clone(),
+                };
+                self.record(|| HostCall::Lookup { value: None, error: Some(message), projection, table, key });
+                Ok(Err(error))
+            }
             Err(LookupFailure::Host(message)) => {
                 self.host_error = Some(message.clone());
                 Err(wasmtime::Error::msg(message))
@@ -369,7 +418,9 @@ impl lookup::Host for HostState {
 
 impl settings::Host for HostState {
     fn get(&mut self, name: String) -> wasmtime::Result<Option<String>> {
-        Ok(self.env.settings.get(&name).cloned())
+        let value = self.env.settings.get(&name).cloned();
+        self.record(|| HostCall::Setting { name, value: value.clone() });
+        Ok(value)
     }
 }
 
@@ -383,6 +434,16 @@ impl log::Host for HostState {
             message.truncate(cut);
             message.push('…');
         }
+        self.record(|| HostCall::Log {
+            level: match level {
+                log::Level::Trace => "trace",
+                log::Level::Debug => "debug",
+                log::Level::Info => "info",
+                log::Level::Warn => "warn",
+                log::Level::Error => "error",
+            },
+            message: message.clone(),
+        });
         let plugin = &*self.plugin;
         match level {
             log::Level::Trace => tracing::trace!(target: "refract::plugin", plugin, "{message}"),

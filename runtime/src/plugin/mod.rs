@@ -14,6 +14,7 @@ pub mod keyed;
 #[cfg(any(test, feature = "native"))]
 pub mod native;
 pub mod route;
+pub mod trace;
 pub mod wasm;
 
 use std::collections::BTreeMap;

@@ -87,6 +87,10 @@ pub struct WasmPlugin {
     takes_packed: bool,
     /// The last packed batch, kept so that its allocation is reused.
     packed: Vec<u8>,
+    /// Record the host calls of each `handle` (`refract plugin test`).
+    tracing: bool,
+    /// The calls recorded during the last `handle`.
+    traced: Vec<super::trace::HostCall>,
 }
 
 /// A linker with the host interfaces and an empty WASI.
@@ -170,6 +174,8 @@ impl WasmPlugin {
             instance: None,
             takes_packed,
             packed: Vec::new(),
+            tracing: false,
+            traced: Vec::new(),
         };
         let mut store = this.new_store();
         let raw = this.instantiate_raw(&mut store).map_err(|e| LoadError::Instantiate(format!("{e:#}")))?;
@@ -224,8 +230,22 @@ impl WasmPlugin {
         self.takes_packed
     }
 
+    /// Record the host calls each `handle` makes, for [`WasmPlugin::take_trace`].
+    pub fn set_tracing(&mut self, on: bool) {
+        self.tracing = on;
+        if let Some((store, _)) = &mut self.instance {
+            store.data_mut().trace = on.then(Vec::new);
+        }
+    }
+
+    /// The host calls the last `handle` made, in order (none unless tracing).
+    pub fn take_trace(&mut self) -> Vec<super::trace::HostCall> {
+        std::mem::take(&mut self.traced)
+    }
+
     fn new_store(&self) -> Store<HostState> {
-        let state = HostState::new(self.name.clone(), self.limits.max_memory, self.env.clone());
+        let mut state = HostState::new(self.name.clone(), self.limits.max_memory, self.env.clone());
+        state.trace = self.tracing.then(Vec::new);
         let mut store = Store::new(&self.engine, state);
         store.limiter(|s| &mut s.limits);
         store.epoch_deadline_trap();
@@ -361,10 +381,13 @@ impl Handler for WasmPlugin {
             instance: None,
             takes_packed: self.takes_packed,
             packed: Vec::new(),
+            tracing: self.tracing,
+            traced: Vec::new(),
         }))
     }
 
     fn handle(&mut self, batch: Batch, events: &[Event]) -> (Batch, Result<(), HandleError>) {
+        self.traced.clear();
         if self.instance.is_none() {
             match self.instantiate() {
                 Ok(instance) => self.instance = Some(instance),
@@ -402,6 +425,10 @@ impl Handler for WasmPlugin {
         let mut batch = state.batch.take().expect("the batch stays in the store during the call");
         let host_error = state.host_error.take();
         let last_error_log = state.last_error_log.take();
+        if let Some(trace) = &mut state.trace {
+            // Kept out of the store, which a trap drops.
+            self.traced = std::mem::take(trace);
+        }
         let result = match (result, state.refused_write.take()) {
             // The plugin went on after a pending write was refused (it ignored
             // the error): the writes after that one are missing.

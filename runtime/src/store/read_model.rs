@@ -61,6 +61,9 @@ pub struct ReadModel {
     /// Bumped after every commit, to wake whoever waits for the checkpoints
     /// to move (the rebuild monitor).
     committed: Signal,
+    /// Whether a commit is on disk when it returns; not for a scratch read
+    /// model ([`ReadModel::open_scratch`]).
+    durable: bool,
 }
 
 impl ReadModel {
@@ -80,7 +83,13 @@ impl ReadModel {
         tx.open_table(EMITTED)?;
         tx.open_table(EMIT_ORDINALS)?;
         tx.commit()?;
-        Ok(ReadModel { db, emitted: Signal::default(), committed: Signal::default() })
+        Ok(ReadModel { db, emitted: Signal::default(), committed: Signal::default(), durable: true })
+    }
+
+    /// A read model in `path` that nothing needs after the process
+    /// (`refract plugin test`): its commits are not flushed to disk.
+    pub fn open_scratch(path: &Path) -> Result<Self> {
+        Ok(ReadModel { durable: false, ..Self::open(path)? })
     }
 
     /// Every checkpoint stored so far.
@@ -112,7 +121,8 @@ impl ReadModel {
     /// counters, durably, in one transaction.
     pub fn commit(&self, writes: &BatchWrites, commit: &Commit) -> Result<()> {
         let mut tx = self.db.begin_write()?;
-        tx.set_durability(Durability::Immediate).map_err(|e| Error::Storage(redb::Error::from(e)))?;
+        let durability = if self.durable { Durability::Immediate } else { Durability::None };
+        tx.set_durability(durability).map_err(|e| Error::Storage(redb::Error::from(e)))?;
         for (name, writes) in &writes.kv {
             let mut table = tx.open_table(table_definition(&plugin_table(name)))?;
             for (key, value) in writes.sorted() {
