@@ -25,8 +25,10 @@ use crate::store::{BatchWrites, Declared, Emitted, KvLimits, ReadModel};
 /// A table's or an index's contents: key (or document id) → value.
 pub type Contents = BTreeMap<String, Value>;
 
-/// Events per batch when not tracing (the server's default `batch.max-events`).
-const BATCH: usize = 1000;
+/// Events per batch when not tracing, and per call into the plugin (the
+/// server's defaults: `batch.max-events`, `batch.call-events`).
+const BATCH: usize = 10_000;
+const CALL: usize = 500;
 
 /// One event handled, and what it did.
 pub struct Step<'a> {
@@ -190,8 +192,16 @@ impl Harness {
     /// Handle `events` in one batch and commit it; the plugin's failure as
     /// the inner error (nothing committed), the host's as the outer one.
     fn apply(&mut self, events: &[Event]) -> anyhow::Result<Result<BatchWrites, HandleError>> {
-        let batch = self.read_model.begin(self.declared.clone(), self.limits, None)?;
-        let (batch, outcome) = self.plugin.handle(batch, events);
+        let mut batch = self.read_model.begin(self.declared.clone(), self.limits, None)?;
+        let mut outcome = Ok(());
+        for call in events.chunks(CALL) {
+            let handled;
+            (batch, handled) = self.plugin.handle(batch, call);
+            outcome = handled;
+            if outcome.is_err() {
+                break;
+            }
+        }
         match outcome {
             Ok(()) => {
                 let writes = batch.into_writes();

@@ -6,7 +6,9 @@
 //! commits); and the cost of tracing (each event its own batch, its host
 //! calls recorded and written as `--json` lines to a sink).
 //!
-//! `REFRACT_BENCH_EVENTS` (default 100,000), `REFRACT_BENCH_ROUNDS` (default 5).
+//! `REFRACT_BENCH_EVENTS` (default 100,000), `REFRACT_BENCH_ROUNDS` (default
+//! 5), `REFRACT_BENCH_POISON` (the share of events the plugin rejects,
+//! default 0.01: a server bisects its batches down to each of them).
 
 #[path = "common.rs"]
 mod common;
@@ -30,7 +32,8 @@ fn main() {
     let env = |var: &str, default: usize| std::env::var(var).ok().and_then(|v| v.parse().ok()).unwrap_or(default);
     let (n, rounds) = (env("REFRACT_BENCH_EVENTS", 100_000), env("REFRACT_BENCH_ROUNDS", 5));
     let dir = tempfile::tempdir().unwrap();
-    let fixtures = refract_client::fixtures::orders(n, 42, 0.01);
+    let poison: f64 = std::env::var("REFRACT_BENCH_POISON").ok().and_then(|v| v.parse().ok()).unwrap_or(0.01);
+    let fixtures = refract_client::fixtures::orders(n, 42, poison);
     let log = Arc::new(
         EventLog::open(&dir.path().join("log.redb"), LogOptions { default_partitions: 4, ..Default::default() })
             .unwrap(),
@@ -75,7 +78,7 @@ fn main() {
         );
     }
     let rate = |s: &[f64]| n as f64 / common::median(s);
-    println!("\n## plugin test: order-summary (Rust) over {n} events, {rounds} rounds\n");
+    println!("\n## plugin test: order-summary (Rust) over {n} events (poison {poison}), {rounds} rounds\n");
     println!("| run | median | events/s | ratio (spread) |");
     println!("|---|---:|---:|---:|");
     println!(
@@ -85,7 +88,7 @@ fn main() {
     );
     let vs_server = common::rate_ratios(&quiet, &server);
     println!(
-        "| `plugin test --quiet` (batches of 1,000) | {:.2} s | {:.0} | **{:.2}** ({}) of the server |",
+        "| `plugin test --quiet` (batches of 10,000, calls of 500) | {:.2} s | {:.0} | **{:.2}** ({}) of the server |",
         common::median(&quiet),
         rate(&quiet),
         common::median(&vs_server),
