@@ -297,7 +297,9 @@ export function cents(amount) {
 function failure(e) {
   if (e instanceof Transient) return { tag: 'transient', val: e.message };
   if (e instanceof Rejected) return { tag: 'rejected', val: e.message };
-  return { tag: 'rejected', val: `${e?.name ?? 'Error'}: ${e?.message ?? String(e)}` };
+  // An exception the plugin did not mean: where it came from, for the dead letter.
+  const stack = typeof e?.stack === 'string' && e.stack.trim() ? `\n${e.stack.trimEnd()}` : '';
+  return { tag: 'rejected', val: `${e?.name ?? 'Error'}: ${e?.message ?? String(e)}${stack}` };
 }
 
 /**

@@ -18,13 +18,14 @@ fn the_demo_appends_sample_events_and_prints_queries_that_answer() {
         std::fs::copy(f, plugins_dir.join(f.file_name().unwrap())).unwrap();
     }
     let port = free_port();
+    let log = std::fs::File::create(dir.path().join("demo.log")).unwrap();
     let mut child = Command::new(env!("CARGO_BIN_EXE_refract"))
         .current_dir(dir.path())
         .args(["demo", "--events", "2000", "--listen", &format!("127.0.0.1:{port}")])
         .arg("--plugins-dir")
         .arg(&plugins_dir)
         .stdout(Stdio::piped())
-        .stderr(Stdio::null())
+        .stderr(log)
         .spawn()
         .unwrap();
     let mut printed = Vec::new();
@@ -51,6 +52,39 @@ fn the_demo_appends_sample_events_and_prints_queries_that_answer() {
         }
     }
     assert!(queried >= 9, "{text}");
+
+    // A first screen that teaches: dead letters per projection, as their
+    // statuses count them, with where to look; and a few logged in full, not
+    // hundreds (the rest counted, one line per 10 s).
+    let statuses = client.get("/v1/projections").unwrap().body;
+    let mut dead_lettering = 0;
+    for p in statuses["projections"].as_array().unwrap() {
+        let (name, count) = (p["name"].as_str().unwrap(), p["deadLetters"].as_u64().unwrap());
+        if count > 0 {
+            let line = format!("  {name}: {count} — refract dead-letters {name} --url http://127.0.0.1:{port}");
+            assert!(printed.contains(&line), "{line:?} in\n{text}");
+            dead_lettering += 1;
+        }
+    }
+    assert!(dead_lettering >= 2, "the fixtures' poison is dead-lettered: {statuses}");
+    assert!(text.contains(&format!("and in the console: http://127.0.0.1:{port}/")), "{text}");
+    let in_full =
+        std::fs::read_to_string(dir.path().join("demo.log")).unwrap().matches("dead-lettering an event").count();
+    assert!(in_full <= 5 * dead_lettering, "{in_full} dead letters logged in full");
+    let (order_letters, until) = (
+        client.get("/v1/projections/order-summary").unwrap().body["deadLetters"].as_u64().unwrap(),
+        std::time::Instant::now() + std::time::Duration::from_secs(30),
+    );
+    assert!(order_letters > 5, "more than are logged in full: {order_letters}");
+    while !std::fs::read_to_string(dir.path().join("demo.log")).unwrap().contains("more events in the last") {
+        assert!(std::time::Instant::now() < until, "the dead letters not logged in full were never counted");
+        std::thread::sleep(std::time::Duration::from_millis(200));
+    }
+    let listed = Command::new(env!("CARGO_BIN_EXE_refract"))
+        .args(["dead-letters", "order-summary", "--url", &format!("http://127.0.0.1:{port}")])
+        .output()
+        .unwrap();
+    assert!(listed.status.success() && !listed.stdout.is_empty(), "{listed:?}");
     // The join enricher's output reached the projection over it.
     let until = std::time::Instant::now() + std::time::Duration::from_secs(60);
     while client.get("/v1/projections/shipments/tables/ready/items?limit=1").unwrap().body["items"]

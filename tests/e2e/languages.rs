@@ -213,16 +213,45 @@ fn plugin_new_and_build_give_a_plugin_the_runtime_loads_in_each_language() {
     }
 
     // A deliberately wrong projection fails its expectation, naming the key and field.
+    // It also fails on purpose on an order cancelled: a Rust panic, a Python
+    // KeyError, a JavaScript TypeError, each reported with where it happened.
     let wrong = [
-        ("counts-rs", "src/lib.rs", "count.n += 1;"),
-        ("counts-py", "app.py", "count[\"n\"] += 1"),
-        ("counts-js", "app.js", "count.n += 1;"),
+        (
+            "counts-rs",
+            "src/lib.rs",
+            "count.n += 1;",
+            "let _data: serde_json::Value = event.json()?;",
+            "let _data: serde_json::Value = event.json()?; if event.event_type == \"OrderCancelled\" { panic!(\"cancelled\") }",
+            [
+                "panicked at src/lib.rs",
+                "wasm backtrace: <counts_rs::Plugin as refract_sdk::projection::Projection>::apply",
+            ],
+        ),
+        (
+            "counts-py",
+            "app.py",
+            "count[\"n\"] += 1",
+            "data(event)  #",
+            "data(event)[\"missing\"] if event.event_type == \"OrderCancelled\" else None  #",
+            ["KeyError: 'missing'", "Traceback (most recent call last):"],
+        ),
+        (
+            "counts-js",
+            "app.js",
+            "count.n += 1;",
+            "event.json(); //",
+            "if (event.eventType === 'OrderCancelled') event.json().missing.field; //",
+            ["TypeError: ", "app.js:"],
+        ),
     ];
-    for (name, file, line) in wrong {
+    let cancelled = work.path().join("cancelled.ndjson");
+    std::fs::write(&cancelled, "{\"type\": \"OrderCancelled\", \"key\": \"o-1\", \"data\": {\"orderId\": \"o-1\"}}\n")
+        .unwrap();
+    for (name, file, line, at, failing, teaches) in wrong {
         let dir = work.path().join(name);
         let source = std::fs::read_to_string(dir.join(file)).unwrap();
-        assert!(source.contains(line), "{name}'s template has changed: {source}");
-        std::fs::write(dir.join(file), source.replace(line, &line.replace("1", "2"))).unwrap();
+        assert!(source.contains(line) && source.contains(at), "{name}'s template has changed: {source}");
+        std::fs::write(dir.join(file), source.replace(line, &line.replace("1", "2")).replace(at, failing)).unwrap();
         let built = dir.join("wrong.wasm");
         run(
             &dir,
@@ -235,6 +264,15 @@ fn plugin_new_and_build_give_a_plugin_the_runtime_loads_in_each_language() {
         assert!(!output.status.success(), "{name}: a wrong plugin passed:\n{stderr}");
         assert!(stderr.contains(r#"counts["OrderPlaced"].n: expected 2, got 4"#), "{name}:\n{stderr}");
         assert!(stderr.contains(r#"counts["OrderShipped"].n: expected 1, got 2"#), "{name}:\n{stderr}");
+        let failed = run(
+            &dir,
+            refract,
+            &["plugin", "test", "wrong.wasm", "--json", "--events", cancelled.to_str().unwrap()],
+            &[],
+        );
+        let step: Value = serde_json::from_str(failed.lines().next().unwrap()).unwrap();
+        let error = step["outcome"]["error"].as_str().unwrap_or_default();
+        assert!(teaches.iter().all(|t| error.contains(t)), "{name}: {error}");
         std::fs::write(dir.join(file), source).unwrap();
     }
 

@@ -87,6 +87,9 @@ fn contained(config: &str) {
     assert_eq!(by_type.len(), 4, "{by_type:?}");
     assert!(by_type.iter().any(|(t, e)| *t == "Reject" && e.starts_with("rejected: asked to reject")));
     assert!(by_type.iter().any(|(t, e)| *t == "Panic" && e.contains("asked to panic at offset 50")), "{by_type:?}");
+    // A trap names where it happened: the plugin's own frames, from its name section.
+    let panic = by_type.iter().find(|(t, _)| *t == "Panic").unwrap().1;
+    assert!(panic.contains("; wasm backtrace: ") && panic.contains("testkit_chaos"), "{panic}");
     assert!(by_type.iter().any(|(t, e)| *t == "Spin" && e.contains("deadline of 300 ms")), "{by_type:?}");
     assert!(by_type.iter().any(|(t, e)| *t == "Hog" && e.starts_with("trap:")), "{by_type:?}");
     // Everything else, including the flaky events after their retry, was applied once.

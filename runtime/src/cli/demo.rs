@@ -53,10 +53,26 @@ pub(crate) fn feed(url: &str, n: usize) -> anyhow::Result<()> {
         }
     }
     let caught_up = client.wait_caught_up(Duration::from_secs(120))?;
+    // Dead letters per projection, and where to see them: the fixtures carry
+    // malformed and out-of-order events on purpose.
+    let list = client.get("/v1/projections")?.body;
+    let mut dead = String::new();
+    for p in list["projections"].as_array().into_iter().flatten() {
+        let (name, count) = (p["name"].as_str().unwrap_or_default(), p["deadLetters"].as_u64().unwrap_or(0));
+        if count > 0 {
+            dead.push_str(&format!("\x20 {name}: {count} — refract dead-letters {name} --url {url}\n"));
+        }
+    }
+    if dead.is_empty() {
+        dead.push_str("\x20 none\n");
+    }
     let customer = orders[0]["data"]["customerId"].as_str().unwrap_or("c-1");
     let order = orders[0]["key"].as_str().unwrap_or("o-1");
     println!(
         "\nRefract demo: appended {} orders events and {} accounts events; projections {} in {:.1}s.\n\
+         Dead letters (events a plugin rejected on purpose: payments for unknown orders, overdrafts, …):\n\
+         {dead}\
+         \x20 and in the console: {url}/ (Dead letters)\n\
          Try:\n\
          \x20 curl -s {url}/v1/projections | jq\n\
          \x20 curl -s {url}/v1/projections/order-summary/tables/orders/items/{order} | jq\n\

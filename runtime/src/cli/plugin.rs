@@ -34,7 +34,8 @@ pub(crate) enum PluginCommand {
     /// with an expectation, exit 1 on any difference, naming the key.
     Test {
         /// The component, or the plugin's directory (default: .): its built
-        /// component, with `events.ndjson` and `expected.json` when there.
+        /// component, and, without --events, its `events.ndjson` checked
+        /// against its `expected.json` when there.
         target: Option<PathBuf>,
         /// NDJSON events, one per line as appended (`{"type", "key"?, "time"?,
         /// "headers"?, "data"}`), each with an optional `"stream"`.

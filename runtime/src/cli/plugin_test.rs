@@ -55,11 +55,14 @@ pub(crate) fn test(args: TestArgs) -> anyhow::Result<()> {
         (args.target.clone(), args.target.parent().map(Path::to_owned))
     };
     let beside = |name: &str| dir.as_ref().map(|d| d.join(name)).filter(|f| f.is_file());
-    let events_file = match args.events.or_else(|| beside("events.ndjson")) {
-        Some(file) => file,
-        None => bail!("no events: pass --events FILE (NDJSON, one event per line as appended)"),
+    // The directory's events and expectation go together: other events, no expectation unless named.
+    let (events_file, expect_file) = match (args.events, args.expect) {
+        (Some(events), expect) => (events, expect),
+        (None, expect) => match beside("events.ndjson") {
+            Some(events) => (events, expect.or_else(|| beside("expected.json"))),
+            None => bail!("no events: pass --events FILE (NDJSON, one event per line as appended)"),
+        },
     };
-    let expect_file = args.expect.or_else(|| beside("expected.json"));
 
     let mut plugin = super::authoring::load(&component)?;
     let mut settings = BTreeMap::new();

@@ -110,9 +110,73 @@ fn describe_trap(e: &wasmtime::Error, limits: &PluginLimits, last_error_log: Opt
         Some(trap) => trap.to_string(),
         None => e.root_cause().to_string(),
     };
-    match last_error_log {
+    let what = match last_error_log {
         Some(log) => format!("{what} ({log})"),
         None => what,
+    };
+    match plugin_frames(e) {
+        Some(frames) => format!("{what}; wasm backtrace: {frames}"),
+        None => what,
+    }
+}
+
+/// The most frames of a trap's backtrace a description names.
+const FRAMES: usize = 8;
+
+/// The frames of a trap's wasm backtrace that are the plugin's own,
+/// innermost first, named from the component's name section (demangled by
+/// wasmtime), past the standard library's panic and allocation machinery;
+/// `None` when the component names none (a stripped build).
+fn plugin_frames(e: &wasmtime::Error) -> Option<String> {
+    let backtrace = e.downcast_ref::<wasmtime::WasmBacktrace>()?;
+    // wasmtime's rendering, one frame per line: `  N: 0x1f2e - module!function`.
+    let text = backtrace.to_string();
+    let machinery = [
+        "std::",
+        "core::",
+        "alloc::",
+        "<std::",
+        "<core::",
+        "<alloc::",
+        "__rust",
+        "rust_panic",
+        "abort",
+        "wasm-function[",
+    ];
+    let frames: Vec<String> = text
+        .lines()
+        .filter_map(|line| line.split_once(" - ").map(|(_, frame)| frame.trim()))
+        .map(|frame| readable(frame.split_once('!').map_or(frame, |(_, function)| function)))
+        .filter(|function| !machinery.iter().any(|m| function.starts_with(m)))
+        .take(FRAMES)
+        .collect();
+    (!frames.is_empty()).then(|| frames.join(" ← "))
+}
+
+/// A demangled Rust function name without what only a linker needs: the
+/// crates' disambiguators (`std[d123b7a1a2ed1472]::`) and the trailing
+/// hash (`::h028f6ef75abd7fb4`).
+fn readable(function: &str) -> String {
+    let hex = |s: &str| !s.is_empty() && s.bytes().all(|b| b.is_ascii_hexdigit());
+    let mut out = String::with_capacity(function.len());
+    let mut rest = function;
+    while let Some(open) = rest.find('[') {
+        let close = rest[open..].find(']').map(|c| open + c);
+        match close {
+            Some(close) if hex(&rest[open + 1..close]) => {
+                out.push_str(&rest[..open]);
+                rest = &rest[close + 1..];
+            }
+            _ => {
+                out.push_str(&rest[..=open]);
+                rest = &rest[open + 1..];
+            }
+        }
+    }
+    out.push_str(rest);
+    match out.rsplit_once("::h") {
+        Some((name, hash)) if hash.len() == 16 && hex(hash) => name.to_owned(),
+        _ => out,
     }
 }
 
@@ -450,5 +514,20 @@ impl Handler for WasmPlugin {
             }
         };
         (batch, outcome)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::readable;
+
+    #[test]
+    fn function_names_lose_their_disambiguators_and_hashes() {
+        assert_eq!(readable("std[d123b7a1a2ed1472]::panicking::panic_with_hook"), "std::panicking::panic_with_hook");
+        assert_eq!(
+            readable("<testkit_chaos::_::__RefractExport as refract_sdk::wit::Guest>::manifest::hdc700ff098d2e0d3"),
+            "<testkit_chaos::_::__RefractExport as refract_sdk::wit::Guest>::manifest"
+        );
+        assert_eq!(readable("<[u8]>::to_vec"), "<[u8]>::to_vec", "a slice type is not a disambiguator");
     }
 }

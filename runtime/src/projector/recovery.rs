@@ -91,7 +91,7 @@ impl Projector {
 
     pub(super) fn dead_letter(&mut self, pending: &Pending, at: usize, error: &HandleError) -> Retry {
         let e = &pending.events[at];
-        tracing::warn!(projection = self.name(), stream = %e.stream, partition = e.partition, offset = e.offset, error = %error, "dead-lettering an event");
+        self.dead_letter_log.record(self.handler.manifest().name.as_str(), e, error);
         // JSON data as its value; anything else as its text, kept with its
         // content type so that a retry hands over the same bytes.
         let json = e.content_type == "application/json";
@@ -227,5 +227,119 @@ pub(super) fn event_in(letter: &DeadLetter) -> crate::plugin::Event {
         headers: letter.headers.clone(),
         content_type,
         data,
+    }
+}
+
+/// How a worker logs its dead letters: the first few of each interval in
+/// full (which event, why), the rest as one line with their count and the
+/// last error when the interval ends. A plugin rejecting a whole stream
+/// would otherwise bury every other log line under its own.
+pub(super) struct DeadLetterLog {
+    /// When the current interval began.
+    since: Instant,
+    /// Dead letters of this interval logged in full, and counted only.
+    in_full: u32,
+    counted: u64,
+    /// The last error counted, for the summary line.
+    last_error: String,
+}
+
+/// Dead letters logged in full per interval, and the interval.
+const IN_FULL: u32 = 5;
+const INTERVAL: std::time::Duration = std::time::Duration::from_secs(10);
+
+impl Default for DeadLetterLog {
+    fn default() -> Self {
+        DeadLetterLog { since: Instant::now(), in_full: 0, counted: 0, last_error: String::new() }
+    }
+}
+
+impl DeadLetterLog {
+    /// Log (or count) the dead letter of `event`.
+    pub(super) fn record(&mut self, projection: &str, e: &crate::plugin::Event, error: &HandleError) {
+        self.roll(projection, Instant::now());
+        if self.in_full < IN_FULL {
+            self.in_full += 1;
+            tracing::warn!(projection, stream = %e.stream, partition = e.partition, offset = e.offset, error = %error, "dead-lettering an event");
+            if self.in_full == IN_FULL {
+                tracing::warn!(
+                    projection,
+                    "{IN_FULL} dead letters in {} s: more are counted, one line every {} s \
+                     (all of them: GET /v1/projections/{projection}/dead-letters, or `refract dead-letters {projection}`)",
+                    INTERVAL.as_secs(),
+                    INTERVAL.as_secs()
+                );
+            }
+        } else {
+            self.counted += 1;
+            self.last_error = error.to_string();
+        }
+    }
+
+    /// When the line counting the dead letters not logged is due; `None`
+    /// while none are waiting.
+    pub(super) fn due(&self) -> Option<Instant> {
+        (self.counted > 0).then(|| self.since + INTERVAL)
+    }
+
+    /// At `now`: if the interval is over, log the count of the dead letters
+    /// it did not log in full, and begin the next.
+    pub(super) fn roll(&mut self, projection: &str, now: Instant) {
+        if now.duration_since(self.since) < INTERVAL {
+            return;
+        }
+        if self.counted > 0 {
+            tracing::warn!(
+                projection,
+                count = self.counted,
+                last_error = %self.last_error,
+                "dead-lettered {} more events in the last {} s (GET /v1/projections/{projection}/dead-letters)",
+                self.counted,
+                now.duration_since(self.since).as_secs()
+            );
+        }
+        *self = DeadLetterLog { since: now, ..DeadLetterLog::default() };
+    }
+
+    /// Dead letters logged in full and counted in the current interval.
+    #[cfg(test)]
+    fn counts(&self) -> (u32, u64) {
+        (self.in_full, self.counted)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Five in full, the rest counted until the interval ends; then the
+    /// count is due, and the next interval logs five in full again.
+    #[test]
+    fn dead_letters_are_logged_in_full_up_to_a_few_per_interval_and_counted_beyond() {
+        let event = crate::plugin::Event {
+            stream: "orders".into(),
+            partition: 0,
+            offset: 7,
+            key: None,
+            event_type: "OrderPlaced".into(),
+            time: 0,
+            headers: Vec::new(),
+            content_type: "application/json".into(),
+            data: b"{}".to_vec(),
+        };
+        let error = HandleError::Rejected("no such order".into());
+        let mut log = DeadLetterLog::default();
+        let start = log.since;
+        for _ in 0..300 {
+            log.record("p", &event, &error);
+        }
+        assert_eq!(log.counts(), (IN_FULL, 295));
+        assert_eq!(log.due(), Some(start + INTERVAL));
+        log.roll("p", start + INTERVAL / 2);
+        assert_eq!(log.counts(), (IN_FULL, 295), "not before the interval ends");
+        log.roll("p", start + INTERVAL);
+        assert_eq!((log.counts(), log.due()), ((0, 0), None), "counted and logged; a new interval");
+        log.record("p", &event, &error);
+        assert_eq!(log.counts(), (1, 0));
     }
 }

@@ -44,6 +44,8 @@ pub struct Projector {
     pub(super) resync: bool,
     /// Dead letters committed since the last batch that applied an event.
     pub(super) dead_in_a_row: u64,
+    /// How dead letters are logged: a few in full, the rest counted.
+    pub(super) dead_letter_log: super::recovery::DeadLetterLog,
     /// Set by a [`Command::Resume`] (or a new version) to end a pause.
     pub(super) resume: bool,
     /// Which events replay history (a rebuild): what the plugin emits for them is dropped.
@@ -95,6 +97,7 @@ impl Projector {
             in_flight: None,
             resync: false,
             dead_in_a_row: 0,
+            dead_letter_log: Default::default(),
             resume: false,
             replay: Replay::default(),
             reader_replay: None,
@@ -149,6 +152,8 @@ impl Projector {
             }
             // The commit in flight is settled as soon as it is done.
             let committed = self.in_flight.as_ref().map_or_else(crossbeam_channel::never, |f| f.finished.clone());
+            // The count of dead letters not logged, once its interval ends.
+            let count_due = self.dead_letter_log.due().map_or_else(crossbeam_channel::never, crossbeam_channel::at);
             self.hungry.store(true, Ordering::Relaxed);
             let delivery = crossbeam_channel::select! {
                 recv(reading.batches) -> delivery => delivery.ok(),
@@ -162,6 +167,12 @@ impl Projector {
                 recv(committed) -> _ => {
                     self.hungry.store(false, Ordering::Relaxed);
                     self.settle_or_resync();
+                    continue;
+                },
+                recv(count_due) -> _ => {
+                    self.hungry.store(false, Ordering::Relaxed);
+                    let name = self.handler.manifest().name.clone();
+                    self.dead_letter_log.roll(&name, Instant::now());
                     continue;
                 },
             };

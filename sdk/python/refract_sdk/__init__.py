@@ -26,6 +26,7 @@ bug in one event never stops the others.
 
 import json
 import math
+import traceback
 from typing import Any, Dict, Iterable, List, Optional, Tuple
 
 from componentize_py_types import Err
@@ -272,7 +273,9 @@ def _failure(error: BaseException) -> Err:
         return Err(types.Failure_Transient(str(error)))
     if isinstance(error, Rejected):
         return Err(types.Failure_Rejected(str(error)))
-    return Err(types.Failure_Rejected(f"{type(error).__name__}: {error}"))
+    # An exception the plugin did not mean: where it came from, for the dead letter.
+    where = "".join(traceback.format_tb(error.__traceback__)).rstrip()
+    return Err(types.Failure_Rejected(f"{type(error).__name__}: {error}\nTraceback (most recent call last):\n{where}"))
 
 
 class Projection:
