@@ -63,6 +63,13 @@ impl Client {
         Self::reply(self.auth(self.agent.get(format!("{}{path}", self.base))).call())
     }
 
+    /// `GET path`, its body as bytes (a component, say): (status, body).
+    pub fn get_bytes(&self, path: &str) -> Result<(u16, Vec<u8>), ureq::Error> {
+        let mut response = self.auth(self.agent.get(format!("{}{path}", self.base))).call()?;
+        let status = response.status().as_u16();
+        Ok((status, response.body_mut().with_config().limit(1 << 30).read_to_vec()?))
+    }
+
     /// `POST path` with `body` of `content_type`.
     pub fn post(&self, path: &str, content_type: &str, body: &[u8]) -> Result<Reply, ureq::Error> {
         Self::reply(

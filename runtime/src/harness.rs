@@ -50,24 +50,68 @@ pub struct Step<'a> {
     pub outcome: Result<(), HandleError>,
 }
 
+/// How handling an event ended, as JSON: `{"applied": true}`, or
+/// `{"applied": false, "failure": "rejected"|"transient"|"trap"|"host", "error"}`
+/// where `error` is what a dead letter would say.
+pub fn outcome_json(outcome: &Result<(), HandleError>) -> Value {
+    match outcome {
+        Ok(()) => serde_json::json!({"applied": true}),
+        Err(error) => {
+            let kind = match error {
+                HandleError::Rejected(_) => "rejected",
+                HandleError::Transient(_) => "transient",
+                HandleError::Trap(_) => "trap",
+                HandleError::Host(_) => "host",
+            };
+            serde_json::json!({"applied": false, "failure": kind, "error": error.to_string()})
+        }
+    }
+}
+
+/// The values `calls` read, as `--state` takes them: `{"tables": {table: {key: value}}}`.
+pub fn state_read(calls: &[HostCall]) -> Value {
+    let mut tables: BTreeMap<String, serde_json::Map<String, Value>> = BTreeMap::new();
+    for call in calls {
+        match call {
+            HostCall::Get { table, key, value: Some(value), .. } => {
+                tables.entry(table.clone()).or_default().insert(key.clone(), value.clone());
+            }
+            HostCall::Scan { table, entries, .. } => {
+                let contents = tables.entry(table.clone()).or_default();
+                for e in entries {
+                    contents.insert(e.key.clone(), e.value.clone());
+                }
+            }
+            _ => {}
+        }
+    }
+    serde_json::json!({ "tables": tables })
+}
+
+/// `event` as one line of an events file (`read_events`): as appended, with its stream.
+pub fn event_line(event: &Event) -> Value {
+    let data: Value = serde_json::from_slice(&event.data)
+        .unwrap_or_else(|_| Value::String(String::from_utf8_lossy(&event.data).into_owned()));
+    let headers: serde_json::Map<String, Value> =
+        event.headers.iter().map(|(k, v)| (k.clone(), Value::String(v.clone()))).collect();
+    let mut line =
+        serde_json::json!({"stream": event.stream, "type": event.event_type, "time": event.time, "data": data});
+    if let Some(key) = &event.key {
+        line["key"] = Value::String(key.clone());
+    }
+    if !headers.is_empty() {
+        line["headers"] = Value::Object(headers);
+    }
+    line
+}
+
 impl Step<'_> {
     /// The step as one line of `--json`: the event, its host calls, writes,
     /// documents, emits and outcome.
     pub fn to_json(&self) -> Value {
         let step = self;
         let e = step.event;
-        let outcome = match &step.outcome {
-            Ok(()) => serde_json::json!({"applied": true}),
-            Err(error) => {
-                let (kind, message) = match error {
-                    HandleError::Rejected(m) => ("rejected", m),
-                    HandleError::Transient(m) => ("transient", m),
-                    HandleError::Trap(m) => ("trap", m),
-                    HandleError::Host(m) => ("host", m),
-                };
-                serde_json::json!({"applied": false, "failure": kind, "error": message})
-            }
-        };
+        let outcome = outcome_json(&step.outcome);
         serde_json::json!({
             "index": step.index,
             "event": {"stream": e.stream, "partition": e.partition, "offset": e.offset, "type": e.event_type,

@@ -35,12 +35,15 @@ run(async () => {
   const letter = `tr[data-letter="${letterId}"]`;
   await page.waitForSelector(letter);
   await shot("4-dead-letters");
+  await page.click(`${letter} button.reproduce`);
+  await page.waitForFunction(() => document.getElementById("reproduction").textContent.startsWith("dead letter"));
+  const reproduced = await page.textContent("#reproduction");
   await page.click(`${letter} button.retry`);
   await page.waitForSelector(letter, { state: "detached" });
   await page.waitForFunction(() => document.getElementById("message").textContent.startsWith("retried"));
   const retried = (await page.textContent("#message")).trim();
   await shot("5-retried");
 
-  console.log(JSON.stringify({ lag, state, searched, items, retried, errors }));
+  console.log(JSON.stringify({ lag, state, searched, items, reproduced, retried, errors }));
   await browser.close();
 });

@@ -125,3 +125,78 @@ fn plugin_test_starts_from_a_state_and_refuses_bad_input_clearly() {
     let (ok, _, stderr) = plugin_test(dir.path(), &[&wasm]);
     assert!(!ok && stderr.contains("--events"), "{stderr}");
 }
+
+/// A dead letter from a running server: `refract dead-letters … reproduce`
+/// writes a folder whose command reproduces the failure offline — the same
+/// error, the same reads — with the exact component that failed.
+#[test]
+fn a_dead_letter_is_reproduced_offline_with_the_same_error_and_reads() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut server = crate::support::Server::start(dir.path(), &[&plugins().order_summary], "");
+    let placed = json!({"type": "OrderPlaced", "key": "o-1", "time": 10,
+        "data": {"orderId": "o-1", "customerId": "c-1", "total": 30.0, "items": [], "description": "a lamp"}});
+    let payment = json!({"type": "PaymentReceived", "key": "o-9", "time": 20,
+        "data": {"orderId": "o-9", "paymentId": "p-1", "amount": 5.0}});
+    let events = [placed.clone(), placed, payment];
+    assert_eq!(server.client().append_ndjson("orders", &ndjson(&events)).unwrap().status, 200);
+    server.wait_checkpoints("order-summary", 3);
+    let letters = server.get("/v1/projections/order-summary/dead-letters")["deadLetters"].as_array().unwrap().clone();
+    assert_eq!(letters.len(), 2, "placed twice, and paid for an unknown order: {letters:?}");
+
+    let wasm = std::fs::read(&plugins().order_summary).unwrap();
+    for letter in &letters {
+        let (id, error) = (letter["id"].as_u64().unwrap(), letter["error"].as_str().unwrap());
+        let digest = letter["pluginDigest"].as_str().unwrap_or_else(|| panic!("{letter}"));
+        let (status, component) =
+            server.client().get_bytes(&format!("/v1/projections/order-summary/components/{digest}")).unwrap();
+        assert_eq!((status, component == wasm), (200, true), "the exact component is kept");
+
+        let out = dir.path().join(format!("reproduce-{id}"));
+        let written = server
+            .cli(&["dead-letters", "order-summary", "reproduce", &id.to_string(), "-o", out.to_str().unwrap()], None);
+        assert!(written.status.success(), "{}", String::from_utf8_lossy(&written.stderr));
+        for file in ["plugin.wasm", "event.ndjson", "state.json", "trace.json", "README.md"] {
+            assert!(out.join(file).is_file(), "{file} missing");
+        }
+        let readme = std::fs::read_to_string(out.join("README.md")).unwrap();
+        assert!(readme.contains(error) && readme.contains("refract plugin test plugin.wasm"), "{readme}");
+        let reproduction = server.get(&format!("/v1/projections/order-summary/dead-letters/{id}/reproduction"));
+        assert_eq!(reproduction["sameError"], true, "{reproduction}");
+
+        // Offline, the command in the folder: the same error, the same reads.
+        let args = ["plugin.wasm", "--events", "event.ndjson", "--state", "state.json", "--json"];
+        let (ok, stdout, stderr) = plugin_test(&out, &args);
+        assert!(ok, "{stderr}");
+        let step = &json_lines(&stdout)[0];
+        assert_eq!(step["outcome"]["error"], error, "{step}");
+        assert_eq!(step["calls"], reproduction["calls"], "the same reads");
+    }
+    // The second OrderPlaced read the order the first one placed: its value is in the state.
+    let first = letters[0]["id"].as_u64().unwrap();
+    let state: Value = serde_json::from_str(
+        &std::fs::read_to_string(dir.path().join(format!("reproduce-{first}/state.json"))).unwrap(),
+    )
+    .unwrap();
+    assert_eq!(state["tables"]["orders"]["o-1"]["status"], "placed", "{state}");
+
+    // A letter that is not there, a component that is not kept: clear 404s.
+    let missing = server.client().get("/v1/projections/order-summary/dead-letters/999/reproduction").unwrap();
+    assert_eq!((missing.status, missing.body["error"]["code"].as_str()), (404, Some("dead_letter_not_found")));
+    let none = format!("/v1/projections/order-summary/components/{}", "0".repeat(64));
+    assert_eq!(server.client().get_bytes(&none).unwrap().0, 404);
+
+    // A start sweeps a component no dead letter names and no plugin runs,
+    // and keeps the one the dead letters name (here also the one running).
+    let digest = letters[0]["pluginDigest"].as_str().unwrap();
+    let kept = dir.path().join("data/components/order-summary");
+    std::fs::write(kept.join(format!("{}.wasm", "f".repeat(64))), b"an old version nothing names").unwrap();
+    server.stop();
+    server.restart();
+    let path = format!("/v1/projections/order-summary/components/{digest}");
+    let until = std::time::Instant::now() + std::time::Duration::from_secs(30);
+    while kept.join(format!("{}.wasm", "f".repeat(64))).exists() {
+        assert!(std::time::Instant::now() < until, "the start never swept");
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    }
+    assert_eq!(server.client().get_bytes(&path).unwrap().0, 200, "named by dead letters: kept");
+}

@@ -73,6 +73,13 @@ fn the_console_shows_projections_searches_and_retries_a_dead_letter() {
     assert_eq!(seen["searched"], format!("{total} hits"), "{seen}");
     let items = seen["items"].as_array().unwrap();
     assert!(!items.is_empty() && items.iter().all(|k| k.as_str().unwrap().starts_with("o-1")), "{seen}");
+    // Reproduced before the retry: the order has arrived since, so the payment applies now.
+    let reproduced = seen["reproduced"].as_str().unwrap_or_default();
+    assert!(
+        reproduced.starts_with(&format!("dead letter {}: ends otherwise now: {{\"applied\":true}}", letter["id"])),
+        "{seen}"
+    );
+    assert!(reproduced.contains(&format!("refract dead-letters order-summary reproduce {}", letter["id"])), "{seen}");
     assert_eq!(seen["retried"], "retried: 1 applied, 0 failed again", "{seen}");
     assert_eq!(seen["errors"], json!([]), "the page logged errors: {seen}");
     // The retry really happened: the letter is gone, the payment applied.

@@ -81,6 +81,30 @@ pub struct DeadLetterView {
     pub letter: DeadLetter,
 }
 
+/// `GET /v1/projections/{p}/dead-letters/{id}/reproduction`: the dead
+/// letter's event handed again to the component that failed on it, over
+/// the read model as it is now, traced and rolled back: what a developer
+/// needs to reproduce the failure offline with `refract plugin test`.
+#[derive(Debug, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct Reproduction {
+    pub dead_letter: DeadLetterView,
+    /// The component's content hash: `GET /v1/projections/{p}/components/{component}`.
+    pub component: String,
+    /// The event as one line of `plugin test --events` (with its stream).
+    pub event: serde_json::Value,
+    /// Every value the plugin read, as `plugin test --state` takes it.
+    pub state: serde_json::Value,
+    /// The plugin's host calls, in order (`plugin::trace::HostCall`s).
+    pub calls: serde_json::Value,
+    /// How the call ended this time: `{"applied": true}` or `{"applied": false, "failure", "error"}`.
+    pub outcome: serde_json::Value,
+    /// Whether it failed again with the dead letter's error.
+    pub same_error: bool,
+    /// The command that reproduces it offline, in the folder `refract dead-letters … reproduce` writes.
+    pub command: String,
+}
+
 /// `GET /v1/projections/{p}/dead-letters`: a page, and the id to continue after.
 #[derive(Debug, Serialize, Deserialize)]
 #[serde(rename_all = "camelCase")]
@@ -147,6 +171,7 @@ mod tests {
             headers: Vec::new(),
             content_type: None,
             plugin_version: "1.0.0".into(),
+            plugin_digest: None,
             error: "unknown order o-1".into(),
             failed_at: 9,
         };

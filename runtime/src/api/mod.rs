@@ -109,6 +109,8 @@ pub fn operations() -> Vec<(Method, &'static str, MethodRouter<AppState>)> {
         (M::GET, "/v1/projections/{projection}/dead-letters/{id}", get(projections::dead_letter)),
         (M::DELETE, "/v1/projections/{projection}/dead-letters/{id}", delete(projections::skip_dead_letter)),
         (M::POST, "/v1/projections/{projection}/dead-letters/{id}/retry", post(projections::retry_dead_letter)),
+        (M::GET, "/v1/projections/{projection}/dead-letters/{id}/reproduction", get(projections::reproduce)),
+        (M::GET, "/v1/projections/{projection}/components/{digest}", get(plugins::component)),
         (M::GET, "/v1/projections/{projection}/indexes/{index}/search", get(search::search)),
         (M::POST, "/v1/projections/{projection}/resume", post(projections::resume)),
         (M::POST, "/v1/projections/{projection}/rebuild", post(projections::rebuild)),

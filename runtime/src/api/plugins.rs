@@ -13,6 +13,23 @@ use super::ApiError;
 use super::dto::PluginInstalled;
 use crate::runtime::{InstallError, Runtime};
 
+/// `GET /v1/projections/{p}/components/{sha256}`: a component of the
+/// projection's plugin the runtime keeps by its content hash (a dead
+/// letter's `pluginDigest`), as `application/wasm`.
+pub(super) async fn component(
+    State(rt): State<Arc<Runtime>>,
+    Path((projection, digest)): Path<(String, String)>,
+) -> Result<([(axum::http::header::HeaderName, &'static str); 1], Vec<u8>), ApiError> {
+    let read = tokio::task::spawn_blocking(move || rt.component(&projection, &digest).map(|bytes| (digest, bytes)))
+        .await
+        .map_err(|e| ApiError::internal("reading a kept component", e))?
+        .map_err(|e| ApiError::unavailable("reading a kept component", e))?;
+    match read {
+        (_, Some(bytes)) => Ok(([(axum::http::header::CONTENT_TYPE, "application/wasm")], bytes)),
+        (digest, None) => Err(ApiError::not_found("component_not_found", format!("no component {digest:?} is kept"))),
+    }
+}
+
 /// `PUT /v1/plugins/{name}`: check the component (compile, instantiate,
 /// manifest) and install it as `<plugins-dir>/<name>.wasm`; the watcher
 /// then swaps it in (or starts its projection) within a second.

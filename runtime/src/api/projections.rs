@@ -310,6 +310,65 @@ pub(super) async fn dead_letter(
     Ok(Json(DeadLetterView { id, letter }))
 }
 
+/// `GET /v1/projections/{p}/dead-letters/{id}/reproduction`: hand the dead
+/// letter's event again to the exact component that failed on it (kept by
+/// its content hash), over the read model as it is now, tracing, in a batch
+/// that is rolled back; answer what it read and how it ended, for
+/// `refract dead-letters … reproduce` to write down.
+pub(super) async fn reproduce(
+    State(state): State<AppState>,
+    Path((name, id)): Path<(String, u64)>,
+    request: Incoming,
+) -> Result<Json<super::dto::Reproduction>, ApiError> {
+    use crate::harness::{event_line, outcome_json, state_read};
+    let p = find(&state.runtime, &name)?;
+    let (n, local) = locate(&p, &name, id)?;
+    let plan = Plan::one(&state, &p, &request, n).await?;
+    let Some(shard) = plan.local.first().cloned() else { return relay(plan.ask(&state, &request).await?) };
+    let Some(letter) = shard.live().read_model.dead_letter(local)? else {
+        return Err(no_dead_letter(&name, id));
+    };
+    let Some(digest) = letter.plugin_digest.clone() else {
+        return Err(ApiError::conflict(
+            "no_component",
+            format!(
+                "dead letter {id} names no component: its event did not decode, or it is older than the components the runtime keeps"
+            ),
+        ));
+    };
+    let rt = state.runtime.clone();
+    let Some(bytes) = rt.component(&name, &digest).map_err(|e| ApiError::unavailable("reading a kept component", e))?
+    else {
+        return Err(ApiError::not_found("component_not_found", format!("the component {digest} is no longer kept")));
+    };
+    // The event as the log holds it (with its headers) while it does, else as the letter keeps it.
+    let from_log = match rt.kafka.topic(&letter.stream) {
+        Some(_) => None,
+        None => rt.log.read(&letter.stream, letter.partition, letter.offset, 1, usize::MAX).ok(),
+    };
+    let event = from_log
+        .and_then(|mut events| events.pop())
+        .filter(|e| e.offset == letter.offset)
+        .unwrap_or_else(|| crate::projector::letter_event(&letter));
+    let line = event_line(&event);
+    let reproduced = tokio::task::spawn_blocking(move || rt.reproduce(&shard, event, &bytes))
+        .await
+        .map_err(|e| ApiError::internal("reproducing a dead letter", e))?
+        .map_err(|e| ApiError::internal("reproducing a dead letter", e))?;
+    let same_error = reproduced.outcome.as_ref().err().is_some_and(|e| e.to_string() == letter.error);
+    Ok(Json(super::dto::Reproduction {
+        component: digest,
+        event: line,
+        state: state_read(&reproduced.calls),
+        outcome: outcome_json(&reproduced.outcome),
+        calls: serde_json::to_value(&reproduced.calls)
+            .map_err(|e| ApiError::internal("reproducing a dead letter", e))?,
+        same_error,
+        command: "refract plugin test plugin.wasm --events event.ndjson --state state.json".into(),
+        dead_letter: DeadLetterView { id, letter },
+    }))
+}
+
 fn no_dead_letter(projection: &str, id: u64) -> ApiError {
     ApiError::not_found("dead_letter_not_found", format!("{projection} holds no dead letter {id}"))
 }

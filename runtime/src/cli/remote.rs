@@ -44,12 +44,26 @@ pub(crate) enum DeadLetterAction {
     Retry { id: Option<u64> },
     /// Drop a dead letter, leaving its event unapplied.
     Skip { id: u64 },
+    /// Write a folder that reproduces the failure offline: the event, the
+    /// exact component that failed, the values it read (handed the event
+    /// again over the read model as it is now, rolled back), and the
+    /// `refract plugin test` command.
+    Reproduce {
+        id: u64,
+        /// The folder (default: ./reproduce-<projection>-<id>).
+        #[arg(long, short)]
+        out: Option<PathBuf>,
+    },
 }
 
 /// `refract dead-letters`.
 pub(crate) fn dead_letters(projection: &str, action: Option<DeadLetterAction>, remote: &Remote) -> anyhow::Result<()> {
     let (client, url) = (remote.client(), &remote.url);
     let base = format!("/v1/projections/{projection}/dead-letters");
+    if let Some(DeadLetterAction::Reproduce { id, out }) = &action {
+        let out = out.clone().unwrap_or_else(|| PathBuf::from(format!("reproduce-{projection}-{id}")));
+        return reproduce(&client, projection, *id, &out).with_context(|| format!("asking {url}"));
+    }
     let reply = match &action {
         None => client.get(&format!("{base}?limit=1000")),
         Some(DeadLetterAction::Show { id }) => client.get(&format!("{base}/{id}")),
@@ -58,6 +72,7 @@ pub(crate) fn dead_letters(projection: &str, action: Option<DeadLetterAction>, r
         }
         Some(DeadLetterAction::Retry { id: None }) => client.post(&format!("{base}/retry"), "application/json", b""),
         Some(DeadLetterAction::Skip { id }) => client.delete(&format!("{base}/{id}")),
+        Some(DeadLetterAction::Reproduce { .. }) => unreachable!("answered above"),
     }
     .with_context(|| format!("asking {url}"))?;
     if reply.status != 200 {
@@ -83,6 +98,57 @@ pub(crate) fn dead_letters(projection: &str, action: Option<DeadLetterAction>, r
         }
         _ => println!("{:#}", reply.body),
     }
+    Ok(())
+}
+
+/// `refract dead-letters <p> reproduce <id>`: ask for the reproduction of
+/// dead letter `id` and write it, with its component, to the folder `out`.
+fn reproduce(client: &refract_client::Client, projection: &str, id: u64, out: &std::path::Path) -> anyhow::Result<()> {
+    let reply = client.get(&format!("/v1/projections/{projection}/dead-letters/{id}/reproduction"))?;
+    if reply.status != 200 {
+        bail!("{}: {}", reply.status, error_message(&reply));
+    }
+    let r = reply.body;
+    let digest = r["component"].as_str().context("the reproduction names no component")?;
+    let (status, component) = client.get_bytes(&format!("/v1/projections/{projection}/components/{digest}"))?;
+    if status != 200 {
+        bail!("fetching the component {digest}: {status}");
+    }
+    std::fs::create_dir_all(out).with_context(|| format!("creating {}", out.display()))?;
+    let write = |name: &str, bytes: &[u8]| -> anyhow::Result<()> {
+        std::fs::write(out.join(name), bytes).with_context(|| format!("writing {}", out.join(name).display()))
+    };
+    write("plugin.wasm", &component)?;
+    write("event.ndjson", format!("{}\n", r["event"]).as_bytes())?;
+    write("state.json", format!("{:#}\n", r["state"]).as_bytes())?;
+    let trace = serde_json::json!({"deadLetter": r["deadLetter"], "calls": r["calls"], "outcome": r["outcome"]});
+    write("trace.json", format!("{trace:#}\n").as_bytes())?;
+    let letter = &r["deadLetter"];
+    let again = if r["sameError"] == true {
+        "It failed again, with the same error, when the reproduction was made.".to_owned()
+    } else {
+        format!("When the reproduction was made it ended otherwise: {}.", r["outcome"])
+    };
+    let readme = format!(
+        "# Dead letter {id} of {stream}/{partition}@{offset}\n\n\
+         The plugin `{version}` (component `plugin.wasm`, SHA-256 `{digest}`) failed on the event in\n\
+         `event.ndjson` with:\n\n```\n{error}\n```\n\n{again}\n\n\
+         `state.json` holds every value the plugin read while handling it, taken from the read model\n\
+         as it was when this folder was made (not when the event failed); `trace.json` its calls in order.\n\n\
+         Reproduce it offline, in the real engine:\n\n```sh\n{command}\n```\n\n\
+         Then fix the plugin, build it, and run the same command on the new build; once it applies,\n\
+         deploy it and retry the letter: `refract dead-letters <projection> retry {id}`.\n",
+        id = letter["id"],
+        stream = letter["stream"].as_str().unwrap_or_default(),
+        partition = letter["partition"],
+        offset = letter["offset"],
+        version = letter["pluginVersion"].as_str().unwrap_or_default(),
+        error = letter["error"].as_str().unwrap_or_default(),
+        command = r["command"].as_str().unwrap_or_default(),
+    );
+    write("README.md", readme.as_bytes())?;
+    println!("wrote {}: plugin.wasm, event.ndjson, state.json, trace.json, README.md", out.display());
+    println!("reproduce it: cd {} && {}", out.display(), r["command"].as_str().unwrap_or_default());
     Ok(())
 }
 

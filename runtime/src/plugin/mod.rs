@@ -124,6 +124,12 @@ pub trait Handler: Send {
     /// Handle `events` against `batch`, handing the batch back for commit or rollback.
     fn handle(&mut self, batch: Batch, events: &[Event]) -> (Batch, Result<(), HandleError>);
 
+    /// The content hash of the component this handler runs, when the
+    /// runtime keeps it (see `runtime::components`).
+    fn component_digest(&self) -> Option<&str> {
+        None
+    }
+
     /// A fresh instance of the same plugin version, for another shard of a
     /// partitioned projection; `None` when this handler cannot make one.
     fn another(&self) -> Option<Box<dyn Handler>> {

@@ -91,6 +91,8 @@ pub struct WasmPlugin {
     tracing: bool,
     /// The calls recorded during the last `handle`.
     traced: Vec<super::trace::HostCall>,
+    /// The content hash of the component, once the runtime keeps it.
+    digest: Option<Arc<str>>,
 }
 
 /// A linker with the host interfaces and an empty WASI.
@@ -240,6 +242,7 @@ impl WasmPlugin {
             packed: Vec::new(),
             tracing: false,
             traced: Vec::new(),
+            digest: None,
         };
         let mut store = this.new_store();
         let raw = this.instantiate_raw(&mut store).map_err(|e| LoadError::Instantiate(format!("{e:#}")))?;
@@ -292,6 +295,11 @@ impl WasmPlugin {
     /// (it exports `handle-packed` or `enrich-packed`), rather than as records.
     pub fn takes_packed_batches(&self) -> bool {
         self.takes_packed
+    }
+
+    /// Name the component by its content hash (the runtime keeps it by it).
+    pub fn set_digest(&mut self, digest: &str) {
+        self.digest = Some(Arc::from(digest));
     }
 
     /// Record the host calls each `handle` makes, for [`WasmPlugin::take_trace`].
@@ -422,6 +430,10 @@ impl Handler for WasmPlugin {
         &self.keyed_tables
     }
 
+    fn component_digest(&self) -> Option<&str> {
+        self.digest.as_deref()
+    }
+
     fn kind(&self) -> Kind {
         match self.pre {
             Pre::Projection(_) => Kind::Projection,
@@ -447,6 +459,7 @@ impl Handler for WasmPlugin {
             packed: Vec::new(),
             tracing: self.tracing,
             traced: Vec::new(),
+            digest: self.digest.clone(),
         }))
     }
 

@@ -134,6 +134,7 @@ impl Projector {
             headers: Vec::new(),
             content_type: None,
             plugin_version: version.clone(),
+            plugin_digest: None,
             error: u.error,
             failed_at: now,
         }));

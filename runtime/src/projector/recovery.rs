@@ -109,6 +109,7 @@ impl Projector {
             headers: e.headers.clone(),
             content_type: (!json).then(|| e.content_type.clone()),
             plugin_version: self.handler.manifest().version.clone(),
+            plugin_digest: self.handler.component_digest().map(str::to_owned),
             error: error.to_string(),
             failed_at: now_ms(),
         };
@@ -211,7 +212,7 @@ impl Projector {
 /// The event a dead letter keeps (a Kafka record's, whose topic may have
 /// dropped it): its headers and content type as they were, and data that is
 /// not JSON as the text it was, not that text quoted as a JSON string.
-pub(super) fn event_in(letter: &DeadLetter) -> crate::plugin::Event {
+pub fn event_in(letter: &DeadLetter) -> crate::plugin::Event {
     let content_type = letter.content_type.clone().unwrap_or_else(|| "application/json".into());
     let data = match &letter.data {
         serde_json::Value::String(text) if letter.content_type.is_some() => text.clone().into_bytes(),

@@ -125,6 +125,7 @@ fn a_dead_letter_retries_with_its_headers_content_type_and_bytes() {
         headers: vec![("ce_source".into(), "bank".into()), ("trace".into(), "t-1".into())],
         content_type: content_type.map(str::to_owned),
         plugin_version: "1".into(),
+        plugin_digest: None,
         error: "rejected".into(),
         failed_at: 6,
     };

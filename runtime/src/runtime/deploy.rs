@@ -62,6 +62,11 @@ pub(super) struct Loader {
     limits: LimitsConfig,
     lookup: Arc<dyn Lookup>,
     plugins: BTreeMap<String, PluginConfig>,
+    /// Every component loaded, kept by content hash for dead letters.
+    pub(super) components: super::components::Components,
+    /// The (projection, digest) of each component loaded since the start:
+    /// kept by the start's sweep.
+    pub(super) loaded: std::sync::Mutex<std::collections::BTreeSet<(String, String)>>,
 }
 
 impl Loader {
@@ -70,7 +75,18 @@ impl Loader {
         let cache = CompileCache::new(&config.data_dir.join("cache").join("compiled"), &engine)
             .context("creating the compile cache")?;
         let linker = wasm::linker(&engine).map_err(|e| anyhow::anyhow!("linking host interfaces: {e}"))?;
-        Ok(Loader { engine, cache, linker, limits: config.limits.clone(), lookup, plugins: config.plugins.clone() })
+        let components = super::components::Components::new(config.data_dir.join("components"))
+            .context("creating the components directory")?;
+        Ok(Loader {
+            engine,
+            cache,
+            linker,
+            limits: config.limits.clone(),
+            lookup,
+            plugins: config.plugins.clone(),
+            components,
+            loaded: Default::default(),
+        })
     }
 
     /// Compile, instantiate and describe the plugin in `file`.
@@ -79,8 +95,9 @@ impl Loader {
         self.load_bytes(&bytes, &file.display().to_string())
     }
 
-    /// Compile, instantiate and describe the plugin in `bytes`.
-    fn load_bytes(&self, bytes: &[u8], label: &str) -> Result<WasmPlugin, String> {
+    /// Compile, instantiate and describe the plugin in `bytes`, and keep
+    /// the component by its content hash.
+    pub(super) fn load_bytes(&self, bytes: &[u8], label: &str) -> Result<WasmPlugin, String> {
         let (component, _) =
             self.cache.load(bytes).map_err(|e| wasm::LoadError::Compile(format!("{e:#}")).to_string())?;
         // Loaded under the global limits; its own apply once its name is known.
@@ -91,6 +108,18 @@ impl Loader {
         let settings = config.settings_text()?;
         let env = Environment { lookup: self.lookup.clone(), settings: Arc::new(settings) };
         plugin.configure(env, &config.routes, resolve_limits(&self.limits, Some(&config.limits)).0)?;
+        // Kept and recorded under one lock, which the start's sweep holds too.
+        let mut loaded = self.loaded.lock().expect("loaded lock");
+        let projection = plugin.manifest().name.clone();
+        match self.components.keep(&projection, bytes) {
+            Ok(digest) => {
+                plugin.set_digest(&digest);
+                loaded.insert((projection, digest));
+            }
+            Err(e) => {
+                tracing::warn!(plugin = %label, error = %e, "cannot keep the component: its dead letters cannot be reproduced")
+            }
+        }
         Ok(plugin)
     }
 }

@@ -7,6 +7,7 @@
 
 mod activity;
 mod cluster_rebuild;
+mod components;
 mod deploy;
 mod lookup;
 mod projection;
@@ -15,6 +16,7 @@ mod status;
 mod watcher;
 
 pub use activity::Membership;
+pub use components::Reproduced;
 pub use deploy::{InstallError, PluginError};
 pub use projection::{DEAD_LETTER_SHARD_BITS, Projection, Shard};
 pub use status::{
@@ -122,6 +124,12 @@ impl Runtime {
                 runtime.plugin_error(source, format!("{e:#}"));
             }
         }
+        // Components only dead letters of the past needed: not kept forever.
+        let sweeping = runtime.clone();
+        std::thread::Builder::new()
+            .name("component-sweep".into())
+            .spawn(move || sweeping.sweep_components())
+            .context("spawning the component sweep")?;
         let watching = runtime.clone();
         let thread = std::thread::Builder::new()
             .name("plugin-watcher".into())

@@ -31,6 +31,11 @@ pub struct DeadLetter {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub content_type: Option<String>,
     pub plugin_version: String,
+    /// The content hash (SHA-256) of the plugin component that failed, kept
+    /// by the runtime while a dead letter names it (none for letters of
+    /// undecodable records, or from before components were kept).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub plugin_digest: Option<String>,
     pub error: String,
     /// When it was dead-lettered (ms since the Unix epoch).
     pub failed_at: i64,
