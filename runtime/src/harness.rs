@@ -169,10 +169,6 @@ impl Harness {
         })
     }
 
-    pub fn plugin(&self) -> &WasmPlugin {
-        &self.plugin
-    }
-
     /// Start from `tables` (table → key → value) instead of empty tables.
     pub fn load_tables(&mut self, tables: &BTreeMap<String, Contents>) -> anyhow::Result<()> {
         let mut batch = self.read_model.begin(self.declared.clone(), self.limits, None)?;
