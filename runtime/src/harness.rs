@@ -18,17 +18,13 @@ use serde_json::Value;
 use crate::plugin::trace::{HostCall, shown};
 use crate::plugin::wasm::WasmPlugin;
 use crate::plugin::{Event, HandleError, Handler};
+use crate::projector::BatchOptions;
 use crate::source::NewEvent;
 use crate::store::read_model::Commit;
-use crate::store::{BatchWrites, Declared, Emitted, KvLimits, ReadModel};
+use crate::store::{BatchWrites, Declared, Emitted, ReadModel};
 
 /// A table's or an index's contents: key (or document id) → value.
 pub type Contents = BTreeMap<String, Value>;
-
-/// Events per batch when not tracing, and per call into the plugin (the
-/// server's defaults: `batch.max-events`, `batch.call-events`).
-const BATCH: usize = 10_000;
-const CALL: usize = 500;
 
 /// One event handled, and what it did.
 pub struct Step<'a> {
@@ -109,19 +105,17 @@ impl Step<'_> {
     /// The step as one line of `--json`: the event, its host calls, writes,
     /// documents, emits and outcome.
     pub fn to_json(&self) -> Value {
-        let step = self;
-        let e = step.event;
-        let outcome = outcome_json(&step.outcome);
+        let e = self.event;
         serde_json::json!({
-            "index": step.index,
+            "index": self.index,
             "event": {"stream": e.stream, "partition": e.partition, "offset": e.offset, "type": e.event_type,
                 "key": e.key, "time": e.time},
-            "calls": step.calls,
-            "writes": step.writes,
-            "documents": step.documents,
-            "emitted": step.emitted.iter().map(emitted_json).collect::<Vec<_>>(),
-            "unrouted": step.unrouted,
-            "outcome": outcome,
+            "calls": self.calls,
+            "writes": self.writes,
+            "documents": self.documents,
+            "emitted": self.emitted.iter().map(emitted_json).collect::<Vec<_>>(),
+            "unrouted": self.unrouted,
+            "outcome": outcome_json(&self.outcome),
         })
     }
 }
@@ -131,9 +125,10 @@ pub struct Harness {
     plugin: WasmPlugin,
     read_model: ReadModel,
     declared: Arc<Declared>,
-    limits: KvLimits,
+    /// The server's defaults: batch and call sizes (untraced), key/value limits.
+    options: BatchOptions,
     tracing: bool,
-    /// The search documents as they stand, by index and id.
+    /// The search documents as they stand, by index and id (every declared index).
     documents: BTreeMap<String, Contents>,
     /// Every event emitted, in order.
     emitted: Vec<Emitted>,
@@ -154,13 +149,14 @@ impl Harness {
             tempfile::Builder::new().prefix("refract-plugin-test").tempdir().context("creating a scratch directory")?;
         let read_model = ReadModel::open_scratch(&dir.path().join("read-model.redb"))?;
         plugin.set_tracing(tracing);
+        let documents = declared.indexes.keys().map(|i| (i.clone(), Contents::new())).collect();
         Ok(Harness {
             plugin,
             read_model,
             declared: Arc::new(declared),
-            limits: KvLimits::default(),
+            options: BatchOptions::default(),
             tracing,
-            documents: BTreeMap::new(),
+            documents,
             emitted: Vec::new(),
             applied: 0,
             failed: 0,
@@ -171,7 +167,7 @@ impl Harness {
 
     /// Start from `tables` (table → key → value) instead of empty tables.
     pub fn load_tables(&mut self, tables: &BTreeMap<String, Contents>) -> anyhow::Result<()> {
-        let mut batch = self.read_model.begin(self.declared.clone(), self.limits, None)?;
+        let mut batch = self.read_model.begin(self.declared.clone(), self.options.kv, None)?;
         for (table, entries) in tables {
             for (key, value) in entries {
                 let bytes = serde_json::to_vec(value)?;
@@ -199,7 +195,7 @@ impl Harness {
         };
         let handed: Vec<usize> = (0..events.len()).filter(|i| subscribed(&events[*i])).collect();
         self.skipped += (events.len() - handed.len()) as u64;
-        let size = if self.tracing { 1 } else { BATCH };
+        let size = if self.tracing { 1 } else { self.options.max_events };
         for chunk in handed.chunks(size) {
             let batch: Vec<Event> = chunk.iter().map(|i| events[*i].clone()).collect();
             match self.apply(&batch)? {
@@ -232,9 +228,9 @@ impl Harness {
     /// Handle `events` in one batch and commit it; the plugin's failure as
     /// the inner error (nothing committed), the host's as the outer one.
     fn apply(&mut self, events: &[Event]) -> anyhow::Result<Result<BatchWrites, HandleError>> {
-        let mut batch = self.read_model.begin(self.declared.clone(), self.limits, None)?;
+        let mut batch = self.read_model.begin(self.declared.clone(), self.options.kv, None)?;
         let mut outcome = Ok(());
-        for call in events.chunks(CALL) {
+        for call in events.chunks(self.options.call_events) {
             let handled;
             (batch, handled) = self.plugin.handle(batch, call);
             outcome = handled;
@@ -265,28 +261,21 @@ impl Harness {
         }
     }
 
-    /// Every declared table's contents, as committed.
-    pub fn tables(&self) -> anyhow::Result<BTreeMap<String, Contents>> {
+    /// What the run ended with: every declared table's contents as
+    /// committed, every declared index's documents, the events emitted, and
+    /// how many failed.
+    pub fn end(&self) -> anyhow::Result<Final> {
         let mut tables = BTreeMap::new();
         for table in &self.plugin.manifest().tables {
             let entries = self.read_model.scan(table, "", None, usize::MAX)?;
             tables.insert(table.clone(), entries.into_iter().map(|(k, v)| (k, shown(&v))).collect());
         }
-        Ok(tables)
-    }
-
-    /// Every declared index's documents, by id.
-    pub fn documents(&self) -> BTreeMap<String, Contents> {
-        let mut documents: BTreeMap<String, Contents> =
-            self.declared.indexes.keys().map(|i| (i.clone(), Contents::new())).collect();
-        for (index, docs) in &self.documents {
-            documents.insert(index.clone(), docs.clone());
-        }
-        documents
-    }
-
-    pub fn emitted(&self) -> &[Emitted] {
-        &self.emitted
+        Ok(Final {
+            tables,
+            documents: self.documents.clone(),
+            emitted: self.emitted.iter().map(emitted_json).collect(),
+            failed: self.failed,
+        })
     }
 
     /// Events that applied, that failed (a server's dead letters), and that
@@ -380,32 +369,19 @@ pub struct Expected {
 }
 
 impl Expected {
-    /// How `harness`'s final state differs from what is expected, one line
-    /// per difference, each naming the table and key (empty: as expected).
-    pub fn differences(&self, harness: &Harness) -> anyhow::Result<Vec<String>> {
+    /// How the run's `end` differs from what is expected, one line per
+    /// difference, each naming the table (or index) and key (empty: as expected).
+    pub fn differences(&self, end: &Final) -> Vec<String> {
         let mut out = Vec::new();
         if let Some(expected) = &self.tables {
-            let actual = harness.tables()?;
-            for (table, contents) in expected {
-                match actual.get(table) {
-                    None => out.push(format!("table {table:?}: the plugin declares no such table")),
-                    Some(got) => compare_contents(table, contents, got, &mut out),
-                }
-            }
+            compare_declared("table", expected, &end.tables, &mut out);
         }
         if let Some(expected) = &self.documents {
-            let actual = harness.documents();
-            for (index, contents) in expected {
-                match actual.get(index) {
-                    None => out.push(format!("index {index:?}: the plugin declares no such index")),
-                    Some(got) => compare_contents(index, contents, got, &mut out),
-                }
-            }
+            compare_declared("index", expected, &end.documents, &mut out);
         }
         if let Some(expected) = &self.emitted {
-            let actual: Vec<Value> = harness.emitted().iter().map(emitted_json).collect();
             for (i, fields) in expected.iter().enumerate() {
-                let Some(got) = actual.get(i) else {
+                let Some(got) = end.emitted.get(i) else {
                     out.push(format!("emitted[{i}]: expected {}, nothing was emitted", Value::Object(fields.clone())));
                     continue;
                 };
@@ -413,17 +389,42 @@ impl Expected {
                     compare(&format!("emitted[{i}].{field}"), want, &got[field.as_str()], &mut out);
                 }
             }
-            for (i, got) in actual.iter().enumerate().skip(expected.len()) {
+            for (i, got) in end.emitted.iter().enumerate().skip(expected.len()) {
                 out.push(format!("emitted[{i}]: not expected, got {got}"));
             }
         }
-        if let Some(expected) = self.failed {
-            let (_, failed, _) = harness.counts();
-            if failed != expected {
-                out.push(format!("failed: expected {expected} events to fail, {failed} did"));
-            }
+        if let Some(expected) = self.failed
+            && end.failed != expected
+        {
+            out.push(format!("failed: expected {expected} events to fail, {} did", end.failed));
         }
-        Ok(out)
+        out
+    }
+}
+
+/// What a run ended with, in `expected.json`'s shape (`--json`'s `final`).
+#[derive(Debug, serde::Serialize)]
+pub struct Final {
+    pub tables: BTreeMap<String, Contents>,
+    pub documents: BTreeMap<String, Contents>,
+    /// Every event emitted, as [`emitted_json`] shows it.
+    pub emitted: Vec<Value>,
+    pub failed: u64,
+}
+
+/// Each of `expected`'s tables (or indexes, as `what` says) against the one
+/// of that name in `actual`.
+fn compare_declared(
+    what: &str,
+    expected: &BTreeMap<String, Contents>,
+    actual: &BTreeMap<String, Contents>,
+    out: &mut Vec<String>,
+) {
+    for (name, contents) in expected {
+        match actual.get(name) {
+            None => out.push(format!("{what} {name:?}: the plugin declares no such {what}")),
+            Some(got) => compare_contents(name, contents, got, out),
+        }
     }
 }
 

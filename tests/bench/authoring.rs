@@ -86,20 +86,17 @@ fn main() {
         common::median(&server),
         rate(&server)
     );
-    let vs_server = common::rate_ratios(&quiet, &server);
-    println!(
-        "| `plugin test --quiet` (batches of 10,000, calls of 500) | {:.2} s | {:.0} | **{:.2}** ({}) of the server |",
-        common::median(&quiet),
-        rate(&quiet),
-        common::median(&vs_server),
-        common::spread(&vs_server)
-    );
-    let vs_quiet = common::rate_ratios(&traced, &quiet);
-    println!(
-        "| `plugin test --json` (traced, an event per batch) | {:.2} s | {:.0} | {:.2} ({}) of `--quiet` |",
-        common::median(&traced),
-        rate(&traced),
-        common::median(&vs_quiet),
-        common::spread(&vs_quiet)
-    );
+    // A run against its baseline: the median ratio of rates over the rounds, and its spread.
+    let row = |what: &str, times: &[f64], baseline: &[f64], of: &str, bold: &str| {
+        let ratios = common::rate_ratios(times, baseline);
+        println!(
+            "| {what} | {:.2} s | {:.0} | {bold}{:.2}{bold} ({}) of {of} |",
+            common::median(times),
+            rate(times),
+            common::median(&ratios),
+            common::spread(&ratios)
+        );
+    };
+    row("`plugin test --quiet` (batches of 10,000, calls of 500)", &quiet, &server, "the server", "**");
+    row("`plugin test --json` (traced, an event per batch)", &traced, &quiet, "`--quiet`", "");
 }

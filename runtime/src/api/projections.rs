@@ -336,25 +336,22 @@ pub(super) async fn reproduce(
             ),
         ));
     };
-    let rt = state.runtime.clone();
-    let Some(bytes) = rt.component(&name, &digest).map_err(|e| ApiError::unavailable("reading a kept component", e))?
-    else {
-        return Err(ApiError::not_found("component_not_found", format!("the component {digest} is no longer kept")));
-    };
-    // The event as the log holds it (with its headers) while it does, else as the letter keeps it.
-    let from_log = match rt.kafka.topic(&letter.stream) {
-        Some(_) => None,
-        None => rt.log.read(&letter.stream, letter.partition, letter.offset, 1, usize::MAX).ok(),
-    };
-    let event = from_log
-        .and_then(|mut events| events.pop())
-        .filter(|e| e.offset == letter.offset)
-        .unwrap_or_else(|| crate::projector::letter_event(&letter));
-    let line = event_line(&event);
-    let reproduced = tokio::task::spawn_blocking(move || rt.reproduce(&shard, event, &bytes))
-        .await
-        .map_err(|e| ApiError::internal("reproducing a dead letter", e))?
-        .map_err(|e| ApiError::internal("reproducing a dead letter", e))?;
+    // Reading the component and the log, compiling and running it: off the async threads.
+    let (rt, kept, held) = (state.runtime.clone(), digest.clone(), letter.clone());
+    let (line, reproduced) = tokio::task::spawn_blocking(move || {
+        let Some(bytes) =
+            rt.component(&name, &kept).map_err(|e| ApiError::unavailable("reading a kept component", e))?
+        else {
+            return Err(ApiError::not_found("component_not_found", format!("the component {kept} is no longer kept")));
+        };
+        let event = crate::projector::letter_event(&rt.log, &held);
+        let line = event_line(&event);
+        let reproduced =
+            rt.reproduce(&shard, event, &bytes).map_err(|e| ApiError::internal("reproducing a dead letter", e))?;
+        Ok((line, reproduced))
+    })
+    .await
+    .map_err(|e| ApiError::internal("reproducing a dead letter", e))??;
     let same_error = reproduced.outcome.as_ref().err().is_some_and(|e| e.to_string() == letter.error);
     Ok(Json(super::dto::Reproduction {
         component: digest,

@@ -9,8 +9,9 @@ use std::path::{Path, PathBuf};
 use anyhow::{Context, bail};
 use serde_json::{Value, json};
 
-use refract::harness::{Contents, Expected, Harness, Step, emitted_json};
+use refract::harness::{Contents, Expected, Final, Harness, Step, emitted_json};
 use refract::plugin::Handler;
+use refract::plugin::trace::HostCall;
 
 /// How many entries of each table the text output shows (`--json`: all).
 const SHOWN: usize = 20;
@@ -101,16 +102,11 @@ pub(crate) fn test(args: TestArgs) -> anyhow::Result<()> {
     if let Some(e) = failure {
         return Err(e).context("writing the trace");
     }
-    let differences = match &expected {
-        Some(expected) => expected.differences(&harness)?,
-        None => Vec::new(),
-    };
+    let end = harness.end()?;
+    let differences = expected.map(|e| e.differences(&end)).unwrap_or_default();
     let (applied, failed, skipped) = harness.counts();
-    let (tables, documents) = (harness.tables()?, harness.documents());
-    let emitted: Vec<Value> = harness.emitted().iter().map(emitted_json).collect();
     if args.json {
-        let result = json!({"final": {"tables": tables, "documents": documents, "emitted": emitted, "failed": failed},
-            "applied": applied, "skipped": skipped, "differences": differences});
+        let result = json!({"final": end, "applied": applied, "skipped": skipped, "differences": differences});
         writeln!(out, "{result}")?;
     } else {
         writeln!(
@@ -121,7 +117,7 @@ pub(crate) fn test(args: TestArgs) -> anyhow::Result<()> {
             if failed > 0 { " (a server dead-letters those)" } else { "" },
             if skipped > 0 { format!(", {skipped} skipped (not subscribed to)") } else { String::new() }
         )?;
-        write_final(&mut out, &tables, &documents, &emitted)?;
+        write_final(&mut out, &end)?;
     }
     out.flush()?;
     drop(out);
@@ -155,40 +151,27 @@ fn write_step(out: &mut impl Write, step: &Step<'_>) -> std::io::Result<()> {
     let key = e.key.as_deref().map(|k| format!(" key {k}")).unwrap_or_default();
     writeln!(out, "#{} {} {}:{} {}{key} time {}", step.index, e.stream, e.partition, e.offset, e.event_type, e.time)?;
     for call in &step.calls {
-        let line = match serde_json::to_value(call).unwrap_or_default() {
-            Value::Object(mut c) => {
-                let what = c.remove("call").and_then(|v| v.as_str().map(str::to_owned)).unwrap_or_default();
-                match what.as_str() {
-                    "get" => format!(
-                        "get      {}[{}] → {}",
-                        c["table"].as_str().unwrap_or_default(),
-                        c["key"],
-                        c.get("error").map_or_else(|| value_or_none(&c["value"]), |e| format!("error: {}", e))
-                    ),
-                    "scan" => format!(
-                        "scan     {}[{} …] → {} entries{}",
-                        c["table"].as_str().unwrap_or_default(),
-                        c["prefix"],
-                        c["entries"].as_array().map_or(0, Vec::len),
-                        c.get("error").map(|e| format!(" (error: {e})")).unwrap_or_default()
-                    ),
-                    "lookup" => format!(
-                        "lookup   {}/{}[{}] → {}",
-                        c["projection"].as_str().unwrap_or_default(),
-                        c["table"].as_str().unwrap_or_default(),
-                        c["key"],
-                        c.get("error").map_or_else(|| value_or_none(&c["value"]), |e| format!("error: {e}"))
-                    ),
-                    "setting" => format!("setting  {} → {}", c["name"].as_str().unwrap_or_default(), c["value"]),
-                    "log" => format!(
-                        "log      {}: {}",
-                        c["level"].as_str().unwrap_or_default(),
-                        c["message"].as_str().unwrap_or_default()
-                    ),
-                    other => format!("{other} {}", Value::Object(c)),
-                }
+        // Keys, prefixes, settings and errors quoted as JSON strings.
+        let quoted = |s: &str| Value::from(s).to_string();
+        let read = |value: &Option<Value>, error: &Option<String>| match error {
+            Some(e) => format!("error: {}", quoted(e)),
+            None => value.as_ref().map_or_else(|| "none".to_owned(), short),
+        };
+        let line = match call {
+            HostCall::Get { table, key, value, error } => {
+                format!("get      {table}[{}] → {}", quoted(key), read(value, error))
             }
-            other => other.to_string(),
+            HostCall::Scan { table, prefix, entries, error, .. } => format!(
+                "scan     {table}[{} …] → {} entries{}",
+                quoted(prefix),
+                entries.len(),
+                error.as_deref().map(|e| format!(" (error: {})", quoted(e))).unwrap_or_default()
+            ),
+            HostCall::Lookup { projection, table, key, value, error } => {
+                format!("lookup   {projection}/{table}[{}] → {}", quoted(key), read(value, error))
+            }
+            HostCall::Setting { name, value } => format!("setting  {name} → {}", Value::from(value.clone())),
+            HostCall::Log { level, message } => format!("log      {level}: {message}"),
         };
         writeln!(out, "   {line}")?;
     }
@@ -227,16 +210,8 @@ fn write_step(out: &mut impl Write, step: &Step<'_>) -> std::io::Result<()> {
     }
 }
 
-fn value_or_none(value: &Value) -> String {
-    if value.is_null() { "none".to_owned() } else { short(value) }
-}
-
-fn write_final(
-    out: &mut impl Write,
-    tables: &BTreeMap<String, Contents>,
-    documents: &BTreeMap<String, Contents>,
-    emitted: &[Value],
-) -> std::io::Result<()> {
+fn write_final(out: &mut impl Write, end: &Final) -> std::io::Result<()> {
+    let (tables, documents, emitted) = (&end.tables, &end.documents, &end.emitted);
     let contents = |out: &mut dyn Write, what: &str, name: &str, c: &Contents| -> std::io::Result<()> {
         writeln!(out, "{what} {name} ({} entries)", c.len())?;
         for (key, value) in c.iter().take(SHOWN) {

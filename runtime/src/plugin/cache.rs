@@ -93,6 +93,12 @@ fn hex(bytes: &[u8]) -> String {
     bytes.iter().map(|b| format!("{b:02x}")).collect()
 }
 
+/// A component's content hash (SHA-256, lowercase hex): its compile-cache
+/// key, and the name a dead letter gives the component that failed.
+pub fn digest(wasm: &[u8]) -> String {
+    hex(&Sha256::digest(wasm))
+}
+
 impl CompileCache {
     /// A cache in `dir` for components compiled by `engine`.
     /// The secret lives in `dir`'s parent (`<data-dir>/cache`), both 0700.
@@ -133,9 +139,8 @@ impl CompileCache {
         }
     }
 
-    fn path_for(&self, wasm: &[u8]) -> PathBuf {
-        let digest = Sha256::digest(wasm);
-        self.dir.join(format!("{}-{}.cwasm", hex(&digest), self.engine_key))
+    fn path_for(&self, digest: &str) -> PathBuf {
+        self.dir.join(format!("{digest}-{}.cwasm", self.engine_key))
     }
 
     /// Hits and misses since the cache was opened.
@@ -145,7 +150,12 @@ impl CompileCache {
 
     /// The compiled form of `wasm`: from the cache, or compiled and cached.
     pub fn load(&self, wasm: &[u8]) -> wasmtime::Result<(Component, CacheOutcome)> {
-        let path = self.path_for(wasm);
+        self.load_digested(wasm, &digest(wasm))
+    }
+
+    /// [`CompileCache::load`] for a caller that already has `wasm`'s [`digest`].
+    pub fn load_digested(&self, wasm: &[u8], digest: &str) -> wasmtime::Result<(Component, CacheOutcome)> {
+        let path = self.path_for(digest);
         if let Some(component) = self.read_entry(&path) {
             self.counters.hit();
             return Ok((component, CacheOutcome::Hit));
@@ -240,7 +250,7 @@ mod tests {
         assert_eq!(std::fs::metadata(&secret).unwrap().permissions().mode() & 0o777, 0o600);
 
         // A forged entry: a serialized artifact with an unkeyed checksum.
-        let path = cache.path_for(wasm);
+        let path = cache.path_for(&digest(wasm));
         let mut forged = Component::new(&engine, wasm).unwrap().serialize().unwrap();
         let checksum = Sha256::digest(&forged);
         forged.extend_from_slice(&checksum);
@@ -262,7 +272,7 @@ mod tests {
         let cache = CompileCache::new(&dir, &engine).unwrap();
         let wasm = b"\0asm\x0d\0\x01\0";
         cache.load(wasm).unwrap();
-        let ours = cache.path_for(wasm);
+        let ours = cache.path_for(&digest(wasm));
         let theirs = dir.join("0123-0011223344556677.cwasm");
         std::fs::write(&theirs, b"compiled by another engine").unwrap();
         let again = CompileCache::new(&dir, &engine).unwrap();

@@ -34,7 +34,7 @@ mod worker;
 
 pub use control::{Command, Control, RetryFailure, RetryReport, RetryRequest};
 pub use options::{BatchOptions, COMMIT_GROWTH};
-pub use recovery::event_in as letter_event;
+pub use recovery::letter_event;
 pub use replay::{Failed, Replay};
 pub use status::{WorkerState, WorkerStatus};
 pub use worker::Projector;

@@ -201,18 +201,24 @@ impl Projector {
 
     /// The event a dead letter holds: from the log when it still has it.
     pub(super) fn event_of(&self, letter: &DeadLetter) -> crate::plugin::Event {
-        let from_log = self.sources.log.read(&letter.stream, letter.partition, letter.offset, 1, usize::MAX).ok();
-        if let Some(event) = from_log.and_then(|mut events| events.pop()).filter(|e| e.offset == letter.offset) {
-            return event;
-        }
-        event_in(letter)
+        letter_event(&self.sources.log, letter)
+    }
+}
+
+/// The event of `letter`: as the embedded log holds it (with its headers)
+/// while it does, else as the letter keeps it ([`event_in`]).
+pub fn letter_event(log: &crate::source::log::EventLog, letter: &DeadLetter) -> crate::plugin::Event {
+    let from_log = log.read(&letter.stream, letter.partition, letter.offset, 1, usize::MAX).ok();
+    match from_log.and_then(|mut events| events.pop()).filter(|e| e.offset == letter.offset) {
+        Some(event) => event,
+        None => event_in(letter),
     }
 }
 
 /// The event a dead letter keeps (a Kafka record's, whose topic may have
 /// dropped it): its headers and content type as they were, and data that is
 /// not JSON as the text it was, not that text quoted as a JSON string.
-pub fn event_in(letter: &DeadLetter) -> crate::plugin::Event {
+pub(super) fn event_in(letter: &DeadLetter) -> crate::plugin::Event {
     let content_type = letter.content_type.clone().unwrap_or_else(|| "application/json".into());
     let data = match &letter.data {
         serde_json::Value::String(text) if letter.content_type.is_some() => text.clone().into_bytes(),

@@ -7,8 +7,6 @@
 use std::collections::BTreeSet;
 use std::path::PathBuf;
 
-use sha2::{Digest, Sha256};
-
 use super::{Runtime, Shard};
 use crate::plugin::trace::HostCall;
 use crate::plugin::{Event, HandleError, Handler};
@@ -24,11 +22,6 @@ impl Components {
         Ok(Components { dir })
     }
 
-    /// The content hash of `bytes` (SHA-256, hex).
-    pub(super) fn digest(bytes: &[u8]) -> String {
-        Sha256::digest(bytes).iter().map(|b| format!("{b:02x}")).collect()
-    }
-
     /// Where `projection`'s component `digest` is kept: under its
     /// projection, so that a start sweeps only the components of the
     /// projections it runs (one whose plugin was removed keeps its data,
@@ -39,15 +32,15 @@ impl Components {
         (valid && named).then(|| self.dir.join(projection).join(format!("{digest}.wasm")))
     }
 
-    /// Keep `projection`'s component `bytes` (once per content); their digest.
-    pub(super) fn keep(&self, projection: &str, bytes: &[u8]) -> std::io::Result<String> {
-        let digest = Self::digest(bytes);
-        let path = self.path(projection, &digest).ok_or_else(|| std::io::Error::other("not a projection name"))?;
+    /// Keep `projection`'s component `bytes`, whose content hash is
+    /// `digest` (`plugin::cache::digest`), once per content.
+    pub(super) fn keep(&self, projection: &str, digest: &str, bytes: &[u8]) -> std::io::Result<()> {
+        let path = self.path(projection, digest).ok_or_else(|| std::io::Error::other("not a projection name"))?;
         if !path.exists() {
             std::fs::create_dir_all(path.parent().expect("a component is in its projection's directory"))?;
             crate::data_dir::replace_durably(&path, bytes)?;
         }
-        Ok(digest)
+        Ok(())
     }
 
     /// `projection`'s component kept under `digest`, if it is.
@@ -112,22 +105,18 @@ impl Runtime {
         let Some(loader) = self.loader.get() else { return };
         for p in self.projections() {
             let name = p.manifest().name;
-            let mut keep = BTreeSet::new();
             let mut models: Vec<_> =
                 p.shards().iter().chain(&p.standbys()).map(|s| s.live().read_model.clone()).collect();
             models.extend(p.rebuilds().iter().map(|r| r.generation.read_model.clone()));
-            for read_model in models {
-                match read_model.dead_letters(0, usize::MAX) {
-                    Ok(letters) => keep.extend(letters.into_iter().filter_map(|(_, l)| l.plugin_digest)),
-                    Err(e) => {
-                        tracing::warn!(projection = %name, error = %e, "reading dead letters; keeping its components");
-                        keep.insert(String::new());
-                    }
+            // The digests its dead letters name; all of its components stay when they cannot be read.
+            let named: Result<Vec<_>, _> = models.iter().map(|m| m.dead_letters(0, usize::MAX)).collect();
+            let mut keep: BTreeSet<String> = match named {
+                Ok(pages) => pages.into_iter().flatten().filter_map(|(_, l)| l.plugin_digest).collect(),
+                Err(e) => {
+                    tracing::warn!(projection = %name, error = %e, "reading dead letters; keeping its components");
+                    continue;
                 }
-            }
-            if keep.remove("") {
-                continue;
-            }
+            };
             // Under the lock a load keeps its component with: none kept meanwhile is lost.
             let loaded = loader.loaded.lock().expect("loaded lock");
             keep.extend(loaded.iter().filter(|(p, _)| *p == name).map(|(_, d)| d.clone()));
@@ -155,9 +144,14 @@ mod tests {
     fn components_are_kept_once_by_content_under_their_projection_and_swept_unless_named() {
         let dir = tempfile::tempdir().unwrap();
         let components = Components::new(dir.path().join("components")).unwrap();
-        let (a, b) = (components.keep("p", b"version 1").unwrap(), components.keep("p", b"version 2").unwrap());
-        assert_eq!(components.keep("p", b"version 1").unwrap(), a, "the same content, the same digest");
-        let other = components.keep("q", b"version 1").unwrap();
+        let keep = |projection: &str, bytes: &[u8]| {
+            let digest = crate::plugin::cache::digest(bytes);
+            components.keep(projection, &digest, bytes).unwrap();
+            digest
+        };
+        let (a, b) = (keep("p", b"version 1"), keep("p", b"version 2"));
+        assert_eq!(keep("p", b"version 1"), a, "the same content, kept once");
+        let other = keep("q", b"version 1");
         assert_eq!(components.read("p", &a).unwrap().as_deref(), Some(b"version 1".as_slice()));
         assert_eq!(components.read("p", "../../etc/passwd").unwrap(), None, "only digests name components");
         assert_eq!(components.read("..", &a).unwrap(), None, "only projection names hold them");

@@ -98,8 +98,11 @@ impl Loader {
     /// Compile, instantiate and describe the plugin in `bytes`, and keep
     /// the component by its content hash.
     pub(super) fn load_bytes(&self, bytes: &[u8], label: &str) -> Result<WasmPlugin, String> {
-        let (component, _) =
-            self.cache.load(bytes).map_err(|e| wasm::LoadError::Compile(format!("{e:#}")).to_string())?;
+        let digest = crate::plugin::cache::digest(bytes);
+        let (component, _) = self
+            .cache
+            .load_digested(bytes, &digest)
+            .map_err(|e| wasm::LoadError::Compile(format!("{e:#}")).to_string())?;
         // Loaded under the global limits; its own apply once its name is known.
         let global = resolve_limits(&self.limits, None).0;
         let mut plugin =
@@ -111,8 +114,8 @@ impl Loader {
         // Kept and recorded under one lock, which the start's sweep holds too.
         let mut loaded = self.loaded.lock().expect("loaded lock");
         let projection = plugin.manifest().name.clone();
-        match self.components.keep(&projection, bytes) {
-            Ok(digest) => {
+        match self.components.keep(&projection, &digest, bytes) {
+            Ok(()) => {
                 plugin.set_digest(&digest);
                 loaded.insert((projection, digest));
             }
@@ -206,7 +209,7 @@ impl Runtime {
                     match self.add_locked(&mut waits, Box::new(p), label.clone()) {
                         Ok(Some(_)) => {
                             tracing::info!(plugin = %label, projection = %name, "new plugin loaded");
-                            self.plugin_errors.lock().expect("plugin errors lock").retain(|e| e.file != label);
+                            self.clear_plugin_error(&label);
                         }
                         Ok(None) => {} // it waits for its brokers, and says so in its plugin error
                         Err(e) => self.plugin_error(label, format!("{e:#}")),
@@ -322,6 +325,11 @@ impl Runtime {
     pub(super) fn plugin_error(&self, file: String, error: String) {
         tracing::error!(plugin = %file, %error, "plugin not loaded");
         self.report_plugin_error(PluginError { file, error, projection: None, retrying: false });
+    }
+
+    /// Forget `file`'s plugin error: it loaded, or is gone.
+    pub(super) fn clear_plugin_error(&self, file: &str) {
+        self.plugin_errors.lock().expect("plugin errors lock").retain(|e| e.file != file);
     }
 
     /// Make `error` its file's one plugin error.

@@ -6,8 +6,8 @@
 
 use std::collections::BTreeMap;
 use std::path::Path;
-use std::sync::atomic::{AtomicBool, Ordering};
-use std::time::{Duration, Instant};
+use std::sync::atomic::Ordering;
+use std::time::Duration;
 
 use anyhow::Context;
 
@@ -128,12 +128,11 @@ impl Runtime {
         let root = self.data_dir.join("projections").join(&name);
         let (stop, thread_name) = (self.stop.clone(), format!("shard-count-{name}"));
         let wait = move || {
-            let mut delay = FIRST_RETRY;
+            let mut backoff = crate::clock::Backoff::new(FIRST_RETRY, LAST_RETRY);
             loop {
-                if !sleep_unless_stopped(&stop, crate::clock::jitter(delay)) {
+                if !crate::clock::sleep_unless(&stop, crate::clock::jitter(backoff.next_delay())) {
                     return;
                 }
-                delay = (delay * 2).min(LAST_RETRY);
                 let Some(runtime) = me.upgrade() else { return };
                 // Ask without holding anything; start under the waits' lock,
                 // unless a newer load of the file took over meanwhile.
@@ -149,7 +148,7 @@ impl Runtime {
                 match runtime.add_locked(&mut waits, handler, source.clone()) {
                     Ok(Some(_)) => {
                         tracing::info!(projection = %name, "its brokers answered; projection started");
-                        runtime.plugin_errors.lock().expect("plugin errors lock").retain(|e| e.file != source);
+                        runtime.clear_plugin_error(&source);
                     }
                     Ok(None) => {} // waiting again, on a new thread
                     Err(e) => runtime.plugin_error(source, format!("{e:#}")),
@@ -171,17 +170,4 @@ impl Runtime {
         let errors = self.plugin_errors.lock().expect("plugin errors lock");
         errors.iter().find(|e| e.retrying && e.projection.as_deref() == Some(name)).map(|e| e.error.clone())
     }
-}
-
-/// Sleep for `delay`, waking early when `stop` is set; whether it was not.
-fn sleep_unless_stopped(stop: &AtomicBool, delay: Duration) -> bool {
-    let until = Instant::now() + delay;
-    while !stop.load(Ordering::Relaxed) {
-        let left = until.saturating_duration_since(Instant::now());
-        if left.is_zero() {
-            return true;
-        }
-        std::thread::sleep(left.min(Duration::from_millis(100)));
-    }
-    false
 }

@@ -113,7 +113,7 @@ impl Watcher {
                 runtime.remove(&p.manifest().name);
             }
             runtime.waits.lock().expect("waits lock").end(&label);
-            runtime.plugin_errors.lock().expect("plugin errors lock").retain(|e| e.file != label);
+            runtime.clear_plugin_error(&label);
         }
         for file in files {
             // Under the lock: an upload replaces the file and records its
