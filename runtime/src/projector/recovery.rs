@@ -206,7 +206,7 @@ impl Projector {
 }
 
 /// The event of `letter`: as the embedded log holds it (with its headers)
-/// while it does, else as the letter keeps it ([`event_in`]).
+/// while it does, else as the letter keeps it (`event_in`).
 pub fn letter_event(log: &crate::source::log::EventLog, letter: &DeadLetter) -> crate::plugin::Event {
     let from_log = log.read(&letter.stream, letter.partition, letter.offset, 1, usize::MAX).ok();
     match from_log.and_then(|mut events| events.pop()).filter(|e| e.offset == letter.offset) {
