@@ -21,6 +21,10 @@ use crate::store::search::Indexes;
 const LIVE_FILE: &str = "generation";
 /// The file naming the generation being rebuilt.
 const REBUILD_FILE: &str = "rebuilding";
+/// The file naming the generation being rebuilt as a preview: it switches
+/// only once promoted (which deletes this file). Without it, a restart
+/// would resume a preview as a rebuild that switches by itself.
+const PREVIEW_FILE: &str = "preview";
 
 /// Where generation `number` of the projection in `root` keeps its files.
 pub fn dir(root: &Path, number: u64) -> PathBuf {
@@ -56,6 +60,26 @@ pub fn mark_rebuilding(root: &Path, number: u64) -> std::io::Result<()> {
 /// No rebuild is running any more (it finished or was cancelled).
 pub(crate) fn unmark_rebuilding(root: &Path) {
     let _ = std::fs::remove_file(root.join(REBUILD_FILE));
+    let _ = std::fs::remove_file(root.join(PREVIEW_FILE));
+}
+
+/// Record that the rebuild of generation `number` is a preview (before it is marked as rebuilding).
+pub fn mark_preview(root: &Path, number: u64) -> std::io::Result<()> {
+    write_number(root, PREVIEW_FILE, number)
+}
+
+/// The preview was promoted: from now on (a restart included) it is a
+/// rebuild that switches once it has caught up.
+pub(crate) fn unmark_preview(root: &Path) -> std::io::Result<()> {
+    match std::fs::remove_file(root.join(PREVIEW_FILE)) {
+        Err(e) if e.kind() != std::io::ErrorKind::NotFound => Err(e),
+        _ => std::fs::File::open(root)?.sync_all(),
+    }
+}
+
+/// Whether the rebuild of generation `number` in `root` is a preview.
+pub fn is_preview(root: &Path, number: u64) -> std::io::Result<bool> {
+    Ok(read_number(root, PREVIEW_FILE)? == Some(number))
 }
 
 /// Give up the rebuild of generation `number`: its files and its mark go.
@@ -100,6 +124,10 @@ pub fn clean(root: &Path) -> std::io::Result<()> {
     let (live, rebuilding) = numbers(root)?;
     if rebuilding.is_none() {
         let _ = std::fs::remove_file(root.join(REBUILD_FILE));
+    }
+    // A preview marked just before a crash, with no rebuild marked after it.
+    if rebuilding.is_none_or(|r| !is_preview(root, r).unwrap_or(false)) {
+        let _ = std::fs::remove_file(root.join(PREVIEW_FILE));
     }
     for entry in std::fs::read_dir(root)?.flatten() {
         let name = entry.file_name().to_string_lossy().into_owned();

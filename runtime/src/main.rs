@@ -5,6 +5,7 @@ mod cli;
 
 use clap::{Parser, Subcommand};
 use cli::plugin::PluginCommand;
+use cli::preview::PreviewAction;
 use cli::remote::{DeadLetterAction, Remote};
 use cli::serve::RunArgs;
 use std::path::PathBuf;
@@ -52,6 +53,22 @@ enum Command {
         /// Cancel the rebuild in progress instead.
         #[arg(long, conflicts_with = "detach")]
         cancel: bool,
+        /// Build it as a preview: beside the live one, following it, never
+        /// switching by itself (see `refract preview`).
+        #[arg(long, conflicts_with = "cancel")]
+        preview: bool,
+        /// The component to preview (default: the projection's plugin file on the server).
+        #[arg(long, requires = "preview")]
+        plugin: Option<PathBuf>,
+        #[command(flatten)]
+        remote: Remote,
+    },
+    /// See what a preview (`refract rebuild <p> --preview`) changes against
+    /// the live read model, then promote it (zero downtime) or discard it.
+    Preview {
+        projection: String,
+        #[command(subcommand)]
+        action: PreviewAction,
         #[command(flatten)]
         remote: Remote,
     },
@@ -106,9 +123,13 @@ fn main() -> anyhow::Result<()> {
     match Cli::parse().command {
         Command::Run(args) => cli::serve::run(args.config()?, None),
         Command::Produce { stream, file, batch, remote } => cli::remote::produce(&stream, file, batch.max(1), &remote),
-        Command::Rebuild { projection, detach, cancel, remote } => {
+        Command::Rebuild { projection, detach, preview: true, plugin, remote, .. } => {
+            cli::preview::start(&projection, plugin.as_deref(), &remote, detach)
+        }
+        Command::Rebuild { projection, detach, cancel, remote, .. } => {
             cli::remote::rebuild(&projection, &remote, detach, cancel)
         }
+        Command::Preview { projection, action, remote } => cli::preview::preview(&projection, action, &remote),
         Command::Status { watch, cluster: false, remote } => cli::remote::status(&remote, watch),
         Command::Status { watch, cluster: true, remote } => cli::remote::cluster_status(&remote, watch),
         Command::DeadLetters { projection, action, remote } => cli::remote::dead_letters(&projection, action, &remote),

@@ -18,6 +18,11 @@
 //!    is published before the switch is durable: a crash before it leaves the
 //!    old generation live, and that one emits for what comes next;
 //! 4. the old generation's files are deleted.
+//!
+//! A *preview* is a rebuild with another plugin version that is held at
+//! its switch until it is promoted ([`Rebuild::promote`]): caught up, it
+//! keeps following the live generation as history, emitting nothing, so
+//! that its tables can be compared with the live ones (`store::diff`).
 
 use std::path::Path;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -49,6 +54,9 @@ pub struct Rebuild {
     /// It has caught up with the live generation (and follows it) and waits
     /// for the others to switch (shown in a cluster's announcements).
     pub(crate) caught_up: AtomicBool,
+    /// A preview: it does not switch until it is promoted.
+    preview: bool,
+    promoted: AtomicBool,
 }
 
 /// What the status shows of a rebuild.
@@ -69,6 +77,13 @@ pub struct RebuildStatus {
     /// Why the switch cannot go on yet (e.g. the old generation's emitted
     /// events cannot be published), while it retries.
     pub waiting_for: Option<String>,
+    /// A preview: it switches only once promoted.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub preview: bool,
+    /// It has caught up with the live generation and follows it (a
+    /// preview's tables can be compared; a rebuild waits for its other shards).
+    #[serde(default)]
+    pub caught_up: bool,
 }
 
 impl RebuildStatus {
@@ -88,6 +103,8 @@ impl RebuildStatus {
             whole.started_at = whole.started_at.min(s.started_at);
             whole.switching |= s.switching;
             whole.waiting_for = whole.waiting_for.or(s.waiting_for);
+            whole.preview |= s.preview;
+            whole.caught_up &= s.caught_up;
         }
         Some(whole)
     }
@@ -98,7 +115,8 @@ fn total(c: &Cursor) -> u64 {
 }
 
 impl Rebuild {
-    pub fn new(generation: Arc<Generation>) -> crate::store::Result<Self> {
+    /// A rebuild into `generation`; a preview (`preview`) waits to be promoted before it switches.
+    pub fn new(generation: Arc<Generation>, preview: bool) -> crate::store::Result<Self> {
         let initial = total(&generation.checkpoints()?);
         Ok(Rebuild {
             generation,
@@ -109,7 +127,25 @@ impl Rebuild {
             switching: AtomicBool::new(false),
             waiting_for: Mutex::new(None),
             caught_up: AtomicBool::new(false),
+            preview,
+            promoted: AtomicBool::new(false),
         })
+    }
+
+    /// Whether it is a preview (promoted or not).
+    pub fn is_preview(&self) -> bool {
+        self.preview
+    }
+
+    /// Let a preview switch once it has caught up, as a rebuild does; the monitor wakes at once.
+    pub fn promote(&self) {
+        self.promoted.store(true, Ordering::Relaxed);
+        self.generation.read_model.commit_signal().notify();
+    }
+
+    /// A preview not promoted yet: it must not switch.
+    fn held(&self) -> bool {
+        self.preview && !self.promoted.load(Ordering::Relaxed)
     }
 
     /// Whether it has caught up and waits to switch.
@@ -138,6 +174,8 @@ impl Rebuild {
             started_at: self.started_at,
             switching: self.switching.load(Ordering::Relaxed),
             waiting_for: self.waiting_for.lock().expect("waiting lock").clone(),
+            preview: self.preview,
+            caught_up: self.is_caught_up(),
         })
     }
 
@@ -361,12 +399,13 @@ pub fn monitor(s: Switch<'_>, job: Arc<Rebuild>) {
                 Some(g) if caught_up(&n, g) && behind(g, &l) <= SWITCH_WITHIN => {
                     job.caught_up.store(true, Ordering::Relaxed);
                     s.barrier.ready(s.partition.unwrap_or(0));
-                    if s.barrier.open() {
+                    if s.barrier.open() && !job.held() {
                         break;
                     }
-                    // Other shards are not there yet: follow the live
-                    // generation meanwhile, and look at the gate often.
-                    wait = GATE_CHECK;
+                    // Other shards are not there yet, or it is a preview:
+                    // follow the live generation meanwhile, and look at the
+                    // gate often (a preview, which may wait for days, less so).
+                    wait = if job.held() { FLAG_CHECK } else { GATE_CHECK };
                     if behind(g, &l) > 0 {
                         new.control.set_replay(Replay::Until(l.clone(), failed(&live)));
                         gate = Some(l);
@@ -511,6 +550,8 @@ mod tests {
             started_at,
             switching,
             waiting_for: None,
+            preview: false,
+            caught_up: switching,
         };
         let whole =
             RebuildStatus::combined(vec![shard(10, 40, Some(0.3), 7, false), shard(30, 50, Some(0.2), 5, true)])

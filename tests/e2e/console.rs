@@ -1,6 +1,7 @@
 //! The web console, in headless Chromium: it shows the projections, runs a
 //! search, browses a table and retries a dead letter whose cause is gone;
-//! in a cluster, it shows who runs each shard.
+//! it shows a preview's diff and promotes it; in a cluster, it shows who
+//! runs each shard.
 //! Screenshots of each step go to `$CARGO_TARGET_DIR/console-screenshots/`.
 
 use std::path::PathBuf;
@@ -91,6 +92,51 @@ fn the_console_shows_projections_searches_and_retries_a_dead_letter() {
         assert!(shots.join(format!("{step}.png")).metadata().unwrap().len() > 1000, "{step}.png");
     }
     eprintln!("screenshots in {}", shots.display());
+}
+
+/// A preview's row offers its diff, which the console shows table by table
+/// with samples, and promotes it.
+#[test]
+fn the_console_shows_a_previews_diff_and_promotes_it() {
+    let dir = tempfile::tempdir().unwrap();
+    let p = plugins();
+    let config = format!("auth:\n  admin-token: {ADMIN}\n");
+    let server = Server::start(dir.path(), &[&p.order_summary], &config);
+    let admin = server.client().with_token(Some(ADMIN));
+    let events = refract_client::fixtures::orders(1_000, 63, 0.0);
+    assert_eq!(admin.append_ndjson("orders", &ndjson(&events)).unwrap().status, 200);
+    admin.wait_caught_up(std::time::Duration::from_secs(60)).unwrap();
+    let variant = std::fs::read(&p.order_summary_canceled).unwrap();
+    let started =
+        admin.post("/v1/projections/order-summary/rebuild?preview=true", "application/wasm", &variant).unwrap();
+    assert_eq!(started.status, 202, "{}", started.body);
+    let until = std::time::Instant::now() + std::time::Duration::from_secs(60);
+    let diff = loop {
+        let diff = admin.get("/v1/projections/order-summary/preview/diff").unwrap().body;
+        if diff["caughtUp"] == true && diff["livePosition"] == events.len() {
+            break diff;
+        }
+        assert!(std::time::Instant::now() < until, "the preview never caught up: {diff}");
+        std::thread::sleep(std::time::Duration::from_millis(100));
+    };
+
+    let shots = screenshots();
+    let seen = in_chromium("preview.cjs", &[&server.url, ADMIN, shots.to_str().unwrap()]);
+    assert_eq!(seen["building"], "preview gen 1: caught up", "{seen}");
+    assert!(seen["summary"].as_str().unwrap().contains("caught up at 1000 events"), "{seen}");
+    let orders = diff["tables"].as_array().unwrap().iter().find(|t| t["table"] == "orders").unwrap();
+    let expected: Vec<&Value> = ["added", "removed", "changed", "unchanged"].iter().map(|k| &orders[k]).collect();
+    assert_eq!(seen["counts"].as_array().unwrap().iter().collect::<Vec<_>>(), expected, "{seen}");
+    assert!(orders["changed"].as_u64().unwrap() > 0, "{orders}");
+    assert!(seen["samples"].as_str().unwrap().contains(r#""status":"canceled""#), "{seen}");
+    assert_eq!(seen["errors"], json!([]), "the page logged errors: {seen}");
+    // The promotion went through: generation 1 goes live.
+    let until = std::time::Instant::now() + std::time::Duration::from_secs(60);
+    while server.get("/v1/projections/order-summary")["generation"] != 1 {
+        assert!(std::time::Instant::now() < until, "the promoted preview never went live");
+        std::thread::sleep(std::time::Duration::from_millis(100));
+    }
+    assert!(shots.join("6-preview-diff.png").metadata().unwrap().len() > 1000);
 }
 
 /// In a cluster, the console shows the members and, for each shard, the

@@ -39,6 +39,7 @@ mod partitioned;
 mod partitioned_client;
 mod plugin_loading;
 mod poison_events;
+mod previews;
 mod query_read_models;
 mod read_your_writes;
 mod rebuilds;

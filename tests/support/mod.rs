@@ -33,6 +33,8 @@ pub(crate) struct Plugins {
     pub chaos_trap: PathBuf,
     /// `testkit-chaos` mapping one more index field, same schema-version.
     pub chaos_mapping: PathBuf,
+    /// `order-summary` storing a cancelled order's status as `canceled`.
+    pub order_summary_canceled: PathBuf,
 }
 
 pub(crate) fn workspace_root() -> PathBuf {
@@ -91,6 +93,7 @@ pub(crate) fn plugins() -> &'static Plugins {
         let v2 = build(&["testkit-chaos"], &target.with_file_name("wasm-plugins-v2"), Some("v2"));
         let trap = build(&["testkit-chaos"], &target.with_file_name("wasm-plugins-trap"), Some("trap"));
         let mapping = build(&["testkit-chaos"], &target.with_file_name("wasm-plugins-mapping"), Some("mapping"));
+        let canceled = build(&["order-summary"], &target.with_file_name("wasm-plugins-canceled"), Some("canceled"));
         let dir = target.join("wasm32-wasip2").join("plugin");
         Plugins {
             order_summary: dir.join("order_summary.wasm"),
@@ -106,6 +109,7 @@ pub(crate) fn plugins() -> &'static Plugins {
             chaos_v2: v2.join("testkit_chaos.wasm"),
             chaos_trap: trap.join("testkit_chaos.wasm"),
             chaos_mapping: mapping.join("testkit_chaos.wasm"),
+            order_summary_canceled: canceled.join("order_summary.wasm"),
         }
     })
 }

@@ -7,6 +7,10 @@
 //!   prefix scan on `<customerId>/` lists a customer's orders.
 //!
 //! The status rules are the shared ones of `order-events`.
+//!
+//! Built with `TESTKIT_VARIANT=canceled` (the end-to-end tests' "new
+//! version" to preview) it stores a cancelled order's status as
+//! `canceled`: one field's format changes, for cancelled orders only.
 
 use order_events::{OrderEvent, OrderStatus};
 use refract_sdk::{Event, Failure, Manifest, Projection, Table};
@@ -41,9 +45,26 @@ pub const CUSTOMER_ORDERS: Table<CustomerOrder> = Table::new("customer-orders");
 
 pub struct OrderSummary;
 
+/// The variant this component was built as (`TESTKIT_VARIANT`).
+fn spells_canceled() -> bool {
+    option_env!("TESTKIT_VARIANT") == Some("canceled")
+}
+
+/// `status` as stored: the variant spells `cancelled` its own way.
+fn stored(status: String) -> String {
+    match spells_canceled() && status == "cancelled" {
+        true => "canceled".into(),
+        false => status,
+    }
+}
+
 impl Projection for OrderSummary {
     fn manifest() -> Manifest {
-        Manifest::new("order-summary", env!("CARGO_PKG_VERSION"))
+        let version = match spells_canceled() {
+            true => concat!(env!("CARGO_PKG_VERSION"), "+canceled"),
+            false => env!("CARGO_PKG_VERSION"),
+        };
+        Manifest::new("order-summary", version)
             .subscribe("orders", &order_events::EVENT_TYPES)
             // An order's summary is stored under its events' key, the order id.
             .keyed_table(&ORDERS)
@@ -70,12 +91,16 @@ impl Projection for OrderSummary {
                 let mut order = ORDERS
                     .get(change.order_id())?
                     .ok_or_else(|| order_events::unknown_order(&change, &event.event_type))?;
+                if order.status == "canceled" {
+                    order.status = "cancelled".into();
+                }
                 let status = OrderStatus { status: &mut order.status, paid: &mut order.paid, total: order.total };
                 order_events::advance(status, &change);
                 order.updated_at = event.time;
                 order
             }
         };
+        let order = Order { status: stored(order.status), ..order };
         let entry =
             CustomerOrder { order_id: order.order_id.clone(), status: order.status.clone(), total: order.total };
         CUSTOMER_ORDERS.put(&format!("{}/{}", order.customer_id, order.order_id), &entry)?;

@@ -134,6 +134,23 @@ pub struct Resumed {
 pub struct RebuildStarted {
     pub projection: String,
     pub generation: u64,
+    /// A preview (`?preview=true`): it switches only once promoted.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub preview: bool,
+}
+
+/// `POST /v1/projections/{p}/preview/promote` (202): the generation that takes over.
+#[derive(Debug, Serialize, Deserialize)]
+pub struct PreviewPromoted {
+    pub projection: String,
+    pub promoted: u64,
+}
+
+/// `DELETE /v1/projections/{p}/preview`: the generation deleted.
+#[derive(Debug, Serialize, Deserialize)]
+pub struct PreviewDiscarded {
+    pub projection: String,
+    pub discarded: u64,
 }
 
 /// `DELETE /v1/projections/{p}/rebuild`: the generation deleted.

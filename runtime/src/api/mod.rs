@@ -16,6 +16,7 @@ mod error;
 mod extract;
 mod guard;
 mod plugins;
+mod preview;
 mod projections;
 mod search;
 mod shards;
@@ -115,6 +116,9 @@ pub fn operations() -> Vec<(Method, &'static str, MethodRouter<AppState>)> {
         (M::POST, "/v1/projections/{projection}/resume", post(projections::resume)),
         (M::POST, "/v1/projections/{projection}/rebuild", post(projections::rebuild)),
         (M::DELETE, "/v1/projections/{projection}/rebuild", delete(projections::cancel_rebuild)),
+        (M::GET, "/v1/projections/{projection}/preview/diff", get(preview::diff)),
+        (M::POST, "/v1/projections/{projection}/preview/promote", post(preview::promote)),
+        (M::DELETE, "/v1/projections/{projection}/preview", delete(preview::discard)),
         (M::PUT, "/v1/plugins/{plugin}", put(plugins::upload)),
     ]
 }

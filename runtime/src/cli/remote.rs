@@ -243,6 +243,12 @@ pub(crate) fn rebuild(projection: &str, remote: &Remote, detach: bool, cancel: b
     if detach {
         return Ok(());
     }
+    follow(&client, projection, generation, false)
+}
+
+/// Show the progress of the rebuild of `projection` into `generation`
+/// until it is live (a `preview`: until it has caught up with the live one).
+pub(crate) fn follow(client: &Client, projection: &str, generation: u64, preview: bool) -> anyhow::Result<()> {
     let mut progress = Progress::new("events");
     loop {
         let reply = client.get(&format!("/v1/projections/{projection}"))?;
@@ -250,10 +256,11 @@ pub(crate) fn rebuild(projection: &str, remote: &Remote, detach: bool, cancel: b
             anyhow::bail!("{} reading the status of {projection}: {}", reply.status, error_message(&reply));
         }
         let status: ProjectionStatus = body(reply)?;
-        let Some(r) = status.rebuild else {
+        let Some(r) = status.rebuild.filter(|r| r.generation == generation) else {
             if status.generation != generation {
+                let what = if preview { "preview" } else { "rebuild" };
                 anyhow::bail!(
-                    "the rebuild stopped before switching (cancelled?); generation {} is live",
+                    "the {what} stopped before switching (cancelled?); generation {} is live",
                     status.generation
                 );
             }
@@ -261,6 +268,10 @@ pub(crate) fn rebuild(projection: &str, remote: &Remote, detach: bool, cancel: b
             eprintln!("generation {generation} of {projection} is live ({} events)", status.counters.events_applied);
             return Ok(());
         };
+        if preview && r.caught_up {
+            progress.finish();
+            return Ok(());
+        }
         progress.update(r.replayed, r.target.max(1), r.events_per_second, r.eta_seconds, "");
         std::thread::sleep(Duration::from_millis(200));
     }
@@ -464,11 +475,11 @@ fn text_of(v: &impl serde::Serialize) -> String {
 }
 
 /// What an error reply says: the API's message, or the body as it came.
-fn error_message(reply: &Reply) -> String {
+pub(crate) fn error_message(reply: &Reply) -> String {
     serde_json::from_value::<ErrorBody>(reply.body.clone()).map_or_else(|_| reply.body.to_string(), |e| e.error.message)
 }
 
 /// A successful reply's body as the API's type for it.
-fn body<T: DeserializeOwned>(reply: Reply) -> anyhow::Result<T> {
+pub(crate) fn body<T: DeserializeOwned>(reply: Reply) -> anyhow::Result<T> {
     serde_json::from_value(reply.body).context("the runtime answered in a shape this version of refract does not read")
 }

@@ -136,7 +136,7 @@ impl Runtime {
                 if !resumed {
                     generation::delete(&shard.root, asked.generation);
                 }
-                match self.start_rebuild(p, shard, handler, asked.generation, barrier) {
+                match self.start_rebuild(p, shard, handler, asked.generation, barrier, false) {
                     Ok(()) => {
                         tracing::info!(projection = %name, shard = shard.number(), generation = asked.generation, resumed, "rebuilding this copy of the shard")
                     }

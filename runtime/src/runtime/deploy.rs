@@ -162,16 +162,7 @@ impl Runtime {
             )));
         }
         let write = || -> Result<(), InstallError> {
-            let failed = |what: String| move |e: std::io::Error| InstallError::Storage(format!("{what}: {e}"));
-            std::fs::create_dir_all(&self.plugins_dir).map_err(failed("creating the plugins directory".into()))?;
-            // The watcher must not load it again: it reads stamps under this
-            // lock, so it sees the file and its stamp change together.
-            let mut stamps = self.plugin_stamps.lock().expect("stamps lock");
-            // Durably: after a power cut the plugins directory must hold the old
-            // version or the new one, not a truncated file that no longer loads.
-            crate::data_dir::replace_durably(&file, bytes).map_err(failed(format!("writing {}", file.display())))?;
-            stamps.insert(file.clone(), Watcher::stamp(&file));
-            drop(stamps);
+            self.write_plugin_file(&file, bytes).map_err(InstallError::Storage)?;
             tracing::info!(plugin = %label, projection = %manifest.name, version = %manifest.version, "plugin uploaded");
             Ok(())
         };
@@ -188,6 +179,19 @@ impl Runtime {
             }
         }
         Ok(manifest)
+    }
+
+    /// Write `bytes` as the plugin file `file`, which the runtime has put
+    /// to work itself: the watcher must not load it again.
+    pub(super) fn write_plugin_file(&self, file: &Path, bytes: &[u8]) -> Result<(), String> {
+        std::fs::create_dir_all(&self.plugins_dir).map_err(|e| format!("creating the plugins directory: {e}"))?;
+        // The watcher reads stamps under this lock, so it sees the file and its stamp change together.
+        let mut stamps = self.plugin_stamps.lock().expect("stamps lock");
+        // Durably: after a power cut the plugins directory must hold the old
+        // version or the new one, not a truncated file that no longer loads.
+        crate::data_dir::replace_durably(file, bytes).map_err(|e| format!("writing {}: {e}", file.display()))?;
+        stamps.insert(file.to_owned(), Watcher::stamp(file));
+        Ok(())
     }
 
     /// Put the plugin loaded from `file` (by the plugins-directory watcher)
@@ -257,10 +261,12 @@ impl Runtime {
             // version dropped on each instance joins the one asked for.)
             if let Some(r) = projection.rebuilding().filter(|_| !(projection.is_partitioned() && self.shards_by_group))
             {
-                return Err(format!(
-                    "{change} needs a rebuild, and the rebuild to generation {} is still running: wait for it or cancel it",
-                    r.generation.number
-                ));
+                let n = r.generation.number;
+                let running = match r.is_preview() {
+                    true => format!("a preview of generation {n} is open: promote or discard it"),
+                    false => format!("the rebuild to generation {n} is still running: wait for it or cancel it"),
+                };
+                return Err(format!("{change} needs a rebuild, and {running}"));
             }
             return Ok(Change::Rebuild(change));
         }
@@ -280,7 +286,7 @@ impl Runtime {
         let label = file.display().to_string();
         let name = next.manifest().name.clone();
         let outcome = match change {
-            Change::Rebuild(change) => match self.start_rebuild_locked(projection, Some(Box::new(next))) {
+            Change::Rebuild(change) => match self.start_rebuild_locked(projection, Some(Box::new(next)), false) {
                 Ok(generation) => {
                     tracing::info!(plugin = %label, %change, generation, "new schema-version: rebuilding");
                     None
@@ -303,9 +309,10 @@ impl Runtime {
                 }
                 // A rebuild in progress switches to its generation later: it
                 // must run this version too, or the switch would drop it
-                // (each shard's rebuild gets its own instance).
+                // (each shard's rebuild gets its own instance). A preview
+                // keeps the version it previews.
                 let mut outcome = None;
-                for rebuild in projection.rebuilds() {
+                for rebuild in projection.rebuilds().into_iter().filter(|r| !r.is_preview()) {
                     match self.loader.get().map(|l| l.load(file)) {
                         Some(Ok(again)) => rebuild.generation.control.swap(Box::new(again)),
                         Some(Err(e)) => outcome = Some(format!("the rebuilding generation keeps its version: {e}")),

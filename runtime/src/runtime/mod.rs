@@ -10,6 +10,7 @@ mod cluster_rebuild;
 mod components;
 mod deploy;
 mod lookup;
+mod preview;
 mod projection;
 mod shard_count;
 mod status;
@@ -18,6 +19,7 @@ mod watcher;
 pub use activity::Membership;
 pub use components::Reproduced;
 pub use deploy::{InstallError, PluginError};
+pub use preview::{IndexCount, MAX_SAMPLES, PreviewDiff};
 pub use projection::{DEAD_LETTER_SHARD_BITS, Projection, Shard};
 pub use status::{
     EmitStatus, IndexStatus, PartitionStatus, PluginInfo, ProjectionStatus, ShardRebuild, ShardRole, ShardStatus,
@@ -250,6 +252,9 @@ impl Runtime {
         if let Some(number) = rebuilding {
             self.resume_rebuild(&projection, number);
         }
+        if !projection.rebuilds().iter().any(|r| r.is_preview()) {
+            self.forget_preview_component(&projection);
+        }
         Ok(Some(projection))
     }
 
@@ -261,7 +266,13 @@ impl Runtime {
         let name = p.manifest().name;
         let behind: Vec<Arc<Shard>> = p.shards().into_iter().filter(|s| s.live().number < number).collect();
         let barrier = barrier_of(p, &behind);
-        let loaded = self.loader.get().map(|l| l.load(Path::new(&p.source)));
+        // A preview runs the component it was started with, kept beside the shards.
+        let preview = behind.iter().any(|s| generation::is_preview(&s.root, number).unwrap_or(false));
+        let component = match preview {
+            true => self.preview_component(&name),
+            false => PathBuf::from(&p.source),
+        };
+        let loaded = self.loader.get().map(|l| l.load(&component));
         let handlers = match loaded {
             Some(Ok(handler)) => instances(Box::new(handler), behind.len(), &p.source).ok(),
             _ => None,
@@ -279,9 +290,9 @@ impl Runtime {
             }
             return;
         };
-        tracing::info!(projection = %name, generation = number, shards = behind.len(), "resuming a rebuild");
+        tracing::info!(projection = %name, generation = number, shards = behind.len(), preview, "resuming a rebuild");
         for (shard, handler) in behind.iter().zip(handlers) {
-            if let Err(e) = self.start_rebuild(p, shard, handler, number, barrier.clone()) {
+            if let Err(e) = self.start_rebuild(p, shard, handler, number, barrier.clone(), preview) {
                 tracing::error!(projection = %name, shard = shard.number(), error = %e, "resuming a rebuild failed");
             }
         }
@@ -509,20 +520,28 @@ impl Runtime {
     pub fn rebuild(&self, name: &str, handler: Option<Box<dyn Handler>>) -> Result<u64, RebuildError> {
         let p = self.projection(name).ok_or(RebuildError::NotFound)?;
         let _starting = p.starting.lock().expect("starting lock");
-        self.start_rebuild_locked(&p, handler)
+        self.start_rebuild_locked(&p, handler, false)
     }
 
-    /// [`Runtime::rebuild`], with `p`'s `starting` lock held.
+    /// [`Runtime::rebuild`], with `p`'s `starting` lock held; a `preview`
+    /// switches only once promoted.
     fn start_rebuild_locked(
         &self,
         p: &Arc<Projection>,
         handler: Option<Box<dyn Handler>>,
+        preview: bool,
     ) -> Result<u64, RebuildError> {
         if p.is_partitioned() && self.shards_by_group {
+            if preview {
+                return Err(RebuildError::PreviewInCluster);
+            }
             return self.ask_cluster_rebuild(p, handler.map(|h| h.manifest().schema_version));
         }
         if let Some(r) = p.rebuilding() {
-            return Err(RebuildError::Running(r.generation.number));
+            return Err(match r.is_preview() {
+                true => RebuildError::Previewing(r.generation.number),
+                false => RebuildError::Running(r.generation.number),
+            });
         }
         let m = p.manifest();
         let handler = match handler {
@@ -540,7 +559,7 @@ impl Runtime {
         let barrier = barrier_of(p, &shards);
         for (shard, handler) in shards.iter().zip(handlers) {
             generation::delete(&shard.root, number);
-            if let Err(e) = self.start_rebuild(p, shard, handler, number, barrier.clone()) {
+            if let Err(e) = self.start_rebuild(p, shard, handler, number, barrier.clone(), preview) {
                 // All shards or none: those started are cancelled (and delete what they built).
                 for job in p.rebuilds() {
                     job.cancel();
@@ -549,7 +568,7 @@ impl Runtime {
                 return Err(RebuildError::Invalid(format!("{e:#}")));
             }
         }
-        tracing::info!(projection = %m.name, generation = number, shards = shards.len(), "rebuild started");
+        tracing::info!(projection = %m.name, generation = number, shards = shards.len(), preview, "rebuild started");
         Ok(number)
     }
 
@@ -569,11 +588,15 @@ impl Runtime {
         for job in &jobs {
             job.cancel();
         }
+        if job.is_preview() {
+            self.forget_preview_component(&p);
+        }
         Ok(job.generation.number)
     }
 
     /// Start rebuilding `shard` of `p` into generation `number` (recorded
-    /// in its `rebuilding` file, so that a restart resumes it).
+    /// in its `rebuilding` file, and its `preview` file for a preview, so
+    /// that a restart resumes it as it was).
     fn start_rebuild(
         &self,
         p: &Arc<Projection>,
@@ -581,13 +604,18 @@ impl Runtime {
         handler: Box<dyn Handler>,
         number: u64,
         barrier: Arc<dyn rebuild::SwitchBarrier>,
+        preview: bool,
     ) -> anyhow::Result<()> {
+        if preview {
+            generation::mark_preview(&shard.root, number)
+                .with_context(|| format!("recording the preview in {}", shard.root.display()))?;
+        }
         generation::mark_rebuilding(&shard.root, number)
             .with_context(|| format!("recording the rebuild in {}", shard.root.display()))?;
         // Gated at nothing until the rebuild monitor opens the gate.
         let gate = Replay::Until(Default::default(), Default::default());
         let generation = self.start_generation(handler, &shard.root, shard.partition, number, gate)?;
-        let job = Arc::new(Rebuild::new(generation)?);
+        let job = Arc::new(Rebuild::new(generation, preview)?);
         *shard.rebuild.lock().expect("rebuild lock") = Some(job.clone());
         let (p, shard) = (p.clone(), shard.clone());
         let (log, kafka, shutdown) = (self.log.clone(), self.kafka.clone(), self.stop.clone());
@@ -696,6 +724,12 @@ pub enum RebuildError {
     NotFound,
     #[error("generation {0} is already being rebuilt")]
     Running(u64),
+    #[error("generation {0} is being built as a preview: promote or discard it first")]
+    Previewing(u64),
+    #[error("no preview is open")]
+    NoPreview,
+    #[error("previews of a projection partitioned across a cluster are not supported yet")]
+    PreviewInCluster,
     #[error("no rebuild is running")]
     NotRunning,
     #[error("generation {0} is taking over from the live one; the switch completes")]

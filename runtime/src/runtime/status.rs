@@ -234,6 +234,8 @@ impl Runtime {
             started_at: asked.at,
             switching: false,
             waiting_for: Some(waiting_for),
+            preview: false,
+            caught_up: false,
         })
     }
 
