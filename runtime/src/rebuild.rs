@@ -144,7 +144,7 @@ impl Rebuild {
     }
 
     /// A preview not promoted yet: it must not switch.
-    fn held(&self) -> bool {
+    pub fn held(&self) -> bool {
         self.preview && !self.promoted.load(Ordering::Relaxed)
     }
 

@@ -393,6 +393,68 @@ fn a_partitioned_projection_is_rebuilt_with_its_shards_switching_together() {
 /// throughout never see an answer that merges two generations. The
 /// instance that left comes back after the switch with copies of the old
 /// generation, and restores them at the new one.
+/// A preview of a partitioned projection builds every shard beside its
+/// live one; its diff adds the shards up (samples included, at most the
+/// number asked for of each kind), and promoting switches every shard.
+#[test]
+fn a_partitioned_projection_is_previewed_shard_by_shard() {
+    let broker = Broker::start();
+    broker.create_topic("shop.orders", 4);
+    let events = refract_client::fixtures::orders(3000, 64, 0.01);
+    broker.producer().send_all("shop.orders", &events.iter().map(Out::plain).collect::<Vec<_>>());
+    let dir = tempfile::tempdir().unwrap();
+    let p = plugins();
+    let config = format!(
+        "kafka:\n  brokers: {}\n  mode: partitioned\n  streams:\n{ORDERS_STREAM}auth:\n  admin-token: {ADMIN}\n",
+        broker.address()
+    );
+    let server = Server::start(dir.path(), &[&p.order_summary], &config);
+    server.wait_checkpoints("order-summary", events.len() as u64);
+    let admin = server.client().with_token(Some(ADMIN));
+    let variant = std::fs::read(&p.order_summary_canceled).unwrap();
+    let started =
+        admin.post("/v1/projections/order-summary/rebuild?preview=true", "application/wasm", &variant).unwrap();
+    assert_eq!((started.status, started.body["generation"].as_u64()), (202, Some(1)), "{}", started.body);
+
+    let until = std::time::Instant::now() + Duration::from_secs(120);
+    let diff = loop {
+        let diff = server.get("/v1/projections/order-summary/preview/diff?samples=4");
+        if diff["caughtUp"] == true && diff["livePosition"] == events.len() {
+            break diff;
+        }
+        assert!(std::time::Instant::now() < until, "the preview never caught up: {diff}");
+        std::thread::sleep(Duration::from_millis(100));
+    };
+    let expected = crate::support::reference::orders(&events);
+    let cancelled = expected.orders.values().filter(|o| o["status"] == "cancelled").count() as u64;
+    let orders = diff["tables"].as_array().unwrap().iter().find(|t| t["table"] == "orders").unwrap();
+    assert_eq!(
+        (orders["changed"].as_u64(), orders["unchanged"].as_u64(), orders["added"].as_u64()),
+        (Some(cancelled), Some(expected.orders.len() as u64 - cancelled), Some(0)),
+        "{orders}"
+    );
+    assert_eq!(orders["samples"].as_array().unwrap().len(), 4, "{orders}");
+    let status = server.get("/v1/projections/order-summary");
+    let shards = status["shards"].as_array().unwrap();
+    assert_eq!(shards.len(), 4);
+    assert!(shards.iter().all(|s| s["generation"] == 0 && s["rebuild"]["generation"] == 1), "{status}");
+
+    let promoted = admin.post("/v1/projections/order-summary/preview/promote", "application/json", b"").unwrap();
+    assert_eq!((promoted.status, promoted.body["promoted"].as_u64()), (202, Some(1)), "{}", promoted.body);
+    let until = std::time::Instant::now() + Duration::from_secs(60);
+    loop {
+        let status = server.get("/v1/projections/order-summary");
+        let shards = status["shards"].as_array().unwrap();
+        if shards.iter().all(|s| s["generation"] == 1 && s["rebuild"].is_null()) {
+            break;
+        }
+        assert!(std::time::Instant::now() < until, "the shards did not all switch: {status}");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let orders = read_table(&server, "orders").unwrap();
+    assert_eq!(orders.iter().filter(|(_, o)| o["status"] == "canceled").count() as u64, cancelled);
+}
+
 #[test]
 fn a_rebuild_across_the_cluster_switches_every_instances_shards_together() {
     again_if_the_group_wedged(a_cluster_rebuild_once);

@@ -89,13 +89,24 @@ fn a_new_version_is_previewed_beside_the_live_one_then_promoted() {
     let status = server.get("/v1/projections/order-summary");
     assert_eq!((status["generation"].as_u64(), status["rebuild"]["preview"].as_bool()), (Some(0), Some(true)));
 
+    // The same version uploaded again is swapped into the live generation
+    // only: the preview keeps the version it previews.
+    let original = std::fs::read(&p.order_summary).unwrap();
+    let uploaded = admin(&server).put("/v1/plugins/order_summary", "application/wasm", &original).unwrap();
+    assert_eq!(uploaded.status, 202, "{}", uploaded.body);
+
     // It keeps following the live generation.
     append(&server, &events[4000..]);
     server.wait_caught_up();
     let diff = caught_up_diff(&server, events.len());
     let expected = reference::orders(&events);
     let cancelled = expected.orders.values().filter(|o| o["status"] == "cancelled").count() as u64;
-    assert!(cancelled > 0, "the fixture cancels some orders");
+    let cancelled_first =
+        reference::orders(&events[..4000]).orders.values().filter(|o| o["status"] == "cancelled").count();
+    assert!(
+        cancelled_first > 0 && (cancelled_first as u64) < cancelled,
+        "orders are cancelled before and after the upload"
+    );
     for (table, total) in [("customer-orders", expected.customer_orders.len()), ("orders", expected.orders.len())] {
         let t = diff["tables"].as_array().unwrap().iter().find(|t| t["table"] == table).unwrap();
         assert_eq!(
@@ -227,8 +238,10 @@ fn a_discarded_preview_leaves_nothing_and_bad_requests_change_nothing() {
     }
     assert!(root.join("gen-1").exists() && root.join("preview.wasm").exists());
 
-    let discarded = admin(&server).delete("/v1/projections/order-summary/preview").unwrap();
-    assert_eq!((discarded.status, discarded.body["discarded"].as_u64()), (200, Some(1)), "{}", discarded.body);
+    let out = server.cli(&["preview", "order-summary", "discard"], Some(ADMIN));
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{stderr}");
+    assert!(stderr.contains("discarded the preview of order-summary (generation 1)"), "{stderr}");
     assert_eq!(listing(), before, "the discarded preview left files");
     let status = server.get("/v1/projections/order-summary");
     assert!(status["rebuild"].is_null() && status["generation"] == 0, "{status}");

@@ -352,7 +352,14 @@ pub(crate) fn status(remote: &Remote, watch: bool) -> anyhow::Result<()> {
             let index_lag: u64 = p.indexes.iter().map(|i| i.lag).sum();
             let rebuild = match &p.rebuild {
                 None => "-".into(),
-                Some(r) => format!("gen {} {}/{}", r.generation, r.replayed, r.target),
+                Some(r) if r.preview && r.caught_up => format!("preview gen {}: caught up", r.generation),
+                Some(r) => format!(
+                    "{}gen {} {}/{}",
+                    if r.preview { "preview " } else { "" },
+                    r.generation,
+                    r.replayed,
+                    r.target
+                ),
             };
             let mut error = p.worker.last_error.as_deref().unwrap_or("-").replace('\n', " ");
             if error.chars().count() > 60 {

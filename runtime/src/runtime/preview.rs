@@ -178,10 +178,11 @@ impl Runtime {
         let job = jobs.first().filter(|j| j.is_preview()).ok_or(RebuildError::NoPreview)?;
         let number = job.generation.number;
         let kept = self.preview_component(name);
-        // Promoted already (a second request): the switch is under way.
-        if kept.exists() {
-            let bytes =
-                std::fs::read(&kept).map_err(|e| RebuildError::Invalid(format!("reading {}: {e}", kept.display())))?;
+        // Not promoted yet (a second request finds the switch under way).
+        if jobs.iter().any(|j| j.held()) {
+            let bytes = std::fs::read(&kept).map_err(|e| {
+                RebuildError::Invalid(format!("the preview's component cannot be read from {}: {e}", kept.display()))
+            })?;
             self.write_plugin_file(std::path::Path::new(&p.source), &bytes).map_err(RebuildError::Invalid)?;
             for shard in p.shards() {
                 generation::unmark_preview(&shard.root)
