@@ -125,8 +125,9 @@ pub fn clean(root: &Path) -> std::io::Result<()> {
     if rebuilding.is_none() {
         let _ = std::fs::remove_file(root.join(REBUILD_FILE));
     }
-    // A preview marked just before a crash, with no rebuild marked after it.
-    if rebuilding.is_none_or(|r| !is_preview(root, r).unwrap_or(false)) {
+    // A preview marked just before a crash, with no rebuild marked after it
+    // (kept when it cannot be read: a preview must never switch by itself).
+    if rebuilding.is_none_or(|r| matches!(is_preview(root, r), Ok(false))) {
         let _ = std::fs::remove_file(root.join(PREVIEW_FILE));
     }
     for entry in std::fs::read_dir(root)?.flatten() {

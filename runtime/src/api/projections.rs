@@ -586,6 +586,7 @@ pub(super) fn rebuild_error(name: &str, e: crate::runtime::RebuildError) -> ApiE
         RebuildError::Previewing(_) => ApiError::conflict("preview_open", format!("{name}: {e}")),
         RebuildError::NoPreview => ApiError::not_found("no_preview", format!("{name}: {e}")),
         RebuildError::PreviewInCluster => ApiError::conflict("preview_in_cluster", format!("{name}: {e}")),
+        RebuildError::Storage(m) => ApiError::unavailable(name, m),
         RebuildError::NotRunning => ApiError::not_found("no_rebuild", format!("{name}: {e}")),
         RebuildError::Switching(_) => ApiError::conflict("rebuild_switching", format!("{name}: {e}")),
         RebuildError::Invalid(m) => ApiError::bad_request(format!("{name}: {m}")),

@@ -266,8 +266,10 @@ impl Runtime {
         let name = p.manifest().name;
         let behind: Vec<Arc<Shard>> = p.shards().into_iter().filter(|s| s.live().number < number).collect();
         let barrier = barrier_of(p, &behind);
-        // A preview runs the component it was started with, kept beside the shards.
-        let preview = behind.iter().any(|s| generation::is_preview(&s.root, number).unwrap_or(false));
+        // A preview runs the component it was started with, kept beside the
+        // shards. A mark that cannot be read counts as a preview: one must
+        // never switch by itself.
+        let preview = behind.iter().any(|s| generation::is_preview(&s.root, number).unwrap_or(true));
         let component = match preview {
             true => self.preview_component(&name),
             false => PathBuf::from(&p.source),
@@ -730,6 +732,9 @@ pub enum RebuildError {
     NoPreview,
     #[error("previews of a projection partitioned across a cluster are not supported yet")]
     PreviewInCluster,
+    /// The data directory could not be written (a full disk): worth retrying.
+    #[error("{0}")]
+    Storage(String),
     #[error("no rebuild is running")]
     NotRunning,
     #[error("generation {0} is taking over from the live one; the switch completes")]

@@ -103,7 +103,7 @@ impl Runtime {
         // Kept before the preview is marked: a restart finds it.
         let kept = self.preview_component(name);
         crate::data_dir::replace_durably(&kept, &bytes)
-            .map_err(|e| RebuildError::Invalid(format!("keeping the component in {}: {e}", kept.display())))?;
+            .map_err(|e| RebuildError::Storage(format!("keeping the component in {}: {e}", kept.display())))?;
         let number = self.start_rebuild_locked(&p, Some(Box::new(plugin)), true).inspect_err(|_| {
             let _ = std::fs::remove_file(&kept);
         })?;
@@ -183,10 +183,10 @@ impl Runtime {
             let bytes = std::fs::read(&kept).map_err(|e| {
                 RebuildError::Invalid(format!("the preview's component cannot be read from {}: {e}", kept.display()))
             })?;
-            self.write_plugin_file(std::path::Path::new(&p.source), &bytes).map_err(RebuildError::Invalid)?;
+            self.write_plugin_file(std::path::Path::new(&p.source), &bytes).map_err(RebuildError::Storage)?;
             for shard in p.shards() {
                 generation::unmark_preview(&shard.root)
-                    .map_err(|e| RebuildError::Invalid(format!("recording the promotion: {e}")))?;
+                    .map_err(|e| RebuildError::Storage(format!("recording the promotion: {e}")))?;
             }
             let _ = std::fs::remove_file(&kept);
             tracing::info!(projection = name, generation = number, plugin = %p.source, "preview promoted: its component is now the plugin file");
