@@ -32,6 +32,9 @@
 //!   commit-interval-ms: 500       # indexer commits to tantivy this often
 //! storage:
 //!   cache-mb: 1024                # page cache per redb file: the log, and each read model
+//! changes:                        # each read model's change log, for change streams (GET …/tables/{t}/changes)
+//!   retention-seconds: 600        # changes older than this are trimmed
+//!   max-changes: 1000000          # and all but the last this many
 //! rebuild:
 //!   background: true              # a rebuild uses only CPU nothing else wants (Linux SCHED_IDLE)
 //! auth:                           # bearer tokens (or REFRACT_ADMIN_TOKEN / REFRACT_QUERY_TOKEN)
@@ -89,6 +92,7 @@ pub struct Config {
     pub limits: LimitsConfig,
     pub search: SearchConfig,
     pub storage: StorageConfig,
+    pub changes: ChangesConfig,
     pub rebuild: RebuildConfig,
     pub kafka: KafkaConfig,
     /// Membership through Kafka's `kafka.brokers`; `None` (no `cluster:`
@@ -299,6 +303,32 @@ impl StorageConfig {
     }
 }
 
+/// Each read model's change log: what a change stream can resume from.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(rename_all = "kebab-case", deny_unknown_fields, default)]
+pub struct ChangesConfig {
+    /// Changes older than this are trimmed (a client away longer reloads).
+    pub retention_seconds: u64,
+    /// And all but the last this many.
+    pub max_changes: u64,
+}
+
+impl Default for ChangesConfig {
+    fn default() -> Self {
+        let retention = crate::store::changes::ChangeRetention::default();
+        ChangesConfig { retention_seconds: retention.max_age.as_secs(), max_changes: retention.max_changes }
+    }
+}
+
+impl ChangesConfig {
+    pub fn retention(&self) -> crate::store::changes::ChangeRetention {
+        crate::store::changes::ChangeRetention {
+            max_age: Duration::from_secs(self.retention_seconds),
+            max_changes: self.max_changes,
+        }
+    }
+}
+
 #[derive(Debug, Clone, Deserialize)]
 #[serde(rename_all = "kebab-case", deny_unknown_fields, default)]
 pub struct StreamsConfig {
@@ -342,6 +372,7 @@ impl Default for Config {
             limits: LimitsConfig::default(),
             search: SearchConfig::default(),
             storage: StorageConfig::default(),
+            changes: ChangesConfig::default(),
             rebuild: RebuildConfig::default(),
             kafka: KafkaConfig::default(),
             cluster: None,
@@ -441,6 +472,9 @@ impl Config {
         }
         if self.storage.cache_mb == 0 {
             return bad("storage: cache-mb must be at least 1");
+        }
+        if self.changes.retention_seconds == 0 || self.changes.max_changes == 0 {
+            return bad("changes: retention-seconds and max-changes must be at least 1");
         }
         if self.limits.memory_mb == 0 || self.limits.deadline_ms == 0 || self.limits.max_batch_mb == 0 {
             return bad("limits: memory-mb, deadline-ms and max-batch-mb must be at least 1");

@@ -186,6 +186,7 @@ impl Generation {
     /// emits until the active copy has published it).
     pub fn set_active(&self, active: bool) {
         use crate::projector::Replay;
+        self.read_model.record_changes(active);
         self.control.set_replay(if active { Replay::Live } else { Replay::Standby });
         if let Some(h) = &self.handover {
             h.set_active(active);

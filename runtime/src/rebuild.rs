@@ -508,11 +508,16 @@ pub fn monitor(s: Switch<'_>, job: Arc<Rebuild>) {
             h.set_active(false);
             new.control.set_replay(Replay::Standby);
         }
+        // Recording before the gate opens: every live batch is a change.
         Some(h) => {
+            new.read_model.record_changes(true);
             new.control.set_replay(Replay::Before(last));
             h.set_active(true);
         }
-        None => new.control.set_replay(Replay::Before(last)),
+        None => {
+            new.read_model.record_changes(true);
+            new.control.set_replay(Replay::Before(last));
+        }
     }
     drop(starting);
     tracing::info!(projection = s.name, generation = new.number, "rebuild finished; the new generation is live");

@@ -107,8 +107,7 @@ fn the_console_shows_a_previews_diff_and_promotes_it() {
     assert_eq!(admin.append_ndjson("orders", &ndjson(&events)).unwrap().status, 200);
     admin.wait_caught_up(std::time::Duration::from_secs(60)).unwrap();
     let variant = std::fs::read(&p.order_summary_canceled).unwrap();
-    let started =
-        admin.post("/v1/projections/order-summary/rebuild?preview=true", "application/wasm", &variant).unwrap();
+    let started = admin.post("/v1/projections/order-summary/preview", "application/wasm", &variant).unwrap();
     assert_eq!(started.status, 202, "{}", started.body);
     let until = std::time::Instant::now() + std::time::Duration::from_secs(60);
     let diff = loop {

@@ -12,6 +12,7 @@ mod admin_auth;
 #[cfg(feature = "external")]
 mod api_fuzz;
 mod authoring_loop;
+mod change_streams;
 #[cfg(feature = "external")]
 mod cluster;
 #[cfg(feature = "external")]

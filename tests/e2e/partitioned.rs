@@ -412,8 +412,7 @@ fn a_partitioned_projection_is_previewed_shard_by_shard() {
     server.wait_checkpoints("order-summary", events.len() as u64);
     let admin = server.client().with_token(Some(ADMIN));
     let variant = std::fs::read(&p.order_summary_canceled).unwrap();
-    let started =
-        admin.post("/v1/projections/order-summary/rebuild?preview=true", "application/wasm", &variant).unwrap();
+    let started = admin.post("/v1/projections/order-summary/preview", "application/wasm", &variant).unwrap();
     assert_eq!((started.status, started.body["generation"].as_u64()), (202, Some(1)), "{}", started.body);
 
     let until = std::time::Instant::now() + Duration::from_secs(120);

@@ -202,35 +202,32 @@ fn a_discarded_preview_leaves_nothing_and_bad_requests_change_nothing() {
         names
     };
     let before = listing();
-    let post = |query: &str, body: &[u8]| {
-        admin(&server).post(&format!("/v1/projections/order-summary/rebuild{query}"), "application/wasm", body).unwrap()
+    let post = |route: &str, body: &[u8]| {
+        admin(&server).post(&format!("/v1/projections/order-summary/{route}"), "application/wasm", body).unwrap()
     };
 
-    // Refused: another projection's component, a component without `?preview`, nothing to promote or discard.
-    let other = post("?preview=true", &std::fs::read(&p.account_balance).unwrap());
+    // Refused: another projection's component, one that is no component, nothing to promote or discard.
+    let other = post("preview", &std::fs::read(&p.account_balance).unwrap());
     assert_eq!(other.status, 400, "{}", other.body);
     assert!(other.body["error"]["message"].as_str().unwrap().contains("provides projection \"account-balance\""));
-    let garbage = post("?preview=true", b"not wasm");
+    let garbage = post("preview", b"not wasm");
     assert_eq!(garbage.status, 400, "{}", garbage.body);
-    let plain = post("", &std::fs::read(&p.order_summary_canceled).unwrap());
-    assert_eq!(plain.status, 400, "{}", plain.body);
-    assert!(plain.body["error"]["message"].as_str().unwrap().contains("?preview=true"), "{}", plain.body);
     let promote =
         admin(&server).post("/v1/projections/order-summary/preview/promote", "application/json", b"").unwrap();
     assert_eq!((promote.status, promote.body["error"]["code"].as_str()), (404, Some("no_preview")));
     let discard = admin(&server).delete("/v1/projections/order-summary/preview").unwrap();
     assert_eq!((discard.status, discard.body["error"]["code"].as_str()), (404, Some("no_preview")));
-    let anonymous = server.client().post("/v1/projections/order-summary/rebuild?preview=true", "", b"").unwrap();
+    let anonymous = server.client().post("/v1/projections/order-summary/preview", "", b"").unwrap();
     assert_eq!(anonymous.status, 401);
     assert_eq!(listing(), before, "a refused request left files");
 
     // With no component: the plugin file again (the same read model: nothing changes).
-    let started = post("?preview=true", b"");
+    let started = post("preview", b"");
     assert_eq!((started.status, started.body["generation"].as_u64()), (202, Some(1)), "{}", started.body);
     assert_eq!(started.body["preview"], true);
-    let again = post("?preview=true", b"");
+    let again = post("preview", b"");
     assert_eq!((again.status, again.body["error"]["code"].as_str()), (409, Some("preview_open")), "{}", again.body);
-    let rebuild = post("", b"");
+    let rebuild = post("rebuild", b"");
     assert_eq!((rebuild.status, rebuild.body["error"]["code"].as_str()), (409, Some("preview_open")));
     let diff = caught_up_diff(&server, events.len());
     for t in diff["tables"].as_array().unwrap() {

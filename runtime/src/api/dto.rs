@@ -134,7 +134,7 @@ pub struct Resumed {
 pub struct RebuildStarted {
     pub projection: String,
     pub generation: u64,
-    /// A preview (`?preview=true`): it switches only once promoted.
+    /// A preview (`POST …/preview`): it switches only once promoted.
     #[serde(default, skip_serializing_if = "std::ops::Not::not")]
     pub preview: bool,
 }

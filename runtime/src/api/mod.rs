@@ -10,6 +10,7 @@
 //! `timeout_ms`: see [`consistency`].
 
 mod auth;
+mod changes;
 pub mod consistency;
 pub mod dto;
 mod error;
@@ -105,6 +106,7 @@ pub fn operations() -> Vec<(Method, &'static str, MethodRouter<AppState>)> {
         (M::GET, "/v1/projections/{projection}", get(projections::status)),
         (M::GET, "/v1/projections/{projection}/tables/{table}/items", get(projections::scan)),
         (M::GET, "/v1/projections/{projection}/tables/{table}/items/{*key}", get(projections::get_item)),
+        (M::GET, "/v1/projections/{projection}/tables/{table}/changes", get(changes::changes)),
         (M::GET, "/v1/projections/{projection}/dead-letters", get(projections::dead_letters)),
         (M::POST, "/v1/projections/{projection}/dead-letters/retry", post(projections::retry_dead_letters)),
         (M::GET, "/v1/projections/{projection}/dead-letters/{id}", get(projections::dead_letter)),
@@ -116,6 +118,7 @@ pub fn operations() -> Vec<(Method, &'static str, MethodRouter<AppState>)> {
         (M::POST, "/v1/projections/{projection}/resume", post(projections::resume)),
         (M::POST, "/v1/projections/{projection}/rebuild", post(projections::rebuild)),
         (M::DELETE, "/v1/projections/{projection}/rebuild", delete(projections::cancel_rebuild)),
+        (M::POST, "/v1/projections/{projection}/preview", post(preview::start)),
         (M::GET, "/v1/projections/{projection}/preview/diff", get(preview::diff)),
         (M::POST, "/v1/projections/{projection}/preview/promote", post(preview::promote)),
         (M::DELETE, "/v1/projections/{projection}/preview", delete(preview::discard)),
@@ -208,6 +211,11 @@ pub async fn serve(
     shutdown: impl std::future::Future<Output = ()> + Send + 'static,
 ) -> std::io::Result<()> {
     let header_timeout = state.http.limits.header_timeout();
+    let closing = state.http.closing.clone();
+    let shutdown = async move {
+        shutdown.await;
+        closing.send_replace(true);
+    };
     serve_router(router(state), header_timeout, listener, shutdown).await
 }
 

@@ -1,6 +1,5 @@
-//! Previews of another plugin version: what promoting it would change,
-//! promoting it, discarding it (`runtime::preview`). Starting one is
-//! `POST /v1/projections/{p}/rebuild?preview=true`.
+//! Previews of another plugin version (`runtime::preview`): starting one,
+//! what promoting it would change, promoting it, discarding it.
 
 use std::sync::Arc;
 
@@ -10,10 +9,31 @@ use axum::http::StatusCode;
 use serde::Deserialize;
 
 use super::ApiError;
-use super::dto::{PreviewDiscarded, PreviewPromoted};
+use super::dto::{PreviewDiscarded, PreviewPromoted, RebuildStarted};
 use super::extract::{Path, Query};
 use super::projections::{find, rebuild_error};
 use crate::runtime::{PreviewDiff, Runtime};
+
+/// `POST /v1/projections/{p}/preview`: build the component in the body (none:
+/// the plugin file again) beside the live generation; it never switches by itself.
+pub(super) async fn start(
+    State(rt): State<Arc<Runtime>>,
+    Path(name): Path<String>,
+    body: axum::body::Bytes,
+) -> Result<(StatusCode, Json<RebuildStarted>), ApiError> {
+    find(&rt, &name)?;
+    let projection = name.clone();
+    let component = (!body.is_empty()).then(|| body.to_vec());
+    let started = tokio::task::spawn_blocking(move || rt.preview(&projection, component))
+        .await
+        .map_err(|e| ApiError::internal("starting a preview", e))?;
+    match started {
+        Ok(generation) => {
+            Ok((StatusCode::ACCEPTED, Json(RebuildStarted { projection: name, generation, preview: true })))
+        }
+        Err(e) => Err(rebuild_error(&name, e)),
+    }
+}
 
 /// `?samples=` of the diff: keys shown of each kind per table.
 #[derive(Deserialize)]

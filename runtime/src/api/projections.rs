@@ -28,7 +28,7 @@ pub(super) fn find(rt: &Runtime, name: &str) -> Result<Arc<Projection>, ApiError
     })
 }
 
-fn check_table(p: &Projection, table: &str) -> Result<(), ApiError> {
+pub(super) fn check_table(p: &Projection, table: &str) -> Result<(), ApiError> {
     let m = p.manifest();
     if m.tables.iter().any(|t| t == table) {
         Ok(())
@@ -525,43 +525,23 @@ pub(super) async fn resume(
     Ok(Json(Resumed { projection: name, resumed }))
 }
 
-/// `?preview=true` of `POST /v1/projections/{p}/rebuild`.
-#[derive(Deserialize)]
-pub(super) struct RebuildQuery {
-    #[serde(default)]
-    preview: bool,
-}
-
 /// `POST /v1/projections/{p}/rebuild`: replay the projection's streams into a
 /// new generation while the live one keeps serving (admin token required).
-/// With `?preview=true`, a preview: built with the component in the body
-/// (none: the plugin file again), it switches only once promoted.
 pub(super) async fn rebuild(
     State(rt): State<Arc<Runtime>>,
     Path(name): Path<String>,
-    Query(query): Query<RebuildQuery>,
-    body: axum::body::Bytes,
 ) -> Result<(axum::http::StatusCode, Json<RebuildStarted>), ApiError> {
     find(&rt, &name)?;
-    if !query.preview && !body.is_empty() {
-        return Err(ApiError::bad_request(format!(
-            "{name}: a rebuild runs the projection's plugin file; to build another component beside the live one, preview it (`?preview=true`), or upload it (PUT /v1/plugins/{{name}})"
-        )));
-    }
     let runtime = rt.clone();
     let projection = name.clone();
-    let preview = query.preview;
-    let component = (!body.is_empty()).then(|| body.to_vec());
-    let started = tokio::task::spawn_blocking(move || match preview {
-        true => runtime.preview(&projection, component),
-        false => runtime.rebuild(&projection, None),
-    })
-    .await
-    .map_err(|e| ApiError::internal("starting a rebuild", e))?;
+    let started = tokio::task::spawn_blocking(move || runtime.rebuild(&projection, None))
+        .await
+        .map_err(|e| ApiError::internal("starting a rebuild", e))?;
     match started {
-        Ok(generation) => {
-            Ok((axum::http::StatusCode::ACCEPTED, Json(RebuildStarted { projection: name, generation, preview })))
-        }
+        Ok(generation) => Ok((
+            axum::http::StatusCode::ACCEPTED,
+            Json(RebuildStarted { projection: name, generation, preview: false }),
+        )),
         Err(e) => Err(rebuild_error(&name, e)),
     }
 }

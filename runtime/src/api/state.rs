@@ -33,6 +33,9 @@ pub(super) struct Http {
     pub(super) lookups: crate::telemetry::LookupMetrics,
     /// Asks the other instances of a cluster for their shards' parts of an answer.
     pub(super) peers: ureq::Agent,
+    /// Set when the server stops: change streams end, so that the
+    /// requests in flight can finish (a client resumes elsewhere or later).
+    pub(super) closing: tokio::sync::watch::Sender<bool>,
 }
 
 impl AppState {
@@ -44,6 +47,7 @@ impl AppState {
             metrics: HttpMetrics::default(),
             lookups: Default::default(),
             peers: super::shards::peers_agent(),
+            closing: tokio::sync::watch::channel(false).0,
         };
         AppState { runtime, cluster: None, http: Arc::new(http) }
     }

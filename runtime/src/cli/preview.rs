@@ -45,7 +45,7 @@ pub(crate) fn start(projection: &str, plugin: Option<&Path>, remote: &Remote, de
         None => Vec::new(),
     };
     let client = remote.client();
-    let path = format!("/v1/projections/{projection}/rebuild?preview=true");
+    let path = format!("/v1/projections/{projection}/preview");
     let reply =
         client.post(&path, "application/wasm", &component).with_context(|| format!("reaching {}", remote.url))?;
     if reply.status >= 300 {

@@ -69,6 +69,8 @@ pub struct Runtime {
     index_commit_interval: Duration,
     /// `storage.cache-mb`, for each read model opened.
     read_model_cache_bytes: usize,
+    /// `changes`: how long each read model's change log keeps changes.
+    changes: crate::store::changes::ChangeRetention,
     projections: RwLock<BTreeMap<String, Arc<Projection>>>,
     plugin_errors: Mutex<Vec<PluginError>>,
     /// Plugins waiting for their brokers to say how many shards they have;
@@ -162,6 +164,7 @@ impl Runtime {
             batch: config.batch_options(),
             index_commit_interval: Duration::from_millis(config.search.commit_interval_ms),
             read_model_cache_bytes: config.storage.cache_bytes(),
+            changes: config.changes.retention(),
             projections: RwLock::new(BTreeMap::new()),
             plugin_errors: Mutex::new(Vec::new()),
             waits: Mutex::default(),
@@ -436,8 +439,11 @@ impl Runtime {
         let path = dir.join("read-model.redb");
         let read_model = Arc::new(
             ReadModel::open_with_cache(&path, self.read_model_cache_bytes)
-                .with_context(|| format!("opening the read model {}", path.display()))?,
+                .with_context(|| format!("opening the read model {}", path.display()))?
+                .with_change_log(self.changes),
         );
+        // Only a live generation's commits are changes anyone can subscribe to.
+        read_model.record_changes(replay == Replay::Live);
         let declared = crate::plugin::declared(&*handler).map_err(anyhow::Error::msg)?;
         let indexes = Arc::new(
             Indexes::open(&dir.join("indexes"), &declared.indexes)

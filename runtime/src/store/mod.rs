@@ -4,10 +4,12 @@
 //! commit); [`read_model`] opens the file and commits a batch with its
 //! checkpoints in one transaction; `tables` is the file's layout and the
 //! plugin tables' reads; [`dead_letters`] and [`outbox`] are what the runtime
-//! keeps beside them; [`diff`] compares two generations' tables (a
+//! keeps beside them; [`changes`] is the change log change streams read;
+//! [`diff`] compares two generations' tables (a
 //! preview's against the live one's); [`search`] turns the outbox into tantivy indexes.
 
 pub mod batch;
+pub mod changes;
 pub mod dead_letters;
 pub mod diff;
 pub mod outbox;

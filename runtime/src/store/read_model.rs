@@ -64,6 +64,11 @@ pub struct ReadModel {
     /// Whether a commit is on disk when it returns; not for a scratch read
     /// model ([`ReadModel::open_scratch`]).
     durable: bool,
+    /// How long its change log keeps changes; `None`: it keeps none.
+    change_log: Option<super::changes::ChangeRetention>,
+    /// Whether commits record their changes now: while the generation is
+    /// live (a rebuild's replay of history, or a standby copy, records none).
+    recording: std::sync::atomic::AtomicBool,
 }
 
 impl ReadModel {
@@ -82,8 +87,33 @@ impl ReadModel {
         tx.open_table(OUTBOX)?;
         tx.open_table(EMITTED)?;
         tx.open_table(EMIT_ORDINALS)?;
+        tx.open_table(super::changes::CHANGES)?;
+        tx.open_table(super::changes::CHANGE_BATCHES)?;
         tx.commit()?;
-        Ok(ReadModel { db, emitted: Signal::default(), committed: Signal::default(), durable: true })
+        Ok(ReadModel {
+            db,
+            emitted: Signal::default(),
+            committed: Signal::default(),
+            durable: true,
+            change_log: None,
+            recording: std::sync::atomic::AtomicBool::new(false),
+        })
+    }
+
+    /// Keep a change log with `retention` (`GET …/tables/{t}/changes`),
+    /// recorded once [`ReadModel::record_changes`] turns it on.
+    pub fn with_change_log(self, retention: super::changes::ChangeRetention) -> Self {
+        ReadModel { change_log: Some(retention), ..self }
+    }
+
+    /// Record (or stop recording) each commit's changes in the change log.
+    pub fn record_changes(&self, on: bool) {
+        self.recording.store(on, std::sync::atomic::Ordering::Relaxed);
+    }
+
+    /// Whether commits record their changes now.
+    pub fn records_changes(&self) -> bool {
+        self.change_log.is_some() && self.recording.load(std::sync::atomic::Ordering::Relaxed)
     }
 
     /// A read model in `path` that nothing needs after the process
@@ -123,6 +153,11 @@ impl ReadModel {
         let mut tx = self.db.begin_write()?;
         let durability = if self.durable { Durability::Immediate } else { Durability::None };
         tx.set_durability(durability).map_err(|e| Error::Storage(redb::Error::from(e)))?;
+        let retention = self.change_log.filter(|_| self.records_changes());
+        let mut changes = match retention {
+            Some(_) => Some(super::changes::Recorder::open(&tx)?),
+            None => None,
+        };
         for (name, writes) in &writes.kv {
             let mut table = tx.open_table(table_definition(&plugin_table(name)))?;
             for (key, value) in writes.sorted() {
@@ -130,7 +165,13 @@ impl ReadModel {
                     Some(v) => table.insert(key.as_str(), v.as_slice())?,
                     None => table.remove(key.as_str())?,
                 };
+                if let Some(changes) = &mut changes {
+                    changes.record(name, key, value.as_deref())?;
+                }
             }
+        }
+        if let (Some(changes), Some(retention)) = (changes, retention) {
+            changes.finish(&tx, &commit.checkpoints, retention, crate::clock::now_ms())?;
         }
         if !writes.docs.is_empty() {
             let mut counters = tx.open_table(COUNTERS)?;
