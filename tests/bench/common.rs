@@ -22,6 +22,16 @@ pub(crate) fn run_projector(
     dir: &Path,
 ) -> (f64, Arc<ReadModel>) {
     let read_model = Arc::new(ReadModel::open(&dir.join(format!("{name}.redb"))).unwrap());
+    run_projector_on(read_model, handler, log, streams)
+}
+
+/// [`run_projector`] into `read_model`.
+pub(crate) fn run_projector_on(
+    read_model: Arc<ReadModel>,
+    handler: Box<dyn Handler>,
+    log: &Arc<EventLog>,
+    streams: &[&str],
+) -> (f64, Arc<ReadModel>) {
     let mut options = BatchOptions::default();
     // `REFRACT_BENCH_CATCH_UP=<factor>`: another `batch.catch-up-factor`.
     if let Some(factor) = std::env::var("REFRACT_BENCH_CATCH_UP").ok().and_then(|f| f.parse().ok()) {

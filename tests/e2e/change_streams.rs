@@ -99,6 +99,8 @@ struct Replica {
     reconnects: u64,
     /// The change numbers received, in order.
     numbers: Vec<u64>,
+    /// How long it takes over each change (a slow client).
+    pause: Duration,
 }
 
 impl Replica {
@@ -119,6 +121,7 @@ impl Replica {
         }
         self.changes += 1;
         self.numbers.push(number(&id));
+        std::thread::sleep(self.pause);
         self.last_id = Some(id);
     }
 
@@ -283,4 +286,62 @@ fn resuming_beyond_the_window_is_gone_and_a_rebuild_ends_the_stream() {
     let change = stream.next().unwrap();
     assert_eq!((change.event.as_str(), change.data["key"].as_str()), ("put", Some("o-new")), "{change:?}");
     assert_eq!(change.data["value"]["status"], "placed", "{change:?}");
+}
+
+/// The resident memory of process `pid`, in bytes.
+fn rss(pid: u32) -> u64 {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
+    let line = status.lines().find(|l| l.starts_with("VmRSS:")).unwrap();
+    line.split_whitespace().nth(1).unwrap().parse::<u64>().unwrap() * 1024
+}
+
+/// 100 clients follow one table while 10,000 events are ingested, ten of
+/// them slow readers: each ends with the table, having received every
+/// change of it once, in order; the server holds no backlog per client
+/// (each stream reads the log as it sends), so its memory stays bounded.
+#[test]
+fn a_hundred_clients_follow_one_table_while_ten_thousand_events_arrive() {
+    let dir = tempfile::tempdir().unwrap();
+    // A small page cache, so that what the server holds is the streams', not redb's cache filling up.
+    let server = Server::start(dir.path(), &[&plugins().order_summary], &config("storage:\n  cache-mb: 16\n"));
+    let events = refract_client::fixtures::orders(10_000, 34, 0.01);
+    let expected = crate::support::reference::orders(&events).orders;
+    let path = "/v1/projections/order-summary/tables/orders/changes";
+    let before = rss(server.pid());
+    let clients: Vec<_> = (0..100)
+        .map(|i| {
+            let (url, expected) = (server.url.clone(), expected.clone());
+            std::thread::spawn(move || {
+                let pause = if i < 10 { Duration::from_millis(1) } else { Duration::ZERO };
+                let mut replica = Replica { last_id: Some("0:0".into()), pause, ..Replica::default() };
+                replica.follow(&url, path, u64::MAX, |r| r.items == expected);
+                replica
+            })
+        })
+        .collect();
+    let mut peak = before;
+    for chunk in events.chunks(500) {
+        append(&server, chunk);
+        peak = peak.max(rss(server.pid()));
+    }
+    server.wait_caught_up();
+    // Every change of the table, read once more after the others.
+    let mut all = Replica { last_id: Some("0:0".into()), ..Replica::default() };
+    all.drain(&server.url, path);
+    while clients.iter().any(|c| !c.is_finished()) {
+        peak = peak.max(rss(server.pid()));
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    let table: BTreeMap<String, Value> = server.table("order-summary", "orders").into_iter().collect();
+    assert!(all.items == table);
+    for (i, client) in clients.into_iter().enumerate() {
+        let mut replica = client.join().unwrap();
+        // It stopped once equal to the table: the rest, if any, are rewrites alike.
+        replica.drain(&server.url, path);
+        assert_eq!(replica.numbers, all.numbers, "client {i} missed or repeated a change");
+        assert!(replica.items == table, "client {i} differs from the table");
+    }
+    let grown = peak.saturating_sub(before);
+    eprintln!("server memory: {} MiB before, {} MiB at most with 100 streams", before >> 20, peak >> 20);
+    assert!(grown < 256 << 20, "the server grew by {} MiB with 100 streams", grown >> 20);
 }

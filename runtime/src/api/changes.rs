@@ -125,7 +125,7 @@ pub(super) async fn changes(
     let (start, ready) = {
         let local = local.clone();
         let resume = resume.clone();
-        tokio::task::spawn_blocking(move || -> Result<(Cursor, bool), ApiError> {
+        super::run_blocking("starting a change stream", move || -> Result<(Cursor, bool), ApiError> {
             match resume {
                 None => {
                     let mut after = BTreeMap::new();
@@ -155,8 +155,7 @@ pub(super) async fn changes(
                 }
             }
         })
-        .await
-        .map_err(|e| ApiError::internal("starting a change stream", e))??
+        .await??
     };
     drop(runtime);
     let stream = ChangeStream {
@@ -169,6 +168,7 @@ pub(super) async fn changes(
         pending: Default::default(),
         closing: state.http.closing.subscribe(),
         follow: params.follow.unwrap_or(true),
+        reads: state.http.change_reads.clone(),
         done: false,
     };
     Ok(Sse::new(futures_util::stream::unfold(stream, next)).keep_alive(KeepAlive::default()))
@@ -207,6 +207,8 @@ struct ChangeStream {
     closing: tokio::sync::watch::Receiver<bool>,
     /// Wait for new changes once every committed one is sent (else end).
     follow: bool,
+    /// Taken while reading the log (see `Http::change_reads`).
+    reads: Arc<tokio::sync::Semaphore>,
     done: bool,
 }
 
@@ -240,7 +242,9 @@ async fn next(mut s: ChangeStream) -> Option<(Result<Event, Infallible>, ChangeS
         }
         let (table, prefix, partitioned) = (s.table.clone(), s.prefix.clone(), s.partitioned);
         let cursor = s.cursor.clone();
-        let read = tokio::task::spawn_blocking(move || -> crate::store::Result<Read> {
+        let permit = s.reads.clone().acquire_owned().await.expect("the semaphore is never closed");
+        let read = super::run_blocking("reading the change log", move || -> crate::store::Result<Read> {
+            let _permit = permit;
             for shard in &shards {
                 let n = number(shard, partitioned);
                 let after = cursor.after.get(&n).copied().unwrap_or(0);
@@ -301,7 +305,7 @@ async fn next(mut s: ChangeStream) -> Option<(Result<Event, Infallible>, ChangeS
                 tokio::time::sleep(IDLE).await;
             }
             Err(e) => {
-                tracing::warn!(error = %e, "reading the change log");
+                tracing::warn!(error = ?e, "reading the change log");
                 tokio::time::sleep(IDLE).await;
             }
         }

@@ -21,6 +21,9 @@ pub struct AppState {
     pub(super) http: Arc<Http>,
 }
 
+/// How many change streams read their logs at once.
+const CHANGE_READS: usize = 2;
+
 /// The API's side of the configuration, and what it measures.
 pub(super) struct Http {
     /// Bearer tokens, with the environment's applied.
@@ -36,6 +39,10 @@ pub(super) struct Http {
     /// Set when the server stops: change streams end, so that the
     /// requests in flight can finish (a client resumes elsewhere or later).
     pub(super) closing: tokio::sync::watch::Sender<bool>,
+    /// Change streams reading their logs at once: a few, however many
+    /// streams there are, so that a hundred of them do not each hold a
+    /// thread (and its allocator's heap) and the cores ingestion needs.
+    pub(super) change_reads: Arc<tokio::sync::Semaphore>,
 }
 
 impl AppState {
@@ -48,6 +55,7 @@ impl AppState {
             lookups: Default::default(),
             peers: super::shards::peers_agent(),
             closing: tokio::sync::watch::channel(false).0,
+            change_reads: Arc::new(tokio::sync::Semaphore::new(CHANGE_READS)),
         };
         AppState { runtime, cluster: None, http: Arc::new(http) }
     }
