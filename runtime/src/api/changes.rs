@@ -97,6 +97,76 @@ fn shards(p: &Projection) -> Vec<Arc<Shard>> {
     p.shards()
 }
 
+/// Changes a feed reads from its log at a time, and the pages it keeps for
+/// subscribers that have not taken them yet (one that falls further behind
+/// reads the log itself until it has caught up).
+const FEED_PAGE: usize = 1000;
+const FEED_PAGES: usize = 256;
+
+type FeedPage = Arc<Vec<crate::store::changes::Change>>;
+
+/// One tail of a live read model's change log, shared by every stream of
+/// it: each commit is read from the log once, however many streams follow
+/// the read model, and handed to them in memory.
+pub(super) struct Feed {
+    pages: tokio::sync::broadcast::Sender<FeedPage>,
+}
+
+/// The feeds of the read models streams follow, by read model.
+#[derive(Default)]
+pub(super) struct Feeds(std::sync::Mutex<std::collections::HashMap<usize, std::sync::Weak<Feed>>>);
+
+impl Feeds {
+    /// Follow `read_model`'s feed (started if none runs): every change
+    /// committed after this call comes through the receiver, in order,
+    /// unless it falls behind (then it says it lagged). Blocks briefly: it
+    /// reads where the log ends.
+    fn subscribe(
+        &self,
+        read_model: &Arc<crate::store::ReadModel>,
+    ) -> crate::store::Result<(Arc<Feed>, tokio::sync::broadcast::Receiver<FeedPage>)> {
+        let mut feeds = self.0.lock().expect("feeds lock");
+        feeds.retain(|_, feed| feed.strong_count() > 0);
+        // The feed task holds its read model: its address is not reused while the feed lives.
+        let key = Arc::as_ptr(read_model) as usize;
+        if let Some(feed) = feeds.get(&key).and_then(std::sync::Weak::upgrade) {
+            let receiver = feed.pages.subscribe();
+            return Ok((feed, receiver));
+        }
+        let after = read_model.last_change()?;
+        let (pages, receiver) = tokio::sync::broadcast::channel(FEED_PAGES);
+        let feed = Arc::new(Feed { pages });
+        feeds.insert(key, Arc::downgrade(&feed));
+        tokio::spawn(tail(read_model.clone(), Arc::downgrade(&feed), after));
+        Ok((feed, receiver))
+    }
+}
+
+/// Read `read_model`'s changes after `after` as they commit, and hand them
+/// to the feed's subscribers, until the last of them has gone.
+async fn tail(read_model: Arc<crate::store::ReadModel>, feed: std::sync::Weak<Feed>, mut after: u64) {
+    let mut commits = read_model.commit_signal().watch();
+    loop {
+        commits.mark_unchanged();
+        let reading = read_model.clone();
+        let page = super::run_blocking("reading the change log", move || reading.changes_since(after, FEED_PAGE)).await;
+        let Some(live) = feed.upgrade() else { return };
+        match page {
+            Ok(Ok(page)) if page.read_up_to > after => {
+                after = page.read_up_to;
+                // No subscriber at this instant is no loss: each reads the log up to where it subscribed.
+                let _ = live.pages.send(Arc::new(page.changes));
+                continue;
+            }
+            Ok(Ok(_)) => {}
+            Ok(Err(e)) => tracing::warn!(error = %e, "reading the change log for change streams"),
+            Err(e) => tracing::warn!(error = ?e, "reading the change log for change streams"),
+        }
+        drop(live);
+        let _ = tokio::time::timeout(IDLE, commits.changed()).await;
+    }
+}
+
 fn number(shard: &Shard, partitioned: bool) -> u32 {
     if partitioned { shard.number() } else { 0 }
 }
@@ -121,18 +191,25 @@ pub(super) async fn changes(
     }
     let resume = headers.get("last-event-id").and_then(|v| v.to_str().ok()).map(str::to_owned).or(params.after);
     let generation = local.first().map_or(0, |s| s.live().number);
-    let runtime = state.runtime.clone();
-    let (start, ready) = {
+    let (start, ready, feeds) = {
         let local = local.clone();
         let resume = resume.clone();
-        super::run_blocking("starting a change stream", move || -> Result<(Cursor, bool), ApiError> {
-            match resume {
+        let state = state.clone();
+        super::run_blocking("starting a change stream", move || -> Result<(Cursor, bool, Vec<Subscription>), ApiError> {
+            // Subscribed before the stream reads the log: whatever commits
+            // after that read comes through the feed.
+            let mut feeds = Vec::new();
+            for shard in &local {
+                let (feed, pages) = state.http.feeds.subscribe(&shard.live().read_model)?;
+                feeds.push(Subscription { shard: number(shard, partitioned), _feed: feed, pages });
+            }
+            let (cursor, ready) = match resume {
                 None => {
                     let mut after = BTreeMap::new();
                     for shard in &local {
                         after.insert(number(shard, partitioned), shard.live().read_model.last_change()?);
                     }
-                    Ok((Cursor { generation, after }, true))
+                    (Cursor { generation, after }, true)
                 }
                 Some(id) => {
                     let cursor = Cursor::parse(&id, partitioned)?;
@@ -151,13 +228,13 @@ pub(super) async fn changes(
                             }
                         }
                     }
-                    Ok((cursor, false))
+                    (cursor, false)
                 }
-            }
+            };
+            Ok((cursor, ready, feeds))
         })
         .await??
     };
-    drop(runtime);
     let stream = ChangeStream {
         p,
         table,
@@ -169,6 +246,8 @@ pub(super) async fn changes(
         closing: state.http.closing.subscribe(),
         follow: params.follow.unwrap_or(true),
         reads: state.http.change_reads.clone(),
+        feeds,
+        caught_up: false,
         done: false,
     };
     Ok(Sse::new(futures_util::stream::unfold(stream, next)).keep_alive(KeepAlive::default()))
@@ -209,7 +288,35 @@ struct ChangeStream {
     follow: bool,
     /// Taken while reading the log (see `Http::change_reads`).
     reads: Arc<tokio::sync::Semaphore>,
+    /// Each shard's feed: once the stream has read the log to its end, new
+    /// changes come from there.
+    feeds: Vec<Subscription>,
+    /// It has read every change committed when it last read the log: it
+    /// takes the next from the feeds (until one skips ahead or lags).
+    caught_up: bool,
     done: bool,
+}
+
+/// A stream's place in one shard's feed.
+struct Subscription {
+    shard: u32,
+    /// Keeps the feed running.
+    _feed: Arc<Feed>,
+    pages: tokio::sync::broadcast::Receiver<FeedPage>,
+}
+
+/// The event of change `c`, whose id is `cursor` (after it).
+fn event_of(c: &crate::store::changes::Change, id: String) -> Event {
+    let key = serde_json::Value::String(c.key.clone());
+    let positions = serde_json::Value::String(c.positions.clone());
+    let (kind, data) = match &c.value {
+        Some(v) => {
+            let value = super::raw_json(v.clone());
+            ("put", format!("{{\"key\":{key},\"value\":{},\"positions\":{positions}}}", value.get()))
+        }
+        None => ("delete", format!("{{\"key\":{key},\"positions\":{positions}}}")),
+    };
+    Event::default().event(kind).id(id).data(data)
 }
 
 /// The stream's next event, or nothing more.
@@ -236,9 +343,45 @@ async fn next(mut s: ChangeStream) -> Option<(Result<Event, Infallible>, ChangeS
             let data = serde_json::json!({"generation": live, "reason": "the read model was rebuilt (or its projection removed): read the table again and subscribe anew"});
             return Some((Ok(Event::default().event("reload").data(data.to_string())), s));
         }
-        let mut watches: Vec<_> = shards.iter().map(|x| x.live().read_model.commit_signal().watch()).collect();
-        for w in &mut watches {
-            w.mark_unchanged();
+        if s.caught_up {
+            // Take the next page of any shard's feed (or look at the
+            // generation again after a while).
+            let receives =
+                s.feeds.iter_mut().enumerate().map(|(i, f)| Box::pin(async move { (i, f.pages.recv().await) }));
+            let next_page = futures_util::future::select_all(receives);
+            let received = tokio::select! {
+                (got, _, _) = next_page => Some(got),
+                _ = tokio::time::sleep(IDLE) => None,
+                _ = s.closing.changed() => None,
+            };
+            let Some((i, page)) = received else { continue };
+            let shard = s.feeds[i].shard;
+            match page {
+                Ok(page) => {
+                    let mut after = s.cursor.after.get(&shard).copied().unwrap_or(0);
+                    for c in page.iter() {
+                        if c.seq <= after {
+                            continue;
+                        }
+                        if c.seq != after + 1 {
+                            // It subscribed after the feed read this far: the log has the rest.
+                            s.caught_up = false;
+                            break;
+                        }
+                        after = c.seq;
+                        s.cursor.after.insert(shard, after);
+                        if c.table == s.table && c.key.starts_with(&s.prefix) {
+                            s.pending.push_back(event_of(c, s.cursor.id(s.partitioned)));
+                        }
+                    }
+                }
+                // Fell behind the feed, or it ended: read the log.
+                Err(_) => s.caught_up = false,
+            }
+            if let Some(event) = s.pending.pop_front() {
+                return Some((Ok(event), s));
+            }
+            continue;
         }
         let (table, prefix, partitioned) = (s.table.clone(), s.prefix.clone(), s.partitioned);
         let cursor = s.cursor.clone();
@@ -274,16 +417,7 @@ async fn next(mut s: ChangeStream) -> Option<(Result<Event, Infallible>, ChangeS
                 }
                 for c in &changes {
                     s.cursor.after.insert(shard, c.seq);
-                    let key = serde_json::Value::String(c.key.clone());
-                    let positions = serde_json::Value::String(c.positions.clone());
-                    let (kind, data) = match &c.value {
-                        Some(v) => {
-                            let value = super::raw_json(v.clone());
-                            ("put", format!("{{\"key\":{key},\"value\":{},\"positions\":{positions}}}", value.get()))
-                        }
-                        None => ("delete", format!("{{\"key\":{key},\"positions\":{positions}}}")),
-                    };
-                    s.pending.push_back(Event::default().event(kind).id(s.cursor.id(s.partitioned)).data(data));
+                    s.pending.push_back(event_of(c, s.cursor.id(s.partitioned)));
                 }
                 // Changes after the last one sent that did not match: read on after them.
                 s.cursor.after.insert(shard, read_up_to);
@@ -291,15 +425,8 @@ async fn next(mut s: ChangeStream) -> Option<(Result<Event, Infallible>, ChangeS
                 return Some((Ok(event), s));
             }
             Ok(Ok(Read::Nothing)) if !s.follow => return None,
-            Ok(Ok(Read::Nothing)) => {
-                // Nothing new: wait for a commit of any shard (or look again after a while).
-                let waits = watches.iter_mut().map(|w| Box::pin(w.changed()));
-                let any = futures_util::future::select_all(waits);
-                tokio::select! {
-                    _ = tokio::time::timeout(IDLE, any) => {}
-                    _ = s.closing.changed() => {}
-                }
-            }
+            // Read to the end: what commits next comes from the feeds.
+            Ok(Ok(Read::Nothing)) => s.caught_up = true,
             Ok(Err(e)) => {
                 tracing::warn!(projection = %s.p.manifest().name, error = %e, "reading the change log");
                 tokio::time::sleep(IDLE).await;

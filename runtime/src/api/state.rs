@@ -43,6 +43,8 @@ pub(super) struct Http {
     /// streams there are, so that a hundred of them do not each hold a
     /// thread (and its allocator's heap) and the cores ingestion needs.
     pub(super) change_reads: Arc<tokio::sync::Semaphore>,
+    /// The read models change streams follow, each read once per commit.
+    pub(super) feeds: super::changes::Feeds,
 }
 
 impl AppState {
@@ -56,6 +58,7 @@ impl AppState {
             peers: super::shards::peers_agent(),
             closing: tokio::sync::watch::channel(false).0,
             change_reads: Arc::new(tokio::sync::Semaphore::new(CHANGE_READS)),
+            feeds: Default::default(),
         };
         AppState { runtime, cluster: None, http: Arc::new(http) }
     }

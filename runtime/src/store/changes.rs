@@ -172,6 +172,15 @@ impl ReadModel {
         limit: usize,
         scan: usize,
     ) -> Result<ChangesPage> {
+        self.read_changes(after, Some((table, prefix)), limit, scan)
+    }
+
+    /// Up to `limit` changes of every table after change number `after`.
+    pub fn changes_since(&self, after: u64, limit: usize) -> Result<ChangesPage> {
+        self.read_changes(after, None, limit, limit)
+    }
+
+    fn read_changes(&self, after: u64, only: Option<(&str, &str)>, limit: usize, scan: usize) -> Result<ChangesPage> {
         let tx = self.db.begin_read()?;
         let changes = tx.open_table(CHANGES)?;
         let batches = tx.open_table(CHANGE_BATCHES)?;
@@ -189,8 +198,7 @@ impl ReadModel {
         for entry in changes.range((Bound::Excluded(after), Bound::Unbounded))?.take(scan) {
             let (seq, bytes) = entry?;
             let seq = seq.value();
-            while let Some((first, value)) = upcoming.take_if(|(first, _)| *first <= seq) {
-                let _ = first;
+            while let Some((_, value)) = upcoming.take_if(|(first, _)| *first <= seq) {
                 batch = String::from_utf8_lossy(&value[8..]).into_owned();
                 upcoming = next_batch.next().transpose()?.map(|(k, v)| (k.value(), v.value().to_vec()));
             }
@@ -198,7 +206,7 @@ impl ReadModel {
             let Some(change) = decode(seq, bytes.value(), &batch) else {
                 return Err(super::Error::Corrupt(format!("change {seq} cannot be decoded")));
             };
-            if change.table == table && change.key.starts_with(prefix) {
+            if only.is_none_or(|(table, prefix)| change.table == table && change.key.starts_with(prefix)) {
                 page.changes.push(change);
                 if page.changes.len() == limit {
                     break;
