@@ -103,7 +103,15 @@ fn shards(p: &Projection) -> Vec<Arc<Shard>> {
 const FEED_PAGE: usize = 1000;
 const FEED_PAGES: usize = 256;
 
-type FeedPage = Arc<Vec<crate::store::changes::Change>>;
+/// A change as a feed hands it out: with its event's kind and data, built
+/// once for every stream (only the id is each stream's own).
+struct Shared {
+    change: crate::store::changes::Change,
+    kind: &'static str,
+    data: String,
+}
+
+type FeedPage = Arc<Vec<Shared>>;
 
 /// One tail of a live read model's change log, shared by every stream of
 /// it: each commit is read from the log once, however many streams follow
@@ -154,8 +162,16 @@ async fn tail(read_model: Arc<crate::store::ReadModel>, feed: std::sync::Weak<Fe
         match page {
             Ok(Ok(page)) if page.read_up_to > after => {
                 after = page.read_up_to;
+                let shared = page
+                    .changes
+                    .into_iter()
+                    .map(|change| {
+                        let (kind, data) = kind_and_data(&change);
+                        Shared { change, kind, data }
+                    })
+                    .collect();
                 // No subscriber at this instant is no loss: each reads the log up to where it subscribed.
-                let _ = live.pages.send(Arc::new(page.changes));
+                let _ = live.pages.send(Arc::new(shared));
                 continue;
             }
             Ok(Ok(_)) => {}
@@ -305,17 +321,22 @@ struct Subscription {
     pages: tokio::sync::broadcast::Receiver<FeedPage>,
 }
 
-/// The event of change `c`, whose id is `cursor` (after it).
-fn event_of(c: &crate::store::changes::Change, id: String) -> Event {
+/// The event name and data of change `c`.
+fn kind_and_data(c: &crate::store::changes::Change) -> (&'static str, String) {
     let key = serde_json::Value::String(c.key.clone());
     let positions = serde_json::Value::String(c.positions.clone());
-    let (kind, data) = match &c.value {
+    match &c.value {
         Some(v) => {
             let value = super::raw_json(v.clone());
             ("put", format!("{{\"key\":{key},\"value\":{},\"positions\":{positions}}}", value.get()))
         }
         None => ("delete", format!("{{\"key\":{key},\"positions\":{positions}}}")),
-    };
+    }
+}
+
+/// The event of change `c`, whose id is `id` (where the stream stands after it).
+fn event_of(c: &crate::store::changes::Change, id: String) -> Event {
+    let (kind, data) = kind_and_data(c);
     Event::default().event(kind).id(id).data(data)
 }
 
@@ -359,7 +380,8 @@ async fn next(mut s: ChangeStream) -> Option<(Result<Event, Infallible>, ChangeS
             match page {
                 Ok(page) => {
                     let mut after = s.cursor.after.get(&shard).copied().unwrap_or(0);
-                    for c in page.iter() {
+                    for shared in page.iter() {
+                        let c = &shared.change;
                         if c.seq <= after {
                             continue;
                         }
@@ -371,7 +393,8 @@ async fn next(mut s: ChangeStream) -> Option<(Result<Event, Infallible>, ChangeS
                         after = c.seq;
                         s.cursor.after.insert(shard, after);
                         if c.table == s.table && c.key.starts_with(&s.prefix) {
-                            s.pending.push_back(event_of(c, s.cursor.id(s.partitioned)));
+                            let event = Event::default().event(shared.kind).id(s.cursor.id(s.partitioned));
+                            s.pending.push_back(event.data(&shared.data));
                         }
                     }
                 }
