@@ -13,9 +13,11 @@
 //! change log's window a resumption is 410 `changes_gone` (a stream that
 //! falls that far behind ends with `event: gone`); once a rebuild switches
 //! generations the stream ends with `event: reload`. Either way: read the
-//! table again and subscribe anew. A slow client costs no memory: the
-//! stream reads the log as it sends. `follow=false` ends the stream once
-//! every change committed so far is sent.
+//! table again and subscribe anew. A stream reads the log itself until it
+//! has caught up, then takes new changes from its read model's [`Feed`],
+//! which reads each commit once for every stream; a slow client holds no
+//! more than the feed's bounded backlog (beyond it, it reads the log again).
+//! `follow=false` ends the stream once every change committed so far is sent.
 
 use std::collections::BTreeMap;
 use std::convert::Infallible;
@@ -90,11 +92,6 @@ impl Cursor {
         }
         Ok(Cursor { generation, after })
     }
-}
-
-/// The shards of `p` this instance answers a change stream from: all of them.
-fn shards(p: &Projection) -> Vec<Arc<Shard>> {
-    p.shards()
 }
 
 /// Changes a feed reads from its log at a time, and the pages it keeps for
@@ -196,7 +193,7 @@ pub(super) async fn changes(
     let p = find(&state.runtime, &name)?;
     check_table(&p, &table)?;
     let partitioned = p.is_partitioned();
-    let local = shards(&p);
+    let local = p.shards();
     if local.len() as u32 != p.shard_count() {
         return Err(ApiError::conflict(
             "changes_in_cluster",
@@ -357,7 +354,7 @@ async fn next(mut s: ChangeStream) -> Option<(Result<Event, Infallible>, ChangeS
         if *s.closing.borrow() {
             return None;
         }
-        let shards = shards(&s.p);
+        let shards = s.p.shards();
         let live = shards.first().map_or(0, |x| x.live().number);
         if s.p.is_removed() || live != s.cursor.generation {
             s.done = true;
