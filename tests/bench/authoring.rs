@@ -20,13 +20,10 @@ mod common;
 mod support;
 
 use std::io::Write;
-use std::sync::Arc;
 use std::time::Instant;
 
 use refract::harness::Harness;
 use refract::plugin::wasm::{self, PluginLimits, WasmPlugin};
-use refract::source::NewEvent;
-use refract::source::log::{EventLog, LogOptions};
 
 #[global_allocator]
 static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
@@ -38,14 +35,8 @@ fn main() {
     let dir = tempfile::tempdir().unwrap();
     let poison: f64 = std::env::var("REFRACT_BENCH_POISON").ok().and_then(|v| v.parse().ok()).unwrap_or(0.01);
     let fixtures = refract_client::fixtures::orders(n, 42, poison);
-    let log = Arc::new(
-        EventLog::open(&dir.path().join("log.redb"), LogOptions { default_partitions: 4, ..Default::default() })
-            .unwrap(),
-    );
-    for chunk in fixtures.chunks(10_000) {
-        let chunk: Vec<NewEvent> = chunk.iter().map(|e| serde_json::from_value(e.clone()).unwrap()).collect();
-        log.append("orders", &chunk).unwrap();
-    }
+    let log = common::open_log(dir.path());
+    common::append(&log, "orders", &fixtures);
     let text: String = fixtures.iter().map(|e| format!("{e}\n")).collect();
     let events = refract::harness::read_events(&text, "orders").unwrap();
 

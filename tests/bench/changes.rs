@@ -32,7 +32,6 @@ use refract_sdk::Projection;
 
 use refract::plugin::wasm::{self, PluginLimits, WasmPlugin};
 use refract::source::NewEvent;
-use refract::source::log::{EventLog, LogOptions};
 use refract::store::ReadModel;
 use refract::store::changes::ChangeRetention;
 
@@ -44,14 +43,8 @@ fn main() {
     let env = |var: &str, default: usize| std::env::var(var).ok().and_then(|v| v.parse().ok()).unwrap_or(default);
     let (n, rounds) = (env("REFRACT_BENCH_EVENTS", 200_000), env("REFRACT_BENCH_ROUNDS", 5));
     let dir = tempfile::tempdir().unwrap();
-    let log = Arc::new(
-        EventLog::open(&dir.path().join("log.redb"), LogOptions { default_partitions: 4, ..Default::default() })
-            .unwrap(),
-    );
-    for chunk in refract_client::fixtures::orders(n, 42, 0.0).chunks(10_000) {
-        let chunk: Vec<NewEvent> = chunk.iter().map(|e| serde_json::from_value(e.clone()).unwrap()).collect();
-        log.append("orders", &chunk).unwrap();
-    }
+    let log = common::open_log(dir.path());
+    common::append(&log, "orders", &refract_client::fixtures::orders(n, 42, 0.0));
     let engine = refract::plugin::engine::new_engine().unwrap();
     let linker = wasm::linker(&engine).unwrap();
     let bytes = std::fs::read(&support::plugins().order_summary).unwrap();

@@ -59,6 +59,22 @@ pub(crate) fn run_projector_on(
     (seconds, read_model)
 }
 
+/// An embedded log in `dir` whose streams have 4 partitions, as the
+/// benchmarks append their fixtures to.
+pub(crate) fn open_log(dir: &Path) -> Arc<EventLog> {
+    let options = refract::source::log::LogOptions { default_partitions: 4, ..Default::default() };
+    Arc::new(EventLog::open(&dir.join("log.redb"), options).unwrap())
+}
+
+/// Append `events` (fixtures, as JSON) to `stream`, 10,000 at a time.
+pub(crate) fn append(log: &EventLog, stream: &str, events: &[serde_json::Value]) {
+    for chunk in events.chunks(10_000) {
+        let chunk: Vec<refract::source::NewEvent> =
+            chunk.iter().map(|e| serde_json::from_value(e.clone()).unwrap()).collect();
+        log.append(stream, &chunk).unwrap();
+    }
+}
+
 /// The median of `values` (NaN when there are none: a variant not run).
 pub(crate) fn median(values: &[f64]) -> f64 {
     let mut sorted = values.to_vec();

@@ -29,8 +29,7 @@ use refract::plugin::cache::CompileCache;
 use refract::plugin::native::NativeEnricher;
 use refract::plugin::route::Routes;
 use refract::plugin::wasm::{self, PluginLimits, WasmPlugin};
-use refract::source::NewEvent;
-use refract::source::log::{EventLog, LogOptions};
+use refract::source::log::EventLog;
 use refract_sdk::Enricher;
 use serde_json::{Value, json};
 
@@ -58,13 +57,6 @@ fn run(name: &str, handler: Box<dyn Handler>, log: &Arc<EventLog>, streams: &[&s
     Run { rate: total as f64 / seconds, cpu_rate: total as f64 / cpu, outputs: read_model.emit_progress().unwrap().0 }
 }
 
-fn append(log: &EventLog, stream: &str, events: &[Value]) {
-    for chunk in events.chunks(10_000) {
-        let chunk: Vec<NewEvent> = chunk.iter().map(|e| serde_json::from_value(e.clone()).unwrap()).collect();
-        log.append(stream, &chunk).unwrap();
-    }
-}
-
 fn wasm_enricher(engine: &wasmtime::Engine, cache: &CompileCache, path: &Path, name: &str) -> Box<dyn Handler> {
     let (component, _) = cache.load(&std::fs::read(path).unwrap()).unwrap();
     let linker = wasm::linker(engine).unwrap();
@@ -76,10 +68,7 @@ fn main() {
     let n: usize = std::env::var("REFRACT_BENCH_EVENTS").ok().and_then(|v| v.parse().ok()).unwrap_or(400_000);
     let dir = tempfile::tempdir().unwrap();
     let plugins = support::plugins();
-    let log = Arc::new(
-        EventLog::open(&dir.path().join("log.redb"), LogOptions { default_partitions: 4, ..Default::default() })
-            .unwrap(),
-    );
+    let log = common::open_log(dir.path());
 
     eprintln!("generating {n} events per enricher …");
     let mut placed = 0;
@@ -99,7 +88,7 @@ fn main() {
                             "lines": [], "note": d["description"]}})
         })
         .collect();
-    append(&log, "orders-raw", &raw);
+    common::append(&log, "orders-raw", &raw);
     let mut rng = refract_client::fixtures::Rng::new(7);
     let (mut orders, mut payments) = (Vec::new(), Vec::new());
     for i in 0..n / 2 {
@@ -114,8 +103,8 @@ fn main() {
         }
     }
     payments.sort_by_key(|p| p["time"].as_i64());
-    append(&log, "orders", &orders);
-    append(&log, "payments", &payments);
+    common::append(&log, "orders", &orders);
+    common::append(&log, "payments", &payments);
 
     let engine = refract::plugin::engine::new_engine().unwrap();
     let cache = CompileCache::new(&dir.path().join("cache"), &engine).unwrap();

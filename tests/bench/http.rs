@@ -27,7 +27,6 @@ use order_summary::OrderSummary;
 use refract::config::Config;
 use refract::plugin::native::NativeProjection;
 use refract::runtime::Runtime;
-use refract::source::NewEvent;
 use refract_sdk::Projection;
 
 #[global_allocator]
@@ -75,10 +74,7 @@ fn main() {
     let runtime = Arc::new(Runtime::open(&config).unwrap());
     eprintln!("generating and projecting {n} order events …");
     let events = refract_client::fixtures::orders(n, 42, 0.0);
-    for chunk in events.chunks(10_000) {
-        let chunk: Vec<NewEvent> = chunk.iter().map(|e| serde_json::from_value(e.clone()).unwrap()).collect();
-        runtime.log.append("orders", &chunk).unwrap();
-    }
+    common::append(&runtime.log, "orders", &events);
     let handler = NativeProjection::new(OrderSummary::manifest(), OrderSummary::handle);
     let projection =
         runtime.add(Box::new(handler), "bench".into()).unwrap().expect("one read model, not partitioned").shards()[0]

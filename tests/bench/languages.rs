@@ -19,8 +19,7 @@ use refract::plugin::Handler;
 use refract::plugin::cache::CompileCache;
 use refract::plugin::native::NativeProjection;
 use refract::plugin::wasm::{self, PluginLimits, WasmPlugin};
-use refract::source::NewEvent;
-use refract::source::log::{EventLog, LogOptions};
+use refract::source::log::EventLog;
 use refract_sdk::Projection;
 
 #[global_allocator]
@@ -41,14 +40,8 @@ fn main() {
     let dir = tempfile::tempdir().unwrap();
     let rust = &support::plugins().order_summary;
     let lang = support::lang_plugins();
-    let log = Arc::new(
-        EventLog::open(&dir.path().join("log.redb"), LogOptions { default_partitions: 4, ..Default::default() })
-            .unwrap(),
-    );
-    for chunk in refract_client::fixtures::orders(n, 42, 0.0).chunks(10_000) {
-        let chunk: Vec<NewEvent> = chunk.iter().map(|e| serde_json::from_value(e.clone()).unwrap()).collect();
-        log.append("orders", &chunk).unwrap();
-    }
+    let log = common::open_log(dir.path());
+    common::append(&log, "orders", &refract_client::fixtures::orders(n, 42, 0.0));
     let engine = refract::plugin::engine::new_engine().unwrap();
     let linker = wasm::linker(&engine).unwrap();
 

@@ -16,6 +16,8 @@
 //!
 //! Set `REFRACT_BENCH_EVENTS` to change N (default 200,000).
 
+#[path = "common.rs"]
+mod common;
 #[path = "../support/mod.rs"]
 mod support;
 
@@ -23,7 +25,6 @@ use std::time::{Duration, Instant};
 
 use refract::config::Config;
 use refract::runtime::Runtime;
-use refract::source::NewEvent;
 use refract_client::Client;
 
 #[global_allocator]
@@ -63,10 +64,7 @@ fn main() {
     let events = refract_client::fixtures::orders(n, 42, 0.0);
     {
         let runtime = Runtime::start(&config).unwrap();
-        for chunk in events.chunks(10_000) {
-            let chunk: Vec<NewEvent> = chunk.iter().map(|e| serde_json::from_value(e.clone()).unwrap()).collect();
-            runtime.log.append("orders", &chunk).unwrap();
-        }
+        common::append(&runtime.log, "orders", &events);
         runtime.shutdown();
     }
     std::fs::write(plugins_dir.join("order_summary.wasm"), &wasm).unwrap();

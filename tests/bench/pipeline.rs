@@ -35,8 +35,8 @@ use refract::plugin::cache::CompileCache;
 use refract::plugin::native::NativeProjection;
 use refract::plugin::wasm::{self, PluginLimits, WasmPlugin};
 use refract::projector::BatchOptions;
-use refract::source::log::{EventLog, LogOptions};
-use refract::source::{Event, NewEvent};
+use refract::source::Event;
+use refract::source::log::EventLog;
 use refract::store::{KvLimits, ReadModel};
 use refract_sdk::Projection;
 use refract_sdk::native::{Backend, MemoryBackend, with_backend};
@@ -160,15 +160,9 @@ fn main() {
 
     eprintln!("generating {n} order events …");
     let events = refract_client::fixtures::orders(n, 42, 0.0);
-    let log = Arc::new(
-        EventLog::open(&dir.path().join("log.redb"), LogOptions { default_partitions: 4, ..Default::default() })
-            .unwrap(),
-    );
+    let log = common::open_log(dir.path());
     let started = Instant::now();
-    for chunk in events.chunks(10_000) {
-        let chunk: Vec<NewEvent> = chunk.iter().map(|e| serde_json::from_value(e.clone()).unwrap()).collect();
-        log.append("orders", &chunk).unwrap();
-    }
+    common::append(&log, "orders", &events);
     let append = Measure { name: "log append (10k per request)", events: n, seconds: started.elapsed().as_secs_f64() };
 
     // Baseline 1: scan and decode the whole log.

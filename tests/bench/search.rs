@@ -31,7 +31,6 @@ use refract::config::Config;
 use refract::plugin::cache::CompileCache;
 use refract::plugin::wasm::{self, PluginLimits, WasmPlugin};
 use refract::runtime::Runtime;
-use refract::source::NewEvent;
 use refract::store::search::IndexSchema;
 use refract_sdk::Projection;
 use refract_sdk::native::{MemoryBackend, with_backend};
@@ -127,10 +126,7 @@ fn main() {
         }
         config.data_dir = dir.path().join(format!("data-{round}"));
         let runtime = Arc::new(Runtime::open(&config).unwrap());
-        for chunk in events.chunks(10_000) {
-            let chunk: Vec<NewEvent> = chunk.iter().map(|e| serde_json::from_value(e.clone()).unwrap()).collect();
-            runtime.log.append("orders", &chunk).unwrap();
-        }
+        common::append(&runtime.log, "orders", &events);
         let plugin = WasmPlugin::load(&engine, &linker, &component, "order-search", PluginLimits::default()).unwrap();
         let started = Instant::now();
         let projection =
