@@ -545,12 +545,7 @@ impl Runtime {
             }
             return self.ask_cluster_rebuild(p, handler.map(|h| h.manifest().schema_version));
         }
-        if let Some(r) = p.rebuilding() {
-            return Err(match r.is_preview() {
-                true => RebuildError::Previewing(r.generation.number),
-                false => RebuildError::Running(r.generation.number),
-            });
-        }
+        not_rebuilding(p)?;
         let m = p.manifest();
         let handler = match handler {
             Some(h) => h,
@@ -714,6 +709,15 @@ fn instances(handler: Box<dyn Handler>, count: usize, source: &str) -> anyhow::R
     let mut handlers = (1..count).map(|_| another(&*handler, source)).collect::<anyhow::Result<Vec<_>>>()?;
     handlers.push(handler);
     Ok(handlers)
+}
+
+/// Refuse another rebuild or preview of `p` while one runs here.
+fn not_rebuilding(p: &Projection) -> Result<(), RebuildError> {
+    match p.rebuilding() {
+        Some(r) if r.is_preview() => Err(RebuildError::Previewing(r.generation.number)),
+        Some(r) => Err(RebuildError::Running(r.generation.number)),
+        None => Ok(()),
+    }
 }
 
 /// What the rebuilds of `shards` of `p` (all running here) wait on before

@@ -94,12 +94,8 @@ impl Runtime {
         crate::plugin::validate_manifest(&m).map_err(RebuildError::Invalid)?;
         crate::plugin::declared(&plugin).map_err(RebuildError::Invalid)?;
         let _starting = p.starting.lock().expect("starting lock");
-        if let Some(r) = p.rebuilding() {
-            return Err(match r.is_preview() {
-                true => RebuildError::Previewing(r.generation.number),
-                false => RebuildError::Running(r.generation.number),
-            });
-        }
+        // Before the component is kept: a refused preview writes nothing.
+        super::not_rebuilding(&p)?;
         // Kept before the preview is marked: a restart finds it.
         let kept = self.preview_component(name);
         crate::data_dir::replace_durably(&kept, &bytes)

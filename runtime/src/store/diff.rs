@@ -11,8 +11,8 @@ use serde::{Deserialize, Serialize};
 
 use super::Result;
 use super::read_model::ReadModel;
-use super::tables::{CHECKPOINTS, open_plugin_table};
-use crate::position::{Checkpoint, Cursor};
+use super::tables::open_plugin_table;
+use crate::position::Cursor;
 
 /// How one key differs.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -147,21 +147,8 @@ pub fn compare(live: &ReadModel, preview: &ReadModel, tables: &[String], samples
         }
         out.push(diff);
     }
-    Ok(Compared { tables: out, live: cursor_in(&live_tx)?, preview: cursor_in(&preview_tx)? })
-}
-
-/// The checkpoints as of `tx`.
-fn cursor_in(tx: &redb::ReadTransaction) -> Result<Cursor> {
-    let table = tx.open_table(CHECKPOINTS)?;
-    let checkpoints = table
-        .iter()?
-        .map(|entry| {
-            let (k, v) = entry?;
-            let (stream, partition) = k.value();
-            Ok(Checkpoint { stream: stream.to_owned(), partition, next_offset: v.value() })
-        })
-        .collect::<Result<Vec<_>>>()?;
-    Ok(crate::position::cursor(checkpoints))
+    let cursor = |tx| super::read_model::checkpoints_in(tx).map(crate::position::cursor);
+    Ok(Compared { tables: out, live: cursor(&live_tx)?, preview: cursor(&preview_tx)? })
 }
 
 /// A stored value as JSON (values are checked to be JSON when written;
@@ -173,6 +160,7 @@ fn json(bytes: &[u8]) -> serde_json::Value {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::position::Checkpoint;
     use crate::store::batch::{Declared, KvLimits};
     use crate::store::read_model::Commit;
     use std::sync::Arc;

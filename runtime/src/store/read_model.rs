@@ -124,16 +124,7 @@ impl ReadModel {
 
     /// Every checkpoint stored so far.
     pub fn checkpoints(&self) -> Result<Vec<Checkpoint>> {
-        let tx = self.db.begin_read()?;
-        let table = tx.open_table(CHECKPOINTS)?;
-        table
-            .iter()?
-            .map(|entry| {
-                let (k, v) = entry?;
-                let (stream, partition) = k.value();
-                Ok(Checkpoint { stream: stream.to_owned(), partition, next_offset: v.value() })
-            })
-            .collect()
+        checkpoints_in(&self.db.begin_read()?)
     }
 
     /// Every checkpoint stored so far, as a cursor to read on from.
@@ -293,6 +284,19 @@ impl CheckpointStore for ReadModel {
     fn durable_checkpoints(&self) -> Result<Vec<Checkpoint>, String> {
         self.checkpoints().map_err(|e| e.to_string())
     }
+}
+
+/// Every checkpoint as of `tx`.
+pub(super) fn checkpoints_in(tx: &redb::ReadTransaction) -> Result<Vec<Checkpoint>> {
+    let table = tx.open_table(CHECKPOINTS)?;
+    table
+        .iter()?
+        .map(|entry| {
+            let (k, v) = entry?;
+            let (stream, partition) = k.value();
+            Ok(Checkpoint { stream: stream.to_owned(), partition, next_offset: v.value() })
+        })
+        .collect()
 }
 
 #[cfg(test)]
